@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# System packages twinlm needs on Linux: clang (tinygrad's CPU device compiles kernels with it)
+# and OpenBLAS (MLX's bundled reference BLAS is ~30x slower). Installs them with apt when it can.
+set -euo pipefail
+[ "$(uname -s)" = "Linux" ] || exit 0
+missing=()
+command -v clang >/dev/null 2>&1 || missing+=(clang)
+ls /usr/lib/*-linux-gnu/openblas-pthread/libblas.so.3 >/dev/null 2>&1 || missing+=(libopenblas0-pthread)
+[ ${#missing[@]} -eq 0 ] && exit 0
+if ! command -v apt-get >/dev/null 2>&1; then
+  echo "twinlm needs: ${missing[*]} (clang for tinygrad, OpenBLAS for fast MLX); install them with your package manager" >&2
+  exit 1
+fi
+sudo=""
+if [ "$(id -u)" -ne 0 ]; then
+  if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo -n"; else
+    echo "twinlm needs: ${missing[*]}; run: sudo apt-get install -y ${missing[*]}" >&2
+    exit 1
+  fi
+fi
+echo "installing ${missing[*]} with apt-get"
+$sudo apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null

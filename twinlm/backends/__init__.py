@@ -1,0 +1,57 @@
+"""Backend registry with lazy imports: a framework that is absent or broken never breaks another.
+
+Choose with `get_backend("mlx" | "tinygrad" | "numpy")`, the `TWINLM_BACKEND` environment
+variable, or the default (MLX when it imports, else tinygrad).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+
+from twinlm.core.backend import Backend
+from twinlm.core.errors import TwinlmError
+
+ENV_VAR = "TWINLM_BACKEND"
+TRAINABLE = ("mlx", "tinygrad")
+_MODULES = {"mlx": "twinlm.backends.mlx", "tinygrad": "twinlm.backends.tinygrad",
+            "numpy": "twinlm.backends.numpy_ref"}
+_HINTS = {
+    "mlx": "install it with: pip install 'mlx[cpu]' (Linux) or pip install mlx (macOS)",
+    "tinygrad": "install it with: pip install tinygrad==0.14.0 (its CPU device also needs clang on PATH)",
+    "numpy": "install numpy",
+}
+_cache: dict[str, Backend] = {}
+
+
+class BackendUnavailable(TwinlmError, RuntimeError):
+    """The named backend cannot be used here; the message says what to install."""
+
+
+def names() -> tuple[str, ...]:
+    return tuple(_MODULES)
+
+
+def get_backend(name: str | None = None) -> Backend:
+    """The backend object for `name` (or $TWINLM_BACKEND, or the default), created once."""
+    name = (name or os.environ.get(ENV_VAR) or default_name()).lower()
+    if name not in _MODULES:
+        raise BackendUnavailable(f"unknown backend {name!r}; choose from {', '.join(_MODULES)}")
+    if name not in _cache:
+        try:
+            module = importlib.import_module(_MODULES[name])
+            _cache[name] = module.create()
+        except BackendUnavailable:
+            raise
+        except Exception as e:  # ImportError, or a framework that fails on this machine
+            raise BackendUnavailable(f"backend {name!r} is unavailable ({type(e).__name__}: {e}); "
+                                     f"{_HINTS[name]}") from e
+    return _cache[name]
+
+
+def default_name() -> str:
+    for name in TRAINABLE:
+        if importlib.util.find_spec(name) is not None:
+            return name
+    return "numpy"

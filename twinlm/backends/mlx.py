@@ -1,0 +1,145 @@
+"""MLX adapter. On Linux it loads the system OpenBLAS before MLX: the `mlx[cpu]` wheel bundles a
+reference BLAS that runs a 2048^2 matmul ~30x slower. Set TWINLM_BLAS=bundled to keep it."""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from twinlm.core.backend import Array, Backend, Step
+
+OPENBLAS_GLOBS = ("/usr/lib/*-linux-gnu/openblas-pthread/libblas.so.3", "/usr/lib64/libopenblas*.so*",
+                  "/usr/lib/*-linux-gnu/libopenblas.so.0")
+
+
+def load_system_blas() -> str:
+    """Load OpenBLAS with RTLD_GLOBAL so MLX binds to it; return a description of the BLAS in use."""
+    if sys.platform == "darwin":
+        return "Accelerate (macOS)"
+    if os.environ.get("TWINLM_BLAS", "").lower() == "bundled":
+        return "bundled reference BLAS (TWINLM_BLAS=bundled)"
+    if "mlx.core" in sys.modules and "_twinlm_blas" not in globals():
+        return "unknown (mlx was imported before twinlm could load OpenBLAS)"
+    for pattern in OPENBLAS_GLOBS:
+        for path in sorted(glob.glob(pattern)):
+            try:
+                globals()["_twinlm_blas"] = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+                return f"system OpenBLAS ({path})"
+            except OSError:
+                continue
+    return "bundled reference BLAS (install libopenblas0-pthread for ~30x faster matmul)"
+
+
+BLAS = load_system_blas()
+
+import mlx.core as mx  # noqa: E402  (must come after the BLAS is loaded)
+
+_DTYPES = {np.dtype(np.float32): mx.float32, np.dtype(np.float64): mx.float64,
+           np.dtype(np.int32): mx.int32, np.dtype(np.int64): mx.int64, np.dtype(np.bool_): mx.bool_,
+           np.dtype(np.float16): mx.float16}
+
+
+class MLXBackend(Backend):
+    name = "mlx"
+    # MLX accepts float64 on the CPU but evaluates exp and friends in float32 precision
+    # (measured: exp(1) = 2.71828175), so float64 gradient checks would be meaningless.
+    supports_float64 = False
+
+    def __init__(self, fused: bool = True) -> None:
+        self.fused = fused
+        self.blas = BLAS
+
+    def from_numpy(self, a: np.ndarray) -> Array:
+        a = np.asarray(a)
+        # Pass the dtype: MLX would silently turn float64 into float32.
+        return mx.array(a, dtype=_DTYPES[a.dtype])
+
+    def to_numpy(self, x: Array) -> np.ndarray:
+        return np.array(x, copy=True)
+
+    def exp(self, x: Array) -> Array:
+        return mx.exp(x)
+
+    def log(self, x: Array) -> Array:
+        return mx.log(x)
+
+    def tanh(self, x: Array) -> Array:
+        return mx.tanh(x)
+
+    def sqrt(self, x: Array) -> Array:
+        return mx.sqrt(x)
+
+    def rsqrt(self, x: Array) -> Array:
+        return mx.rsqrt(x)
+
+    def maximum(self, a: Array, b: Array | float) -> Array:
+        return mx.maximum(a, b)
+
+    def minimum(self, a: Array, b: Array | float) -> Array:
+        return mx.minimum(a, b)
+
+    def sum(self, x: Array, axis: int | None = None, keepdims: bool = False) -> Array:
+        return mx.sum(x, axis=axis, keepdims=keepdims)
+
+    def max(self, x: Array, axis: int | None = None, keepdims: bool = False) -> Array:
+        return mx.max(x, axis=axis, keepdims=keepdims)
+
+    def mean(self, x: Array, axis: int | None = None, keepdims: bool = False) -> Array:
+        return mx.mean(x, axis=axis, keepdims=keepdims)
+
+    def reshape(self, x: Array, shape: Sequence[int]) -> Array:
+        return mx.reshape(x, tuple(shape))
+
+    def transpose(self, x: Array, axes: Sequence[int]) -> Array:
+        return mx.transpose(x, tuple(axes))
+
+    def where(self, cond: Array, a: Array | float, b: Array | float) -> Array:
+        return mx.where(cond, a, b)
+
+    def take(self, table: Array, ids: Array) -> Array:
+        return mx.take(table, ids, axis=0)
+
+    def take_along_axis(self, x: Array, idx: Array, axis: int) -> Array:
+        return mx.take_along_axis(x, idx, axis=axis)
+
+    def concat(self, xs: Sequence[Array], axis: int) -> Array:
+        return mx.concatenate(list(xs), axis=axis)
+
+    def stop_gradient(self, x: Array) -> Array:
+        return mx.stop_gradient(x)
+
+    def isfinite(self, x: Array) -> Array:
+        return mx.all(mx.isfinite(x))
+
+    # ---- fused overrides (checked against the reference bodies by the parity suite) ---------
+    def layer_norm(self, x: Array, weight: Array, bias: Array | None, eps: float = 1e-5) -> Array:
+        if not self.fused:
+            return super().layer_norm(x, weight, bias, eps)
+        return mx.fast.layer_norm(x, weight, bias, eps)
+
+    def attention(self, q: Array, k: Array, v: Array, mask: Array | None,
+                  dropout: Array | None = None) -> Array:
+        if not self.fused or dropout is not None:  # the fused kernel has no dropout input
+            return super().attention(q, k, v, mask, dropout)
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(q.shape[-1]), mask=mask)
+
+    # ---- autograd, compile, sync ------------------------------------------------------------
+    def value_and_grad(self, fn: Callable[..., Array]) -> Callable[..., tuple[Array, dict[str, Array]]]:
+        return mx.value_and_grad(fn)
+
+    def compile_step(self, fn: Callable, state: dict[str, Array]) -> Step:
+        step = Step(mx.compile(fn), state, self)
+        return step
+
+    def sync(self, *xs: object) -> None:
+        mx.eval(*xs)
+
+
+def create() -> MLXBackend:
+    return MLXBackend()

@@ -1,0 +1,127 @@
+"""tinygrad adapter (0.14): `Tensor.gradient` for autograd, `TinyJit` for the whole train step."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from tinygrad import Device, Tensor, TinyJit, dtypes
+
+from twinlm.core.backend import Array, Backend, Step
+
+_DTYPES = {np.dtype(np.float32): dtypes.float32, np.dtype(np.float64): dtypes.float64,
+           np.dtype(np.int32): dtypes.int32, np.dtype(np.int64): dtypes.int64,
+           np.dtype(np.bool_): dtypes.bool, np.dtype(np.float16): dtypes.float16}
+
+
+class TinygradBackend(Backend):
+    name = "tinygrad"
+    supports_float64 = True
+
+    def __init__(self) -> None:
+        self.device = Device.DEFAULT
+
+    def from_numpy(self, a: np.ndarray) -> Array:
+        a = np.ascontiguousarray(a)
+        return Tensor(a, dtype=_DTYPES[a.dtype]).realize()
+
+    def to_numpy(self, x: Array) -> np.ndarray:
+        return x.numpy().copy()
+
+    def exp(self, x: Array) -> Array:
+        return x.exp()
+
+    def log(self, x: Array) -> Array:
+        return x.log()
+
+    def tanh(self, x: Array) -> Array:
+        return x.tanh()
+
+    def sqrt(self, x: Array) -> Array:
+        return x.sqrt()
+
+    def rsqrt(self, x: Array) -> Array:
+        return x.rsqrt()
+
+    def maximum(self, a: Array, b: Array | float) -> Array:
+        return a.maximum(b)
+
+    def minimum(self, a: Array, b: Array | float) -> Array:
+        return a.minimum(b)
+
+    def sum(self, x: Array, axis: int | None = None, keepdims: bool = False) -> Array:
+        return x.sum(axis=axis, keepdim=keepdims)
+
+    def max(self, x: Array, axis: int | None = None, keepdims: bool = False) -> Array:
+        return x.max(axis=axis, keepdim=keepdims)
+
+    def mean(self, x: Array, axis: int | None = None, keepdims: bool = False) -> Array:
+        return x.mean(axis=axis, keepdim=keepdims)
+
+    def reshape(self, x: Array, shape: Sequence[int]) -> Array:
+        return x.reshape(tuple(shape))
+
+    def transpose(self, x: Array, axes: Sequence[int]) -> Array:
+        return x.permute(tuple(axes))
+
+    def where(self, cond: Array, a: Array | float, b: Array | float) -> Array:
+        return cond.where(a, b)
+
+    def take(self, table: Array, ids: Array) -> Array:
+        return table[ids]
+
+    def take_along_axis(self, x: Array, idx: Array, axis: int) -> Array:
+        return x.gather(axis, idx)
+
+    def concat(self, xs: Sequence[Array], axis: int) -> Array:
+        return xs[0].cat(*xs[1:], dim=axis)
+
+    def stop_gradient(self, x: Array) -> Array:
+        return x.detach()
+
+    def isfinite(self, x: Array) -> Array:
+        return ((x == x) & (x.abs() != float("inf"))).all()
+
+    # ---- autograd, compile, sync ------------------------------------------------------------
+    def value_and_grad(self, fn: Callable[..., Array]) -> Callable[..., tuple[Array, dict[str, Array]]]:
+        def wrapped(params: dict[str, Array], *args: object) -> tuple[Array, dict[str, Array]]:
+            value = fn(params, *args)
+            grads = value.gradient(*params.values())
+            return value, dict(zip(params, grads, strict=True))
+        return wrapped
+
+    def compile_step(self, fn: Callable, state: dict[str, Array]) -> Step:
+        return _JitStep(fn, state, self)
+
+    def sync(self, *xs: object) -> None:
+        tensors = [x for x in xs if isinstance(x, Tensor)]
+        if tensors:
+            Tensor.realize(*tensors)
+
+
+class _JitStep(Step):
+    """State lives in persistent Tensors updated with `assign`, the pattern TinyJit replays."""
+
+    def __init__(self, fn: Callable, state: dict[str, Array], backend: Backend) -> None:
+        super().__init__(fn, state, backend)
+
+        def run(*inputs: object) -> tuple[Array, ...]:
+            outputs, new = fn(self.state, *inputs)
+            for k, t in new.items():
+                self.state[k].assign(t)
+            outputs = tuple(o.contiguous() for o in outputs)
+            Tensor.realize(*outputs, *self.state.values())
+            return outputs
+
+        self._jit = TinyJit(run)
+
+    def __call__(self, *inputs: object) -> tuple[Array, ...]:
+        # TinyJit reuses its output buffers: copy out before the next call overwrites them.
+        return tuple(o.clone().realize() for o in self._jit(*inputs))
+
+
+def create() -> TinygradBackend:
+    if Device.DEFAULT == "CPU" and shutil.which("clang") is None:
+        raise RuntimeError("tinygrad's CPU device needs clang on PATH (Debian/Ubuntu: apt-get install clang)")
+    return TinygradBackend()

@@ -1,0 +1,1 @@
+"""The `twinlm` command line."""

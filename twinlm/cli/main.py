@@ -1,0 +1,65 @@
+"""`twinlm` entry point: a click group; each command lives in its own module."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from twinlm import __version__
+from twinlm.backends import ENV_VAR
+from twinlm.core.errors import TwinlmError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--backend", default=None, metavar="mlx|tinygrad",
+              help=f"Backend for every command (also ${ENV_VAR}).")
+@click.version_option(__version__, prog_name="twinlm")
+@click.pass_context
+def cli(ctx: click.Context, backend: str | None) -> None:
+    """Train and run small transformer LMs on MLX or tinygrad, proven numerically equal."""
+    ctx.obj = {"backend": backend}
+
+
+def _register() -> None:
+    from twinlm.cli import parity
+
+    cli.add_command(parity.parity)
+
+
+_register()
+
+
+def main() -> None:
+    """Run the CLI; user errors become one line on stderr and exit status 2."""
+    try:
+        code = cli.main(standalone_mode=False)
+        if isinstance(code, int):  # click returns ctx.exit(code) here in non-standalone mode
+            sys.exit(code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except (TwinlmError, ValueError, OSError) as e:
+        if os.environ.get("TWINLM_DEBUG"):
+            raise
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as e:  # an unexpected failure still gets one line, not a traceback
+        if os.environ.get("TWINLM_DEBUG"):
+            raise
+        click.echo(f"error: internal error ({type(e).__name__}: {e}); rerun with TWINLM_DEBUG=1 for details",
+                   err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

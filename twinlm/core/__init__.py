@@ -1,0 +1,1 @@
+"""The backend-agnostic core: numpy and the standard library only, never a framework."""

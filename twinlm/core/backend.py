@@ -1,0 +1,181 @@
+"""The Backend protocol: ~20 primitives each adapter supplies, and the composites built from them.
+
+The composites below are the single source of truth for the maths. An adapter may override one
+with a fused kernel; the parity suite checks every override against the reference body here.
+
+Pinned conventions (the frameworks' native defaults disagree on most of these):
+- GELU is the exact form 0.5 * x * (1 + erf(x / sqrt(2))), with erf computed by the rational
+  approximation below on every backend (max abs error vs true erf < 1e-6 in float32).
+- LayerNorm uses the biased variance and eps = 1e-5.
+- Attention masks are boolean, True = may attend; masked scores become -inf before softmax.
+- Softmax subtracts the (gradient-stopped) row max for stability.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+Array = Any  # a backend's array type (mx.array, tinygrad.Tensor, np.ndarray)
+
+LAYER_NORM_EPS = 1e-5
+
+# erf(x) ~= x * P(x^2) / Q(x^2) on [-4, 4] (clamped outside, where erf is +-1 in float32).
+# Coefficients from Eigen's generic_fast_erf_float (also XLA's ErfImpl32): only multiply, add
+# and one divide, so it vectorises on every backend, unlike MLX's scalar CPU erf.
+ERF_CLAMP = 4.0
+ERF_ALPHA = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
+             -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)
+ERF_BETA = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
+            -1.42647390514189e-02)
+
+
+class Backend:
+    """Base class: adapters implement the primitives; composites have reference bodies here."""
+
+    name: str = "base"
+    supports_float64: bool = False
+    supports_grad: bool = True
+
+    # ---- primitives -------------------------------------------------------------------------
+    def from_numpy(self, a: np.ndarray) -> Array:
+        raise NotImplementedError
+
+    def to_numpy(self, x: Array) -> np.ndarray:
+        raise NotImplementedError
+
+    def exp(self, x: Array) -> Array:
+        raise NotImplementedError
+
+    def log(self, x: Array) -> Array:
+        raise NotImplementedError
+
+    def tanh(self, x: Array) -> Array:
+        raise NotImplementedError
+
+    def sqrt(self, x: Array) -> Array:
+        raise NotImplementedError
+
+    def rsqrt(self, x: Array) -> Array:
+        raise NotImplementedError
+
+    def maximum(self, a: Array, b: Array | float) -> Array:
+        raise NotImplementedError
+
+    def minimum(self, a: Array, b: Array | float) -> Array:
+        raise NotImplementedError
+
+    def sum(self, x: Array, axis: int | None = None, keepdims: bool = False) -> Array:
+        raise NotImplementedError
+
+    def max(self, x: Array, axis: int | None = None, keepdims: bool = False) -> Array:
+        raise NotImplementedError
+
+    def mean(self, x: Array, axis: int | None = None, keepdims: bool = False) -> Array:
+        raise NotImplementedError
+
+    def reshape(self, x: Array, shape: Sequence[int]) -> Array:
+        raise NotImplementedError
+
+    def transpose(self, x: Array, axes: Sequence[int]) -> Array:
+        raise NotImplementedError
+
+    def where(self, cond: Array, a: Array | float, b: Array | float) -> Array:
+        raise NotImplementedError
+
+    def take(self, table: Array, ids: Array) -> Array:
+        """Rows of `table` (V, C) at integer `ids` (...,) -> (..., C)."""
+        raise NotImplementedError
+
+    def take_along_axis(self, x: Array, idx: Array, axis: int) -> Array:
+        raise NotImplementedError
+
+    def concat(self, xs: Sequence[Array], axis: int) -> Array:
+        raise NotImplementedError
+
+    def stop_gradient(self, x: Array) -> Array:
+        raise NotImplementedError
+
+    def isfinite(self, x: Array) -> Array:
+        raise NotImplementedError
+
+    # ---- autograd, compile, sync ------------------------------------------------------------
+    def value_and_grad(self, fn: Callable[..., Array]) -> Callable[..., tuple[Array, dict[str, Array]]]:
+        """`fn(params: dict, *args) -> scalar` becomes `(params, *args) -> (value, grads dict)`."""
+        raise NotImplementedError(f"backend {self.name!r} has no autograd")
+
+    def compile_step(self, fn: Callable[..., tuple[tuple[Array, ...], dict[str, Array]]],
+                     state: dict[str, Array]) -> Step:
+        """Compile `fn(state, *inputs) -> (outputs, new_state)` into a stateful step."""
+        return Step(fn, state, self)
+
+    def sync(self, *xs: Any) -> None:
+        """Force evaluation of lazy arrays (a no-op for eager backends)."""
+
+    # ---- composites (reference bodies) --------------------------------------------------------
+    def erf(self, x: Array) -> Array:
+        x = self.minimum(self.maximum(x, -ERF_CLAMP), ERF_CLAMP)
+        x2 = x * x
+        p = x2 * ERF_ALPHA[0] + ERF_ALPHA[1]
+        for c in ERF_ALPHA[2:]:
+            p = p * x2 + c
+        q = x2 * ERF_BETA[0] + ERF_BETA[1]
+        for c in ERF_BETA[2:]:
+            q = q * x2 + c
+        return x * p / q
+
+    def gelu(self, x: Array) -> Array:
+        return 0.5 * x * (1.0 + self.erf(x * (1.0 / math.sqrt(2.0))))
+
+    def softmax(self, x: Array, axis: int = -1) -> Array:
+        e = self.exp(x - self.stop_gradient(self.max(x, axis=axis, keepdims=True)))
+        return e / self.sum(e, axis=axis, keepdims=True)
+
+    def log_softmax(self, x: Array, axis: int = -1) -> Array:
+        shifted = x - self.stop_gradient(self.max(x, axis=axis, keepdims=True))
+        return shifted - self.log(self.sum(self.exp(shifted), axis=axis, keepdims=True))
+
+    def layer_norm(self, x: Array, weight: Array, bias: Array | None, eps: float = LAYER_NORM_EPS) -> Array:
+        mu = self.mean(x, axis=-1, keepdims=True)
+        xc = x - mu
+        var = self.mean(xc * xc, axis=-1, keepdims=True)
+        y = xc * self.rsqrt(var + eps) * weight
+        return y if bias is None else y + bias
+
+    def attention(self, q: Array, k: Array, v: Array, mask: Array | None,
+                  dropout: Array | None = None) -> Array:
+        """softmax(q k^T / sqrt(d_k)) v over (B, H, T, hs); `mask` boolean (Tq, Tk), True = attend;
+        `dropout` an optional keep-mask already scaled by 1/(1-p), shape (B, H, Tq, Tk)."""
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        scores = (q @ self.transpose(k, (0, 1, 3, 2))) * scale  # (B, H, Tq, Tk)
+        if mask is not None:
+            scores = self.where(mask, scores, -math.inf)
+        att = self.softmax(scores, axis=-1)
+        if dropout is not None:
+            att = att * dropout
+        return att @ v  # (B, H, Tq, hs)
+
+    def cross_entropy(self, logits: Array, targets: Array, weights: Array | None = None) -> Array:
+        """Mean negative log-likelihood of integer `targets` under `logits` (..., V); with `weights`
+        (same shape as targets, 0/1) the mean is over positions with weight 1."""
+        logp = self.log_softmax(logits, axis=-1)
+        nll = -self.take_along_axis(logp, self.reshape(targets, (*targets.shape, 1)), axis=-1)
+        nll = self.reshape(nll, targets.shape)
+        if weights is None:
+            return self.mean(nll)
+        return self.sum(nll * weights) / self.maximum(self.sum(weights), 1.0)
+
+
+class Step:
+    """An uncompiled stateful step; adapters return a compiled equivalent."""
+
+    def __init__(self, fn: Callable, state: dict[str, Array], backend: Backend) -> None:
+        self.fn, self.state, self.backend = fn, dict(state), backend
+
+    def __call__(self, *inputs: Array) -> tuple[Array, ...]:
+        outputs, self.state = self.fn(self.state, *inputs)
+        self.backend.sync(*outputs, *self.state.values())
+        return outputs

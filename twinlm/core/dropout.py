@@ -1,0 +1,33 @@
+"""Dropout masks that are identical on every backend for the same (seed, step).
+
+Frameworks' RNGs disagree for the same seed, so masks are drawn here in numpy with Philox, a
+counter-based generator keyed by (seed, step): any step's masks can be recomputed on its own,
+which also makes resume bit-identical without saving generator state.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from twinlm.core.config import ModelConfig
+
+
+def sites(cfg: ModelConfig, batch: int, t: int) -> dict[str, tuple[int, ...]]:
+    """Each dropout site's name and mask shape, in drawing order."""
+    out: dict[str, tuple[int, ...]] = {"emb": (batch, t, cfg.d_model)}
+    for i in range(cfg.n_layer):
+        out[f"blocks.{i}.attn"] = (batch, cfg.n_head, t, t)
+        out[f"blocks.{i}.resid_attn"] = (batch, t, cfg.d_model)
+        out[f"blocks.{i}.resid_mlp"] = (batch, t, cfg.d_model)
+    return out
+
+
+def masks(cfg: ModelConfig, batch: int, t: int, seed: int, step: int) -> dict[str, np.ndarray]:
+    """Keep-masks scaled by 1/(1-p) (inverted dropout), float32; empty when dropout is 0."""
+    p = cfg.dropout
+    if p == 0.0:
+        return {}
+    rng = np.random.Generator(np.random.Philox(key=np.array([seed, step], dtype=np.uint64)))
+    scale = np.float32(1.0 / (1.0 - p))
+    return {name: (rng.random(shape, dtype=np.float32) >= p).astype(np.float32) * scale
+            for name, shape in sites(cfg, batch, t).items()}
