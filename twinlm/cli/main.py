@@ -23,9 +23,11 @@ def cli(ctx: click.Context, backend: str | None) -> None:
 
 
 def _register() -> None:
-    from twinlm.cli import parity
+    # Each command module exposes `command`; importing them is cheap (frameworks load lazily).
+    from twinlm.cli import bench, doctor, evaluate, parity, plot, sample, train
 
-    cli.add_command(parity.parity)
+    for module in (train, sample, evaluate, parity, plot, doctor, bench):
+        cli.add_command(module.command)
 
 
 _register()

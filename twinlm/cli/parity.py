@@ -3,7 +3,7 @@
 import click
 
 
-@click.command()
-def parity() -> None:
+@click.command("parity")
+def command() -> None:
     """Cross-backend parity checks."""
     raise click.ClickException("not implemented yet")
