@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from tinygrad import Device, Tensor, TinyJit, dtypes
 
-from twinlm.core.backend import Array, Backend, Step
+from twinlm.core.backend import LAYER_NORM_EPS, Array, Backend, Step
 
 _DTYPES = {np.dtype(np.float32): dtypes.float32, np.dtype(np.float64): dtypes.float64,
            np.dtype(np.int32): dtypes.int32, np.dtype(np.int64): dtypes.int64,
@@ -82,6 +82,26 @@ class TinygradBackend(Backend):
 
     def isfinite(self, x: Array) -> Array:
         return ((x == x) & (x.abs() != float("inf"))).all()
+
+    # ---- composites: the core's maths, with materialisation hints for the scheduler ------------
+    def softmax(self, x: Array, axis: int = -1) -> Array:
+        # Without a realised softmax the scheduler fuses its recomputation (exp, max, sum) into the
+        # attention-gradient reductions, redoing it for every output element (~1 GFLOP/s kernels).
+        return super().softmax(x, axis).contiguous().contiguous_backward()
+
+    def attention(self, q: Array, k: Array, v: Array, mask: Array | None,
+                  dropout: Array | None = None) -> Array:
+        # Realise dq, dk, dv separately: otherwise one kernel computes all three inside the 3C-wide
+        # gradient of the fused qkv projection, redoing the T x T reductions for each slice.
+        q, k, v = (t.contiguous_backward() for t in (q, k, v))
+        return super().attention(q, k, v, mask, dropout)
+
+    def gelu(self, x: Array) -> Array:
+        # Realised once, not re-evaluated (erf polynomial included) inside the next matmul's loop.
+        return super().gelu(x).contiguous()
+
+    def layer_norm(self, x: Array, weight: Array, bias: Array | None, eps: float = LAYER_NORM_EPS) -> Array:
+        return super().layer_norm(x, weight, bias, eps).contiguous()
 
     # ---- autograd, compile, sync ------------------------------------------------------------
     def value_and_grad(self, fn: Callable[..., Array]) -> Callable[..., tuple[Array, dict[str, Array]]]:

@@ -1,9 +1,67 @@
-"""`twinlm sample` (placeholder; being written)."""
+"""`twinlm sample DIR`: stream text from a trained run's latest checkpoint."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
 
 import click
+import numpy as np
+
+from twinlm.cli.common import backend, backend_option
+from twinlm.core.errors import TwinlmError
+from twinlm.core.tokenizers import Tokenizer
+from twinlm.generate import generate, load_model
+
+REPLACEMENT = "\ufffd"  # what decoding makes of an incomplete UTF-8 sequence
+
+
+def text_increments(tok: Tokenizer, columns: Iterable[np.ndarray]) -> Iterator[str]:
+    """The text each new token (row 0 of each column) adds, ready to print as it comes.
+
+    A byte-level token can end inside a multi-byte UTF-8 character; decoding then ends in U+FFFD.
+    That tail is held back until a later token completes it (or, at the end, printed as it is).
+    """
+    ids: list[int] = []
+    shown = ""
+    for col in columns:
+        ids.append(int(col[0]))
+        stable = tok.decode(ids).rstrip(REPLACEMENT)
+        if len(stable) > len(shown):
+            yield stable[len(shown):]
+            shown = stable
+    tail = tok.decode(ids)[len(shown):] if ids else ""
+    if tail:
+        yield tail
 
 
 @click.command("sample")
-def command() -> None:
-    """(being written)"""
-    raise click.ClickException("not implemented yet")
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=str))
+@click.option("--prompt", default="\n", show_default="newline", help="Text to continue.")
+@click.option("--max-new-tokens", "-n", default=200, show_default=True, type=click.IntRange(min=0),
+              help="How many tokens to generate.")
+@click.option("--temperature", "-t", default=0.8, show_default=True, type=click.FloatRange(min=0.0),
+              help="Softmax temperature; 0 = greedy.")
+@click.option("--top-k", default=None, type=click.IntRange(min=1), help="Sample only from the k most likely.")
+@click.option("--top-p", default=None, type=click.FloatRange(min=0.0, max=1.0, min_open=True),
+              help="Nucleus sampling: the most likely tokens holding this much probability.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Sampling seed (same on every backend).")
+@click.option("--cache/--no-cache", default=True, show_default=True,
+              help="Fast decoding; --no-cache recomputes the whole context each token (the reference).")
+@backend_option
+def command(run_dir: str, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None,
+            top_p: float | None, seed: int, cache: bool, backend_name: str | None) -> None:
+    """Generate text from the latest checkpoint in RUN_DIR, printing tokens as they are produced."""
+    cfg, params_np, tok, meta = load_model(run_dir)
+    ids = tok.encode(prompt)
+    if ids.size == 0:
+        raise TwinlmError("the prompt is empty; give some text with --prompt")
+    B = backend(backend_name)
+    params = {k: B.from_numpy(v) for k, v in params_np.items()}
+    click.echo(f"[{run_dir}: step {meta.get('iter', meta.get('step', '?'))}, {tok.kind} tokenizer, "
+               f"backend {B.name}]", err=True)
+    columns = generate(B, cfg, params, ids[None, :], max_new_tokens, temperature=temperature, top_k=top_k,
+                       top_p=top_p, seed=seed, use_cache=cache)
+    click.echo(prompt, nl=False)
+    for piece in text_increments(tok, columns):
+        click.echo(piece, nl=False)  # click.echo flushes, so each token shows as it comes
+    click.echo()

@@ -1,0 +1,28 @@
+"""Model FLOPs per token, counted the way nanoGPT/PaLM count them for MFU.
+
+Training costs 3x the forward matmul FLOPs (forward, plus two matmuls per weight in backward):
+6 * N_matmul per token, plus attention 12 * n_layer * d_model * T (q k^T and att v, forward and
+backward, counted over the full T x T square as PaLM's appendix does). Elementwise work, norms and
+the embedding gather are not counted: MFU measures useful matmul work against the GEMM peak.
+"""
+
+from __future__ import annotations
+
+from twinlm.core.config import ModelConfig
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+    """Weights that take part in a matmul: per block qkv, proj, fc, proj; then the output head."""
+    per_block = 4 * cfg.d_model * cfg.d_model + 2 * cfg.d_model * cfg.d_ff
+    return cfg.n_layer * per_block + cfg.d_model * cfg.vocab_size
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> int:
+    """Forward + backward FLOPs per token at sequence length `seq_len` (default block_size)."""
+    t = cfg.block_size if seq_len is None else seq_len
+    return 6 * matmul_params(cfg) + 12 * cfg.n_layer * cfg.d_model * t
+
+
+def mfu(flops_per_token: float, tokens_per_s: float, peak_flops: float) -> float:
+    """Model FLOPs utilisation: achieved model FLOP/s over the measured peak FLOP/s."""
+    return flops_per_token * tokens_per_s / peak_flops if peak_flops > 0 else float("nan")

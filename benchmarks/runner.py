@@ -1,0 +1,62 @@
+"""One training-step interface over twinlm's backends and the PyTorch reference.
+
+`make_trainer(name, cfg, opt, seed)` returns an object with `step(x, y, it) -> loss` and
+`eval_loss(x, y) -> loss`. For twinlm backends `step` is the REAL compiled step the trainer uses
+(`core.step.make_train_step` + `B.compile_step`, dropout masks and schedule scalars from the host),
+and it returns only after the backend has finished (the loss is read back as a Python float).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+
+from twinlm.backends import get_backend
+from twinlm.core import dropout, model
+from twinlm.core import params as P
+from twinlm.core import step as S
+from twinlm.core.config import ModelConfig
+from twinlm.core.optim import AdamWConfig
+
+
+class Trainer(Protocol):
+    info: dict[str, Any]
+
+    def step(self, x: np.ndarray, y: np.ndarray, it: int) -> float: ...
+
+    def eval_loss(self, x: np.ndarray, y: np.ndarray) -> float: ...
+
+
+class TwinlmTrainer:
+    def __init__(self, backend: str, cfg: ModelConfig, opt: AdamWConfig, seed: int = 0) -> None:
+        self.B = get_backend(backend)
+        self.cfg, self.opt, self.seed = cfg, opt, seed
+        state = {k: self.B.from_numpy(v) for k, v in S.init_state(P.init_params(cfg, seed)).items()}
+        self.compiled = self.B.compile_step(S.make_train_step(self.B, cfg, opt), state)
+        self.info = {"blas": getattr(self.B, "blas", None), "device": getattr(self.B, "device", "CPU")}
+
+    def step(self, x: np.ndarray, y: np.ndarray, it: int) -> float:
+        B = self.B
+        masks = {k: B.from_numpy(v) for k, v in dropout.masks(self.cfg, *x.shape, self.seed, it).items()}
+        lr, bc1, bc2 = (B.from_numpy(v) for v in S.step_scalars(it, self.opt))
+        loss, _ = self.compiled(B.from_numpy(x), B.from_numpy(y), masks, lr, bc1, bc2)
+        return float(B.to_numpy(loss))
+
+    def eval_loss(self, x: np.ndarray, y: np.ndarray) -> float:
+        B = self.B
+        params = S.params_of(self.compiled.state)
+        return float(B.to_numpy(model.loss(B, self.cfg, params, B.from_numpy(x), B.from_numpy(y))))
+
+
+def make_trainer(name: str, cfg: ModelConfig, opt: AdamWConfig, seed: int = 0) -> Trainer:
+    if name == "torch":
+        import torch
+
+        from benchmarks.torch_ref import TorchTrainer
+
+        trainer = TorchTrainer(cfg, opt, P.init_params(cfg, seed))
+        trainer.info = {"blas": "torch " + torch.__config__.show().split("BLAS_INFO=")[-1].split(",")[0],
+                        "threads": torch.get_num_threads()}
+        return trainer
+    return TwinlmTrainer(name, cfg, opt, seed)

@@ -1,0 +1,176 @@
+"""Time the real training step per backend, side by side with the PyTorch eager reference.
+
+    python -m benchmarks.step --backend all --preset baby --out results/baby.json
+    python -m benchmarks.step --compare results/baby.json results/medium.json
+
+`--backend all` runs torch, mlx and tinygrad one after another, each in its own child process (so
+peak RSS and imports are per backend) against one GEMM peak measured in the same run, then prints a
+table whose `vs torch` column is the tokens/s ratio from that same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks import flops, report
+from twinlm.core.errors import TwinlmError
+
+BACKENDS = ("torch", "mlx", "tinygrad")
+BATCH = {"tiny": 4, "small": 8, "baby": 12, "medium": 64}  # nanoGPT's batch sizes for these sizes
+VOCAB = 65  # Tiny Shakespeare's character set
+ENV_KEYS = ("BEAM", "DEV", "NUM_CPU_THREADS", "JIT", "CACHEDB", "OMP_", "OPENBLAS_", "MKL_", "TWINLM_",
+            "MLX_")
+
+
+def bench_one(backend: str, preset: str, batch: int, iters: int, warmup_iters: int, max_seconds: float,
+              seed: int = 0) -> dict[str, Any]:
+    """Warm up (compile), then time `iters` steps (fewer if `max_seconds` runs out, at least 3)."""
+    import numpy as np
+
+    from benchmarks.runner import make_trainer
+    from twinlm.core.config import preset as make_preset
+    from twinlm.core.optim import AdamWConfig
+
+    cfg = make_preset(preset, vocab_size=VOCAB)
+    opt = AdamWConfig()
+    rng = np.random.default_rng(seed)
+    batches = [rng.integers(0, VOCAB, (2, batch, cfg.block_size)).astype(np.int32) for _ in range(4)]
+
+    t0 = time.perf_counter()
+    trainer = make_trainer(backend, cfg, opt, seed)
+    setup_s = time.perf_counter() - t0
+    losses, warm = [], []
+    for it in range(warmup_iters):
+        t = time.perf_counter()
+        losses.append(trainer.step(*batches[it % 4], it))
+        warm.append(time.perf_counter() - t)
+    times: list[float] = []
+    cpu: list[float] = []  # process CPU time (all threads): steadier than wall time on a shared machine
+    t_start = time.perf_counter()
+    for it in range(warmup_iters, warmup_iters + iters):
+        t, c = time.perf_counter(), time.process_time()
+        losses.append(trainer.step(*batches[it % 4], it))
+        times.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+        if len(times) >= 3 and time.perf_counter() - t_start > max_seconds:
+            break
+    ms = report.summarize(times)
+    tokens = batch * cfg.block_size
+    return {
+        "backend": backend, "preset": preset, "config": cfg.to_dict(), "batch": batch,
+        "tokens_per_iter": tokens, "setup_s": setup_s, "warmup_s": sum(warm), "warmup_iters_s": warm,
+        "ms_per_iter": ms, "cpu_ms_per_iter": report.summarize(cpu),
+        "tokens_per_s": tokens / (ms["median"] / 1e3),
+        "flops_per_token": flops.train_flops_per_token(cfg),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "loss_first": losses[0], "loss_last": losses[-1], "backend_info": trainer.info,
+    }
+
+
+def measure_gemm_peak(env: dict[str, str] | None = None) -> dict[str, Any]:
+    out = subprocess.run([sys.executable, "-m", "benchmarks.gemm"], capture_output=True, text=True,
+                         check=True, env=env)
+    return json.loads(out.stdout)
+
+
+def finish(record: dict[str, Any], gemm: dict[str, Any]) -> dict[str, Any]:
+    record["gemm_peak_gflops"] = gemm["flops"] / 1e9
+    record["gemm"] = gemm
+    record["mfu"] = flops.mfu(record["flops_per_token"], record["tokens_per_s"], gemm["flops"])
+    record["hardware"] = report.hardware()
+    record["versions"] = report.versions()
+    record["env"] = {k: v for k, v in os.environ.items() if k.startswith(ENV_KEYS)}
+    record["time"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    return record
+
+
+def thread_env(threads: int | None) -> dict[str, str]:
+    """The environment for children: with `threads`, every backend's pools (OpenMP for torch, OpenBLAS
+    for MLX and numpy, tinygrad's CPU workers) get the same count."""
+    env = dict(os.environ)
+    if threads:
+        for key in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUM_CPU_THREADS"):
+            env[key] = str(threads)
+    return env
+
+
+def run(backends: list[str], preset: str, batch: int | None, iters: int, warmup_iters: int,
+        max_seconds: float, threads: int | None = None, log=print) -> list[dict[str, Any]]:
+    """Each backend in a child process, then one GEMM peak measured in the same run for all of them."""
+    from twinlm.core.config import preset as make_preset
+
+    make_preset(preset)  # an unknown preset fails here, with the list of known ones
+    batch = batch or BATCH.get(preset, 12)
+    env = thread_env(threads)
+    records = []
+    for name in backends:
+        with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
+            cmd = [sys.executable, "-m", "benchmarks.step", "--child", tmp.name, "--backend", name,
+                   "--preset", preset, "--batch", str(batch), "--iters", str(iters),
+                   "--warmup-iters", str(warmup_iters), "--max-seconds", str(max_seconds)]
+            log(f"[{name}] {preset} batch {batch} ...")
+            proc = subprocess.run(cmd, text=True, capture_output=True, env=env)
+            if proc.returncode != 0:
+                log(f"[{name}] failed:\n{proc.stderr[-2000:]}")
+                continue
+            records.append(json.loads(Path(tmp.name).read_text()))
+            r = records[-1]
+            log(f"[{name}] {r['ms_per_iter']['median']:.1f} ms/iter, warm-up {r['warmup_s']:.1f} s, "
+                f"loss {r['loss_first']:.3f} -> {r['loss_last']:.3f}")
+    if not records:
+        raise TwinlmError("every backend failed; see the messages above")
+    gemm = measure_gemm_peak(env)
+    log(f"GEMM peak {gemm['flops'] / 1e9:.1f} GFLOP/s ({gemm['blas']}, {gemm['n']}^2 fp32)")
+    return [finish(r, gemm) for r in records]
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.step", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backend", default="all", help="mlx | tinygrad | torch | all | comma-separated list")
+    ap.add_argument("--preset", default="baby")
+    ap.add_argument("--batch", type=int, default=None, help="default: nanoGPT's batch for the preset")
+    ap.add_argument("--iters", type=int, default=30, help="timed iterations (after warm-up)")
+    ap.add_argument("--warmup-iters", type=int, default=3, help="untimed first steps (compile, JIT capture)")
+    ap.add_argument("--max-seconds", type=float, default=60.0, help="stop timing after this (>= 3 iters)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="same thread count for every backend (default: each library's own)")
+    ap.add_argument("--out", default=None, help="write the records to this JSON file")
+    ap.add_argument("--compare", nargs="+", default=None, metavar="JSON",
+                    help="print a table of saved records")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.compare:
+        print(report.table(report.load(args.compare)))
+        return
+    if args.child:
+        report.save(bench_one(args.backend, args.preset, args.batch, args.iters, args.warmup_iters,
+                              args.max_seconds), args.child)
+        return
+    backends = list(BACKENDS) if args.backend == "all" else args.backend.split(",")
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        ap.error(f"unknown backend(s) {unknown}; choose from {', '.join(BACKENDS)} or all")
+    records = run(backends, args.preset, args.batch, args.iters, args.warmup_iters, args.max_seconds,
+                  args.threads, log=lambda m: print(m, file=sys.stderr, flush=True))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        report.save(records, args.out)  # type: ignore[arg-type]
+    print(report.table(records))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except TwinlmError as e:
+        sys.exit(f"error: {e}")

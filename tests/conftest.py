@@ -1,0 +1,39 @@
+"""Shared fixtures: the tiny model every parity test uses (one config, one batch shape, so tinygrad
+builds each graph once per process), and backends that skip with the install hint when absent."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from twinlm.backends import BackendUnavailable, get_backend
+from twinlm.core.backend import Backend
+from twinlm.core.config import ModelConfig, preset
+from twinlm.core.params import init_params
+
+TRAINABLE = ("mlx", "tinygrad")
+ALL_BACKENDS = ("mlx", "tinygrad", "numpy")
+
+
+def backend_or_skip(name: str) -> Backend:
+    try:
+        return get_backend(name)
+    except BackendUnavailable as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg() -> ModelConfig:
+    return preset("tiny", vocab_size=32, block_size=16)
+
+
+@pytest.fixture(scope="session")
+def tiny_params(tiny_cfg: ModelConfig) -> dict[str, np.ndarray]:
+    return init_params(tiny_cfg, 0)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokens(tiny_cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed (2, block_size) batch of inputs and next-token targets."""
+    seq = (np.arange(2 * (tiny_cfg.block_size + 1)).reshape(2, -1) * 7 % tiny_cfg.vocab_size).astype(np.int32)
+    return seq[:, :-1], seq[:, 1:]

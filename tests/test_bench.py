@@ -1,0 +1,66 @@
+"""Smoke tests of the benchmark harness's framework-free parts: FLOP counting, records, tables."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from twinlm.core.config import preset
+
+# benchmarks/ is a top-level folder of the checkout, not part of the installed package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import flops, report  # noqa: E402
+
+
+def test_flops_per_token_matches_hand_count_for_baby() -> None:
+    cfg = preset("baby", vocab_size=65)
+    # per block: qkv 128x384 + proj 128x128 + fc 128x512 + proj 512x128; head 128x65
+    n = 4 * (128 * 384 + 128 * 128 + 128 * 512 + 512 * 128) + 128 * 65
+    assert flops.matmul_params(cfg) == n == 794_752
+    assert flops.train_flops_per_token(cfg) == 6 * n + 12 * 4 * 128 * 64
+    assert flops.train_flops_per_token(cfg, seq_len=32) == 6 * n + 12 * 4 * 128 * 32
+
+
+def test_medium_flops_and_mfu() -> None:
+    cfg = preset("medium", vocab_size=65)
+    per_token = flops.train_flops_per_token(cfg)
+    assert per_token == 6 * (6 * (4 * 384 ** 2 + 2 * 384 * 1536) + 384 * 65) + 12 * 6 * 384 * 256
+    # 1,000 tokens/s against a 1 GFLOP/s peak
+    assert flops.mfu(1e6, 1000.0, 1e9) == pytest.approx(1.0)
+    assert flops.mfu(per_token, 1000.0, 2 * per_token * 1000.0) == pytest.approx(0.5)
+
+
+def test_summarize_gives_median_and_quartiles_in_ms() -> None:
+    s = report.summarize([0.004, 0.001, 0.003, 0.002, 0.005])
+    assert s["median"] == pytest.approx(3.0)
+    assert (s["min"], s["max"], s["n"]) == (pytest.approx(1.0), pytest.approx(5.0), 5)
+    assert s["p25"] < s["median"] < s["p75"]
+
+
+def _record(backend: str, tps: float, preset_name: str = "baby") -> dict:
+    return {"backend": backend, "preset": preset_name, "tokens_per_s": tps, "mfu": tps / 1e4,
+            "warmup_s": 1.5, "peak_rss_mb": 100.0, "cpu_ms_per_iter": {"median": 7.0},
+            "ms_per_iter": {"median": 768e3 / tps, "p25": 1.0, "p75": 2.0}}
+
+
+def test_table_ratios_are_against_torch_of_the_same_preset(tmp_path) -> None:
+    records = [_record("torch", 2000.0), _record("mlx", 1000.0), _record("mlx", 500.0, "medium")]
+    path = tmp_path / "r.json"
+    report.save(records, path)
+    assert json.loads(path.read_text()) == records
+    lines = report.table(report.load([path])).splitlines()
+    assert lines[0].split()[:3] == ["backend", "preset", "ms/iter"]
+    rows = {(line.split()[0], line.split()[1]): line for line in lines[2:]}
+    assert "1.00x" in rows[("torch", "baby")]
+    assert "0.50x" in rows[("mlx", "baby")]
+    assert "-x" in rows[("mlx", "medium")]  # no torch record for medium: no ratio
+    assert "10.0%" in rows[("mlx", "baby")]
+
+
+def test_hardware_and_versions_describe_this_machine() -> None:
+    hw, ver = report.hardware(), report.versions()
+    assert hw["cpus"] >= 1 and hw["machine"]
+    assert ver["python"].count(".") == 2 and "numpy" in ver

@@ -1,0 +1,156 @@
+"""Generation: fast decoders equal the no-cache reference; sampling rules; equal tokens on both backends."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import backend_or_skip
+
+from twinlm.core.config import preset
+from twinlm.core.errors import TwinlmError
+from twinlm.core.params import init_params
+from twinlm.generate import generate, make_decoder, sample_next
+
+ATOL = RTOL = 1e-4
+CFG = preset("tiny", vocab_size=32, block_size=8)
+
+
+@pytest.fixture(scope="module")
+def params() -> dict[str, np.ndarray]:
+    """Weights large enough that greedy decoding does not just repeat one token."""
+    rng = np.random.default_rng(2)
+    return {k: rng.normal(0.0, 0.3, v.shape).astype(np.float32) if v.ndim == 2 else v
+            for k, v in init_params(CFG, 0).items()}
+
+
+def prompt(batch: int, t0: int) -> np.ndarray:
+    return np.random.default_rng(1).integers(0, CFG.vocab_size, (batch, t0)).astype(np.int32)
+
+
+def greedy_run(B, p, strategy: str, tokens: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(new tokens (batch, n), logits (n, batch, V)) of greedy decoding with one decoder."""
+    dec = make_decoder(B, CFG, p, tokens.shape[0], strategy)
+    logits = []
+    for _ in range(n):
+        lg = dec.next_logits(tokens)
+        logits.append(lg)
+        tokens = np.concatenate([tokens, lg.argmax(-1).astype(np.int32)[:, None]], axis=1)
+    return tokens[:, -n:], np.stack(logits)
+
+
+@pytest.mark.parametrize("name", ["mlx", "numpy"])
+def test_cached_equals_uncached_and_crops(name: str, params) -> None:
+    B = backend_or_skip(name)
+    p = {k: B.from_numpy(v) for k, v in params.items()}
+    x = prompt(2, 5)
+    n = 12  # 5 + 12 > block_size 8: the crop path runs for most steps
+    ref_tokens, ref_logits = greedy_run(B, p, "full", x, n)
+    assert len(np.unique(ref_tokens)) > 3, "greedy output too repetitive to test anything"
+    for strategy in ("kv", "window"):
+        tokens, logits = greedy_run(B, p, strategy, x, n)
+        np.testing.assert_array_equal(tokens, ref_tokens, err_msg=strategy)
+        np.testing.assert_allclose(logits, ref_logits, atol=ATOL, rtol=RTOL, err_msg=strategy)
+    # generate() itself, greedy, with and without the cache
+    cached = np.stack(list(generate(B, CFG, p, x, n, temperature=0.0)), axis=1)
+    uncached = np.stack(list(generate(B, CFG, p, x, n, temperature=0.0, use_cache=False)), axis=1)
+    np.testing.assert_array_equal(cached, ref_tokens)
+    np.testing.assert_array_equal(uncached, ref_tokens)
+
+
+def test_kv_cache_state_and_negative_control(params) -> None:
+    """The cache really carries the past (dropping it changes the logits) and is dropped after a crop."""
+    B = backend_or_skip("mlx")
+    p = {k: B.from_numpy(v) for k, v in params.items()}
+    x = prompt(1, 6)
+    dec = make_decoder(B, CFG, p, 1, "kv")
+    dec.next_logits(x)
+    nxt = np.concatenate([x, [[3]]], axis=1).astype(np.int32)
+    with_cache = dec.next_logits(nxt)
+    assert dec.cache is not None and dec.cache[0][0].shape[2] == 7
+    no_past = make_decoder(B, CFG, p, 1, "full").next_logits(nxt[:, -1:])
+    assert np.abs(with_cache - no_past).max() > 1e-2
+    dec.next_logits(np.concatenate([nxt, [[4]]], axis=1).astype(np.int32))  # t = 8 = block_size
+    assert dec.cache is not None
+    dec.next_logits(np.concatenate([nxt, [[4, 5]]], axis=1).astype(np.int32))  # t = 9: cropped
+    assert dec.cache is None
+
+
+def test_tinygrad_window_equals_uncached_and_samples_like_mlx(params) -> None:
+    """One test, so one process builds the tinygrad graphs: window (1 graph) vs full (2 shapes), then
+    sampled tokens on tinygrad equal MLX's for the same seed (reusing the window graph)."""
+    tg = backend_or_skip("tinygrad")
+    p_tg = {k: tg.from_numpy(v) for k, v in params.items()}
+    x = prompt(2, 7)  # full: shapes 7 then 8 (cropped); window rows 6, 7, 7
+    ref_tokens, ref_logits = greedy_run(tg, p_tg, "full", x, 3)
+    tokens, logits = greedy_run(tg, p_tg, "window", x, 3)
+    np.testing.assert_array_equal(tokens, ref_tokens)
+    np.testing.assert_allclose(logits, ref_logits, atol=ATOL, rtol=RTOL)
+
+    mx = backend_or_skip("mlx")
+    p_mx = {k: mx.from_numpy(v) for k, v in params.items()}
+    kw = dict(temperature=1.0, top_k=20, seed=7)
+    # params in another order reuse the compiled window graph: names, not positions, must bind them
+    p_tg = dict(reversed(p_tg.items()))
+    on_tg = np.stack(list(generate(tg, CFG, p_tg, x, 6, **kw)), axis=1)
+    on_mx = np.stack(list(generate(mx, CFG, p_mx, x, 6, **kw)), axis=1)
+    np.testing.assert_array_equal(on_tg, on_mx)
+    other_seed = np.stack(list(generate(mx, CFG, p_mx, x, 6, **{**kw, "seed": 8})), axis=1)
+    assert not np.array_equal(other_seed, on_mx)
+
+
+# ---- sampling rules (numpy only) ---------------------------------------------------------------------
+
+def random_logits(batch: int = 64, vocab: int = 50) -> np.ndarray:
+    return np.random.default_rng(3).normal(0.0, 2.0, (batch, vocab)).astype(np.float32)
+
+
+def test_greedy_limits() -> None:
+    lg = random_logits()
+    greedy = sample_next(lg, np.random.default_rng(0), temperature=0.0)
+    np.testing.assert_array_equal(greedy, lg.argmax(-1))
+    for kw in (dict(top_k=1), dict(top_p=1e-6), dict(temperature=1e-4)):
+        got = sample_next(lg, np.random.default_rng(0), **{"temperature": 1.0, **kw})
+        np.testing.assert_array_equal(got, greedy, err_msg=str(kw))
+    plain = sample_next(lg, np.random.default_rng(0), temperature=1.0)
+    assert not np.array_equal(plain, greedy)  # control: unfiltered sampling is not greedy
+
+
+def test_same_seed_same_tokens() -> None:
+    lg = random_logits()
+    a = sample_next(lg, np.random.default_rng(5), temperature=1.0, top_p=0.9)
+    b = sample_next(lg, np.random.default_rng(5), temperature=1.0, top_p=0.9)
+    c = sample_next(lg, np.random.default_rng(6), temperature=1.0, top_p=0.9)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_distributions() -> None:
+    n = 40_000
+    probs = np.array([0.4, 0.3, 0.2, 0.1])
+    lg = np.tile(np.log(probs), (n, 1))
+    rng = np.random.default_rng(0)
+
+    def freq(**kw) -> np.ndarray:
+        return np.bincount(sample_next(lg, rng, **kw), minlength=4) / n
+
+    np.testing.assert_allclose(freq(temperature=1.0), probs, atol=0.015)
+    np.testing.assert_allclose(freq(temperature=1.0, top_k=2), [4 / 7, 3 / 7, 0, 0], atol=0.015)
+    # nucleus 0.5: 0.4 alone is short of it, 0.4 + 0.3 reaches it -> the first two
+    np.testing.assert_allclose(freq(temperature=1.0, top_p=0.5), [4 / 7, 3 / 7, 0, 0], atol=0.015)
+    np.testing.assert_allclose(freq(temperature=1.0, top_p=0.75), [4 / 9, 3 / 9, 2 / 9, 0], atol=0.015)
+    hot = probs**0.5 / (probs**0.5).sum()  # temperature 2 flattens: p^(1/2), renormalised
+    np.testing.assert_allclose(freq(temperature=2.0), hot, atol=0.015)
+
+
+def test_bad_arguments_fail_before_generating(params) -> None:
+    B = backend_or_skip("numpy")
+    p = {k: B.from_numpy(v) for k, v in params.items()}
+    x = prompt(1, 3)
+    bad = [dict(prompt=x + CFG.vocab_size), dict(prompt=np.zeros((1, 0), np.int32)), dict(temperature=-1.0),
+           dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5), dict(max_new_tokens=-1),
+           dict(prompt=x.astype(np.float32))]
+    for kw in bad:
+        args = {"prompt": x, "max_new_tokens": 2, **kw}
+        with pytest.raises(TwinlmError):
+            generate(B, CFG, p, args.pop("prompt"), args.pop("max_new_tokens"), **args)
+    assert len(list(generate(B, CFG, p, x, 0))) == 0

@@ -1,0 +1,228 @@
+"""Tokenizers: text <-> int32 ids, each fully described by a JSON dict so a checkpoint can rebuild it.
+
+- "char": one id per distinct character of the training corpus (sorted by code point); nanoGPT's
+  shakespeare_char. A character outside that set is an error, never a silent substitute.
+- "byte": the 256 UTF-8 byte values; knows every text. Decoding replaces broken byte sequences with U+FFFD.
+- "bpe": byte-level BPE (GPT-2 style, no prefix space, no special tokens) trained on the corpus with the
+  Hugging Face `tokenizers` library. Its vocabulary starts from the 256 byte symbols, so `vocab_size >= 256`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from twinlm.core.atomic import atomic_write_json
+from twinlm.core.errors import TwinlmError
+
+KINDS = ("char", "byte", "bpe")
+DEFAULT_BPE_VOCAB = 512
+MAX_BPE_VOCAB = 1 << 20
+# Chunk boundary for BPE: just after a newline that is followed by a non-space character. GPT-2's
+# pre-tokenizer always splits there, so encoding chunks separately gives exactly the ids of the whole text.
+_BPE_CHUNK_CUT = re.compile(r"\n(?=\S)")
+_BPE_CHUNK_CHARS = 1 << 16
+
+
+class Tokenizer:
+    """Base class: `encode(text) -> int32 ids`, `decode(ids) -> text`, `to_dict()` for checkpoints."""
+
+    kind: str
+    vocab_size: int
+
+    def encode(self, text: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def decode(self, ids: Iterable[int] | np.ndarray) -> str:
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(vocab_size={self.vocab_size})"
+
+    def _check_ids(self, ids: Iterable[int] | np.ndarray) -> np.ndarray:
+        """Ids as a flat int64 array; an id outside the vocabulary is an error, not a silent blank."""
+        arr = np.asarray(ids if isinstance(ids, np.ndarray) else list(ids)).reshape(-1)
+        if arr.size == 0:
+            return arr.astype(np.int64)
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise TwinlmError(f"token ids must be integers, got {arr.dtype}")
+        bad = (arr < 0) | (arr >= self.vocab_size)
+        if bad.any():
+            raise TwinlmError(f"token id {arr[bad][0]} is outside the {self.kind} tokenizer's vocabulary "
+                              f"(0..{self.vocab_size - 1})")
+        return arr.astype(np.int64)
+
+
+class CharTokenizer(Tokenizer):
+    kind = "char"
+
+    def __init__(self, chars: str) -> None:
+        if not chars:
+            raise TwinlmError("a char tokenizer needs at least one character")
+        if list(chars) != sorted(set(chars)):
+            raise TwinlmError("char tokenizer vocabulary must be distinct characters in code-point order")
+        self.chars = chars
+        self.vocab_size = len(chars)
+        self._codes = np.frombuffer(chars.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+
+    @classmethod
+    def train(cls, text: str) -> CharTokenizer:
+        return cls("".join(sorted(set(text))))
+
+    def encode(self, text: str) -> np.ndarray:
+        codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        ids = np.searchsorted(self._codes, codes)
+        ids_in = np.minimum(ids, self.vocab_size - 1)
+        unknown = self._codes[ids_in] != codes
+        if unknown.any():
+            pos = int(np.argmax(unknown))
+            ch = chr(int(codes[pos]))
+            raise TwinlmError(f"character {ch!r} (U+{ord(ch):04X}, at position {pos}) is not in the char "
+                              f"tokenizer's vocabulary of {self.vocab_size} characters")
+        return ids.astype(np.int32)
+
+    def decode(self, ids: Iterable[int] | np.ndarray) -> str:
+        return "".join(self.chars[i] for i in self._check_ids(ids).tolist())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "chars": self.chars}
+
+
+class ByteTokenizer(Tokenizer):
+    kind = "byte"
+    vocab_size = 256
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
+
+    def decode(self, ids: Iterable[int] | np.ndarray) -> str:
+        return self._check_ids(ids).astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind}
+
+
+class BPETokenizer(Tokenizer):
+    kind = "bpe"
+
+    def __init__(self, hf_tokenizer: Any) -> None:
+        self._tok = hf_tokenizer
+        self.vocab_size = int(hf_tokenizer.get_vocab_size())
+
+    @classmethod
+    def train(cls, text: str, vocab_size: int) -> BPETokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers, trainers
+
+        tok = HFTokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[], show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator(_bpe_chunks(text), trainer=trainer)
+        return cls(tok)
+
+    @classmethod
+    def from_json(cls, spec: str) -> BPETokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        try:
+            return cls(HFTokenizer.from_str(spec))
+        except Exception as e:  # the library raises plain Exception on malformed JSON
+            raise TwinlmError(f"cannot rebuild the bpe tokenizer from its saved JSON: {e}") from None
+
+    def encode(self, text: str) -> np.ndarray:
+        encodings = self._tok.encode_batch_fast(_bpe_chunks(text))
+        parts = [np.asarray(e.ids, dtype=np.int32) for e in encodings]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+
+    def decode(self, ids: Iterable[int] | np.ndarray) -> str:
+        return self._tok.decode(self._check_ids(ids).tolist(), skip_special_tokens=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "vocab_size": self.vocab_size, "hf_json": self._tok.to_str()}
+
+
+def _bpe_chunks(text: str, size: int = _BPE_CHUNK_CHARS) -> list[str]:
+    """Split text at safe boundaries (see _BPE_CHUNK_CUT) into pieces of about `size` characters."""
+    chunks: list[str] = []
+    start = 0
+    while start < len(text):
+        cut = _BPE_CHUNK_CUT.search(text, start + size)
+        end = cut.end() if cut else len(text)
+        chunks.append(text[start:end])
+        start = end
+    return chunks
+
+
+def tokenizer_spec(kind: str, vocab_size: int | None = None) -> dict[str, Any]:
+    """The validated request {"kind", "vocab_size"} for `train_tokenizer` (vocab_size resolved for bpe)."""
+    if kind not in KINDS:
+        raise TwinlmError(f"unknown tokenizer {kind!r}; choose from {', '.join(KINDS)}")
+    if kind != "bpe":
+        if vocab_size is not None:
+            raise TwinlmError(f"vocab_size applies only to the bpe tokenizer; the {kind} tokenizer's "
+                              "vocabulary is fixed by its kind and the corpus")
+        return {"kind": kind, "vocab_size": None}
+    vocab_size = DEFAULT_BPE_VOCAB if vocab_size is None else vocab_size
+    is_int = isinstance(vocab_size, int) and not isinstance(vocab_size, bool)
+    if not is_int or not 256 <= vocab_size <= MAX_BPE_VOCAB:
+        raise TwinlmError(f"bpe vocab_size must be an integer in [256, {MAX_BPE_VOCAB}] (it starts from the "
+                          f"256 byte symbols), got {vocab_size!r}")
+    return {"kind": kind, "vocab_size": vocab_size}
+
+
+def train_tokenizer(kind: str, text: str, vocab_size: int | None = None) -> Tokenizer:
+    """Build a tokenizer of `kind` from the corpus `text`; `vocab_size` applies to "bpe" only (default 512).
+
+    A bpe vocabulary can come out smaller than asked when the corpus has too few distinct merges.
+    """
+    spec = tokenizer_spec(kind, vocab_size)
+    if not text:
+        raise TwinlmError("cannot build a tokenizer from empty text")
+    if kind == "char":
+        return CharTokenizer.train(text)
+    if kind == "byte":
+        return ByteTokenizer()
+    return BPETokenizer.train(text, spec["vocab_size"])
+
+
+def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
+    """Rebuild a tokenizer from `Tokenizer.to_dict()` (e.g. from a checkpoint's meta)."""
+    kind = d.get("kind") if isinstance(d, dict) else None
+    if kind == "char":
+        chars = d.get("chars")
+        if not isinstance(chars, str):
+            raise TwinlmError("char tokenizer description has no 'chars' string")
+        return CharTokenizer(chars)
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "bpe":
+        spec = d.get("hf_json")
+        if not isinstance(spec, str):
+            raise TwinlmError("bpe tokenizer description has no 'hf_json' string")
+        return BPETokenizer.from_json(spec)
+    raise TwinlmError(f"unknown tokenizer kind {kind!r} (known: {', '.join(KINDS)})")
+
+
+def save_tokenizer(tok: Tokenizer, path: Path) -> None:
+    atomic_write_json(Path(path), tok.to_dict())
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TwinlmError(f"tokenizer file not found: {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TwinlmError(f"cannot read tokenizer file {path}: {e}") from None
+    return tokenizer_from_dict(d)

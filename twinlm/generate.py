@@ -1,0 +1,219 @@
+"""Autoregressive text generation on any backend, with sampling done in numpy.
+
+    prompt (batch, t0) -> decoder: logits of the next token (batch, V) -> sample_next -> token column
+
+Sampling happens in numpy on the last position's logits, with a numpy Generator seeded by `seed`, so
+both backends draw the same tokens whenever their logits agree (they do to ~1e-6). Tokens are drawn by
+inverse CDF over the vocabulary in id order (not sorted by probability), so a logit difference of 1e-6
+moves a token boundary by ~1e-6 and changes the draw only with that probability.
+
+How the next-token logits are computed (a "decoder"), per backend:
+- "kv": a KV cache (`core.model.forward(..., cache=...)`): the prompt once, then one token per step.
+  Used on eager backends (MLX, numpy), where a new shape costs nothing.
+- "window": the last `block_size` tokens, right-padded with id 0 to a fixed (batch, block_size) window,
+  through one compiled graph (`B.compile_step`); the row at the last real token is read back. The causal
+  mask means padding never reaches a real position. Used on tinygrad: there every new shape is a new
+  graph, and a KV cache that grows by one each step measured 3-30 s per token (one graph per token),
+  while the fixed window costs one compile (~10-20 s) and then ~25 ms per token on the tiny preset
+  (~95 ms on baby). The window step is cached per (backend, config, batch) across calls.
+- "full": no cache, the whole (cropped) context every step; the reference the others are tested against.
+
+Context longer than `block_size`: every decoder looks only at the last `block_size` tokens. The KV cache
+then holds positions for a window that has shifted, so it is dropped and each later step recomputes the
+window from scratch (with learned absolute positions no cached key stays valid after a shift).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from twinlm.core import model
+from twinlm.core.backend import Array, Backend
+from twinlm.core.checkpoint import load_checkpoint
+from twinlm.core.config import ModelConfig
+from twinlm.core.errors import TwinlmError
+from twinlm.core.params import check_params
+from twinlm.core.tokenizers import Tokenizer, tokenizer_from_dict
+
+STRATEGIES = ("kv", "window", "full")
+# Backends that compile a new graph for every new shape: a growing KV cache would recompile each token.
+_FIXED_SHAPE_BACKENDS = ("tinygrad",)
+# Compiled window steps, reused across generate() calls (params are inputs, not baked in).
+_window_steps: dict[tuple[int, ModelConfig, int], Any] = {}
+
+
+def load_model(run_dir: str | Path) -> tuple[ModelConfig, dict[str, np.ndarray], Tokenizer, dict[str, Any]]:
+    """(cfg, numpy params, tokenizer, meta) from a checkpoint dir or a run dir's latest checkpoint."""
+    arrays, meta = load_checkpoint(Path(run_dir))
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict) or "tokenizer" not in meta:
+        raise TwinlmError(f"checkpoint in {run_dir} has no model config or tokenizer in its meta")
+    cfg = ModelConfig.from_dict(meta["model"])
+    params = {k[len("param."):]: v for k, v in arrays.items() if k.startswith("param.")}
+    try:
+        check_params(cfg, params)
+    except ValueError as e:
+        raise TwinlmError(f"checkpoint in {run_dir} does not match its model config: {e}") from None
+    return cfg, params, tokenizer_from_dict(meta["tokenizer"]), meta
+
+
+def default_strategy(B: Backend, use_cache: bool = True) -> str:
+    if not use_cache:
+        return "full"
+    return "window" if B.name in _FIXED_SHAPE_BACKENDS else "kv"
+
+
+class Decoder:
+    """Next-token logits for a growing token history; subclasses choose how to compute them."""
+
+    def __init__(self, B: Backend, cfg: ModelConfig, params: dict[str, Array]) -> None:
+        self.B, self.cfg, self.params = B, cfg, params
+
+    def next_logits(self, tokens: np.ndarray) -> np.ndarray:
+        """Float32 logits (batch, V) of the token after `tokens` (batch, t), t >= 1."""
+        raise NotImplementedError
+
+    def _last_row(self, idx: np.ndarray,
+                  cache: model.KVCache | None = None) -> tuple[np.ndarray, model.KVCache]:
+        lg, cache = model.forward(self.B, self.cfg, self.params, self.B.from_numpy(idx), cache=cache)
+        last = lg[:, -1, :]
+        self.B.sync(last, *(t for kv in cache for t in kv))  # keep MLX's lazy graph from growing
+        return self.B.to_numpy(last), cache
+
+
+class FullDecoder(Decoder):
+    def next_logits(self, tokens: np.ndarray) -> np.ndarray:
+        return self._last_row(tokens[:, -self.cfg.block_size:])[0]
+
+
+class KVDecoder(Decoder):
+    """Feeds only the newest token while the history fits in block_size and grows by one per call."""
+
+    def __init__(self, B: Backend, cfg: ModelConfig, params: dict[str, Array]) -> None:
+        super().__init__(B, cfg, params)
+        self.cache: model.KVCache | None = None
+        self.n_cached = 0
+
+    def next_logits(self, tokens: np.ndarray) -> np.ndarray:
+        t = tokens.shape[1]
+        if self.cache is not None and t == self.n_cached + 1 and t <= self.cfg.block_size:
+            row, self.cache = self._last_row(tokens[:, -1:], self.cache)
+        else:
+            row, cache = self._last_row(tokens[:, -self.cfg.block_size:])
+            self.cache = cache if t <= self.cfg.block_size else None  # a shifted window's cache is stale
+        self.n_cached = t
+        return row
+
+
+class WindowDecoder(Decoder):
+    """One fixed-shape graph for every step: the last block_size tokens, right-padded, compiled once."""
+
+    def __init__(self, B: Backend, cfg: ModelConfig, params: dict[str, Array], batch: int) -> None:
+        # A compiled graph (TinyJit) binds dict inputs by position: fix the order so names bind right.
+        super().__init__(B, cfg, {k: params[k] for k in sorted(params)})
+        key = (id(B), cfg, batch)
+        if key not in _window_steps:
+            def step(state: dict, p: dict[str, Array], idx: Array, row: Array) -> tuple[tuple[Array], dict]:
+                lg = model.logits(B, cfg, p, idx)  # (batch, block_size, V)
+                return (B.take_along_axis(lg, row, axis=1),), state  # (batch, 1, V)
+            _window_steps[key] = B.compile_step(step, {})
+        self.step = _window_steps[key]
+
+    def next_logits(self, tokens: np.ndarray) -> np.ndarray:
+        batch, T, V = tokens.shape[0], self.cfg.block_size, self.cfg.vocab_size
+        n = min(tokens.shape[1], T)
+        window = np.zeros((batch, T), dtype=np.int32)
+        window[:, :n] = tokens[:, -n:]
+        row = np.full((batch, 1, V), n - 1, dtype=np.int32)
+        (out,) = self.step(self.params, self.B.from_numpy(window), self.B.from_numpy(row))
+        return self.B.to_numpy(out)[:, 0, :]
+
+
+def make_decoder(B: Backend, cfg: ModelConfig, params: dict[str, Array], batch: int,
+                 strategy: str) -> Decoder:
+    if strategy == "kv":
+        return KVDecoder(B, cfg, params)
+    if strategy == "window":
+        return WindowDecoder(B, cfg, params, batch)
+    if strategy == "full":
+        return FullDecoder(B, cfg, params)
+    raise TwinlmError(f"unknown decoding strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if not temperature >= 0.0:  # also refuses NaN
+        raise TwinlmError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise TwinlmError(f"top_k must be a positive integer, got {top_k!r}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise TwinlmError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def sample_next(logits: np.ndarray, rng: np.random.Generator, *, temperature: float = 1.0,
+                top_k: int | None = None, top_p: float | None = None) -> np.ndarray:
+    """Token ids (batch,) int32 drawn from logits (batch, V).
+
+    - temperature 0: greedy argmax (no random number is drawn).
+    - otherwise probabilities are softmax(logits / temperature), in float64, then filtered:
+      top_k keeps the tokens whose logit is >= the k-th largest (ties at the k-th value all stay);
+      top_p (nucleus) keeps the most probable tokens whose total probability first reaches top_p
+      (always at least the most probable one; ties with the last one kept also stay).
+      What is kept is renormalised and one uniform per row picks a token by inverse CDF in id order.
+    So top_k=1, or a tiny top_p, equals greedy (barring exact ties).
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    if temperature == 0.0:
+        return np.argmax(logits, axis=-1).astype(np.int32)
+    z = logits / temperature
+    if top_k is not None and top_k < z.shape[-1]:
+        kth = np.partition(z, -top_k, axis=-1)[:, -top_k, None]
+        z = np.where(z >= kth, z, -np.inf)
+    probs = np.exp(z - z.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    if top_p is not None and top_p < 1.0:
+        desc = -np.sort(-probs, axis=-1)
+        mass_before = np.cumsum(desc, axis=-1) - desc
+        n_keep = np.maximum((mass_before < top_p).sum(axis=-1), 1)
+        cutoff = np.take_along_axis(desc, (n_keep - 1)[:, None], axis=-1)
+        probs = np.where(probs >= cutoff, probs, 0.0)
+    cdf = np.cumsum(probs, axis=-1)
+    u = rng.random(cdf.shape[0]) * cdf[:, -1]
+    picks = [np.searchsorted(row, x, side="right") for row, x in zip(cdf, u, strict=True)]
+    return np.minimum(np.array(picks), cdf.shape[-1] - 1).astype(np.int32)
+
+
+def generate(B: Backend, cfg: ModelConfig, params: dict[str, Array], prompt: np.ndarray, max_new_tokens: int,
+             *, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             seed: int = 0, use_cache: bool = True) -> Iterator[np.ndarray]:
+    """Yield `max_new_tokens` new token columns (batch,) int32, each as soon as it is produced.
+
+    `params` are backend arrays; `prompt` int ids (batch, t0), t0 >= 1. `use_cache=False` recomputes the
+    whole context each step (the reference); True uses the backend's fast decoder (see module docstring),
+    which gives the same tokens. Arguments are checked here, before the first token is asked for.
+    """
+    prompt = np.asarray(prompt)
+    if prompt.ndim != 2 or prompt.shape[0] < 1 or prompt.shape[1] < 1:
+        raise TwinlmError(f"prompt must be a non-empty (batch, time) array of ids, got shape {prompt.shape}")
+    if not np.issubdtype(prompt.dtype, np.integer):
+        raise TwinlmError(f"prompt ids must be integers, got {prompt.dtype}")
+    try:
+        model.check_token_ids(prompt, cfg.vocab_size)
+    except ValueError as e:
+        raise TwinlmError(f"prompt: {e}") from None
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise TwinlmError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+    check_sampling(temperature, top_k, top_p)
+    decoder = make_decoder(B, cfg, params, prompt.shape[0], default_strategy(B, use_cache))
+    return _stream(decoder, prompt.astype(np.int32), max_new_tokens, np.random.default_rng(seed),
+                   dict(temperature=temperature, top_k=top_k, top_p=top_p))
+
+
+def _stream(decoder: Decoder, tokens: np.ndarray, n: int, rng: np.random.Generator,
+            sampling: dict[str, Any]) -> Iterator[np.ndarray]:
+    for _ in range(n):
+        nxt = sample_next(decoder.next_logits(tokens), rng, **sampling)
+        tokens = np.concatenate([tokens, nxt[:, None]], axis=1)
+        yield nxt

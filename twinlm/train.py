@@ -1,0 +1,530 @@
+"""The training loop: data, a compiled step, evaluation, checkpoints, resume, metrics and Ctrl-C.
+
+One iteration = one optimizer update over `batch_size * grad_accum` windows. Gradient accumulation
+happens inside the compiled step: the batch arrives as (grad_accum, batch_size, T) and the loss is
+the mean of the micro-batch losses, whose gradient is exactly the mean of the micro-batch gradients
+(what nanoGPT's accumulation loop computes). The update itself stays `core.step.make_train_step`'s,
+the same code the parity suite checks, on every backend.
+
+Everything a run depends on is a function of (seed, iteration) or saved in the checkpoint: numpy
+parameter init, the batcher's generator state, counter-based dropout masks, and the lr schedule.
+So a resumed run on the same backend continues bit-identically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import math
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from twinlm import __version__
+from twinlm.core import dropout as D
+from twinlm.core import model, optim, task
+from twinlm.core import step as S
+from twinlm.core.backend import Array, Backend
+from twinlm.core.checkpoint import load_checkpoint, save_checkpoint
+from twinlm.core.config import PRESETS, ConfigError, ModelConfig
+from twinlm.core.data import Batcher, check_fits, prepare
+from twinlm.core.errors import TwinlmError
+from twinlm.core.params import init_params
+from twinlm.core.tokenizers import tokenizer_from_dict
+
+MODEL_FIELDS = ("n_layer", "n_head", "d_model", "block_size", "dropout")
+MAX_BAD_STEPS = 5  # consecutive non-finite steps before the run stops
+ACCURACY_EXAMPLES = 200  # held-out examples scored at each evaluation of the built-in task
+TARGET_ACCURACY = 0.9  # the default `twinlm train` reaches it by ~1000 of its 2000 iterations
+
+
+class TrainingDiverged(TwinlmError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run. Model fields left None come from the preset (or the checkpoint)."""
+
+    data: str | None = None  # None: the built-in task's corpus
+    tokenizer: str = "char"
+    vocab_size: int | None = None
+    out: str | None = None  # run dir; None: runs/<name>
+    preset: str = "default"
+    n_layer: int | None = None
+    n_head: int | None = None
+    d_model: int | None = None
+    block_size: int | None = None
+    dropout: float | None = None
+    batch_size: int = 32
+    grad_accum: int = 1
+    max_iters: int = 2000
+    lr: float = 3e-3
+    min_lr: float | None = None  # None: lr / 10
+    warmup: int = 100
+    lr_decay_iters: int | None = None  # cosine decay length; None: max_iters
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 500
+    eval_iters: int = 20
+    log_every: int = 10
+    seed: int = 1337
+    keep: int = 3
+
+    def check(self) -> None:
+        positive = ("batch_size", "grad_accum", "max_iters", "eval_every", "eval_iters", "log_every", "keep")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise TwinlmError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise TwinlmError(f"lr must be a positive number, got {self.lr}")
+        if self.warmup < 0:
+            raise TwinlmError(f"warmup must be >= 0, got {self.warmup}")
+        if self.preset != "default" and self.preset not in PRESETS:
+            raise TwinlmError(f"unknown preset {self.preset!r}; choose from default, {', '.join(PRESETS)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# The default model for the built-in task; `twinlm train` with no arguments trains it.
+DEFAULT_MODEL = dict(n_layer=2, n_head=4, d_model=64, block_size=32)
+
+
+def config_keys() -> set[str]:
+    return {f.name for f in fields(TrainConfig)}
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Settings from a TOML file (keys are option names, `-` or `_`); unknown keys are an error."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise TwinlmError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise TwinlmError(f"config file {path} is not valid TOML: {e}") from None
+    out = {k.replace("-", "_"): v for k, v in raw.items()}
+    unknown = sorted(set(out) - config_keys() - {"backend", "resume"})
+    if unknown:
+        raise TwinlmError(f"unknown keys in config file {path}: {', '.join(unknown)}; "
+                          f"known keys: {', '.join(sorted(config_keys()))}")
+    return out
+
+
+def model_config(tc: TrainConfig, vocab_size: int) -> ModelConfig:
+    base = dict(DEFAULT_MODEL) if tc.preset == "default" else dict(PRESETS[tc.preset])
+    base.update({k: getattr(tc, k) for k in MODEL_FIELDS if getattr(tc, k) is not None})
+    try:
+        return ModelConfig(vocab_size=vocab_size, **base)
+    except ConfigError as e:
+        raise TwinlmError(f"impossible model shape: {e}") from None
+
+
+def optimizer_config(tc: TrainConfig) -> optim.AdamWConfig:
+    return optim.AdamWConfig(lr=tc.lr, min_lr=tc.lr / 10 if tc.min_lr is None else tc.min_lr,
+                             warmup=tc.warmup,
+                             max_iters=tc.max_iters if tc.lr_decay_iters is None else tc.lr_decay_iters,
+                             weight_decay=tc.weight_decay, grad_clip=tc.grad_clip)
+
+
+def versions(B: Backend) -> dict[str, str]:
+    out = {"twinlm": __version__, "numpy": np.__version__}
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+        out[B.name] = importlib.metadata.version(B.name)
+    return out
+
+
+def accumulating_loss(B: Backend, cfg: ModelConfig, grad_accum: int) -> Callable[..., Array]:
+    """Mean loss over the leading micro-batch axis of x, y (A, b, T) and the dropout masks (A, b, ...)."""
+    def loss_fn(p: dict[str, Array], x: Array, y: Array, drop: dict[str, Array]) -> Array:
+        total = None
+        for a in range(grad_accum):
+            la = model.loss(B, cfg, p, x[a], y[a], dropout={k: m[a] for k, m in drop.items()})
+            total = la if total is None else total + la
+        return total * (1.0 / grad_accum)
+    return loss_fn
+
+
+class _Interrupts:
+    """SIGINT sets a flag the loop checks between steps, so a step or a save is never cut in half.
+    Once interrupted, the handler stays installed: the caller is expected to exit (the CLI exits 130)."""
+
+    def __init__(self, say: Callable[[str], None]) -> None:
+        self.count = 0
+        self.say = say
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.count += 1
+        self.say("interrupt: finishing the current step, then saving a checkpoint"
+                 if self.count == 1 else "interrupt: already stopping; please wait")
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        try:
+            previous = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:  # not the main thread: leave signals alone
+            yield
+            return
+        try:
+            yield
+        finally:
+            # After an interrupt the process is on its way out: keep deferring Ctrl-C, so a second one
+            # cannot kill it half-way (Python restores SIG_DFL while it shuts down).
+            if not self.count:
+                signal.signal(signal.SIGINT, previous)
+
+
+@dataclass
+class TrainResult:
+    iter: int
+    loss: float | None
+    val_loss: float | None
+    best_val_loss: float | None
+    skipped: int
+    interrupted: bool
+    compile_s: float
+    tokens_per_s: float | None
+    wall_s: float
+    accuracy: float | None = None
+    checkpoint: str | None = None
+
+
+class Trainer:
+    """Builds (or restores) a run, then `fit()` trains it to `max_iters`."""
+
+    def __init__(self, tc: TrainConfig, B: Backend, *, resume: str | Path | None = None,
+                 log: Callable[[str], None] = print) -> None:
+        self.B, self.log = B, log
+        if not B.supports_grad:
+            raise TwinlmError(f"backend {B.name!r} cannot train (no autograd); use mlx or tinygrad")
+        meta: dict[str, Any] = {}
+        arrays: dict[str, np.ndarray] | None = None
+        if resume is not None:
+            arrays, meta = load_checkpoint(Path(resume))
+            run_dir = Path(resume)
+            if (run_dir / "manifest.json").exists():  # a checkpoint dir was named: its run dir continues
+                run_dir = run_dir.parent
+            # Where the run lives now (it may have been moved), unless --out sends it elsewhere.
+            self.out = Path(tc.out) if tc.out else run_dir
+            tc = self._merge_resumed(tc, meta)
+        tc.check()
+        if tc.data is not None:  # absolute, so a resume from another working directory finds it
+            tc.data = str(Path(tc.data).resolve())
+        self.tc = tc
+        self.grad_accum = tc.grad_accum
+        if resume is None:
+            self.ds = prepare(tc.data, tokenizer=tc.tokenizer, vocab_size=tc.vocab_size)
+            self.cfg = model_config(tc, self.ds.tokenizer.vocab_size)
+            self.out = Path(tc.out or default_out_dir(tc))
+        else:
+            tok = tokenizer_from_dict(meta["tokenizer"])
+            self.ds = prepare(tc.data, tok=tok)
+            self.cfg = ModelConfig.from_dict(meta["model"])
+        tc.out = str(self.out)
+        check_fits(self.ds, self.cfg.block_size, tc.batch_size)
+        self.opt = optimizer_config(tc)
+        self.is_task = tc.data is None
+
+        state = S.init_state(init_params(self.cfg, tc.seed)) if arrays is None else self._check_state(arrays)
+        self.step = B.compile_step(self._step_fn(), {k: B.from_numpy(v) for k, v in state.items()})
+        self.batcher = Batcher(self.ds.train, tc.batch_size, self.cfg.block_size, tc.seed)
+        self.iter = int(meta.get("iter", 0))
+        self.skipped = int(meta.get("skipped", 0))
+        self.best_val: float | None = meta.get("best_val_loss")
+        if meta:
+            self.batcher.set_state(meta["batcher"])
+        self._val_batches = self._fixed_val_batches()
+        self._eval_step: Any = None
+
+    # ---- setup -------------------------------------------------------------------------------
+    @staticmethod
+    def _merge_resumed(tc: TrainConfig, meta: dict[str, Any]) -> TrainConfig:
+        """The checkpoint's settings, overridden by what the user set now (fields not at their default);
+        model shape and data are the checkpoint's: a conflicting size flag is an error."""
+        try:
+            saved = dict(meta["train"])
+            ModelConfig.from_dict(meta["model"])
+            missing = [k for k in ("tokenizer", "batcher", "iter") if k not in meta]
+            if missing:
+                raise KeyError(missing[0])
+        except (KeyError, TypeError, ConfigError) as e:
+            raise TwinlmError(f"checkpoint meta is missing training state ({e}); cannot resume it") from None
+        model = meta["model"]
+        for name in MODEL_FIELDS:
+            given = getattr(tc, name)
+            if given is not None and given != model[name]:
+                raise TwinlmError(f"--{name.replace('_', '-')} {given} conflicts with the checkpoint's "
+                                  f"{name} = {model[name]}; a resumed run keeps its model shape")
+        defaults = TrainConfig()
+        merged = {k: v for k, v in saved.items() if k in config_keys()}
+        for name in config_keys() - set(MODEL_FIELDS) - {"data", "tokenizer", "vocab_size", "preset"}:
+            if getattr(tc, name) != getattr(defaults, name):
+                merged[name] = getattr(tc, name)
+        if tc.data is not None and str(Path(tc.data).resolve()) != saved.get("data"):
+            raise TwinlmError(f"--data {tc.data} differs from the checkpoint's data {saved.get('data')}; "
+                              "a resumed run keeps its corpus")
+        return TrainConfig(**merged)
+
+    def _check_state(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        expected = S.init_state(init_params(self.cfg, 0))
+        for k, v in expected.items():
+            if k not in arrays or arrays[k].shape != v.shape:
+                raise TwinlmError(f"checkpoint state does not match its model config (at {k})")
+            if not np.all(np.isfinite(arrays[k])):
+                raise TwinlmError(f"checkpoint state has non-finite values in {k}")
+        return {k: arrays[k].astype(np.float32) for k in expected}
+
+    def _step_fn(self) -> S.StepFn:
+        loss_fn = accumulating_loss(self.B, self.cfg, self.grad_accum) if self.grad_accum > 1 else None
+        return S.make_train_step(self.B, self.cfg, self.opt, loss_fn)
+
+    def _fixed_val_batches(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The same eval_iters validation batches at every evaluation, so val losses are comparable."""
+        val = Batcher(self.ds.val, self.tc.batch_size, self.cfg.block_size, self.tc.seed + 1)
+        return [val.next() for _ in range(self.tc.eval_iters)]
+
+    # ---- one step ----------------------------------------------------------------------------
+    def _batch(self, it: int) -> tuple[Array, Array, dict[str, Array]]:
+        B, A, b, T = self.B, self.grad_accum, self.tc.batch_size, self.cfg.block_size
+        xs, ys = zip(*(self.batcher.next() for _ in range(A)), strict=True)
+        x, y = np.stack(xs), np.stack(ys)  # (A, b, T)
+        drop = D.masks(self.cfg, A * b, T, self.tc.seed, it)
+        if A == 1:
+            x, y = x[0], y[0]
+        else:
+            drop = {k: m.reshape(A, b, *m.shape[1:]) for k, m in drop.items()}
+        model.check_token_ids(x, self.cfg.vocab_size)
+        return B.from_numpy(x), B.from_numpy(y), {k: B.from_numpy(m) for k, m in drop.items()}
+
+    def train_step(self) -> tuple[float, float]:
+        """Run iteration `self.iter`; return (loss, grad_norm). A non-finite step leaves the state as is."""
+        x, y, drop = self._batch(self.iter)
+        lr, bc1, bc2 = (self.B.from_numpy(v) for v in S.step_scalars(self.iter, self.opt))
+        loss, gnorm = self.step(x, y, drop, lr, bc1, bc2)
+        self.iter += 1
+        return float(self.B.to_numpy(loss)), float(self.B.to_numpy(gnorm))
+
+    # ---- evaluation --------------------------------------------------------------------------
+    def params(self) -> dict[str, Array]:
+        return S.params_of(self.step.state)
+
+    def val_loss(self) -> float:
+        """Mean loss over the fixed validation batches, with one compiled forward graph."""
+        if self._eval_step is None:
+            B, cfg = self.B, self.cfg
+
+            def fn(state: dict, p: dict[str, Array], x: Array, y: Array) -> tuple[tuple[Array], dict]:
+                return (model.loss(B, cfg, p, x, y),), state
+            self._eval_step = B.compile_step(fn, {})
+        losses = [float(self.B.to_numpy(self._eval_step(self.params(), self.B.from_numpy(x),
+                                                         self.B.from_numpy(y))[0]))
+                  for x, y in self._val_batches]
+        return float(np.mean(losses))
+
+    def task_accuracy(self, n: int = ACCURACY_EXAMPLES, samples: int = 0) -> tuple[float, list[str]]:
+        """Greedy exact-match accuracy on n held-out examples, and the first `samples` as display lines."""
+        return task_accuracy(self.B, self.cfg, self.params(), self.ds.tokenizer, n, samples)
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def meta(self) -> dict[str, Any]:
+        return {"model": self.cfg.to_dict(), "tokenizer": self.ds.tokenizer.to_dict(), "iter": self.iter,
+                "backend": self.B.name, "versions": versions(self.B), "seed": self.tc.seed,
+                "train": self.tc.to_dict(), "optimizer": self.opt.to_dict(), "batcher": self.batcher.state(),
+                "skipped": self.skipped, "best_val_loss": self.best_val, "data_source": self.ds.source,
+                "task": task.NAME if self.is_task else None}
+
+    def save(self, best: bool = False) -> Path:
+        arrays = {k: self.B.to_numpy(v) for k, v in self.step.state.items()}
+        return save_checkpoint(self.out, arrays, self.meta(), step=self.iter, keep=self.tc.keep, best=best)
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def fit(self, progress: Progress | None = None) -> TrainResult:
+        tc = self.tc
+        start_iter, t_start = self.iter, time.perf_counter()
+        self.out.mkdir(parents=True, exist_ok=True)
+        metrics = open(self.out / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        interrupts = _Interrupts(self.log)
+        tokens_per_iter = tc.batch_size * tc.grad_accum * self.cfg.block_size
+        compile_s, steady_s, steady_iters = 0.0, 0.0, 0
+        loss = val = acc = None
+        bad_run = 0
+        ckpt: Path | None = None
+        progress = progress or Progress(None)
+        progress.start(start_iter, tc.max_iters)
+
+        def emit(event: str, **values: Any) -> None:
+            rec = {"event": event, "iter": self.iter, "tokens": self.iter * tokens_per_iter,
+                   "time": round(time.perf_counter() - t_start, 4), "backend": self.B.name, **values}
+            metrics.write(json.dumps(rec) + "\n")
+            metrics.flush()
+
+        try:
+            with interrupts.installed():
+                while self.iter < tc.max_iters and not interrupts.count:
+                    t0 = time.perf_counter()
+                    loss, gnorm = self.train_step()
+                    dt = time.perf_counter() - t0
+                    if self.iter == start_iter + 1:
+                        compile_s = dt  # the first step traces and compiles the graph
+                    else:
+                        steady_s, steady_iters = steady_s + dt, steady_iters + 1
+                    tps = tokens_per_iter * steady_iters / steady_s if steady_s > 0 else None
+                    if not (math.isfinite(loss) and math.isfinite(gnorm)):
+                        self.skipped, bad_run = self.skipped + 1, bad_run + 1
+                        emit("skip", loss=_num(loss), grad_norm=_num(gnorm))
+                        what = "loss" if not math.isfinite(loss) else "gradient"
+                        self.log(f"iter {self.iter}: non-finite {what}; update skipped ({bad_run} in a row)")
+                        if bad_run >= MAX_BAD_STEPS:
+                            ckpt = self.save()
+                            raise TrainingDiverged(
+                                f"training diverged: {bad_run} consecutive steps had a non-finite loss or "
+                                f"gradient (at iter {self.iter}); weights were left unchanged and saved in "
+                                f"{ckpt}; lower --lr or check the data")
+                        continue
+                    bad_run = 0
+                    if self.iter % tc.log_every == 0 or self.iter == tc.max_iters:
+                        emit("train", loss=loss, grad_norm=gnorm, lr=optim.lr_at(self.iter - 1, self.opt),
+                             tokens_per_s=tps)
+                    progress.update(self.iter, loss=loss, tokens_per_s=tps)
+                    if self.iter % tc.eval_every == 0 or self.iter == tc.max_iters:
+                        val, acc, ckpt = self._evaluate_and_save(emit)
+                        progress.update(self.iter, val_loss=val, accuracy=acc)
+                if interrupts.count and (ckpt is None or ckpt.name != f"ckpt-{self.iter:08d}"):
+                    ckpt = self.save()
+                    emit("interrupt")
+        finally:
+            metrics.close()
+            progress.stop()
+        return TrainResult(iter=self.iter, loss=loss, val_loss=val, best_val_loss=self.best_val,
+                           skipped=self.skipped, interrupted=bool(interrupts.count), compile_s=compile_s,
+                           tokens_per_s=tokens_per_iter * steady_iters / steady_s if steady_s else None,
+                           wall_s=time.perf_counter() - t_start, accuracy=acc,
+                           checkpoint=str(ckpt) if ckpt else None)
+
+    def _evaluate_and_save(self, emit: Callable[..., None]) -> tuple[float, float | None, Path]:
+        val = self.val_loss()
+        acc = self.task_accuracy()[0] if self.is_task else None
+        best = math.isfinite(val) and (self.best_val is None or val < self.best_val)
+        if best:
+            self.best_val = val
+        ckpt = self.save(best=best)
+        emit("eval", val_loss=val, **({"accuracy": acc} if acc is not None else {}), best=best)
+        return val, acc, ckpt
+
+
+def _num(x: float) -> float | str:
+    return x if math.isfinite(x) else str(x)
+
+
+def default_out_dir(tc: TrainConfig) -> Path:
+    name = task.NAME if tc.data is None else Path(tc.data).stem or "run"
+    return Path("runs") / name
+
+
+def task_accuracy(B: Backend, cfg: ModelConfig, params: dict[str, Array], tok: Any, n: int,
+                  samples: int = 0) -> tuple[float, list[str]]:
+    """Greedy exact-match accuracy of the built-in task on n held-out examples (one batch)."""
+    from twinlm.generate import generate
+
+    examples = task.eval_examples(n, seed=0)
+    try:
+        prompt = np.stack([tok.encode(p) for p, _ in examples]).astype(np.int32)
+    except TwinlmError as e:
+        raise TwinlmError(f"this model's tokenizer cannot encode the built-in task: {e}") from None
+    cols = list(generate(B, cfg, params, prompt, task.COMPLETION_LEN, temperature=0.0))
+    completions = [tok.decode(row) for row in np.stack(cols, axis=1)]
+    shown = [f"{p.strip()}{c.rstrip()}  {'ok' if task.is_correct(c, e) else 'want ' + e.strip()}"
+             for (p, e), c in zip(examples[:samples], completions[:samples], strict=True)]
+    return task.accuracy(completions, examples), shown
+
+
+class Progress:
+    """A live rich progress bar on a terminal; plain log lines otherwise (or nothing if `console` is None)."""
+
+    def __init__(self, console: Any, every: int = 100, eval_every: int = 0) -> None:
+        self.console, self.every, self.eval_every = console, every, eval_every
+        self._bar: Any = None
+        self.fields: dict[str, Any] = {"loss": None, "val_loss": None, "tokens_per_s": None, "accuracy": None}
+
+    def start(self, done: int, total: int) -> None:
+        self.total = total
+        if self.console is None or not self.console.is_terminal:
+            return
+        from rich.progress import BarColumn, TextColumn, TimeRemainingColumn
+        from rich.progress import Progress as RichProgress
+
+        self._bar = RichProgress(TextColumn("[bold]train"), BarColumn(),
+                                 TextColumn("{task.completed}/{task.total}"),
+                                 TextColumn("{task.fields[stats]}"), TimeRemainingColumn(),
+                                 console=self.console, transient=False)
+        self._task = self._bar.add_task("train", total=total, completed=done, stats="")
+        self._bar.start()
+
+    def update(self, it: int, **values: Any) -> None:
+        self.fields.update(values)
+        if self.console is None:
+            return
+        if self._bar is not None:
+            self._bar.update(self._task, completed=it, stats=self.describe())
+            return
+        # Plain lines: each evaluation, and every `every` iterations between evaluations.
+        at_eval = it == self.total or bool(self.eval_every and it % self.eval_every == 0)
+        if "val_loss" in values or (it % self.every == 0 and not at_eval):
+            self.console.print(f"iter {it}/{self.total} {self.describe()}", highlight=False)
+
+    def describe(self) -> str:
+        f = self.fields
+        parts = [f"loss {f['loss']:.4f}" if f["loss"] is not None else "loss -"]
+        if f["val_loss"] is not None:
+            parts.append(f"val {f['val_loss']:.4f}")
+        if f["accuracy"] is not None:
+            parts.append(f"acc {f['accuracy']:.1%}")
+        if f["tokens_per_s"]:
+            parts.append(f"{f['tokens_per_s']:,.0f} tok/s")
+        return "  ".join(parts)
+
+    def stop(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+def evaluate_loss(B: Backend, cfg: ModelConfig, params: dict[str, Array], tokens: np.ndarray,
+                  batch_size: int = 32, max_windows: int | None = None) -> tuple[float, int]:
+    """(mean next-token loss, tokens scored) over consecutive non-overlapping block_size windows of
+    `tokens`, with one compiled graph of fixed shape (the last batch is padded with zero-weight rows)."""
+    T = cfg.block_size
+    n_win = (len(tokens) - 1) // T
+    if n_win < 1:
+        raise TwinlmError(f"{len(tokens)} tokens are fewer than block_size + 1 = {T + 1}; nothing to score")
+    if max_windows is not None:
+        n_win = min(n_win, max_windows)
+    tokens = np.asarray(tokens[:n_win * T + 1], dtype=np.int32)
+    model.check_token_ids(tokens, cfg.vocab_size)
+    x_all, y_all = tokens[:-1].reshape(n_win, T), tokens[1:].reshape(n_win, T)
+    b = min(batch_size, n_win)
+
+    def fn(state: dict, p: dict[str, Array], x: Array, y: Array, w: Array) -> tuple[tuple[Array], dict]:
+        return (B.cross_entropy(model.logits(B, cfg, p, x), y, w) * B.sum(w),), state
+    step = B.compile_step(fn, {})
+    total = 0.0
+    for i in range(0, n_win, b):
+        x, y = np.zeros((b, T), np.int32), np.zeros((b, T), np.int32)
+        w = np.zeros((b, T), np.float32)
+        rows = min(b, n_win - i)
+        x[:rows], y[:rows], w[:rows] = x_all[i:i + rows], y_all[i:i + rows], 1.0
+        (s,) = step(params, B.from_numpy(x), B.from_numpy(y), B.from_numpy(w))
+        total += float(B.to_numpy(s))
+    return total / (n_win * T), n_win * T
