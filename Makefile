@@ -16,7 +16,6 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/twinlm parity
 	$(BIN)/twinlm train
 
 test: $(STAMP)

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-from twinlm.core.config import preset
-
 # benchmarks/ is a top-level folder of the checkout, not part of the installed package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import flops, report  # noqa: E402
+from benchmarks import flops, report
+from twinlm.core.config import preset
 
 
 def test_flops_per_token_matches_hand_count_for_baby() -> None:

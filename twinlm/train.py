@@ -445,7 +445,8 @@ def task_accuracy(B: Backend, cfg: ModelConfig, params: dict[str, Array], tok: A
         raise TwinlmError(f"this model's tokenizer cannot encode the built-in task: {e}") from None
     cols = list(generate(B, cfg, params, prompt, task.COMPLETION_LEN, temperature=0.0))
     completions = [tok.decode(row) for row in np.stack(cols, axis=1)]
-    shown = [f"{p.strip()}{c.rstrip()}  {'ok' if task.is_correct(c, e) else 'want ' + e.strip()}"
+    shown = [f"{p.strip()}{c.rstrip(chr(10)).replace(chr(10), '⏎')}  "
+             f"{'ok' if task.is_correct(c, e) else 'want ' + e.strip()}"
              for (p, e), c in zip(examples[:samples], completions[:samples], strict=True)]
     return task.accuracy(completions, examples), shown
 

@@ -35,7 +35,8 @@ INTERRUPTED_EXIT = 130
 @click.option("--dropout", type=float, default=None)
 @click.option("--batch-size", type=int, default=None)
 @click.option("--grad-accum", type=int, default=None, help="Micro-batches per optimizer step.")
-@click.option("--max-iters", type=int, default=None, help="Total iterations (a resumed run counts from 0).")
+@click.option("--max-iters", type=int, default=None,
+              help="Total iterations of the run (nanoGPT): resuming at 10 with 20 runs 10 more.")
 @click.option("--lr", type=float, default=None)
 @click.option("--min-lr", type=float, default=None)
 @click.option("--warmup", type=int, default=None)
