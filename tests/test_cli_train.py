@@ -193,3 +193,15 @@ def test_config_file_values_apply_and_flags_override(tmp_path, corpus):
     assert r.returncode == 0, r.stderr
     _, meta = load_checkpoint(tmp_path / "c")
     assert meta["iter"] == 3 and meta["train"]["lr"] == 0.004 and meta["model"]["block_size"] == 16
+
+
+def test_errors_replace_trains_on_invalid_utf8(tmp_path, corpus):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes(corpus.read_bytes() + "caf\xe9\n".encode("latin-1"))
+    r = twinlm(tmp_path, "train", "--data", str(bad), "--out", "rep", *TINY, "--max-iters", "2")
+    assert r.returncode == 2 and "--errors replace" in r.stderr
+    r = twinlm(tmp_path, "train", "--data", str(bad), "--out", "rep", *TINY, "--max-iters", "2",
+               "--errors", "replace")
+    assert r.returncode == 0, r.stderr
+    _, meta = load_checkpoint(tmp_path / "rep")
+    assert "\ufffd" in meta["tokenizer"]["chars"] and meta["train"]["errors"] == "replace"

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from conftest import backend_or_skip
 
+from twinlm.core import model
 from twinlm.core.config import preset
 from twinlm.core.errors import TwinlmError
 from twinlm.core.params import init_params
@@ -46,7 +47,7 @@ def test_cached_equals_uncached_and_crops(name: str, params) -> None:
     n = 12  # 5 + 12 > block_size 8: the crop path runs for most steps
     ref_tokens, ref_logits = greedy_run(B, p, "full", x, n)
     assert len(np.unique(ref_tokens)) > 3, "greedy output too repetitive to test anything"
-    for strategy in ("kv", "window"):
+    for strategy in ("kv", "fixed"):
         tokens, logits = greedy_run(B, p, strategy, x, n)
         np.testing.assert_array_equal(tokens, ref_tokens, err_msg=strategy)
         np.testing.assert_allclose(logits, ref_logits, atol=ATOL, rtol=RTOL, err_msg=strategy)
@@ -75,21 +76,71 @@ def test_kv_cache_state_and_negative_control(params) -> None:
     assert dec.cache is None
 
 
-def test_tinygrad_window_equals_uncached_and_samples_like_mlx(params) -> None:
-    """One test, so one process builds the tinygrad graphs: window (1 graph) vs full (2 shapes), then
-    sampled tokens on tinygrad equal MLX's for the same seed (reusing the window graph)."""
+@pytest.mark.parametrize("name", ["mlx", "numpy"])
+def test_decode_step_matches_forward_and_negative_controls(name: str, params) -> None:
+    """decode_step fed token by token gives forward's logits at every position; writing the new k/v into
+    the wrong slot, or letting attention see one slot too few, does not."""
+    B = backend_or_skip(name)
+    p = {k: B.from_numpy(v) for k, v in params.items()}
+    x = prompt(2, CFG.block_size)
+    want = B.to_numpy(model.logits(B, CFG, p, B.from_numpy(x)))
+    shape = (2, CFG.n_head, CFG.block_size, CFG.head_dim)
+
+    def run(corrupt: str = "") -> np.ndarray:
+        cache = [(B.from_numpy(np.zeros(shape, np.float32)),) * 2 for _ in range(CFG.n_layer)]
+        rows = []
+        for pos in range(CFG.block_size):
+            pos_ids, write, attn = model.decode_inputs(pos, CFG.block_size)
+            if corrupt == "write":
+                write = np.roll(write, 1, axis=2)
+            if corrupt == "attn":
+                attn = np.arange(CFG.block_size)[None, :] < max(pos, 1)
+            lg, cache = model.decode_step(B, CFG, p, B.from_numpy(x[:, pos:pos + 1]), B.from_numpy(pos_ids),
+                                          B.from_numpy(write), B.from_numpy(attn), cache)
+            rows.append(B.to_numpy(lg)[:, 0])
+        return np.stack(rows, axis=1)
+
+    np.testing.assert_allclose(run(), want, atol=ATOL, rtol=RTOL)
+    for corrupt in ("write", "attn"):
+        assert np.abs(run(corrupt) - want).max() > 1e-2, corrupt
+
+
+def test_fixed_kv_decoders_share_the_compiled_step_safely(params) -> None:
+    """Two interleaved generations use one compiled step (one cache): each re-prefills when the other
+    has overwritten it, so both still equal the uncached reference."""
+    B = backend_or_skip("mlx")
+    p = {k: B.from_numpy(v) for k, v in params.items()}
+    a, b = prompt(1, 3), prompt(1, 5)[:, ::-1].copy()
+    want_a = np.stack(list(generate(B, CFG, p, a, 7, temperature=0.0, use_cache=False)), axis=1)
+    want_b = np.stack(list(generate(B, CFG, p, b, 7, temperature=0.0, use_cache=False)), axis=1)
+    assert not np.array_equal(want_a, want_b)
+    dec_a, dec_b = make_decoder(B, CFG, p, 1, "fixed"), make_decoder(B, CFG, p, 1, "fixed")
+    assert dec_a.steps is dec_b.steps
+    got_a, got_b = [], []
+    for _ in range(7):
+        for dec, hist, got in ((dec_a, a, got_a), (dec_b, b, got_b)):
+            got.append(int(dec.next_logits(np.concatenate([hist, [got]], axis=1).astype(np.int32)
+                                           if got else hist).argmax()))
+    np.testing.assert_array_equal(got_a, want_a[0])
+    np.testing.assert_array_equal(got_b, want_b[0])
+
+
+def test_tinygrad_fixed_kv_equals_uncached_and_samples_like_mlx(params) -> None:
+    """One test, so one process builds the tinygrad graphs: fixed KV (a one-token graph, then the window
+    graph once past block_size) vs full (2 shapes), then sampled tokens on tinygrad equal MLX's for the
+    same seed (reusing both graphs)."""
     tg = backend_or_skip("tinygrad")
     p_tg = {k: tg.from_numpy(v) for k, v in params.items()}
-    x = prompt(2, 7)  # full: shapes 7 then 8 (cropped); window rows 6, 7, 7
+    x = prompt(2, 7)  # t = 7 (prefill), 8 (one token), 9 (past block_size 8: window)
     ref_tokens, ref_logits = greedy_run(tg, p_tg, "full", x, 3)
-    tokens, logits = greedy_run(tg, p_tg, "window", x, 3)
+    tokens, logits = greedy_run(tg, p_tg, "fixed", x, 3)
     np.testing.assert_array_equal(tokens, ref_tokens)
     np.testing.assert_allclose(logits, ref_logits, atol=ATOL, rtol=RTOL)
 
     mx = backend_or_skip("mlx")
     p_mx = {k: mx.from_numpy(v) for k, v in params.items()}
     kw = dict(temperature=1.0, top_k=20, seed=7)
-    # params in another order reuse the compiled window graph: names, not positions, must bind them
+    # params in another order reuse the compiled graphs: names, not positions, must bind them
     p_tg = dict(reversed(p_tg.items()))
     on_tg = np.stack(list(generate(tg, CFG, p_tg, x, 6, **kw)), axis=1)
     on_mx = np.stack(list(generate(mx, CFG, p_mx, x, 6, **kw)), axis=1)

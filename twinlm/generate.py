@@ -39,11 +39,11 @@ from twinlm.core.errors import TwinlmError
 from twinlm.core.params import check_params
 from twinlm.core.tokenizers import Tokenizer, tokenizer_from_dict
 
-STRATEGIES = ("kv", "window", "full")
+STRATEGIES = ("kv", "fixed", "full")
 # Backends that compile a new graph for every new shape: a growing KV cache would recompile each token.
 _FIXED_SHAPE_BACKENDS = ("tinygrad",)
-# Compiled window steps, reused across generate() calls (params are inputs, not baked in).
-_window_steps: dict[tuple[int, ModelConfig, int], Any] = {}
+# Compiled fixed-shape steps, reused across generate() calls (params are inputs, not baked in).
+_fixed_shape_steps: dict[tuple[int, ModelConfig, int], _FixedShapeSteps] = {}
 
 
 def load_model(run_dir: str | Path) -> tuple[ModelConfig, dict[str, np.ndarray], Tokenizer, dict[str, Any]]:
@@ -63,7 +63,7 @@ def load_model(run_dir: str | Path) -> tuple[ModelConfig, dict[str, np.ndarray],
 def default_strategy(B: Backend, use_cache: bool = True) -> str:
     if not use_cache:
         return "full"
-    return "window" if B.name in _FIXED_SHAPE_BACKENDS else "kv"
+    return "fixed" if B.name in _FIXED_SHAPE_BACKENDS else "kv"
 
 
 class Decoder:
@@ -108,27 +108,67 @@ class KVDecoder(Decoder):
         return row
 
 
-class WindowDecoder(Decoder):
-    """One fixed-shape graph for every step: the last block_size tokens, right-padded, compiled once."""
+class _FixedShapeSteps:
+    """The compiled graphs of one (backend, config, batch), shared by decoders (params are inputs):
+    - `kv_step`: one token through a KV cache of fixed shape (batch, H, block_size, hs) per layer, kept
+      as the step's state; `owner` is the decoder whose history the cache holds.
+    - `window_step` (built on first use): the last block_size tokens without a cache, for a shifted window.
+    """
+
+    def __init__(self, B: Backend, cfg: ModelConfig, batch: int) -> None:
+        self.B, self.cfg = B, cfg
+        zeros = np.zeros((batch, cfg.n_head, cfg.block_size, cfg.head_dim), dtype=np.float32)
+        state = {f"{kv}.{i}": B.from_numpy(zeros) for i in range(cfg.n_layer) for kv in "kv"}
+
+        def kv_step(state: dict, p: dict[str, Array], idx: Array, pos_ids: Array, write_mask: Array,
+                    attn_mask: Array) -> tuple[tuple[Array], dict]:
+            cache = [(state[f"k.{i}"], state[f"v.{i}"]) for i in range(cfg.n_layer)]
+            lg, cache = model.decode_step(B, cfg, p, idx, pos_ids, write_mask, attn_mask, cache)
+            new = {f"{kv}.{i}": t for i, pair in enumerate(cache) for kv, t in zip("kv", pair, strict=True)}
+            return (lg,), new
+
+        self.kv_step = B.compile_step(kv_step, state)
+        self.pos_inputs = [tuple(B.from_numpy(a) for a in model.decode_inputs(pos, cfg.block_size))
+                           for pos in range(cfg.block_size)]
+        self.owner: object = None
+        self._window_step: Any = None
+
+    @property
+    def window_step(self) -> Any:
+        if self._window_step is None:
+            def window_step(state: dict, p: dict[str, Array], idx: Array) -> tuple[tuple[Array], dict]:
+                return (model.logits(self.B, self.cfg, p, idx)[:, -1:, :],), state
+            self._window_step = self.B.compile_step(window_step, {})
+        return self._window_step
+
+
+class FixedKVDecoder(Decoder):
+    """One compiled graph per token with a fixed-shape KV cache: the prompt goes in token by token
+    (prefill), then the newest token each step. Once the history passes block_size the window shifts
+    every step and no cached key stays valid, so the window is recomputed by one fixed-shape graph."""
 
     def __init__(self, B: Backend, cfg: ModelConfig, params: dict[str, Array], batch: int) -> None:
         # A compiled graph (TinyJit) binds dict inputs by position: fix the order so names bind right.
         super().__init__(B, cfg, {k: params[k] for k in sorted(params)})
         key = (id(B), cfg, batch)
-        if key not in _window_steps:
-            def step(state: dict, p: dict[str, Array], idx: Array, row: Array) -> tuple[tuple[Array], dict]:
-                lg = model.logits(B, cfg, p, idx)  # (batch, block_size, V)
-                return (B.take_along_axis(lg, row, axis=1),), state  # (batch, 1, V)
-            _window_steps[key] = B.compile_step(step, {})
-        self.step = _window_steps[key]
+        if key not in _fixed_shape_steps:
+            _fixed_shape_steps[key] = _FixedShapeSteps(B, cfg, batch)
+        self.steps = _fixed_shape_steps[key]
+        self.n_cached = 0
 
     def next_logits(self, tokens: np.ndarray) -> np.ndarray:
-        batch, T, V = tokens.shape[0], self.cfg.block_size, self.cfg.vocab_size
-        n = min(tokens.shape[1], T)
-        window = np.zeros((batch, T), dtype=np.int32)
-        window[:, :n] = tokens[:, -n:]
-        row = np.full((batch, 1, V), n - 1, dtype=np.int32)
-        (out,) = self.step(self.params, self.B.from_numpy(window), self.B.from_numpy(row))
+        t, T = tokens.shape[1], self.cfg.block_size
+        extends = self.steps.owner is self and t == self.n_cached + 1
+        self.n_cached = t
+        if t > T:
+            (out,) = self.steps.window_step(self.params, self.B.from_numpy(tokens[:, -T:]))
+            return self.B.to_numpy(out)[:, 0, :]
+        # Prefill from slot 0 unless the cache holds all but the newest token (it does not on the first
+        # call, or after another decoder used the shared cache).
+        self.steps.owner = self
+        for pos in range(t - 1 if extends else 0, t):
+            (out,) = self.steps.kv_step(self.params, self.B.from_numpy(tokens[:, pos:pos + 1]),
+                                        *self.steps.pos_inputs[pos])
         return self.B.to_numpy(out)[:, 0, :]
 
 
@@ -136,8 +176,8 @@ def make_decoder(B: Backend, cfg: ModelConfig, params: dict[str, Array], batch: 
                  strategy: str) -> Decoder:
     if strategy == "kv":
         return KVDecoder(B, cfg, params)
-    if strategy == "window":
-        return WindowDecoder(B, cfg, params, batch)
+    if strategy == "fixed":
+        return FixedKVDecoder(B, cfg, params, batch)
     if strategy == "full":
         return FullDecoder(B, cfg, params)
     raise TwinlmError(f"unknown decoding strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")

@@ -54,6 +54,7 @@ class TrainConfig:
 
     data: str | None = None  # None: the built-in task's corpus
     tokenizer: str = "char"
+    errors: str = "strict"  # invalid UTF-8 in the corpus: "strict" refuses it, "replace" substitutes U+FFFD
     vocab_size: int | None = None
     out: str | None = None  # run dir; None: runs/<name>
     preset: str = "default"
@@ -225,12 +226,12 @@ class Trainer:
         self.tc = tc
         self.grad_accum = tc.grad_accum
         if resume is None:
-            self.ds = prepare(tc.data, tokenizer=tc.tokenizer, vocab_size=tc.vocab_size)
+            self.ds = prepare(tc.data, tokenizer=tc.tokenizer, vocab_size=tc.vocab_size, errors=tc.errors)
             self.cfg = model_config(tc, self.ds.tokenizer.vocab_size)
             self.out = Path(tc.out or default_out_dir(tc))
         else:
             tok = tokenizer_from_dict(meta["tokenizer"])
-            self.ds = prepare(tc.data, tok=tok)
+            self.ds = prepare(tc.data, tok=tok, errors=tc.errors)
             self.cfg = ModelConfig.from_dict(meta["model"])
         tc.out = str(self.out)
         check_fits(self.ds, self.cfg.block_size, tc.batch_size)

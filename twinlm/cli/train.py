@@ -24,6 +24,8 @@ INTERRUPTED_EXIT = 130
               help="TOML file of settings (option names as keys); flags override it.")
 @click.option("--data", default=None, help="Text file or folder of .txt files (default: the built-in task).")
 @click.option("--tokenizer", type=click.Choice(["char", "byte", "bpe"]), default=None, help="Default: char.")
+@click.option("--errors", type=click.Choice(["strict", "replace"]), default=None,
+              help="Invalid UTF-8 in the corpus: refuse it (strict, the default) or substitute U+FFFD.")
 @click.option("--vocab-size", type=int, default=None, help="BPE vocabulary size.")
 @click.option("--out", default=None, help="Run directory (default: runs/<data name>).")
 @click.option("--resume", default=None, metavar="DIR", help="Continue the run saved in DIR.")

@@ -77,8 +77,8 @@ def _read_text_file(path: Path, errors: str, *, allow_empty: bool) -> str:
     except UnicodeDecodeError as e:
         if errors != "replace":
             raise TwinlmError(f"corpus {path} is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset "
-                              f"{e.start}); convert it to UTF-8, or read it with errors='replace' to "
-                              "substitute U+FFFD") from None
+                              f"{e.start}); convert it to UTF-8, or substitute U+FFFD with errors='replace' "
+                              "(twinlm train --errors replace)") from None
         text = data.decode("utf-8", errors="replace")
     return text.removeprefix("\ufeff")  # a UTF-8 byte-order mark is not part of the text
 

@@ -10,6 +10,7 @@ drop the same units.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -54,6 +55,44 @@ def _norm(B: Backend, x: Array, p: dict[str, Array], name: str) -> Array:
     return B.layer_norm(x, p[f"{name}.weight"], p.get(f"{name}.bias"))
 
 
+def _pos_table(B: Backend, cfg: ModelConfig, p: dict[str, Array]) -> Array:
+    """(block_size, C) rows added to the token embeddings, one per absolute position."""
+    if cfg.pos_encoding == "learned":
+        return p["wpe.weight"]
+    return B.from_numpy(sinusoidal_table(cfg.block_size, cfg.d_model))
+
+
+def _block(B: Backend, cfg: ModelConfig, p: dict[str, Array], i: int, x: Array,
+           attend: Callable[[int, Array, Array, Array], Array], drop: dict[str, Array]) -> Array:
+    """Block i on x (B, T, C); `attend(i, q, k, v)` -> (B, H, T, hs) attends over the caller's keys."""
+    batch, t, C = x.shape
+    H, hs = cfg.n_head, cfg.head_dim
+    pre = f"blocks.{i}"
+
+    def heads(z: Array) -> Array:
+        return B.transpose(B.reshape(z, (batch, t, H, hs)), (0, 2, 1, 3))  # (B, H, T, hs)
+
+    qkv = _linear(B, _norm(B, x, p, f"{pre}.ln_1"), p, f"{pre}.attn.qkv")  # (B, T, 3C)
+    y = attend(i, heads(qkv[..., :C]), heads(qkv[..., C:2 * C]), heads(qkv[..., 2 * C:]))
+    y = B.reshape(B.transpose(y, (0, 2, 1, 3)), (batch, t, C))  # heads concatenated
+    y = _linear(B, y, p, f"{pre}.attn.proj")
+    if f"{pre}.resid_attn" in drop:
+        y = y * drop[f"{pre}.resid_attn"]
+    x = x + y
+
+    h = _norm(B, x, p, f"{pre}.ln_2")
+    h = _linear(B, B.gelu(_linear(B, h, p, f"{pre}.mlp.fc")), p, f"{pre}.mlp.proj")
+    if f"{pre}.resid_mlp" in drop:
+        h = h * drop[f"{pre}.resid_mlp"]
+    return x + h
+
+
+def _head(B: Backend, cfg: ModelConfig, p: dict[str, Array], x: Array) -> Array:
+    x = _norm(B, x, p, "ln_f")
+    head = B.transpose(p["wte.weight"], (1, 0)) if cfg.tie_embeddings else p["head.weight"]
+    return x @ head
+
+
 def forward(B: Backend, cfg: ModelConfig, p: dict[str, Array], idx: Array, *,
             dropout: dict[str, Array] | None = None, cache: KVCache | None = None,
             mask_fn: Any = causal_mask) -> tuple[Array, KVCache]:
@@ -62,54 +101,60 @@ def forward(B: Backend, cfg: ModelConfig, p: dict[str, Array], idx: Array, *,
     With `cache` (from an earlier call), `idx` holds only the new tokens, which sit at positions
     after the cached ones. `dropout` maps site names (see `core.dropout.sites`) to scaled keep masks.
     """
-    batch, t_new = idx.shape
+    t_new = idx.shape[1]
     t_past = 0 if not cache else cache[0][0].shape[2]
     t_total = t_past + t_new
     if t_total > cfg.block_size:
         raise ValueError(f"sequence length {t_total} exceeds block_size {cfg.block_size}")
-    H, C = cfg.n_head, cfg.d_model
-    hs = C // H
     drop = dropout or {}
 
-    x = B.take(p["wte.weight"], idx)  # (B, T, C)
-    if cfg.pos_encoding == "learned":
-        x = x + p["wpe.weight"][t_past:t_total]
-    else:
-        x = x + B.from_numpy(sinusoidal_table(cfg.block_size, C)[t_past:t_total])
+    x = B.take(p["wte.weight"], idx) + _pos_table(B, cfg, p)[t_past:t_total]  # (B, T, C)
     if "emb" in drop:
         x = x * drop["emb"]
 
     mask = B.from_numpy(mask_fn(t_new, t_total))
     new_cache: KVCache = []
-    for i in range(cfg.n_layer):
-        pre = f"blocks.{i}"
-        h = _norm(B, x, p, f"{pre}.ln_1")
-        qkv = _linear(B, h, p, f"{pre}.attn.qkv")  # (B, T, 3C)
 
-        def heads(t: Array) -> Array:
-            return B.transpose(B.reshape(t, (batch, t_new, H, hs)), (0, 2, 1, 3))  # (B, H, T, hs)
-
-        q, k, v = heads(qkv[..., :C]), heads(qkv[..., C:2 * C]), heads(qkv[..., 2 * C:])
+    def attend(i: int, q: Array, k: Array, v: Array) -> Array:
         if cache:
             k = B.concat([cache[i][0], k], axis=2)
             v = B.concat([cache[i][1], v], axis=2)
         new_cache.append((k, v))
-        y = B.attention(q, k, v, mask, drop.get(f"{pre}.attn"))  # (B, H, T, hs)
-        y = B.reshape(B.transpose(y, (0, 2, 1, 3)), (batch, t_new, C))  # heads concatenated
-        y = _linear(B, y, p, f"{pre}.attn.proj")
-        if f"{pre}.resid_attn" in drop:
-            y = y * drop[f"{pre}.resid_attn"]
-        x = x + y
+        return B.attention(q, k, v, mask, drop.get(f"blocks.{i}.attn"))
 
-        h = _norm(B, x, p, f"{pre}.ln_2")
-        h = _linear(B, B.gelu(_linear(B, h, p, f"{pre}.mlp.fc")), p, f"{pre}.mlp.proj")
-        if f"{pre}.resid_mlp" in drop:
-            h = h * drop[f"{pre}.resid_mlp"]
-        x = x + h
+    for i in range(cfg.n_layer):
+        x = _block(B, cfg, p, i, x, attend, drop)
+    return _head(B, cfg, p, x), new_cache
 
-    x = _norm(B, x, p, "ln_f")
-    head = B.transpose(p["wte.weight"], (1, 0)) if cfg.tie_embeddings else p["head.weight"]
-    return x @ head, new_cache
+
+def decode_inputs(pos: int, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The position inputs of `decode_step` for the token at `pos`: (pos_ids (1,) int32,
+    write_mask (1, 1, block_size, 1) bool, True at pos; attn_mask (1, block_size) bool, True up to pos)."""
+    slots = np.arange(block_size)
+    return (np.array([pos], dtype=np.int32), (slots == pos).reshape(1, 1, block_size, 1),
+            (slots <= pos).reshape(1, block_size))
+
+
+def decode_step(B: Backend, cfg: ModelConfig, p: dict[str, Array], idx: Array, pos_ids: Array,
+                write_mask: Array, attn_mask: Array, cache: KVCache) -> tuple[Array, KVCache]:
+    """Logits (B, 1, V) of one new token `idx` (B, 1), with a fixed-shape KV cache.
+
+    `cache` holds per layer (k, v) buffers (B, H, block_size, hs); the new token's k and v are
+    written into the slot where `write_mask` is True and attention sees the slots where `attn_mask`
+    is True (see `decode_inputs`). Every shape is fixed, so one compiled graph serves all positions.
+    """
+    x = B.take(p["wte.weight"], idx) + B.take(_pos_table(B, cfg, p), pos_ids)  # (B, 1, C)
+    new_cache: KVCache = []
+
+    def attend(i: int, q: Array, k: Array, v: Array) -> Array:
+        k = B.where(write_mask, k, cache[i][0])  # (B, H, 1, hs) broadcast into (B, H, block_size, hs)
+        v = B.where(write_mask, v, cache[i][1])
+        new_cache.append((k, v))
+        return B.attention(q, k, v, attn_mask)
+
+    for i in range(cfg.n_layer):
+        x = _block(B, cfg, p, i, x, attend, {})
+    return _head(B, cfg, p, x), new_cache
 
 
 def logits(B: Backend, cfg: ModelConfig, p: dict[str, Array], idx: Array, **kw: Any) -> Array:
