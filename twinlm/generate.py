@@ -8,19 +8,19 @@ inverse CDF over the vocabulary in id order (not sorted by probability), so a lo
 moves a token boundary by ~1e-6 and changes the draw only with that probability.
 
 How the next-token logits are computed (a "decoder"), per backend:
-- "kv": a KV cache (`core.model.forward(..., cache=...)`): the prompt once, then one token per step.
-  Used on eager backends (MLX, numpy), where a new shape costs nothing.
-- "window": the last `block_size` tokens, right-padded with id 0 to a fixed (batch, block_size) window,
-  through one compiled graph (`B.compile_step`); the row at the last real token is read back. The causal
-  mask means padding never reaches a real position. Used on tinygrad: there every new shape is a new
-  graph, and a KV cache that grows by one each step measured 3-30 s per token (one graph per token),
-  while the fixed window costs one compile (~10-20 s) and then ~25 ms per token on the tiny preset
-  (~95 ms on baby). The window step is cached per (backend, config, batch) across calls.
+- "kv": a KV cache that grows by one token per step (`core.model.forward(..., cache=...)`): the prompt
+  once, then one token per step. Used on eager backends (MLX, numpy), where a new shape costs nothing.
+- "fixed": a KV cache of fixed shape (batch, H, block_size, hs) per layer (`core.model.decode_step`):
+  the new token's k/v go into its slot by a mask and attention masks the slots after it, so one compiled
+  graph (`B.compile_step`, the cache as its state) serves every position; the prompt is fed through it
+  token by token. Used on tinygrad, where every new shape is a new graph (a growing cache measured
+  3-30 s per token there). The graphs are cached per (backend, config, batch) across calls.
 - "full": no cache, the whole (cropped) context every step; the reference the others are tested against.
 
-Context longer than `block_size`: every decoder looks only at the last `block_size` tokens. The KV cache
-then holds positions for a window that has shifted, so it is dropped and each later step recomputes the
-window from scratch (with learned absolute positions no cached key stays valid after a shift).
+Context longer than `block_size`: every decoder looks only at the last `block_size` tokens. The window
+then shifts every step and, with absolute positions, no cached key stays valid: "kv" drops its cache
+and recomputes the window each step; "fixed" does the same through a second fixed-shape graph (the
+window, no cache), built the first time a history passes block_size.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ class KVDecoder(Decoder):
 class _FixedShapeSteps:
     """The compiled graphs of one (backend, config, batch), shared by decoders (params are inputs):
     - `kv_step`: one token through a KV cache of fixed shape (batch, H, block_size, hs) per layer, kept
-      as the step's state; `owner` is the decoder whose history the cache holds.
+      as the step's state; `owner` marks the decoder whose history the cache holds.
     - `window_step` (built on first use): the last block_size tokens without a cache, for a shifted window.
     """
 
@@ -155,17 +155,18 @@ class FixedKVDecoder(Decoder):
             _fixed_shape_steps[key] = _FixedShapeSteps(B, cfg, batch)
         self.steps = _fixed_shape_steps[key]
         self.n_cached = 0
+        self.token = object()  # marks the shared cache as ours, without keeping this decoder alive
 
     def next_logits(self, tokens: np.ndarray) -> np.ndarray:
         t, T = tokens.shape[1], self.cfg.block_size
-        extends = self.steps.owner is self and t == self.n_cached + 1
+        extends = self.steps.owner is self.token and t == self.n_cached + 1
         self.n_cached = t
         if t > T:
             (out,) = self.steps.window_step(self.params, self.B.from_numpy(tokens[:, -T:]))
             return self.B.to_numpy(out)[:, 0, :]
         # Prefill from slot 0 unless the cache holds all but the newest token (it does not on the first
         # call, or after another decoder used the shared cache).
-        self.steps.owner = self
+        self.steps.owner = self.token
         for pos in range(t - 1 if extends else 0, t):
             (out,) = self.steps.kv_step(self.params, self.B.from_numpy(tokens[:, pos:pos + 1]),
                                         *self.steps.pos_inputs[pos])
