@@ -35,7 +35,7 @@ from twinlm.core.checkpoint import load_checkpoint, save_checkpoint
 from twinlm.core.config import PRESETS, ConfigError, ModelConfig
 from twinlm.core.data import Batcher, check_fits, prepare
 from twinlm.core.errors import TwinlmError
-from twinlm.core.params import init_params
+from twinlm.core.params import init_params, param_shapes
 from twinlm.core.tokenizers import tokenizer_from_dict
 
 MODEL_FIELDS = ("n_layer", "n_head", "d_model", "block_size", "dropout")
@@ -279,9 +279,10 @@ class Trainer:
         return TrainConfig(**merged)
 
     def _check_state(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        expected = S.init_state(init_params(self.cfg, 0))
-        for k, v in expected.items():
-            if k not in arrays or arrays[k].shape != v.shape:
+        expected = {f"{kind}.{name}": shape for name, shape in param_shapes(self.cfg).items()
+                    for kind in ("param", "m", "v")}
+        for k, shape in expected.items():
+            if k not in arrays or arrays[k].shape != shape:
                 raise TwinlmError(f"checkpoint state does not match its model config (at {k})")
             if not np.all(np.isfinite(arrays[k])):
                 raise TwinlmError(f"checkpoint state has non-finite values in {k}")
