@@ -26,46 +26,28 @@ from benchmarks import report
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
 
-def char_data(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Vocabulary (sorted characters) and the 90% / 10% train / val id streams, as nanoGPT splits them."""
-    text = path.read_text(encoding="utf-8")
-    chars = sorted(set(text))
-    lut = {c: i for i, c in enumerate(chars)}
-    ids = np.array([lut[c] for c in text], dtype=np.int32)
-    n = int(0.9 * len(ids))
-    return chars, ids[:n], ids[n:]
-
-
-def batch(data: np.ndarray, rng: np.random.Generator, batch_size: int,
-          t: int) -> tuple[np.ndarray, np.ndarray]:
-    start = rng.integers(0, len(data) - t - 1, batch_size)
-    x = np.stack([data[s:s + t] for s in start])
-    y = np.stack([data[s + 1:s + 1 + t] for s in start])
-    return x, y
-
-
 def train(backend: str, iters: int, batch_size: int, eval_batches: int, data_path: Path,
           seed: int = 0) -> dict[str, Any]:
     from benchmarks.runner import make_trainer
     from twinlm.core.config import preset
+    from twinlm.core.data import Batcher, prepare
     from twinlm.core.optim import AdamWConfig
 
-    chars, train_ids, val_ids = char_data(data_path)
-    cfg = preset("baby", vocab_size=len(chars))
+    ds = prepare(data_path, tokenizer="char")  # the trainer's own char tokenizer and 90/10 split
+    cfg = preset("baby", vocab_size=ds.tokenizer.vocab_size)
     opt = AdamWConfig(max_iters=iters)
     t0 = time.perf_counter()
     trainer = make_trainer(backend, cfg, opt, seed)
-    rng = np.random.default_rng(seed)
+    batches = Batcher(ds.train, batch_size, cfg.block_size, seed)
     losses = []
     first_step_s = None
     for it in range(iters):
-        losses.append(trainer.step(*batch(train_ids, rng, batch_size, cfg.block_size), it))
+        losses.append(trainer.step(*batches.next(), it))
         if first_step_s is None:
             first_step_s = time.perf_counter() - t0
     train_s = time.perf_counter() - t0
-    val_rng = np.random.default_rng(12345)
-    val = [trainer.eval_loss(*batch(val_ids, val_rng, batch_size, cfg.block_size))
-           for _ in range(eval_batches)]
+    val_batches = Batcher(ds.val, batch_size, cfg.block_size, 12345)
+    val = [trainer.eval_loss(*val_batches.next()) for _ in range(eval_batches)]
     return {"backend": backend, "preset": "baby", "iters": iters, "batch": batch_size,
             "val_loss": float(np.mean(val)), "train_loss_last50": float(np.mean(losses[-50:])),
             "train_wall_s": train_s, "first_step_s": first_step_s, "eval_batches": eval_batches,
