@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -164,8 +166,21 @@ def test_doctor_reports_backends_and_blas(capsys, monkeypatch) -> None:
     monkeypatch.delenv("TWINLM_BACKEND", raising=False)
     code, out, err = run_cli(["doctor"], capsys, monkeypatch)
     assert code == 0, err
-    for needle in ("mlx", "tinygrad", "numpy", "MLX BLAS", "GFLOP/s", "clang", "python", "ready"):
+    for needle in ("mlx", "tinygrad", "numpy", "MLX BLAS", "GFLOP/s", "MLX memory", "clang", "python",
+                   "ready"):
         assert needle in out, needle
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_mlx_keeps_freed_memory_unless_told_not_to() -> None:
+    """The MLX adapter switches glibc to heap-only, untrimmed malloc at import; TWINLM_MALLOC=default
+    leaves malloc alone (each in a fresh interpreter: mallopt is process-wide)."""
+    backend_or_skip("mlx")
+    code = "import twinlm.backends.mlx as m; print(m.MALLOC)"
+    for env, want in (({}, "heap only, untrimmed"), ({"TWINLM_MALLOC": "default"}, "default")):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**os.environ, **env}).stdout.strip()
+        assert out == want, (env, out)
 
 
 def test_doctor_fails_without_a_trainable_backend(capsys, monkeypatch) -> None:

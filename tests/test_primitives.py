@@ -37,11 +37,11 @@ def test_op_matches_numpy(backend_name: str, case_name: str) -> None:
 
 def test_mlx_fused_overrides_match_reference_bodies() -> None:
     B = backend_or_skip("mlx")
-    assert {"layer_norm", "attention"} <= set(parity.overridden_composites(B))
+    assert {"layer_norm", "attention", "custom_grad"} <= set(parity.overridden_composites(B))
     checks = parity.override_checks(B)
     names = {c.name for c in checks}
     assert {"layer_norm forward", "layer_norm grad x1", "attention causal forward",
-            "attention causal grad x2"} <= names
+            "attention causal grad x2", "custom_grad grad x0"} <= names
     assert all(c.ok for c in checks), [c.label for c in checks if not c.ok]
     # MLXBackend(fused=False) is the reference path: it matches the fused one too.
     reference = type(B)(fused=False)
@@ -61,6 +61,23 @@ class _ExpWithoutGradient:
 
     def exp(self, x):
         return super().exp(self.stop_gradient(x))
+
+
+class _GeluGradWithoutPdf:
+    """Right forward, gradient Phi(x) without the x phi(x) term."""
+
+    def _gelu_grad(self, x):
+        return 0.5 * (1.0 + self.erf(x * (1.0 / math.sqrt(2.0))))
+
+
+@pytest.mark.parametrize("backend_name", ("mlx", "tinygrad"))
+def test_custom_grad_uses_the_given_derivative(backend_name: str) -> None:
+    """GELU's gradient comes from `_gelu_grad`, not autodiff: a wrong derivative is caught, both by
+    the custom-VJP override (MLX) and by the stop-gradient reference body (tinygrad)."""
+    B = backend_or_skip(backend_name)
+    broken = parity.with_mixin(B, _GeluGradWithoutPdf, "NoPdf")
+    checks = {c.name: c.ok for c in parity.check_op(broken, CASES["gelu"])}
+    assert checks == {"gelu forward": True, "gelu grad x0": False}
 
 
 @pytest.mark.parametrize("backend_name", ("mlx", "numpy"))

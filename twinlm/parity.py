@@ -129,7 +129,8 @@ class Report:
 
 # ---- primitives and composites --------------------------------------------------------------
 
-COMPOSITES = ("erf", "gelu", "softmax", "log_softmax", "layer_norm", "attention", "cross_entropy")
+COMPOSITES = ("erf", "custom_grad", "gelu", "softmax", "log_softmax", "layer_norm", "attention",
+              "cross_entropy")
 
 
 @dataclass(frozen=True)
@@ -229,6 +230,8 @@ def op_cases(seed: int = 0) -> list[OpCase]:
         OpCase("matmul", lambda B, a, b: a @ b, np.matmul, (normal(2, 3, 4), normal(4, 5)), (0, 1)),
         OpCase("erf", lambda B, x: B.erf(x), _erf, (rng.uniform(-3, 3, (3, 5)).astype(np.float32),),
                composite="erf"),
+        OpCase("custom_grad", lambda B, x: B.custom_grad(B.tanh, lambda t: 1.0 - B.tanh(t) ** 2, x), np.tanh,
+               (x,), composite="custom_grad"),
         OpCase("gelu", lambda B, x: B.gelu(x), lambda x: 0.5 * x * (1 + _erf(x / math.sqrt(2))),
                (2 * x,), composite="gelu"),
         OpCase("softmax", lambda B, x: B.softmax(x, axis=-1), _np_softmax, (x,), composite="softmax"),
@@ -325,6 +328,7 @@ class _ReferenceComposites:
     """Mixin restoring the base-class reference bodies of every composite."""
 
     erf = Backend.erf
+    custom_grad = Backend.custom_grad
     gelu = Backend.gelu
     softmax = Backend.softmax
     log_softmax = Backend.log_softmax

@@ -89,7 +89,7 @@ def check_backend(name: str) -> BackendReport:
 
 def mlx_blas_rows() -> list[tuple[str, str]]:
     """Which BLAS MLX uses and how fast a matmul runs on it (call only once MLX works)."""
-    from twinlm.backends.mlx import BLAS
+    from twinlm.backends.mlx import BLAS, MALLOC
 
     blas = BLAS
     if BLAS.startswith("system OpenBLAS"):
@@ -100,7 +100,11 @@ def mlx_blas_rows() -> list[tuple[str, str]]:
         blas += "\n[yellow]slow[/]: apt-get install libopenblas0-pthread (Debian/Ubuntu), ~30x faster matmul"
     gflops = mlx_matmul_gflops(get_backend("mlx"))
     speed = f"{gflops:.1f} GFLOP/s (best of {MATMUL_REPS})"
-    return [("MLX BLAS", blas), (f"MLX matmul {MATMUL_N}^2 fp32", speed)]
+    malloc = "glibc malloc: " + MALLOC
+    if MALLOC != "default":
+        malloc += ("\nlarge activations reuse heap pages instead of being page-faulted and zeroed every step"
+                   " (TWINLM_MALLOC=default to turn off)")
+    return [("MLX BLAS", blas), (f"MLX matmul {MATMUL_N}^2 fp32", speed), ("MLX memory", malloc)]
 
 
 @click.command("doctor")
