@@ -32,17 +32,9 @@ ERF_CLAMP = 4.0
 ERF_ALPHA = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
              -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)
 SQRT_HALF = 1.0 / math.sqrt(2.0)
+INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 ERF_BETA = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
             -1.42647390514189e-02)
-
-
-def _horner(coeffs: Sequence[float], s: Array) -> tuple[Array, Array]:
-    """The polynomial with `coeffs` (highest degree first, at least two) and its derivative, at s."""
-    p, dp = s * coeffs[0] + coeffs[1], coeffs[0]
-    for c in coeffs[2:]:
-        dp = dp * s + p
-        p = p * s + c
-    return p, dp
 
 
 class Backend:
@@ -136,14 +128,15 @@ class Backend:
 
     # ---- composites (reference bodies) --------------------------------------------------------
     def erf(self, x: Array) -> Array:
-        u, p, _, q, _ = self._erf_terms(x)
-        return u * p / q
-
-    def _erf_terms(self, x: Array) -> tuple[Array, ...]:
-        """(u, P, P', Q, Q') with u = x clamped to the approximation's range, P and Q at u^2."""
-        u = self.minimum(self.maximum(x, -ERF_CLAMP), ERF_CLAMP)
-        s = u * u
-        return (u, *_horner(ERF_ALPHA, s), *_horner(ERF_BETA, s))
+        x = self.minimum(self.maximum(x, -ERF_CLAMP), ERF_CLAMP)
+        x2 = x * x
+        p = x2 * ERF_ALPHA[0] + ERF_ALPHA[1]
+        for c in ERF_ALPHA[2:]:
+            p = p * x2 + c
+        q = x2 * ERF_BETA[0] + ERF_BETA[1]
+        for c in ERF_BETA[2:]:
+            q = q * x2 + c
+        return x * p / q
 
     def gelu(self, x: Array) -> Array:
         return self.custom_grad(self._gelu_value, self._gelu_grad, x)
@@ -152,15 +145,10 @@ class Backend:
         return 0.5 * x * (1.0 + self.erf(x * SQRT_HALF))
 
     def _gelu_grad(self, x: Array) -> Array:
-        """d/dx [x Phi(x)] = Phi(x) + x Phi'(x), Phi' the exact derivative of the forward's rational
-        erf (not exp(-x^2/2): mul, add and a divide, one fused kernel; MLX's exp is scalar on x86).
-        With erf(u) = u P(s) / Q(s), s = u^2: erf' = ((P + 2s P') Q - 2s P Q') / Q^2, 0 where clamped."""
-        z = x * SQRT_HALF
-        u, p, dp, q, dq = self._erf_terms(z)
-        s2 = 2.0 * (u * u)
-        slope = ((p + s2 * dp) * q - s2 * p * dq) / (q * q)
-        slope = self.where(u == z, slope, 0.0)
-        return 0.5 * (1.0 + u * p / q) + x * (0.5 * SQRT_HALF) * slope
+        """d/dx [x Phi(x)] = Phi(x) + x phi(x), Phi from the forward's erf. (The exact derivative of the
+        rational erf avoids exp but, split into several fused kernels, kept ~8 more activation-sized
+        arrays alive at the backward's peak on MLX: +14% peak memory at the medium preset.)"""
+        return 0.5 * (1.0 + self.erf(x * SQRT_HALF)) + x * (self.exp(-0.5 * (x * x)) * INV_SQRT_2PI)
 
     def softmax(self, x: Array, axis: int = -1) -> Array:
         e = self.exp(x - self.stop_gradient(self.max(x, axis=axis, keepdims=True)))
