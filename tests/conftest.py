@@ -3,6 +3,10 @@ builds each graph once per process), and backends that skip with the install hin
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+
 import numpy as np
 import pytest
 
@@ -13,6 +17,19 @@ from twinlm.core.params import init_params
 
 TRAINABLE = ("mlx", "tinygrad")
 ALL_BACKENDS = ("mlx", "tinygrad", "numpy")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A private tinygrad JIT cache per test process, so no test depends on what an earlier run left in
+    # ~/.cache (child processes the tests start inherit it).
+    if "TWINLM_JIT_CACHE" not in os.environ:
+        os.environ["TWINLM_JIT_CACHE"] = config._twinlm_jit_cache = tempfile.mkdtemp(prefix="twinlm-jit-")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if folder := getattr(config, "_twinlm_jit_cache", None):
+        shutil.rmtree(folder, ignore_errors=True)
+        del os.environ["TWINLM_JIT_CACHE"]
 
 
 def backend_or_skip(name: str) -> Backend:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tinygrad import Device, Tensor, TinyJit, dtypes
 
+from twinlm.backends import tinygrad_jitcache as jitcache
 from twinlm.core.backend import LAYER_NORM_EPS, Array, Backend, Step
 
 _DTYPES = {np.dtype(np.float32): dtypes.float32, np.dtype(np.float64): dtypes.float64,
@@ -121,24 +124,61 @@ class TinygradBackend(Backend):
 
 
 class _JitStep(Step):
-    """State lives in persistent Tensors updated with `assign`, the pattern TinyJit replays."""
+    """The state goes into the JIT as an explicit input, updated in place with `assign`, so a captured
+    JIT can be stored and reloaded in another process (`tinygrad_jitcache`) and still update
+    `self.state`, whichever tensors it holds (fresh, or replaced on resume)."""
 
     def __init__(self, fn: Callable, state: dict[str, Array], backend: Backend) -> None:
         super().__init__(fn, state, backend)
+        self._names = list(self.state)
+        self._jit: Any = None
+        self._save_to: Path | None = None  # where to store the JIT once captured
 
-        def run(*inputs: object) -> tuple[Array, ...]:
-            outputs, new = fn(self.state, *inputs)
+        def run(state_list: list[Tensor], *inputs: object) -> tuple[Array, ...]:
+            st = dict(zip(self._names, state_list, strict=True))
+            outputs, new = fn(st, *inputs)
             for k, t in new.items():
-                self.state[k].assign(t)
+                st[k].assign(t)
             outputs = tuple(o.contiguous() for o in outputs)
-            Tensor.realize(*outputs, *self.state.values())
+            Tensor.realize(*outputs, *st.values())
             return outputs
 
-        self._jit = TinyJit(run)
+        self._run = run
+
+    def _state_list(self) -> list[Tensor]:
+        return [self.state[k] for k in self._names]
+
+    def _load_or_capture(self, inputs: tuple[object, ...]) -> Any:
+        if (folder := jitcache.cache_dir()) is not None:
+            state = self._state_list()
+            outputs, new = self.fn(dict(zip(self._names, state, strict=True)), *inputs)
+            key = jitcache.graph_key([*state, *_tensors(inputs)], [*outputs, *new.values()])
+            self._save_to = folder / f"{key}.jit"
+            if (jit := jitcache.load(self._save_to)) is not None:
+                self._save_to = None
+                return jit
+        jit = TinyJit(self._run)
+        jit.cnt = 1  # capture on the first call: an eager run first would schedule everything twice
+        return jit
 
     def __call__(self, *inputs: object) -> tuple[Array, ...]:
+        if self._jit is None:
+            self._jit = self._load_or_capture(inputs)
+        outputs = self._jit(self._state_list(), *inputs)
+        if self._save_to is not None:
+            jitcache.save(self._jit, self._save_to)
+            self._save_to = None
         # TinyJit reuses its output buffers: copy out before the next call overwrites them.
-        return tuple(o.clone().realize() for o in self._jit(*inputs))
+        return tuple(o.clone().realize() for o in outputs)
+
+
+def _tensors(inputs: Sequence[object]) -> list[Tensor]:
+    """The tensors among the step's inputs, one level into dicts and sequences (as TinyJit finds them)."""
+    out: list[Tensor] = []
+    for x in inputs:
+        items = x.values() if isinstance(x, dict) else x if isinstance(x, (list, tuple)) else [x]
+        out += [t for t in items if isinstance(t, Tensor)]
+    return out
 
 
 def create() -> TinygradBackend:
