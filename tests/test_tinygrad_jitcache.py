@@ -60,7 +60,7 @@ def _assert_same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
 
 
 def _run_in_another_process(folder: Path) -> tuple[list[float], bool]:
-    code = ("import json, sys; sys.path.insert(0, 'tests'); import test_tinygrad_speed as t; "
+    code = ("import json, sys; sys.path.insert(0, 'tests'); import test_tinygrad_jitcache as t; "
             f"losses, _, loaded = t._run({str(folder)!r}); print(json.dumps([losses, loaded]))")
     env = {**os.environ, "TWINLM_JIT_CACHE": str(folder)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
