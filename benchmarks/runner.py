@@ -34,7 +34,8 @@ class TwinlmTrainer:
         self.cfg, self.opt, self.seed = cfg, opt, seed
         state = {k: self.B.from_numpy(v) for k, v in S.init_state(P.init_params(cfg, seed)).items()}
         self.compiled = self.B.compile_step(S.make_train_step(self.B, cfg, opt), state)
-        self.info = {"blas": getattr(self.B, "blas", None), "device": getattr(self.B, "device", "CPU")}
+        self.info = {"blas": getattr(self.B, "blas", None), "malloc": getattr(self.B, "malloc", None),
+                     "device": getattr(self.B, "device", "CPU")}
 
     def step(self, x: np.ndarray, y: np.ndarray, it: int) -> float:
         B = self.B
