@@ -33,7 +33,8 @@ class TwinlmTrainer:
         self.B = get_backend(backend)
         self.cfg, self.opt, self.seed = cfg, opt, seed
         state = {k: self.B.from_numpy(v) for k, v in S.init_state(P.init_params(cfg, seed)).items()}
-        self.compiled = self.B.compile_step(S.make_train_step(self.B, cfg, opt), state)
+        step = S.make_train_step(self.B, model.param_spec(cfg), opt, model.lm_loss_fn(self.B, cfg))
+        self.compiled = self.B.compile_step(step, state)
         self.info = {"blas": getattr(self.B, "blas", None), "malloc": getattr(self.B, "malloc", None),
                      "device": getattr(self.B, "device", "CPU")}
 
@@ -41,7 +42,7 @@ class TwinlmTrainer:
         B = self.B
         masks = {k: B.from_numpy(v) for k, v in dropout.masks(self.cfg, *x.shape, self.seed, it).items()}
         lr, bc1, bc2 = (B.from_numpy(v) for v in S.step_scalars(it, self.opt))
-        loss, _ = self.compiled(B.from_numpy(x), B.from_numpy(y), masks, lr, bc1, bc2)
+        loss, _ = self.compiled({"x": B.from_numpy(x), "y": B.from_numpy(y)}, masks, lr, bc1, bc2)
         return float(B.to_numpy(loss))
 
     def eval_loss(self, x: np.ndarray, y: np.ndarray) -> float:

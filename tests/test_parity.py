@@ -26,7 +26,8 @@ WEIGHTS = ("init", "unit-scale")
 def model_runs(tiny_cfg, tiny_params, tiny_tokens) -> dict[tuple[str, str], parity.ModelRun]:
     x, y = tiny_tokens
     weights = {"init": tiny_params, "unit-scale": parity.unit_scale_params(tiny_cfg, 0)}
-    return {(name, w): parity.model_run(Side.clean(backend_or_skip(name)), tiny_cfg, weights[w], x, y)
+    return {(name, w): parity.model_run(Side.clean(backend_or_skip(name)), tiny_cfg, weights[w],
+                                        {"x": x, "y": y})
             for name in ALL_BACKENDS for w in WEIGHTS}
 
 
@@ -100,14 +101,15 @@ def test_golden_adamw_step(name: str) -> None:
 
 @pytest.mark.parametrize("name", ALL_BACKENDS)
 def test_no_future_token_leakage(tiny_cfg, tiny_params, tiny_tokens, name: str) -> None:
-    checks = parity.leakage_checks(Side.clean(backend_or_skip(name)), tiny_cfg, tiny_params, tiny_tokens[0])
+    checks = parity.leakage_checks(Side.clean(backend_or_skip(name)), tiny_cfg, tiny_params,
+                                   {"x": tiny_tokens[0]})
     assert len(checks) == 3 and all(c.ok for c in checks), [c.label for c in checks if not c.ok]
 
 
 @pytest.mark.parametrize("name", ("mlx", "numpy"))
 def test_shifted_mask_breaks_causality(tiny_cfg, tiny_params, tiny_tokens, name: str) -> None:
     side = Side.injected(backend_or_skip(name), parity.control_named("shifted-mask"))
-    checks = parity.leakage_checks(side, tiny_cfg, tiny_params, tiny_tokens[0])
+    checks = parity.leakage_checks(side, tiny_cfg, tiny_params, {"x": tiny_tokens[0]})
     assert len(checks) == 3 and not any(c.ok for c in checks)
 
 
@@ -145,7 +147,7 @@ def test_float64_finite_differences_tinygrad(tiny_cfg, tiny_tokens) -> None:
     params = init_params(cfg, 0)
     B = backend_or_skip("tinygrad")
     assert B.supports_float64
-    checks = parity.fd_gradient_checks(B, cfg, params, *tiny_tokens)
+    checks = parity.fd_gradient_checks(B, cfg, params, dict(zip("xy", tiny_tokens, strict=True)))
     assert len(checks) == 1 + len(params)
     assert all(c.ok for c in checks), [f"{c.label}: {c.max_abs:.3g}" for c in checks if not c.ok]
 
@@ -153,6 +155,13 @@ def test_float64_finite_differences_tinygrad(tiny_cfg, tiny_tokens) -> None:
 @pytest.fixture(scope="module")
 def mlx_suite(tiny_cfg) -> parity.Suite:
     return parity.Suite([backend_or_skip("mlx"), backend_or_skip("numpy")], tiny_cfg, steps=10, batch=2)
+
+
+@pytest.fixture(scope="module")
+def family_suites() -> dict[str, parity.Suite]:
+    backends = [backend_or_skip("mlx"), backend_or_skip("numpy")]
+    return {arch: parity.Suite(backends, parity.arch_config(arch, "tiny", 32), steps=10, batch=2)
+            for arch in ("llama", "bert")}
 
 
 def test_suite_passes_clean_and_skips_float64_without_support(mlx_suite) -> None:
@@ -165,19 +174,43 @@ def test_suite_passes_clean_and_skips_float64_without_support(mlx_suite) -> None
 
 # Each control, injected into MLX only, must fail these comparisons (against clean MLX and numpy).
 CAUGHT_BY = {
-    "tanh-gelu": ("ops mlx+tanh-gelu vs numpy float64", "model (unit-scale weights) mlx+tanh-gelu vs mlx"),
-    "no-bias-correction": ("train dropout 0 mlx+no-bias-correction vs mlx",),
-    "layer-norm-eps": ("model (init weights) mlx+layer-norm-eps vs mlx",
-                       "model (init weights) mlx+layer-norm-eps vs numpy"),
-    "shifted-mask": ("model (init weights) mlx+shifted-mask vs numpy", "causal mlx+shifted-mask"),
+    ("gpt", "tanh-gelu"): ("ops mlx+tanh-gelu vs numpy float64",
+                           "gpt model (unit-scale weights) mlx+tanh-gelu vs mlx"),
+    ("gpt", "no-bias-correction"): ("gpt train dropout 0 mlx+no-bias-correction vs mlx",),
+    ("gpt", "layer-norm-eps"): ("gpt model (init weights) mlx+layer-norm-eps vs mlx",
+                                "gpt model (init weights) mlx+layer-norm-eps vs numpy"),
+    ("gpt", "shifted-mask"): ("gpt model (init weights) mlx+shifted-mask vs numpy",
+                              "causal mlx+shifted-mask"),
+    ("llama", "no-bias-correction"): ("llama train dropout 0 mlx+no-bias-correction vs mlx",),
+    ("llama", "shifted-mask"): ("llama model (init weights) mlx+shifted-mask vs numpy",
+                                "causal mlx+shifted-mask"),
+    ("llama", "rms-norm-eps"): ("ops mlx+rms-norm-eps vs numpy float64",
+                                "llama model (init weights) mlx+rms-norm-eps vs numpy"),
+    ("llama", "rope-interleaved"): ("ops mlx+rope-interleaved vs numpy float64",
+                                    "llama model (unit-scale weights) mlx+rope-interleaved vs numpy"),
+    ("llama", "gqa-tiled"): ("ops mlx+gqa-tiled vs numpy float64",
+                             "llama model (unit-scale weights) mlx+gqa-tiled vs numpy"),
+    ("bert", "tanh-gelu"): ("bert model (unit-scale weights) mlx+tanh-gelu vs numpy",),
+    ("bert", "no-bias-correction"): ("bert train dropout 0 mlx+no-bias-correction vs mlx",),
+    ("bert", "layer-norm-eps"): ("bert model (unit-scale weights) mlx+layer-norm-eps vs numpy",),
+    ("bert", "padding-ignored"): ("ops mlx+padding-ignored vs numpy float64",
+                                  "bert model (init weights) mlx+padding-ignored vs numpy",
+                                  "padding mlx+padding-ignored"),
 }
 
 
-@pytest.mark.parametrize("control", parity.CONTROLS, ids=lambda c: c.name)
-def test_negative_control_is_caught(mlx_suite, control: parity.Control) -> None:
-    report = mlx_suite.run(control, phases=("primitives", "model", "causal", "train"))
+def test_every_applicable_control_has_expectations(mlx_suite, family_suites) -> None:
+    suites = {"gpt": mlx_suite, **family_suites}
+    applicable = {(arch, c.name) for arch, s in suites.items() for c in s.controls()}
+    assert applicable == set(CAUGHT_BY)
+
+
+@pytest.mark.parametrize(("arch", "name"), sorted(CAUGHT_BY), ids=lambda v: v)
+def test_negative_control_is_caught(mlx_suite, family_suites, arch: str, name: str) -> None:
+    suite = mlx_suite if arch == "gpt" else family_suites[arch]
+    report = suite.run(parity.control_named(name), phases=("primitives", "model", "causal", "train"))
     failed_groups = {c.group for c in report.failures}
-    assert set(CAUGHT_BY[control.name]) <= failed_groups, sorted(failed_groups)
+    assert set(CAUGHT_BY[(arch, name)]) <= failed_groups, sorted(failed_groups)
 
 
 def test_layer_norm_eps_control_is_detected_at_init(tiny_cfg, tiny_params) -> None:
@@ -199,7 +232,9 @@ FAST = ["--backends", "mlx,numpy", "--config", "tiny", "--steps", "3"]
 def test_cli_parity_passes() -> None:
     result = CliRunner().invoke(command, FAST)
     assert result.exit_code == 0, result.output
-    assert "model (init weights) mlx vs numpy" in result.output
+    for arch in parity.ARCHS:
+        assert f"{arch} model (init weights) mlx vs numpy" in result.output
+    assert "padding mlx" in result.output and "causal mlx" in result.output
     assert "worst margin:" in result.output and "checks pass" in result.output
 
 
@@ -215,7 +250,7 @@ def test_cli_names_first_divergence_and_exits_1(monkeypatch) -> None:
     monkeypatch.setattr(parity, "LOGITS_TOL", parity.Tolerance(0.0, 0.0))
     result = CliRunner().invoke(command, FAST)
     assert result.exit_code == 1
-    assert "first divergence: model (init weights) mlx vs numpy: logits" in result.output
+    assert "first divergence: gpt model (init weights) mlx vs numpy: logits" in result.output
 
 
 def _run_main(monkeypatch, capsys, *args: str) -> tuple[int, str]:
@@ -243,4 +278,4 @@ def test_cli_rejects_a_single_backend(monkeypatch, capsys) -> None:
 def test_cli_default_run_and_self_test() -> None:
     result = CliRunner().invoke(command, ["--self-test"])
     assert result.exit_code == 0, result.output
-    assert "train dropout 0.1 mlx vs tinygrad" in result.output and "MISSED" not in result.output
+    assert "gpt train dropout 0.1 mlx vs tinygrad" in result.output and "MISSED" not in result.output

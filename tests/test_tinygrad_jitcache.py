@@ -38,7 +38,7 @@ def _run(cache: str, monkeypatch: pytest.MonkeyPatch | None = None, opt: optim.A
     B = backend_or_skip("tinygrad")
     cfg, opt = _cfg(), opt or optim.AdamWConfig(warmup=2, max_iters=10)
     state = {k: B.from_numpy(v) for k, v in S.init_state(init_params(cfg, 0)).items()}
-    step = B.compile_step(S.make_train_step(B, cfg, opt), state)
+    step = B.compile_step(S.make_train_step(B, model.param_spec(cfg), opt, model.lm_loss_fn(B, cfg)), state)
     rng = np.random.default_rng(0)
     losses = []
     for it in range(STEPS):
@@ -47,7 +47,7 @@ def _run(cache: str, monkeypatch: pytest.MonkeyPatch | None = None, opt: optim.A
         seq = rng.integers(0, cfg.vocab_size, (2, cfg.block_size + 1)).astype(np.int32)
         drop = {k: B.from_numpy(v) for k, v in dropout.masks(cfg, 2, cfg.block_size, 0, it).items()}
         scalars = (B.from_numpy(v) for v in S.step_scalars(it, opt))
-        loss, _ = step(B.from_numpy(seq[:, :-1]), B.from_numpy(seq[:, 1:]), drop, *scalars)
+        loss, _ = step({"x": B.from_numpy(seq[:, :-1]), "y": B.from_numpy(seq[:, 1:])}, drop, *scalars)
         losses.append(float(B.to_numpy(loss)))
     loaded = step._jit.fxn is None  # a JIT unpickled from the cache has no Python function
     return losses, {k: B.to_numpy(v) for k, v in step.state.items()}, loaded
@@ -116,15 +116,14 @@ def test_graph_key_follows_the_graph_not_the_process() -> None:
     cfg, opt = _cfg(), optim.AdamWConfig()
 
     def key(loss_scale: float = 1.0, t: int = cfg.block_size) -> str:
-        loss_fn = None
-        if loss_scale != 1.0:
-            def loss_fn(p, x, y, drop):  # noqa: ANN001, ANN202
-                return model.loss(B, cfg, p, x, y, dropout=drop) * loss_scale
+        def loss_fn(p, batch, drop):  # noqa: ANN001, ANN202
+            return model.lm_loss_fn(B, cfg)(p, batch, drop) * loss_scale
         state = {k: B.from_numpy(v) for k, v in S.init_state(init_params(cfg, 0)).items()}
         x = B.from_numpy(np.zeros((2, t), np.int32))
         drop = {k: B.from_numpy(v) for k, v in dropout.masks(cfg, 2, t, 0, 0).items()}
         scalars = [B.from_numpy(v) for v in S.step_scalars(0, opt)]
-        outputs, new = S.make_train_step(B, cfg, opt, loss_fn=loss_fn)(state, x, x, drop, *scalars)
+        step = S.make_train_step(B, model.param_spec(cfg), opt, loss_fn)
+        outputs, new = step(state, {"x": x, "y": x}, drop, *scalars)
         return graph_key([*state.values(), x, *drop.values(), *scalars], [*outputs, *new.values()])
 
     base = key()

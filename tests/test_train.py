@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -12,7 +14,7 @@ from twinlm.core import step as S
 from twinlm.core.checkpoint import load_checkpoint
 from twinlm.core.config import preset
 from twinlm.core.errors import TwinlmError
-from twinlm.train import TrainConfig, Trainer, TrainingDiverged, accumulating_loss, evaluate_loss, load_toml
+from twinlm.train import TrainConfig, Trainer, TrainingDiverged, evaluate_loss, load_toml, task_loss
 
 TINY = dict(preset="tiny", block_size=16, batch_size=4, eval_iters=2, warmup=2, log_every=1)
 
@@ -80,11 +82,13 @@ def test_grad_accumulation_matches_one_big_batch(mlx):
     scal = [mlx.from_numpy(v) for v in S.step_scalars(0, opt)]
     state = S.init_state(P.init_params(cfg, 0))
     outs = []
-    for A, loss_fn in ((1, None), (3, accumulating_loss(mlx, cfg, 3))):
-        step = mlx.compile_step(S.make_train_step(mlx, cfg, opt, loss_fn),
-                                {k: mlx.from_numpy(v) for k, v in state.items()})
+    lm = SimpleNamespace(loss=lambda B, cfg, p, batch, drop: model.lm_loss_fn(B, cfg)(p, batch, drop))
+    for A in (1, 3):
+        train_step = S.make_train_step(mlx, model.param_spec(cfg), opt, task_loss(mlx, cfg, lm, A))
+        step = mlx.compile_step(train_step, {k: mlx.from_numpy(v) for k, v in state.items()})
         shape = (6, 8) if A == 1 else (3, 2, 8)
-        loss, _ = step(mlx.from_numpy(x.reshape(shape)), mlx.from_numpy(y.reshape(shape)), {}, *scal)
+        batch = {"x": mlx.from_numpy(x.reshape(shape)), "y": mlx.from_numpy(y.reshape(shape))}
+        loss, _ = step(batch, {}, *scal)
         outs.append((float(mlx.to_numpy(loss)), {k: mlx.to_numpy(v) for k, v in step.state.items()}))
     (l1, s1), (l3, s3) = outs
     assert l1 == pytest.approx(l3, abs=1e-6)

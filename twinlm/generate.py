@@ -117,7 +117,7 @@ class _FixedShapeSteps:
 
     def __init__(self, B: Backend, cfg: ModelConfig, batch: int) -> None:
         self.B, self.cfg = B, cfg
-        zeros = np.zeros((batch, cfg.n_head, cfg.block_size, cfg.head_dim), dtype=np.float32)
+        zeros = np.zeros((batch, cfg.n_kv_head, cfg.block_size, cfg.head_dim), dtype=np.float32)
         state = {f"{kv}.{i}": B.from_numpy(zeros) for i in range(cfg.n_layer) for kv in "kv"}
 
         def kv_step(state: dict, p: dict[str, Array], idx: Array, pos_ids: Array, write_mask: Array,
@@ -235,6 +235,9 @@ def generate(B: Backend, cfg: ModelConfig, params: dict[str, Array], prompt: np.
     whole context each step (the reference); True uses the backend's fast decoder (see module docstring),
     which gives the same tokens. Arguments are checked here, before the first token is asked for.
     """
+    if cfg.kind != "decoder":
+        raise TwinlmError(f"this is an --arch {cfg.arch} model, an encoder: it fills in masked tokens but "
+                          "does not generate text (use twinlm predict)")
     prompt = np.asarray(prompt)
     if prompt.ndim != 2 or prompt.shape[0] < 1 or prompt.shape[1] < 1:
         raise TwinlmError(f"prompt must be a non-empty (batch, time) array of ids, got shape {prompt.shape}")

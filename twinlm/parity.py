@@ -22,8 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from twinlm.core import dropout, model, optim, step
-from twinlm.core.backend import LAYER_NORM_EPS, Array, Backend
+from twinlm.core import dropout, layers, model, optim, step
+from twinlm.core import spec as SP
+from twinlm.core.backend import LAYER_NORM_EPS, RMS_NORM_EPS, Array, Backend
 from twinlm.core.config import ModelConfig, preset
 from twinlm.core.params import init_params
 
@@ -129,8 +130,8 @@ class Report:
 
 # ---- primitives and composites --------------------------------------------------------------
 
-COMPOSITES = ("erf", "custom_grad", "gelu", "softmax", "log_softmax", "layer_norm", "attention",
-              "cross_entropy")
+COMPOSITES = ("erf", "custom_grad", "gelu", "gelu_tanh", "silu", "swiglu", "rope", "repeat_kv", "softmax",
+              "log_softmax", "layer_norm", "rms_norm", "attention", "cross_entropy")
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,29 @@ def _np_layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, eps: floa
     mu = x.mean(-1, keepdims=True)
     y = (x - mu) / np.sqrt(x.var(-1, keepdims=True) + eps) * w
     return y if b is None else y + b
+
+
+def _np_rms_norm(x: np.ndarray, w: np.ndarray, eps: float = RMS_NORM_EPS) -> np.ndarray:
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
+
+
+def _np_gelu_tanh(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def _np_silu(x: np.ndarray) -> np.ndarray:
+    return x / (1 + np.exp(-x))
+
+
+def _np_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotate pairs (x[i], x[i + hs/2]) by the angle whose cos/sin are given: the half-split layout."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def _np_repeat_kv(x: np.ndarray, n_rep: int) -> np.ndarray:
+    return np.repeat(x, n_rep, axis=1)  # kv head j serves query heads j * n_rep ... (j + 1) * n_rep - 1
 
 
 def _np_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None,
@@ -198,6 +222,9 @@ def op_cases(seed: int = 0) -> list[OpCase]:
     causal = model.causal_mask(4, 4)
     keep = ((rng.random((1, 2, 4, 4)) >= 0.25) / 0.75).astype(np.float32)
     xn, w, bias = normal(2, 3, 8), (1.0 + 0.1 * normal(8)), 0.1 * normal(8)
+    cos, sin = layers.rope_tables(4, 6, 10000.0)
+    xr = normal(1, 2, 4, 6)
+    pad = layers.padding_mask(np.array([3]), 4)  # (1, 1, 1, 4): the last key is padding
     logits, targets = normal(4, 7), rng.integers(0, 7, (4,)).astype(np.int32)
     weights = np.array([1, 0, 1, 1], dtype=np.float32)
     return [
@@ -234,6 +261,13 @@ def op_cases(seed: int = 0) -> list[OpCase]:
                (x,), composite="custom_grad"),
         OpCase("gelu", lambda B, x: B.gelu(x), lambda x: 0.5 * x * (1 + _erf(x / math.sqrt(2))),
                (2 * x,), composite="gelu"),
+        OpCase("gelu_tanh", lambda B, x: B.gelu_tanh(x), _np_gelu_tanh, (2 * x,), composite="gelu_tanh"),
+        OpCase("silu", lambda B, x: B.silu(x), _np_silu, (2 * x,), composite="silu"),
+        OpCase("swiglu", lambda B, a, b: B.swiglu(a, b), lambda a, b: _np_silu(a) * b, (a, b), (0, 1),
+               composite="swiglu"),
+        OpCase("rope", lambda B, x, c, s: B.rope(x, c, s), _np_rope, (xr, cos, sin), composite="rope"),
+        OpCase("repeat_kv", lambda B, x: B.repeat_kv(x, 2), lambda x: _np_repeat_kv(x, 2), (xr,),
+               composite="repeat_kv"),
         OpCase("softmax", lambda B, x: B.softmax(x, axis=-1), _np_softmax, (x,), composite="softmax"),
         OpCase("log_softmax", lambda B, x: B.log_softmax(x, axis=-1), _np_log_softmax, (x,),
                composite="log_softmax"),
@@ -241,6 +275,10 @@ def op_cases(seed: int = 0) -> list[OpCase]:
                (0, 1, 2), composite="layer_norm"),
         OpCase("layer_norm no bias", lambda B, x, w: B.layer_norm(x, w, None),
                lambda x, w: _np_layer_norm(x, w, None), (xn, w), (0, 1), composite="layer_norm"),
+        OpCase("rms_norm", lambda B, x, w: B.rms_norm(x, w), _np_rms_norm, (xn, w), (0, 1),
+               composite="rms_norm"),
+        OpCase("attention padding", lambda B, q, k, v, m: B.attention(q, k, v, m), _np_attention,
+               (q, k, v, pad), (0, 1, 2), composite="attention"),
         OpCase("attention causal", lambda B, q, k, v, m: B.attention(q, k, v, m), _np_attention,
                (q, k, v, causal), (0, 1, 2), composite="attention"),
         OpCase("attention no mask", lambda B, q, k, v: B.attention(q, k, v, None),
@@ -327,14 +365,7 @@ def check_op(B: Backend, case: OpCase, *, reference: Backend | None = None, grou
 class _ReferenceComposites:
     """Mixin restoring the base-class reference bodies of every composite."""
 
-    erf = Backend.erf
-    custom_grad = Backend.custom_grad
-    gelu = Backend.gelu
-    softmax = Backend.softmax
-    log_softmax = Backend.log_softmax
-    layer_norm = Backend.layer_norm
-    attention = Backend.attention
-    cross_entropy = Backend.cross_entropy
+    locals().update({name: getattr(Backend, name) for name in COMPOSITES})
 
 
 def with_mixin(B: Backend, mixin: type, tag: str) -> Backend:
@@ -385,6 +416,43 @@ class WrongLayerNormEps:
         return super().layer_norm(x, weight, bias, WRONG_LAYER_NORM_EPS)  # type: ignore[misc]
 
 
+WRONG_RMS_NORM_EPS = 1e-6
+
+
+class WrongRmsNormEps:
+    """RMSNorm with eps 1e-6 (tinygrad's default) instead of the pinned 1e-5."""
+
+    def rms_norm(self: Any, x: Array, weight: Array, eps: float = RMS_NORM_EPS) -> Array:
+        return super().rms_norm(x, weight, WRONG_RMS_NORM_EPS)  # type: ignore[misc]
+
+
+class InterleavedRope:
+    """RoPE on interleaved pairs (x[2i], x[2i+1]) (Meta's original layout) instead of the half split."""
+
+    def rope(self: Any, x: Array, cos: Array, sin: Array) -> Array:
+        b, h, t, hs = x.shape
+        pairs = self.reshape(x, (b, h, t, hs // 2, 2))
+        x1, x2 = (self.reshape(pairs[..., i:i + 1], (b, h, t, hs // 2)) for i in (0, 1))
+        return super().rope(self.concat([x1, x2], axis=-1), cos, sin)  # type: ignore[misc]
+
+
+class TiledKV:
+    """Grouped-query heads mapped to kv head h % Hkv (tiling) instead of h // n_rep."""
+
+    def repeat_kv(self: Any, x: Array, n_rep: int) -> Array:
+        return x if n_rep == 1 else self.concat([x] * n_rep, axis=1)
+
+
+class IgnorePadding:
+    """Attention that drops a per-example (padding) mask: padded tokens are attended to."""
+
+    def attention(self: Any, q: Array, k: Array, v: Array, mask: Array | None,
+                  dropout: Array | None = None) -> Array:
+        if mask is not None and len(mask.shape) == 4:
+            mask = None
+        return super().attention(q, k, v, mask, dropout)  # type: ignore[misc]
+
+
 def shifted_causal_mask(t_q: int, t_k: int) -> np.ndarray:
     """The causal mask shifted by one: each query also sees the next token (a leak)."""
     return np.arange(t_k)[None, :] <= np.arange(t_q)[:, None] + (t_k - t_q) + 1
@@ -392,21 +460,33 @@ def shifted_causal_mask(t_q: int, t_k: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Control:
-    """One injected bug. Applied to one side only; the suite must then fail."""
+    """One injected bug. Applied to one side only; the suite must then fail. `applies` says whether a
+    config has the piece the bug touches (a tanh GELU cannot be caught in a SwiGLU model)."""
 
     name: str
     description: str
     mixin: type | None = None
     mask_fn: Callable[[int, int], np.ndarray] = model.causal_mask
     bias_correction: bool = True
+    applies: Callable[[ModelConfig], bool] = lambda cfg: True
 
 
 CONTROLS = (
-    Control("tanh-gelu", "GELU by the tanh approximation", mixin=TanhGelu),
+    Control("tanh-gelu", "GELU by the tanh approximation", mixin=TanhGelu,
+            applies=lambda c: c.activation == "gelu"),
     Control("no-bias-correction", "AdamW without bias correction (bc1 = bc2 = 1)", bias_correction=False),
     Control("layer-norm-eps", f"LayerNorm eps {WRONG_LAYER_NORM_EPS:g} instead of {LAYER_NORM_EPS:g}",
-            mixin=WrongLayerNormEps),
-    Control("shifted-mask", "causal mask shifted by one (sees the next token)", mask_fn=shifted_causal_mask),
+            mixin=WrongLayerNormEps, applies=lambda c: c.norm == "layernorm"),
+    Control("shifted-mask", "causal mask shifted by one (sees the next token)", mask_fn=shifted_causal_mask,
+            applies=lambda c: c.kind == "decoder"),
+    Control("rms-norm-eps", f"RMSNorm eps {WRONG_RMS_NORM_EPS:g} instead of {RMS_NORM_EPS:g}",
+            mixin=WrongRmsNormEps, applies=lambda c: c.norm == "rmsnorm"),
+    Control("rope-interleaved", "RoPE on interleaved pairs instead of the half split", mixin=InterleavedRope,
+            applies=lambda c: c.pos_encoding == "rope"),
+    Control("gqa-tiled", "grouped-query heads mapped to the wrong kv head", mixin=TiledKV,
+            applies=lambda c: c.n_kv_head < c.n_head),
+    Control("padding-ignored", "attention ignores the padding mask", mixin=IgnorePadding,
+            applies=lambda c: c.kind == "encoder"),
 )
 
 
@@ -435,6 +515,41 @@ class Side:
 
 # ---- whole model --------------------------------------------------------------------------------
 
+Batch = dict[str, np.ndarray]
+
+
+def parity_batch(cfg: ModelConfig, rng: np.random.Generator, batch: int, t: int) -> Batch:
+    """Random tokens: {"x", "y"} next tokens for a decoder; for an encoder, targets at ~30% of the
+    real positions ("w") and rows of different lengths with the rest padding ("mask")."""
+    seq = rng.integers(0, cfg.vocab_size, (batch, t + 1)).astype(np.int32)
+    out = {"x": seq[:, :-1], "y": seq[:, 1:]}
+    if cfg.kind == "encoder":
+        lengths = rng.integers(max(1, t // 2), t + 1, batch)
+        lengths[0] = t
+        real = np.arange(t)[None, :] < lengths[:, None]
+        w = (rng.random((batch, t)) < 0.3) & real
+        w[:, 0] = True
+        out |= {"w": w.astype(np.float32), "mask": layers.padding_mask(lengths, t)}
+    return out
+
+
+def _on(B: Backend, batch: Batch) -> dict[str, Array]:
+    return {k: B.from_numpy(v) for k, v in batch.items()}
+
+
+def side_logits(side: Side, cfg: ModelConfig, p: dict[str, Array], batch: dict[str, Array],
+                drop: dict[str, Array] | None = None) -> Array:
+    """LM logits the way training computes them: causal (with the side's mask) or over padding."""
+    if cfg.kind == "decoder":
+        return model.logits(side.backend, cfg, p, batch["x"], dropout=drop, mask_fn=side.mask_fn)
+    return model.logits(side.backend, cfg, p, batch["x"], dropout=drop, mask=batch["mask"])
+
+
+def side_loss(side: Side, cfg: ModelConfig, p: dict[str, Array], batch: dict[str, Array],
+              drop: dict[str, Array] | None = None) -> Array:
+    return side.backend.cross_entropy(side_logits(side, cfg, p, batch, drop), batch["y"], batch.get("w"))
+
+
 @dataclass
 class ModelRun:
     logits: np.ndarray
@@ -442,45 +557,35 @@ class ModelRun:
     grads: dict[str, np.ndarray] | None
 
 
-def model_run(side: Side, cfg: ModelConfig, params: dict[str, np.ndarray], x: np.ndarray,
-              y: np.ndarray) -> ModelRun:
+def model_run(side: Side, cfg: ModelConfig, params: dict[str, np.ndarray], batch: Batch) -> ModelRun:
     """Logits, loss and (where there is autograd) every parameter gradient, in one graph."""
     B = side.backend
     p = {k: B.from_numpy(v) for k, v in params.items()}
     captured: list[Array] = []
 
-    def loss_fn(p: dict[str, Array], x: Array, y: Array) -> Array:
-        lg = model.logits(B, cfg, p, x, mask_fn=side.mask_fn)
+    def loss_fn(p: dict[str, Array], b: dict[str, Array]) -> Array:
+        lg = side_logits(side, cfg, p, b)
         captured.append(lg)
-        return B.cross_entropy(lg, y)
+        return B.cross_entropy(lg, b["y"], b.get("w"))
 
-    xb, yb = B.from_numpy(x), B.from_numpy(y)
+    arrays = _on(B, batch)
     grads: dict[str, Array] = {}
     if B.supports_grad:
-        loss, grads = B.value_and_grad(loss_fn)(p, xb, yb)
+        spec = model.param_spec(cfg)
+        trainable = {k: v for k, v in p.items() if spec[k].trainable}
+        loss, grads = B.value_and_grad(lambda t, b: loss_fn({**p, **t}, b))(trainable, arrays)
     else:
-        loss = loss_fn(p, xb, yb)
+        loss = loss_fn(p, arrays)
     B.sync(captured[-1], loss, *grads.values())
     return ModelRun(B.to_numpy(captured[-1]), B.to_numpy(loss),
                     {k: B.to_numpy(g) for k, g in grads.items()} if B.supports_grad else None)
 
 
 def unit_scale_params(cfg: ModelConfig, seed: int) -> dict[str, np.ndarray]:
-    """Weights with unit-variance activations (matrices N(0, 1/fan_in), gains N(1, 0.1), biases
-    N(0, 0.1)). At GPT-2 init the GELU inputs are ~0.1, where the erf and tanh forms agree to 1e-7,
-    so the model is also compared here, where activations reach GELU's curved region."""
-    rng = np.random.default_rng([seed, 3])
-    out = {}
-    for name, value in init_params(cfg, seed).items():
-        if value.ndim >= 2:
-            fan_in = value.shape[0] if name != "wte.weight" else value.shape[1]
-            value = rng.standard_normal(value.shape) / math.sqrt(fan_in)
-        elif name.endswith(".bias"):
-            value = 0.1 * rng.standard_normal(value.shape)
-        else:
-            value = 1.0 + 0.1 * rng.standard_normal(value.shape)
-        out[name] = value.astype(np.float32)
-    return out
+    """Weights with unit-variance activations (`spec.unit_scale_params`). At GPT-2 init the GELU inputs
+    are ~0.1, where the erf and tanh forms agree to 1e-7, so the model is also compared here, where
+    activations reach the nonlinearities' curved region."""
+    return SP.unit_scale_params(model.param_spec(cfg), seed)
 
 
 def compare_model(group: str, got: ModelRun, want: ModelRun) -> list[Check]:
@@ -493,19 +598,27 @@ def compare_model(group: str, got: ModelRun, want: ModelRun) -> list[Check]:
     return checks
 
 
-def leakage_checks(side: Side, cfg: ModelConfig, params: dict[str, np.ndarray], x: np.ndarray,
+def leakage_checks(side: Side, cfg: ModelConfig, params: dict[str, np.ndarray], batch: Batch,
                    seed: int = 0) -> list[Check]:
-    """Changing tokens after position t must leave logits at positions <= t exactly unchanged."""
+    """Decoders: changing tokens after position t must leave logits at positions <= t exactly unchanged.
+    Encoders: changing padded tokens must leave the logits of every real position exactly unchanged."""
     B = side.backend
     p = {k: B.from_numpy(v) for k, v in params.items()}
 
-    def logits_of(tokens: np.ndarray) -> np.ndarray:
-        return B.to_numpy(model.logits(B, cfg, p, B.from_numpy(tokens), mask_fn=side.mask_fn))
+    def logits_of(x: np.ndarray) -> np.ndarray:
+        return B.to_numpy(side_logits(side, cfg, p, _on(B, {**batch, "x": x})))
 
+    x = batch["x"]
     base = logits_of(x)
     rng = np.random.default_rng(seed)
-    t_len = x.shape[1]
     checks = []
+    if cfg.kind == "encoder":
+        real = batch["mask"][:, 0, 0, :]
+        changed = np.where(real, x, (x + rng.integers(1, cfg.vocab_size, x.shape)) % cfg.vocab_size)
+        got = logits_of(changed.astype(np.int32))
+        return [compare(f"padding {side.label}", "logits of real positions with padded tokens changed",
+                        got[real], base[real], LEAK_TOL)]
+    t_len = x.shape[1]
     for t in sorted({0, t_len // 2, t_len - 2}):
         changed = x.copy()
         shift = rng.integers(1, cfg.vocab_size, x[:, t + 1:].shape)  # every later token really changes
@@ -528,35 +641,29 @@ def train_opt(steps: int) -> optim.AdamWConfig:
     return optim.AdamWConfig(lr=1e-3, min_lr=1e-4, warmup=2, max_iters=max(steps, 3))
 
 
-def train_batches(cfg: ModelConfig, batch: int, t: int, steps: int,
-                  seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def train_batches(cfg: ModelConfig, batch: int, t: int, steps: int, seed: int) -> list[Batch]:
     rng = np.random.default_rng([seed, 1])
-    out = []
-    for _ in range(steps):
-        seq = rng.integers(0, cfg.vocab_size, (batch, t + 1)).astype(np.int32)
-        out.append((seq[:, :-1], seq[:, 1:]))
-    return out
+    return [parity_batch(cfg, rng, batch, t) for _ in range(steps)]
 
 
-def train_run(side: Side, cfg: ModelConfig, params: dict[str, np.ndarray],
-              batches: Sequence[tuple[np.ndarray, ...]], opt: optim.AdamWConfig, seed: int) -> TrainRun:
+def train_run(side: Side, cfg: ModelConfig, params: dict[str, np.ndarray], batches: Sequence[Batch],
+              opt: optim.AdamWConfig, seed: int) -> TrainRun:
     """N AdamW steps through `make_train_step` + `B.compile_step`, exactly as the trainer runs them;
     dropout masks from `core.dropout.masks`, so both sides drop the same units."""
     B = side.backend
-    loss_fn = None
-    if side.mask_fn is not model.causal_mask:
-        def loss_fn(p: dict[str, Array], x: Array, y: Array, drop: dict[str, Array]) -> Array:
-            return B.cross_entropy(model.logits(B, cfg, p, x, dropout=drop, mask_fn=side.mask_fn), y)
-    state = {k: B.from_numpy(v) for k, v in step.init_state(params).items()}
-    train_step = B.compile_step(step.make_train_step(B, cfg, opt, loss_fn=loss_fn), state)
+    spec = model.param_spec(cfg)
+    state = {k: B.from_numpy(v) for k, v in step.init_state(params, spec).items()}
+    loss_fn = lambda p, b, drop: side_loss(side, cfg, p, b, drop)  # noqa: E731
+    train_step = B.compile_step(step.make_train_step(B, spec, opt, loss_fn), state)
     losses = []
-    for it, (x, y) in enumerate(batches):
+    for it, batch in enumerate(batches):
+        x = batch["x"]
         drop = {k: B.from_numpy(v) for k, v in dropout.masks(cfg, x.shape[0], x.shape[1], seed, it).items()}
         lr, bc1, bc2 = step.step_scalars(it, opt)
         if not side.bias_correction:
             bc1 = bc2 = np.asarray(1.0, dtype=np.float32)
         scalars = (B.from_numpy(s) for s in (lr, bc1, bc2))
-        loss, _ = train_step(B.from_numpy(x), B.from_numpy(y), drop, *scalars)
+        loss, _ = train_step(_on(B, batch), drop, *scalars)
         losses.append(B.to_numpy(loss))
     return TrainRun(np.stack(losses), {k: B.to_numpy(v) for k, v in step.params_of(train_step.state).items()})
 
@@ -573,29 +680,32 @@ def compare_train(group: str, got: TrainRun, want: TrainRun) -> list[Check]:
 
 # ---- float64 finite differences of the core graph -----------------------------------------------
 
-def fd_gradient_checks(B: Backend, cfg: ModelConfig, params: dict[str, np.ndarray], x: np.ndarray,
-                       y: np.ndarray, seed: int = 0) -> list[Check]:
-    """In float64: for each parameter tensor, the directional derivative g . d along a random unit
-    direction d in that tensor against (L(p + h d) - L(p - h d)) / 2h; and the loss against the
+def fd_gradient_checks(B: Backend, cfg: ModelConfig, params: dict[str, np.ndarray], batch: Batch,
+                       seed: int = 0) -> list[Check]:
+    """In float64: for each trainable parameter tensor, the directional derivative g . d along a random
+    unit direction d in that tensor against (L(p + h d) - L(p - h d)) / 2h; and the loss against the
     float64 numpy reference backend."""
     from twinlm.backends.numpy_ref import NumpyBackend
 
+    side, spec = Side.clean(B), model.param_spec(cfg)
     p64 = {k: v.astype(np.float64) for k, v in params.items()}
-    xb, yb = B.from_numpy(x), B.from_numpy(y)
+    arrays = _on(B, batch)
 
     def loss_at(values: dict[str, np.ndarray]) -> float:
-        loss = model.loss(B, cfg, {k: B.from_numpy(v) for k, v in values.items()}, xb, yb)
-        return float(B.to_numpy(loss))
+        p = {k: B.from_numpy(v) for k, v in values.items()}
+        return float(B.to_numpy(side_loss(side, cfg, p, arrays)))
 
-    value_and_grad = B.value_and_grad(lambda p, x, y: model.loss(B, cfg, p, x, y))
-    loss, grads = value_and_grad({k: B.from_numpy(v) for k, v in p64.items()}, xb, yb)
+    frozen = {k: B.from_numpy(v) for k, v in p64.items() if not spec[k].trainable}
+    value_and_grad = B.value_and_grad(lambda p, b: side_loss(side, cfg, {**frozen, **p}, b))
+    loss, grads = value_and_grad({k: B.from_numpy(v) for k, v in p64.items() if spec[k].trainable}, arrays)
     B.sync(loss, *grads.values())
     group = f"{B.name} float64 finite differences"
     ref = NumpyBackend()
-    ref_loss = model.loss(ref, cfg, p64, x, y)
+    ref_loss = side_loss(Side.clean(ref), cfg, p64, _on(ref, batch))
     checks = [compare(group, "loss vs numpy float64", B.to_numpy(loss), ref_loss, FLOAT64_LOSS_TOL)]
     rng = np.random.default_rng(seed)
-    for name, value in p64.items():
+    for name in grads:
+        value = p64[name]
         d = rng.standard_normal(value.shape)
         d /= np.linalg.norm(d)
         analytic = float(np.sum(B.to_numpy(grads[name]) * d))
@@ -609,6 +719,17 @@ def fd_gradient_checks(B: Backend, cfg: ModelConfig, params: dict[str, np.ndarra
 # ---- the suite ----------------------------------------------------------------------------------
 
 PHASES = ("primitives", "fused", "model", "causal", "train", "float64")
+ARCHS = ("gpt", "llama", "bert")
+
+
+def arch_config(arch: str, preset_name: str = "small", vocab_size: int = 65) -> ModelConfig:
+    """The parity suite's model of each family: Llama with grouped-query attention (half the heads
+    as kv heads) and an untied head, so every option's code path runs."""
+    extra: dict[str, Any] = {}
+    if arch == "llama":
+        n_head = preset(preset_name, vocab_size=vocab_size).n_head
+        extra = dict(n_kv_head=max(1, n_head // 2), tie_embeddings=False)
+    return preset(preset_name, vocab_size=vocab_size, arch=arch, **extra)
 
 
 class Suite:
@@ -621,18 +742,20 @@ class Suite:
         # Sides with autograd first, so the float64 numpy reference is always the `want` side.
         self.backends = sorted(backends, key=lambda B: not B.supports_grad)
         self.cfg, self.steps, self.seed, self.dropout, self.batch = cfg, steps, seed, dropout, batch
-        self.fd_cfg = fd_cfg or preset("tiny", vocab_size=cfg.vocab_size)
+        self.fd_cfg = fd_cfg or arch_config(cfg.arch, "tiny", cfg.vocab_size)
         self.progress = progress or (lambda msg: None)
         self.params = init_params(cfg, seed)
-        rng = np.random.default_rng([seed, 0])
-        seq = rng.integers(0, cfg.vocab_size, (batch, cfg.block_size + 1)).astype(np.int32)
-        self.x, self.y = seq[:, :-1], seq[:, 1:]
+        self.data = parity_batch(cfg, np.random.default_rng([seed, 0]), batch, cfg.block_size)
         self._cache: dict[tuple[str, str], Any] = {}
+
+    def controls(self) -> list[Control]:
+        """The negative controls that touch a piece of this suite's model."""
+        return [c for c in CONTROLS if c.applies(self.cfg)]
 
     def _cached(self, side: Side, what: str, compute: Callable[[], Any]) -> Any:
         key = (side.label, what)
         if key not in self._cache:
-            self.progress(f"{what}: {side.label}")
+            self.progress(f"{self.cfg.arch} {what}: {side.label}")
             self._cache[key] = compute()
         return self._cache[key]
 
@@ -659,26 +782,27 @@ class Suite:
     def _phase_primitives(self, sides: list[Side], pairs: list, control: Control | None,
                           report: Report) -> None:
         for side in sides:
-            self.progress(f"primitives: {side.label}")
-            report.extend(primitive_checks(side.backend, self.seed, f"ops {side.label} vs numpy float64"))
+            report.extend(self._cached(side, "primitives", lambda s=side: primitive_checks(
+                s.backend, self.seed, f"ops {s.label} vs numpy float64")))
 
     def _phase_fused(self, sides: list[Side], pairs: list, control: Control | None, report: Report) -> None:
         for side in sides:
-            self.progress(f"fused overrides: {side.label}")
-            report.extend(override_checks(side.backend, self.seed, f"fused {side.label} vs reference body"))
+            report.extend(self._cached(side, "fused overrides", lambda s=side: override_checks(
+                s.backend, self.seed, f"fused {s.label} vs reference body")))
 
     def _phase_model(self, sides: list[Side], pairs: list, control: Control | None, report: Report) -> None:
         weight_sets = {"init": self.params, "unit-scale": unit_scale_params(self.cfg, self.seed)}
         for weights, params in weight_sets.items():
             for a, b in pairs:
                 runs = [self._cached(s, f"model ({weights} weights)", lambda s=s, p=params: model_run(
-                    s, self.cfg, p, self.x, self.y)) for s in (a, b)]
-                report.extend(compare_model(f"model ({weights} weights) {a.label} vs {b.label}", *runs))
+                    s, self.cfg, p, self.data)) for s in (a, b)]
+                group = f"{self.cfg.arch} model ({weights} weights) {a.label} vs {b.label}"
+                report.extend(compare_model(group, *runs))
 
     def _phase_causal(self, sides: list[Side], pairs: list, control: Control | None, report: Report) -> None:
         for side in sides:
             report.extend(self._cached(side, "causal", lambda s=side: leakage_checks(
-                s, self.cfg, self.params, self.x, self.seed)))
+                s, self.cfg, self.params, self.data, self.seed)))
 
     def _phase_train(self, sides: list[Side], pairs: list, control: Control | None, report: Report) -> None:
         opt = train_opt(self.steps)
@@ -691,7 +815,8 @@ class Suite:
             for a, b in trainable:
                 runs = [self._cached(s, f"train dropout {p:g}", lambda s=s, c=cfg, data=batches: train_run(
                     s, c, self.params, data, opt, self.seed)) for s in (a, b)]
-                report.extend(compare_train(f"train dropout {p:g} {a.label} vs {b.label}", *runs))
+                report.extend(compare_train(f"{self.cfg.arch} train dropout {p:g} {a.label} vs {b.label}",
+                                            *runs))
 
     def _phase_float64(self, sides: list[Side], pairs: list, control: Control | None, report: Report) -> None:
         if control is not None:
@@ -700,10 +825,7 @@ class Suite:
         if not capable:
             report.notes.append("float64: skipped (no backend here supports float64 autograd)")
         params = init_params(self.fd_cfg, self.seed)
-        rng = np.random.default_rng([self.seed, 2])
-        seq = rng.integers(0, self.fd_cfg.vocab_size, (2, 9)).astype(np.int32)
+        batch = parity_batch(self.fd_cfg, np.random.default_rng([self.seed, 2]), 2, 8)
         for side in capable:
-            self.progress(f"float64 finite differences: {side.label}")
-            report.extend(fd_gradient_checks(side.backend, self.fd_cfg, params, seq[:, :-1], seq[:, 1:],
-                                             self.seed))
-
+            report.extend(self._cached(side, "float64 finite differences", lambda s=side: fd_gradient_checks(
+                s.backend, self.fd_cfg, params, batch, self.seed)))

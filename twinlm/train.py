@@ -29,16 +29,24 @@ import numpy as np
 from twinlm import __version__
 from twinlm.core import dropout as D
 from twinlm.core import model, optim, task
+from twinlm.core import spec as SP
 from twinlm.core import step as S
 from twinlm.core.backend import Array, Backend
 from twinlm.core.checkpoint import load_checkpoint, save_checkpoint
 from twinlm.core.config import PRESETS, ConfigError, ModelConfig
-from twinlm.core.data import Batcher, check_fits, prepare
+from twinlm.core.data import Dataset, check_fits, prepare
 from twinlm.core.errors import TwinlmError
-from twinlm.core.params import init_params, param_shapes
-from twinlm.core.tokenizers import tokenizer_from_dict
+from twinlm.core.models import FAMILIES
+from twinlm.core.tokenizers import Tokenizer, tokenizer_from_dict
+from twinlm.tasks import Task
+from twinlm.tasks import classify as C
+from twinlm.tasks.lm import CausalLM
+from twinlm.tasks.mlm import MaskedLM, encoder_tokenizer
 
-MODEL_FIELDS = ("n_layer", "n_head", "d_model", "block_size", "dropout")
+# Model settings a user may set on `train`; a resumed run keeps the checkpoint's.
+MODEL_FIELDS = ("n_layer", "n_head", "d_model", "block_size", "dropout", "arch", "n_kv_head", "d_ff",
+                "pos_encoding", "norm", "activation", "tie_embeddings")
+TASKS = ("auto", "lm", "mlm", "classify")
 MAX_BAD_STEPS = 5  # consecutive non-finite steps before the run stops
 ACCURACY_EXAMPLES = 200  # held-out examples scored at each evaluation of the built-in task
 TARGET_ACCURACY = 0.9  # the default `twinlm train` reaches it by ~1000 of its 2000 iterations
@@ -52,7 +60,18 @@ class TrainingDiverged(TwinlmError):
 class TrainConfig:
     """Every setting of a run. Model fields left None come from the preset (or the checkpoint)."""
 
-    data: str | None = None  # None: the built-in task's corpus
+    data: str | None = None  # None: the built-in task's corpus (classify: the built-in classification task)
+    task: str = "auto"  # auto: lm for decoders, mlm for encoders; classify: fine-tune `base` with a head
+    base: str | None = None  # classify: the pretrained run directory whose weights start the model
+    freeze_base: bool = False  # classify: train only the head (and an encoder's pooler)
+    from_scratch: bool = False  # classify: the base's model and tokenizer, but freshly initialised weights
+    arch: str | None = None  # None: gpt (or the base run's)
+    n_kv_head: int | None = None
+    d_ff: int | None = None
+    pos_encoding: str | None = None
+    norm: str | None = None
+    activation: str | None = None
+    tie_embeddings: bool | None = None
     tokenizer: str = "char"
     errors: str = "strict"  # invalid UTF-8 in the corpus: "strict" refuses it, "replace" substitutes U+FFFD
     vocab_size: int | None = None
@@ -90,6 +109,12 @@ class TrainConfig:
             raise TwinlmError(f"warmup must be >= 0, got {self.warmup}")
         if self.preset != "default" and self.preset not in PRESETS:
             raise TwinlmError(f"unknown preset {self.preset!r}; choose from default, {', '.join(PRESETS)}")
+        if self.arch is not None and self.arch not in FAMILIES:
+            raise TwinlmError(f"unknown arch {self.arch!r}; choose from {', '.join(FAMILIES)}")
+        if self.task not in TASKS:
+            raise TwinlmError(f"unknown task {self.task!r}; choose from {', '.join(TASKS)}")
+        if (self.task == "classify") != (self.base is not None):
+            raise TwinlmError("a classify task fine-tunes a base run: give both (twinlm finetune BASE_RUN)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -130,7 +155,7 @@ def model_config(tc: TrainConfig, vocab_size: int) -> ModelConfig:
     try:
         return ModelConfig(vocab_size=vocab_size, **base)
     except ConfigError as e:
-        raise TwinlmError(f"impossible model shape: {e}") from None
+        raise TwinlmError(f"impossible model: {e}") from None
 
 
 def optimizer_config(tc: TrainConfig) -> optim.AdamWConfig:
@@ -147,12 +172,15 @@ def versions(B: Backend) -> dict[str, str]:
     return out
 
 
-def accumulating_loss(B: Backend, cfg: ModelConfig, grad_accum: int) -> Callable[..., Array]:
-    """Mean loss over the leading micro-batch axis of x, y (A, b, T) and the dropout masks (A, b, ...)."""
-    def loss_fn(p: dict[str, Array], x: Array, y: Array, drop: dict[str, Array]) -> Array:
+def task_loss(B: Backend, cfg: ModelConfig, task: Task, grad_accum: int = 1) -> S.LossFn:
+    """The task's loss; with grad_accum > 1, the mean over the leading micro-batch axis (A, b, ...) of
+    every batch array and dropout mask."""
+    def loss_fn(p: dict[str, Array], batch: dict[str, Array], drop: dict[str, Array]) -> Array:
+        if grad_accum == 1:
+            return task.loss(B, cfg, p, batch, drop)
         total = None
         for a in range(grad_accum):
-            la = model.loss(B, cfg, p, x[a], y[a], dropout={k: m[a] for k, m in drop.items()})
+            la = task.loss(B, cfg, p, {k: v[a] for k, v in batch.items()}, {k: m[a] for k, m in drop.items()})
             total = la if total is None else total + la
         return total * (1.0 / grad_accum)
     return loss_fn
@@ -221,35 +249,89 @@ class Trainer:
             self.out = Path(tc.out) if tc.out else run_dir
             tc = self._merge_resumed(tc, meta)
         tc.check()
-        if tc.data is not None:  # absolute, so a resume from another working directory finds it
-            tc.data = str(Path(tc.data).resolve())
+        for name in ("data", "base"):  # absolute, so a resume from another working directory finds them
+            if getattr(tc, name) is not None:
+                setattr(tc, name, str(Path(getattr(tc, name)).resolve()))
         self.tc = tc
         self.grad_accum = tc.grad_accum
-        if resume is None:
-            self.ds = prepare(tc.data, tokenizer=tc.tokenizer, vocab_size=tc.vocab_size, errors=tc.errors)
-            self.cfg = model_config(tc, self.ds.tokenizer.vocab_size)
-            self.out = Path(tc.out or default_out_dir(tc))
-        else:
-            tok = tokenizer_from_dict(meta["tokenizer"])
-            self.ds = prepare(tc.data, tok=tok, errors=tc.errors)
+        base_params: dict[str, np.ndarray] | None = None
+        if resume is not None:
             self.cfg = ModelConfig.from_dict(meta["model"])
+            tok = tokenizer_from_dict(meta["tokenizer"])
+            self.labels: list[str] = list(meta.get("labels") or [])
+        elif tc.task == "classify":
+            self.cfg, tok, base_params, self.labels = self._from_base(tc)
+        else:
+            self.cfg, tok, self.labels = None, None, []  # type: ignore[assignment]
+        if resume is None:
+            self.out = Path(tc.out or default_out_dir(tc))
         tc.out = str(self.out)
-        check_fits(self.ds, self.cfg.block_size, tc.batch_size)
+        self.task, self.ds = self._build_task(tc, tok)
+        self.tokenizer: Tokenizer = self.ds.tokenizer if self.ds is not None else tok
         self.opt = optimizer_config(tc)
-        self.is_task = tc.data is None
+        self.is_task = tc.data is None and self.cfg.kind == "decoder" and tc.task in ("auto", "lm")
+        self.spec = model.param_spec(self.cfg)
+        if tc.freeze_base:  # train only what the pretrained model did not: the head (and BERT's pooler)
+            pretrained = model.param_spec(self.cfg.replace(n_classes=0))
+            self.spec = SP.frozen_except(self.spec, [k for k in self.spec if k not in pretrained
+                                                     or not pretrained[k].trainable])
 
-        state = S.init_state(init_params(self.cfg, tc.seed)) if arrays is None else self._check_state(arrays)
+        if arrays is not None:
+            state = self._check_state(arrays)
+        else:
+            params = SP.init_params(self.spec, tc.seed)
+            if base_params is not None and not tc.from_scratch:  # the base's weights; the head stays fresh
+                params.update({k: v for k, v in base_params.items() if k in params})
+            state = S.init_state(params, self.spec)
         self.step = B.compile_step(self._step_fn(), {k: B.from_numpy(v) for k, v in state.items()})
-        self.batcher = Batcher(self.ds.train, tc.batch_size, self.cfg.block_size, tc.seed)
         self.iter = int(meta.get("iter", 0))
         self.skipped = int(meta.get("skipped", 0))
         self.best_val: float | None = meta.get("best_val_loss")
         if meta:
-            self.batcher.set_state(meta["batcher"])
-        self._val_batches = self._fixed_val_batches()
+            self.task.set_state(meta.get("task_state", meta.get("batcher")))
         self._eval_step: Any = None
+        self.last_metrics: dict[str, Any] = {}
 
     # ---- setup -------------------------------------------------------------------------------
+    @staticmethod
+    def _from_base(tc: TrainConfig) -> tuple[ModelConfig, Tokenizer, dict[str, np.ndarray], list[str]]:
+        """The base run's model with a classification head, its tokenizer, weights and the labels."""
+        from twinlm.generate import load_model
+
+        base_cfg, params, tok, _ = load_model(tc.base)  # type: ignore[arg-type]
+        train, _ = classify_examples(tc)
+        labels = sorted({lab for _, lab in train})
+        if len(labels) < 2:
+            raise TwinlmError(f"classification needs at least two labels; the data has {labels}")
+        if base_cfg.kind == "encoder":
+            tok = encoder_tokenizer(tok)
+        changes = {k: getattr(tc, k) for k in ("dropout",) if getattr(tc, k) is not None}
+        cfg = base_cfg.replace(n_classes=len(labels), **changes)
+        return cfg, tok, params, labels
+
+    def _build_task(self, tc: TrainConfig, tok: Tokenizer | None) -> tuple[Task, Dataset | None]:
+        if tc.task == "classify":
+            train, val = classify_examples(tc)
+            return C.Classify(train, val, self.labels, tok, self.cfg, tc.batch_size, tc.seed), None  # type: ignore[arg-type]
+        if tok is None:  # a fresh run: the tokenizer comes from the corpus, the model from the flags
+            ds = prepare(tc.data, tokenizer=tc.tokenizer, vocab_size=tc.vocab_size, errors=tc.errors)
+            arch = tc.arch or "gpt"
+            if model_kind(arch) == "encoder":
+                ds.tokenizer = encoder_tokenizer(ds.tokenizer)
+            self.cfg = model_config(tc, ds.tokenizer.vocab_size)
+        else:
+            ds = prepare(tc.data, tok=tok, errors=tc.errors)
+        kind = tc.task if tc.task != "auto" else ("mlm" if self.cfg.kind == "encoder" else "lm")
+        if kind == "lm" and self.cfg.kind == "encoder":
+            raise TwinlmError(f"--arch {self.cfg.arch} is an encoder: it trains on masked tokens "
+                              "(--task mlm)")
+        if kind == "mlm" and self.cfg.kind == "decoder":
+            raise TwinlmError(f"--arch {self.cfg.arch} is a causal decoder: it trains on next tokens "
+                              "(--task lm)")
+        check_fits(ds, self.cfg.block_size, tc.batch_size)
+        cls = MaskedLM if kind == "mlm" else CausalLM
+        return cls(ds, tc.batch_size, self.cfg.block_size, tc.seed, tc.eval_iters), ds
+
     @staticmethod
     def _merge_resumed(tc: TrainConfig, meta: dict[str, Any]) -> TrainConfig:
         """The checkpoint's settings, overridden by what the user set now (fields not at their default);
@@ -257,20 +339,24 @@ class Trainer:
         try:
             saved = dict(meta["train"])
             ModelConfig.from_dict(meta["model"])
-            missing = [k for k in ("tokenizer", "batcher", "iter") if k not in meta]
+            missing = [k for k in ("tokenizer", "iter") if k not in meta]
+            if "task_state" not in meta and "batcher" not in meta:
+                missing.append("task_state")
             if missing:
                 raise KeyError(missing[0])
         except (KeyError, TypeError, ConfigError) as e:
             raise TwinlmError(f"checkpoint meta is missing training state ({e}); cannot resume it") from None
-        model = meta["model"]
+        model_dict = ModelConfig.from_dict(meta["model"]).to_dict()
         for name in MODEL_FIELDS:
             given = getattr(tc, name)
-            if given is not None and given != model[name]:
+            if given is not None and given != model_dict[name]:
                 raise TwinlmError(f"--{name.replace('_', '-')} {given} conflicts with the checkpoint's "
-                                  f"{name} = {model[name]}; a resumed run keeps its model shape")
+                                  f"{name} = {model_dict[name]}; a resumed run keeps its model")
         defaults = TrainConfig()
         merged = {k: v for k, v in saved.items() if k in config_keys()}
-        for name in config_keys() - set(MODEL_FIELDS) - {"data", "tokenizer", "vocab_size", "preset"}:
+        fixed = {*MODEL_FIELDS, "data", "tokenizer", "vocab_size", "preset", "task", "base", "freeze_base",
+                 "from_scratch"}
+        for name in config_keys() - fixed:
             if getattr(tc, name) != getattr(defaults, name):
                 merged[name] = getattr(tc, name)
         if tc.data is not None and str(Path(tc.data).resolve()) != saved.get("data"):
@@ -279,8 +365,7 @@ class Trainer:
         return TrainConfig(**merged)
 
     def _check_state(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        expected = {f"{kind}.{name}": shape for name, shape in param_shapes(self.cfg).items()
-                    for kind in ("param", "m", "v")}
+        expected = S.state_shapes(self.spec)
         for k, shape in expected.items():
             if k not in arrays or arrays[k].shape != shape:
                 raise TwinlmError(f"checkpoint state does not match its model config (at {k})")
@@ -289,32 +374,25 @@ class Trainer:
         return {k: arrays[k].astype(np.float32) for k in expected}
 
     def _step_fn(self) -> S.StepFn:
-        loss_fn = accumulating_loss(self.B, self.cfg, self.grad_accum) if self.grad_accum > 1 else None
-        return S.make_train_step(self.B, self.cfg, self.opt, loss_fn)
-
-    def _fixed_val_batches(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        """The same eval_iters validation batches at every evaluation, so val losses are comparable."""
-        val = Batcher(self.ds.val, self.tc.batch_size, self.cfg.block_size, self.tc.seed + 1)
-        return [val.next() for _ in range(self.tc.eval_iters)]
+        loss_fn = task_loss(self.B, self.cfg, self.task, self.grad_accum)
+        return S.make_train_step(self.B, self.spec, self.opt, loss_fn)
 
     # ---- one step ----------------------------------------------------------------------------
-    def _batch(self, it: int) -> tuple[Array, Array, dict[str, Array]]:
-        B, A, b, T = self.B, self.grad_accum, self.tc.batch_size, self.cfg.block_size
-        xs, ys = zip(*(self.batcher.next() for _ in range(A)), strict=True)
-        x, y = np.stack(xs), np.stack(ys)  # (A, b, T)
-        drop = D.masks(self.cfg, A * b, T, self.tc.seed, it)
-        if A == 1:
-            x, y = x[0], y[0]
-        else:
+    def _batch(self, it: int) -> tuple[dict[str, Array], dict[str, Array]]:
+        B, A, b = self.B, self.grad_accum, self.tc.batch_size
+        parts = [self.task.next_batch(it * A + a) for a in range(A)]
+        batch = {k: np.stack([p[k] for p in parts]) if A > 1 else parts[0][k] for k in parts[0]}
+        drop = D.masks(self.cfg, A * b, self.cfg.block_size, self.tc.seed, it)
+        if A > 1:
             drop = {k: m.reshape(A, b, *m.shape[1:]) for k, m in drop.items()}
-        model.check_token_ids(x, self.cfg.vocab_size)
-        return B.from_numpy(x), B.from_numpy(y), {k: B.from_numpy(m) for k, m in drop.items()}
+        model.check_token_ids(batch["x"], self.cfg.vocab_size)
+        return {k: B.from_numpy(v) for k, v in batch.items()}, {k: B.from_numpy(m) for k, m in drop.items()}
 
     def train_step(self) -> tuple[float, float]:
         """Run iteration `self.iter`; return (loss, grad_norm). A non-finite step leaves the state as is."""
-        x, y, drop = self._batch(self.iter)
+        batch, drop = self._batch(self.iter)
         lr, bc1, bc2 = (self.B.from_numpy(v) for v in S.step_scalars(self.iter, self.opt))
-        loss, gnorm = self.step(x, y, drop, lr, bc1, bc2)
+        loss, gnorm = self.step(batch, drop, lr, bc1, bc2)
         self.iter += 1
         return float(self.B.to_numpy(loss)), float(self.B.to_numpy(gnorm))
 
@@ -322,30 +400,29 @@ class Trainer:
     def params(self) -> dict[str, Array]:
         return S.params_of(self.step.state)
 
-    def val_loss(self) -> float:
-        """Mean loss over the fixed validation batches, with one compiled forward graph."""
+    def evaluate(self) -> dict[str, Any]:
+        """The task's metrics over the fixed validation batches, with one compiled forward graph."""
         if self._eval_step is None:
-            B, cfg = self.B, self.cfg
+            self._eval_step = eval_step(self.B, self.cfg, self.task)
+        self.last_metrics = evaluate_task(self.B, self.task, self.params(), self._eval_step)
+        return self.last_metrics
 
-            def fn(state: dict, p: dict[str, Array], x: Array, y: Array) -> tuple[tuple[Array], dict]:
-                return (model.loss(B, cfg, p, x, y),), state
-            self._eval_step = B.compile_step(fn, {})
-        losses = [float(self.B.to_numpy(self._eval_step(self.params(), self.B.from_numpy(x),
-                                                         self.B.from_numpy(y))[0]))
-                  for x, y in self._val_batches]
-        return float(np.mean(losses))
+    def val_loss(self) -> float:
+        return float(self.evaluate()["val_loss"])
 
     def task_accuracy(self, n: int = ACCURACY_EXAMPLES, samples: int = 0) -> tuple[float, list[str]]:
         """Greedy exact-match accuracy on n held-out examples, and the first `samples` as display lines."""
-        return task_accuracy(self.B, self.cfg, self.params(), self.ds.tokenizer, n, samples)
+        return task_accuracy(self.B, self.cfg, self.params(), self.tokenizer, n, samples)
 
     # ---- checkpoints -------------------------------------------------------------------------
     def meta(self) -> dict[str, Any]:
-        return {"model": self.cfg.to_dict(), "tokenizer": self.ds.tokenizer.to_dict(), "iter": self.iter,
+        return {"model": self.cfg.to_dict(), "tokenizer": self.tokenizer.to_dict(), "iter": self.iter,
                 "backend": self.B.name, "versions": versions(self.B), "seed": self.tc.seed,
-                "train": self.tc.to_dict(), "optimizer": self.opt.to_dict(), "batcher": self.batcher.state(),
-                "skipped": self.skipped, "best_val_loss": self.best_val, "data_source": self.ds.source,
-                "task": task.NAME if self.is_task else None}
+                "train": self.tc.to_dict(), "optimizer": self.opt.to_dict(), "task_state": self.task.state(),
+                "skipped": self.skipped, "best_val_loss": self.best_val,
+                "data_source": self.ds.source if self.ds is not None else (self.tc.data or C.BUILTIN),
+                "task": task.NAME if self.is_task else self.task.name, "labels": self.labels or None,
+                "metrics": self.last_metrics or None}
 
     def save(self, best: bool = False) -> Path:
         arrays = {k: self.B.to_numpy(v) for k, v in self.step.state.items()}
@@ -416,8 +493,9 @@ class Trainer:
                            checkpoint=str(ckpt) if ckpt else None)
 
     def _evaluate_and_save(self, emit: Callable[..., None]) -> tuple[float, float | None, Path]:
-        val = self.val_loss()
-        acc = self.task_accuracy()[0] if self.is_task else None
+        metrics = self.evaluate()
+        val = float(metrics["val_loss"])
+        acc = self.task_accuracy()[0] if self.is_task else metrics.get(self.task.metric)
         best = math.isfinite(val) and (self.best_val is None or val < self.best_val)
         if best:
             self.best_val = val
@@ -426,12 +504,43 @@ class Trainer:
         return val, acc, ckpt
 
 
+def eval_step(B: Backend, cfg: ModelConfig, task: Task) -> Any:
+    """One compiled forward graph of the task's evaluation outputs (params are an input)."""
+    def fn(state: dict, p: dict[str, Array], batch: dict[str, Array]) -> tuple[tuple[Array, ...], dict]:
+        return task.eval_outputs(B, cfg, p, batch), state
+    return B.compile_step(fn, {})
+
+
+def evaluate_task(B: Backend, task: Task, params: dict[str, Array], step: Any) -> dict[str, Any]:
+    """The task's metrics (`Task.summarize`) over its validation batches."""
+    batches = task.val_batches()
+    outputs = [tuple(B.to_numpy(o) for o in step(params, {k: B.from_numpy(v) for k, v in b.items()}))
+               for b in batches]
+    return task.summarize(batches, outputs)
+
+
 def _num(x: float) -> float | str:
     return x if math.isfinite(x) else str(x)
 
 
+def model_kind(arch: str) -> str:
+    from twinlm.core.models import family
+
+    return family(arch).KIND
+
+
+def classify_examples(tc: TrainConfig) -> tuple[list[C.Example], list[C.Example]]:
+    if tc.data is None:
+        return C.builtin_examples("train"), C.builtin_examples("val")
+    return C.split_examples(C.read_examples(tc.data), tc.seed)
+
+
 def default_out_dir(tc: TrainConfig) -> Path:
     name = task.NAME if tc.data is None else Path(tc.data).stem or "run"
+    if tc.task == "classify":
+        return Path("runs") / f"{Path(tc.base or 'base').name}-{'classify' if tc.data is None else name}"
+    if tc.arch not in (None, "gpt"):
+        name = f"{name}-{tc.arch}"
     return Path("runs") / name
 
 

@@ -144,6 +144,11 @@ class MLXBackend(Backend):
             return super().layer_norm(x, weight, bias, eps)
         return mx.fast.layer_norm(x, weight, bias, eps)
 
+    def rms_norm(self, x: Array, weight: Array, eps: float = 1e-5) -> Array:
+        if not self.fused:
+            return super().rms_norm(x, weight, eps)
+        return mx.fast.rms_norm(x, weight, eps)
+
     def attention(self, q: Array, k: Array, v: Array, mask: Array | None,
                   dropout: Array | None = None) -> Array:
         if not self.fused or dropout is not None:  # the fused kernel has no dropout input

@@ -11,7 +11,7 @@ import numpy as np
 from tinygrad import Device, Tensor, TinyJit, dtypes
 
 from twinlm.backends import tinygrad_jitcache as jitcache
-from twinlm.core.backend import LAYER_NORM_EPS, Array, Backend, Step
+from twinlm.core.backend import LAYER_NORM_EPS, RMS_NORM_EPS, Array, Backend, Step
 
 _DTYPES = {np.dtype(np.float32): dtypes.float32, np.dtype(np.float64): dtypes.float64,
            np.dtype(np.int32): dtypes.int32, np.dtype(np.int64): dtypes.int64,
@@ -105,6 +105,9 @@ class TinygradBackend(Backend):
 
     def layer_norm(self, x: Array, weight: Array, bias: Array | None, eps: float = LAYER_NORM_EPS) -> Array:
         return super().layer_norm(x, weight, bias, eps).contiguous()
+
+    def rms_norm(self, x: Array, weight: Array, eps: float = RMS_NORM_EPS) -> Array:
+        return super().rms_norm(x, weight, eps).contiguous()
 
     # ---- autograd, compile, sync ------------------------------------------------------------
     def value_and_grad(self, fn: Callable[..., Array]) -> Callable[..., tuple[Array, dict[str, Array]]]:

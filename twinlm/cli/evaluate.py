@@ -8,9 +8,20 @@ from pathlib import Path
 import click
 
 from twinlm.cli.common import backend, backend_option
-from twinlm.core.data import prepare, read_corpus
+from twinlm.core.backend import Array, Backend
+from twinlm.core.config import ModelConfig
+from twinlm.core.data import Dataset, prepare, read_corpus
 from twinlm.core.errors import TwinlmError
-from twinlm.train import ACCURACY_EXAMPLES, evaluate_loss, task_accuracy
+from twinlm.core.tokenizers import Tokenizer
+from twinlm.train import (
+    ACCURACY_EXAMPLES,
+    TrainConfig,
+    classify_examples,
+    eval_step,
+    evaluate_loss,
+    evaluate_task,
+    task_accuracy,
+)
 
 
 @click.command("eval")
@@ -31,6 +42,9 @@ def command(run_dir: str, backend_name: str | None, data: str | None, batch_size
     cfg, np_params, tok, meta = load_model(run_dir)
     B = backend(backend_name)
     params = {k: B.from_numpy(v) for k, v in np_params.items()}
+    if cfg.n_classes or cfg.kind == "encoder":
+        _evaluate_task(B, cfg, params, tok, meta, data, batch_size, max_windows)
+        return
     if data is not None:
         text, source = read_corpus(data)
         try:
@@ -49,3 +63,39 @@ def command(run_dir: str, backend_name: str | None, data: str | None, batch_size
         click.echo(f"accuracy {acc:.1%} exact match on {ACCURACY_EXAMPLES} held-out examples")
         for line in shown:
             click.echo(f"  {line}")
+
+
+def _evaluate_task(B: Backend, cfg: ModelConfig, params: dict[str, Array], tok: Tokenizer, meta: dict,
+                   data: str | None, batch_size: int, max_windows: int | None) -> None:
+    """Classifiers: accuracy and the confusion matrix; masked LMs: masked-token accuracy."""
+    from twinlm.cli.train import confusion_table
+    from twinlm.tasks.classify import Classify, read_examples
+    from twinlm.tasks.mlm import MaskedLM
+
+    known = TrainConfig().to_dict()
+    saved = TrainConfig(**{k: v for k, v in (meta.get("train") or {}).items() if k in known})
+    if cfg.n_classes:
+        examples = read_examples(data) if data is not None else classify_examples(saved)[1]
+        source = data or f"{saved.data or 'the built-in task'} (validation split)"
+        task = Classify([], examples, list(meta.get("labels") or []), tok, cfg, batch_size, saved.seed)
+    else:
+        if data is not None:
+            text, source = read_corpus(data)
+            try:
+                tokens = tok.encode(text)
+            except TwinlmError as e:
+                raise TwinlmError(f"{source} does not fit this model's tokenizer: {e}") from None
+            ds = Dataset(train=tokens, val=tokens, tokenizer=tok, source=source)
+        else:
+            ds = prepare(saved.data, tok=tok)
+            source = f"{ds.source} (validation split)"
+        n_batches = max(1, -(-max_windows // batch_size)) if max_windows else saved.eval_iters
+        task = MaskedLM(ds, batch_size, cfg.block_size, saved.seed, n_batches)
+    metrics = evaluate_task(B, task, params, eval_step(B, cfg, task))
+    click.echo(f"{source}: evaluated on {B.name}")
+    click.echo(f"loss {metrics['val_loss']:.4f}")
+    if "masked_accuracy" in metrics:
+        click.echo(f"masked-token accuracy {metrics['masked_accuracy']:.1%}")
+    if "confusion" in metrics:
+        click.echo(f"accuracy {metrics['accuracy']:.1%} on {metrics['n']} examples")
+        click.echo(confusion_table(metrics["confusion"], metrics["labels"]))

@@ -24,9 +24,9 @@ def cli(ctx: click.Context, backend: str | None) -> None:
 
 def _register() -> None:
     # Each command module exposes `command`; importing them is cheap (frameworks load lazily).
-    from twinlm.cli import bench, doctor, evaluate, parity, plot, sample, train
+    from twinlm.cli import bench, doctor, evaluate, finetune, parity, plot, predict, sample, train
 
-    for module in (train, sample, evaluate, parity, plot, doctor, bench):
+    for module in (train, finetune, sample, predict, evaluate, parity, plot, doctor, bench):
         cli.add_command(module.command)
 
 

@@ -64,17 +64,17 @@ def render(console: Console, report: parity.Report, verbose: bool) -> None:
         console.print(f"[green]all {len(report.checks)} checks pass[/]")
 
 
-def _self_test(console: Console, suite: parity.Suite) -> bool:
+def _self_test(console: Console, suites: list[parity.Suite]) -> bool:
     table = Table(title="negative controls (each must make the suite fail)", title_justify="left")
-    for col in ("control", "injected into", "failed checks", "first divergence", "margin", "caught"):
+    for col in ("arch", "control", "injected into", "failed checks", "first divergence", "margin", "caught"):
         table.add_column(col)
     all_caught = True
-    for control in parity.CONTROLS:
+    for suite, control in ((s, c) for s in suites for c in s.controls()):
         report = suite.run(control)
         first = report.first_failure
         all_caught &= first is not None
         injected = next(B.name for B in suite.backends if B.supports_grad)
-        table.add_row(f"{control.name}: {control.description}", injected,
+        table.add_row(suite.cfg.arch, f"{control.name}: {control.description}", injected,
                       f"{len(report.failures)}/{len(report.checks)}",
                       first.label if first else "-", f"{first.margin:.3g}" if first else "-",
                       "[green]caught[/]" if first else "[bold red]MISSED[/]")
@@ -85,6 +85,8 @@ def _self_test(console: Console, suite: parity.Suite) -> bool:
 @click.command("parity")
 @click.option("--backends", default="mlx,tinygrad,numpy", show_default=True,
               help="Comma-separated backends to compare (numpy is the float64 forward-only reference).")
+@click.option("--arch", type=click.Choice([*parity.ARCHS, "all"]), default="all", show_default=True,
+              help="Model family to compare.")
 @click.option("--config", "config_name", type=click.Choice(list(PRESETS)), default="small", show_default=True,
               help="Model preset (core.config.PRESETS).")
 @click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True,
@@ -96,8 +98,8 @@ def _self_test(console: Console, suite: parity.Suite) -> bool:
               help="Inject each negative control on one side in turn; fail if any goes undetected.")
 @click.option("-v", "--verbose", is_flag=True, help="One row per tensor instead of per comparison.")
 @click.pass_context
-def command(ctx: click.Context, backends: str, config_name: str, steps: int, seed: int, dropout: float,
-            self_test: bool, verbose: bool) -> None:
+def command(ctx: click.Context, backends: str, arch: str, config_name: str, steps: int, seed: int,
+            dropout: float, self_test: bool, verbose: bool) -> None:
     """Prove the backends compute the same model: every primitive and composite, logits, loss,
     every gradient, N AdamW steps (with and without dropout), causality and float64 finite
     differences. Prints a table, names the first tensor that diverges, exits 1 on any failure."""
@@ -105,28 +107,38 @@ def command(ctx: click.Context, backends: str, config_name: str, steps: int, see
     if len(names) < 2:
         raise TwinlmError("parity needs at least two backends, e.g. --backends mlx,tinygrad,numpy")
     chosen = [get_backend(n) for n in names]  # BackendUnavailable says what to install
+    archs = parity.ARCHS if arch == "all" else (arch,)
     cfg = preset(config_name, vocab_size=65)
     console = Console(highlight=False)
     if not console.is_terminal:
         console.width = 200
-    console.print(f"parity: {', '.join(names)}; config {config_name} (n_layer {cfg.n_layer}, n_head "
-                  f"{cfg.n_head}, d_model {cfg.d_model}, block {cfg.block_size}, vocab {cfg.vocab_size}); "
+    console.print(f"parity: {', '.join(names)}; {', '.join(archs)}; config {config_name} "
+                  f"(n_layer {cfg.n_layer}, n_head {cfg.n_head}, d_model {cfg.d_model}, "
+                  f"block {cfg.block_size}, vocab {cfg.vocab_size}); "
                   f"seed {seed}; {steps} AdamW steps at dropout 0" + (f" and {dropout:g}" if dropout else ""))
     start = time.perf_counter()
 
     def progress(status: Status, prefix: str) -> Callable[[str], None]:
         return lambda msg: status.update(f"[{time.perf_counter() - start:.0f}s] {prefix}{msg}")
 
+    report, suites = parity.Report(), []
     with console.status("parity", spinner="dots") as status:
-        suite = parity.Suite(chosen, cfg, steps=steps, seed=seed, dropout=dropout,
-                             progress=progress(status, ""))
-        report = suite.run()
+        for i, name in enumerate(archs):
+            suite = parity.Suite(chosen, parity.arch_config(name, config_name), steps=steps, seed=seed,
+                                 dropout=dropout, progress=progress(status, ""))
+            # The primitives and fused kernels do not depend on the family: check them once.
+            phases = [p for p in parity.PHASES if i == 0 or p not in ("primitives", "fused")]
+            part = suite.run(phases=phases)
+            report.extend(part.checks)
+            report.notes += part.notes
+            suites.append(suite)
     render(console, report, verbose)
     ok = report.ok
     if self_test:
         with console.status("self-test", spinner="dots") as status:
-            suite.progress = progress(status, "self-test ")
-            caught = _self_test(console, suite)
+            for suite in suites:
+                suite.progress = progress(status, "self-test ")
+            caught = _self_test(console, suites)
         if not caught:
             console.print("[bold red]self-test failed: a negative control went undetected[/]")
         ok = ok and caught

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import signal
 import sys
 from typing import Any
@@ -10,8 +9,11 @@ from typing import Any
 import click
 
 from twinlm.cli.common import backend, backend_option
-from twinlm.core import task
-from twinlm.core.params import param_shapes
+from twinlm.core import model, task
+from twinlm.core.config import ACTIVATIONS, NORMS, POS_ENCODINGS
+from twinlm.core.models import FAMILIES
+from twinlm.core.spec import count
+from twinlm.tasks import classify as C
 from twinlm.train import ACCURACY_EXAMPLES as ACCURACY_N
 from twinlm.train import TARGET_ACCURACY, Progress, TrainConfig, Trainer, load_toml
 
@@ -30,6 +32,17 @@ INTERRUPTED_EXIT = 130
 @click.option("--out", default=None, help="Run directory (default: runs/<data name>).")
 @click.option("--resume", default=None, metavar="DIR", help="Continue the run saved in DIR.")
 @click.option("--preset", default=None, help="Model size: default, tiny, small, baby, medium.")
+@click.option("--arch", default=None, help=f"Model family: {', '.join(FAMILIES)} (default gpt).")
+@click.option("--task", type=click.Choice(["auto", "lm", "mlm"]), default=None,
+              help="Next tokens (lm, decoders) or masked tokens (mlm, encoders); default: by arch.")
+@click.option("--pos-encoding", type=click.Choice(POS_ENCODINGS), default=None,
+              help="Positions (default: the family's: gpt/bert learned, llama rope).")
+@click.option("--norm", type=click.Choice(NORMS), default=None, help="Default: the family's.")
+@click.option("--activation", type=click.Choice(ACTIVATIONS), default=None, help="Default: the family's.")
+@click.option("--n-kv-head", type=int, default=None, help="Key/value heads (grouped-query attention).")
+@click.option("--d-ff", type=int, default=None, help="Feed-forward width (default 4 x d-model; SwiGLU 8/3).")
+@click.option("--tie-embeddings/--untie-embeddings", default=None,
+              help="Output head shares the token embedding.")
 @click.option("--n-layer", type=int, default=None)
 @click.option("--n-head", type=int, default=None)
 @click.option("--d-model", type=int, default=None)
@@ -56,7 +69,11 @@ def command(backend_name: str | None, config_file: str | None, resume: str | Non
     backend_name = backend_name or settings.pop("backend", None)
     resume = resume or settings.pop("resume", None)
     settings.update({k: v for k, v in flags.items() if v is not None})
-    tc = TrainConfig(**settings)
+    run(TrainConfig(**settings), backend_name, resume)
+
+
+def run(tc: TrainConfig, backend_name: str | None, resume: str | None) -> None:
+    """Build the trainer, say what it will do, train, and report: shared by `train` and `finetune`."""
     B = backend(backend_name)
     out = click.echo
     from rich.console import Console
@@ -64,11 +81,22 @@ def command(backend_name: str | None, config_file: str | None, resume: str | Non
     console = Console(stderr=False)
     trainer = Trainer(tc, B, resume=resume, log=lambda m: click.echo(m, err=True))
     tc, cfg = trainer.tc, trainer.cfg
-    n_params = sum(math.prod(s) for s in param_shapes(cfg).values())
-    out(f"backend {B.name}  |  data {trainer.ds.source}  |  {len(trainer.ds.train):,} train tokens  |  "
-        f"tokenizer {trainer.ds.tokenizer.kind} ({cfg.vocab_size} ids)")
-    out(f"model {cfg.n_layer} layers, {cfg.n_head} heads, d_model {cfg.d_model}, block {cfg.block_size}: "
-        f"{n_params:,} parameters  |  batch {tc.batch_size} x {tc.grad_accum}  |  run dir {trainer.out}")
+    spec = model.param_spec(cfg) if not trainer.tc.freeze_base else trainer.spec
+    n_params, n_train = count(spec), count(trainer.spec, trainable_only=True)
+    if trainer.ds is not None:
+        data = f"data {trainer.ds.source}  |  {len(trainer.ds.train):,} train tokens"
+    else:
+        n_examples = len(trainer.task.train["y"])  # type: ignore[attr-defined]
+        scratch = " (from scratch)" if tc.from_scratch else ""
+        data = (f"classify {tc.data or C.BUILTIN}  |  {n_examples:,} train examples, labels "
+                f"{', '.join(trainer.labels)}  |  base {tc.base}{scratch}")
+    out(f"backend {B.name}  |  {data}  |  tokenizer {trainer.tokenizer.kind} ({cfg.vocab_size} ids)")
+    trained = f" ({n_train:,} trained)" if n_train != n_params else ""
+    out(f"model {cfg.arch}: {cfg.n_layer} layers, {cfg.n_head} heads"
+        f"{f' ({cfg.n_kv_head} kv)' if cfg.n_kv_head != cfg.n_head else ''}, d_model {cfg.d_model}, "
+        f"block {cfg.block_size}, {cfg.norm}, {cfg.activation}, {cfg.pos_encoding} positions: "
+        f"{n_params:,} parameters{trained}  |  task {trainer.task.name}  |  batch {tc.batch_size} x "
+        f"{tc.grad_accum}  |  run dir {trainer.out}")
     if resume:
         out(f"resuming at iter {trainer.iter} of {tc.max_iters}")
     if trainer.is_task:
@@ -81,6 +109,12 @@ def command(backend_name: str | None, config_file: str | None, resume: str | Non
     out(f"time: {result.wall_s:.1f} s total, first step (compile) {result.compile_s:.1f} s, steady {speed}")
     if result.checkpoint:
         out(f"checkpoint: {result.checkpoint}")
+    metrics = trainer.last_metrics
+    if "masked_accuracy" in metrics:
+        out(f"masked-token accuracy: {metrics['masked_accuracy']:.1%} on the validation split")
+    if "confusion" in metrics:
+        out(f"accuracy: {metrics['accuracy']:.1%} on {metrics['n']} validation examples")
+        out(confusion_table(metrics["confusion"], metrics["labels"]))
     if trainer.is_task and not result.interrupted:
         acc, shown = trainer.task_accuracy(samples=8)
         verdict = "reached" if acc >= TARGET_ACCURACY else "NOT reached"
@@ -95,6 +129,16 @@ def command(backend_name: str | None, config_file: str | None, resume: str | Non
         click.echo(f"interrupted at iter {result.iter}; resume with: twinlm train --resume {trainer.out}",
                    err=True)
         sys.exit(INTERRUPTED_EXIT)
+
+
+def confusion_table(confusion: list[list[int]], labels: list[str]) -> str:
+    """Rows: true label; columns: predicted."""
+    width = max(8, *(len(lab) + 2 for lab in labels))
+    lines = ["confusion (rows: true, columns: predicted)",
+             " " * width + "".join(f"{lab:>{width}}" for lab in labels)]
+    lines += [f"{lab:>{width}}" + "".join(f"{n:>{width}}" for n in row)
+              for lab, row in zip(labels, confusion, strict=True)]
+    return "\n".join(lines)
 
 
 def _f(x: float | None) -> str:

@@ -8,7 +8,14 @@ Pinned conventions (the frameworks' native defaults disagree on most of these):
   approximation below on every backend (max abs error vs true erf < 1e-6 in float32). Its
   gradient is the analytic Phi(x) + x * phi(x) (via `custom_grad`) on every backend, not autodiff
   through the polynomial: fewer operations, and (with MLX's custom VJP) only x is kept for the backward.
-- LayerNorm uses the biased variance and eps = 1e-5.
+- LayerNorm uses the biased variance and eps = 1e-5 unless the model config says otherwise (BERT: 1e-12).
+- RMSNorm is x / sqrt(mean(x^2) + eps) * weight, eps = 1e-5 by default (MLX's and SmolLM/TinyLlama's;
+  tinygrad's default is 1e-6, so eps is always passed explicitly).
+- GELU-tanh is 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), GPT-2's `gelu_new`.
+- SiLU is x * sigmoid(x), sigmoid = 1 / (1 + exp(-x)); SwiGLU(g, u) = silu(g) * u.
+- RoPE rotates the two halves of each head (x[:hs/2], x[hs/2:]) as one complex pair per frequency:
+  out = [x1 cos - x2 sin, x2 cos + x1 sin], the "rotate_half" layout of Hugging Face Llama, so HF
+  checkpoints load without permuting q/k (Meta's original checkpoints interleave pairs instead).
 - Attention masks are boolean, True = may attend; masked scores become -inf before softmax.
 - Softmax subtracts the (gradient-stopped) row max for stability.
 """
@@ -24,6 +31,8 @@ import numpy as np
 Array = Any  # a backend's array type (mx.array, tinygrad.Tensor, np.ndarray)
 
 LAYER_NORM_EPS = 1e-5
+RMS_NORM_EPS = 1e-5
+GELU_TANH_C = math.sqrt(2.0 / math.pi)
 
 # erf(x) ~= x * P(x^2) / Q(x^2) on [-4, 4] (clamped outside, where erf is +-1 in float32).
 # Coefficients from Eigen's generic_fast_erf_float (also XLA's ErfImpl32): only multiply, add
@@ -150,6 +159,21 @@ class Backend:
         arrays alive at the backward's peak on MLX: +14% peak memory, medium preset at batch 8.)"""
         return 0.5 * (1.0 + self.erf(x * SQRT_HALF)) + x * (self.exp(-0.5 * (x * x)) * INV_SQRT_2PI)
 
+    def gelu_tanh(self, x: Array) -> Array:
+        return 0.5 * x * (1.0 + self.tanh(GELU_TANH_C * (x + 0.044715 * (x * x * x))))
+
+    def silu(self, x: Array) -> Array:
+        return x / (1.0 + self.exp(-x))
+
+    def swiglu(self, gate: Array, up: Array) -> Array:
+        return self.silu(gate) * up
+
+    def rope(self, x: Array, cos: Array, sin: Array) -> Array:
+        """Rotary embedding of x (B, H, T, hs) with cos/sin tables (T, hs/2), half-split layout."""
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        return self.concat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
     def softmax(self, x: Array, axis: int = -1) -> Array:
         e = self.exp(x - self.stop_gradient(self.max(x, axis=axis, keepdims=True)))
         return e / self.sum(e, axis=axis, keepdims=True)
@@ -165,9 +189,22 @@ class Backend:
         y = xc * self.rsqrt(var + eps) * weight
         return y if bias is None else y + bias
 
+    def repeat_kv(self, x: Array, n_rep: int) -> Array:
+        """Grouped-query attention: (B, Hkv, T, hs) -> (B, Hkv * n_rep, T, hs), where query head h
+        reads key/value head h // n_rep (Hugging Face's `repeat_kv`)."""
+        if n_rep == 1:
+            return x
+        b, h, t, hs = x.shape
+        x = self.reshape(x, (b, h, 1, t, hs))
+        return self.reshape(self.concat([x] * n_rep, axis=2), (b, h * n_rep, t, hs))
+
+    def rms_norm(self, x: Array, weight: Array, eps: float = RMS_NORM_EPS) -> Array:
+        return x * self.rsqrt(self.mean(x * x, axis=-1, keepdims=True) + eps) * weight
+
     def attention(self, q: Array, k: Array, v: Array, mask: Array | None,
                   dropout: Array | None = None) -> Array:
-        """softmax(q k^T / sqrt(d_k)) v over (B, H, T, hs); `mask` boolean (Tq, Tk), True = attend;
+        """softmax(q k^T / sqrt(d_k)) v over (B, H, T, hs); `mask` boolean, True = attend, broadcastable
+        to (B, H, Tq, Tk): (Tq, Tk) for causal, (B, 1, Tq, Tk) with padding (every row must keep a key);
         `dropout` an optional keep-mask already scaled by 1/(1-p), shape (B, H, Tq, Tk)."""
         scale = 1.0 / math.sqrt(q.shape[-1])
         scores = (q @ self.transpose(k, (0, 1, 3, 2))) * scale  # (B, H, Tq, Tk)

@@ -12,38 +12,91 @@ class ConfigError(TwinlmError, ValueError):
     """A model configuration that cannot be built."""
 
 
+POS_ENCODINGS = ("learned", "sinusoidal", "rope", "none")
+NORMS = ("layernorm", "rmsnorm")
+ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu")
+# Fields a family fills in when left None (see each family's DEFAULTS in core/models/).
+FAMILY_FIELDS = ("bias", "pos_encoding", "norm", "activation", "norm_eps", "type_vocab_size")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
+    """One model of any registered family (`arch`). Fields left None take the family's default,
+    so `ModelConfig(arch="llama")` is a Llama-style decoder and old GPT configs load unchanged."""
+
     vocab_size: int = 65
     block_size: int = 64
     n_layer: int = 4
     n_head: int = 4
     d_model: int = 128
-    d_ff: int = 0  # 0 means 4 * d_model
+    d_ff: int = 0  # 0: 4 * d_model (SwiGLU: 8/3 * d_model rounded up to a multiple of 16)
     dropout: float = 0.0
-    bias: bool = True
+    bias: bool | None = None
     tie_embeddings: bool = True
-    pos_encoding: str = "learned"  # "learned" | "sinusoidal"
+    pos_encoding: str | None = None  # "learned" | "sinusoidal" | "rope" | "none"
+    arch: str = "gpt"
+    n_kv_head: int = 0  # 0: n_head (grouped-query attention when smaller)
+    norm: str | None = None  # "layernorm" | "rmsnorm"
+    activation: str | None = None  # "gelu" (exact erf) | "gelu_tanh" | "swiglu"
+    norm_eps: float | None = None
+    rope_theta: float = 10000.0
+    type_vocab_size: int | None = None  # BERT's token-type (segment) embeddings; 0: none
+    n_classes: int = 0  # > 0: a classification head on the pooled representation
 
     def __post_init__(self) -> None:
+        from twinlm.core.models import family  # the registry imports this module
+
+        fam = family(self.arch)  # raises ConfigError for an unknown arch
+        for name in FAMILY_FIELDS:
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, fam.DEFAULTS[name])
+        if self.n_kv_head == 0:
+            object.__setattr__(self, "n_kv_head", self.n_head)
         if self.d_ff == 0:
-            object.__setattr__(self, "d_ff", 4 * self.d_model)
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "d_ff"):
+            d_ff = 4 * self.d_model
+            if self.activation == "swiglu":  # same parameter count as a 4x GELU MLP (Llama's rule)
+                d_ff = -(-(8 * self.d_model // 3) // 16) * 16
+            object.__setattr__(self, "d_ff", d_ff)
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "d_ff", "n_kv_head"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.d_model % self.n_head:
             raise ConfigError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+        if self.n_head % self.n_kv_head:
+            raise ConfigError(f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.pos_encoding not in ("learned", "sinusoidal"):
-            raise ConfigError(f"pos_encoding must be 'learned' or 'sinusoidal', got {self.pos_encoding!r}")
+        for name, allowed in (("pos_encoding", POS_ENCODINGS), ("norm", NORMS), ("activation", ACTIVATIONS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+            if getattr(self, name) not in fam.CHOICES.get(name, allowed):
+                raise ConfigError(f"--arch {self.arch} does not take {name} {getattr(self, name)!r}; "
+                                  f"choose from {', '.join(fam.CHOICES[name])}")
         if self.pos_encoding == "sinusoidal" and self.d_model % 2:
             raise ConfigError("sinusoidal positional encoding needs an even d_model")
+        if self.pos_encoding == "rope" and self.head_dim % 2:
+            raise ConfigError(f"rotary positions need an even head size, got {self.head_dim} "
+                              f"(d_model {self.d_model} / n_head {self.n_head})")
+        if not (isinstance(self.norm_eps, (int, float)) and 0 < self.norm_eps < 1):
+            raise ConfigError(f"norm_eps must be in (0, 1), got {self.norm_eps!r}")
+        if not self.rope_theta > 0:
+            raise ConfigError(f"rope_theta must be positive, got {self.rope_theta!r}")
+        for name in ("type_vocab_size", "n_classes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_head
+
+    @property
+    def kind(self) -> str:
+        """"decoder" (causal, next-token LM) or "encoder" (bidirectional, masked LM)."""
+        from twinlm.core.models import family
+
+        return family(self.arch).KIND
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

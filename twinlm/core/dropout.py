@@ -10,16 +10,12 @@ from __future__ import annotations
 import numpy as np
 
 from twinlm.core.config import ModelConfig
+from twinlm.core.models import family
 
 
 def sites(cfg: ModelConfig, batch: int, t: int) -> dict[str, tuple[int, ...]]:
-    """Each dropout site's name and mask shape, in drawing order."""
-    out: dict[str, tuple[int, ...]] = {"emb": (batch, t, cfg.d_model)}
-    for i in range(cfg.n_layer):
-        out[f"blocks.{i}.attn"] = (batch, cfg.n_head, t, t)
-        out[f"blocks.{i}.resid_attn"] = (batch, t, cfg.d_model)
-        out[f"blocks.{i}.resid_mlp"] = (batch, t, cfg.d_model)
-    return out
+    """Each dropout site's name and mask shape, in drawing order (the family's)."""
+    return family(cfg.arch).dropout_sites(cfg, batch, t)
 
 
 def masks(cfg: ModelConfig, batch: int, t: int, seed: int, step: int) -> dict[str, np.ndarray]:

@@ -1,8 +1,16 @@
-"""The training step as one pure function of (state, inputs), which adapters compile whole.
+"""The training step in two parts, composed into one pure function of (state, inputs) that adapters
+compile whole:
 
-State is a flat dict: `param.<name>`, `m.<name>`, `v.<name>`. Inputs are the batch, the dropout
-masks and three host-computed scalars (lr, 1 - b1^t, 1 - b2^t), passed as 0-d arrays so a
-compiled step never retraces. A step whose gradients are not finite leaves the state unchanged.
+    grads = grad_part(params, batch, dropout)          loss and gradients of the trainable parameters
+    state = update_part(state, grads, lr, bc1, bc2)    global-norm clip + AdamW (core.optim)
+
+Frozen parameters (trainable=False in the family's spec) get no gradient and no optimizer moments;
+gradient accumulation, LoRA or a data-parallel all-reduce slot in between the two parts.
+
+State is a flat dict: `param.<name>` for every parameter, `m.<name>`, `v.<name>` for trainable ones.
+Inputs are the batch (a dict of arrays, the task's), the dropout masks and three host-computed
+scalars (lr, 1 - b1^t, 1 - b2^t), passed as 0-d arrays so a compiled step never retraces. A step
+whose gradients are not finite leaves the state unchanged.
 """
 
 from __future__ import annotations
@@ -11,51 +19,86 @@ from collections.abc import Callable
 
 import numpy as np
 
-from twinlm.core import model, optim
+from twinlm.core import optim
 from twinlm.core.backend import Array, Backend
-from twinlm.core.config import ModelConfig
+from twinlm.core.spec import Spec
 
 StepFn = Callable[..., tuple[tuple[Array, Array], dict[str, Array]]]
+# loss_fn(params, batch, dropout) -> scalar; params holds every parameter, frozen ones included.
+LossFn = Callable[[dict[str, Array], dict[str, Array], dict[str, Array]], Array]
 
 
-def init_state(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Fresh optimizer state (zero moments) around numpy parameters."""
+def init_state(params: dict[str, np.ndarray], spec: Spec | None = None) -> dict[str, np.ndarray]:
+    """Fresh optimizer state (zero moments for trainable parameters) around numpy parameters."""
     state: dict[str, np.ndarray] = {}
     for name, value in params.items():
         state[f"param.{name}"] = value
-        state[f"m.{name}"] = np.zeros_like(value)
-        state[f"v.{name}"] = np.zeros_like(value)
+        if spec is None or spec[name].trainable:
+            state[f"m.{name}"] = np.zeros_like(value)
+            state[f"v.{name}"] = np.zeros_like(value)
     return state
+
+
+def state_shapes(spec: Spec) -> dict[str, tuple[int, ...]]:
+    """The name and shape of every array `init_state` makes for `spec`."""
+    return {k: v.shape for k, v in init_state({n: np.zeros(s.shape, np.float32) for n, s in spec.items()},
+                                              spec).items()}
 
 
 def params_of(state: dict[str, Array]) -> dict[str, Array]:
     return {k[len("param."):]: v for k, v in state.items() if k.startswith("param.")}
 
 
-def make_train_step(B: Backend, cfg: ModelConfig, opt: optim.AdamWConfig,
-                    loss_fn: Callable[..., Array] | None = None) -> StepFn:
-    """`step(state, x, y, dropout, lr, bc1, bc2) -> ((loss, grad_norm), new_state)`."""
-    loss_fn = loss_fn or (lambda p, x, y, drop: model.loss(B, cfg, p, x, y, dropout=drop))
-    value_and_grad = B.value_and_grad(loss_fn)
+def grad_part(B: Backend, spec: Spec, loss_fn: LossFn) -> Callable[..., tuple[Array, dict[str, Array]]]:
+    """`(params, batch, dropout) -> (loss, grads)`, grads for the trainable parameters only."""
+    def split_loss(trainable: dict[str, Array], frozen: dict[str, Array], batch: dict[str, Array],
+                   drop: dict[str, Array]) -> Array:
+        return loss_fn({**frozen, **trainable}, batch, drop)
 
-    def step(state: dict[str, Array], x: Array, y: Array, dropout: dict[str, Array],
-             lr: Array, bc1: Array, bc2: Array) -> tuple[tuple[Array, Array], dict[str, Array]]:
-        params = params_of(state)
-        loss, grads = value_and_grad(params, x, y, dropout)
+    value_and_grad = B.value_and_grad(split_loss)
+
+    def grads(params: dict[str, Array], batch: dict[str, Array],
+              drop: dict[str, Array]) -> tuple[Array, dict[str, Array]]:
+        trainable = {k: v for k, v in params.items() if spec[k].trainable}
+        frozen = {k: v for k, v in params.items() if not spec[k].trainable}
+        return value_and_grad(trainable, frozen, batch, drop)
+
+    return grads
+
+
+def update_part(B: Backend, spec: Spec,
+                opt: optim.AdamWConfig) -> Callable[..., tuple[Array, dict[str, Array]]]:
+    """`(state, grads, lr, bc1, bc2) -> (grad_norm, new_state)`: clip by the global norm, then AdamW
+    with decay where the spec says so. Non-finite gradients keep the old state."""
+    def update(state: dict[str, Array], grads: dict[str, Array], lr: Array, bc1: Array,
+               bc2: Array) -> tuple[Array, dict[str, Array]]:
         gnorm = optim.global_norm(B, grads)
         ok = B.isfinite(gnorm)
         if opt.grad_clip > 0:
             scale = B.minimum(opt.grad_clip / (gnorm + 1e-6), 1.0)
             grads = {k: g * scale for k, g in grads.items()}
-        new: dict[str, Array] = {}
-        for name, p in params.items():
-            p2, m2, v2 = optim.adamw_update(
-                B, p, grads[name], state[f"m.{name}"], state[f"v.{name}"], lr=lr, bc1=bc1, bc2=bc2,
-                cfg=opt, decay=optim.decays(p.shape))
+        new = dict(state)
+        for name, g in grads.items():
+            p, m, v = state[f"param.{name}"], state[f"m.{name}"], state[f"v.{name}"]
+            p2, m2, v2 = optim.adamw_update(B, p, g, m, v, lr=lr, bc1=bc1, bc2=bc2, cfg=opt,
+                                            decay=spec[name].decay)
             # Never write non-finite values: a bad step keeps the old state.
             new[f"param.{name}"] = B.where(ok, p2, p)
-            new[f"m.{name}"] = B.where(ok, m2, state[f"m.{name}"])
-            new[f"v.{name}"] = B.where(ok, v2, state[f"v.{name}"])
+            new[f"m.{name}"] = B.where(ok, m2, m)
+            new[f"v.{name}"] = B.where(ok, v2, v)
+        return gnorm, new
+
+    return update
+
+
+def make_train_step(B: Backend, spec: Spec, opt: optim.AdamWConfig, loss_fn: LossFn) -> StepFn:
+    """`step(state, batch, dropout, lr, bc1, bc2) -> ((loss, grad_norm), new_state)`."""
+    grads_of, update = grad_part(B, spec, loss_fn), update_part(B, spec, opt)
+
+    def step(state: dict[str, Array], batch: dict[str, Array], dropout: dict[str, Array],
+             lr: Array, bc1: Array, bc2: Array) -> tuple[tuple[Array, Array], dict[str, Array]]:
+        loss, grads = grads_of(params_of(state), batch, dropout)
+        gnorm, new = update(state, grads, lr, bc1, bc2)
         return (loss, gnorm), new
 
     return step

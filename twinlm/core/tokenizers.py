@@ -163,6 +163,41 @@ def _bpe_chunks(text: str, size: int = _BPE_CHUNK_CHARS) -> list[str]:
     return chunks
 
 
+class SpecialTokens(Tokenizer):
+    """A tokenizer plus special tokens ("[CLS]", "[MASK]", "[PAD]", ...) with ids after its own. Their
+    literal text in a string encodes to their id, so a user can write "ab[MASK]d" to `predict`."""
+
+    def __init__(self, base: Tokenizer, specials: Iterable[str]) -> None:
+        self.base, self.specials = base, tuple(specials)
+        if not self.specials or len(set(self.specials)) != len(self.specials) or not all(self.specials):
+            raise TwinlmError("special tokens must be distinct, non-empty strings")
+        self.kind = base.kind
+        self.vocab_size = base.vocab_size + len(self.specials)
+        self._split = re.compile("(" + "|".join(map(re.escape, self.specials)) + ")")
+
+    def id_of(self, special: str) -> int:
+        return self.base.vocab_size + self.specials.index(special)
+
+    def encode(self, text: str) -> np.ndarray:
+        parts = [np.array([self.id_of(part)], np.int32) if part in self.specials else self.base.encode(part)
+                 for part in self._split.split(text) if part]
+        return np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)
+
+    def decode(self, ids: Iterable[int] | np.ndarray) -> str:
+        arr, n, out, run = self._check_ids(ids), self.base.vocab_size, [], []
+        for i in arr.tolist():
+            if i < n:
+                run.append(i)
+                continue
+            out.append(self.base.decode(run) if run else "")
+            out.append(self.specials[i - n])
+            run = []
+        return "".join(out) + (self.base.decode(run) if run else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.base.to_dict(), "specials": list(self.specials)}
+
+
 def tokenizer_spec(kind: str, vocab_size: int | None = None) -> dict[str, Any]:
     """The validated request {"kind", "vocab_size"} for `train_tokenizer` (vocab_size resolved for bpe)."""
     if kind not in KINDS:
@@ -197,6 +232,11 @@ def train_tokenizer(kind: str, text: str, vocab_size: int | None = None) -> Toke
 
 def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
     """Rebuild a tokenizer from `Tokenizer.to_dict()` (e.g. from a checkpoint's meta)."""
+    if isinstance(d, dict) and "specials" in d:
+        specials = d["specials"]
+        if not isinstance(specials, list) or not all(isinstance(t, str) for t in specials):
+            raise TwinlmError("tokenizer description's 'specials' must be a list of strings")
+        return SpecialTokens(tokenizer_from_dict({k: v for k, v in d.items() if k != "specials"}), specials)
     kind = d.get("kind") if isinstance(d, dict) else None
     if kind == "char":
         chars = d.get("chars")

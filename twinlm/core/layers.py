@@ -1,0 +1,172 @@
+"""The layer library every family is built from, written once against a Backend `B`.
+
+Each layer reads its parameters from the flat dict `p` by name prefix and the config's options
+(norm, activation, positions, bias, n_kv_head); the maths of each piece is a composite on `Backend`
+(layer_norm, rms_norm, gelu, gelu_tanh, swiglu, rope, repeat_kv, attention), so adapters may fuse it
+and the parity suite checks every override against the reference body.
+
+Shapes: B batch, T tokens, C d_model, H query heads, Hkv key/value heads, hs head size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from twinlm.core import spec as S
+from twinlm.core.backend import Array, Backend
+from twinlm.core.config import ModelConfig
+
+Params = dict[str, Array]
+# Attends q (B, H, Tq, hs) over the caller's keys: (layer, q, k, v) with k, v (B, Hkv, Tk, hs).
+Attend = Callable[[int, Array, Array, Array], Array]
+
+
+# ---- tables computed on the host ---------------------------------------------------------------
+
+def sinusoidal_table(n_pos: int, d_model: int) -> np.ndarray:
+    """The original paper's encoding: PE[pos, 2i] = sin(pos / 10000^(2i/d)), PE[pos, 2i+1] = cos(...)."""
+    pos = np.arange(n_pos, dtype=np.float64)[:, None]
+    inv_freq = 1.0 / (10000.0 ** (np.arange(0, d_model, 2, dtype=np.float64) / d_model))
+    table = np.zeros((n_pos, d_model), dtype=np.float64)
+    table[:, 0::2] = np.sin(pos * inv_freq)
+    table[:, 1::2] = np.cos(pos * inv_freq)
+    return table.astype(np.float32)
+
+
+def rope_tables(n_pos: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin (n_pos, hs/2) of pos * theta^(-2i/hs), the angles `Backend.rope` rotates by."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    angles = np.arange(n_pos, dtype=np.float64)[:, None] * inv_freq
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def causal_mask(t_q: int, t_k: int) -> np.ndarray:
+    """Boolean (t_q, t_k), True where query i (at absolute position t_k - t_q + i) may see key j."""
+    offset = t_k - t_q
+    return np.arange(t_k)[None, :] <= (np.arange(t_q)[:, None] + offset)
+
+
+def padding_mask(lengths: np.ndarray, t: int) -> np.ndarray:
+    """Boolean (B, 1, 1, t): True at the first lengths[b] positions (real tokens), the keys each query
+    may see in a bidirectional encoder. Every row must keep a key: lengths >= 1."""
+    lengths = np.asarray(lengths)
+    if lengths.size and int(lengths.min()) < 1:
+        raise ValueError("every example needs at least one real token (an all-padding row has no keys)")
+    return (np.arange(t)[None, :] < lengths[:, None]).reshape(len(lengths), 1, 1, t)
+
+
+# ---- parameter specs ---------------------------------------------------------------------------
+
+def linear_spec(cfg: ModelConfig, name: str, n_in: int, n_out: int, std: float = S.INIT_STD) -> S.Spec:
+    out = {f"{name}.weight": S.weight(n_in, n_out, std)}
+    if cfg.bias:
+        out[f"{name}.bias"] = S.bias(n_out)
+    return out
+
+
+def norm_spec(cfg: ModelConfig, name: str) -> S.Spec:
+    out = {f"{name}.weight": S.gain(cfg.d_model)}
+    if cfg.bias and cfg.norm == "layernorm":  # RMSNorm has no bias
+        out[f"{name}.bias"] = S.bias(cfg.d_model)
+    return out
+
+
+def attention_spec(cfg: ModelConfig, name: str, proj_std: float = S.INIT_STD) -> S.Spec:
+    """One fused q|k|v projection (C -> (H + 2 Hkv) hs), then the output projection."""
+    hs = cfg.head_dim
+    return {**linear_spec(cfg, f"{name}.qkv", cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * hs),
+            **linear_spec(cfg, f"{name}.proj", cfg.d_model, cfg.d_model, proj_std)}
+
+
+def mlp_spec(cfg: ModelConfig, name: str, proj_std: float = S.INIT_STD) -> S.Spec:
+    """fc: C -> F (SwiGLU: C -> 2F, gate then up), proj: F -> C."""
+    width = 2 * cfg.d_ff if cfg.activation == "swiglu" else cfg.d_ff
+    return {**linear_spec(cfg, f"{name}.fc", cfg.d_model, width),
+            **linear_spec(cfg, f"{name}.proj", cfg.d_ff, cfg.d_model, proj_std)}
+
+
+def classifier_spec(cfg: ModelConfig) -> S.Spec:
+    """The task head of a fine-tuned model: pooled (C) -> n_classes logits."""
+    if not cfg.n_classes:
+        return {}
+    return {"cls.weight": S.weight(cfg.d_model, cfg.n_classes), "cls.bias": S.bias(cfg.n_classes)}
+
+
+# ---- layers ------------------------------------------------------------------------------------
+
+def linear(B: Backend, p: Params, name: str, x: Array) -> Array:
+    y = x @ p[f"{name}.weight"]
+    b = p.get(f"{name}.bias")
+    return y if b is None else y + b
+
+
+def norm(B: Backend, cfg: ModelConfig, p: Params, name: str, x: Array) -> Array:
+    if cfg.norm == "rmsnorm":
+        return B.rms_norm(x, p[f"{name}.weight"], cfg.norm_eps)
+    return B.layer_norm(x, p[f"{name}.weight"], p.get(f"{name}.bias"), cfg.norm_eps)
+
+
+def mlp(B: Backend, cfg: ModelConfig, p: Params, name: str, x: Array) -> Array:
+    h = linear(B, p, f"{name}.fc", x)
+    if cfg.activation == "swiglu":
+        h = B.swiglu(h[..., :cfg.d_ff], h[..., cfg.d_ff:])
+    elif cfg.activation == "gelu_tanh":
+        h = B.gelu_tanh(h)
+    else:
+        h = B.gelu(h)
+    return linear(B, p, f"{name}.proj", h)
+
+
+def self_attention(B: Backend, cfg: ModelConfig, p: Params, name: str, layer: int, x: Array,
+                   attend: Attend, rope: tuple[Array, Array] | None) -> Array:
+    """Multi-head (grouped-query when n_kv_head < n_head) self-attention of x (B, T, C); `rope` is the
+    (cos, sin) rows of x's positions when the config uses rotary positions."""
+    batch, t, C = x.shape
+    H, Hkv, hs = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+
+    def heads(z: Array, n: int) -> Array:
+        return B.transpose(B.reshape(z, (batch, t, n, hs)), (0, 2, 1, 3))  # (B, n, T, hs)
+
+    qkv = linear(B, p, f"{name}.qkv", x)  # (B, T, (H + 2 Hkv) hs)
+    q = heads(qkv[..., :H * hs], H)
+    k = heads(qkv[..., H * hs:(H + Hkv) * hs], Hkv)
+    v = heads(qkv[..., (H + Hkv) * hs:], Hkv)
+    if rope is not None:
+        q, k = B.rope(q, *rope), B.rope(k, *rope)
+    y = attend(layer, q, k, v)  # (B, H, T, hs)
+    y = B.reshape(B.transpose(y, (0, 2, 1, 3)), (batch, t, C))  # heads concatenated
+    return linear(B, p, f"{name}.proj", y)
+
+
+def attend_all(B: Backend, cfg: ModelConfig, mask: Array | None, dropout: dict[str, Array],
+               k_cache: list[tuple[Array, Array]] | None = None) -> tuple[Attend, list[tuple[Array, Array]]]:
+    """An `Attend` over this call's keys (after the layer's cached ones, if any), recording each
+    layer's (k, v) in the returned list (before heads are repeated for grouped-query attention)."""
+    new_cache: list[tuple[Array, Array]] = []
+    rep = cfg.n_head // cfg.n_kv_head
+
+    def attend(i: int, q: Array, k: Array, v: Array) -> Array:
+        if k_cache:
+            k = B.concat([k_cache[i][0], k], axis=2)
+            v = B.concat([k_cache[i][1], v], axis=2)
+        new_cache.append((k, v))
+        return B.attention(q, B.repeat_kv(k, rep), B.repeat_kv(v, rep), mask, dropout.get(f"blocks.{i}.attn"))
+
+    return attend, new_cache
+
+
+def residual_dropout(x: Array, drop: dict[str, Array], site: str) -> Array:
+    return x * drop[site] if site in drop else x
+
+
+def classify(B: Backend, cfg: ModelConfig, p: Params, pooled: Array) -> Array:
+    """Class logits (B, n_classes) of the pooled representation (B, C)."""
+    return linear(B, p, "cls", pooled)
+
+
+def pool_at(B: Backend, h: Array, pool: Array) -> Array:
+    """sum_t h[:, t] * pool[:, t]: the hidden state (B, C) at the position where the one-hot `pool`
+    (B, T) is 1 (the last real token of a decoder, [CLS] of an encoder), differentiable on any backend."""
+    return B.sum(h * B.reshape(pool, (*pool.shape, 1)), axis=1)

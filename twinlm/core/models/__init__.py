@@ -1,0 +1,33 @@
+"""The model families. A family is one module exporting:
+
+    KIND          "decoder" (causal, next-token LM) or "encoder" (bidirectional, masked LM)
+    DEFAULTS      values for the config fields it leaves to the family (see config.FAMILY_FIELDS)
+    CHOICES       per option, the values the family accepts (missing: all)
+    param_spec(cfg) -> Spec                       every parameter: shape, init, decay, trainable
+    hidden(B, cfg, p, idx, *, dropout, cache, mask, mask_fn, types) -> (h (B, T, C), cache)
+    lm_logits(B, cfg, p, h) -> (B, T, V)          the language-model head (next token or masked token)
+    pooled(B, cfg, p, h, pool) -> (B, C)          the representation a classification head reads
+    dropout_sites(cfg, batch, t) -> {site: shape}
+    decode_step(...)                               decoders only: one token through a fixed KV cache
+
+and a line in FAMILIES below.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+FAMILIES = {
+    "gpt": "twinlm.core.models.gpt",
+    "llama": "twinlm.core.models.llama",
+    "bert": "twinlm.core.models.bert",
+}
+
+
+def family(arch: str) -> ModuleType:
+    if arch not in FAMILIES:
+        from twinlm.core.config import ConfigError
+
+        raise ConfigError(f"unknown arch {arch!r}; choose from {', '.join(FAMILIES)}")
+    return importlib.import_module(FAMILIES[arch])

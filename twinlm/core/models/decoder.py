@@ -1,0 +1,150 @@
+"""The pre-norm causal decoder stack shared by GPT and Llama-style families.
+
+    tokens (B, T) -> wte (+ learned or sinusoidal positions) -> n_layer x [x + attn(norm_1(x));
+                     x + mlp(norm_2(x))] -> norm_f -> logits (B, T, V)
+
+Rotary positions, when chosen, rotate q and k inside attention instead of adding to x. Dropout masks
+come in from outside (see `core.dropout`) so both backends drop the same units.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from twinlm.core import layers as L
+from twinlm.core import spec as S
+from twinlm.core.backend import Array, Backend
+from twinlm.core.config import ModelConfig
+
+__all__ = ["KIND", "decode_step", "dropout_sites", "hidden", "lm_logits", "param_spec", "pooled"]
+
+KIND = "decoder"
+# Per-layer (k, v) of shape (B, Hkv, T_past, hs), for incremental generation.
+KVCache = list[tuple[Array, Array]]
+
+
+def param_spec(cfg: ModelConfig) -> S.Spec:
+    """GPT-2 names and init: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer)."""
+    C = cfg.d_model
+    spec: S.Spec = {"wte.weight": S.embedding(cfg.vocab_size, C)}
+    if cfg.pos_encoding == "learned":
+        spec["wpe.weight"] = S.embedding(cfg.block_size, C)
+    proj_std = S.INIT_STD / math.sqrt(2 * cfg.n_layer)
+    for i in range(cfg.n_layer):
+        pre = f"blocks.{i}"
+        spec |= L.norm_spec(cfg, f"{pre}.ln_1")
+        spec |= L.attention_spec(cfg, f"{pre}.attn", proj_std)
+        spec |= L.norm_spec(cfg, f"{pre}.ln_2")
+        spec |= L.mlp_spec(cfg, f"{pre}.mlp", proj_std)
+    spec |= L.norm_spec(cfg, "ln_f")
+    if not cfg.tie_embeddings:
+        spec["head.weight"] = S.weight(C, cfg.vocab_size)
+    return spec | L.classifier_spec(cfg)
+
+
+def dropout_sites(cfg: ModelConfig, batch: int, t: int) -> dict[str, tuple[int, ...]]:
+    out: dict[str, tuple[int, ...]] = {"emb": (batch, t, cfg.d_model)}
+    for i in range(cfg.n_layer):
+        out[f"blocks.{i}.attn"] = (batch, cfg.n_head, t, t)
+        out[f"blocks.{i}.resid_attn"] = (batch, t, cfg.d_model)
+        out[f"blocks.{i}.resid_mlp"] = (batch, t, cfg.d_model)
+    return out
+
+
+def _block(B: Backend, cfg: ModelConfig, p: L.Params, i: int, x: Array, attend: L.Attend,
+           drop: dict[str, Array], rope: tuple[Array, Array] | None) -> Array:
+    pre = f"blocks.{i}"
+    y = L.self_attention(B, cfg, p, f"{pre}.attn", i, L.norm(B, cfg, p, f"{pre}.ln_1", x), attend, rope)
+    x = x + L.residual_dropout(y, drop, f"{pre}.resid_attn")
+    h = L.mlp(B, cfg, p, f"{pre}.mlp", L.norm(B, cfg, p, f"{pre}.ln_2", x))
+    return x + L.residual_dropout(h, drop, f"{pre}.resid_mlp")
+
+
+def _positions(B: Backend, cfg: ModelConfig, p: L.Params, rows: Any,
+               take: bool) -> tuple[Array | None, tuple[Array, Array] | None]:
+    """(rows added to the embeddings, rope (cos, sin)) at positions `rows`: a slice, or (with `take`) a
+    device array of position ids gathered inside the graph."""
+    def pick(table: Array) -> Array:
+        return B.take(table, rows) if take else table[rows]
+
+    if cfg.pos_encoding == "learned":
+        return pick(p["wpe.weight"]), None
+    if cfg.pos_encoding == "sinusoidal":
+        return pick(B.from_numpy(L.sinusoidal_table(cfg.block_size, cfg.d_model))), None
+    if cfg.pos_encoding == "rope":
+        cos, sin = L.rope_tables(cfg.block_size, cfg.head_dim, cfg.rope_theta)
+        return None, (pick(B.from_numpy(cos)), pick(B.from_numpy(sin)))
+    return None, None
+
+
+def hidden(B: Backend, cfg: ModelConfig, p: L.Params, idx: Array, *, dropout: dict[str, Array] | None = None,
+           cache: KVCache | None = None, mask: Array | None = None, mask_fn: Any = L.causal_mask,
+           types: Array | None = None) -> tuple[Array, KVCache]:
+    """Final hidden states (B, T, C) for token ids `idx` (B, T), and the updated KV cache.
+
+    With `cache` (from an earlier call), `idx` holds only the new tokens, which sit at positions after
+    the cached ones. `mask` (boolean, broadcastable to (B, H, T, T_total)) replaces the causal mask."""
+    t_new = idx.shape[1]
+    t_past = 0 if not cache else cache[0][0].shape[2]
+    t_total = t_past + t_new
+    if t_total > cfg.block_size:
+        raise ValueError(f"sequence length {t_total} exceeds block_size {cfg.block_size}")
+    drop = dropout or {}
+    x = B.take(p["wte.weight"], idx)  # (B, T, C)
+    added, rope = _positions(B, cfg, p, slice(t_past, t_total), take=False)
+    if added is not None:
+        x = x + added
+    x = L.residual_dropout(x, drop, "emb")
+    if mask is None:
+        mask = B.from_numpy(mask_fn(t_new, t_total))
+    attend, new_cache = L.attend_all(B, cfg, mask, drop, cache)
+    for i in range(cfg.n_layer):
+        x = _block(B, cfg, p, i, x, attend, drop, rope)
+    return L.norm(B, cfg, p, "ln_f", x), new_cache
+
+
+def lm_logits(B: Backend, cfg: ModelConfig, p: L.Params, h: Array) -> Array:
+    head = B.transpose(p["wte.weight"], (1, 0)) if cfg.tie_embeddings else p["head.weight"]
+    return h @ head
+
+
+def pooled(B: Backend, cfg: ModelConfig, p: L.Params, h: Array, pool: Array) -> Array:
+    """The last real token's hidden state: the only position that has read the whole text."""
+    return L.pool_at(B, h, pool)
+
+
+def decode_inputs(pos: int, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The position inputs of `decode_step` for the token at `pos`: (pos_ids (1,) int32,
+    write_mask (1, 1, block_size, 1) bool, True at pos; attn_mask (1, block_size) bool, True up to pos)."""
+    slots = np.arange(block_size)
+    return (np.array([pos], dtype=np.int32), (slots == pos).reshape(1, 1, block_size, 1),
+            (slots <= pos).reshape(1, block_size))
+
+
+def decode_step(B: Backend, cfg: ModelConfig, p: L.Params, idx: Array, pos_ids: Array,
+                write_mask: Array, attn_mask: Array, cache: KVCache) -> tuple[Array, KVCache]:
+    """Logits (B, 1, V) of one new token `idx` (B, 1), with a fixed-shape KV cache.
+
+    `cache` holds per layer (k, v) buffers (B, Hkv, block_size, hs); the new token's k and v are
+    written into the slot where `write_mask` is True and attention sees the slots where `attn_mask`
+    is True (see `decode_inputs`). Every shape is fixed, so one compiled graph serves all positions.
+    """
+    x = B.take(p["wte.weight"], idx)  # (B, 1, C)
+    added, rope = _positions(B, cfg, p, pos_ids, take=True)
+    if added is not None:
+        x = x + added
+    new_cache: KVCache = []
+    rep = cfg.n_head // cfg.n_kv_head
+
+    def attend(i: int, q: Array, k: Array, v: Array) -> Array:
+        k = B.where(write_mask, k, cache[i][0])  # (B, Hkv, 1, hs) broadcast into (B, Hkv, block_size, hs)
+        v = B.where(write_mask, v, cache[i][1])
+        new_cache.append((k, v))
+        return B.attention(q, B.repeat_kv(k, rep), B.repeat_kv(v, rep), attn_mask)
+
+    for i in range(cfg.n_layer):
+        x = _block(B, cfg, p, i, x, attend, {}, rope)
+    return lm_logits(B, cfg, p, L.norm(B, cfg, p, "ln_f", x)), new_cache
