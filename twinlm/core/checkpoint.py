@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import shutil
 import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from twinlm.core import atomic
 from twinlm.core.atomic import atomic_write_json, fsync_dir, json_bytes, write_file_synced
 from twinlm.core.errors import TwinlmError
 
@@ -79,12 +78,12 @@ def save_checkpoint(run_dir: Path, arrays: dict[str, np.ndarray], meta: dict[str
 
 def _write(run_dir: Path, step: int, state_bytes: bytes, meta_bytes: bytes, keep: int | None,
            best: bool) -> Path:
-    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic.fs.mkdir(run_dir, exist_ok=True)
     _clean_leftovers(run_dir)
     name = checkpoint_name(step)
     final = run_dir / name
     tmp = run_dir / f"{_TMP}{name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    atomic.fs.mkdir(tmp)
     write_file_synced(tmp / STATE_FILE, state_bytes)
     write_file_synced(tmp / META_FILE, meta_bytes)
     manifest = {"format": MANIFEST_FORMAT, "step": step,
@@ -97,18 +96,18 @@ def _write(run_dir: Path, step: int, state_bytes: bytes, meta_bytes: bytes, keep
         if not best and _pointer_name(run_dir / BEST_FILE) == name:
             # The best checkpoint is about to be replaced by one that is not known to be best: drop the
             # pointer first, so a crash can lose it but never leave it naming the wrong weights.
-            (run_dir / BEST_FILE).unlink()
+            atomic.fs.unlink(run_dir / BEST_FILE)
             fsync_dir(run_dir)
         old = run_dir / f"{_OLD}{name}-{uuid.uuid4().hex[:8]}"
-        os.rename(final, old)
-    os.rename(tmp, final)
+        atomic.fs.rename(final, old)
+    atomic.fs.rename(tmp, final)
     fsync_dir(run_dir)
     pointer = {"checkpoint": name, "step": step}
     atomic_write_json(run_dir / LATEST_FILE, pointer)
     if best:
         atomic_write_json(run_dir / BEST_FILE, pointer)
     if old is not None:
-        shutil.rmtree(old)
+        atomic.fs.rmtree(old)
     _prune(run_dir, keep)
     return final
 
@@ -131,16 +130,18 @@ def _clean_leftovers(run_dir: Path) -> None:
     """Remove what an interrupted save left; restore a same-step checkpoint that was set aside."""
     for p in run_dir.iterdir():
         if not p.is_dir():
+            if p.name.startswith(_TMP):  # the temp file of an interrupted latest.json / best.json write
+                atomic.fs.unlink(p)
             continue
         if p.name.startswith(_OLD):
             original = run_dir / p.name[len(_OLD):].rsplit("-", 1)[0]
             if _NAME.match(original.name) and not (original / MANIFEST_FILE).exists():
                 if original.exists():
-                    shutil.rmtree(original)
-                os.rename(p, original)
+                    atomic.fs.rmtree(original)
+                atomic.fs.rename(p, original)
                 continue
         if p.name.startswith((_TMP, _OLD, _DEL)):
-            shutil.rmtree(p, ignore_errors=True)
+            atomic.fs.rmtree(p, ignore_errors=True)
 
 
 def _prune(run_dir: Path, keep: int | None) -> None:
@@ -150,8 +151,8 @@ def _prune(run_dir: Path, keep: int | None) -> None:
     for _, path in _checkpoints(run_dir)[:-keep]:
         if path.name not in protected:
             doomed = run_dir / f"{_DEL}{path.name}-{uuid.uuid4().hex[:8]}"
-            os.rename(path, doomed)  # atomic: the checkpoint vanishes whole, then is deleted at leisure
-            shutil.rmtree(doomed, ignore_errors=True)
+            atomic.fs.rename(path, doomed)  # the checkpoint vanishes whole, then is deleted at leisure
+            atomic.fs.rmtree(doomed, ignore_errors=True)
 
 
 def _checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
