@@ -50,11 +50,12 @@ class Kill(Exception):
 
 
 class Injector(atomic.FileOps):
-    """Records each mutating operation; the one numbered `at` fails with `error` or kills the process."""
+    """Records each mutating operation; the one numbered `at` fails with `error` or kills the process
+    (and later operations named in `then_fail` fail too: a disk that stays full)."""
 
     def __init__(self, root: Path, at: int | None = None, mode: str = "raise",
-                 error: OSError | None = None, persistent: bool = False) -> None:
-        self.root, self.at, self.mode, self.persistent = root, at, mode, persistent
+                 error: OSError | None = None, then_fail: frozenset[str] = frozenset()) -> None:
+        self.root, self.at, self.mode, self.then_fail = root, at, mode, then_fail
         self.error = error or OSError(errno.EIO, "injected I/O error")
         self.ops: list[str] = []
         self.fired = False
@@ -64,7 +65,7 @@ class Injector(atomic.FileOps):
         n = len(self.ops)
         name = path if isinstance(path, (str, os.PathLike)) else path.name  # a file object names its path
         self.ops.append(f"{op} {_label(self.root, self.temp_names.get(name, name))}")
-        if self.at is not None and (n == self.at or (self.persistent and n > self.at)):
+        if self.at is not None and (n == self.at or (n > self.at and op in self.then_fail)):
             self.fired = True
             if self.mode == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -401,7 +402,7 @@ def test_disk_full_fails_cleanly_and_keeps_the_previous_checkpoint(tmp_path) -> 
     scn.prepare(run_dir)
     before = tree_digest(run_dir)
     full = Injector(run_dir, at=first_write, error=OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
-                    persistent=True)
+                    then_fail=frozenset({"mkdir", "create", "mkstemp", "write", "fsync"}))
     old, atomic.fs = atomic.fs, full
     try:
         try:
@@ -414,6 +415,7 @@ def test_disk_full_fails_cleanly_and_keeps_the_previous_checkpoint(tmp_path) -> 
     assert message == f"cannot write checkpoint 4 in {run_dir}: No space left on device"
     visible = {k: v for k, v in tree_digest(run_dir).items() if not k.startswith(".")}
     assert visible == {k: v for k, v in before.items() if not k.startswith(".")}
+    assert not list(run_dir.glob(".tmp-ckpt-00000004-*"))  # the half-written dir is given back at once
     assert check_run(scn, run_dir) == []  # once there is room again, the next save cleans up and goes on
 
 

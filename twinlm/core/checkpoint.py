@@ -84,12 +84,16 @@ def _write(run_dir: Path, step: int, state_bytes: bytes, meta_bytes: bytes, keep
     final = run_dir / name
     tmp = run_dir / f"{_TMP}{name}-{uuid.uuid4().hex[:8]}"
     atomic.fs.mkdir(tmp)
-    write_file_synced(tmp / STATE_FILE, state_bytes)
-    write_file_synced(tmp / META_FILE, meta_bytes)
-    manifest = {"format": MANIFEST_FORMAT, "step": step,
-                "files": {STATE_FILE: _digest(state_bytes), META_FILE: _digest(meta_bytes)}}
-    write_file_synced(tmp / MANIFEST_FILE, json_bytes(manifest))  # last: a manifest means a complete dir
-    fsync_dir(tmp)
+    try:
+        write_file_synced(tmp / STATE_FILE, state_bytes)
+        write_file_synced(tmp / META_FILE, meta_bytes)
+        manifest = {"format": MANIFEST_FORMAT, "step": step,
+                    "files": {STATE_FILE: _digest(state_bytes), META_FILE: _digest(meta_bytes)}}
+        write_file_synced(tmp / MANIFEST_FILE, json_bytes(manifest))  # last: a manifest means a complete dir
+        fsync_dir(tmp)
+    except BaseException:  # e.g. a full disk: give the space back now rather than at the next save
+        atomic.fs.rmtree(tmp, ignore_errors=True)
+        raise
 
     old = None
     if final.exists():  # same step saved again (e.g. after a resume): set the old one aside, never mix
