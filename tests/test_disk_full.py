@@ -6,13 +6,11 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import sys
 from pathlib import Path
 from typing import BinaryIO
 
-from conftest import backend_or_skip
+from conftest import backend_or_skip, run_cli
 
-from twinlm.cli.main import main
 from twinlm.core import atomic
 from twinlm.core.checkpoint import load_checkpoint
 
@@ -35,17 +33,6 @@ class DiskFull(atomic.FileOps):
         if self.full in Path(self.temp_names.get(f.name, f.name)).parents:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         super().write(f, data)
-
-
-def run_cli(args: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["twinlm", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def checkpoint_files(run: Path) -> dict[str, str]:
