@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from twinlm.core import atomic
+from twinlm.core import atomic, tensorfile
 from twinlm.core.atomic import atomic_write_json, fsync_dir, json_bytes, write_file_synced
 from twinlm.core.errors import TwinlmError
 
@@ -117,12 +117,9 @@ def _write(run_dir: Path, step: int, state_bytes: bytes, meta_bytes: bytes, keep
 
 
 def _safetensors_bytes(arrays: dict[str, np.ndarray]) -> bytes:
-    from safetensors.numpy import save
-
     try:
-        # np.asarray, not np.ascontiguousarray: the latter turns 0-d arrays into shape (1,)
-        return save({k: np.asarray(v, order="C") for k, v in arrays.items()})
-    except Exception as e:  # safetensors raises assorted types for bad names or dtypes
+        return tensorfile.dumps(arrays)
+    except tensorfile.TensorFileError as e:
         raise CheckpointError(f"cannot serialise checkpoint arrays: {e}") from None
 
 
@@ -219,12 +216,11 @@ def load_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
             raise CheckpointError(f"no checkpoint in {path}")
         path = ckpt
     files = _verified_files(path)
-    from safetensors.numpy import load
-
     try:
-        arrays = load(files[STATE_FILE])
+        # The manifest already vouches for the bytes; checkpoints from before the digest have none.
+        arrays = tensorfile.loads(files[STATE_FILE], f"{path / STATE_FILE}", require_digest=False)
         meta = json.loads(files[META_FILE].decode("utf-8"))
-    except Exception as e:  # hashes matched, so this is a file written wrong, not damage in storage
+    except (TwinlmError, ValueError) as e:  # hashes matched: a file written wrong, not damage in storage
         raise CheckpointError(f"checkpoint {path} cannot be decoded: {e}") from None
     return arrays, meta
 
@@ -234,8 +230,12 @@ def _verified_files(ckpt: Path) -> dict[str, bytes]:
     try:
         manifest = json.loads((ckpt / MANIFEST_FILE).read_text(encoding="utf-8"))
         listed = manifest["files"]
-        if set(listed) != {STATE_FILE, META_FILE}:
-            raise ValueError(f"lists {sorted(listed)}")
+        if not isinstance(listed, dict) or set(listed) != {STATE_FILE, META_FILE}:
+            raise ValueError(f"lists {listed!r:.80}")
+        for want in listed.values():
+            if not isinstance(want, dict) or not isinstance(want.get("bytes"), int) \
+                    or not isinstance(want.get("sha256"), str):
+                raise ValueError(f"a file entry is not {{bytes, sha256}}: {want!r:.80}")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint {ckpt} has a damaged {MANIFEST_FILE}: {e}") from None
     out = {}
