@@ -8,6 +8,7 @@ import pytest
 
 from twinlm.core.checkpoint import (
     CheckpointError,
+    CheckpointWarning,
     best_checkpoint,
     latest_checkpoint,
     load_checkpoint,
@@ -135,7 +136,8 @@ def test_leftovers_of_interrupted_saves(tmp_path):
     assert latest_checkpoint(tmp_path) == tmp_path / ".old-ckpt-00000003-0badf00d"
     assert load_checkpoint(tmp_path)[1] == {"v": 3}
     (tmp_path / "latest.json").unlink()  # a lost pointer falls back to the highest complete step
-    assert latest_checkpoint(tmp_path) == tmp_path / "ckpt-00000001"
+    with pytest.warns(CheckpointWarning, match="latest.json is missing; using ckpt-00000001"):
+        assert latest_checkpoint(tmp_path) == tmp_path / "ckpt-00000001"
     save_checkpoint(tmp_path, make_state(4), {"v": 4}, step=4, keep=None)
     assert hidden(tmp_path) == [] and steps_on_disk(tmp_path) == [1, 3, 4]
     assert_bit_identical(load_checkpoint(tmp_path / "ckpt-00000003")[0], make_state(3))

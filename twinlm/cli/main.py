@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
+from typing import Any
 
 import click
 
 from twinlm import __version__
 from twinlm.backends import ENV_VAR
-from twinlm.core.errors import TwinlmError
+from twinlm.cli.common import BACKEND_METAVAR
+from twinlm.core.errors import TwinlmError, TwinlmWarning
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--backend", default=None, metavar="mlx|tinygrad",
-              help=f"Backend for every command (also ${ENV_VAR}).")
+@click.option("--backend", default=None, metavar=BACKEND_METAVAR,
+              help=f"Backend for every command (also ${ENV_VAR}); numpy runs sample and eval only.")
 @click.version_option(__version__, prog_name="twinlm")
 @click.pass_context
 def cli(ctx: click.Context, backend: str | None) -> None:
@@ -24,17 +27,33 @@ def cli(ctx: click.Context, backend: str | None) -> None:
 
 def _register() -> None:
     # Each command module exposes `command`; importing them is cheap (frameworks load lazily).
-    from twinlm.cli import bench, doctor, evaluate, parity, plot, sample, train
+    from twinlm.cli import bench, cache, doctor, evaluate, parity, plot, sample, train
 
-    for module in (train, sample, evaluate, parity, plot, doctor, bench):
+    for module in (train, sample, evaluate, parity, plot, doctor, bench, cache):
         cli.add_command(module.command)
 
 
 _register()
 
 
+def _one_line_warnings() -> None:
+    """twinlm's own warnings print as one `warning: ...` line on stderr; others as Python prints them."""
+    python_way = warnings.showwarning
+    if getattr(python_way, "twinlm", False):  # already installed (main() called again in one process)
+        return
+
+    def show(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        if issubclass(category, TwinlmWarning):
+            click.echo(f"warning: {message}", err=True)
+        else:
+            python_way(message, category, *args, **kwargs)
+    show.twinlm = True  # type: ignore[attr-defined]
+    warnings.showwarning = show
+
+
 def main() -> None:
     """Run the CLI; user errors become one line on stderr and exit status 2."""
+    _one_line_warnings()
     try:
         code = cli.main(standalone_mode=False)
         if isinstance(code, int):  # click returns ctx.exit(code) here in non-standalone mode

@@ -11,6 +11,7 @@ import click
 
 from twinlm.cli.common import backend, backend_option
 from twinlm.core import task
+from twinlm.core.config import preset_training
 from twinlm.core.params import param_shapes
 from twinlm.train import ACCURACY_EXAMPLES as ACCURACY_N
 from twinlm.train import TARGET_ACCURACY, Progress, TrainConfig, Trainer, load_toml
@@ -29,17 +30,22 @@ INTERRUPTED_EXIT = 130
 @click.option("--vocab-size", type=int, default=None, help="BPE vocabulary size.")
 @click.option("--out", default=None, help="Run directory (default: runs/<data name>).")
 @click.option("--resume", default=None, metavar="DIR", help="Continue the run saved in DIR.")
-@click.option("--preset", default=None, help="Model size: default, tiny, small, baby, medium.")
+@click.option("--preset", default=None,
+              help="Model size: default, tiny, small, baby, medium (baby and medium also set batch size, lr "
+                   "and iterations, unless given).")
 @click.option("--n-layer", type=int, default=None)
 @click.option("--n-head", type=int, default=None)
 @click.option("--d-model", type=int, default=None)
 @click.option("--block-size", type=int, default=None)
 @click.option("--dropout", type=float, default=None)
-@click.option("--batch-size", type=int, default=None)
+@click.option("--batch-size", type=int, default=None,
+              help="Windows per micro-batch (default: 32, or the preset's).")
 @click.option("--grad-accum", type=int, default=None, help="Micro-batches per optimizer step.")
 @click.option("--max-iters", type=int, default=None,
-              help="Total iterations of the run (nanoGPT): resuming at 10 with 20 runs 10 more.")
-@click.option("--lr", type=float, default=None)
+              help="Total iterations of the run (default: 2000, or the preset's); resuming at 10 with 20 "
+                   "runs 10 more.")
+@click.option("--lr", type=float, default=None,
+              help="Peak learning rate (default: 3e-3, or the preset's).")
 @click.option("--min-lr", type=float, default=None)
 @click.option("--warmup", type=int, default=None)
 @click.option("--lr-decay-iters", type=int, default=None, help="Cosine decay length (default: max-iters).")
@@ -56,6 +62,8 @@ def command(backend_name: str | None, config_file: str | None, resume: str | Non
     backend_name = backend_name or settings.pop("backend", None)
     resume = resume or settings.pop("resume", None)
     settings.update({k: v for k, v in flags.items() if v is not None})
+    if not resume:  # a resumed run keeps its own settings
+        settings = {**preset_training(settings.get("preset")), **settings}
     tc = TrainConfig(**settings)
     B = backend(backend_name)
     out = click.echo

@@ -22,6 +22,7 @@ import hashlib
 import json
 import re
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ import numpy as np
 
 from twinlm.core import atomic, tensorfile
 from twinlm.core.atomic import atomic_write_json, fsync_dir, json_bytes, write_file_synced
-from twinlm.core.errors import TwinlmError
+from twinlm.core.errors import TwinlmError, TwinlmWarning
 
 STATE_FILE = "state.safetensors"
 META_FILE = "meta.json"
@@ -45,6 +46,10 @@ _TMP, _OLD, _DEL = ".tmp-", ".old-", ".del-"
 
 class CheckpointError(TwinlmError):
     """A checkpoint that is missing, incomplete or damaged."""
+
+
+class CheckpointWarning(TwinlmWarning):
+    """A run whose pointer file is broken: loading goes on from a scan of its checkpoints."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -189,6 +194,12 @@ def _resolve(run_dir: Path, pointer_file: str, fall_back: bool) -> Path | None:
     if not fall_back:
         return None
     found = _checkpoints(run_dir)
+    if found:
+        pointer = run_dir / pointer_file
+        why = (f"names {name}, which is missing or incomplete" if name is not None
+               else "is damaged" if pointer.exists() else "is missing")
+        warnings.warn(CheckpointWarning(f"{pointer} {why}; using {found[-1][1].name}, the complete "
+                                        "checkpoint with the highest step"), stacklevel=3)
     return found[-1][1] if found else None
 
 
