@@ -21,7 +21,8 @@ _MODULES = {"mlx": "twinlm.backends.mlx", "tinygrad": "twinlm.backends.tinygrad"
             "numpy": "twinlm.backends.numpy_ref"}
 _HINTS = {
     "mlx": "install it with: pip install 'mlx[cpu]' (Linux) or pip install mlx (macOS)",
-    "tinygrad": "install it with: pip install tinygrad==0.14.0 (its CPU device also needs clang on PATH)",
+    "tinygrad": "install it with: pip install tinygrad==0.14.0 (Python >= 3.11; its CPU device also needs "
+                "clang on PATH)",
     "numpy": "install numpy",
 }
 _cache: dict[str, Backend] = {}
