@@ -190,7 +190,7 @@ def disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
     monkeypatch.chdir(tmp_path)
     for folder in (tokens, jit):
         folder.mkdir()
-    key = "ab" * 32
+    key = "ab" * 16  # core.data names token files by 32 hex digits of a SHA-256
     (tokens / f"{key}.bin").write_bytes(b"\0" * 4000)
     (tokens / f"{key}.json").write_text("{}")
     (tokens / "notes.txt").write_text("not twinlm's")  # a folder shared with other things keeps them

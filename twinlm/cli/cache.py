@@ -19,7 +19,7 @@ from twinlm.backends import JIT_CACHE_ENV, jit_cache_dir
 from twinlm.core.data import CACHE_ENV, default_cache_dir
 from twinlm.core.errors import TwinlmError
 
-_TOKEN_FILE = re.compile(r"^(\.tmp-)?[0-9a-f]{64}\.(bin|json)(-.+)?$")  # with an interrupted write's temp
+_TOKEN_FILE = re.compile(r"^(\.tmp-)?[0-9a-f]{32}\.(bin|json)(-.+)?$")  # core.data keys; with write temps
 _JIT_FILE = re.compile(r"^.+\.jit(.+\.tmp)?$")
 _RUN_MARKERS = ("latest.json", "metrics.jsonl")
 DEFAULT_RUNS = Path("runs")

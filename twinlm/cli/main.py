@@ -51,8 +51,13 @@ def _one_line_warnings() -> None:
     warnings.showwarning = show
 
 
+def _one_line(message: str) -> str:
+    return " ".join(part.strip() for part in message.splitlines() if part.strip())
+
+
 def main() -> None:
-    """Run the CLI; user errors become one line on stderr and exit status 2."""
+    """Run the CLI; every error becomes one `error: ...` line on stderr, never a traceback: exit status 2
+    for bad input (click's usage errors included), 1 for an internal error, 130 when interrupted."""
     _one_line_warnings()
     try:
         code = cli.main(standalone_mode=False)
@@ -61,13 +66,14 @@ def main() -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
-    except click.ClickException as e:
-        e.show()
+    except click.ClickException as e:  # bad usage too: one line like every other error, with where to look
+        hint = f" (see '{e.ctx.command_path} --help')" if isinstance(e, click.UsageError) and e.ctx else ""
+        click.echo(f"error: {_one_line(e.format_message())}{hint}", err=True)
         sys.exit(e.exit_code)
     except (TwinlmError, ValueError, OSError) as e:
         if os.environ.get("TWINLM_DEBUG"):
             raise
-        click.echo(f"error: {e}", err=True)
+        click.echo(f"error: {_one_line(str(e))}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
@@ -77,8 +83,8 @@ def main() -> None:
     except Exception as e:  # an unexpected failure still gets one line, not a traceback
         if os.environ.get("TWINLM_DEBUG"):
             raise
-        click.echo(f"error: internal error ({type(e).__name__}: {e}); rerun with TWINLM_DEBUG=1 for details",
-                   err=True)
+        click.echo(f"error: internal error ({type(e).__name__}: {_one_line(str(e))}); rerun with "
+                   "TWINLM_DEBUG=1 for details", err=True)
         sys.exit(1)
 
 
