@@ -13,7 +13,9 @@ renamed into place in one `rename`, and only then is latest.json replaced (temp 
 So a SIGKILL or power loss at any moment leaves every earlier checkpoint and pointer intact. Pruned
 checkpoints are renamed to a hidden name before they are deleted, so no half-deleted checkpoint is ever
 visible. Hidden leftovers of an interrupted save are removed by the next save. If latest.json ever names
-a missing checkpoint, the complete checkpoint with the highest step is used instead.
+a missing checkpoint, the complete checkpoint with the highest step is used instead (with a warning).
+Every file-system change goes through `atomic.fs`, so tests can fail or kill a save at each operation.
+state.safetensors also carries a digest of its tensors (`tensorfile`), checked on load when present.
 """
 
 from __future__ import annotations
