@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
+	$(BIN)/twinlm parity --quick
 	$(BIN)/twinlm train
 
 test: $(STAMP)

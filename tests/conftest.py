@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 
 import numpy as np
@@ -54,3 +55,18 @@ def tiny_tokens(tiny_cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
     """A fixed (2, block_size) batch of inputs and next-token targets."""
     seq = (np.arange(2 * (tiny_cfg.block_size + 1)).reshape(2, -1) * 7 % tiny_cfg.vocab_size).astype(np.int32)
     return seq[:, :-1], seq[:, 1:]
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture,
+            monkeypatch: pytest.MonkeyPatch) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `twinlm ARGS` run in this process through the real entry point."""
+    from twinlm.cli.main import main
+
+    monkeypatch.setattr(sys, "argv", ["twinlm", *args])
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out = capsys.readouterr()
+    return code, out.out, out.err

@@ -1,19 +1,14 @@
-"""Checkpoints: bit-exact round trips, damage detection, retention, and atomicity under SIGKILL."""
+"""Checkpoints: bit-exact round trips, damage detection, retention, leftovers.
 
-import inspect
-import json
-import random
-import signal
-import subprocess
-import sys
-import textwrap
-import time
+Atomicity under faults and kills is proven in test_fault_injection.py (a fault at every operation)."""
+
 
 import numpy as np
 import pytest
 
 from twinlm.core.checkpoint import (
     CheckpointError,
+    CheckpointWarning,
     best_checkpoint,
     latest_checkpoint,
     load_checkpoint,
@@ -141,55 +136,8 @@ def test_leftovers_of_interrupted_saves(tmp_path):
     assert latest_checkpoint(tmp_path) == tmp_path / ".old-ckpt-00000003-0badf00d"
     assert load_checkpoint(tmp_path)[1] == {"v": 3}
     (tmp_path / "latest.json").unlink()  # a lost pointer falls back to the highest complete step
-    assert latest_checkpoint(tmp_path) == tmp_path / "ckpt-00000001"
+    with pytest.warns(CheckpointWarning, match="latest.json is missing; using ckpt-00000001"):
+        assert latest_checkpoint(tmp_path) == tmp_path / "ckpt-00000001"
     save_checkpoint(tmp_path, make_state(4), {"v": 4}, step=4, keep=None)
     assert hidden(tmp_path) == [] and steps_on_disk(tmp_path) == [1, 3, 4]
     assert_bit_identical(load_checkpoint(tmp_path / "ckpt-00000003")[0], make_state(3))
-
-
-# The child saves ~8 MB checkpoints in a loop, each step twice (so same-step replacement is exercised
-# too), and prints each version after its save returns. Content is a function of the version.
-CHILD = "\n".join([
-    "import sys",
-    "from pathlib import Path",
-    "import numpy as np",
-    "from twinlm.core.checkpoint import save_checkpoint",
-    textwrap.dedent(inspect.getsource(make_state)),
-    textwrap.dedent("""
-        run_dir, version = Path(sys.argv[1]), int(sys.argv[2])
-        while True:
-            save_checkpoint(run_dir, make_state(version, 1_000_000), {"version": version},
-                            step=version // 2, keep=2, best=version % 5 == 0)
-            print(version, flush=True)
-            version += 1
-    """)])
-
-
-def test_sigkill_during_saves_never_loses_the_last_checkpoint(tmp_path):
-    run_dir = tmp_path / "run"
-    rng = random.Random(1234)
-    version = 0
-    for _ in range(8):
-        child = subprocess.Popen([sys.executable, "-c", CHILD, str(run_dir), str(version)],
-                                 stdout=subprocess.PIPE, text=True)
-        first = child.stdout.readline()  # wait for one completed save in this trial
-        assert first.strip(), "the child saver died before its first save"
-        time.sleep(rng.uniform(0.0, 0.4))
-        child.send_signal(signal.SIGKILL)
-        child.wait()
-        reported = [int(v) for v in [first, *child.stdout.read().split()]]
-        child.stdout.close()
-
-        arrays, meta = load_checkpoint(run_dir)
-        assert meta["version"] >= reported[-1]  # nothing acknowledged was lost
-        assert_bit_identical(arrays, make_state(meta["version"], 1_000_000))
-        for ckpt in run_dir.glob("ckpt-*"):  # every visible checkpoint is whole
-            other, other_meta = load_checkpoint(ckpt)
-            assert_bit_identical(other, make_state(other_meta["version"], 1_000_000))
-        if best_checkpoint(run_dir) is not None:
-            assert load_checkpoint(best_checkpoint(run_dir))[1]["version"] % 5 == 0
-        version = meta["version"] + 1
-    assert version >= 8  # every trial saw at least one completed save
-    save_checkpoint(run_dir, make_state(0), {"version": -1}, step=10_000)
-    assert hidden(run_dir) == []
-    assert json.loads((run_dir / "latest.json").read_text())["checkpoint"] == "ckpt-00010000"

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import backend_or_skip
+from conftest import backend_or_skip, run_cli
 
-from twinlm.cli.main import main
 from twinlm.cli.sample import text_increments
 from twinlm.core.checkpoint import save_checkpoint
 from twinlm.core.config import preset
@@ -21,17 +20,6 @@ from twinlm.core.tokenizers import ByteTokenizer, CharTokenizer
 from twinlm.generate import generate
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def run_cli(args: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["twinlm", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 # ---- sample ------------------------------------------------------------------------------------------

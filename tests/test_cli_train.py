@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import backend_or_skip
 
 from twinlm.core.checkpoint import load_checkpoint
 
@@ -95,6 +96,8 @@ def test_resume_in_a_new_process_is_bit_identical(tmp_path, corpus):
 
 
 def _cross_backend(tmp_path: Path, corpus: Path, first: str, second: str) -> None:
+    for name in (first, second):
+        backend_or_skip(name)
     # tinygrad schedules each new graph for seconds: few steps there, and one validation batch.
     common = ["--data", str(corpus), *TINY, "--eval-every", "100", "--eval-iters", "1",
               "--lr-decay-iters", "6"]

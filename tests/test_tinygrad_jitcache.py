@@ -110,9 +110,9 @@ def test_cached_jit_is_bit_identical_to_a_fresh_trace(tmp_path, monkeypatch) -> 
 
 def test_graph_key_follows_the_graph_not_the_process() -> None:
     """The key changes with the loss function or a shape, not with buffer identities."""
+    B = backend_or_skip("tinygrad")
     from twinlm.backends.tinygrad_jitcache import graph_key
 
-    B = backend_or_skip("tinygrad")
     cfg, opt = _cfg(), optim.AdamWConfig()
 
     def key(loss_scale: float = 1.0, t: int = cfg.block_size) -> str:
@@ -155,7 +155,7 @@ def test_unwritable_cache_only_warns(tmp_path, monkeypatch) -> None:
 
 
 def test_cache_dir_honours_xdg(monkeypatch, tmp_path) -> None:
-    from twinlm.backends.tinygrad_jitcache import cache_dir
+    from twinlm.backends import jit_cache_dir as cache_dir  # the module's cache_dir, without tinygrad
 
     monkeypatch.delenv("TWINLM_JIT_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))

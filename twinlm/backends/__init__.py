@@ -9,17 +9,20 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+from pathlib import Path
 
 from twinlm.core.backend import Backend
 from twinlm.core.errors import TwinlmError
 
 ENV_VAR = "TWINLM_BACKEND"
+JIT_CACHE_ENV = "TWINLM_JIT_CACHE"
 TRAINABLE = ("mlx", "tinygrad")
 _MODULES = {"mlx": "twinlm.backends.mlx", "tinygrad": "twinlm.backends.tinygrad",
             "numpy": "twinlm.backends.numpy_ref"}
 _HINTS = {
     "mlx": "install it with: pip install 'mlx[cpu]' (Linux) or pip install mlx (macOS)",
-    "tinygrad": "install it with: pip install tinygrad==0.14.0 (its CPU device also needs clang on PATH)",
+    "tinygrad": "install it with: pip install tinygrad==0.14.0 (Python >= 3.11; its CPU device also needs "
+                "clang on PATH)",
     "numpy": "install numpy",
 }
 _cache: dict[str, Backend] = {}
@@ -35,9 +38,7 @@ def names() -> tuple[str, ...]:
 
 def get_backend(name: str | None = None) -> Backend:
     """The backend object for `name` (or $TWINLM_BACKEND, or the default), created once."""
-    name = (name or os.environ.get(ENV_VAR) or default_name()).lower()
-    if name not in _MODULES:
-        raise BackendUnavailable(f"unknown backend {name!r}; choose from {', '.join(_MODULES)}")
+    name = check_name(name or os.environ.get(ENV_VAR) or default_name())
     if name not in _cache:
         try:
             module = importlib.import_module(_MODULES[name])
@@ -50,8 +51,27 @@ def get_backend(name: str | None = None) -> Backend:
     return _cache[name]
 
 
+def check_name(name: str) -> str:
+    """`name` in lower case, or BackendUnavailable if no such backend exists."""
+    if name.lower() not in _MODULES:
+        raise BackendUnavailable(f"unknown backend {name.lower()!r}; choose from {', '.join(_MODULES)}")
+    return name.lower()
+
+
 def default_name() -> str:
     for name in TRAINABLE:
         if importlib.util.find_spec(name) is not None:
             return name
     return "numpy"
+
+
+def jit_cache_dir() -> Path | None:
+    """Where the tinygrad adapter keeps captured TinyJits (tinygrad_jitcache), or None when
+    TWINLM_JIT_CACHE=0; here, apart from that module, because computing it needs no tinygrad."""
+    setting = os.environ.get(JIT_CACHE_ENV, "")
+    if setting == "0":
+        return None
+    if setting:
+        return Path(setting)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "twinlm" / "tinygrad-jit"

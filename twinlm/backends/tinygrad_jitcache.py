@@ -34,6 +34,8 @@ from tinygrad.engine.jit import _TinyJit
 from tinygrad.helpers import ContextVar
 from tinygrad.uop.ops import Ops, UOp, buffers
 
+from twinlm.backends import jit_cache_dir
+
 FORMAT = 1  # bump when the stored layout changes
 MAX_ENTRIES = 16  # oldest (by last use) are removed beyond this
 # tinygrad settings that only change diagnostics or compile parallelism, never the kernels; DEV is
@@ -56,15 +58,7 @@ def _source_hash() -> str:
 _SOURCE_HASH = _source_hash()
 
 
-def cache_dir() -> Path | None:
-    """The cache directory, or None when TWINLM_JIT_CACHE=0."""
-    setting = os.environ.get("TWINLM_JIT_CACHE", "")
-    if setting == "0":
-        return None
-    if setting:
-        return Path(setting)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "twinlm" / "tinygrad-jit"
+cache_dir = jit_cache_dir  # defined without tinygrad, so `twinlm cache` can show it without importing it
 
 
 def _environment_key() -> bytes:

@@ -13,6 +13,7 @@ from types import ModuleType
 
 import click
 
+from twinlm.cli.common import chosen_backend_name
 from twinlm.core.errors import TwinlmError
 
 
@@ -28,8 +29,9 @@ def _harness() -> ModuleType:
 
 
 @click.command("bench")
-@click.option("--backend", "backends", default="all", show_default=True,
-              help="mlx | tinygrad | torch | all, or a comma-separated list.")
+@click.option("--backend", "backends", default=None,
+              help="mlx | tinygrad | torch | all, or a comma-separated list (default: the group's --backend, "
+                   "$TWINLM_BACKEND, else all).")
 @click.option("--preset", default="baby", show_default=True, help="Model size (tiny, small, baby, medium).")
 @click.option("--batch", type=int, default=None, help="Batch size (default: nanoGPT's for the preset).")
 @click.option("--iters", type=int, default=30, show_default=True, help="Timed iterations after warm-up.")
@@ -40,9 +42,10 @@ def _harness() -> ModuleType:
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the JSON records here.")
 @click.option("--compare", "compare", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="Print a table of saved JSON records instead of running (repeatable).")
-def command(backends: str, preset: str, batch: int | None, iters: int, warmup_iters: int,
+def command(backends: str | None, preset: str, batch: int | None, iters: int, warmup_iters: int,
             max_seconds: float, threads: int | None, out: str | None, compare: tuple[str, ...]) -> None:
     """Time the training step per backend, side by side with PyTorch eager; print ratios and MFU."""
+    backends = chosen_backend_name(backends) or "all"
     args = ["--compare", *compare] if compare else [
         "--backend", backends, "--preset", preset, "--iters", str(iters), "--warmup-iters", str(warmup_iters),
         "--max-seconds", str(max_seconds), *(["--batch", str(batch)] if batch else []),

@@ -16,7 +16,16 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from twinlm.backends import ENV_VAR, TRAINABLE, BackendUnavailable, default_name, get_backend, names
+from twinlm.backends import (
+    ENV_VAR,
+    TRAINABLE,
+    BackendUnavailable,
+    check_name,
+    default_name,
+    get_backend,
+    names,
+)
+from twinlm.cli.common import backend_option, chosen_backend_name
 from twinlm.core.backend import Backend
 
 MATMUL_N = 1024
@@ -108,8 +117,13 @@ def mlx_blas_rows() -> list[tuple[str, str]]:
 
 
 @click.command("doctor")
-def command() -> None:
-    """Check the backends, versions, BLAS and compilers; say what to install for anything missing."""
+@backend_option
+def command(backend_name: str | None) -> None:
+    """Check the backends, versions, BLAS and compilers; say what to install for anything missing.
+    With a chosen backend (--backend, $TWINLM_BACKEND), exit 1 unless that one works."""
+    chosen = chosen_backend_name(backend_name)
+    if chosen is not None:
+        chosen = check_name(chosen)
     console = Console()
     reports = [check_backend(name) for name in names()]
 
@@ -133,14 +147,15 @@ def command() -> None:
         for item, value in mlx_blas_rows():
             env.add_row(item, value)
     env.add_row("default backend", f"{default_name()} (when neither --backend nor ${ENV_VAR} is given)")
+    env.add_row("chosen backend", chosen or "(none: --backend / $TWINLM_BACKEND not given)")
     env.add_row(f"${ENV_VAR}", os.environ.get(ENV_VAR) or "(unset)")
     env.add_row("$TWINLM_BLAS", os.environ.get("TWINLM_BLAS") or "(unset: load system OpenBLAS for MLX)")
     console.print(env)
 
-    chosen = os.environ.get(ENV_VAR)
-    if chosen and not any(r.ok and r.name == chosen.lower() for r in reports):
-        console.print(f"[yellow]warning:[/] ${ENV_VAR}={chosen} names a backend that does not work here")
     working = [r.name for r in reports if r.ok and r.name in TRAINABLE]
+    if chosen and not any(r.ok and r.name == chosen for r in reports):
+        console.print(f"[bold red]the chosen backend {chosen} does not work here[/] (see its notes above)")
+        click.get_current_context().exit(1)
     if not working:
         console.print("[bold red]no trainable backend works[/]: install mlx[cpu] (Linux) / mlx (macOS), "
                       "or tinygrad==0.14.0 with clang on PATH")

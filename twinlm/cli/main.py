@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
+from typing import Any
 
 import click
 
 from twinlm import __version__
 from twinlm.backends import ENV_VAR
-from twinlm.core.errors import TwinlmError
+from twinlm.cli.common import BACKEND_METAVAR
+from twinlm.core.errors import TwinlmError, TwinlmWarning
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--backend", default=None, metavar="mlx|tinygrad",
-              help=f"Backend for every command (also ${ENV_VAR}).")
+@click.option("--backend", default=None, metavar=BACKEND_METAVAR,
+              help=f"Backend for every command (also ${ENV_VAR}); numpy runs sample and eval only.")
 @click.version_option(__version__, prog_name="twinlm")
 @click.pass_context
 def cli(ctx: click.Context, backend: str | None) -> None:
@@ -24,17 +27,38 @@ def cli(ctx: click.Context, backend: str | None) -> None:
 
 def _register() -> None:
     # Each command module exposes `command`; importing them is cheap (frameworks load lazily).
-    from twinlm.cli import bench, doctor, evaluate, finetune, parity, plot, predict, sample, train
+    from twinlm.cli import bench, cache, doctor, evaluate, finetune, parity, plot, predict, sample, train
 
-    for module in (train, finetune, sample, predict, evaluate, parity, plot, doctor, bench):
+    for module in (train, finetune, sample, predict, evaluate, parity, plot, doctor, bench, cache):
         cli.add_command(module.command)
 
 
 _register()
 
 
+def _one_line_warnings() -> None:
+    """twinlm's own warnings print as one `warning: ...` line on stderr; others as Python prints them."""
+    python_way = warnings.showwarning
+    if getattr(python_way, "twinlm", False):  # already installed (main() called again in one process)
+        return
+
+    def show(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        if issubclass(category, TwinlmWarning):
+            click.echo(f"warning: {message}", err=True)
+        else:
+            python_way(message, category, *args, **kwargs)
+    show.twinlm = True  # type: ignore[attr-defined]
+    warnings.showwarning = show
+
+
+def _one_line(message: str) -> str:
+    return " ".join(part.strip() for part in message.splitlines() if part.strip())
+
+
 def main() -> None:
-    """Run the CLI; user errors become one line on stderr and exit status 2."""
+    """Run the CLI; every error becomes one `error: ...` line on stderr, never a traceback: exit status 2
+    for bad input (click's usage errors included), 1 for an internal error, 130 when interrupted."""
+    _one_line_warnings()
     try:
         code = cli.main(standalone_mode=False)
         if isinstance(code, int):  # click returns ctx.exit(code) here in non-standalone mode
@@ -42,13 +66,14 @@ def main() -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
-    except click.ClickException as e:
-        e.show()
+    except click.ClickException as e:  # bad usage too: one line like every other error, with where to look
+        hint = f" (see '{e.ctx.command_path} --help')" if isinstance(e, click.UsageError) and e.ctx else ""
+        click.echo(f"error: {_one_line(e.format_message())}{hint}", err=True)
         sys.exit(e.exit_code)
     except (TwinlmError, ValueError, OSError) as e:
         if os.environ.get("TWINLM_DEBUG"):
             raise
-        click.echo(f"error: {e}", err=True)
+        click.echo(f"error: {_one_line(str(e))}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
@@ -58,8 +83,8 @@ def main() -> None:
     except Exception as e:  # an unexpected failure still gets one line, not a traceback
         if os.environ.get("TWINLM_DEBUG"):
             raise
-        click.echo(f"error: internal error ({type(e).__name__}: {e}); rerun with TWINLM_DEBUG=1 for details",
-                   err=True)
+        click.echo(f"error: internal error ({type(e).__name__}: {_one_line(str(e))}); rerun with "
+                   "TWINLM_DEBUG=1 for details", err=True)
         sys.exit(1)
 
 

@@ -11,10 +11,12 @@ from rich.status import Status
 from rich.table import Table
 
 from twinlm import parity
-from twinlm.backends import get_backend
+from twinlm.backends import ENV_VAR, default_name, get_backend
+from twinlm.cli.common import backend_option, chosen_backend_name
 from twinlm.core.config import PRESETS, preset
 from twinlm.core.errors import TwinlmError
 
+ALL_BACKENDS = "mlx,tinygrad,numpy"
 MAX_FAILED_ROWS = 5  # failing tensors listed per comparison (all of them with --verbose)
 
 
@@ -83,14 +85,19 @@ def _self_test(console: Console, suites: list[parity.Suite]) -> bool:
 
 
 @click.command("parity")
-@click.option("--backends", default="mlx,tinygrad,numpy", show_default=True,
-              help="Comma-separated backends to compare (numpy is the float64 forward-only reference).")
+@click.option("--backends", default=None,
+              help="Comma-separated backends to compare (numpy is the float64 forward-only reference). "
+                   f"Default: {ALL_BACKENDS}, or the chosen backend (--backend, ${ENV_VAR}) against numpy.")
+@backend_option
 @click.option("--arch", type=click.Choice([*parity.ARCHS, "all"]), default="all", show_default=True,
               help="Model family to compare.")
-@click.option("--config", "config_name", type=click.Choice(list(PRESETS)), default="small", show_default=True,
-              help="Model preset (core.config.PRESETS).")
-@click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True,
-              help="AdamW steps in the training comparison.")
+@click.option("--config", "config_name", type=click.Choice(list(PRESETS)), default=None,
+              help="Model preset (core.config.PRESETS). Default: small (tiny with --quick).")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="AdamW steps in the training comparison. Default: 10 (3 with --quick).")
+@click.option("--quick", is_flag=True,
+              help="A check in seconds (what `make demo` runs): the tiny config, 3 steps, and by default the "
+                   "backend that would train (chosen or default) against numpy.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for weights, batches and masks.")
 @click.option("--dropout", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.1, show_default=True,
               help="Dropout of the second training run (the first always runs without dropout).")
@@ -98,14 +105,21 @@ def _self_test(console: Console, suites: list[parity.Suite]) -> bool:
               help="Inject each negative control on one side in turn; fail if any goes undetected.")
 @click.option("-v", "--verbose", is_flag=True, help="One row per tensor instead of per comparison.")
 @click.pass_context
-def command(ctx: click.Context, backends: str, arch: str, config_name: str, steps: int, seed: int,
-            dropout: float, self_test: bool, verbose: bool) -> None:
+def command(ctx: click.Context, backends: str | None, arch: str, config_name: str | None, steps: int | None,
+            seed: int, dropout: float, self_test: bool, verbose: bool, backend_name: str | None,
+            quick: bool) -> None:
     """Prove the backends compute the same model: every primitive and composite, logits, loss,
     every gradient, N AdamW steps (with and without dropout), causality and float64 finite
     differences. Prints a table, names the first tensor that diverges, exits 1 on any failure."""
+    config_name = config_name or ("tiny" if quick else "small")
+    steps = steps or (3 if quick else 10)
+    if backends is None:
+        picked = chosen_backend_name(backend_name) or (default_name() if quick else None)
+        backends = ALL_BACKENDS if picked is None else f"{picked},numpy"
     names = list(dict.fromkeys(n.strip().lower() for n in backends.split(",") if n.strip()))
     if len(names) < 2:
-        raise TwinlmError("parity needs at least two backends, e.g. --backends mlx,tinygrad,numpy")
+        raise TwinlmError(f"parity needs at least two backends (got {backends!r}), e.g. --backends "
+                          f"{ALL_BACKENDS}")
     chosen = [get_backend(n) for n in names]  # BackendUnavailable says what to install
     archs = parity.ARCHS if arch == "all" else (arch,)
     cfg = preset(config_name, vocab_size=65)

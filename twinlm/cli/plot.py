@@ -9,6 +9,8 @@ from typing import Any
 
 import click
 
+from twinlm.backends import check_name
+from twinlm.cli.common import BACKEND_METAVAR
 from twinlm.core.errors import TwinlmError
 
 METRICS_FILE = "metrics.jsonl"
@@ -104,7 +106,11 @@ def plot_runs(run_dirs: list[Path], out: Path, x: str = "step") -> None:
               type=click.Path(dir_okay=False, path_type=Path), help="PNG file to write.")
 @click.option("--x", "x_axis", type=click.Choice(list(X_KEYS)), default="step", show_default=True,
               help="Horizontal axis: optimizer step or tokens seen.")
-def command(run_dirs: tuple[Path, ...], out: Path, x_axis: str) -> None:
+@click.option("--backend", "backend_name", default=None, metavar=BACKEND_METAVAR,
+              help="Accepted like on every command, and unused: plotting runs no model.")
+def command(run_dirs: tuple[Path, ...], out: Path, x_axis: str, backend_name: str | None) -> None:
     """Plot train/val loss of one or more runs (each RUN_DIR's metrics.jsonl) into one PNG."""
+    if backend_name is not None:
+        check_name(backend_name)  # unused, but a typo is still an error
     plot_runs(list(run_dirs), out, x_axis)
     click.echo(f"wrote {out}")

@@ -34,9 +34,20 @@ def text_increments(tok: Tokenizer, columns: Iterable[np.ndarray]) -> Iterator[s
         yield tail
 
 
+def default_prompt(tok: Tokenizer) -> str:
+    """A newline (a corpus's natural start of a line) where the tokenizer knows it, else its first token."""
+    try:
+        tok.encode("\n")
+        return "\n"
+    except TwinlmError:  # a char tokenizer whose corpus had no newline
+        return tok.decode([0])
+
+
 @click.command("sample")
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=str))
-@click.option("--prompt", default="\n", show_default="newline", help="Text to continue.")
+@click.option("--prompt", default=None,
+              help="Text to continue (default: a newline, or the vocabulary's first token if the run's "
+                   "tokenizer has no newline).")
 @click.option("--max-new-tokens", "-n", default=200, show_default=True, type=click.IntRange(min=0),
               help="How many tokens to generate.")
 @click.option("--temperature", "-t", default=0.8, show_default=True, type=click.FloatRange(min=0.0),
@@ -48,10 +59,11 @@ def text_increments(tok: Tokenizer, columns: Iterable[np.ndarray]) -> Iterator[s
 @click.option("--cache/--no-cache", default=True, show_default=True,
               help="Fast decoding; --no-cache recomputes the whole context each token (the reference).")
 @backend_option
-def command(run_dir: str, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None,
+def command(run_dir: str, prompt: str | None, max_new_tokens: int, temperature: float, top_k: int | None,
             top_p: float | None, seed: int, cache: bool, backend_name: str | None) -> None:
     """Generate text from the latest checkpoint in RUN_DIR, printing tokens as they are produced."""
     cfg, params_np, tok, meta = load_model(run_dir)
+    prompt = default_prompt(tok) if prompt is None else prompt
     ids = tok.encode(prompt)
     if ids.size == 0:
         raise TwinlmError("the prompt is empty; give some text with --prompt")

@@ -10,7 +10,7 @@ import click
 
 from twinlm.cli.common import backend, backend_option
 from twinlm.core import model, task
-from twinlm.core.config import ACTIVATIONS, NORMS, POS_ENCODINGS
+from twinlm.core.config import ACTIVATIONS, NORMS, POS_ENCODINGS, preset_training
 from twinlm.core.models import FAMILIES
 from twinlm.core.spec import count
 from twinlm.tasks import classify as C
@@ -31,7 +31,9 @@ INTERRUPTED_EXIT = 130
 @click.option("--vocab-size", type=int, default=None, help="BPE vocabulary size.")
 @click.option("--out", default=None, help="Run directory (default: runs/<data name>).")
 @click.option("--resume", default=None, metavar="DIR", help="Continue the run saved in DIR.")
-@click.option("--preset", default=None, help="Model size: default, tiny, small, baby, medium.")
+@click.option("--preset", default=None,
+              help="Model size: default, tiny, small, baby, medium (baby and medium also set batch size, lr "
+                   "and iterations, unless given).")
 @click.option("--arch", default=None, help=f"Model family: {', '.join(FAMILIES)} (default gpt).")
 @click.option("--task", type=click.Choice(["auto", "lm", "mlm"]), default=None,
               help="Next tokens (lm, decoders) or masked tokens (mlm, encoders); default: by arch.")
@@ -48,11 +50,14 @@ INTERRUPTED_EXIT = 130
 @click.option("--d-model", type=int, default=None)
 @click.option("--block-size", type=int, default=None)
 @click.option("--dropout", type=float, default=None)
-@click.option("--batch-size", type=int, default=None)
+@click.option("--batch-size", type=int, default=None,
+              help="Windows per micro-batch (default: 32, or the preset's).")
 @click.option("--grad-accum", type=int, default=None, help="Micro-batches per optimizer step.")
 @click.option("--max-iters", type=int, default=None,
-              help="Total iterations of the run (nanoGPT): resuming at 10 with 20 runs 10 more.")
-@click.option("--lr", type=float, default=None)
+              help="Total iterations of the run (default: 2000, or the preset's); resuming at 10 with 20 "
+                   "runs 10 more.")
+@click.option("--lr", type=float, default=None,
+              help="Peak learning rate (default: 3e-3, or the preset's).")
 @click.option("--min-lr", type=float, default=None)
 @click.option("--warmup", type=int, default=None)
 @click.option("--lr-decay-iters", type=int, default=None, help="Cosine decay length (default: max-iters).")
@@ -69,6 +74,8 @@ def command(backend_name: str | None, config_file: str | None, resume: str | Non
     backend_name = backend_name or settings.pop("backend", None)
     resume = resume or settings.pop("resume", None)
     settings.update({k: v for k, v in flags.items() if v is not None})
+    if not resume:  # a resumed run keeps its own settings
+        settings = {**preset_training(settings.get("preset")), **settings}
     run(TrainConfig(**settings), backend_name, resume)
 
 

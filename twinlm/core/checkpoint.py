@@ -13,24 +13,26 @@ renamed into place in one `rename`, and only then is latest.json replaced (temp 
 So a SIGKILL or power loss at any moment leaves every earlier checkpoint and pointer intact. Pruned
 checkpoints are renamed to a hidden name before they are deleted, so no half-deleted checkpoint is ever
 visible. Hidden leftovers of an interrupted save are removed by the next save. If latest.json ever names
-a missing checkpoint, the complete checkpoint with the highest step is used instead.
+a missing checkpoint, the complete checkpoint with the highest step is used instead (with a warning).
+Every file-system change goes through `atomic.fs`, so tests can fail or kill a save at each operation.
+state.safetensors also carries a digest of its tensors (`tensorfile`), checked on load when present.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import shutil
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from twinlm.core import atomic, tensorfile
 from twinlm.core.atomic import atomic_write_json, fsync_dir, json_bytes, write_file_synced
-from twinlm.core.errors import TwinlmError
+from twinlm.core.errors import TwinlmError, TwinlmWarning
 
 STATE_FILE = "state.safetensors"
 META_FILE = "meta.json"
@@ -46,6 +48,10 @@ _TMP, _OLD, _DEL = ".tmp-", ".old-", ".del-"
 
 class CheckpointError(TwinlmError):
     """A checkpoint that is missing, incomplete or damaged."""
+
+
+class CheckpointWarning(TwinlmWarning):
+    """A run whose pointer file is broken: loading goes on from a scan of its checkpoints."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -79,47 +85,48 @@ def save_checkpoint(run_dir: Path, arrays: dict[str, np.ndarray], meta: dict[str
 
 def _write(run_dir: Path, step: int, state_bytes: bytes, meta_bytes: bytes, keep: int | None,
            best: bool) -> Path:
-    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic.fs.mkdir(run_dir, exist_ok=True)
     _clean_leftovers(run_dir)
     name = checkpoint_name(step)
     final = run_dir / name
     tmp = run_dir / f"{_TMP}{name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    write_file_synced(tmp / STATE_FILE, state_bytes)
-    write_file_synced(tmp / META_FILE, meta_bytes)
-    manifest = {"format": MANIFEST_FORMAT, "step": step,
-                "files": {STATE_FILE: _digest(state_bytes), META_FILE: _digest(meta_bytes)}}
-    write_file_synced(tmp / MANIFEST_FILE, json_bytes(manifest))  # last: a manifest means a complete dir
-    fsync_dir(tmp)
+    atomic.fs.mkdir(tmp)
+    try:
+        write_file_synced(tmp / STATE_FILE, state_bytes)
+        write_file_synced(tmp / META_FILE, meta_bytes)
+        manifest = {"format": MANIFEST_FORMAT, "step": step,
+                    "files": {STATE_FILE: _digest(state_bytes), META_FILE: _digest(meta_bytes)}}
+        write_file_synced(tmp / MANIFEST_FILE, json_bytes(manifest))  # last: a manifest means a complete dir
+        fsync_dir(tmp)
+    except BaseException:  # e.g. a full disk: give the space back now rather than at the next save
+        atomic.fs.rmtree(tmp, ignore_errors=True)
+        raise
 
     old = None
     if final.exists():  # same step saved again (e.g. after a resume): set the old one aside, never mix
         if not best and _pointer_name(run_dir / BEST_FILE) == name:
             # The best checkpoint is about to be replaced by one that is not known to be best: drop the
             # pointer first, so a crash can lose it but never leave it naming the wrong weights.
-            (run_dir / BEST_FILE).unlink()
+            atomic.fs.unlink(run_dir / BEST_FILE)
             fsync_dir(run_dir)
         old = run_dir / f"{_OLD}{name}-{uuid.uuid4().hex[:8]}"
-        os.rename(final, old)
-    os.rename(tmp, final)
+        atomic.fs.rename(final, old)
+    atomic.fs.rename(tmp, final)
     fsync_dir(run_dir)
     pointer = {"checkpoint": name, "step": step}
     atomic_write_json(run_dir / LATEST_FILE, pointer)
     if best:
         atomic_write_json(run_dir / BEST_FILE, pointer)
     if old is not None:
-        shutil.rmtree(old)
+        atomic.fs.rmtree(old)
     _prune(run_dir, keep)
     return final
 
 
 def _safetensors_bytes(arrays: dict[str, np.ndarray]) -> bytes:
-    from safetensors.numpy import save
-
     try:
-        # np.asarray, not np.ascontiguousarray: the latter turns 0-d arrays into shape (1,)
-        return save({k: np.asarray(v, order="C") for k, v in arrays.items()})
-    except Exception as e:  # safetensors raises assorted types for bad names or dtypes
+        return tensorfile.dumps(arrays)
+    except tensorfile.TensorFileError as e:
         raise CheckpointError(f"cannot serialise checkpoint arrays: {e}") from None
 
 
@@ -131,16 +138,18 @@ def _clean_leftovers(run_dir: Path) -> None:
     """Remove what an interrupted save left; restore a same-step checkpoint that was set aside."""
     for p in run_dir.iterdir():
         if not p.is_dir():
+            if p.name.startswith(_TMP):  # the temp file of an interrupted latest.json / best.json write
+                atomic.fs.unlink(p)
             continue
         if p.name.startswith(_OLD):
             original = run_dir / p.name[len(_OLD):].rsplit("-", 1)[0]
             if _NAME.match(original.name) and not (original / MANIFEST_FILE).exists():
                 if original.exists():
-                    shutil.rmtree(original)
-                os.rename(p, original)
+                    atomic.fs.rmtree(original)
+                atomic.fs.rename(p, original)
                 continue
         if p.name.startswith((_TMP, _OLD, _DEL)):
-            shutil.rmtree(p, ignore_errors=True)
+            atomic.fs.rmtree(p, ignore_errors=True)
 
 
 def _prune(run_dir: Path, keep: int | None) -> None:
@@ -150,8 +159,8 @@ def _prune(run_dir: Path, keep: int | None) -> None:
     for _, path in _checkpoints(run_dir)[:-keep]:
         if path.name not in protected:
             doomed = run_dir / f"{_DEL}{path.name}-{uuid.uuid4().hex[:8]}"
-            os.rename(path, doomed)  # atomic: the checkpoint vanishes whole, then is deleted at leisure
-            shutil.rmtree(doomed, ignore_errors=True)
+            atomic.fs.rename(path, doomed)  # the checkpoint vanishes whole, then is deleted at leisure
+            atomic.fs.rmtree(doomed, ignore_errors=True)
 
 
 def _checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -187,6 +196,12 @@ def _resolve(run_dir: Path, pointer_file: str, fall_back: bool) -> Path | None:
     if not fall_back:
         return None
     found = _checkpoints(run_dir)
+    if found:
+        pointer = run_dir / pointer_file
+        why = (f"names {name}, which is missing or incomplete" if name is not None
+               else "is damaged" if pointer.exists() else "is missing")
+        warnings.warn(CheckpointWarning(f"{pointer} {why}; using {found[-1][1].name}, the complete "
+                                        "checkpoint with the highest step"), stacklevel=3)
     return found[-1][1] if found else None
 
 
@@ -214,12 +229,11 @@ def load_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
             raise CheckpointError(f"no checkpoint in {path}")
         path = ckpt
     files = _verified_files(path)
-    from safetensors.numpy import load
-
     try:
-        arrays = load(files[STATE_FILE])
+        # The manifest already vouches for the bytes; checkpoints from before the digest have none.
+        arrays = tensorfile.loads(files[STATE_FILE], f"{path / STATE_FILE}", require_digest=False)
         meta = json.loads(files[META_FILE].decode("utf-8"))
-    except Exception as e:  # hashes matched, so this is a file written wrong, not damage in storage
+    except (TwinlmError, ValueError) as e:  # hashes matched: a file written wrong, not damage in storage
         raise CheckpointError(f"checkpoint {path} cannot be decoded: {e}") from None
     return arrays, meta
 
@@ -229,8 +243,12 @@ def _verified_files(ckpt: Path) -> dict[str, bytes]:
     try:
         manifest = json.loads((ckpt / MANIFEST_FILE).read_text(encoding="utf-8"))
         listed = manifest["files"]
-        if set(listed) != {STATE_FILE, META_FILE}:
-            raise ValueError(f"lists {sorted(listed)}")
+        if not isinstance(listed, dict) or set(listed) != {STATE_FILE, META_FILE}:
+            raise ValueError(f"lists {listed!r:.80}")
+        for want in listed.values():
+            if not isinstance(want, dict) or not isinstance(want.get("bytes"), int) \
+                    or not isinstance(want.get("sha256"), str):
+                raise ValueError(f"a file entry is not {{bytes, sha256}}: {want!r:.80}")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint {ckpt} has a damaged {MANIFEST_FILE}: {e}") from None
     out = {}

@@ -122,6 +122,19 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# Training settings that come with a preset, used where neither a flag nor the config file sets them
+# (nanoGPT's: the CPU baby GPT's command line, and shakespeare_char's config for the 6x384 model).
+PRESET_TRAINING: dict[str, dict[str, Any]] = {
+    "baby": dict(batch_size=12, lr=1e-3, max_iters=2000),
+    "medium": dict(batch_size=64, lr=1e-3, max_iters=5000),
+}
+
+
+def preset_training(name: str | None) -> dict[str, Any]:
+    """The training defaults of preset `name` (empty for presets without any, or an unknown name)."""
+    return dict(PRESET_TRAINING.get(name or "", {}))
+
+
 def preset(name: str, **overrides: Any) -> ModelConfig:
     """The config for a named preset, with field overrides (e.g. vocab_size)."""
     if name not in PRESETS:

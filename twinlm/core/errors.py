@@ -1,5 +1,9 @@
-"""User-facing errors: the CLI prints these as one line and exits non-zero, never a traceback."""
+"""User-facing errors (the CLI prints one line and exits non-zero, never a traceback) and warnings."""
 
 
 class TwinlmError(Exception):
     """Bad input or a state the user can fix; the message says what and how."""
+
+
+class TwinlmWarning(UserWarning):
+    """Something the user should know that does not stop the command; the CLI prints it as one line."""

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Iterable
@@ -253,16 +254,31 @@ def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
     raise TwinlmError(f"unknown tokenizer kind {kind!r} (known: {', '.join(KINDS)})")
 
 
+DIGEST_KEY = "sha256"  # of the rest of the file's JSON object, so a damaged file is an error, not a tokenizer
+
+
+def _dict_digest(d: dict[str, Any]) -> str:
+    canonical = json.dumps(d, sort_keys=True, ensure_ascii=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+
+
 def save_tokenizer(tok: Tokenizer, path: Path) -> None:
-    atomic_write_json(Path(path), tok.to_dict())
+    d = tok.to_dict()
+    atomic_write_json(Path(path), {**d, DIGEST_KEY: _dict_digest(d)})
 
 
 def load_tokenizer(path: Path) -> Tokenizer:
+    """The tokenizer `save_tokenizer` wrote to `path`, exactly, or a TwinlmError (never a near miss)."""
     path = Path(path)
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise TwinlmError(f"tokenizer file not found: {path}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: bad UTF-8 or JSON
         raise TwinlmError(f"cannot read tokenizer file {path}: {e}") from None
+    if not isinstance(d, dict) or not isinstance(d.get(DIGEST_KEY), str):
+        raise TwinlmError(f"tokenizer file {path} is damaged: no {DIGEST_KEY} of its contents")
+    want = d.pop(DIGEST_KEY)
+    if _dict_digest(d) != want:
+        raise TwinlmError(f"tokenizer file {path} is damaged: its contents do not match their SHA-256")
     return tokenizer_from_dict(d)
