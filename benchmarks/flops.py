@@ -8,13 +8,17 @@ the embedding gather are not counted: MFU measures useful matmul work against th
 
 from __future__ import annotations
 
+import math
+
 from twinlm.core.config import ModelConfig
+from twinlm.core.model import param_spec
 
 
 def matmul_params(cfg: ModelConfig) -> int:
-    """Weights that take part in a matmul: per block qkv, proj, fc, proj; then the output head."""
-    per_block = 4 * cfg.d_model * cfg.d_model + 2 * cfg.d_model * cfg.d_ff
-    return cfg.n_layer * per_block + cfg.d_model * cfg.vocab_size
+    """Weights that take part in a matmul, from the family's spec; a tied output head is the embedding."""
+    spec = param_spec(cfg)
+    n = sum(math.prod(s.shape) for s in spec.values() if s.matmul)
+    return n + (cfg.d_model * cfg.vocab_size if cfg.tie_embeddings else 0)
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> int:

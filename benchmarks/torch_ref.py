@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from twinlm.core import optim
 from twinlm.core.config import ModelConfig
+from twinlm.core.model import param_spec
 
 
 def _linear(p: dict[str, torch.Tensor], name: str, t: torch.Tensor) -> torch.Tensor:
@@ -52,12 +53,13 @@ class TorchTrainer:
     """`trainer.step(x, y, it) -> loss`: forward, backward, clip, AdamW, like twinlm's compiled step."""
 
     def __init__(self, cfg: ModelConfig, opt: optim.AdamWConfig, params: dict[str, np.ndarray]) -> None:
-        if not (cfg.bias and cfg.tie_embeddings and cfg.pos_encoding == "learned"):
-            raise ValueError("the PyTorch reference covers bias=True, tied embeddings, learned positions")
+        if cfg.arch != "gpt" or not (cfg.bias and cfg.tie_embeddings and cfg.pos_encoding == "learned"):
+            raise ValueError("the PyTorch reference is GPT with biases, tied embeddings, learned positions")
         self.cfg, self.opt = cfg, opt
         self.params = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
-        decay = [t for t in self.params.values() if t.ndim >= 2]
-        no_decay = [t for t in self.params.values() if t.ndim < 2]
+        spec = param_spec(cfg)  # the same decay choices as twinlm's AdamW
+        decay = [t for k, t in self.params.items() if spec[k].decay]
+        no_decay = [t for k, t in self.params.items() if not spec[k].decay]
         self.adamw = torch.optim.AdamW([{"params": decay, "weight_decay": opt.weight_decay},
                                         {"params": no_decay, "weight_decay": 0.0}],
                                        lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps)

@@ -61,7 +61,28 @@ CASES: dict[str, Case] = {
                                     "differs from the checkpoint's data"),
     "train_not_a_number": Case(("train", "--batch-size", "abc"), "Invalid value for '--batch-size'"),
     "train_unknown_flag": Case(("train", "--learning-rate", "1"), "No such option '--learning-rate'"),
+    "train_unknown_arch": Case(("train", "--arch", "mamba"), "unknown arch 'mamba'"),
+    "train_kv_heads": Case(("train", "--arch", "llama", "--n-kv-head", "3"), "must divide n_head"),
+    "train_rope_odd_head": Case(("train", "--arch", "llama", "--d-model", "36"), "even head size"),
+    "train_encoder_as_lm": Case(("train", "--arch", "bert", "--task", "lm"), "is an encoder"),
+    "train_bad_activation": Case(("train", "--activation", "relu"), "Invalid value for '--activation'"),
+    # finetune
+    "finetune_nowhere": Case(("finetune", "{w}/nowhere"), "checkpoint not found"),
+    "finetune_no_label_column": Case(("finetune", "{w}/bert", "--data", "{w}/nolabel.csv"),
+                                     "no label column"),
+    "finetune_not_csv": Case(("finetune", "{w}/bert", "--data", "{w}/corpus.txt"), "must be .csv"),
+    "finetune_one_label": Case(("finetune", "{w}/bert", "--data", "{w}/onelabel.jsonl"),
+                               "at least two labels"),
+    "finetune_foreign_text": Case(("finetune", "{w}/bert", "--data", "{w}/greek.csv"),
+                                  "does not fit the base run's tokenizer"),
+    "finetune_bad_jsonl": Case(("finetune", "{w}/bert", "--data", "{w}/broken.jsonl"),
+                               "is not a JSON object"),
+    # predict
+    "predict_nowhere": Case(("predict", "{w}/nowhere", "text"), "checkpoint not found"),
+    "predict_no_text": Case(("predict", "{w}/good"), "Missing argument"),
+    "predict_no_mask": Case(("predict", "{w}/bert", "line 1"), "no [MASK]"),
     # sample
+    "sample_encoder": Case(("sample", "{w}/bert", "--prompt", "line"), "an encoder"),
     "sample_nowhere": Case(("sample", "{w}/nowhere"), "checkpoint not found"),
     "sample_not_a_run": Case(("sample", "{w}/notarun"), "no checkpoint in"),
     "sample_corrupt": Case(("sample", "{w}/corrupt"), "does not match its SHA-256"),
@@ -77,6 +98,7 @@ CASES: dict[str, Case] = {
     "eval_missing_data": Case(("eval", "{w}/good", "--data", "{w}/nope.txt"), "nope.txt"),
     "eval_foreign_text": Case(("eval", "{w}/good", "--data", "{w}/greek.txt"), "does not fit this model's"),
     "eval_corrupt": Case(("eval", "{w}/corrupt"), "does not match its SHA-256"),
+    "eval_unseen_label": Case(("eval", "{w}/cls", "--data", "{w}/unseen.csv"), "never seen in training"),
     # parity
     "parity_one_backend": Case(("parity", "--backends", "mlx"), "at least two backends"),
     "parity_unknown_backend": Case(("parity", "--backends", "mlx,cuda"), "unknown backend 'cuda'"),
@@ -114,6 +136,14 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
         tc = TrainConfig(data=str(w / "corpus.txt"), preset="tiny", block_size=16, batch_size=4, max_iters=2,
                          eval_every=2, eval_iters=1, out=str(w / "good"))
         Trainer(tc, backend, log=lambda m: None).fit()
+        tiny = dict(preset="tiny", block_size=16, batch_size=4, max_iters=2, eval_every=2, eval_iters=1)
+        Trainer(TrainConfig(arch="bert", data=str(w / "corpus.txt"), out=str(w / "bert"), **tiny), backend,
+                log=lambda m: None).fit()
+        rows = "".join(f"line {i},{'ab'[i % 2]}\n" for i in range(40))
+        (w / "labels.csv").write_text("text,label\n" + rows)
+        tc = TrainConfig(task="classify", base=str(w / "bert"), data=str(w / "labels.csv"),
+                         out=str(w / "cls"), **tiny)
+        Trainer(tc, backend, log=lambda m: None).fit()
         key = next(default_cache_dir().glob("*.bin"))  # a token cache file, for `cache clear`
     finally:
         del os.environ["TWINLM_CACHE_DIR"]
@@ -129,6 +159,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (w / "broken.toml").write_text("lr = [1,\n")
     (w / "unknown.toml").write_text("learning_rate = 0.1\n")
     (w / "wrongtype.toml").write_text('batch_size = "big"\n')
+    (w / "nolabel.csv").write_text("text,category\nline 1,a\nline 2,b\n")
+    (w / "onelabel.jsonl").write_text('{"text": "line 1", "label": "a"}\n{"text": "line 2", "label": "a"}\n')
+    (w / "broken.jsonl").write_text('{"text": "line 1", "label": "a"}\n{"text": \n')
+    (w / "greek.csv").write_text("text,label\n\u03b1\u03b2,a\nline 2,b\nline 3,a\n")
+    (w / "unseen.csv").write_text("text,label\nline 1,a\nline 2,maybe\n")
     (w / "notarun").mkdir()
     (w / "notarun" / "notes.txt").write_text("hello")
     (w / "badmetrics").mkdir()

@@ -104,7 +104,7 @@ def test_training_lowers_the_loss_and_saves_best_and_final(mlx, tmp_path):
     t, losses = _run(mlx, tmp_path / "run", data=str(corpus), max_iters=40, eval_every=20, lr=1e-2)
     assert len(losses) == 40 and np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5
     arrays, meta = load_checkpoint(tmp_path / "run")
-    assert meta["iter"] == 40 and meta["backend"] == "mlx" and meta["task"] is None
+    assert meta["iter"] == 40 and meta["backend"] == "mlx" and meta["task"] == "lm"
     assert meta["train"]["data"] == str(corpus.resolve())
     assert meta["best_val_loss"] is not None and meta["skipped"] == 0
     assert set(arrays) == set(S.init_state(P.init_params(t.cfg, 0)))

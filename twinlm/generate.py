@@ -184,6 +184,12 @@ def make_decoder(B: Backend, cfg: ModelConfig, params: dict[str, Array], batch: 
     raise TwinlmError(f"unknown decoding strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
 
 
+def check_generates(cfg: ModelConfig) -> None:
+    if cfg.kind != "decoder":
+        raise TwinlmError(f"this is an --arch {cfg.arch} model, an encoder: it fills in masked tokens but "
+                          "does not generate text (use twinlm predict)")
+
+
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
     if not temperature >= 0.0:  # also refuses NaN
         raise TwinlmError(f"temperature must be >= 0, got {temperature}")
@@ -235,9 +241,7 @@ def generate(B: Backend, cfg: ModelConfig, params: dict[str, Array], prompt: np.
     whole context each step (the reference); True uses the backend's fast decoder (see module docstring),
     which gives the same tokens. Arguments are checked here, before the first token is asked for.
     """
-    if cfg.kind != "decoder":
-        raise TwinlmError(f"this is an --arch {cfg.arch} model, an encoder: it fills in masked tokens but "
-                          "does not generate text (use twinlm predict)")
+    check_generates(cfg)
     prompt = np.asarray(prompt)
     if prompt.ndim != 2 or prompt.shape[0] < 1 or prompt.shape[1] < 1:
         raise TwinlmError(f"prompt must be a non-empty (batch, time) array of ids, got shape {prompt.shape}")

@@ -475,7 +475,8 @@ CONTROLS = (
     Control("tanh-gelu", "GELU by the tanh approximation", mixin=TanhGelu,
             applies=lambda c: c.activation == "gelu"),
     Control("no-bias-correction", "AdamW without bias correction (bc1 = bc2 = 1)", bias_correction=False),
-    Control("layer-norm-eps", f"LayerNorm eps {WRONG_LAYER_NORM_EPS:g} instead of {LAYER_NORM_EPS:g}",
+    Control("layer-norm-eps", f"LayerNorm eps {WRONG_LAYER_NORM_EPS:g} instead of the config's "
+            f"({LAYER_NORM_EPS:g}; BERT 1e-12)",
             mixin=WrongLayerNormEps, applies=lambda c: c.norm == "layernorm"),
     Control("shifted-mask", "causal mask shifted by one (sees the next token)", mask_fn=shifted_causal_mask,
             applies=lambda c: c.kind == "decoder"),
@@ -484,7 +485,7 @@ CONTROLS = (
     Control("rope-interleaved", "RoPE on interleaved pairs instead of the half split", mixin=InterleavedRope,
             applies=lambda c: c.pos_encoding == "rope"),
     Control("gqa-tiled", "grouped-query heads mapped to the wrong kv head", mixin=TiledKV,
-            applies=lambda c: c.n_kv_head < c.n_head),
+            applies=lambda c: 1 < c.n_kv_head < c.n_head),  # else every mapping is the same one
     Control("padding-ignored", "attention ignores the padding mask", mixin=IgnorePadding,
             applies=lambda c: c.kind == "encoder"),
 )
@@ -726,9 +727,9 @@ def arch_config(arch: str, preset_name: str = "small", vocab_size: int = 65) -> 
     """The parity suite's model of each family: Llama with grouped-query attention (half the heads
     as kv heads) and an untied head, so every option's code path runs."""
     extra: dict[str, Any] = {}
-    if arch == "llama":
-        n_head = preset(preset_name, vocab_size=vocab_size).n_head
-        extra = dict(n_kv_head=max(1, n_head // 2), tie_embeddings=False)
+    if arch == "llama":  # at least 2 kv heads of 2 queries each, so a wrong head mapping shows
+        n_head = max(4, preset(preset_name, vocab_size=vocab_size).n_head)
+        extra = dict(n_head=n_head, n_kv_head=n_head // 2, tie_embeddings=False)
     return preset(preset_name, vocab_size=vocab_size, arch=arch, **extra)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from twinlm.cli.common import backend, backend_option
+from twinlm.core import task as sort_task
 from twinlm.core.backend import Array, Backend
 from twinlm.core.config import ModelConfig
 from twinlm.core.data import Dataset, prepare, read_corpus
@@ -58,7 +59,7 @@ def command(run_dir: str, backend_name: str | None, data: str | None, batch_size
     loss, n = evaluate_loss(B, cfg, params, tokens, batch_size, max_windows)
     click.echo(f"{source}: {n:,} tokens scored on {B.name}")
     click.echo(f"loss {loss:.4f}  perplexity {math.exp(min(loss, 700.0)):.3f}")
-    if meta.get("task") and data is None:
+    if meta.get("task") == sort_task.NAME and data is None:
         acc, shown = task_accuracy(B, cfg, params, tok, ACCURACY_EXAMPLES, samples=5)
         click.echo(f"accuracy {acc:.1%} exact match on {ACCURACY_EXAMPLES} held-out examples")
         for line in shown:

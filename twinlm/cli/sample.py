@@ -10,7 +10,7 @@ import numpy as np
 from twinlm.cli.common import backend, backend_option
 from twinlm.core.errors import TwinlmError
 from twinlm.core.tokenizers import Tokenizer
-from twinlm.generate import generate, load_model
+from twinlm.generate import check_generates, generate, load_model
 
 REPLACEMENT = "\ufffd"  # what decoding makes of an incomplete UTF-8 sequence
 
@@ -63,6 +63,7 @@ def command(run_dir: str, prompt: str | None, max_new_tokens: int, temperature: 
             top_p: float | None, seed: int, cache: bool, backend_name: str | None) -> None:
     """Generate text from the latest checkpoint in RUN_DIR, printing tokens as they are produced."""
     cfg, params_np, tok, meta = load_model(run_dir)
+    check_generates(cfg)
     prompt = default_prompt(tok) if prompt is None else prompt
     ids = tok.encode(prompt)
     if ids.size == 0:
