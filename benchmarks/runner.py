@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from twinlm.backends import get_backend
-from twinlm.core import dropout, model
+from twinlm.core import model
 from twinlm.core import params as P
 from twinlm.core import step as S
 from twinlm.core.config import ModelConfig
@@ -39,11 +39,7 @@ class TwinlmTrainer:
                      "device": getattr(self.B, "device", "CPU")}
 
     def step(self, x: np.ndarray, y: np.ndarray, it: int) -> float:
-        B = self.B
-        masks = {k: B.from_numpy(v) for k, v in dropout.masks(self.cfg, *x.shape, self.seed, it).items()}
-        lr, bc1, bc2 = (B.from_numpy(v) for v in S.step_scalars(it, self.opt))
-        loss, _ = self.compiled({"x": B.from_numpy(x), "y": B.from_numpy(y)}, masks, lr, bc1, bc2)
-        return float(B.to_numpy(loss))
+        return S.drive(self.B, self.compiled, self.cfg, self.opt, {"x": x, "y": y}, it, self.seed)[0]
 
     def eval_loss(self, x: np.ndarray, y: np.ndarray) -> float:
         B = self.B

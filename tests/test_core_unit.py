@@ -86,7 +86,6 @@ def test_lr_schedule_and_bias_corrections() -> None:
     assert optim.lr_at(110, cfg) == optim.lr_at(500, cfg) == pytest.approx(1e-4)
     assert optim.bias_corrections(1, cfg) == pytest.approx((0.1, 0.01))
     assert optim.bias_corrections(3, cfg) == pytest.approx((0.271, 0.029701))
-    assert optim.decays((3, 4)) and not optim.decays((4,))
 
 
 def test_dropout_masks_are_reproducible_per_step() -> None:

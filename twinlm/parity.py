@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from twinlm.core import dropout, layers, model, optim, step
+from twinlm.core import layers, model, optim, step
 from twinlm.core import spec as SP
 from twinlm.core.backend import LAYER_NORM_EPS, RMS_NORM_EPS, Array, Backend
 from twinlm.core.config import ModelConfig, preset
@@ -656,17 +656,10 @@ def train_run(side: Side, cfg: ModelConfig, params: dict[str, np.ndarray], batch
     state = {k: B.from_numpy(v) for k, v in step.init_state(params, spec).items()}
     loss_fn = lambda p, b, drop: side_loss(side, cfg, p, b, drop)  # noqa: E731
     train_step = B.compile_step(step.make_train_step(B, spec, opt, loss_fn), state)
-    losses = []
-    for it, batch in enumerate(batches):
-        x = batch["x"]
-        drop = {k: B.from_numpy(v) for k, v in dropout.masks(cfg, x.shape[0], x.shape[1], seed, it).items()}
-        lr, bc1, bc2 = step.step_scalars(it, opt)
-        if not side.bias_correction:
-            bc1 = bc2 = np.asarray(1.0, dtype=np.float32)
-        scalars = (B.from_numpy(s) for s in (lr, bc1, bc2))
-        loss, _ = train_step(_on(B, batch), drop, *scalars)
-        losses.append(B.to_numpy(loss))
-    return TrainRun(np.stack(losses), {k: B.to_numpy(v) for k, v in step.params_of(train_step.state).items()})
+    losses = [step.drive(B, train_step, cfg, opt, batch, it, seed, bias_correction=side.bias_correction)[0]
+              for it, batch in enumerate(batches)]
+    return TrainRun(np.array(losses, dtype=np.float32),
+                    {k: B.to_numpy(v) for k, v in step.params_of(train_step.state).items()})
 
 
 def compare_train(group: str, got: TrainRun, want: TrainRun) -> list[Check]:

@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 
 from twinlm import __version__
-from twinlm.core import dropout as D
 from twinlm.core import model, optim, task
 from twinlm.core import spec as SP
 from twinlm.core import step as S
@@ -255,19 +254,19 @@ class Trainer:
         self.tc = tc
         self.grad_accum = tc.grad_accum
         base_params: dict[str, np.ndarray] | None = None
+        cfg: ModelConfig | None = None  # None: from the flags and the corpus's tokenizer
+        tok: Tokenizer | None = None
+        self.labels: list[str] = []
         if resume is not None:
-            self.cfg = ModelConfig.from_dict(meta["model"])
-            tok = tokenizer_from_dict(meta["tokenizer"])
-            self.labels: list[str] = list(meta.get("labels") or [])
+            cfg, tok = ModelConfig.from_dict(meta["model"]), tokenizer_from_dict(meta["tokenizer"])
+            self.labels = list(meta.get("labels") or [])
         elif tc.task == "classify":
-            self.cfg, tok, base_params, self.labels = self._from_base(tc)
-        else:
-            self.cfg, tok, self.labels = None, None, []  # type: ignore[assignment]
+            cfg, tok, base_params, self.labels = self._from_base(tc)
         if resume is None:
             self.out = Path(tc.out or default_out_dir(tc))
         tc.out = str(self.out)
-        self.task, self.ds = self._build_task(tc, tok)
-        self.tokenizer: Tokenizer = self.ds.tokenizer if self.ds is not None else tok
+        self.cfg, self.task, self.ds = self._build_task(tc, cfg, tok)
+        self.tokenizer: Tokenizer = self.ds.tokenizer if self.ds is not None else tok  # type: ignore[assignment]
         self.opt = optimizer_config(tc)
         self.is_task = tc.data is None and self.cfg.kind == "decoder" and tc.task in ("auto", "lm")
         self.spec = model.param_spec(self.cfg)
@@ -309,28 +308,29 @@ class Trainer:
         cfg = base_cfg.replace(n_classes=len(labels), **changes)
         return cfg, tok, params, labels
 
-    def _build_task(self, tc: TrainConfig, tok: Tokenizer | None) -> tuple[Task, Dataset | None]:
+    def _build_task(self, tc: TrainConfig, cfg: ModelConfig | None,
+                    tok: Tokenizer | None) -> tuple[ModelConfig, Task, Dataset | None]:
+        """(model config, task, corpus) of the run; a fresh run's config comes from the flags and the
+        tokenizer trained on its corpus (plus [PAD], [MASK], [CLS] for an encoder)."""
         if tc.task == "classify":
+            assert cfg is not None and tok is not None
             train, val = classify_examples(tc)
-            return C.Classify(train, val, self.labels, tok, self.cfg, tc.batch_size, tc.seed), None  # type: ignore[arg-type]
-        if tok is None:  # a fresh run: the tokenizer comes from the corpus, the model from the flags
+            return cfg, C.Classify(train, val, self.labels, tok, cfg, tc.batch_size, tc.seed), None
+        if cfg is None:
             ds = prepare(tc.data, tokenizer=tc.tokenizer, vocab_size=tc.vocab_size, errors=tc.errors)
-            arch = tc.arch or "gpt"
-            if model_kind(arch) == "encoder":
+            if model_kind(tc.arch or "gpt") == "encoder":
                 ds.tokenizer = encoder_tokenizer(ds.tokenizer)
-            self.cfg = model_config(tc, ds.tokenizer.vocab_size)
+            cfg = model_config(tc, ds.tokenizer.vocab_size)
         else:
             ds = prepare(tc.data, tok=tok, errors=tc.errors)
-        kind = tc.task if tc.task != "auto" else ("mlm" if self.cfg.kind == "encoder" else "lm")
-        if kind == "lm" and self.cfg.kind == "encoder":
-            raise TwinlmError(f"--arch {self.cfg.arch} is an encoder: it trains on masked tokens "
-                              "(--task mlm)")
-        if kind == "mlm" and self.cfg.kind == "decoder":
-            raise TwinlmError(f"--arch {self.cfg.arch} is a causal decoder: it trains on next tokens "
-                              "(--task lm)")
-        check_fits(ds, self.cfg.block_size, tc.batch_size)
+        kind = tc.task if tc.task != "auto" else ("mlm" if cfg.kind == "encoder" else "lm")
+        if kind == "lm" and cfg.kind == "encoder":
+            raise TwinlmError(f"--arch {cfg.arch} is an encoder: it trains on masked tokens (--task mlm)")
+        if kind == "mlm" and cfg.kind == "decoder":
+            raise TwinlmError(f"--arch {cfg.arch} is a causal decoder: it trains on next tokens (--task lm)")
+        check_fits(ds, cfg.block_size, tc.batch_size)
         cls = MaskedLM if kind == "mlm" else CausalLM
-        return cls(ds, tc.batch_size, self.cfg.block_size, tc.seed, tc.eval_iters), ds
+        return cfg, cls(ds, tc.batch_size, cfg.block_size, tc.seed, tc.eval_iters), ds
 
     @staticmethod
     def _merge_resumed(tc: TrainConfig, meta: dict[str, Any]) -> TrainConfig:
@@ -378,23 +378,19 @@ class Trainer:
         return S.make_train_step(self.B, self.spec, self.opt, loss_fn)
 
     # ---- one step ----------------------------------------------------------------------------
-    def _batch(self, it: int) -> tuple[dict[str, Array], dict[str, Array]]:
-        B, A, b = self.B, self.grad_accum, self.tc.batch_size
+    def _batch(self, it: int) -> dict[str, np.ndarray]:
+        """Iteration `it`'s batch; with gradient accumulation, micro-batches on a leading axis (A, b, ...)."""
+        A = self.grad_accum
         parts = [self.task.next_batch(it * A + a) for a in range(A)]
         batch = {k: np.stack([p[k] for p in parts]) if A > 1 else parts[0][k] for k in parts[0]}
-        drop = D.masks(self.cfg, A * b, self.cfg.block_size, self.tc.seed, it)
-        if A > 1:
-            drop = {k: m.reshape(A, b, *m.shape[1:]) for k, m in drop.items()}
         model.check_token_ids(batch["x"], self.cfg.vocab_size)
-        return {k: B.from_numpy(v) for k, v in batch.items()}, {k: B.from_numpy(m) for k, m in drop.items()}
+        return batch
 
     def train_step(self) -> tuple[float, float]:
         """Run iteration `self.iter`; return (loss, grad_norm). A non-finite step leaves the state as is."""
-        batch, drop = self._batch(self.iter)
-        lr, bc1, bc2 = (self.B.from_numpy(v) for v in S.step_scalars(self.iter, self.opt))
-        loss, gnorm = self.step(batch, drop, lr, bc1, bc2)
+        out = S.drive(self.B, self.step, self.cfg, self.opt, self._batch(self.iter), self.iter, self.tc.seed)
         self.iter += 1
-        return float(self.B.to_numpy(loss)), float(self.B.to_numpy(gnorm))
+        return out
 
     # ---- evaluation --------------------------------------------------------------------------
     def params(self) -> dict[str, Array]:

@@ -8,14 +8,14 @@ For each parameter p with gradient g at step t (1-based), after clipping g by th
     v_hat = v_t / (1 - b2^t)
     p_t = p_{t-1} * (1 - lr_t * wd) - lr_t * m_hat / (sqrt(v_hat) + eps)
 
-wd applies only to tensors with ndim >= 2 (matrices and embeddings, not biases or norm gains).
+wd applies where the family's parameter spec says (core.spec): matrices and embeddings, not biases or
+norm gains.
 Native optimizers are never used: MLX's AdamW skips bias correction by default.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -52,10 +52,6 @@ def lr_at(it: int, cfg: AdamWConfig) -> float:
 def bias_corrections(t: int, cfg: AdamWConfig) -> tuple[float, float]:
     """(1 - b1^t, 1 - b2^t) for 1-based step t, computed on the host in float64."""
     return 1.0 - cfg.beta1 ** t, 1.0 - cfg.beta2 ** t
-
-
-def decays(shape: Iterable[int]) -> bool:
-    return len(tuple(shape)) >= 2
 
 
 def global_norm(B: Backend, grads: dict[str, Array]) -> Array:

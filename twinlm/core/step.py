@@ -16,11 +16,13 @@ whose gradients are not finite leaves the state unchanged.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
-from twinlm.core import optim
+from twinlm.core import dropout, optim
 from twinlm.core.backend import Array, Backend
+from twinlm.core.config import ModelConfig
 from twinlm.core.spec import Spec
 
 StepFn = Callable[..., tuple[tuple[Array, Array], dict[str, Array]]]
@@ -102,6 +104,26 @@ def make_train_step(B: Backend, spec: Spec, opt: optim.AdamWConfig, loss_fn: Los
         return (loss, gnorm), new
 
     return step
+
+
+def drive(B: Backend, compiled: Any, cfg: ModelConfig, opt: optim.AdamWConfig, batch: dict[str, np.ndarray],
+          it: int, seed: int, *, bias_correction: bool = True) -> tuple[float, float]:
+    """Run training iteration `it` (0-based) of a compiled `make_train_step` on the numpy `batch`: the host
+    side every caller shares. Dropout masks come from (seed, it); with a leading micro-batch axis
+    (A, b, ...) they are drawn for all A * b rows, then split, so accumulation drops what one big batch
+    would. `bias_correction=False` is the parity suite's negative control. Returns (loss, grad_norm)."""
+    x = batch["x"]
+    rows = x.shape[0] * x.shape[1] if x.ndim == 3 else x.shape[0]
+    drop = dropout.masks(cfg, rows, x.shape[-1], seed, it)
+    if x.ndim == 3:
+        drop = {k: m.reshape(*x.shape[:2], *m.shape[1:]) for k, m in drop.items()}
+    lr, bc1, bc2 = step_scalars(it, opt)
+    if not bias_correction:
+        bc1 = bc2 = np.asarray(1.0, dtype=np.float32)
+    scalars = (B.from_numpy(v) for v in (lr, bc1, bc2))
+    loss, gnorm = compiled({k: B.from_numpy(v) for k, v in batch.items()},
+                           {k: B.from_numpy(m) for k, m in drop.items()}, *scalars)
+    return float(B.to_numpy(loss)), float(B.to_numpy(gnorm))
 
 
 def step_scalars(it: int, opt: optim.AdamWConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
