@@ -144,7 +144,7 @@ def command(ctx: click.Context, backends: str | None, arch: str, config_name: st
             phases = [p for p in parity.PHASES if i == 0 or p not in ("primitives", "fused")]
             part = suite.run(phases=phases)
             report.extend(part.checks)
-            report.notes += part.notes
+            report.notes += [n for n in part.notes if n not in report.notes]
             suites.append(suite)
     render(console, report, verbose)
     ok = report.ok

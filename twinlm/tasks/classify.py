@@ -154,6 +154,7 @@ class Classify(Task):
         self.labels, self.tok, self.cfg, self.seed, self.b = labels, tok, cfg, seed, batch_size
         self.train = self._encode(train)
         self.drawn = 0  # examples drawn so far: the whole batch order is a function of (seed, drawn)
+        self._epoch: tuple[int, np.ndarray] = (-1, np.zeros(0, np.int64))
         self._val = [self._encode(val[i:i + batch_size], pad_to=batch_size)
                      for i in range(0, len(val), batch_size)]
 
@@ -168,12 +169,16 @@ class Classify(Task):
             batch["w"][-extra:] = 0.0
         return batch
 
+    def _order(self, epoch: int) -> np.ndarray:
+        """Epoch e visits the examples in permutation (seed, e): a function of the count drawn alone."""
+        if self._epoch[0] != epoch:
+            rng = np.random.default_rng([self.seed, 6, epoch])
+            self._epoch = (epoch, rng.permutation(len(self.train["y"])))
+        return self._epoch[1]
+
     def next_batch(self, it: int) -> Batch:
         n = len(self.train["y"])
-        picks = []
-        for k in range(self.drawn, self.drawn + self.b):  # epoch e is permutation(seed, e) of the examples
-            epoch, pos = divmod(k, n)
-            picks.append(np.random.default_rng([self.seed, 6, epoch]).permutation(n)[pos])
+        picks = [self._order(k // n)[k % n] for k in range(self.drawn, self.drawn + self.b)]
         self.drawn += self.b
         return {k: v[picks] for k, v in self.train.items()}
 
