@@ -38,6 +38,7 @@ from twinlm.core.config import ModelConfig
 from twinlm.core.errors import TwinlmError
 from twinlm.core.params import check_params
 from twinlm.core.tokenizers import Tokenizer, tokenizer_from_dict
+from twinlm.run_meta import RunMeta
 
 STRATEGIES = ("kv", "fixed", "full")
 # Backends that compile a new graph for every new shape: a growing KV cache would recompile each token.
@@ -46,18 +47,16 @@ _FIXED_SHAPE_BACKENDS = ("tinygrad",)
 _fixed_shape_steps: dict[tuple[int, ModelConfig, int], _FixedShapeSteps] = {}
 
 
-def load_model(run_dir: str | Path) -> tuple[ModelConfig, dict[str, np.ndarray], Tokenizer, dict[str, Any]]:
-    """(cfg, numpy params, tokenizer, meta) from a checkpoint dir or a run dir's latest checkpoint."""
-    arrays, meta = load_checkpoint(Path(run_dir))
-    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict) or "tokenizer" not in meta:
-        raise TwinlmError(f"checkpoint in {run_dir} has no model config or tokenizer in its meta")
-    cfg = ModelConfig.from_dict(meta["model"])
+def load_model(run_dir: str | Path) -> tuple[ModelConfig, dict[str, np.ndarray], Tokenizer, RunMeta]:
+    """(cfg, numpy params, tokenizer, run record) from a checkpoint dir or a run dir's latest checkpoint."""
+    arrays, raw = load_checkpoint(Path(run_dir))
+    meta = RunMeta.from_dict(raw, f"checkpoint in {run_dir}")
     params = {k[len("param."):]: v for k, v in arrays.items() if k.startswith("param.")}
     try:
-        check_params(cfg, params)
+        check_params(meta.model, params)
     except ValueError as e:
         raise TwinlmError(f"checkpoint in {run_dir} does not match its model config: {e}") from None
-    return cfg, params, tokenizer_from_dict(meta["tokenizer"]), meta
+    return meta.model, params, tokenizer_from_dict(meta.tokenizer), meta
 
 
 def default_strategy(B: Backend, use_cache: bool = True) -> str:

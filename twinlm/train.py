@@ -37,6 +37,7 @@ from twinlm.core.data import Dataset, check_fits, prepare
 from twinlm.core.errors import TwinlmError
 from twinlm.core.models import FAMILIES
 from twinlm.core.tokenizers import Tokenizer, tokenizer_from_dict
+from twinlm.run_meta import RunMeta
 from twinlm.tasks import Task
 from twinlm.tasks import classify as C
 from twinlm.tasks.lm import CausalLM
@@ -237,10 +238,11 @@ class Trainer:
         self.B, self.log = B, log
         if not B.supports_grad:
             raise TwinlmError(f"backend {B.name!r} cannot train (no autograd); use mlx or tinygrad")
-        meta: dict[str, Any] = {}
+        meta: RunMeta | None = None
         arrays: dict[str, np.ndarray] | None = None
         if resume is not None:
-            arrays, meta = load_checkpoint(Path(resume))
+            arrays, raw = load_checkpoint(Path(resume))
+            meta = RunMeta.from_dict(raw, f"checkpoint in {resume}")
             run_dir = Path(resume)
             if (run_dir / "manifest.json").exists():  # a checkpoint dir was named: its run dir continues
                 run_dir = run_dir.parent
@@ -257,9 +259,8 @@ class Trainer:
         cfg: ModelConfig | None = None  # None: from the flags and the corpus's tokenizer
         tok: Tokenizer | None = None
         self.labels: list[str] = []
-        if resume is not None:
-            cfg, tok = ModelConfig.from_dict(meta["model"]), tokenizer_from_dict(meta["tokenizer"])
-            self.labels = list(meta.get("labels") or [])
+        if meta is not None:
+            cfg, tok, self.labels = meta.model, tokenizer_from_dict(meta.tokenizer), meta.labels
         elif tc.task == "classify":
             cfg, tok, base_params, self.labels = self._from_base(tc)
         if resume is None:
@@ -283,11 +284,11 @@ class Trainer:
                 params.update({k: v for k, v in base_params.items() if k in params})
             state = S.init_state(params, self.spec)
         self.step = B.compile_step(self._step_fn(), {k: B.from_numpy(v) for k, v in state.items()})
-        self.iter = int(meta.get("iter", 0))
-        self.skipped = int(meta.get("skipped", 0))
-        self.best_val: float | None = meta.get("best_val_loss")
+        self.iter = meta.iter if meta else 0
+        self.skipped = meta.skipped if meta else 0
+        self.best_val: float | None = meta.best_val_loss if meta else None
         if meta:
-            self.task.set_state(meta.get("task_state", meta.get("batcher")))
+            self.task.set_state(meta.task_state)  # type: ignore[arg-type]
         self._eval_step: Any = None
         self.last_metrics: dict[str, Any] = {}
 
@@ -333,20 +334,14 @@ class Trainer:
         return cfg, cls(ds, tc.batch_size, cfg.block_size, tc.seed, tc.eval_iters), ds
 
     @staticmethod
-    def _merge_resumed(tc: TrainConfig, meta: dict[str, Any]) -> TrainConfig:
+    def _merge_resumed(tc: TrainConfig, meta: RunMeta) -> TrainConfig:
         """The checkpoint's settings, overridden by what the user set now (fields not at their default);
         model shape and data are the checkpoint's: a conflicting size flag is an error."""
-        try:
-            saved = dict(meta["train"])
-            ModelConfig.from_dict(meta["model"])
-            missing = [k for k in ("tokenizer", "iter") if k not in meta]
-            if "task_state" not in meta and "batcher" not in meta:
-                missing.append("task_state")
-            if missing:
-                raise KeyError(missing[0])
-        except (KeyError, TypeError, ConfigError) as e:
-            raise TwinlmError(f"checkpoint meta is missing training state ({e}); cannot resume it") from None
-        model_dict = ModelConfig.from_dict(meta["model"]).to_dict()
+        missing = [k for k in ("train", "task_state") if not getattr(meta, k)]
+        if missing:
+            raise TwinlmError(f"checkpoint meta is missing training state ({missing[0]}); cannot resume it")
+        saved = meta.train
+        model_dict = meta.model.to_dict()
         for name in MODEL_FIELDS:
             given = getattr(tc, name)
             if given is not None and given != model_dict[name]:
@@ -411,18 +406,19 @@ class Trainer:
         return task_accuracy(self.B, self.cfg, self.params(), self.tokenizer, n, samples)
 
     # ---- checkpoints -------------------------------------------------------------------------
-    def meta(self) -> dict[str, Any]:
-        return {"model": self.cfg.to_dict(), "tokenizer": self.tokenizer.to_dict(), "iter": self.iter,
-                "backend": self.B.name, "versions": versions(self.B), "seed": self.tc.seed,
-                "train": self.tc.to_dict(), "optimizer": self.opt.to_dict(), "task_state": self.task.state(),
-                "skipped": self.skipped, "best_val_loss": self.best_val,
-                "data_source": self.ds.source if self.ds is not None else (self.tc.data or C.BUILTIN),
-                "task": task.NAME if self.is_task else self.task.name, "labels": self.labels or None,
-                "metrics": self.last_metrics or None}
+    def meta(self) -> RunMeta:
+        return RunMeta(model=self.cfg, tokenizer=self.tokenizer.to_dict(), iter=self.iter,
+                       train=self.tc.to_dict(),
+                       task=task.NAME if self.is_task else self.task.name, task_state=self.task.state(),
+                       labels=self.labels, backend=self.B.name, versions=versions(self.B), seed=self.tc.seed,
+                       optimizer=self.opt.to_dict(), skipped=self.skipped, best_val_loss=self.best_val,
+                       data_source=self.ds.source if self.ds is not None else (self.tc.data or C.BUILTIN),
+                       metrics=self.last_metrics or None)
 
     def save(self, best: bool = False) -> Path:
         arrays = {k: self.B.to_numpy(v) for k, v in self.step.state.items()}
-        return save_checkpoint(self.out, arrays, self.meta(), step=self.iter, keep=self.tc.keep, best=best)
+        return save_checkpoint(self.out, arrays, self.meta().to_dict(), step=self.iter, keep=self.tc.keep,
+                               best=best)
 
     # ---- the loop ----------------------------------------------------------------------------
     def fit(self, progress: Progress | None = None) -> TrainResult:

@@ -14,6 +14,7 @@ from twinlm.core.config import ModelConfig
 from twinlm.core.data import Dataset, prepare, read_corpus
 from twinlm.core.errors import TwinlmError
 from twinlm.core.tokenizers import Tokenizer
+from twinlm.run_meta import RunMeta
 from twinlm.train import (
     ACCURACY_EXAMPLES,
     TrainConfig,
@@ -53,20 +54,20 @@ def command(run_dir: str, backend_name: str | None, data: str | None, batch_size
         except TwinlmError as e:
             raise TwinlmError(f"{source} does not fit this model's tokenizer: {e}") from None
     else:
-        train_data = (meta.get("train") or {}).get("data")
+        train_data = meta.train.get("data")
         ds = prepare(train_data, tok=tok)
         tokens, source = ds.val, f"{ds.source} (validation split)"
     loss, n = evaluate_loss(B, cfg, params, tokens, batch_size, max_windows)
     click.echo(f"{source}: {n:,} tokens scored on {B.name}")
     click.echo(f"loss {loss:.4f}  perplexity {math.exp(min(loss, 700.0)):.3f}")
-    if meta.get("task") == sort_task.NAME and data is None:
+    if meta.task == sort_task.NAME and data is None:
         acc, shown = task_accuracy(B, cfg, params, tok, ACCURACY_EXAMPLES, samples=5)
         click.echo(f"accuracy {acc:.1%} exact match on {ACCURACY_EXAMPLES} held-out examples")
         for line in shown:
             click.echo(f"  {line}")
 
 
-def _evaluate_task(B: Backend, cfg: ModelConfig, params: dict[str, Array], tok: Tokenizer, meta: dict,
+def _evaluate_task(B: Backend, cfg: ModelConfig, params: dict[str, Array], tok: Tokenizer, meta: RunMeta,
                    data: str | None, batch_size: int, max_windows: int | None) -> None:
     """Classifiers: accuracy and the confusion matrix; masked LMs: masked-token accuracy."""
     from twinlm.cli.train import confusion_table
@@ -74,11 +75,11 @@ def _evaluate_task(B: Backend, cfg: ModelConfig, params: dict[str, Array], tok: 
     from twinlm.tasks.mlm import MaskedLM
 
     known = TrainConfig().to_dict()
-    saved = TrainConfig(**{k: v for k, v in (meta.get("train") or {}).items() if k in known})
+    saved = TrainConfig(**{k: v for k, v in meta.train.items() if k in known})
     if cfg.n_classes:
         examples = read_examples(data) if data is not None else classify_examples(saved)[1]
         source = data or f"{saved.data or 'the built-in task'} (validation split)"
-        task = Classify([], examples, list(meta.get("labels") or []), tok, cfg, batch_size, saved.seed)
+        task = Classify([], examples, meta.labels, tok, cfg, batch_size, saved.seed)
     else:
         if data is not None:
             text, source = read_corpus(data)

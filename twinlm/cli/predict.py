@@ -31,7 +31,7 @@ def command(run_dir: str, texts: tuple[str, ...], backend_name: str | None, max_
     B = backend(backend_name)
     params = {k: B.from_numpy(v) for k, v in np_params.items()}
     if cfg.n_classes:
-        _classify(B, cfg, params, tok, list(meta.get("labels") or []), texts)
+        _classify(B, cfg, params, tok, meta.labels, texts)
     elif cfg.kind == "encoder":
         for text in texts:
             _fill_masks(B, cfg, params, tok, text, top)

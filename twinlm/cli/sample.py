@@ -70,7 +70,7 @@ def command(run_dir: str, prompt: str | None, max_new_tokens: int, temperature: 
         raise TwinlmError("the prompt is empty; give some text with --prompt")
     B = backend(backend_name)
     params = {k: B.from_numpy(v) for k, v in params_np.items()}
-    click.echo(f"[{run_dir}: step {meta.get('iter', meta.get('step', '?'))}, {tok.kind} tokenizer, "
+    click.echo(f"[{run_dir}: step {meta.iter}, {tok.kind} tokenizer, "
                f"backend {B.name}]", err=True)
     columns = generate(B, cfg, params, ids[None, :], max_new_tokens, temperature=temperature, top_k=top_k,
                        top_p=top_p, seed=seed, use_cache=cache)
