@@ -47,18 +47,9 @@ def command(run_dir: str, backend_name: str | None, data: str | None, batch_size
     if cfg.n_classes or cfg.kind == "encoder":
         _evaluate_task(B, cfg, params, tok, meta, data, batch_size, max_windows)
         return
-    if data is not None:
-        text, source = read_corpus(data)
-        try:
-            tokens = tok.encode(text)
-        except TwinlmError as e:
-            raise TwinlmError(f"{source} does not fit this model's tokenizer: {e}") from None
-    else:
-        train_data = meta.train.get("data")
-        ds = prepare(train_data, tok=tok)
-        tokens, source = ds.val, f"{ds.source} (validation split)"
-    loss, n = evaluate_loss(B, cfg, params, tokens, batch_size, max_windows)
-    click.echo(f"{source}: {n:,} tokens scored on {B.name}")
+    ds = _scored_text(data, tok, meta.train.get("data"))
+    loss, n = evaluate_loss(B, cfg, params, ds.val, batch_size, max_windows)
+    click.echo(f"{ds.source}: {n:,} tokens scored on {B.name}")
     click.echo(f"loss {loss:.4f}  perplexity {math.exp(min(loss, 700.0)):.3f}")
     if meta.task == sort_task.NAME and data is None:
         acc, shown = task_accuracy(B, cfg, params, tok, ACCURACY_EXAMPLES, samples=5)
@@ -81,16 +72,8 @@ def _evaluate_task(B: Backend, cfg: ModelConfig, params: dict[str, Array], tok: 
         source = data or f"{saved.data or 'the built-in task'} (validation split)"
         task = Classify([], examples, meta.labels, tok, cfg, batch_size, saved.seed)
     else:
-        if data is not None:
-            text, source = read_corpus(data)
-            try:
-                tokens = tok.encode(text)
-            except TwinlmError as e:
-                raise TwinlmError(f"{source} does not fit this model's tokenizer: {e}") from None
-            ds = Dataset(train=tokens, val=tokens, tokenizer=tok, source=source)
-        else:
-            ds = prepare(saved.data, tok=tok)
-            source = f"{ds.source} (validation split)"
+        ds = _scored_text(data, tok, saved.data)
+        source = ds.source
         n_batches = max(1, -(-max_windows // batch_size)) if max_windows else saved.eval_iters
         task = MaskedLM(ds, batch_size, cfg.block_size, saved.seed, n_batches)
     metrics = evaluate_task(B, task, params, eval_step(B, cfg, task))
@@ -101,3 +84,17 @@ def _evaluate_task(B: Backend, cfg: ModelConfig, params: dict[str, Array], tok: 
     if "confusion" in metrics:
         click.echo(f"accuracy {metrics['accuracy']:.1%} on {metrics['n']} examples")
         click.echo(confusion_table(metrics["confusion"], metrics["labels"]))
+
+
+def _scored_text(data: str | None, tok: Tokenizer, train_data: str | None) -> Dataset:
+    """The text to score as the dataset's `val`: the whole --data file, else the run's validation split."""
+    if data is None:
+        ds = prepare(train_data, tok=tok)
+        ds.source = f"{ds.source} (validation split)"
+        return ds
+    text, source = read_corpus(data)
+    try:
+        tokens = tok.encode(text)
+    except TwinlmError as e:
+        raise TwinlmError(f"{source} does not fit this model's tokenizer: {e}") from None
+    return Dataset(train=tokens, val=tokens, tokenizer=tok, source=source)
