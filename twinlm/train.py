@@ -27,9 +27,10 @@ from typing import Any
 import numpy as np
 
 from twinlm import __version__
-from twinlm.core import model, optim, task
+from twinlm.core import model, optim
 from twinlm.core import spec as SP
 from twinlm.core import step as S
+from twinlm.core import task as sort_task
 from twinlm.core.backend import Array, Backend
 from twinlm.core.checkpoint import load_checkpoint, save_checkpoint
 from twinlm.core.config import PRESETS, ConfigError, ModelConfig
@@ -40,7 +41,7 @@ from twinlm.core.tokenizers import Tokenizer, tokenizer_from_dict
 from twinlm.run_meta import RunMeta
 from twinlm.tasks import Task
 from twinlm.tasks import classify as C
-from twinlm.tasks.lm import CausalLM
+from twinlm.tasks.lm import CausalLM, SortTask
 from twinlm.tasks.mlm import MaskedLM, encoder_tokenizer
 
 # Model settings a user may set on `train`; a resumed run keeps the checkpoint's.
@@ -48,8 +49,6 @@ MODEL_FIELDS = ("n_layer", "n_head", "d_model", "block_size", "dropout", "arch",
                 "pos_encoding", "norm", "activation", "tie_embeddings")
 TASKS = ("auto", "lm", "mlm", "classify")
 MAX_BAD_STEPS = 5  # consecutive non-finite steps before the run stops
-ACCURACY_EXAMPLES = 200  # held-out examples scored at each evaluation of the built-in task
-TARGET_ACCURACY = 0.9  # the default `twinlm train` reaches it by ~1000 of its 2000 iterations
 
 
 class TrainingDiverged(TwinlmError):
@@ -269,7 +268,6 @@ class Trainer:
         self.cfg, self.task, self.ds = self._build_task(tc, cfg, tok)
         self.tokenizer: Tokenizer = self.ds.tokenizer if self.ds is not None else tok  # type: ignore[assignment]
         self.opt = optimizer_config(tc)
-        self.is_task = tc.data is None and self.cfg.kind == "decoder" and tc.task in ("auto", "lm")
         self.spec = model.param_spec(self.cfg)
         if tc.freeze_base:  # train only what the pretrained model did not: the head (and BERT's pooler)
             pretrained = model.param_spec(self.cfg.replace(n_classes=0))
@@ -330,7 +328,7 @@ class Trainer:
         if kind == "mlm" and cfg.kind == "decoder":
             raise TwinlmError(f"--arch {cfg.arch} is a causal decoder: it trains on next tokens (--task lm)")
         check_fits(ds, cfg.block_size, tc.batch_size)
-        cls = MaskedLM if kind == "mlm" else CausalLM
+        cls = MaskedLM if kind == "mlm" else SortTask if tc.data is None else CausalLM
         return cfg, cls(ds, tc.batch_size, cfg.block_size, tc.seed, tc.eval_iters), ds
 
     @staticmethod
@@ -395,21 +393,17 @@ class Trainer:
         """The task's metrics over the fixed validation batches, with one compiled forward graph."""
         if self._eval_step is None:
             self._eval_step = eval_step(self.B, self.cfg, self.task)
-        self.last_metrics = evaluate_task(self.B, self.task, self.params(), self._eval_step)
+        self.last_metrics = evaluate_task(self.B, self.cfg, self.task, self.params(), self._eval_step)
         return self.last_metrics
 
     def val_loss(self) -> float:
         return float(self.evaluate()["val_loss"])
 
-    def task_accuracy(self, n: int = ACCURACY_EXAMPLES, samples: int = 0) -> tuple[float, list[str]]:
-        """Greedy exact-match accuracy on n held-out examples, and the first `samples` as display lines."""
-        return task_accuracy(self.B, self.cfg, self.params(), self.tokenizer, n, samples)
-
     # ---- checkpoints -------------------------------------------------------------------------
     def meta(self) -> RunMeta:
         return RunMeta(model=self.cfg, tokenizer=self.tokenizer.to_dict(), iter=self.iter,
                        train=self.tc.to_dict(),
-                       task=task.NAME if self.is_task else self.task.name, task_state=self.task.state(),
+                       task=self.task.name, task_state=self.task.state(),
                        labels=self.labels, backend=self.B.name, versions=versions(self.B), seed=self.tc.seed,
                        optimizer=self.opt.to_dict(), skipped=self.skipped, best_val_loss=self.best_val,
                        data_source=self.ds.source if self.ds is not None else (self.tc.data or C.BUILTIN),
@@ -487,7 +481,7 @@ class Trainer:
     def _evaluate_and_save(self, emit: Callable[..., None]) -> tuple[float, float | None, Path]:
         metrics = self.evaluate()
         val = float(metrics["val_loss"])
-        acc = self.task_accuracy()[0] if self.is_task else metrics.get(self.task.metric)
+        acc = metrics.get(self.task.metric)
         best = math.isfinite(val) and (self.best_val is None or val < self.best_val)
         if best:
             self.best_val = val
@@ -503,12 +497,13 @@ def eval_step(B: Backend, cfg: ModelConfig, task: Task) -> Any:
     return B.compile_step(fn, {})
 
 
-def evaluate_task(B: Backend, task: Task, params: dict[str, Array], step: Any) -> dict[str, Any]:
-    """The task's metrics (`Task.summarize`) over its validation batches."""
+def evaluate_task(B: Backend, cfg: ModelConfig, task: Task, params: dict[str, Array],
+                  step: Any) -> dict[str, Any]:
+    """The task's metrics (`Task.summarize`) over its validation batches, and any it measures otherwise."""
     batches = task.val_batches()
     outputs = [tuple(B.to_numpy(o) for o in step(params, {k: B.from_numpy(v) for k, v in b.items()}))
                for b in batches]
-    return task.summarize(batches, outputs)
+    return task.summarize(batches, outputs) | task.extra_metrics(B, cfg, params)
 
 
 def _num(x: float) -> float | str:
@@ -528,30 +523,12 @@ def classify_examples(tc: TrainConfig) -> tuple[list[C.Example], list[C.Example]
 
 
 def default_out_dir(tc: TrainConfig) -> Path:
-    name = task.NAME if tc.data is None else Path(tc.data).stem or "run"
+    name = sort_task.NAME if tc.data is None else Path(tc.data).stem or "run"
     if tc.task == "classify":
         return Path("runs") / f"{Path(tc.base or 'base').name}-{'classify' if tc.data is None else name}"
     if tc.arch not in (None, "gpt"):
         name = f"{name}-{tc.arch}"
     return Path("runs") / name
-
-
-def task_accuracy(B: Backend, cfg: ModelConfig, params: dict[str, Array], tok: Any, n: int,
-                  samples: int = 0) -> tuple[float, list[str]]:
-    """Greedy exact-match accuracy of the built-in task on n held-out examples (one batch)."""
-    from twinlm.generate import generate
-
-    examples = task.eval_examples(n, seed=0)
-    try:
-        prompt = np.stack([tok.encode(p) for p, _ in examples]).astype(np.int32)
-    except TwinlmError as e:
-        raise TwinlmError(f"this model's tokenizer cannot encode the built-in task: {e}") from None
-    cols = list(generate(B, cfg, params, prompt, task.COMPLETION_LEN, temperature=0.0))
-    completions = [tok.decode(row) for row in np.stack(cols, axis=1)]
-    shown = [f"{p.strip()}{c.rstrip(chr(10)).replace(chr(10), '⏎')}  "
-             f"{'ok' if task.is_correct(c, e) else 'want ' + e.strip()}"
-             for (p, e), c in zip(examples[:samples], completions[:samples], strict=True)]
-    return task.accuracy(completions, examples), shown
 
 
 class Progress:

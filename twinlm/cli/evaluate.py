@@ -15,15 +15,8 @@ from twinlm.core.data import Dataset, prepare, read_corpus
 from twinlm.core.errors import TwinlmError
 from twinlm.core.tokenizers import Tokenizer
 from twinlm.run_meta import RunMeta
-from twinlm.train import (
-    ACCURACY_EXAMPLES,
-    TrainConfig,
-    classify_examples,
-    eval_step,
-    evaluate_loss,
-    evaluate_task,
-    task_accuracy,
-)
+from twinlm.tasks.lm import ACCURACY_EXAMPLES, sort_accuracy
+from twinlm.train import TrainConfig, classify_examples, eval_step, evaluate_loss, evaluate_task
 
 
 @click.command("eval")
@@ -52,7 +45,7 @@ def command(run_dir: str, backend_name: str | None, data: str | None, batch_size
     click.echo(f"{ds.source}: {n:,} tokens scored on {B.name}")
     click.echo(f"loss {loss:.4f}  perplexity {math.exp(min(loss, 700.0)):.3f}")
     if meta.task == sort_task.NAME and data is None:
-        acc, shown = task_accuracy(B, cfg, params, tok, ACCURACY_EXAMPLES, samples=5)
+        acc, shown = sort_accuracy(B, cfg, params, tok, ACCURACY_EXAMPLES, samples=5)
         click.echo(f"accuracy {acc:.1%} exact match on {ACCURACY_EXAMPLES} held-out examples")
         for line in shown:
             click.echo(f"  {line}")
@@ -76,7 +69,7 @@ def _evaluate_task(B: Backend, cfg: ModelConfig, params: dict[str, Array], tok: 
         source = ds.source
         n_batches = max(1, -(-max_windows // batch_size)) if max_windows else saved.eval_iters
         task = MaskedLM(ds, batch_size, cfg.block_size, saved.seed, n_batches)
-    metrics = evaluate_task(B, task, params, eval_step(B, cfg, task))
+    metrics = evaluate_task(B, cfg, task, params, eval_step(B, cfg, task))
     click.echo(f"{source}: evaluated on {B.name}")
     click.echo(f"loss {metrics['val_loss']:.4f}")
     if "masked_accuracy" in metrics:

@@ -14,8 +14,9 @@ from twinlm.core.config import ACTIVATIONS, NORMS, POS_ENCODINGS, preset_trainin
 from twinlm.core.models import FAMILIES
 from twinlm.core.spec import count
 from twinlm.tasks import classify as C
-from twinlm.train import ACCURACY_EXAMPLES as ACCURACY_N
-from twinlm.train import TARGET_ACCURACY, Progress, TrainConfig, Trainer, load_toml
+from twinlm.tasks.lm import ACCURACY_EXAMPLES as ACCURACY_N
+from twinlm.tasks.lm import TARGET_ACCURACY, SortTask, sort_accuracy
+from twinlm.train import Progress, TrainConfig, Trainer, load_toml
 
 INTERRUPTED_EXIT = 130
 
@@ -106,7 +107,8 @@ def run(tc: TrainConfig, backend_name: str | None, resume: str | None) -> None:
         f"{tc.grad_accum}  |  run dir {trainer.out}")
     if resume:
         out(f"resuming at iter {trainer.iter} of {tc.max_iters}")
-    if trainer.is_task:
+    sorting = isinstance(trainer.task, SortTask)
+    if sorting:
         out(f"task: sort {task.DIGITS} digits; target: >= {TARGET_ACCURACY:.0%} exact match on {ACCURACY_N} "
             "held-out examples")
     result = trainer.fit(Progress(console, every=tc.log_every * 10, eval_every=tc.eval_every))
@@ -122,8 +124,8 @@ def run(tc: TrainConfig, backend_name: str | None, resume: str | None) -> None:
     if "confusion" in metrics:
         out(f"accuracy: {metrics['accuracy']:.1%} on {metrics['n']} validation examples")
         out(confusion_table(metrics["confusion"], metrics["labels"]))
-    if trainer.is_task and not result.interrupted:
-        acc, shown = trainer.task_accuracy(samples=8)
+    if sorting and not result.interrupted:
+        acc, shown = sort_accuracy(B, cfg, trainer.params(), trainer.tokenizer, ACCURACY_N, samples=8)
         verdict = "reached" if acc >= TARGET_ACCURACY else "NOT reached"
         out(f"accuracy: {acc:.1%} exact match on {ACCURACY_N} held-out examples "
             f"(target {TARGET_ACCURACY:.0%}: {verdict})")

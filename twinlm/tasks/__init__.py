@@ -45,6 +45,10 @@ class Task:
         """Metrics from every validation batch's outputs; always has "val_loss"."""
         return {"val_loss": float(np.mean([float(o[0]) for o in outputs]))}
 
+    def extra_metrics(self, B: Backend, cfg: ModelConfig, p: dict[str, Array]) -> dict[str, Any]:
+        """Metrics measured other than from `eval_outputs` (e.g. by generating text)."""
+        return {}
+
     def state(self) -> dict[str, Any]:
         return {}
 
