@@ -409,11 +409,13 @@ WRONG_LAYER_NORM_EPS = 1e-6
 
 
 class WrongLayerNormEps:
-    """LayerNorm with eps 1e-6 (a common framework default) instead of the pinned 1e-5."""
+    """LayerNorm with a framework default eps instead of the config's: 1e-6 for the pinned 1e-5, and
+    PyTorch's 1e-5 for anything else (BERT's 1e-12)."""
 
     def layer_norm(self: Any, x: Array, weight: Array, bias: Array | None,
                    eps: float = LAYER_NORM_EPS) -> Array:
-        return super().layer_norm(x, weight, bias, WRONG_LAYER_NORM_EPS)  # type: ignore[misc]
+        wrong = WRONG_LAYER_NORM_EPS if eps == LAYER_NORM_EPS else LAYER_NORM_EPS
+        return super().layer_norm(x, weight, bias, wrong)  # type: ignore[misc]
 
 
 WRONG_RMS_NORM_EPS = 1e-6
@@ -475,8 +477,8 @@ CONTROLS = (
     Control("tanh-gelu", "GELU by the tanh approximation", mixin=TanhGelu,
             applies=lambda c: c.activation == "gelu"),
     Control("no-bias-correction", "AdamW without bias correction (bc1 = bc2 = 1)", bias_correction=False),
-    Control("layer-norm-eps", f"LayerNorm eps {WRONG_LAYER_NORM_EPS:g} instead of the config's "
-            f"({LAYER_NORM_EPS:g}; BERT 1e-12)",
+    Control("layer-norm-eps", f"LayerNorm eps {WRONG_LAYER_NORM_EPS:g} instead of {LAYER_NORM_EPS:g} "
+            f"({LAYER_NORM_EPS:g} instead of BERT's 1e-12)",
             mixin=WrongLayerNormEps, applies=lambda c: c.norm == "layernorm"),
     Control("shifted-mask", "causal mask shifted by one (sees the next token)", mask_fn=shifted_causal_mask,
             applies=lambda c: c.kind == "decoder"),
