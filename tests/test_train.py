@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -109,6 +110,9 @@ def test_training_lowers_the_loss_and_saves_best_and_final(mlx, tmp_path):
     assert meta["best_val_loss"] is not None and meta["skipped"] == 0
     assert set(arrays) == set(S.init_state(P.init_params(t.cfg, 0)))
     assert (tmp_path / "run" / "best.json").exists()
+    evals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if '"eval"' in line]
+    assert len(evals) == 2 and not any("accuracy" in e for e in evals)  # a corpus has no accuracy
 
 
 def test_resume_is_bit_identical_in_process(mlx, tmp_path):

@@ -481,7 +481,7 @@ class Trainer:
     def _evaluate_and_save(self, emit: Callable[..., None]) -> tuple[float, float | None, Path]:
         metrics = self.evaluate()
         val = float(metrics["val_loss"])
-        acc = metrics.get(self.task.metric)
+        acc = metrics.get(self.task.metric) if self.task.metric else None
         best = math.isfinite(val) and (self.best_val is None or val < self.best_val)
         if best:
             self.best_val = val

@@ -22,7 +22,7 @@ class Task:
     """The interface every task implements (see the module docstring)."""
 
     name: str = "task"
-    metric: str = "val_loss"  # the headline metric `summarize` reports besides val_loss, if any
+    metric: str | None = None  # the headline metric `summarize` reports besides val_loss, if any
 
     def next_batch(self, it: int) -> Batch:
         """The training batch of iteration `it`, arrays with leading dim batch_size."""
