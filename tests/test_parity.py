@@ -180,10 +180,10 @@ CAUGHT_BY = {
     ("gpt", "layer-norm-eps"): ("gpt model (init weights) mlx+layer-norm-eps vs mlx",
                                 "gpt model (init weights) mlx+layer-norm-eps vs numpy"),
     ("gpt", "shifted-mask"): ("gpt model (init weights) mlx+shifted-mask vs numpy",
-                              "causal mlx+shifted-mask"),
+                              "gpt causal mlx+shifted-mask"),
     ("llama", "no-bias-correction"): ("llama train dropout 0 mlx+no-bias-correction vs mlx",),
     ("llama", "shifted-mask"): ("llama model (init weights) mlx+shifted-mask vs numpy",
-                                "causal mlx+shifted-mask"),
+                                "llama causal mlx+shifted-mask"),
     ("llama", "rms-norm-eps"): ("llama model (init weights) mlx+rms-norm-eps vs numpy",
                                 "llama train dropout 0 mlx+rms-norm-eps vs mlx"),
     ("llama", "rope-interleaved"): ("ops mlx+rope-interleaved vs numpy float64",
@@ -196,7 +196,7 @@ CAUGHT_BY = {
                                  "bert train dropout 0 mlx+layer-norm-eps vs mlx"),
     ("bert", "padding-ignored"): ("ops mlx+padding-ignored vs numpy float64",
                                   "bert model (init weights) mlx+padding-ignored vs numpy",
-                                  "padding mlx+padding-ignored"),
+                                  "bert padding mlx+padding-ignored"),
 }
 
 

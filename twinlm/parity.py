@@ -619,14 +619,15 @@ def leakage_checks(side: Side, cfg: ModelConfig, params: dict[str, np.ndarray], 
         real = batch["mask"][:, 0, 0, :]
         changed = np.where(real, x, (x + rng.integers(1, cfg.vocab_size, x.shape)) % cfg.vocab_size)
         got = logits_of(changed.astype(np.int32))
-        return [compare(f"padding {side.label}", "logits of real positions with padded tokens changed",
-                        got[real], base[real], LEAK_TOL)]
+        return [compare(f"{cfg.arch} padding {side.label}", "logits of real positions with padded tokens "
+                        "changed", got[real], base[real], LEAK_TOL)]
     t_len = x.shape[1]
     for t in sorted({0, t_len // 2, t_len - 2}):
         changed = x.copy()
         shift = rng.integers(1, cfg.vocab_size, x[:, t + 1:].shape)  # every later token really changes
         changed[:, t + 1:] = (x[:, t + 1:] + shift) % cfg.vocab_size
-        checks.append(compare(f"causal {side.label}", f"logits[:, :{t + 1}] with tokens {t + 1}.. changed",
+        checks.append(compare(f"{cfg.arch} causal {side.label}",
+                              f"logits[:, :{t + 1}] with tokens {t + 1}.. changed",
                               logits_of(changed)[:, :t + 1], base[:, :t + 1], LEAK_TOL))
     return checks
 
@@ -695,7 +696,7 @@ def fd_gradient_checks(B: Backend, cfg: ModelConfig, params: dict[str, np.ndarra
     value_and_grad = B.value_and_grad(lambda p, b: side_loss(side, cfg, {**frozen, **p}, b))
     loss, grads = value_and_grad({k: B.from_numpy(v) for k, v in p64.items() if spec[k].trainable}, arrays)
     B.sync(loss, *grads.values())
-    group = f"{B.name} float64 finite differences"
+    group = f"{cfg.arch} {B.name} float64 finite differences"
     ref = NumpyBackend()
     ref_loss = side_loss(Side.clean(ref), cfg, p64, _on(ref, batch))
     checks = [compare(group, "loss vs numpy float64", B.to_numpy(loss), ref_loss, FLOAT64_LOSS_TOL)]
