@@ -11,6 +11,7 @@ Shapes: B batch, T tokens, C d_model, H query heads, Hkv key/value heads, hs hea
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import lru_cache
 
 import numpy as np
 
@@ -25,6 +26,7 @@ Attend = Callable[[int, Array, Array, Array], Array]
 
 # ---- tables computed on the host ---------------------------------------------------------------
 
+@lru_cache(maxsize=16)  # built on every forward (each token when generating): compute once, read-only
 def sinusoidal_table(n_pos: int, d_model: int) -> np.ndarray:
     """The original paper's encoding: PE[pos, 2i] = sin(pos / 10000^(2i/d)), PE[pos, 2i+1] = cos(...)."""
     pos = np.arange(n_pos, dtype=np.float64)[:, None]
@@ -32,14 +34,20 @@ def sinusoidal_table(n_pos: int, d_model: int) -> np.ndarray:
     table = np.zeros((n_pos, d_model), dtype=np.float64)
     table[:, 0::2] = np.sin(pos * inv_freq)
     table[:, 1::2] = np.cos(pos * inv_freq)
-    return table.astype(np.float32)
+    return _read_only(table.astype(np.float32))
 
 
+@lru_cache(maxsize=16)
 def rope_tables(n_pos: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
     """cos and sin (n_pos, hs/2) of pos * theta^(-2i/hs), the angles `Backend.rope` rotates by."""
     inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
     angles = np.arange(n_pos, dtype=np.float64)[:, None] * inv_freq
-    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    return _read_only(np.cos(angles).astype(np.float32)), _read_only(np.sin(angles).astype(np.float32))
+
+
+def _read_only(a: np.ndarray) -> np.ndarray:
+    a.flags.writeable = False  # a cached table is shared: nobody may change it in place
+    return a
 
 
 def causal_mask(t_q: int, t_k: int) -> np.ndarray:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import json
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,7 @@ def _builtin_line(digits: tuple[int, ...], rng: np.random.Generator) -> Example:
     return f"{left}>{''.join(map(str, right))}", "no"
 
 
+@lru_cache(maxsize=2)  # a fine-tune reads it for its labels and again for its batches
 def builtin_examples(split: str) -> list[Example]:
     """The built-in task's examples; "val" draws only from strings held out of the sort corpus."""
     held_out = split == "val"

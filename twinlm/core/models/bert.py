@@ -50,7 +50,7 @@ def param_spec(cfg: ModelConfig) -> S.Spec:
 
 
 def hidden(B: Backend, cfg: ModelConfig, p: L.Params, idx: Array, *, dropout: dict[str, Array] | None = None,
-           cache: Any = None, mask: Array | None = None, mask_fn: Any = None,
+           cache: Any = None, mask: Array | None = None, mask_fn: Any = None,  # mask_fn: decoders only
            types: Array | None = None) -> tuple[Array, list]:
     """Hidden states (B, T, C) of every position; `mask` (B, 1, 1, T), True = real token, or None
     (no padding); `types` (B, T) token-type ids, or None (all segment 0)."""
@@ -71,8 +71,6 @@ def hidden(B: Backend, cfg: ModelConfig, p: L.Params, idx: Array, *, dropout: di
     rope = None
     if cfg.pos_encoding == "rope":
         rope = tuple(B.from_numpy(a) for a in L.rope_tables(t, cfg.head_dim, cfg.rope_theta))
-    if mask is None and mask_fn is not None:  # parity's causality control on an encoder
-        mask = B.from_numpy(mask_fn(t, t))
     attend, _ = L.attend_all(B, cfg, mask, drop)
     for i in range(cfg.n_layer):
         pre = f"blocks.{i}"
