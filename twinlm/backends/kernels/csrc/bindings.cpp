@@ -1,0 +1,44 @@
+// Python bindings (nanobind, in MLX's nanobind domain so mx.array crosses the boundary).
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/variant.h>
+
+#include "mlx/version.h"
+#include "pool.h"
+#include "primitives.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+static std::string simd_level() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("x86-64-v4")) return "AVX-512 (x86-64-v4 clone)";
+  if (__builtin_cpu_supports("x86-64-v3")) return "AVX2+FMA (x86-64-v3 clone)";
+  return "SSE2 (baseline clone)";
+#elif defined(__aarch64__)
+  return "NEON";
+#else
+  return "scalar";
+#endif
+}
+
+NB_MODULE(_twinlm_kernels, m) {
+  m.doc() = "twinlm's CPU kernels for MLX: the core's composites as MLX primitives with a VJP";
+  m.attr("MLX_VERSION_BUILT") = std::to_string(MLX_VERSION_MAJOR) + "." + std::to_string(MLX_VERSION_MINOR) +
+                                "." + std::to_string(MLX_VERSION_PATCH);
+  m.attr("NANOBIND_VERSION") = std::to_string(NB_VERSION_MAJOR) + "." + std::to_string(NB_VERSION_MINOR) + "." +
+                               std::to_string(NB_VERSION_PATCH);
+  m.def("simd_level", &simd_level, "the vector ISA the loops dispatch to on this CPU");
+  m.def("threads", [] { return twinlm::pool().threads(); }, "the kernels' thread count");
+  m.def("set_threads", &twinlm::set_threads, "n"_a, "set the kernels' thread count (0: the default)");
+  m.def("gelu", &twinlm::gelu, "x"_a, "tanh_form"_a = false, nb::kw_only(), "stream"_a = nb::none());
+  m.def("layer_norm", &twinlm::layer_norm, "x"_a, "weight"_a, "bias"_a.none(), "eps"_a, nb::kw_only(),
+        "stream"_a = nb::none());
+  m.def("rms_norm", &twinlm::rms_norm, "x"_a, "weight"_a, "eps"_a, nb::kw_only(), "stream"_a = nb::none());
+  m.def("masked_softmax", &twinlm::masked_softmax, "scores"_a, "mask"_a.none(), "scale"_a, nb::kw_only(),
+        "stream"_a = nb::none());
+  m.def("cross_entropy_rows", &twinlm::cross_entropy_rows, "logits"_a, "targets"_a, nb::kw_only(),
+        "stream"_a = nb::none());
+}

@@ -1,0 +1,326 @@
+#include "primitives.h"
+
+#include <stdexcept>
+#include <vector>
+
+#include "loops.h"
+#include "mlx/allocator.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "pool.h"
+
+namespace twinlm {
+
+namespace {
+
+mx::Stream cpu_stream(mx::StreamOrDevice s) {
+  mx::Stream stream = mx::to_stream(s);
+  if (stream.device != mx::Device::cpu) throw std::invalid_argument("twinlm kernels run on the CPU only");
+  return stream;
+}
+
+mx::array prepared(const mx::array& x, const mx::Stream& s, const char* what) {
+  if (x.dtype() != mx::float32) throw std::invalid_argument(std::string(what) + ": float32 only");
+  return mx::contiguous(x, false, s);
+}
+
+void allocate(mx::array& a) { a.set_data(mx::allocator::malloc(a.nbytes())); }
+
+template <class F>
+void launch(const mx::Stream& s, F&& f) {
+  mx::cpu::get_command_encoder(s).dispatch(std::forward<F>(f));
+}
+
+int64_t last_dim(const mx::array& x) { return x.ndim() ? x.shape(-1) : 1; }
+
+}  // namespace
+
+void CpuPrimitive::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  throw std::runtime_error(std::string(name()) + " has no GPU implementation");
+}
+
+// ---- GELU -----------------------------------------------------------------------------------------
+mx::array gelu(const mx::array& x, bool tanh_form, mx::StreamOrDevice s) {
+  auto stream = cpu_stream(s);
+  auto xc = prepared(x, stream, "gelu");
+  return mx::array(xc.shape(), mx::float32, std::make_shared<Gelu>(stream, tanh_form), {xc});
+}
+
+void Gelu::eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) {
+  allocate(out[0]);
+  launch(stream(), [x = in[0].data<float>(), y = out[0].data<float>(), n = out[0].size(), t = tanh_] {
+    parallel_rows(n, 1, [&](int, size_t b, size_t e) { t ? gelu_tanh_fwd(x, y, b, e) : gelu_fwd(x, y, b, e); });
+  });
+}
+
+std::vector<mx::array> Gelu::vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cot,
+                                 const std::vector<int>& argnums, const std::vector<mx::array>&) {
+  auto g = prepared(cot[0], stream(), "gelu vjp");
+  return {mx::array(primals[0].shape(), mx::float32, std::make_shared<GeluGrad>(stream(), tanh_),
+                    {primals[0], g})};
+}
+
+bool Gelu::is_equivalent(const mx::Primitive& other) const {
+  return tanh_ == static_cast<const Gelu&>(other).tanh_;
+}
+
+void GeluGrad::eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) {
+  allocate(out[0]);
+  launch(stream(), [x = in[0].data<float>(), g = in[1].data<float>(), dx = out[0].data<float>(),
+                    n = out[0].size(), t = tanh_] {
+    parallel_rows(n, 1, [&](int, size_t b, size_t e) {
+      t ? gelu_tanh_bwd(x, g, dx, b, e) : gelu_bwd(x, g, dx, b, e);
+    });
+  });
+}
+
+bool GeluGrad::is_equivalent(const mx::Primitive& other) const {
+  return tanh_ == static_cast<const GeluGrad&>(other).tanh_;
+}
+
+// ---- LayerNorm --------------------------------------------------------------------------------------
+mx::array layer_norm(const mx::array& x, const mx::array& w, const std::optional<mx::array>& b, float eps,
+                     mx::StreamOrDevice s) {
+  auto stream = cpu_stream(s);
+  int64_t C = last_dim(x);
+  if (w.ndim() != 1 || w.shape(0) != C || (b && (b->ndim() != 1 || b->shape(0) != C))) {
+    throw std::invalid_argument("layer_norm: weight and bias must have shape (C,)");
+  }
+  std::vector<mx::array> inputs = {prepared(x, stream, "layer_norm"), prepared(w, stream, "layer_norm")};
+  if (b) inputs.push_back(prepared(*b, stream, "layer_norm"));
+  mx::Shape rows(x.shape().begin(), x.shape().end() - 1);
+  auto outs = mx::array::make_arrays({x.shape(), rows, rows}, {mx::float32, mx::float32, mx::float32},
+                                     std::make_shared<LayerNorm>(stream, eps, b.has_value()), inputs);
+  return outs[0];
+}
+
+void LayerNorm::eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) {
+  for (auto& o : out) allocate(o);
+  size_t C = last_dim(in[0]), N = C ? in[0].size() / C : 0;
+  launch(stream(), [x = in[0].data<float>(), w = in[1].data<float>(),
+                    b = bias_ ? in[2].data<float>() : nullptr, y = out[0].data<float>(),
+                    mean = out[1].data<float>(), rstd = out[2].data<float>(), N, C, eps = eps_] {
+    parallel_rows(N, C, [&](int, size_t r0, size_t r1) { layer_norm_fwd(x, w, b, y, mean, rstd, C, eps, r0, r1); });
+  });
+}
+
+std::vector<mx::array> LayerNorm::vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cot,
+                                      const std::vector<int>& argnums, const std::vector<mx::array>& outputs) {
+  const auto& x = primals[0];
+  const auto& w = primals[1];
+  auto gy = prepared(cot[0], stream(), "layer_norm vjp");
+  auto grads = mx::array::make_arrays({x.shape(), w.shape(), w.shape()}, {mx::float32, mx::float32, mx::float32},
+                                      std::make_shared<LayerNormGrad>(stream()),
+                                      {x, w, outputs[1], outputs[2], gy});
+  std::vector<mx::array> result;
+  for (int a : argnums) result.push_back(grads[a]);
+  return result;
+}
+
+bool LayerNorm::is_equivalent(const mx::Primitive& other) const {
+  auto& o = static_cast<const LayerNorm&>(other);
+  return eps_ == o.eps_ && bias_ == o.bias_;
+}
+
+// Partial dw/db per chunk of rows, summed in chunk order (the same result for the same thread count).
+void LayerNormGrad::eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) {
+  for (auto& o : out) allocate(o);
+  size_t C = last_dim(in[0]), N = C ? in[0].size() / C : 0;
+  launch(stream(), [x = in[0].data<float>(), w = in[1].data<float>(), mean = in[2].data<float>(),
+                    rstd = in[3].data<float>(), gy = in[4].data<float>(), dx = out[0].data<float>(),
+                    dw = out[1].data<float>(), db = out[2].data<float>(), N, C] {
+    int chunks = row_chunks(N, C);
+    std::vector<float> part(2 * C * chunks, 0.0f);
+    parallel_rows(N, C, [&](int c, size_t r0, size_t r1) {
+      layer_norm_bwd(x, w, mean, rstd, gy, dx, &part[2 * C * c], &part[2 * C * c + C], C, r0, r1);
+    });
+    for (size_t j = 0; j < C; j++) dw[j] = db[j] = 0.0f;
+    for (int c = 0; c < chunks; c++) {
+      for (size_t j = 0; j < C; j++) {
+        dw[j] += part[2 * C * c + j];
+        db[j] += part[2 * C * c + C + j];
+      }
+    }
+  });
+}
+
+// ---- RMSNorm ----------------------------------------------------------------------------------------
+mx::array rms_norm(const mx::array& x, const mx::array& w, float eps, mx::StreamOrDevice s) {
+  auto stream = cpu_stream(s);
+  if (w.ndim() != 1 || w.shape(0) != last_dim(x)) throw std::invalid_argument("rms_norm: weight must be (C,)");
+  mx::Shape rows(x.shape().begin(), x.shape().end() - 1);
+  auto outs = mx::array::make_arrays({x.shape(), rows}, {mx::float32, mx::float32},
+                                     std::make_shared<RMSNorm>(stream, eps),
+                                     {prepared(x, stream, "rms_norm"), prepared(w, stream, "rms_norm")});
+  return outs[0];
+}
+
+void RMSNorm::eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) {
+  for (auto& o : out) allocate(o);
+  size_t C = last_dim(in[0]), N = C ? in[0].size() / C : 0;
+  launch(stream(), [x = in[0].data<float>(), w = in[1].data<float>(), y = out[0].data<float>(),
+                    rstd = out[1].data<float>(), N, C, eps = eps_] {
+    parallel_rows(N, C, [&](int, size_t r0, size_t r1) { rms_norm_fwd(x, w, y, rstd, C, eps, r0, r1); });
+  });
+}
+
+std::vector<mx::array> RMSNorm::vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cot,
+                                    const std::vector<int>& argnums, const std::vector<mx::array>& outputs) {
+  const auto& x = primals[0];
+  const auto& w = primals[1];
+  auto gy = prepared(cot[0], stream(), "rms_norm vjp");
+  auto grads = mx::array::make_arrays({x.shape(), w.shape()}, {mx::float32, mx::float32},
+                                      std::make_shared<RMSNormGrad>(stream()), {x, w, outputs[1], gy});
+  std::vector<mx::array> result;
+  for (int a : argnums) result.push_back(grads[a]);
+  return result;
+}
+
+bool RMSNorm::is_equivalent(const mx::Primitive& other) const {
+  return eps_ == static_cast<const RMSNorm&>(other).eps_;
+}
+
+void RMSNormGrad::eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) {
+  for (auto& o : out) allocate(o);
+  size_t C = last_dim(in[0]), N = C ? in[0].size() / C : 0;
+  launch(stream(), [x = in[0].data<float>(), w = in[1].data<float>(), rstd = in[2].data<float>(),
+                    gy = in[3].data<float>(), dx = out[0].data<float>(), dw = out[1].data<float>(), N, C] {
+    int chunks = row_chunks(N, C);
+    std::vector<float> part(C * chunks, 0.0f);
+    parallel_rows(N, C, [&](int c, size_t r0, size_t r1) {
+      rms_norm_bwd(x, w, rstd, gy, dx, &part[C * c], C, r0, r1);
+    });
+    for (size_t j = 0; j < C; j++) dw[j] = 0.0f;
+    for (int c = 0; c < chunks; c++) {
+      for (size_t j = 0; j < C; j++) dw[j] += part[C * c + j];
+    }
+  });
+}
+
+// ---- masked, scaled softmax ---------------------------------------------------------------------------
+mx::array masked_softmax(const mx::array& scores, const std::optional<mx::array>& mask, float scale,
+                         mx::StreamOrDevice s) {
+  auto stream = cpu_stream(s);
+  std::vector<mx::array> inputs = {prepared(scores, stream, "masked_softmax")};
+  if (mask) {
+    auto m = mx::astype(*mask, mx::bool_, stream);
+    bool keys_broadcast = m.ndim() == 0 || m.shape(-1) != scores.shape(-1);
+    m = mx::broadcast_to(mx::contiguous(m, false, stream), scores.shape(), stream);  // a strided view
+    if (keys_broadcast) m = mx::contiguous(m, false, stream);  // the key axis must have stride 1
+    inputs.push_back(m);
+  }
+  return mx::array(scores.shape(), mx::float32, std::make_shared<MaskedSoftmax>(stream, scale, mask.has_value()),
+                   inputs);
+}
+
+void MaskedSoftmax::eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) {
+  allocate(out[0]);
+  size_t T = last_dim(in[0]), N = T ? in[0].size() / T : 0;
+  const uint8_t* mask = nullptr;
+  std::vector<int64_t> rows;
+  if (mask_) {
+    const auto& m = in[1];
+    mask = reinterpret_cast<const uint8_t*>(m.data<bool>());
+    // Offset of each row's mask in the (possibly broadcast, stride-0) mask view.
+    const auto& shape = m.shape();
+    const auto& strides = m.strides();
+    int nd = (int)m.ndim() - 1;
+    rows.resize(N);
+    for (size_t r = 0; r < N; r++) {
+      size_t rem = r;
+      int64_t off = 0;
+      for (int d = nd - 1; d >= 0; d--) {
+        off += (int64_t)(rem % shape[d]) * strides[d];
+        rem /= shape[d];
+      }
+      rows[r] = off;
+    }
+  }
+  launch(stream(), [s = in[0].data<float>(), p = out[0].data<float>(), mask, rows = std::move(rows), N, T,
+                    scale = scale_] {
+    parallel_rows(N, T, [&](int, size_t r0, size_t r1) {
+      masked_softmax_fwd(s, mask, rows.data(), p, T, scale, r0, r1);
+    });
+  });
+}
+
+std::vector<mx::array> MaskedSoftmax::vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cot,
+                                          const std::vector<int>& argnums, const std::vector<mx::array>& outputs) {
+  std::vector<mx::array> result;
+  for (int a : argnums) {
+    if (a == 0) {
+      auto g = prepared(cot[0], stream(), "masked_softmax vjp");
+      result.push_back(mx::array(outputs[0].shape(), mx::float32, std::make_shared<SoftmaxGrad>(stream(), scale_),
+                                 {outputs[0], g}));
+    } else {
+      result.push_back(mx::zeros_like(primals[a], stream()));
+    }
+  }
+  return result;
+}
+
+bool MaskedSoftmax::is_equivalent(const mx::Primitive& other) const {
+  auto& o = static_cast<const MaskedSoftmax&>(other);
+  return scale_ == o.scale_ && mask_ == o.mask_;
+}
+
+void SoftmaxGrad::eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) {
+  allocate(out[0]);
+  size_t T = last_dim(in[0]), N = T ? in[0].size() / T : 0;
+  launch(stream(), [p = in[0].data<float>(), g = in[1].data<float>(), ds = out[0].data<float>(), N, T,
+                    scale = scale_] {
+    parallel_rows(N, T, [&](int, size_t r0, size_t r1) { softmax_bwd(p, g, ds, T, scale, r0, r1); });
+  });
+}
+
+bool SoftmaxGrad::is_equivalent(const mx::Primitive& other) const {
+  return scale_ == static_cast<const SoftmaxGrad&>(other).scale_;
+}
+
+// ---- cross-entropy ---------------------------------------------------------------------------------------
+mx::array cross_entropy_rows(const mx::array& logits, const mx::array& targets, mx::StreamOrDevice s) {
+  auto stream = cpu_stream(s);
+  if (logits.ndim() != 2 || targets.ndim() != 1 || targets.shape(0) != logits.shape(0)) {
+    throw std::invalid_argument("cross_entropy_rows: logits (N, V) and targets (N,)");
+  }
+  auto t = mx::contiguous(mx::astype(targets, mx::int32, stream), false, stream);
+  mx::Shape rows = {logits.shape(0)};
+  auto outs = mx::array::make_arrays({rows, rows}, {mx::float32, mx::float32},
+                                     std::make_shared<CrossEntropy>(stream),
+                                     {prepared(logits, stream, "cross_entropy"), t});
+  return outs[0];
+}
+
+void CrossEntropy::eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) {
+  for (auto& o : out) allocate(o);
+  size_t N = in[0].shape(0), V = in[0].shape(1);
+  launch(stream(), [l = in[0].data<float>(), t = in[1].data<int32_t>(), nll = out[0].data<float>(),
+                    lse = out[1].data<float>(), N, V] {
+    parallel_rows(N, V, [&](int, size_t r0, size_t r1) { cross_entropy_fwd(l, t, nll, lse, V, r0, r1); });
+  });
+}
+
+std::vector<mx::array> CrossEntropy::vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cot,
+                                         const std::vector<int>& argnums, const std::vector<mx::array>& outputs) {
+  std::vector<mx::array> result;
+  for (int a : argnums) {
+    if (a == 0) {
+      auto g = prepared(cot[0], stream(), "cross_entropy vjp");
+      result.push_back(mx::array(primals[0].shape(), mx::float32, std::make_shared<CrossEntropyGrad>(stream()),
+                                 {primals[0], primals[1], outputs[1], g}));
+    } else {
+      result.push_back(mx::zeros_like(primals[a], stream()));
+    }
+  }
+  return result;
+}
+
+void CrossEntropyGrad::eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) {
+  allocate(out[0]);
+  size_t N = in[0].shape(0), V = in[0].shape(1);
+  launch(stream(), [l = in[0].data<float>(), t = in[1].data<int32_t>(), lse = in[2].data<float>(),
+                    g = in[3].data<float>(), dl = out[0].data<float>(), N, V] {
+    parallel_rows(N, V, [&](int, size_t r0, size_t r1) { cross_entropy_bwd(l, t, lse, g, dl, V, r0, r1); });
+  });
+}
+
+}  // namespace twinlm

@@ -1,0 +1,143 @@
+// MLX primitives for the core's composites (twinlm/core/backend.py), CPU only, float32 only.
+#pragma once
+
+#include <optional>
+
+#include "mlx/ops.h"
+#include "mlx/primitives.h"
+
+namespace twinlm {
+
+namespace mx = mlx::core;
+
+// Ops (what Python calls). Inputs are made row-contiguous; every op needs float32 on a CPU stream.
+mx::array gelu(const mx::array& x, bool tanh_form, mx::StreamOrDevice s = {});
+mx::array layer_norm(const mx::array& x, const mx::array& w, const std::optional<mx::array>& b, float eps,
+                     mx::StreamOrDevice s = {});
+mx::array rms_norm(const mx::array& x, const mx::array& w, float eps, mx::StreamOrDevice s = {});
+mx::array masked_softmax(const mx::array& scores, const std::optional<mx::array>& mask, float scale,
+                         mx::StreamOrDevice s = {});
+mx::array cross_entropy_rows(const mx::array& logits, const mx::array& targets, mx::StreamOrDevice s = {});
+
+// A primitive with a CPU implementation only; the GPU path says so (Python never sends it there).
+class CpuPrimitive : public mx::Primitive {
+ public:
+  using mx::Primitive::Primitive;
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override;
+};
+
+class Gelu : public CpuPrimitive {
+ public:
+  Gelu(mx::Stream s, bool tanh_form) : CpuPrimitive(s), tanh_(tanh_form) {}
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override;
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override;
+  const char* name() const override { return tanh_ ? "TwinlmGeluTanh" : "TwinlmGelu"; }
+  bool is_equivalent(const mx::Primitive& other) const override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& in) override { return {in[0].shape()}; }
+
+ private:
+  bool tanh_;
+};
+
+class GeluGrad : public CpuPrimitive {  // inputs x, g -> g * gelu'(x)
+ public:
+  GeluGrad(mx::Stream s, bool tanh_form) : CpuPrimitive(s), tanh_(tanh_form) {}
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override;
+  const char* name() const override { return tanh_ ? "TwinlmGeluTanhGrad" : "TwinlmGeluGrad"; }
+  bool is_equivalent(const mx::Primitive& other) const override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& in) override { return {in[0].shape()}; }
+
+ private:
+  bool tanh_;
+};
+
+class LayerNorm : public CpuPrimitive {  // x, w[, b] -> y, mean, rstd
+ public:
+  LayerNorm(mx::Stream s, float eps, bool has_bias) : CpuPrimitive(s), eps_(eps), bias_(has_bias) {}
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override;
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override;
+  const char* name() const override { return "TwinlmLayerNorm"; }
+  bool is_equivalent(const mx::Primitive& other) const override;
+
+ private:
+  float eps_;
+  bool bias_;
+};
+
+class LayerNormGrad : public CpuPrimitive {  // x, w, mean, rstd, gy -> dx, dw, db
+ public:
+  using CpuPrimitive::CpuPrimitive;
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override;
+  const char* name() const override { return "TwinlmLayerNormGrad"; }
+  bool is_equivalent(const mx::Primitive&) const override { return true; }
+};
+
+class RMSNorm : public CpuPrimitive {  // x, w -> y, rstd
+ public:
+  RMSNorm(mx::Stream s, float eps) : CpuPrimitive(s), eps_(eps) {}
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override;
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override;
+  const char* name() const override { return "TwinlmRMSNorm"; }
+  bool is_equivalent(const mx::Primitive& other) const override;
+
+ private:
+  float eps_;
+};
+
+class RMSNormGrad : public CpuPrimitive {  // x, w, rstd, gy -> dx, dw
+ public:
+  using CpuPrimitive::CpuPrimitive;
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override;
+  const char* name() const override { return "TwinlmRMSNormGrad"; }
+  bool is_equivalent(const mx::Primitive&) const override { return true; }
+};
+
+class MaskedSoftmax : public CpuPrimitive {  // scores[, mask broadcast to scores] -> p
+ public:
+  MaskedSoftmax(mx::Stream s, float scale, bool has_mask) : CpuPrimitive(s), scale_(scale), mask_(has_mask) {}
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override;
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override;
+  const char* name() const override { return "TwinlmMaskedSoftmax"; }
+  bool is_equivalent(const mx::Primitive& other) const override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& in) override { return {in[0].shape()}; }
+
+ private:
+  float scale_;
+  bool mask_;
+};
+
+class SoftmaxGrad : public CpuPrimitive {  // p, g -> scale * p * (g - sum(g p))
+ public:
+  SoftmaxGrad(mx::Stream s, float scale) : CpuPrimitive(s), scale_(scale) {}
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override;
+  const char* name() const override { return "TwinlmSoftmaxGrad"; }
+  bool is_equivalent(const mx::Primitive& other) const override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& in) override { return {in[0].shape()}; }
+
+ private:
+  float scale_;
+};
+
+class CrossEntropy : public CpuPrimitive {  // logits (N, V), targets (N,) int32 -> nll (N,), lse (N,)
+ public:
+  using CpuPrimitive::CpuPrimitive;
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override;
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override;
+  const char* name() const override { return "TwinlmCrossEntropy"; }
+  bool is_equivalent(const mx::Primitive&) const override { return true; }
+};
+
+class CrossEntropyGrad : public CpuPrimitive {  // logits, targets, lse, g (N,) -> dlogits
+ public:
+  using CpuPrimitive::CpuPrimitive;
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override;
+  const char* name() const override { return "TwinlmCrossEntropyGrad"; }
+  bool is_equivalent(const mx::Primitive&) const override { return true; }
+};
+
+}  // namespace twinlm
