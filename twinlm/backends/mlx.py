@@ -1,6 +1,8 @@
 """MLX adapter. On Linux it loads the system OpenBLAS before MLX: the `mlx[cpu]` wheel bundles a
 reference BLAS that runs a 2048^2 matmul ~30x slower. Set TWINLM_BLAS=bundled to keep it.
-It also asks glibc to keep freed memory (see `keep_freed_memory`); TWINLM_MALLOC=default skips that."""
+It also asks glibc to keep freed memory (see `keep_freed_memory`); TWINLM_MALLOC=default skips that.
+On the CPU it serves GELU, GELU-tanh, LayerNorm, RMSNorm, attention's softmax and cross-entropy with
+twinlm's compiled kernels (`twinlm.backends.kernels`) when they are built; TWINLM_KERNELS=0 turns them off."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from twinlm.backends import kernels as _kernels
 from twinlm.core.backend import Array, Backend, Step
 
 OPENBLAS_GLOBS = ("/usr/lib/*-linux-gnu/openblas-pthread/libblas.so.3", "/usr/lib64/libopenblas*.so*",
@@ -71,10 +74,19 @@ class MLXBackend(Backend):
     # (measured: exp(1) = 2.71828175), so float64 gradient checks would be meaningless.
     supports_float64 = False
 
-    def __init__(self, fused: bool = True) -> None:
+    def __init__(self, fused: bool = True, kernels: bool = True) -> None:
         self.fused = fused
         self.blas = BLAS
         self.malloc = MALLOC
+        # twinlm's CPU kernels (None: not built, failed to load, TWINLM_KERNELS=0, or not asked for).
+        self.kernels = _kernels.load() if fused and kernels else None
+
+    def _kernel(self, *xs: Array):
+        """The kernels module when it can serve these arrays (float32, on the CPU), else None."""
+        K = self.kernels
+        if K is None or any(x.dtype != mx.float32 for x in xs) or mx.default_device() != mx.cpu:
+            return None
+        return K
 
     def from_numpy(self, a: np.ndarray) -> Array:
         a = np.asarray(a)
@@ -139,21 +151,59 @@ class MLXBackend(Backend):
         return mx.all(mx.isfinite(x))
 
     # ---- fused overrides (checked against the reference bodies by the parity suite) ---------
+    def gelu(self, x: Array) -> Array:
+        K = self._kernel(x)
+        # The kernel computes the base class's pinned value and derivative; a subclass that replaces
+        # either (a negative control, a test) gets the reference body with its own pieces.
+        if K is None or any(getattr(type(self), n) is not getattr(Backend, n)
+                            for n in ("_gelu_value", "_gelu_grad", "erf")):
+            return super().gelu(x)
+        return K.gelu(x)
+
+    def gelu_tanh(self, x: Array) -> Array:
+        K = self._kernel(x)
+        return super().gelu_tanh(x) if K is None else K.gelu(x, True)
+
     def layer_norm(self, x: Array, weight: Array, bias: Array | None, eps: float = 1e-5) -> Array:
         if not self.fused:
             return super().layer_norm(x, weight, bias, eps)
+        K = self._kernel(x, weight, *([] if bias is None else [bias]))
+        if K is not None and weight.ndim == 1 and (bias is None or bias.ndim == 1):
+            return K.layer_norm(x, weight, bias, eps)
         return mx.fast.layer_norm(x, weight, bias, eps)
 
     def rms_norm(self, x: Array, weight: Array, eps: float = 1e-5) -> Array:
         if not self.fused:
             return super().rms_norm(x, weight, eps)
+        K = self._kernel(x, weight)
+        if K is not None and weight.ndim == 1:
+            return K.rms_norm(x, weight, eps)
         return mx.fast.rms_norm(x, weight, eps)
 
     def attention(self, q: Array, k: Array, v: Array, mask: Array | None,
                   dropout: Array | None = None) -> Array:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        K = self._kernel(q, k, v)
+        if K is not None and (mask is None or mask.dtype == mx.bool_):
+            # BLAS matmuls around one fused masked, scaled softmax (forward and backward kernels; the
+            # probabilities are kept once, for the backward). Rows with no key left give zeros.
+            att = K.masked_softmax(q @ mx.swapaxes(k, -1, -2), mask, scale)  # (B, H, Tq, Tk)
+            if dropout is not None:
+                att = att * dropout
+            return att @ v
         if not self.fused or dropout is not None:  # the fused kernel has no dropout input
             return super().attention(q, k, v, mask, dropout)
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(q.shape[-1]), mask=mask)
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+
+    def cross_entropy(self, logits: Array, targets: Array, weights: Array | None = None) -> Array:
+        K = self._kernel(logits)
+        if K is None:
+            return super().cross_entropy(logits, targets, weights)
+        nll = K.cross_entropy_rows(mx.reshape(logits, (-1, logits.shape[-1])), mx.reshape(targets, (-1,)))
+        nll = mx.reshape(nll, targets.shape)
+        if weights is None:
+            return mx.mean(nll)
+        return mx.sum(nll * weights) / mx.maximum(mx.sum(weights), 1.0)
 
     # ---- autograd, compile, sync ------------------------------------------------------------
     def value_and_grad(self, fn: Callable[..., Array]) -> Callable[..., tuple[Array, dict[str, Array]]]:

@@ -113,7 +113,26 @@ def mlx_blas_rows() -> list[tuple[str, str]]:
     if MALLOC != "default":
         malloc += ("\nlarge activations reuse heap pages instead of being page-faulted and zeroed every step"
                    " (TWINLM_MALLOC=default to turn off)")
-    return [("MLX BLAS", blas), (f"MLX matmul {MATMUL_N}^2 fp32", speed), ("MLX memory", malloc)]
+    return [("MLX BLAS", blas), (f"MLX matmul {MATMUL_N}^2 fp32", speed), ("MLX memory", malloc),
+            ("MLX CPU kernels", mlx_kernels_row())]
+
+
+def mlx_kernels_row() -> str:
+    """Which of twinlm's compiled CPU kernels serve MLX here, at which SIMD level; or why none do."""
+    from twinlm.backends import kernels
+
+    B = get_backend("mlx")
+    st = kernels.status()
+    if getattr(B, "kernels", None) is not None and st.active:
+        build = st.build
+        built = (f"\nbuilt with nanobind {build.get('nanobind', '?')} for mlx {build.get('mlx', '?')} "
+                 f"({build.get('compiler', '?')}, {build.get('seconds', '?')} s)") if build else ""
+        return (f"[green]active[/]: {', '.join(st.kernels)}\nSIMD {st.simd}, {st.threads} threads "
+                f"(TWINLM_KERNEL_THREADS to change; TWINLM_KERNELS=0 to turn off){built}")
+    if kernels.disabled():
+        return f"off: {st.reason}; MLX runs on its own ops (unset {kernels.ENV_VAR} to use them)"
+    return (f"[yellow]not in use[/]: {st.reason}\nMLX runs on its own (slower, single-threaded) CPU ops; "
+            f"fix: python -m twinlm.backends.kernels.build -v (needs cmake and a C++ compiler)")
 
 
 @click.command("doctor")
@@ -150,6 +169,7 @@ def command(backend_name: str | None) -> None:
     env.add_row("chosen backend", chosen or "(none: --backend / $TWINLM_BACKEND not given)")
     env.add_row(f"${ENV_VAR}", os.environ.get(ENV_VAR) or "(unset)")
     env.add_row("$TWINLM_BLAS", os.environ.get("TWINLM_BLAS") or "(unset: load system OpenBLAS for MLX)")
+    env.add_row("$TWINLM_KERNELS", os.environ.get("TWINLM_KERNELS") or "(unset: MLX CPU kernels on if built)")
     console.print(env)
 
     working = [r.name for r in reports if r.ok and r.name in TRAINABLE]

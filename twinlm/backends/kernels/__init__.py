@@ -104,7 +104,8 @@ def _load() -> ModuleType:
     ver = mlx_version()
     path = library_path(ver)
     if path is None:
-        built = sorted(p.name for p in lib_dir(ver).parent.glob("mlx-*")) if lib_dir(ver).parent.exists() else []
+        root = lib_dir(ver).parent
+        built = sorted(p.name for p in root.glob("mlx-*")) if root.exists() else []
         other = f" (found builds for: {', '.join(built)})" if built else ""
         raise FileNotFoundError(f"not built for mlx {ver} on this machine{other}; {BUILD_HINT}")
     _status.path = str(path)
@@ -119,7 +120,8 @@ def _load() -> ModuleType:
         spec.loader.exec_module(_extension)
     module = _extension
     if module.MLX_VERSION_BUILT != mx.__version__.split(".dev")[0]:
-        raise ImportError(f"built for mlx {module.MLX_VERSION_BUILT}, running mlx {mx.__version__}; {BUILD_HINT}")
+        raise ImportError(f"built for mlx {module.MLX_VERSION_BUILT}, running mlx {mx.__version__}; "
+                          + BUILD_HINT)
     if mx.default_device() != mx.cpu:
         raise RuntimeError(f"MLX's default device is {mx.default_device()}; the kernels serve the CPU only")
     _smoke_test(module, mx)

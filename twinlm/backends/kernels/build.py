@@ -21,7 +21,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from twinlm.backends import kernels
 # keys match. 2.x writes "v<internals>_<platform>", 3.x "nanobind_<platform>_a<backend ABI>_v<internals>".
 # mlx 0.32.2 pinned nanobind 2.15.0 (its CMakeLists.txt); the 0.32.4 Linux wheel carries the 3.x key.
 NANOBIND_FOR_KEY = (("_a1_v22", "3.1.0"), ("v21_", "2.15.0"))
-KEY_PATTERN = re.compile(rb"(nanobind_[a-z0-9_]+_a[0-9]+_v[0-9]+|v[0-9]+_(?:system|gcc|clang|msvc)[a-z0-9_]*)")
+KEY_PATTERN = re.compile(rb"nanobind_[a-z0-9_]+_a[0-9]+_v[0-9]+|v[0-9]+_(?:system|gcc|clang|msvc)[a-z0-9_]*")
 
 
 class BuildError(RuntimeError):
@@ -75,7 +74,8 @@ def ensure_nanobind(want: str, install: bool, log) -> str:
     if have == want:
         return have
     if not install:
-        raise BuildError(f"nanobind {have or 'not installed'}, MLX needs {want}: pip install nanobind=={want}")
+        raise BuildError(f"nanobind {have or 'not installed'}, MLX needs {want}: "
+                         f"pip install nanobind=={want}")
     log(f"installing nanobind=={want} (MLX's; found {have or 'none'})")
     proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"nanobind=={want}"],
                           capture_output=True, text=True)
@@ -108,23 +108,26 @@ def build(jobs: int = 2, install: bool = True, verbose: bool = False, log=print)
     nb_ver = ensure_nanobind(wanted_nanobind(mlx_key), install, log)
     out = kernels.lib_dir(mlx_ver)
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="twinlm-kernels-") as tmp:
-        cfg = ["cmake", "-S", str(kernels.HERE), "-B", tmp, "-DCMAKE_BUILD_TYPE=Release",
-               f"-DPython_EXECUTABLE={sys.executable}", f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={tmp}/out"]
-        run(cfg, log, verbose)
-        run(["cmake", "--build", tmp, "-j", str(jobs)], log, verbose)
-        built = [p for p in Path(tmp, "out").iterdir() if p.name.startswith(kernels.MODULE)]
-        if not built:
-            raise BuildError("the build produced no module")
-        ours = nanobind_key(built[0])
-        if ours != mlx_key:
-            raise BuildError(f"nanobind key {ours!r} differs from MLX's {mlx_key!r}: mx.array would not cross")
-        out.mkdir(parents=True, exist_ok=True)
-        for old in out.glob(kernels.MODULE + "*"):
-            old.unlink()
-        dest = out / built[0].name
-        shutil.copy2(built[0], dest.with_suffix(".tmp"))
-        os.replace(dest.with_suffix(".tmp"), dest)
+    work = out.parent / f"{out.name}.build"  # kept: a rebuild recompiles only what changed
+    work.mkdir(parents=True, exist_ok=True)
+    lib_out = work / "out"
+    cfg = ["cmake", "-S", str(kernels.HERE), "-B", str(work), "-DCMAKE_BUILD_TYPE=Release",
+           f"-DPython_EXECUTABLE={sys.executable}", f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={lib_out}"]
+    run(cfg, log, verbose)
+    run(["cmake", "--build", str(work), "-j", str(jobs)], log, verbose)
+    built = [p for p in lib_out.iterdir() if p.name.startswith(kernels.MODULE)]
+    if not built:
+        raise BuildError("the build produced no module")
+    ours = nanobind_key(built[0])
+    if ours != mlx_key:
+        raise BuildError(f"nanobind key {ours!r} differs from MLX's {mlx_key!r}: "
+                         "mx.array would not cross")
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob(kernels.MODULE + "*"):
+        old.unlink()
+    dest = out / built[0].name
+    shutil.copy2(built[0], dest.with_suffix(".tmp"))
+    os.replace(dest.with_suffix(".tmp"), dest)
     seconds = time.perf_counter() - t0
     compiler = subprocess.run(["c++", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
     info = {"mlx": mlx_ver, "nanobind": nb_ver, "nanobind_key": mlx_key, "python": platform.python_version(),
@@ -142,8 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--strict", action="store_true", help="exit 1 when the build fails")
     ap.add_argument("--no-install", action="store_true", help="never pip-install nanobind")
     ap.add_argument("-v", "--verbose", action="store_true")
+    ap.add_argument("--clean", action="store_true", help="drop the kept CMake build folder first")
     args = ap.parse_args(argv)
     try:
+        if args.clean:
+            shutil.rmtree(kernels.lib_dir().parent / f"{kernels.lib_dir().name}.build", ignore_errors=True)
         build(args.jobs, not args.no_install, args.verbose)
     except Exception as e:  # set-up must not fail because of the kernels
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

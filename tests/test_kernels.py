@@ -1,0 +1,354 @@
+"""twinlm's MLX CPU kernels (twinlm/backends/kernels): each kernel's forward and gradient against
+float64 numpy and against the core's reference body, at odd sizes (not multiples of the vector width),
+sizes split over threads, padding masks and large magnitudes; a deliberately wrong kernel is caught by
+the parity suite's override checks; mx.compile; the fallbacks (TWINLM_KERNELS=0, not built)."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from twinlm import parity
+from twinlm.backends import kernels
+
+mx = pytest.importorskip("mlx.core")
+from twinlm.backends.mlx import MLXBackend  # noqa: E402
+
+K = kernels.load()
+needs_kernels = pytest.mark.skipif(K is None, reason=f"kernels not active: {kernels.status().reason}")
+B = MLXBackend()
+REF = MLXBackend(kernels=False)  # MLX's own ops
+BODY = parity.with_mixin(B, parity._ReferenceComposites, "Reference")  # the core's reference bodies
+
+
+def rand(*shape, scale=1.0, seed=0):
+    return (np.random.default_rng(seed + sum(shape)).standard_normal(shape) * scale).astype(np.float32)
+
+
+def value_and_grads(fn, *xs, seed=1):
+    """fn(*xs) and the gradients of sum(fn(*xs) * w) for a fixed random w, as float64 numpy."""
+    arrays = [mx.array(x) for x in xs]
+    out = fn(*arrays)
+    w = mx.array(rand(*out.shape, seed=seed)) if out.ndim else mx.array(1.0)
+    floats = [i for i, x in enumerate(xs) if x.dtype.kind == "f"]
+
+    def loss(*diff):
+        args = list(arrays)
+        for i, d in zip(floats, diff, strict=True):
+            args[i] = d
+        return mx.sum(fn(*args) * w)
+
+    grads = mx.grad(loss, argnums=tuple(range(len(floats))))(*[arrays[i] for i in floats])
+    grads = grads if isinstance(grads, tuple) else (grads,)
+    return [np.array(out, dtype=np.float64)] + [np.array(g, dtype=np.float64) for g in grads]
+
+
+def assert_close(got, want, atol, rtol=1e-5):
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert g.shape == w.shape, (i, g.shape, w.shape)
+        np.testing.assert_allclose(g, w, atol=atol, rtol=rtol, err_msg=f"output {i} (0 = value, then grads)")
+
+
+def np_erf(x):
+    return np.vectorize(math.erf)(x)
+
+
+# ---- forward and gradient against float64 numpy and the reference body ---------------------------------
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(3, 5), (7, 13), (300, 257)])  # odd; the last is split over threads
+@pytest.mark.parametrize("scale", [1.0, 30.0])  # 30: deep in erf's clamp and exp's underflow
+def test_gelu(shape, scale) -> None:
+    x = rand(*shape, scale=scale)
+    got = value_and_grads(B.gelu, x)
+    assert_close(got, value_and_grads(BODY.gelu, x), atol=2e-6 * scale)
+    x64 = x.astype(np.float64)
+    cdf = 0.5 * (1 + np_erf(x64 / math.sqrt(2)))
+    np.testing.assert_allclose(got[0], x64 * cdf, atol=2e-6 * scale, rtol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(3, 5), (300, 257)])
+@pytest.mark.parametrize("scale", [1.0, 30.0])
+def test_gelu_tanh(shape, scale) -> None:
+    x = rand(*shape, scale=scale)
+    got = value_and_grads(B.gelu_tanh, x)
+    assert_close(got, value_and_grads(BODY.gelu_tanh, x), atol=3e-6 * scale)
+    x64 = x.astype(np.float64)
+    want = 0.5 * x64 * (1 + np.tanh(math.sqrt(2 / math.pi) * (x64 + 0.044715 * x64**3)))
+    np.testing.assert_allclose(got[0], want, atol=3e-6 * scale, rtol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(2, 3, 13), (5, 131), (400, 129)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_layer_norm(shape, bias) -> None:
+    c = shape[-1]
+    x, w, b = rand(*shape, scale=3.0) + 5.0, rand(c), rand(c, seed=3)  # an offset mean, like real activations
+    if bias:
+        got = value_and_grads(lambda x, w, b: B.layer_norm(x, w, b), x, w, b)
+        want = value_and_grads(lambda x, w, b: BODY.layer_norm(x, w, b), x, w, b)
+    else:
+        got = value_and_grads(lambda x, w: B.layer_norm(x, w, None), x, w)
+        want = value_and_grads(lambda x, w: BODY.layer_norm(x, w, None), x, w)
+    assert_close(got, want, atol=5e-5, rtol=1e-4)
+    x64 = x.astype(np.float64)
+    mu, var = x64.mean(-1, keepdims=True), x64.var(-1, keepdims=True)
+    np.testing.assert_allclose(got[0], (x64 - mu) / np.sqrt(var + 1e-5) * w + (b if bias else 0), atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(2, 3, 13), (400, 129)])
+@pytest.mark.parametrize("eps", [1e-5, 1e-12])
+def test_layer_norm_eps_reaches_the_kernel(shape, eps) -> None:
+    x, w, b = rand(*shape) * 1e-3, rand(shape[-1]), rand(shape[-1])
+    got = value_and_grads(lambda x, w, b: B.layer_norm(x, w, b, eps), x, w, b)
+    want = value_and_grads(lambda x, w, b: BODY.layer_norm(x, w, b, eps), x, w, b)
+    assert_close(got, want, atol=5e-4, rtol=1e-3)
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(2, 3, 13), (400, 129)])
+def test_rms_norm(shape) -> None:
+    x, w = rand(*shape, scale=3.0), rand(shape[-1])
+    got = value_and_grads(lambda x, w: B.rms_norm(x, w), x, w)
+    assert_close(got, value_and_grads(lambda x, w: BODY.rms_norm(x, w), x, w), atol=5e-5, rtol=1e-4)
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(got[0], x64 / np.sqrt((x64**2).mean(-1, keepdims=True) + 1e-5) * w, atol=1e-5)
+
+
+def np_attention(q, k, v, mask):
+    s = q.astype(np.float64) @ np.swapaxes(k, -1, -2) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        s = np.where(mask, s, -np.inf)
+    e = np.exp(s - s.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True) @ v
+
+
+@needs_kernels
+@pytest.mark.parametrize("mask_kind", ["causal", "padding", "none", "keys"])
+@pytest.mark.parametrize("dims", [(2, 3, 7, 5), (3, 4, 67, 33)])  # odd T and head size; the last threads
+def test_attention(mask_kind, dims) -> None:
+    b, h, t, hs = dims
+    q, k, v = (rand(b, h, t, hs, seed=i) for i in range(3))
+    rng = np.random.default_rng(0)
+    if mask_kind == "causal":
+        mask = np.tril(np.ones((t, t), dtype=bool))
+    elif mask_kind == "padding":  # (B, 1, T, T): causal and padded keys, every row keeps key 0
+        keep = np.arange(t)[None, :] < rng.integers(1, t + 1, (b, 1))
+        mask = (np.tril(np.ones((t, t), dtype=bool))[None] & keep[:, None, :])[:, None]
+    elif mask_kind == "keys":  # (B, 1, 1, T): a key-padding mask broadcast over queries
+        mask = (np.arange(t)[None, :] < rng.integers(1, t + 1, (b, 1)))[:, None, None, :]
+    else:
+        mask = None
+    if mask is None:
+        got = value_and_grads(lambda q, k, v: B.attention(q, k, v, None), q, k, v)
+        want = value_and_grads(lambda q, k, v: BODY.attention(q, k, v, None), q, k, v)
+    else:
+        got = value_and_grads(lambda q, k, v, m: B.attention(q, k, v, m), q, k, v, mask)
+        want = value_and_grads(lambda q, k, v, m: BODY.attention(q, k, v, m), q, k, v, mask)
+    assert_close(got, want, atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(got[0], np_attention(q, k, v, mask), atol=2e-5)
+
+
+@needs_kernels
+def test_attention_fully_masked_row_gives_zeros_not_nan() -> None:
+    q, k, v = (rand(1, 2, 4, 3, seed=i) for i in range(3))
+    mask = np.ones((1, 1, 4, 4), dtype=bool)
+    mask[..., 2, :] = False  # a padding query that sees no key
+    got = value_and_grads(lambda q, k, v, m: B.attention(q, k, v, m), q, k, v, mask)
+    assert all(np.isfinite(g).all() for g in got)
+    assert (got[0][:, :, 2] == 0).all()
+    keep = [0, 1, 3]
+    np.testing.assert_allclose(got[0][:, :, keep], np_attention(q, k, v, mask)[:, :, keep], atol=2e-5)
+
+
+@needs_kernels
+def test_attention_large_scores_and_dropout() -> None:
+    q, k, v = (rand(2, 2, 9, 8, seed=i, scale=20.0) for i in range(3))  # saturated softmax rows
+    mask = np.tril(np.ones((9, 9), dtype=bool))
+    keep = (np.random.default_rng(0).random((2, 2, 9, 9)) > 0.2).astype(np.float32) / 0.8
+    got = value_and_grads(lambda q, k, v, m, d: B.attention(q, k, v, m, d), q, k, v, mask, keep)
+    want = value_and_grads(lambda q, k, v, m, d: BODY.attention(q, k, v, m, d), q, k, v, mask, keep)
+    assert_close(got, want, atol=2e-3, rtol=1e-4)
+
+
+@needs_kernels
+@pytest.mark.parametrize("n,vocab", [(7, 11), (2 * 67, 65), (600, 301)])
+@pytest.mark.parametrize("scale", [1.0, 100.0])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_cross_entropy(n, vocab, scale, weighted) -> None:
+    logits = rand(n, vocab, scale=scale)
+    rng = np.random.default_rng(n)
+    targets = rng.integers(0, vocab, n).astype(np.int32)
+    if weighted:
+        weights = (rng.random(n) > 0.3).astype(np.float32)
+        got = value_and_grads(lambda x, t, w: B.cross_entropy(x, t, w), logits, targets, weights)
+        want = value_and_grads(lambda x, t, w: BODY.cross_entropy(x, t, w), logits, targets, weights)
+    else:
+        weights = np.ones(n, dtype=np.float32)
+        got = value_and_grads(lambda x, t: B.cross_entropy(x, t), logits, targets)
+        want = value_and_grads(lambda x, t: BODY.cross_entropy(x, t), logits, targets)
+    assert_close(got[:2], want[:2], atol=2e-6 * scale, rtol=1e-5)
+    x = logits.astype(np.float64)
+    lse = x.max(-1) + np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1))
+    nll = lse - x[np.arange(n), targets]
+    assert got[0] == pytest.approx((nll * weights).sum() / weights.sum(), rel=1e-5)
+
+
+@needs_kernels
+def test_cross_entropy_three_dim_logits() -> None:
+    logits, targets = rand(2, 5, 9), (np.arange(10).reshape(2, 5) % 9).astype(np.int32)
+    got = value_and_grads(lambda x, t: B.cross_entropy(x, t), logits, targets)
+    assert_close(got, value_and_grads(lambda x, t: BODY.cross_entropy(x, t), logits, targets), atol=1e-6)
+
+
+# ---- threads, strides, dtypes, compile ---------------------------------------------------------------------
+
+@needs_kernels
+def test_results_do_not_depend_on_the_thread_count() -> None:
+    x, w, b = rand(512, 131, scale=2.0), rand(131), rand(131)
+    f = lambda x, w, b: B.gelu(B.layer_norm(x, w, b))  # noqa: E731
+    before = K.threads()
+    try:
+        runs = []
+        for n in (1, 2, 3):
+            K.set_threads(n)
+            runs.append(value_and_grads(f, x, w, b))
+    finally:
+        K.set_threads(before)
+    for other in runs[1:]:
+        assert_close(other, runs[0], atol=2e-5, rtol=1e-5)  # dw, db sum per-chunk partials
+        np.testing.assert_array_equal(other[0], runs[0][0])  # row-wise results: bit for bit
+
+
+@needs_kernels
+def test_strided_inputs() -> None:
+    x = rand(13, 7)
+    xt = mx.transpose(mx.array(x))  # (7, 13), not row-contiguous
+    np.testing.assert_allclose(np.array(B.gelu(xt)), np.array(BODY.gelu(mx.array(x.T.copy()))), atol=1e-6)
+    w = mx.array(rand(13))
+    got = np.array(B.layer_norm(xt, w, None))
+    np.testing.assert_allclose(got, np.array(BODY.layer_norm(mx.array(x.T.copy()), w, None)), atol=1e-5)
+
+
+@needs_kernels
+def test_other_dtypes_take_the_reference_path() -> None:
+    x = mx.array(rand(4, 6)).astype(mx.float16)
+    np.testing.assert_array_equal(np.array(B.gelu(x)), np.array(BODY.gelu(x)))
+
+
+@needs_kernels
+def test_kernels_inside_mx_compile() -> None:
+    x, w, b = rand(6, 33), rand(33), rand(33)
+    t = (np.arange(6) % 33).astype(np.int32)
+
+    def loss(x, w, b, t):
+        return B.cross_entropy(B.gelu(B.layer_norm(x, w, b)), t)
+
+    grad = mx.value_and_grad(loss, argnums=(0, 1, 2))
+    args = [mx.array(a) for a in (x, w, b, t)]
+    eager = grad(*args)
+    compiled = mx.compile(grad)
+    for _ in range(2):  # trace, then replay
+        got = compiled(*args)
+        assert float(got[0]) == pytest.approx(float(eager[0]), abs=1e-6)
+        for g, e in zip(got[1], eager[1], strict=True):
+            np.testing.assert_allclose(np.array(g), np.array(e), atol=1e-6)
+
+
+# ---- registration, negative controls, fallbacks ----------------------------------------------------------
+
+def test_kernels_are_registered_as_overrides() -> None:
+    assert {"gelu", "gelu_tanh", "layer_norm", "rms_norm", "attention", "cross_entropy"} <= set(
+        parity.overridden_composites(B))
+
+
+@needs_kernels
+def test_override_checks_pass() -> None:
+    checks = parity.override_checks(B)
+    assert {"gelu grad x0", "gelu_tanh grad x0", "rms_norm grad x1", "cross_entropy weighted forward",
+            "attention padding grad x0"} <= {c.name for c in checks}
+    assert all(c.ok for c in checks), [c.label for c in checks if not c.ok]
+
+
+class _Wrong:
+    """The kernels module with one kernel made slightly wrong (value or gradient)."""
+
+    def __init__(self, which: str) -> None:
+        self.which = which
+
+    def __getattr__(self, name):
+        return getattr(K, name)
+
+    def gelu(self, x, tanh_form=False):
+        y = K.gelu(x, tanh_form)
+        return y * 1.01 if self.which == "gelu value" and not tanh_form else y  # rtol is 1e-3
+
+    def layer_norm(self, x, w, b, eps):
+        return K.layer_norm(x, w, b, 1e-2 if self.which == "layer_norm eps" else eps)
+
+    def masked_softmax(self, s, mask, scale):
+        return K.masked_softmax(s, None if self.which == "mask dropped" else mask, scale)
+
+    def cross_entropy_rows(self, logits, targets):
+        if self.which == "ce gradient":  # right value, doubled gradient
+            nll = K.cross_entropy_rows(logits, targets)
+            return nll + (nll - mx.stop_gradient(nll))
+        return K.cross_entropy_rows(logits, targets)
+
+
+@needs_kernels
+@pytest.mark.parametrize("which,case", [
+    ("gelu value", "gelu forward"), ("layer_norm eps", "layer_norm forward"),
+    ("mask dropped", "attention causal forward"), ("ce gradient", "cross_entropy grad x0")])
+def test_a_wrong_kernel_is_caught_by_the_override_checks(which, case) -> None:
+    broken = MLXBackend()
+    broken.kernels = _Wrong(which)
+    failed = {c.name for c in parity.override_checks(broken) if not c.ok}
+    assert case in failed, failed
+
+
+def test_a_replaced_gelu_derivative_bypasses_the_kernel() -> None:
+    """The kernel computes the pinned maths only: a subclass with another _gelu_grad gets its own."""
+    class OtherGrad:
+        def _gelu_grad(self, x):
+            return 0.5 * (1.0 + self.erf(x * (1.0 / math.sqrt(2.0))))
+
+    broken = parity.with_mixin(B, OtherGrad, "OtherGrad")
+    case = next(c for c in parity.op_cases(0) if c.name == "gelu")
+    checks = {c.name: c.ok for c in parity.check_op(broken, case)}
+    assert checks == {"gelu forward": True, "gelu grad x0": False}
+
+
+def _loader_status(env: dict[str, str]) -> str:
+    code = ("import twinlm.backends.mlx as m; from twinlm.backends import kernels as k; "
+            "b = m.MLXBackend(); print(b.kernels is None, '|', k.status().reason)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, **env})
+    return out.stdout.strip()
+
+
+def test_twinlm_kernels_0_turns_them_off() -> None:
+    out = _loader_status({"TWINLM_KERNELS": "0"})
+    assert out.startswith("True |") and "TWINLM_KERNELS=0" in out
+
+
+def test_not_built_falls_back_with_the_fix(tmp_path) -> None:
+    out = _loader_status({"TWINLM_KERNELS": "1", "TWINLM_KERNELS_DIR": str(tmp_path)})
+    assert out.startswith("True |") and "python -m twinlm.backends.kernels.build" in out
+
+
+def test_build_failure_never_fails_setup(tmp_path) -> None:
+    """No cmake on PATH: one warning, exit 0 (and 1 with --strict)."""
+    env = {**os.environ, "PATH": str(tmp_path), "TWINLM_KERNELS_DIR": str(tmp_path / "lib")}
+    cmd = [sys.executable, "-m", "twinlm.backends.kernels.build", "--no-install"]
+    soft = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert soft.returncode == 0 and soft.stderr.count("warning:") == 1 and "cmake" in soft.stderr
+    assert subprocess.run(cmd + ["--strict"], capture_output=True, text=True, env=env).returncode == 1
