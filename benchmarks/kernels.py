@@ -70,17 +70,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--only", default=None, help="comma-separated case names")
     args = ap.parse_args(argv)
 
-    import mlx.core as mx
-
     from twinlm.backends import kernels
-    from twinlm.backends.mlx import MLXBackend
+    from twinlm.backends import mlx as mlx_backend  # loads the system OpenBLAS before MLX (the matmuls)
+
+    mx, MLXBackend = mlx_backend.mx, mlx_backend.MLXBackend
 
     ops, fast = MLXBackend(kernels=False), MLXBackend()
     st = kernels.status()
     if fast.kernels is None:
         sys.exit(f"the kernels are not active: {st.reason}")
-    print(f"kernels: {st.simd}, {st.threads} threads; preset {args.preset}; median of {args.repeats} "
-          f"interleaved rounds\n")
+    print(f"kernels: {st.simd}, {st.threads} threads; MLX BLAS: {ops.blas}; preset {args.preset}; "
+          f"median of {args.repeats} interleaved rounds\n")
     header = (f"{'op':<18} {'pass':<9} {'elements':>10} {'MLX ops ms':>10} {'kernel ms':>10} "
               f"{'MLX ns/el':>9} {'kern ns/el':>10} {'speed-up':>8}")
     print(header)

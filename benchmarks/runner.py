@@ -8,6 +8,7 @@ and it returns only after the backend has finished (the loss is read back as a P
 
 from __future__ import annotations
 
+import os
 from typing import Any, Protocol
 
 import numpy as np
@@ -37,6 +38,11 @@ class TwinlmTrainer:
         self.compiled = self.B.compile_step(step, state)
         self.info = {"blas": getattr(self.B, "blas", None), "malloc": getattr(self.B, "malloc", None),
                      "device": getattr(self.B, "device", "CPU")}
+        if backend == "mlx":
+            from twinlm.backends import kernels
+
+            st = kernels.status()
+            self.info["kernels"] = f"{st.simd}, {st.threads} threads" if st.active else f"off ({st.reason})"
 
     def step(self, x: np.ndarray, y: np.ndarray, it: int) -> float:
         return S.drive(self.B, self.compiled, self.cfg, self.opt, {"x": x, "y": y}, it, self.seed)[0]
@@ -48,6 +54,9 @@ class TwinlmTrainer:
 
 
 def make_trainer(name: str, cfg: ModelConfig, opt: AdamWConfig, seed: int = 0) -> Trainer:
+    if name == "mlx-ops":  # MLX on its own ops: twinlm's CPU kernels off (the "before" of the kernels)
+        os.environ["TWINLM_KERNELS"] = "0"
+        name = "mlx"
     if name == "torch":
         import torch
 

@@ -25,6 +25,7 @@ from benchmarks import flops, report
 from twinlm.core.errors import TwinlmError
 
 BACKENDS = ("torch", "mlx", "tinygrad")
+EXTRA_BACKENDS = ("mlx-ops",)  # MLX with twinlm's CPU kernels off (TWINLM_KERNELS=0)
 BATCH = {"tiny": 4, "small": 8, "baby": 12, "medium": 64}  # nanoGPT's batch sizes for these sizes
 VOCAB = 65  # Tiny Shakespeare's character set
 ENV_KEYS = ("BEAM", "DEV", "NUM_CPU_THREADS", "JIT", "CACHEDB", "OMP_", "OPENBLAS_", "MKL_", "TWINLM_",
@@ -136,7 +137,8 @@ def run(backends: list[str], preset: str, batch: int | None, iters: int, warmup_
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.step", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backend", default="all", help="mlx | tinygrad | torch | all | comma-separated list")
+    ap.add_argument("--backend", default="all",
+                    help="mlx | mlx-ops (kernels off) | tinygrad | torch | all | comma-separated list")
     ap.add_argument("--preset", default="baby")
     ap.add_argument("--batch", type=int, default=None, help="default: nanoGPT's batch for the preset")
     ap.add_argument("--iters", type=int, default=30, help="timed iterations (after warm-up)")
@@ -158,9 +160,9 @@ def main(argv: list[str] | None = None) -> None:
                               args.max_seconds), args.child)
         return
     backends = list(BACKENDS) if args.backend == "all" else args.backend.split(",")
-    unknown = [b for b in backends if b not in BACKENDS]
+    unknown = [b for b in backends if b not in BACKENDS + EXTRA_BACKENDS]
     if unknown:
-        ap.error(f"unknown backend(s) {unknown}; choose from {', '.join(BACKENDS)} or all")
+        ap.error(f"unknown backend(s) {unknown}; choose from {', '.join(BACKENDS + EXTRA_BACKENDS)} or all")
     records = run(backends, args.preset, args.batch, args.iters, args.warmup_iters, args.max_seconds,
                   args.threads, log=lambda m: print(m, file=sys.stderr, flush=True))
     if args.out:

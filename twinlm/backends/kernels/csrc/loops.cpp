@@ -152,40 +152,31 @@ TWL_SIMD void masked_softmax_fwd(const float* s, const uint8_t* mask, const int6
   for (size_t r = r0; r < r1; r++) {
     const float* sr = s + r * T;
     float* pr = p + r * T;
-    const uint8_t* mr = mask ? mask + mask_rows[r] : nullptr;
-    float m = -INFINITY;
-    if (mr) {
-#pragma omp simd reduction(max : m)
-      for (size_t j = 0; j < T; j++) {
-        float v = mr[j] ? sr[j] * scale : -INFINITY;
-        m = v > m ? v : m;
-      }
-    } else {
-#pragma omp simd reduction(max : m)
+    // Masked, scaled scores into p first (unconditional loads, then a select: this vectorises).
+    if (mask) {
+      const uint8_t* mr = mask + mask_rows[r];
+#pragma omp simd
       for (size_t j = 0; j < T; j++) {
         float v = sr[j] * scale;
-        m = v > m ? v : m;
+        pr[j] = mr[j] ? v : -INFINITY;
       }
+    } else {
+#pragma omp simd
+      for (size_t j = 0; j < T; j++) pr[j] = sr[j] * scale;
     }
-    if (m == -INFINITY) {
+    float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+    for (size_t j = 0; j < T; j++) m = pr[j] > m ? pr[j] : m;
+    if (m == -INFINITY) {  // no key left (a padding row): zeros, not NaN
       for (size_t j = 0; j < T; j++) pr[j] = 0.0f;
       continue;
     }
     float sum = 0.0f;
-    if (mr) {
 #pragma omp simd reduction(+ : sum)
-      for (size_t j = 0; j < T; j++) {
-        float e = mr[j] ? vexp(sr[j] * scale - m) : 0.0f;
-        pr[j] = e;
-        sum += e;
-      }
-    } else {
-#pragma omp simd reduction(+ : sum)
-      for (size_t j = 0; j < T; j++) {
-        float e = vexp(sr[j] * scale - m);
-        pr[j] = e;
-        sum += e;
-      }
+    for (size_t j = 0; j < T; j++) {
+      float e = vexp(pr[j] - m);  // exp(-inf) = 0
+      pr[j] = e;
+      sum += e;
     }
 #pragma omp simd
     for (size_t j = 0; j < T; j++) pr[j] = pr[j] / sum;
