@@ -127,7 +127,8 @@ def np_attention(q, k, v, mask):
     s = q.astype(np.float64) @ np.swapaxes(k, -1, -2) / math.sqrt(q.shape[-1])
     if mask is not None:
         s = np.where(mask, s, -np.inf)
-    e = np.exp(s - s.max(-1, keepdims=True))
+    with np.errstate(invalid="ignore"):  # a row with no key: NaN here, zeros from the kernel
+        e = np.exp(s - s.max(-1, keepdims=True))
     return e / e.sum(-1, keepdims=True) @ v
 
 
@@ -266,15 +267,16 @@ def test_kernels_inside_mx_compile() -> None:
 # ---- registration, negative controls, fallbacks ----------------------------------------------------------
 
 def test_kernels_are_registered_as_overrides() -> None:
-    assert {"gelu", "gelu_tanh", "layer_norm", "rms_norm", "attention", "cross_entropy"} <= set(
-        parity.overridden_composites(B))
+    kernels_for = {"gelu", "gelu_tanh", "swiglu", "rope", "layer_norm", "rms_norm", "attention",
+                   "cross_entropy"}
+    assert kernels_for <= set(parity.overridden_composites(B))
 
 
 @needs_kernels
 def test_override_checks_pass() -> None:
     checks = parity.override_checks(B)
     assert {"gelu grad x0", "gelu_tanh grad x0", "rms_norm grad x1", "cross_entropy weighted forward",
-            "attention padding grad x0"} <= {c.name for c in checks}
+            "attention padding grad x0", "swiglu grad x1", "rope grad x0"} <= {c.name for c in checks}
     assert all(c.ok for c in checks), [c.label for c in checks if not c.ok]
 
 
@@ -297,6 +299,12 @@ class _Wrong:
     def masked_softmax(self, s, mask, scale):
         return K.masked_softmax(s, None if self.which == "mask dropped" else mask, scale)
 
+    def rope(self, x, cos, sin):
+        return K.rope(x, cos, -sin if self.which == "rope sign" else sin)
+
+    def swiglu(self, gate, up):
+        return K.swiglu(up, gate) if self.which == "swiglu swapped" else K.swiglu(gate, up)
+
     def cross_entropy_rows(self, logits, targets):
         if self.which == "ce gradient":  # right value, doubled gradient
             nll = K.cross_entropy_rows(logits, targets)
@@ -307,7 +315,8 @@ class _Wrong:
 @needs_kernels
 @pytest.mark.parametrize("which,case", [
     ("gelu value", "gelu forward"), ("layer_norm eps", "layer_norm forward"),
-    ("mask dropped", "attention causal forward"), ("ce gradient", "cross_entropy grad x0")])
+    ("mask dropped", "attention causal forward"), ("ce gradient", "cross_entropy grad x0"),
+    ("rope sign", "rope forward"), ("swiglu swapped", "swiglu forward")])
 def test_a_wrong_kernel_is_caught_by_the_override_checks(which, case) -> None:
     broken = MLXBackend()
     broken.kernels = _Wrong(which)
@@ -352,3 +361,51 @@ def test_build_failure_never_fails_setup(tmp_path) -> None:
     soft = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert soft.returncode == 0 and soft.stderr.count("warning:") == 1 and "cmake" in soft.stderr
     assert subprocess.run(cmd + ["--strict"], capture_output=True, text=True, env=env).returncode == 1
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(3, 5), (2, 67, 131)])
+@pytest.mark.parametrize("scale", [1.0, 30.0])
+def test_swiglu(shape, scale) -> None:
+    g, u = rand(*shape, scale=scale), rand(*shape, seed=5)
+    got = value_and_grads(B.swiglu, g, u)
+    want = value_and_grads(BODY.swiglu, g, u)
+    # Autodiff through x / (1 + exp(-x)) gives inf / inf = NaN for x < -88; the kernel's closed form does not.
+    finite = [np.where(np.isfinite(w), w, g) for g, w in zip(got, want, strict=True)]
+    assert_close(got, finite, atol=3e-6 * scale, rtol=1e-5)
+    assert all(np.isfinite(a).all() for a in got)
+    g64 = g.astype(np.float64)
+    sig = 1 / (1 + np.exp(-g64))
+    np.testing.assert_allclose(got[0], g64 * sig * u, atol=3e-6 * scale, rtol=1e-5)
+
+
+@needs_kernels
+def test_swiglu_of_slices_like_the_mlp() -> None:
+    h = rand(2, 9, 2 * 21)
+    f = lambda h: B.swiglu(h[..., :21], h[..., 21:])  # noqa: E731
+    assert_close(value_and_grads(f, h), value_and_grads(lambda h: BODY.swiglu(h[..., :21], h[..., 21:]), h),
+                 atol=1e-6)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dims", [(1, 2, 5, 6), (3, 4, 67, 34)])
+def test_rope(dims) -> None:
+    from twinlm.core.layers import rope_tables
+
+    b, h, t, hs = dims
+    x = rand(*dims, scale=2.0)
+    cos, sin = (a.astype(np.float32) for a in rope_tables(t, hs, 10000.0))
+    got = value_and_grads(B.rope, x, cos, sin)
+    assert_close(got, value_and_grads(BODY.rope, x, cos, sin), atol=2e-5, rtol=1e-5)  # x, cos and sin
+    x1, x2 = x[..., : hs // 2].astype(np.float64), x[..., hs // 2:].astype(np.float64)
+    want = np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    np.testing.assert_allclose(got[0], want, atol=1e-5)
+
+
+@needs_kernels
+def test_rope_of_transposed_heads() -> None:
+    from twinlm.core.layers import rope_tables
+
+    x = mx.transpose(mx.array(rand(2, 7, 3, 8)), (0, 2, 1, 3))  # (B, H, T, hs) view, as in attention
+    cos, sin = (mx.array(a.astype(np.float32)) for a in rope_tables(7, 8, 10000.0))
+    np.testing.assert_allclose(np.array(B.rope(x, cos, sin)), np.array(BODY.rope(x, cos, sin)), atol=1e-6)

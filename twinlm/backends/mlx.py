@@ -1,8 +1,9 @@
 """MLX adapter. On Linux it loads the system OpenBLAS before MLX: the `mlx[cpu]` wheel bundles a
 reference BLAS that runs a 2048^2 matmul ~30x slower. Set TWINLM_BLAS=bundled to keep it.
 It also asks glibc to keep freed memory (see `keep_freed_memory`); TWINLM_MALLOC=default skips that.
-On the CPU it serves GELU, GELU-tanh, LayerNorm, RMSNorm, attention's softmax and cross-entropy with
-twinlm's compiled kernels (`twinlm.backends.kernels`) when they are built; TWINLM_KERNELS=0 turns them off."""
+On the CPU it serves GELU, GELU-tanh, SwiGLU, RoPE, LayerNorm, RMSNorm, attention's softmax and
+cross-entropy with twinlm's compiled kernels (`twinlm.backends.kernels`) when they are built;
+TWINLM_KERNELS=0 turns them off."""
 
 from __future__ import annotations
 
@@ -163,6 +164,19 @@ class MLXBackend(Backend):
     def gelu_tanh(self, x: Array) -> Array:
         K = self._kernel(x)
         return super().gelu_tanh(x) if K is None else K.gelu(x, True)
+
+    def swiglu(self, gate: Array, up: Array) -> Array:
+        K = self._kernel(gate, up)
+        if K is None or gate.shape != up.shape or type(self).silu is not Backend.silu:
+            return super().swiglu(gate, up)
+        return K.swiglu(gate, up)
+
+    def rope(self, x: Array, cos: Array, sin: Array) -> Array:
+        K = self._kernel(x, cos, sin)
+        if K is None or cos.ndim != 2 or cos.shape != sin.shape or x.ndim < 2 \
+                or cos.shape != (x.shape[-2], x.shape[-1] // 2) or x.shape[-1] % 2:
+            return super().rope(x, cos, sin)
+        return K.rope(x, cos, sin)
 
     def layer_norm(self, x: Array, weight: Array, bias: Array | None, eps: float = 1e-5) -> Array:
         if not self.fused:

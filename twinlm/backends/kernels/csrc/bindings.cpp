@@ -39,6 +39,8 @@ NB_MODULE(_twinlm_kernels, m) {
   m.def("rms_norm", &twinlm::rms_norm, "x"_a, "weight"_a, "eps"_a, nb::kw_only(), "stream"_a = nb::none());
   m.def("masked_softmax", &twinlm::masked_softmax, "scores"_a, "mask"_a.none(), "scale"_a, nb::kw_only(),
         "stream"_a = nb::none());
+  m.def("swiglu", &twinlm::swiglu, "gate"_a, "up"_a, nb::kw_only(), "stream"_a = nb::none());
+  m.def("rope", &twinlm::rope, "x"_a, "cos"_a, "sin"_a, nb::kw_only(), "stream"_a = nb::none());
   m.def("cross_entropy_rows", &twinlm::cross_entropy_rows, "logits"_a, "targets"_a, nb::kw_only(),
         "stream"_a = nb::none());
 }

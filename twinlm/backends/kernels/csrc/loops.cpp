@@ -232,3 +232,42 @@ TWL_SIMD void cross_entropy_bwd(const float* logits, const int32_t* targets, con
 }
 
 }  // namespace twinlm
+
+namespace twinlm {
+
+// ---- SwiGLU: silu(g) * u, silu(g) = g / (1 + exp(-g)) --------------------------------------------------
+TWL_SIMD void swiglu_fwd(const float* g, const float* u, float* y, size_t i0, size_t i1) {
+#pragma omp simd
+  for (size_t i = i0; i < i1; i++) y[i] = g[i] / (1.0f + vexp(-g[i])) * u[i];
+}
+
+// dg = dy u s (1 + g (1 - s)), du = dy silu(g), s = sigmoid(g).
+TWL_SIMD void swiglu_bwd(const float* g, const float* u, const float* dy, float* dg, float* du, size_t i0,
+                         size_t i1) {
+#pragma omp simd
+  for (size_t i = i0; i < i1; i++) {
+    float s = 1.0f / (1.0f + vexp(-g[i]));
+    du[i] = dy[i] * (g[i] * s);
+    dg[i] = dy[i] * u[i] * (s * (1.0f + g[i] * (1.0f - s)));
+  }
+}
+
+// ---- RoPE, half-split layout: [x1 cos - x2 sin, x2 cos + x1 sin] over rows of length 2 * half ------------
+// Row r is at position r % T (cos/sin are (T, half)); sign = -1 rotates back (the backward).
+TWL_SIMD void rope_rows(const float* x, const float* cs, const float* sn, float* y, size_t T, size_t half,
+                        float sign, size_t r0, size_t r1) {
+  for (size_t r = r0; r < r1; r++) {
+    const float* xr = x + r * 2 * half;
+    float* yr = y + r * 2 * half;
+    const float* c = cs + (r % T) * half;
+    const float* s = sn + (r % T) * half;
+#pragma omp simd
+    for (size_t j = 0; j < half; j++) {
+      float x1 = xr[j], x2 = xr[half + j], sj = sign * s[j];
+      yr[j] = x1 * c[j] - x2 * sj;
+      yr[half + j] = x2 * c[j] + x1 * sj;
+    }
+  }
+}
+
+}  // namespace twinlm

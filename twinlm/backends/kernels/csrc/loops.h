@@ -25,4 +25,9 @@ void cross_entropy_fwd(const float* logits, const int32_t* targets, float* nll, 
 void cross_entropy_bwd(const float* logits, const int32_t* targets, const float* lse, const float* g,
                        float* dl, size_t V, size_t r0, size_t r1);
 
+void swiglu_fwd(const float* g, const float* u, float* y, size_t i0, size_t i1);
+void swiglu_bwd(const float* g, const float* u, const float* dy, float* dg, float* du, size_t i0, size_t i1);
+void rope_rows(const float* x, const float* cs, const float* sn, float* y, size_t T, size_t half, float sign,
+               size_t r0, size_t r1);
+
 }  // namespace twinlm

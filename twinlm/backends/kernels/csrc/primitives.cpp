@@ -323,4 +323,96 @@ void CrossEntropyGrad::eval_cpu(const std::vector<mx::array>& in, std::vector<mx
   });
 }
 
+// ---- SwiGLU ------------------------------------------------------------------------------------------------
+mx::array swiglu(const mx::array& gate, const mx::array& up, mx::StreamOrDevice s) {
+  auto stream = cpu_stream(s);
+  if (gate.shape() != up.shape()) throw std::invalid_argument("swiglu: gate and up must have one shape");
+  return mx::array(gate.shape(), mx::float32, std::make_shared<SwiGLU>(stream),
+                   {prepared(gate, stream, "swiglu"), prepared(up, stream, "swiglu")});
+}
+
+void SwiGLU::eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) {
+  allocate(out[0]);
+  launch(stream(), [g = in[0].data<float>(), u = in[1].data<float>(), y = out[0].data<float>(),
+                    n = out[0].size()] {
+    parallel_rows(n, 1, [&](int, size_t b, size_t e) { swiglu_fwd(g, u, y, b, e); });
+  });
+}
+
+std::vector<mx::array> SwiGLU::vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cot,
+                                   const std::vector<int>& argnums, const std::vector<mx::array>&) {
+  auto dy = prepared(cot[0], stream(), "swiglu vjp");
+  const auto& g = primals[0];
+  auto grads = mx::array::make_arrays({g.shape(), g.shape()}, {mx::float32, mx::float32},
+                                      std::make_shared<SwiGLUGrad>(stream()), {g, primals[1], dy});
+  std::vector<mx::array> result;
+  for (int a : argnums) result.push_back(grads[a]);
+  return result;
+}
+
+void SwiGLUGrad::eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) {
+  for (auto& o : out) allocate(o);
+  launch(stream(), [g = in[0].data<float>(), u = in[1].data<float>(), dy = in[2].data<float>(),
+                    dg = out[0].data<float>(), du = out[1].data<float>(), n = out[0].size()] {
+    parallel_rows(n, 1, [&](int, size_t b, size_t e) { swiglu_bwd(g, u, dy, dg, du, b, e); });
+  });
+}
+
+// ---- RoPE --------------------------------------------------------------------------------------------------
+mx::array rope(const mx::array& x, const mx::array& cos, const mx::array& sin, mx::StreamOrDevice s) {
+  auto stream = cpu_stream(s);
+  if (x.ndim() < 2 || x.shape(-1) % 2 != 0 || cos.ndim() != 2 || cos.shape() != sin.shape() ||
+      cos.shape(0) != x.shape(-2) || 2 * cos.shape(1) != x.shape(-1)) {
+    throw std::invalid_argument("rope: x (..., T, hs) with cos and sin (T, hs/2)");
+  }
+  return mx::array(x.shape(), mx::float32, std::make_shared<Rope>(stream, false),
+                   {prepared(x, stream, "rope"), prepared(cos, stream, "rope"), prepared(sin, stream, "rope")});
+}
+
+void Rope::eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) {
+  allocate(out[0]);
+  size_t hs = last_dim(in[0]), T = in[1].shape(0), N = hs ? in[0].size() / hs : 0;
+  launch(stream(), [x = in[0].data<float>(), c = in[1].data<float>(), sn = in[2].data<float>(),
+                    y = out[0].data<float>(), N, T, half = hs / 2, sign = inverse_ ? -1.0f : 1.0f] {
+    parallel_rows(N, 2 * half, [&](int, size_t r0, size_t r1) { rope_rows(x, c, sn, y, T, half, sign, r0, r1); });
+  });
+}
+
+// dx is the rotation back (sin negated); cos/sin get sums over the leading axes, from MLX ops.
+std::vector<mx::array> Rope::vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cot,
+                                 const std::vector<int>& argnums, const std::vector<mx::array>&) {
+  const auto& x = primals[0];
+  auto dy = prepared(cot[0], stream(), "rope vjp");
+  std::vector<mx::array> result;
+  int half = x.shape(-1) / 2;
+  auto split = [&](const mx::array& a) {
+    return std::make_pair(mx::slice(a, mx::Shape(a.ndim(), 0), [&] { auto e = a.shape(); e.back() = half; return e; }(),
+                                    stream()),
+                          mx::slice(a, [&] { mx::Shape b(a.ndim(), 0); b.back() = half; return b; }(), a.shape(),
+                                    stream()));
+  };
+  for (int a : argnums) {
+    if (a == 0) {
+      result.push_back(mx::array(x.shape(), mx::float32, std::make_shared<Rope>(stream(), !inverse_),
+                                 {dy, primals[1], primals[2]}));
+      continue;
+    }
+    auto [x1, x2] = split(x);
+    auto [d1, d2] = split(dy);
+    float sign = inverse_ ? -1.0f : 1.0f;
+    mx::array per_elem = a == 1 ? mx::add(mx::multiply(d1, x1, stream()), mx::multiply(d2, x2, stream()), stream())
+                                : mx::multiply(mx::subtract(mx::multiply(d2, x1, stream()), mx::multiply(d1, x2, stream()),
+                                                            stream()),
+                                               mx::array(sign), stream());
+    std::vector<int> axes;
+    for (int d = 0; d < (int)x.ndim() - 2; d++) axes.push_back(d);
+    result.push_back(axes.empty() ? per_elem : mx::sum(per_elem, axes, false, stream()));
+  }
+  return result;
+}
+
+bool Rope::is_equivalent(const mx::Primitive& other) const {
+  return inverse_ == static_cast<const Rope&>(other).inverse_;
+}
+
 }  // namespace twinlm

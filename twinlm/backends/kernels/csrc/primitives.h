@@ -18,6 +18,8 @@ mx::array rms_norm(const mx::array& x, const mx::array& w, float eps, mx::Stream
 mx::array masked_softmax(const mx::array& scores, const std::optional<mx::array>& mask, float scale,
                          mx::StreamOrDevice s = {});
 mx::array cross_entropy_rows(const mx::array& logits, const mx::array& targets, mx::StreamOrDevice s = {});
+mx::array swiglu(const mx::array& gate, const mx::array& up, mx::StreamOrDevice s = {});
+mx::array rope(const mx::array& x, const mx::array& cos, const mx::array& sin, mx::StreamOrDevice s = {});
 
 // A primitive with a CPU implementation only; the GPU path says so (Python never sends it there).
 class CpuPrimitive : public mx::Primitive {
@@ -138,6 +140,39 @@ class CrossEntropyGrad : public CpuPrimitive {  // logits, targets, lse, g (N,) 
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override;
   const char* name() const override { return "TwinlmCrossEntropyGrad"; }
   bool is_equivalent(const mx::Primitive&) const override { return true; }
+};
+
+class SwiGLU : public CpuPrimitive {  // gate, up -> silu(gate) * up
+ public:
+  using CpuPrimitive::CpuPrimitive;
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override;
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override;
+  const char* name() const override { return "TwinlmSwiGLU"; }
+  bool is_equivalent(const mx::Primitive&) const override { return true; }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& in) override { return {in[0].shape()}; }
+};
+
+class SwiGLUGrad : public CpuPrimitive {  // gate, up, dy -> dgate, dup
+ public:
+  using CpuPrimitive::CpuPrimitive;
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override;
+  const char* name() const override { return "TwinlmSwiGLUGrad"; }
+  bool is_equivalent(const mx::Primitive&) const override { return true; }
+};
+
+class Rope : public CpuPrimitive {  // x (..., T, hs), cos, sin (T, hs/2) -> rotated x; inverse: rotate back
+ public:
+  Rope(mx::Stream s, bool inverse) : CpuPrimitive(s), inverse_(inverse) {}
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override;
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override;
+  const char* name() const override { return inverse_ ? "TwinlmRopeInverse" : "TwinlmRope"; }
+  bool is_equivalent(const mx::Primitive& other) const override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& in) override { return {in[0].shape()}; }
+
+ private:
+  bool inverse_;
 };
 
 }  // namespace twinlm
