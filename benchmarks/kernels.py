@@ -29,6 +29,8 @@ def cases(preset: str):
     """(name, n_elements, fn(B) -> function of the inputs, inputs)."""
     import mlx.core as mx
 
+    from twinlm.core.layers import rope_tables
+
     b, h, t, c, v = SHAPES[preset]
     rng = np.random.default_rng(0)
 
@@ -40,10 +42,14 @@ def cases(preset: str):
     q, k, vv = (arr(b, h, t, c // h) for _ in range(3))
     causal = mx.array(np.tril(np.ones((t, t), dtype=bool)))
     logits = arr(b * t, v, scale=3.0)
+    gate, up = arr(b * t, 4 * c, scale=2.0), arr(b * t, 4 * c)
+    cos, sin = (mx.array(a.astype(np.float32)) for a in rope_tables(t, c // h, 10000.0))
     targets = mx.array(rng.integers(0, v, b * t).astype(np.int32))
     return [
         ("gelu", x_mlp.size, lambda B: B.gelu, (x_mlp,)),
         ("gelu_tanh", x_mlp.size, lambda B: B.gelu_tanh, (x_mlp,)),
+        ("swiglu", gate.size, lambda B: B.swiglu, (gate, up)),
+        ("rope", q.size, lambda B: lambda x: B.rope(x, cos, sin), (q,)),
         ("layer_norm", x_res.size, lambda B: lambda x, w, bb: B.layer_norm(x, w, bb), (x_res, w, bias)),
         ("rms_norm", x_res.size, lambda B: lambda x, w: B.rms_norm(x, w), (x_res, w)),
         ("attention causal", b * h * t * t, lambda B: lambda q, k, v: B.attention(q, k, v, causal),

@@ -93,7 +93,8 @@ def run(cmd: list[str], log, verbose: bool) -> None:
         raise BuildError(f"{cmd[0]} {cmd[1]} failed:\n{tail}")
 
 
-def build(jobs: int = 2, install: bool = True, verbose: bool = False, log=print) -> Path:
+def build(jobs: int = 2, install: bool = True, verbose: bool = False, log=print,
+          cmake_args: tuple[str, ...] = ()) -> Path:
     if sys.platform == "win32":
         raise BuildError("the kernels build on Linux and macOS only")
     for tool in ("cmake",):
@@ -112,7 +113,8 @@ def build(jobs: int = 2, install: bool = True, verbose: bool = False, log=print)
     work.mkdir(parents=True, exist_ok=True)
     lib_out = work / "out"
     cfg = ["cmake", "-S", str(kernels.HERE), "-B", str(work), "-DCMAKE_BUILD_TYPE=Release",
-           f"-DPython_EXECUTABLE={sys.executable}", f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={lib_out}"]
+           f"-DPython_EXECUTABLE={sys.executable}", f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={lib_out}",
+           *cmake_args]
     run(cfg, log, verbose)
     run(["cmake", "--build", str(work), "-j", str(jobs)], log, verbose)
     built = [p for p in lib_out.iterdir() if p.name.startswith(kernels.MODULE)]
@@ -146,11 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-install", action="store_true", help="never pip-install nanobind")
     ap.add_argument("-v", "--verbose", action="store_true")
     ap.add_argument("--clean", action="store_true", help="drop the kept CMake build folder first")
+    ap.add_argument("--cmake-arg", action="append", default=[],
+                    help="extra CMake argument, e.g. -DCMAKE_CXX_FLAGS=-DTWINLM_NO_CLONES (baseline only)")
     args = ap.parse_args(argv)
     try:
         if args.clean:
             shutil.rmtree(kernels.lib_dir().parent / f"{kernels.lib_dir().name}.build", ignore_errors=True)
-        build(args.jobs, not args.no_install, args.verbose)
+        build(args.jobs, not args.no_install, args.verbose, cmake_args=tuple(args.cmake_arg))
     except Exception as e:  # set-up must not fail because of the kernels
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"warning: twinlm's MLX CPU kernels were not built ({first}); MLX runs on its own ops. "

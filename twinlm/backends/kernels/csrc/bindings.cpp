@@ -12,11 +12,13 @@ namespace nb = nanobind;
 using namespace nb::literals;
 
 static std::string simd_level() {
-#if defined(__x86_64__) || defined(__i386__)
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__linux__) && !defined(TWINLM_NO_CLONES)
   __builtin_cpu_init();
   if (__builtin_cpu_supports("x86-64-v4")) return "AVX-512 (x86-64-v4 clone)";
   if (__builtin_cpu_supports("x86-64-v3")) return "AVX2+FMA (x86-64-v3 clone)";
   return "SSE2 (baseline clone)";
+#elif defined(__x86_64__) || defined(__i386__)
+  return "SSE2 (one baseline version)";
 #elif defined(__aarch64__)
   return "NEON";
 #else

@@ -6,10 +6,12 @@
 #include <cstdint>
 #include <cstring>
 
-// x86: compile each hot loop three times (AVX-512, AVX2+FMA, baseline SSE2) and pick one at load time
-// (GCC/Clang function multiversioning). ARM64: NEON is the baseline, one version is enough.
+// x86 Linux: compile each hot loop three times (AVX-512, AVX2+FMA, baseline SSE2) and pick one at load
+// time (GCC/Clang function multiversioning, resolved by an ifunc). ARM64: NEON is the baseline, one
+// version is enough. macOS has no ifunc: one baseline version there (the kernels serve MLX's CPU device,
+// which a Mac rarely uses).
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__)) && \
-    !defined(TWINLM_NO_CLONES)
+    defined(__linux__) && !defined(TWINLM_NO_CLONES)
 #define TWL_SIMD __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define TWL_SIMD
