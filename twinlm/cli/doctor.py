@@ -130,7 +130,7 @@ def mlx_kernels_row() -> str:
         return (f"[green]active[/]: {', '.join(st.kernels)}\nSIMD {st.simd}, {st.threads} threads "
                 f"(TWINLM_KERNEL_THREADS to change; TWINLM_KERNELS=0 to turn off){built}")
     if kernels.disabled():
-        return f"off: {st.reason}; MLX runs on its own ops (unset {kernels.ENV_VAR} to use them)"
+        return f"off: {st.reason}; MLX runs on its own ops (unset it to use the kernels)"
     return (f"[yellow]not in use[/]: {st.reason}\nMLX runs on its own (slower, single-threaded) CPU ops; "
             f"fix: python -m twinlm.backends.kernels.build -v (needs cmake and a C++ compiler)")
 

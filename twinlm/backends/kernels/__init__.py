@@ -84,7 +84,7 @@ def load() -> ModuleType | None:
     _tried = True
     _status = Status()
     if disabled():
-        _status.reason = f"off (${ENV_VAR}={os.environ.get(ENV_VAR)})"
+        _status.reason = f"turned off by ${ENV_VAR}={os.environ.get(ENV_VAR)}"
         return None
     try:
         _module = _load()
