@@ -154,8 +154,8 @@ def test_doctor_reports_backends_and_blas(capsys, monkeypatch) -> None:
     monkeypatch.delenv("TWINLM_BACKEND", raising=False)
     code, out, err = run_cli(["doctor"], capsys, monkeypatch)
     assert code == 0, err
-    for needle in ("mlx", "tinygrad", "numpy", "MLX BLAS", "GFLOP/s", "MLX memory", "clang", "python",
-                   "ready"):
+    for needle in ("mlx", "tinygrad", "numpy", "MLX BLAS", "GFLOP/s", "MLX memory", "MLX CPU kernels",
+                   "clang", "python", "ready"):
         assert needle in out, needle
 
 
