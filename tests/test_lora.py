@@ -21,8 +21,14 @@ from twinlm.core.errors import TwinlmError
 from twinlm.generate import load_model
 from twinlm.trainer import TrainConfig, Trainer
 
-CORPUS = "".join(f"{w} and {v} went up the hill; {v} came down.\n" for w in ("jack", "jill", "bob")
-                 for v in ("ann", "tom", "sue", "max")) * 20
+CORPUS = (
+    "".join(
+        f"{w} and {v} went up the hill; {v} came down.\n"
+        for w in ("jack", "jill", "bob")
+        for v in ("ann", "tom", "sue", "max")
+    )
+    * 20
+)
 SMALL = dict(batch_size=4, eval_iters=2, warmup=2, log_every=1, eval_every=4, lr=3e-3)
 
 
@@ -41,8 +47,13 @@ def corpus(tmp_path) -> Path:
 @pytest.fixture
 def base_run(tmp_path, corpus) -> Path:
     """A small pretrained GPT (a few steps on the corpus)."""
-    Trainer(TrainConfig(data=str(corpus), out=str(tmp_path / "base"), preset="tiny", block_size=16,
-                        max_iters=4, **SMALL), get_backend("mlx"), log=lambda m: None).fit()
+    Trainer(
+        TrainConfig(
+            data=str(corpus), out=str(tmp_path / "base"), preset="tiny", block_size=16, max_iters=4, **SMALL
+        ),
+        get_backend("mlx"),
+        log=lambda m: None,
+    ).fit()
     return tmp_path / "base"
 
 
@@ -51,6 +62,7 @@ def lora_cfg(**kw) -> ModelConfig:
 
 
 # ---- config and spec ----------------------------------------------------------------------------
+
 
 def test_targets_aliases_and_errors():
     assert lora_targets(None) == lora_targets("all") == ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
@@ -70,8 +82,12 @@ def test_spec_trains_only_adapters_and_head(arch, n_classes):
     spec = model.param_spec(cfg)
     trainable = sorted(k for k, s in spec.items() if s.trainable)
     head = {"cls.weight", "cls.bias", "pooler.weight", "pooler.bias"} if n_classes else set()
-    adapters = {f"blocks.{i}.{layer}.lora_{x}" for i in range(cfg.n_layer) for layer in ("attn.qkv", "mlp.proj")
-                for x in "ab"}
+    adapters = {
+        f"blocks.{i}.{layer}.lora_{x}"
+        for i in range(cfg.n_layer)
+        for layer in ("attn.qkv", "mlp.proj")
+        for x in "ab"
+    }
     assert set(trainable) == adapters | (head & set(spec))
     base = model.param_spec(cfg.without_lora())
     assert all(spec[k].shape == base[k].shape for k in base)  # the pretrained weights, unchanged in shape
@@ -83,9 +99,15 @@ def test_fresh_adapters_are_a_no_op_and_forward_equals_merged():
     params = S.init_params(model.param_spec(cfg), 0)
     base = {k: v for k, v in params.items() if not k.endswith(lora.SUFFIXES)}
     x = B.from_numpy(np.random.default_rng(0).integers(0, 40, (2, 12)).astype(np.int32))
-    np.testing.assert_array_equal(model.logits(B, cfg, params, x), model.logits(B, cfg.without_lora(), base, x))
-    trained = {k: (v + np.random.default_rng(1).normal(0, 0.2, v.shape)).astype(np.float32)
-               if k.endswith("lora_b") else v for k, v in params.items()}
+    np.testing.assert_array_equal(
+        model.logits(B, cfg, params, x), model.logits(B, cfg.without_lora(), base, x)
+    )
+    trained = {
+        k: (v + np.random.default_rng(1).normal(0, 0.2, v.shape)).astype(np.float32)
+        if k.endswith("lora_b")
+        else v
+        for k, v in params.items()
+    }
     adapted = model.logits(B, cfg, trained, x)
     plain_cfg, plain = lora.merged(cfg, trained)
     assert plain_cfg == cfg.without_lora() and set(plain) == set(base)
@@ -95,6 +117,7 @@ def test_fresh_adapters_are_a_no_op_and_forward_equals_merged():
 
 
 # ---- training -----------------------------------------------------------------------------------
+
 
 def _lora_trainer(base: Path, out: Path, corpus: Path, **kw) -> Trainer:
     settings = {**SMALL, "max_iters": 6, "lr_decay_iters": 6, **kw}
@@ -124,8 +147,9 @@ def test_lora_resume_is_bit_identical(base_run, tmp_path, corpus):
     whole.fit()
     half = _lora_trainer(base_run, tmp_path / "half", corpus, lora_dropout=0.1, max_iters=3)
     half.fit()
-    resumed = Trainer(TrainConfig(max_iters=6), get_backend("mlx"), resume=str(tmp_path / "half"),
-                      log=lambda m: None)
+    resumed = Trainer(
+        TrainConfig(max_iters=6), get_backend("mlx"), resume=str(tmp_path / "half"), log=lambda m: None
+    )
     resumed.fit()
     a, _ = load_checkpoint(latest_checkpoint(tmp_path / "whole"))
     b, _ = load_checkpoint(latest_checkpoint(tmp_path / "half"))
@@ -142,7 +166,9 @@ def test_a_changed_or_missing_base_is_refused(base_run, tmp_path, corpus, capsys
     code, _, err = run_cli(["sample", str(tmp_path / "lora"), "--max-new-tokens", "2"], capsys, monkeypatch)
     assert code == 2 and "has changed since" in err and len(err.strip().splitlines()) == 1
     with pytest.raises(TwinlmError, match="has changed since"):
-        Trainer(TrainConfig(max_iters=4), get_backend("mlx"), resume=str(tmp_path / "lora"), log=lambda m: None)
+        Trainer(
+            TrainConfig(max_iters=4), get_backend("mlx"), resume=str(tmp_path / "lora"), log=lambda m: None
+        )
     import shutil
 
     shutil.rmtree(base_run)
@@ -152,11 +178,32 @@ def test_a_changed_or_missing_base_is_refused(base_run, tmp_path, corpus, capsys
 
 # ---- the command line ---------------------------------------------------------------------------
 
+
 def test_cli_lora_merge_sample_and_errors(base_run, tmp_path, corpus, capsys, monkeypatch):
     run, merged_run = tmp_path / "lora", tmp_path / "merged"
-    code, out, err = run_cli(["train", "--init-from", str(base_run), "--data", str(corpus), "--lora-rank", "4",
-                              "--lora-targets", "qkv,mlp.proj", "--max-iters", "5", "--eval-every", "5",
-                              "--batch-size", "4", "--out", str(run)], capsys, monkeypatch)
+    code, out, err = run_cli(
+        [
+            "train",
+            "--init-from",
+            str(base_run),
+            "--data",
+            str(corpus),
+            "--lora-rank",
+            "4",
+            "--lora-targets",
+            "qkv,mlp.proj",
+            "--max-iters",
+            "5",
+            "--eval-every",
+            "5",
+            "--batch-size",
+            "4",
+            "--out",
+            str(run),
+        ],
+        capsys,
+        monkeypatch,
+    )
     assert code == 0, err
     assert "trained)" in out
     code, out, err = run_cli(["merge-lora", str(run), "--out", str(merged_run)], capsys, monkeypatch)
@@ -165,15 +212,30 @@ def test_cli_lora_merge_sample_and_errors(base_run, tmp_path, corpus, capsys, mo
     assert meta["model"]["lora_rank"] == 0 and meta["base"] is None
     samples = []
     for r in (run, merged_run):
-        code, out, err = run_cli(["sample", str(r), "--prompt", "jack", "--max-new-tokens", "20",
-                                  "--temperature", "0"], capsys, monkeypatch)
+        code, out, err = run_cli(
+            ["sample", str(r), "--prompt", "jack", "--max-new-tokens", "20", "--temperature", "0"],
+            capsys,
+            monkeypatch,
+        )
         assert code == 0, err
         samples.append(out)
     assert samples[0] == samples[1]  # merged weights generate exactly what the adapters do
     for args, message in [
         (["train", "--data", str(corpus), "--lora-rank", "4"], "--init-from"),
-        (["train", "--init-from", str(base_run), "--data", str(corpus), "--lora-rank", "4", "--lora-targets",
-          "proj"], "attn.proj or mlp.proj"),
+        (
+            [
+                "train",
+                "--init-from",
+                str(base_run),
+                "--data",
+                str(corpus),
+                "--lora-rank",
+                "4",
+                "--lora-targets",
+                "proj",
+            ],
+            "attn.proj or mlp.proj",
+        ),
         (["train", "--init-from", str(base_run), "--data", str(corpus), "--n-layer", "3"], "keeps the base"),
         (["train", "--init-from", str(base_run)], "--data"),
         (["train", "--init-from", str(run), "--data", str(corpus), "--lora-rank", "2"], "merge it first"),
@@ -185,15 +247,56 @@ def test_cli_lora_merge_sample_and_errors(base_run, tmp_path, corpus, capsys, mo
 
 def test_cli_finetune_classifier_with_lora(tmp_path, corpus, capsys, monkeypatch):
     base = tmp_path / "bert"
-    code, _, err = run_cli(["train", "--arch", "bert", "--data", str(corpus), "--preset", "tiny", "--max-iters",
-                            "3", "--batch-size", "4", "--eval-every", "3", "--out", str(base)], capsys, monkeypatch)
+    code, _, err = run_cli(
+        [
+            "train",
+            "--arch",
+            "bert",
+            "--data",
+            str(corpus),
+            "--preset",
+            "tiny",
+            "--max-iters",
+            "3",
+            "--batch-size",
+            "4",
+            "--eval-every",
+            "3",
+            "--out",
+            str(base),
+        ],
+        capsys,
+        monkeypatch,
+    )
     assert code == 0, err
     data = tmp_path / "labels.csv"
-    data.write_text("text,label\n" + "".join(f"{w} went up,{'a' if w < 'k' else 'b'}\n"
-                                             for w in ("jack", "jill", "bob", "ann", "tom", "sue") * 4))
-    code, out, err = run_cli(["finetune", str(base), "--data", str(data), "--lora-rank", "2", "--max-iters", "3",
-                              "--eval-every", "3", "--batch-size", "4", "--out", str(tmp_path / "cls")],
-                             capsys, monkeypatch)
+    data.write_text(
+        "text,label\n"
+        + "".join(
+            f"{w} went up,{'a' if w < 'k' else 'b'}\n"
+            for w in ("jack", "jill", "bob", "ann", "tom", "sue") * 4
+        )
+    )
+    code, out, err = run_cli(
+        [
+            "finetune",
+            str(base),
+            "--data",
+            str(data),
+            "--lora-rank",
+            "2",
+            "--max-iters",
+            "3",
+            "--eval-every",
+            "3",
+            "--batch-size",
+            "4",
+            "--out",
+            str(tmp_path / "cls"),
+        ],
+        capsys,
+        monkeypatch,
+    )
     assert code == 0, err
     _, meta = load_checkpoint(latest_checkpoint(tmp_path / "cls"))
     cfg, params, _, _ = load_model(tmp_path / "cls")

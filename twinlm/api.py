@@ -126,6 +126,8 @@ def train(
     from twinlm.trainer import Progress, TrainConfig, Trainer
 
     B = backend if isinstance(backend, Backend) else get_backend(backend)
+    if "init_from" in settings:  # the CLI flag's name for the setting `base`
+        settings["base"] = settings.pop("init_from")
     trainer = Trainer(TrainConfig(**settings), B, resume=resume, log=lambda m: None)
     bar = None
     if progress:
