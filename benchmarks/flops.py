@@ -3,7 +3,8 @@
 Training costs 3x the forward matmul FLOPs (forward, plus two matmuls per weight in backward):
 6 * N_matmul per token (4 for a frozen weight: its input gradient, but no weight gradient), plus
 attention 12 * n_layer * d_model * T (q k^T and att v, forward and backward, counted over the full
-T x T square as PaLM's appendix does). Elementwise work, norms and the embedding gather are not counted: MFU measures useful matmul work against the GEMM peak.
+T x T square as PaLM's appendix does). Elementwise work, norms and the embedding gather are not counted:
+MFU measures useful matmul work against the GEMM peak.
 """
 
 from __future__ import annotations
