@@ -87,7 +87,7 @@ def _mapped_tensors(path: Path) -> dict[str, np.ndarray]:
 def _float32(a: np.ndarray) -> np.ndarray:
     if a.dtype == np.uint16:  # bfloat16: the top half of a float32
         return (a.astype(np.uint32) << 16).view(np.float32)
-    return a.astype(np.float32)
+    return a.astype(np.float32, copy=False)  # float32 stays a view of the memory map
 
 
 def _weight_files(src: Path) -> tuple[list[Path], dict[str, np.ndarray]]:
@@ -235,7 +235,12 @@ def import_hf(src: str | Path, out: str | Path, seed: int = 0) -> tuple[Path, li
     arrays = {f"param.{k}": v for k, v in params.items()}
     del params
     save_checkpoint(out, arrays, meta.to_dict(), step=0, keep=None)
-    return out, notes
+    summary = (
+        f"{record['architecture']} as --arch {cfg.arch}: {cfg.n_layer} layers, d_model {cfg.d_model}, "
+        f"{cfg.n_head} heads ({cfg.n_kv_head} kv), block {cfg.block_size}, "
+        f"{S.count(model.param_spec(cfg)):,} parameters, tokenizer {tok.vocab_size} ids"
+    )
+    return out, [summary, *notes]
 
 
 # ---- writing -------------------------------------------------------------------------------------
