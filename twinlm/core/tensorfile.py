@@ -115,11 +115,12 @@ def _views(data: Any, source: str) -> dict[str, np.ndarray]:
             raise TensorFileError(f"{source} is damaged: tensor {name!r} does not start where the last ends")
         at = end
     if at != len(body):
-        raise TensorFileError(f"{source} is damaged or truncated: its tensors cover {at} of {len(body)} bytes")
+        raise TensorFileError(f"{source} is damaged or truncated: tensors cover {at} of {len(body)} bytes")
     out = {}
     for start, end, name, dtype, shape in entries:
         little = dtype.newbyteorder("<")
-        a = (np.frombuffer(body[start:end], dtype=little) if end > start else np.zeros(0, dtype)).reshape(shape)
+        a = np.frombuffer(body[start:end], dtype=little) if end > start else np.zeros(0, dtype)
+        a = a.reshape(shape)
         a.flags.writeable = False
         out[name] = a
     return out
