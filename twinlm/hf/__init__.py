@@ -216,11 +216,12 @@ def labels_of(hf: dict[str, Any], n: int) -> list[str]:
 
 def import_hf(src: str | Path, out: str | Path, seed: int = 0) -> tuple[Path, list[str]]:
     """Write the Hugging Face model folder `src` as a twinlm run dir `out` (a step-0 checkpoint of its
-    weights, tokenizer and config) that sample, eval, predict, finetune and `train --init-from` read."""
-    cfg, params, tok, record, notes = read_hf(src, seed)
+    weights, tokenizer and config) that sample, eval, predict, finetune and `train --init-from` read.
+    The first line of the returned notes summarises the model."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise HFError(f"{out} exists and is not empty; choose a new run directory")
+    cfg, params, tok, record, notes = read_hf(src, seed)
     labels = labels_of(record["config"], cfg.n_classes) if cfg.n_classes else []
     meta = RunMeta(
         model=cfg,
