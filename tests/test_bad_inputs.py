@@ -9,6 +9,7 @@ subprocess, to check what a user's shell sees.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -168,8 +169,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (w / "hf").mkdir()
     (w / "hf" / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
     (w / "pickled").mkdir()
-    (w / "pickled" / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"], "n_embd": 8, "n_head": 2, '
-                                               '"n_layer": 1, "n_positions": 8, "vocab_size": 10}')
+    gpt2 = {"architectures": ["GPT2LMHeadModel"], "n_embd": 8, "n_head": 2, "n_layer": 1, "n_positions": 8,
+            "vocab_size": 10}
+    (w / "pickled" / "config.json").write_text(json.dumps(gpt2))
     (w / "pickled" / "pytorch_model.bin").write_bytes(b"not to be unpickled")
     (w / "blob.bin").write_bytes(bytes(range(256)) * 8)
     (w / "other.txt").write_text(TEXT[::-1])
