@@ -1,4 +1,11 @@
-"""tinygrad adapter (0.14): `Tensor.gradient` for autograd, `TinyJit` for the whole train step."""
+"""tinygrad adapter (0.14): `Tensor.gradient` for autograd, `TinyJit` for the whole train step.
+
+With `devices=N` (`twinlm train --ranks N`) one process trains data-parallel on N devices (`CPU:0`,
+`CPU:1`, ... or N GPUs): parameters and optimizer state are replicated (`Tensor.shard` with no axis),
+batch rows and dropout masks are split across the devices, and tinygrad's multi-device graph reduces
+the gradients of the replicated parameters itself, inside the one captured TinyJit: the loss is the
+global batch's own, with no per-rank scaling. tinygrad has no inter-process collective, so this is
+its data-parallel form (each CPU device drains its own queue on its own worker thread)."""
 
 from __future__ import annotations
 
@@ -22,12 +29,22 @@ class TinygradBackend(Backend):
     name = "tinygrad"
     supports_float64 = True
 
-    def __init__(self) -> None:
+    def __init__(self, devices: int = 1) -> None:
         self.device = Device.DEFAULT
+        self.n_devices = devices
+        base = Device.DEFAULT.split(":")[0]
+        self.devices: tuple[str, ...] | None = tuple(f"{base}:{i}" for i in range(devices)) if devices > 1 else None
 
     def from_numpy(self, a: np.ndarray) -> Array:
         a = np.ascontiguousarray(a)
-        return Tensor(a, dtype=_DTYPES[a.dtype]).realize()
+        t = Tensor(a, dtype=_DTYPES[a.dtype])
+        return (t.shard(self.devices) if self.devices else t).realize()  # replicated on every device
+
+    def from_numpy_rows(self, a: np.ndarray, axis: int = 0) -> Array:
+        if not self.devices:
+            return self.from_numpy(a)
+        a = np.ascontiguousarray(a)
+        return Tensor(a, dtype=_DTYPES[a.dtype]).shard(self.devices, axis=axis).realize()
 
     def to_numpy(self, x: Array) -> np.ndarray:
         return x.numpy().copy()
@@ -192,7 +209,7 @@ def _tensors(inputs: Sequence[object]) -> list[Tensor]:
     return out
 
 
-def create() -> TinygradBackend:
+def create(devices: int = 1) -> TinygradBackend:
     if Device.DEFAULT == "CPU" and shutil.which("clang") is None:
         raise RuntimeError("tinygrad's CPU device needs clang on PATH (Debian/Ubuntu: apt-get install clang)")
-    return TinygradBackend()
+    return TinygradBackend(devices)
