@@ -148,7 +148,7 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as e:
         raise TwinlmError(f"config file {path} is not valid TOML: {e}") from None
     out = {k.replace("-", "_"): v for k, v in raw.items()}
-    unknown = sorted(set(out) - config_keys() - {"backend", "resume"})
+    unknown = sorted(set(out) - config_keys() - {"backend", "resume", "ranks", "beam"})
     if unknown:
         raise TwinlmError(f"unknown keys in config file {path}: {', '.join(unknown)}; "
                           f"known keys: {', '.join(sorted(config_keys()))}")

@@ -33,7 +33,7 @@ class TinygradBackend(Backend):
         self.device = Device.DEFAULT
         self.n_devices = devices
         base = Device.DEFAULT.split(":")[0]
-        self.devices: tuple[str, ...] | None = tuple(f"{base}:{i}" for i in range(devices)) if devices > 1 else None
+        self.devices = tuple(f"{base}:{i}" for i in range(devices)) if devices > 1 else None
 
     def from_numpy(self, a: np.ndarray) -> Array:
         a = np.ascontiguousarray(a)
