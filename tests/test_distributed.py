@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import backend_or_skip, run_cli
+
 from twinlm import distributed as D
 from twinlm.core import dropout
 from twinlm.core import step as S
@@ -224,4 +224,5 @@ def test_tinygrad_two_devices_equal_one_device_and_one_slice_alone_is_caught(cor
 ])
 def test_bad_parallel_input_is_one_error_line_and_exit_2(args, message, capsys, monkeypatch):
     code, out, err = run_cli(args, capsys, monkeypatch)
-    assert code == 2 and err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err
+    assert code == 2 and err.startswith("error: ") and message in err, err
+    assert len(err.strip().splitlines()) == 1, err
