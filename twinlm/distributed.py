@@ -120,8 +120,8 @@ def rank_threads(ranks: int) -> int:
 
 
 def launch(ranks: int, argv: Sequence[str], *, timeout_s: float | None = None,
-           say: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> int:
-    """Run `python -m twinlm.cli.main ARGV` as `ranks` local MLX ranks over the ring backend and wait.
+           module: str = "twinlm.cli.main") -> int:
+    """Run `python -m MODULE ARGV` as `ranks` local MLX ranks over the ring backend and wait.
     Returns rank 0's exit status; raises RankFailed (after killing every rank) when a rank exits
     non-zero first, or no rank finishes a step for `timeout_s` seconds."""
     timeout_s = timeout_s or float(os.environ.get(TIMEOUT_ENV) or DEFAULT_TIMEOUT_S)
@@ -136,7 +136,7 @@ def launch(ranks: int, argv: Sequence[str], *, timeout_s: float | None = None,
             env = {**os.environ, "MLX_RANK": str(r), "MLX_HOSTFILE": str(hostfile), RANK_ENV: str(r),
                    HEARTBEAT_ENV: str(beats), "OPENBLAS_NUM_THREADS": threads, "OMP_NUM_THREADS": threads}
             # Ranks > 0 print nothing (rank 0 reports); their stderr stays visible for their own errors.
-            procs.append(subprocess.Popen([sys.executable, "-m", "twinlm.cli.main", *argv], env=env,
+            procs.append(subprocess.Popen([sys.executable, "-m", module, *argv], env=env,
                                           stdout=None if r == 0 else subprocess.DEVNULL,
                                           stdin=None if r == 0 else subprocess.DEVNULL))
         # Ctrl-C reaches every rank (one process group); they stop together after the same step.
