@@ -143,27 +143,34 @@ def _rank_pid(launcher: subprocess.Popen, rank: int) -> int:
     raise AssertionError(f"rank {rank} not found among {children}")
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds ranks through /proc")
-def test_killed_rank_ends_the_run_with_one_line_and_the_checkpoint_resumes_alone(corpus, tmp_path):
-    backend_or_skip("mlx")
+def _fault_mid_run(tmp_path: Path, corpus: Path, sig: signal.Signals, **env: str) -> tuple[int, float, str]:
+    """Start 2 MLX ranks on a long run, wait for a checkpoint, send `sig` to rank 1; (exit status, seconds
+    from the signal to the launcher's exit, its stderr)."""
     args = ["train", "--backend", "mlx", "--data", str(corpus), "--preset", "tiny", "--block-size", "16",
             "--batch-size", "8", "--max-iters", "100000", "--eval-every", "5", "--eval-iters", "1",
             "--out", "run", "--ranks", "2"]
-    launcher = subprocess.Popen([sys.executable, "-m", "twinlm.cli.main", *args], env=_env(tmp_path),
-                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    launcher = subprocess.Popen([sys.executable, "-m", "twinlm.cli.main", *args], env=_env(tmp_path, **env),
+                                cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
         while not (tmp_path / "run" / "latest.json").exists():  # wait for a checkpoint
             assert launcher.poll() is None and time.monotonic() < deadline, launcher.stderr.read()
             time.sleep(0.2)
-        os.kill(_rank_pid(launcher, 1), signal.SIGKILL)
+        os.kill(_rank_pid(launcher, 1), sig)
         t0 = time.monotonic()
-        _, err = launcher.communicate(timeout=60)
-        elapsed = time.monotonic() - t0
+        _, err = launcher.communicate(timeout=90)
+        return launcher.returncode, time.monotonic() - t0, err
     finally:
         if launcher.poll() is None:
             launcher.kill()
-    assert launcher.returncode == 1 and elapsed < 30, (launcher.returncode, elapsed, err)
+            launcher.wait()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds ranks through /proc")
+def test_killed_rank_ends_the_run_with_one_line_and_the_checkpoint_resumes_alone(corpus, tmp_path):
+    backend_or_skip("mlx")
+    code, elapsed, err = _fault_mid_run(tmp_path, corpus, signal.SIGKILL)
+    assert code == 1 and elapsed < 30, (code, elapsed, err)
     lines = [line for line in err.splitlines() if line.strip()]
     assert lines[-1].startswith("error: rank 1 was killed by SIGKILL") and "Traceback" not in err, err
     arrays, meta = load_checkpoint(tmp_path / "run")
@@ -173,6 +180,16 @@ def test_killed_rank_ends_the_run_with_one_line_and_the_checkpoint_resumes_alone
     resumed = twinlm(tmp_path, "train", "--resume", "run", "--max-iters", str(step + 2), "--backend", "mlx")
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming at iter {step}" in resumed.stdout and f"done: iter {step + 2}" in resumed.stdout
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds ranks through /proc")
+def test_hung_rank_ends_the_run_within_the_timeout(corpus, tmp_path):
+    backend_or_skip("mlx")
+    code, elapsed, err = _fault_mid_run(tmp_path, corpus, signal.SIGSTOP, **{D.TIMEOUT_ENV: "3"})
+    assert code == 1 and elapsed < 30, (code, elapsed, err)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: rank ") and "made no progress for 3 s" in lines[-1], err
+    assert load_checkpoint(tmp_path / "run")[1]["iter"] >= 5
 
 
 # ---- tinygrad: devices in one process -------------------------------------------------------------

@@ -177,7 +177,9 @@ class _JitStep(Step):
         return [self.state[k] for k in self._names]
 
     def _load_or_capture(self, inputs: tuple[object, ...]) -> Any:
-        if (folder := jitcache.cache_dir()) is not None:
+        # The JIT cache stores single-device graphs only (a multi-device one holds MultiBuffers).
+        multi = getattr(self.backend, "devices", None) is not None
+        if not multi and (folder := jitcache.cache_dir()) is not None:
             state = self._state_list()
             outputs, new = self.fn(dict(zip(self._names, state, strict=True)), *inputs)
             key = jitcache.graph_key([*state, *_tensors(inputs)], [*outputs, *new.values()])

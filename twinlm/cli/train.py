@@ -93,11 +93,12 @@ def command(backend_name: str | None, config_file: str | None, resume: str | Non
     if not resume:  # a resumed run keeps its own settings
         settings = {**preset_training(settings.get("preset")), **settings}
     tc = TrainConfig(**settings)
-    devices = parallel_setup(tc, backend_name, ranks, beam)
+    devices = parallel_setup(tc, backend_name, ranks, beam, resuming=bool(resume))
     run(tc, backend_name, resume, devices=devices)
 
 
-def parallel_setup(tc: TrainConfig, backend_name: str | None, ranks: int | None, beam: int | None) -> int:
+def parallel_setup(tc: TrainConfig, backend_name: str | None, ranks: int | None, beam: int | None,
+                   resuming: bool = False) -> int:
     """Check --ranks/--beam; start the local MLX ranks (this process then waits for them and exits) or
     switch on BEAM. Returns the device count for tinygrad's data-parallel form (else 1)."""
     for flag, value, low in (("ranks", ranks, 1), ("beam", beam, 0)):
@@ -116,7 +117,8 @@ def parallel_setup(tc: TrainConfig, backend_name: str | None, ranks: int | None,
     if not ranks or ranks == 1:
         return 1
     tc.check()
-    if tc.batch_size % ranks:
+    # A resumed run keeps its checkpoint's batch size, which the Trainer checks.
+    if not resuming and tc.batch_size % ranks:
         raise TwinlmError(f"batch size {tc.batch_size} does not split evenly over {ranks} ranks; "
                           f"use a multiple of {ranks}")
     if name == "tinygrad":
