@@ -38,7 +38,7 @@ ENV_KEYS = ("BEAM", "DEV", "NUM_CPU_THREADS", "JIT", "CACHEDB", "OMP_", "OPENBLA
 
 
 def bench_one(backend: str, preset: str, batch: int, iters: int, warmup_iters: int, max_seconds: float,
-              seed: int = 0, ranks: int = 1) -> dict[str, Any]:
+              seed: int = 0, ranks: int = 1, beam: int = 0) -> dict[str, Any]:
     """Warm up (compile), then time `iters` steps (fewer if `max_seconds` runs out, at least 3)."""
     import numpy as np
 
@@ -48,6 +48,10 @@ def bench_one(backend: str, preset: str, batch: int, iters: int, warmup_iters: i
 
     cfg = make_preset(preset, vocab_size=VOCAB)
     opt = AdamWConfig()
+    if beam and backend == "tinygrad":  # the search happens during warm-up, reported there
+        from twinlm.backends import tinygrad_beam
+
+        tinygrad_beam.enable(beam)
     rng = np.random.default_rng(seed)
     batches = [rng.integers(0, VOCAB, (2, batch, cfg.block_size)).astype(np.int32) for _ in range(4)]
 
@@ -74,6 +78,7 @@ def bench_one(backend: str, preset: str, batch: int, iters: int, warmup_iters: i
     tokens = batch * cfg.block_size
     return {
         "backend": backend, "preset": preset, "config": cfg.to_dict(), "batch": batch, "ranks": ranks,
+        "beam": beam if backend == "tinygrad" else 0,
         "tokens_per_iter": tokens, "setup_s": setup_s, "warmup_s": sum(warm), "warmup_iters_s": warm,
         "ms_per_iter": ms, "cpu_ms_per_iter": report.summarize(cpu),
         "tokens_per_s": tokens / (ms["median"] / 1e3),
@@ -112,7 +117,7 @@ def thread_env(threads: int | None) -> dict[str, str]:
 
 def run(backends: list[str], preset: str, batch: int | None, iters: int, warmup_iters: int,
         max_seconds: float, threads: int | None = None, log=print,
-        ranks: tuple[int, ...] = (1,)) -> list[dict[str, Any]]:
+        ranks: tuple[int, ...] = (1,), beam: int = 0) -> list[dict[str, Any]]:
     """Each backend in a child process, then one GEMM peak measured in the same run for all of them."""
     from twinlm.core.config import preset as make_preset
 
@@ -125,7 +130,7 @@ def run(backends: list[str], preset: str, batch: int | None, iters: int, warmup_
         with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
             args = ["--child", tmp.name, "--backend", name, "--preset", preset, "--batch", str(batch),
                     "--iters", str(iters), "--warmup-iters", str(warmup_iters),
-                    "--max-seconds", str(max_seconds), "--ranks", str(n)]
+                    "--max-seconds", str(max_seconds), "--ranks", str(n), "--beam", str(beam)]
             log(f"[{label}] {preset} batch {batch} ...")
             if name == "mlx" and n > 1:
                 code, err = _launch_ranks(n, args, env), ""
@@ -179,6 +184,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ranks", default="1",
                     help="data-parallel ranks to time, comma-separated (e.g. 1,2): MLX processes, tinygrad "
                          "devices")
+    ap.add_argument("--beam", type=int, default=0,
+                    help="tinygrad: BEAM search width, time-bounded per kernel (twinlm train --beam); its "
+                         "cost shows in warm-up; run twice to see the cached warm-up")
     ap.add_argument("--out", default=None, help="write the records to this JSON file")
     ap.add_argument("--compare", nargs="+", default=None, metavar="JSON",
                     help="print a table of saved records")
@@ -191,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     ranks = tuple(int(n) for n in args.ranks.split(","))
     if args.child:
         record = bench_one(args.backend, args.preset, args.batch, args.iters, args.warmup_iters,
-                           args.max_seconds, ranks=ranks[0])
+                           args.max_seconds, ranks=ranks[0], beam=args.beam)
         if os.environ.get("MLX_RANK", "0") == "0":  # rank 0 alone reports
             report.save(record, args.child)
         return
@@ -200,7 +208,8 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         ap.error(f"unknown backend(s) {unknown}; choose from {', '.join(BACKENDS)} or all")
     records = run(backends, args.preset, args.batch, args.iters, args.warmup_iters, args.max_seconds,
-                  args.threads, log=lambda m: print(m, file=sys.stderr, flush=True), ranks=ranks)
+                  args.threads, log=lambda m: print(m, file=sys.stderr, flush=True), ranks=ranks,
+                  beam=args.beam)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         report.save(records, args.out)  # type: ignore[arg-type]
