@@ -130,8 +130,8 @@ class Report:
 
 # ---- primitives and composites --------------------------------------------------------------
 
-COMPOSITES = ("erf", "custom_grad", "gelu", "gelu_tanh", "silu", "swiglu", "rope", "repeat_kv", "softmax",
-              "log_softmax", "layer_norm", "rms_norm", "attention", "cross_entropy")
+COMPOSITES = ("erf", "custom_grad", "gelu", "gelu_tanh", "silu", "swiglu", "lora", "rope", "repeat_kv",
+              "softmax", "log_softmax", "layer_norm", "rms_norm", "attention", "cross_entropy")
 
 
 @dataclass(frozen=True)
@@ -265,6 +265,8 @@ def op_cases(seed: int = 0) -> list[OpCase]:
         OpCase("silu", lambda B, x: B.silu(x), _np_silu, (2 * x,), composite="silu"),
         OpCase("swiglu", lambda B, a, b: B.swiglu(a, b), lambda a, b: _np_silu(a) * b, (a, b), (0, 1),
                composite="swiglu"),
+        OpCase("lora", lambda B, x, a, b: B.lora(x, a, b, 2.5), lambda x, a, b: (x @ a) @ b * 2.5,
+               (normal(2, 3, 4), normal(4, 2), normal(2, 5)), (0, 1, 2), composite="lora"),
         OpCase("rope", lambda B, x, c, s: B.rope(x, c, s), _np_rope, (xr, cos, sin), composite="rope"),
         OpCase("repeat_kv", lambda B, x: B.repeat_kv(x, 2), lambda x: _np_repeat_kv(x, 2), (xr,),
                composite="repeat_kv"),
