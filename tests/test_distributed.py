@@ -144,19 +144,24 @@ def _rank_pid(launcher: subprocess.Popen, rank: int) -> int:
 
 
 def _fault_mid_run(tmp_path: Path, corpus: Path, sig: signal.Signals, **env: str) -> tuple[int, float, str]:
-    """Start 2 MLX ranks on a long run, wait for a checkpoint, send `sig` to rank 1; (exit status, seconds
-    from the signal to the launcher's exit, its stderr)."""
+    """Start 2 MLX ranks on a long run, wait for a checkpoint, send `sig` to rank 1 (SIGINT: to the whole
+    process group, as Ctrl-C at a terminal); (exit status, seconds from the signal to the launcher's exit,
+    its stderr)."""
     args = ["train", "--backend", "mlx", "--data", str(corpus), "--preset", "tiny", "--block-size", "16",
             "--batch-size", "8", "--max-iters", "100000", "--eval-every", "5", "--eval-iters", "1",
             "--out", "run", "--ranks", "2"]
     launcher = subprocess.Popen([sys.executable, "-m", "twinlm.cli.main", *args], env=_env(tmp_path, **env),
-                                cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         while not (tmp_path / "run" / "latest.json").exists():  # wait for a checkpoint
             assert launcher.poll() is None and time.monotonic() < deadline, launcher.stderr.read()
             time.sleep(0.2)
-        os.kill(_rank_pid(launcher, 1), sig)
+        if sig == signal.SIGINT:
+            os.killpg(launcher.pid, sig)
+        else:
+            os.kill(_rank_pid(launcher, 1), sig)
         t0 = time.monotonic()
         _, err = launcher.communicate(timeout=90)
         return launcher.returncode, time.monotonic() - t0, err
@@ -190,6 +195,17 @@ def test_hung_rank_ends_the_run_within_the_timeout(corpus, tmp_path):
     lines = [line for line in err.splitlines() if line.strip()]
     assert lines[-1].startswith("error: rank ") and "made no progress for 3 s" in lines[-1], err
     assert load_checkpoint(tmp_path / "run")[1]["iter"] >= 5
+
+
+def test_ctrl_c_stops_every_rank_after_the_same_step_and_rank_0_saves_it(corpus, tmp_path):
+    """The stop flag rides in the all-reduce, so ranks interrupted at slightly different moments agree."""
+    backend_or_skip("mlx")
+    code, elapsed, err = _fault_mid_run(tmp_path, corpus, signal.SIGINT)
+    assert code == 130 and elapsed < 30, (code, elapsed, err)
+    said = [line for line in err.splitlines() if line.startswith("interrupted at iter ")]
+    assert len(said) == 1 and "Traceback" not in err, err  # rank 0 alone reports
+    step = int(said[0].split()[3].rstrip(";"))
+    assert load_checkpoint(tmp_path / "run")[1]["iter"] == step
 
 
 # ---- tinygrad: devices in one process -------------------------------------------------------------

@@ -172,10 +172,14 @@ def run(tc: TrainConfig, backend_name: str | None, resume: str | None, devices: 
     from rich.console import Console
 
     console = Console(stderr=False)
-    if B.world()[0] != 0:  # only rank 0 reports
+    def log(message: str) -> None:
+        click.echo(message, err=True)
+
+    if B.world()[0] != 0:  # only rank 0 reports (errors still reach stderr, as exceptions)
         def out(*args: Any, **kwargs: Any) -> None:
             return None
-    trainer = Trainer(tc, B, resume=resume, log=lambda m: click.echo(m, err=True))
+        log = out
+    trainer = Trainer(tc, B, resume=resume, log=log)
     tc, cfg = trainer.tc, trainer.cfg
     spec = model.param_spec(cfg) if not trainer.tc.freeze_base else trainer.spec
     n_params, n_train = count(spec), count(trainer.spec, trainable_only=True)
@@ -227,8 +231,9 @@ def run(tc: TrainConfig, backend_name: str | None, resume: str | None, devices: 
         # The checkpoint is written; ignore further Ctrl-C so the exit status stays 130 even while
         # Python shuts down (it restores the default, killing handler then).
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        click.echo(f"interrupted at iter {result.iter}; resume with: twinlm train --resume {trainer.out}",
-                   err=True)
+        if rank == 0:
+            click.echo(f"interrupted at iter {result.iter}; resume with: twinlm train --resume {trainer.out}",
+                       err=True)
         sys.exit(INTERRUPTED_EXIT)
 
 
