@@ -69,18 +69,23 @@ def _worst(a: Path, b: Path) -> tuple[float, float]:
 
 
 # ---- the exact loss shares, in one process -----------------------------------------------------
-@pytest.mark.parametrize("arch", ["gpt", "bert"])
-def test_rank_shares_sum_to_the_global_loss_and_gradient(arch, corpus, tmp_path, monkeypatch):
-    """Each rank's slice, scaled by its share, sums to the one-batch loss and gradient; BERT's masked-LM
-    loss is a weighted mean, where the negative control (an average of per-rank averages) is caught."""
+@pytest.mark.parametrize("arch, accum", [("gpt", 1), ("bert", 1), ("bert", 2)])
+def test_rank_shares_sum_to_the_global_loss_and_gradient(arch, accum, corpus, tmp_path, monkeypatch):
+    """Each rank's slice, scaled by its share (per micro-batch under accumulation), sums to the one-batch
+    loss and gradient; BERT's masked-LM loss is a weighted mean, where the negative control (an average of
+    per-rank averages) is caught."""
     monkeypatch.setenv("TWINLM_CACHE_DIR", str(tmp_path / "cache"))
     B = backend_or_skip("mlx")
     t = Trainer(TrainConfig(data=str(corpus), arch=arch, preset="tiny", block_size=16, batch_size=8,
-                            dropout=0.1, eval_iters=1, out=str(tmp_path / "run")), B, log=lambda m: None)
-    grads_of = S.grad_part(B, t.spec, task_loss(B, t.cfg, t.task))
+                            grad_accum=accum, dropout=0.1, eval_iters=1, out=str(tmp_path / "run")), B,
+                log=lambda m: None)
+    grads_of = S.grad_part(B, t.spec, task_loss(B, t.cfg, t.task, accum))
     params = t.params()
     batch = t._batch(0)
-    masks = dropout.masks(t.cfg, 8, 16, seed=1, step=0)
+    masks = dropout.masks(t.cfg, 8 * accum, 16, seed=1, step=0)
+    if accum > 1:
+        masks = {k: m.reshape(accum, 8, *m.shape[1:]) for k, m in masks.items()}
+    shard = [D.sharder(r, 4, accum=accum > 1) for r in range(4)]
 
     def run(b: dict, m: dict) -> tuple[float, dict[str, np.ndarray]]:
         loss, g = grads_of(params, {k: B.from_numpy(v) for k, v in b.items()},
@@ -88,7 +93,7 @@ def test_rank_shares_sum_to_the_global_loss_and_gradient(arch, corpus, tmp_path,
         return float(B.to_numpy(loss)), {k: B.to_numpy(v) for k, v in g.items()}
 
     want_loss, want = run(batch, masks)
-    parts = [run(*D.sharder(r, 4, accum=False)(batch, masks)) for r in range(4)]
+    parts = [run(*shard[r](batch, masks)) for r in range(4)]
     got_loss = sum(p[0] for p in parts)
     got = {k: sum(p[1][k] for p in parts) for k in want}
     assert abs(got_loss - want_loss) < LOSS_TOL
@@ -96,8 +101,8 @@ def test_rank_shares_sum_to_the_global_loss_and_gradient(arch, corpus, tmp_path,
     # Negative control: equal shares (1/N of each rank's own mean), i.e. an average of averages.
     naive = []
     for r in range(4):
-        b, m = D.sharder(r, 4, accum=False)(batch, masks)
-        naive.append(run({**b, "share": np.asarray(0.25, np.float32)}, m)[0])
+        b, m = shard[r](batch, masks)
+        naive.append(run({**b, "share": np.full_like(b["share"], 0.25)}, m)[0])
     if arch == "bert":
         assert abs(sum(naive) - want_loss) > 10 * LOSS_TOL
     else:  # a plain mean over tokens: equal shares are exact
