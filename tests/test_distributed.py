@@ -252,6 +252,20 @@ def test_tinygrad_two_devices_equal_one_device_and_one_slice_alone_is_caught(cor
     assert dl > LOSS_TOL and dp > PARAM_TOL, (dl, dp)
 
 
+@pytest.mark.slow
+def test_tinygrad_cli_two_devices_then_resume_on_mlx_alone(corpus, tmp_path):
+    """`twinlm --backend tinygrad train --ranks 2` end to end; its checkpoint resumes on MLX with one rank."""
+    backend_or_skip("tinygrad")
+    backend_or_skip("mlx")
+    args = ["train", "--data", str(corpus), "--preset", "tiny", "--block-size", "16", "--batch-size", "8",
+            "--max-iters", "4", "--eval-every", "2", "--eval-iters", "1", "--out", "run"]
+    two = twinlm(tmp_path, "--backend", "tinygrad", *args, "--ranks", "2", timeout=1200)
+    assert two.returncode == 0 and "2 devices" in two.stdout and "done: iter 4" in two.stdout, two.stderr
+    again = twinlm(tmp_path, "train", "--resume", "run", "--max-iters", "6", "--backend", "mlx")
+    assert again.returncode == 0 and "resuming at iter 4" in again.stdout, again.stderr
+    assert "done: iter 6" in again.stdout
+
+
 # ---- bad input ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("args, message", [
     (["train", "--ranks", "0"], "--ranks must be an integer >= 1"),
