@@ -278,3 +278,10 @@ def test_bad_parallel_input_is_one_error_line_and_exit_2(args, message, capsys, 
     code, out, err = run_cli(args, capsys, monkeypatch)
     assert code == 2 and err.startswith("error: ") and message in err, err
     assert len(err.strip().splitlines()) == 1, err
+
+
+def test_bad_input_seen_by_every_rank_is_one_line_and_exit_2(tmp_path):
+    backend_or_skip("mlx")
+    r = twinlm(tmp_path, "train", "--backend", "mlx", "--ranks", "2", "--data", "missing.txt")
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: corpus not found"), r.stderr

@@ -38,6 +38,7 @@ TIMEOUT_ENV = "TWINLM_RANK_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300.0  # no step finished on some rank for this long: the run is declared hung
 FIRST_STEP_GRACE_S = 300.0  # added for set-up and the first (compiling) step
 POLL_S = 0.2
+BAD_INPUT = 2  # the CLI's exit status for bad input (one `error:` line)
 Batch = dict[str, np.ndarray]
 
 
@@ -122,8 +123,10 @@ def rank_threads(ranks: int) -> int:
 def launch(ranks: int, argv: Sequence[str], *, timeout_s: float | None = None,
            module: str = "twinlm.cli.main") -> int:
     """Run `python -m MODULE ARGV` as `ranks` local MLX ranks over the ring backend and wait.
-    Returns rank 0's exit status; raises RankFailed (after killing every rank) when a rank exits
-    non-zero first, or no rank finishes a step for `timeout_s` seconds."""
+    Returns rank 0's exit status (also when rank 0 stopped on bad input, which it reported in its own
+    `error:` line); raises RankFailed (after killing every rank) when a rank exits non-zero first, or no
+    rank finishes a step for `timeout_s` seconds. Ranks > 0 print nothing: their stderr is kept, and the
+    last `error:` line of a failed one goes into the RankFailed message."""
     timeout_s = timeout_s or float(os.environ.get(TIMEOUT_ENV) or DEFAULT_TIMEOUT_S)
     with tempfile.TemporaryDirectory(prefix="twinlm-ranks-") as tmp:
         hostfile = Path(tmp) / "hosts.json"
@@ -132,23 +135,26 @@ def launch(ranks: int, argv: Sequence[str], *, timeout_s: float | None = None,
         beats.mkdir()
         threads = str(rank_threads(ranks))
         procs: list[subprocess.Popen] = []
+        logs = [Path(tmp) / f"rank-{r}.err" for r in range(ranks)]
         for r in range(ranks):
             env = {**os.environ, "MLX_RANK": str(r), "MLX_HOSTFILE": str(hostfile), RANK_ENV: str(r),
                    HEARTBEAT_ENV: str(beats), "OPENBLAS_NUM_THREADS": threads, "OMP_NUM_THREADS": threads}
-            # Ranks > 0 print nothing (rank 0 reports); their stderr stays visible for their own errors.
-            procs.append(subprocess.Popen([sys.executable, "-m", module, *argv], env=env,
-                                          stdout=None if r == 0 else subprocess.DEVNULL,
-                                          stdin=None if r == 0 else subprocess.DEVNULL))
+            quiet = r > 0  # rank 0 reports; the others would repeat it
+            with open(logs[r], "wb") as err:
+                procs.append(subprocess.Popen([sys.executable, "-m", module, *argv], env=env,
+                                              stdout=subprocess.DEVNULL if quiet else None,
+                                              stderr=err if quiet else None,
+                                              stdin=subprocess.DEVNULL if quiet else None))
         # Ctrl-C reaches every rank (one process group); they stop together after the same step.
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
-            return _watch(procs, beats, timeout_s)
+            return _watch(procs, beats, timeout_s, logs)
         finally:
             signal.signal(signal.SIGINT, previous)
             _kill_all(procs)
 
 
-def _watch(procs: list[subprocess.Popen], beats: Path, timeout_s: float) -> int:
+def _watch(procs: list[subprocess.Popen], beats: Path, timeout_s: float, logs: list[Path]) -> int:
     start = time.monotonic()
     while True:
         codes = [p.poll() for p in procs]
@@ -156,8 +162,12 @@ def _watch(procs: list[subprocess.Popen], beats: Path, timeout_s: float) -> int:
             return codes[0]  # type: ignore[return-value]
         for r, c in enumerate(codes):
             if c not in (None, 0) and not (c == 130 and all(x in (None, 130) for x in codes)):
+                if c == BAD_INPUT and _rank0_exit(procs[0]) == BAD_INPUT:
+                    _kill_all(procs)
+                    return BAD_INPUT  # every rank refused the same input; rank 0 said why in one line
                 _kill_all(procs)
-                raise RankFailed(f"rank {r} {_how(c)} at iter {_last_iter(beats, r)}; stopped all "
+                said = _last_error(logs[r]) if r > 0 else ""
+                raise RankFailed(f"rank {r} {_how(c)} at iter {_last_iter(beats, r)}{said}; stopped all "
                                  f"{len(procs)} ranks (the last checkpoint is intact; resume with --resume)")
         now, elapsed = time.time(), time.monotonic() - start
         ages = [_age(beats / f"rank-{r}", now) for r in range(len(procs))]
@@ -171,6 +181,22 @@ def _watch(procs: list[subprocess.Popen], beats: Path, timeout_s: float) -> int:
                              f"{_last_iter(beats, r)}); stopped all {len(procs)} ranks (the last checkpoint "
                              "is intact; resume with --resume)")
         time.sleep(POLL_S)
+
+
+def _rank0_exit(rank0: subprocess.Popen, wait_s: float = 5.0) -> int | None:
+    try:
+        return rank0.wait(timeout=wait_s)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def _last_error(log: Path) -> str:
+    """` (<message>)` from the last `error:` line a rank wrote, or nothing."""
+    try:
+        lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.startswith("error: ")]
+    except OSError:
+        return ""
+    return f" ({lines[-1][len('error: '):]})" if lines else ""
 
 
 def _how(code: int) -> str:
