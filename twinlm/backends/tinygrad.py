@@ -5,10 +5,10 @@ With `devices=N` (`twinlm train --ranks N`) one process trains data-parallel on 
 batch rows and dropout masks are split across the devices, and tinygrad's multi-device graph reduces
 the gradients of the replicated parameters itself, inside the one captured TinyJit: the loss is the
 global batch's own, with no per-rank scaling. tinygrad has no inter-process collective, so this is
-its data-parallel form. Whether two CPU devices run concurrently is up to tinygrad 0.14's HCQ CPU queues
-(one worker thread per device queue; a kernel over both devices is submitted as one multi-device queue):
-`python -m benchmarks.step --backend tinygrad --ranks 1,2` measures it. Multi-device graphs skip the JIT
-cache (it stores single-device buffers)."""
+its data-parallel form. On the CPU each device has its own queue and worker thread in tinygrad 0.14
+(a multi-device kernel is written into every device's ring), so the devices can run at once; whether
+that beats one device is measured by `python -m benchmarks.step --backend tinygrad --ranks 1,2`.
+Multi-device graphs skip the JIT cache (it stores single-device buffers)."""
 
 from __future__ import annotations
 
