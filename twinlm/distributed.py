@@ -89,17 +89,27 @@ def skip_all_reduce() -> bool:
 
 # ---- progress reports (read by the launcher's watchdog) ---------------------------------------
 class Heartbeat:
-    """Each rank writes the last iteration it finished to `$TWINLM_HEARTBEAT/rank-R` (a no-op when unset)."""
+    """Each rank writes the iteration it starts to `$TWINLM_HEARTBEAT/rank-R.start` and the last one it
+    finished to `rank-R` (a no-op when unset). A rank that never started the step its peers wait in is
+    the one the watchdog names."""
 
     def __init__(self, rank: int) -> None:
         folder = os.environ.get(HEARTBEAT_ENV)
         self.path = Path(folder) / f"rank-{rank}" if folder else None
 
+    def start(self, it: int) -> None:
+        if self.path is not None:
+            _write(self.path.with_name(self.path.name + ".start"), it)
+
     def beat(self, it: int) -> None:
         if self.path is not None:
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(str(it))
-            os.replace(tmp, self.path)
+            _write(self.path, it)
+
+
+def _write(path: Path, it: int) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(str(it))
+    os.replace(tmp, path)
 
 
 # ---- the local launcher ------------------------------------------------------------------------
@@ -175,7 +185,9 @@ def _watch(procs: list[subprocess.Popen], beats: Path, timeout_s: float, logs: l
         stale = [r for r, a in enumerate(ages) if codes[r] is None
                  and (a > timeout_s if a is not None else elapsed > timeout_s + FIRST_STEP_GRACE_S)]
         if stale:
-            r = min(stale, key=lambda i: (_last_iter(beats, i), -(ages[i] or 0.0)))
+            # The culprit: the rank that got least far (started, then finished), then the longest silent.
+            r = min(stale, key=lambda i: (_last_iter(beats, i, ".start"), _last_iter(beats, i),
+                                          -(ages[i] or 0.0)))
             _kill_all(procs)
             raise RankFailed(f"rank {r} made no progress for {timeout_s:.0f} s (last finished iter "
                              f"{_last_iter(beats, r)}); stopped all {len(procs)} ranks (the last checkpoint "
@@ -215,9 +227,9 @@ def _age(path: Path, now: float) -> float | None:
         return None
 
 
-def _last_iter(beats: Path, rank: int) -> int:
+def _last_iter(beats: Path, rank: int, suffix: str = "") -> int:
     try:
-        return int((beats / f"rank-{rank}").read_text())
+        return int((beats / f"rank-{rank}{suffix}").read_text())
     except (FileNotFoundError, ValueError):
         return 0
 

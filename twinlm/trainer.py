@@ -441,6 +441,7 @@ class Trainer:
         With several ranks, `stop` (this rank wants to stop) is summed with the gradients: `stop_all`
         then says whether any rank does, so all stop after the same step."""
         batch = self._batch(self.iter)
+        self.heartbeat.start(self.iter)
         if self.ranks == 1:
             loss, gnorm = S.drive(self.B, self.step, self.cfg, self.opt, batch, self.iter, self.tc.seed)
         else:
