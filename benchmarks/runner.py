@@ -39,14 +39,15 @@ class TwinlmTrainer:
         self.cfg, self.opt, self.seed = cfg, opt, seed
         self.rank, self.ranks = self.B.world()
         self.heartbeat = D.Heartbeat(self.rank)
-        state = {k: self.B.from_numpy(v) for k, v in S.init_state(P.init_params(cfg, seed)).items()}
+        spec = model.param_spec(cfg)
+        state = {k: self.B.from_numpy(v) for k, v in S.init_state(P.init_params(cfg, seed), spec).items()}
         loss_fn = model.lm_loss_fn(self.B, cfg)
         if self.ranks > 1:
             def shared(p: dict, batch: dict, drop: dict) -> Any:
                 return loss_fn(p, {k: v for k, v in batch.items() if k != "share"}, drop) * batch["share"]
-            step = S.make_train_step(self.B, model.param_spec(cfg), opt, shared, all_sum=self.B.all_sum)
+            step = S.make_train_step(self.B, spec, opt, shared, all_sum=self.B.all_sum)
         else:
-            step = S.make_train_step(self.B, model.param_spec(cfg), opt, loss_fn)
+            step = S.make_train_step(self.B, spec, opt, loss_fn)
         self.compiled = self.B.compile_step(step, state)
         self.info = {"blas": getattr(self.B, "blas", None), "malloc": getattr(self.B, "malloc", None),
                      "device": getattr(self.B, "device", "CPU"), "ranks": self.ranks, "devices": devices}

@@ -128,7 +128,7 @@ class TrainConfig:
         if self.task == "classify" and self.base is None:
             raise TwinlmError("a classify task fine-tunes a base run: give both (twinlm finetune BASE_RUN)")
         if self.lora_rank and self.base is None:
-            raise TwinlmError("LoRA adapts a pretrained model: give the run to adapt (train --init-from RUN_DIR)")
+            raise TwinlmError("LoRA adapts a pretrained model: give the run to adapt (--init-from RUN_DIR)")
         if self.base is not None and self.task != "classify" and self.data is None:
             raise TwinlmError("train --init-from fine-tunes on your text: give --data")
 

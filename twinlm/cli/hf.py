@@ -13,22 +13,19 @@ from twinlm.hf import export_hf, import_hf
 def import_command(folder: str, out: str) -> None:
     """Turn a Hugging Face model FOLDER (config.json, model.safetensors, tokenizer.json) into a twinlm run
     that sample, eval, predict, finetune and `train --init-from` use. Reads disk only; never downloads."""
-    run, notes = import_hf(folder, out)
-    from twinlm.generate import load_model
-
-    cfg, _, tok, meta = load_model(run)
+    run, (summary, *notes) = import_hf(folder, out)
     for note in notes:
         click.echo(f"note: {note}", err=True)
-    click.echo(f"imported {meta.hf['architecture']} as --arch {cfg.arch}: {cfg.n_layer} layers, d_model "  # type: ignore[index]
-               f"{cfg.d_model}, {cfg.n_head} heads, block {cfg.block_size}, tokenizer {tok.vocab_size} ids -> {run}")
+    click.echo(f"imported {summary} -> {run}")
 
 
 @click.command("export-hf")
 @click.argument("run_dir", type=click.Path())
 @click.option("--out", required=True, help="The Hugging Face folder to create.")
 def export_command(run_dir: str, out: str) -> None:
-    """Write the model in RUN_DIR (its latest checkpoint) as a Hugging Face folder that
-    transformers' from_pretrained loads: config.json, model.safetensors and, where the run has one, tokenizer.json."""
+    """Write the model in RUN_DIR (its latest checkpoint; LoRA adapters merged) as a Hugging Face folder
+    that transformers' from_pretrained loads: config.json, model.safetensors and, where the run's
+    tokenizer has a Hugging Face form, tokenizer.json."""
     folder, notes = export_hf(run_dir, out)
     for note in notes:
         click.echo(f"note: {note}", err=True)

@@ -27,7 +27,8 @@ def command(run_dir: str, out: str) -> None:
         raise TwinlmError(f"{out} exists and is not empty; choose a new run directory")
     plain, weights = merged(cfg, params)
     record = dataclasses.replace(meta, model=plain, base=None, task_state=None, optimizer={}, train={})
-    save_checkpoint(Path(out), {f"param.{k}": v for k, v in weights.items()}, record.to_dict(), step=meta.iter,
-                    keep=None)
+    save_checkpoint(
+        Path(out), {f"param.{k}": v for k, v in weights.items()}, record.to_dict(), step=meta.iter, keep=None
+    )
     n = sum(1 for k in params if k.endswith(".lora_a"))
     click.echo(f"merged {n} adapters (rank {cfg.lora_rank}, scale {cfg.lora_scale:g}) of {run_dir} -> {out}")

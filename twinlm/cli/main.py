@@ -27,7 +27,20 @@ def cli(ctx: click.Context, backend: str | None) -> None:
 
 def _register() -> None:
     # Each command module exposes `command`; importing them is cheap (frameworks load lazily).
-    from twinlm.cli import bench, cache, doctor, evaluate, finetune, hf, lora, parity, plot, predict, sample, train
+    from twinlm.cli import (
+        bench,
+        cache,
+        doctor,
+        evaluate,
+        finetune,
+        hf,
+        lora,
+        parity,
+        plot,
+        predict,
+        sample,
+        train,
+    )
 
     for module in (train, finetune, lora, sample, predict, evaluate, parity, plot, doctor, bench, cache):
         cli.add_command(module.command)

@@ -30,10 +30,13 @@ def lora_options(f: Any) -> Any:
     options = [
         click.option("--lora-rank", type=int, default=None,
                      help="Train rank-R adapters on the frozen base (LoRA) instead of every weight."),
-        click.option("--lora-alpha", type=float, default=None, help="Adapter scale alpha / rank (default 2 x rank)."),
+        click.option("--lora-alpha", type=float, default=None,
+                     help="Adapter scale alpha / rank (default 2 x rank)."),
         click.option("--lora-targets", default=None,
-                     help=f"Comma-separated layers to adapt: {', '.join(LORA_TARGETS)}, qkv, fc or all (default)."),
-        click.option("--lora-dropout", type=float, default=None, help="Dropout on the adapters' input (default 0)."),
+                     help=f"Comma-separated layers to adapt: {', '.join(LORA_TARGETS)}, qkv, fc or all "
+                          "(the default)."),
+        click.option("--lora-dropout", type=float, default=None,
+                     help="Dropout on the adapters' input (default 0)."),
     ]
     for option in reversed(options):
         f = option(f)

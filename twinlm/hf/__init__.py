@@ -23,6 +23,7 @@ from twinlm.core import model
 from twinlm.core import spec as S
 from twinlm.core.checkpoint import save_checkpoint
 from twinlm.core.config import ConfigError, ModelConfig
+from twinlm.core.lora import merged
 from twinlm.core.tokenizers import BPETokenizer, HFTokenizer, Tokenizer
 from twinlm.hf.archs import ARCHS, HFError, Link, export_arch
 from twinlm.run_meta import RunMeta
@@ -32,11 +33,17 @@ __all__ = ["HFError", "export_hf", "import_hf", "read_hf"]
 PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 _NP = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16": np.uint16}
 # tokenizer_config.json keys -> the roles twinlm's tasks use.
-_ROLES = {"pad_token": "[PAD]", "mask_token": "[MASK]", "cls_token": "[CLS]", "bos_token": "bos",
-          "eos_token": "eos"}
+_ROLES = {
+    "pad_token": "[PAD]",
+    "mask_token": "[MASK]",
+    "cls_token": "[CLS]",
+    "bos_token": "bos",
+    "eos_token": "eos",
+}
 
 
 # ---- reading -------------------------------------------------------------------------------------
+
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
     try:
@@ -55,7 +62,7 @@ def _mapped_tensors(path: Path) -> dict[str, np.ndarray]:
     try:
         mm = np.memmap(path, dtype=np.uint8, mode="r")
         n = int.from_bytes(mm[:8].tobytes(), "little")
-        header = json.loads(mm[8:8 + n].tobytes())
+        header = json.loads(mm[8 : 8 + n].tobytes())
     except (OSError, ValueError) as e:
         raise HFError(f"{path} is not a readable safetensors file: {e}") from None
     out = {}
@@ -64,11 +71,12 @@ def _mapped_tensors(path: Path) -> dict[str, np.ndarray]:
             continue
         try:
             dtype, shape, (start, end) = _NP[info["dtype"]], tuple(info["shape"]), info["data_offsets"]
-            raw = mm[8 + n + start:8 + n + end]
+            raw = mm[8 + n + start : 8 + n + end]
             out[name] = raw.view(dtype).reshape(shape) if raw.size else np.zeros(shape, dtype)
         except KeyError:
-            raise HFError(f"{path}: tensor {name} has dtype {info.get('dtype')!r}; twinlm reads "
-                          f"{', '.join(_NP)}") from None
+            raise HFError(
+                f"{path}: tensor {name} has dtype {info.get('dtype')!r}; twinlm reads {', '.join(_NP)}"
+            ) from None
         except (ValueError, TypeError) as e:
             raise HFError(f"{path}: tensor {name} is damaged ({e})") from None
         if info["dtype"] == "BF16":
@@ -79,7 +87,7 @@ def _mapped_tensors(path: Path) -> dict[str, np.ndarray]:
 def _float32(a: np.ndarray) -> np.ndarray:
     if a.dtype == np.uint16:  # bfloat16: the top half of a float32
         return (a.astype(np.uint32) << 16).view(np.float32)
-    return a.astype(np.float32)
+    return a.astype(np.float32, copy=False)  # float32 stays a view of the memory map
 
 
 def _weight_files(src: Path) -> tuple[list[Path], dict[str, np.ndarray]]:
@@ -91,9 +99,11 @@ def _weight_files(src: Path) -> tuple[list[Path], dict[str, np.ndarray]]:
     else:
         pickled = sorted(p.name for pattern in PICKLED for p in src.glob(pattern))
         if pickled:
-            raise HFError(f"{src} holds pickled PyTorch weights ({pickled[0]}); twinlm never unpickles a "
-                          "downloaded file: convert it to safetensors first (in transformers: "
-                          "model.save_pretrained(folder, safe_serialization=True))")
+            raise HFError(
+                f"{src} holds pickled PyTorch weights ({pickled[0]}); twinlm never unpickles a "
+                "downloaded file: convert it to safetensors first (in transformers: "
+                "model.save_pretrained(folder, safe_serialization=True))"
+            )
         raise HFError(f"{src} has no model.safetensors (or model.safetensors.index.json)")
     tensors: dict[str, np.ndarray] = {}
     for f in files:
@@ -121,10 +131,15 @@ def _assemble(link: Link, tensors: dict[str, np.ndarray], want: tuple[int, ...])
 def _tokenizer(src: Path, vocab_size: int) -> tuple[HFTokenizer, dict[str, Any]]:
     path = src / "tokenizer.json"
     if not path.exists():
-        raise HFError(f"{src} has no tokenizer.json (a slow tokenizer's vocab files alone cannot be "
-                      "read; save the fast tokenizer with save_pretrained)")
-    tok_cfg = _read_json(src / "tokenizer_config.json", "tokenizer settings") \
-        if (src / "tokenizer_config.json").exists() else {}
+        raise HFError(
+            f"{src} has no tokenizer.json (a slow tokenizer's vocab files alone cannot be "
+            "read; save the fast tokenizer with save_pretrained)"
+        )
+    tok_cfg = (
+        _read_json(src / "tokenizer_config.json", "tokenizer settings")
+        if (src / "tokenizer_config.json").exists()
+        else {}
+    )
     text = path.read_text(encoding="utf-8")
     plain, roles = HFTokenizer(text), {}
     for key, role in _ROLES.items():
@@ -135,12 +150,15 @@ def _tokenizer(src: Path, vocab_size: int) -> tuple[HFTokenizer, dict[str, Any]]
             roles[role] = token_id
     tok = HFTokenizer(text, roles, bool(tok_cfg.get("add_bos_token", False)))
     if tok.vocab_size > vocab_size:
-        raise HFError(f"tokenizer.json has {tok.vocab_size} tokens but the model only {vocab_size} embeddings")
+        raise HFError(
+            f"tokenizer.json has {tok.vocab_size} tokens but the model only {vocab_size} embeddings"
+        )
     return tok, tok_cfg
 
 
-def read_hf(src: str | Path, seed: int = 0) -> tuple[ModelConfig, dict[str, np.ndarray], HFTokenizer,
-                                                       dict[str, Any], list[str]]:
+def read_hf(
+    src: str | Path, seed: int = 0
+) -> tuple[ModelConfig, dict[str, np.ndarray], HFTokenizer, dict[str, Any], list[str]]:
     """(config, float32 params, tokenizer, the folder's record, notes) of a Hugging Face model folder.
 
     Parameters twinlm's model has but this architecture lacks (BERT's pooler under a masked-LM head,
@@ -170,12 +188,19 @@ def read_hf(src: str | Path, seed: int = 0) -> tuple[ModelConfig, dict[str, np.n
         if tied_copy and np.array_equal(_float32(tensors[name]), params["wte.weight"]):
             continue
         if not name.endswith(arch.ignored):
-            raise HFError(f"the weights hold {name}, which {hf_arch} as twinlm implements it has no place "
-                          "for; twinlm refuses rather than drop it")
+            raise HFError(
+                f"the weights hold {name}, which {hf_arch} as twinlm implements it has no place "
+                "for; twinlm refuses rather than drop it"
+            )
     fresh = [k for k in spec if k not in params]
     params.update({k: v for k, v in S.init_params(spec, seed).items() if k in fresh})
     tok, tok_cfg = _tokenizer(src, cfg.vocab_size)
-    record = {"architecture": hf_arch, "config": hf, "tokenizer_config": tok_cfg, "source": str(src.resolve())}
+    record = {
+        "architecture": hf_arch,
+        "config": hf,
+        "tokenizer_config": tok_cfg,
+        "source": str(src.resolve()),
+    }
     gen = src / "generation_config.json"
     if gen.exists():
         record["generation_config"] = _read_json(gen, "generation settings")
@@ -197,16 +222,29 @@ def import_hf(src: str | Path, out: str | Path, seed: int = 0) -> tuple[Path, li
     if out.exists() and any(out.iterdir()):
         raise HFError(f"{out} exists and is not empty; choose a new run directory")
     labels = labels_of(record["config"], cfg.n_classes) if cfg.n_classes else []
-    meta = RunMeta(model=cfg, tokenizer=tok.to_dict(), task="classify" if cfg.n_classes else None,
-                   labels=labels, versions={"twinlm": __version__}, seed=seed, data_source=record["source"],
-                   hf=record)
+    meta = RunMeta(
+        model=cfg,
+        tokenizer=tok.to_dict(),
+        task="classify" if cfg.n_classes else None,
+        labels=labels,
+        versions={"twinlm": __version__},
+        seed=seed,
+        data_source=record["source"],
+        hf=record,
+    )
     arrays = {f"param.{k}": v for k, v in params.items()}
     del params
     save_checkpoint(out, arrays, meta.to_dict(), step=0, keep=None)
-    return out, notes
+    summary = (
+        f"{record['architecture']} as --arch {cfg.arch}: {cfg.n_layer} layers, d_model {cfg.d_model}, "
+        f"{cfg.n_head} heads ({cfg.n_kv_head} kv), block {cfg.block_size}, "
+        f"{S.count(model.param_spec(cfg)):,} parameters, tokenizer {tok.vocab_size} ids"
+    )
+    return out, [summary, *notes]
 
 
 # ---- writing -------------------------------------------------------------------------------------
+
 
 def hf_tensors(cfg: ModelConfig, params: dict[str, np.ndarray], hf_arch: str) -> dict[str, np.ndarray]:
     """The Hugging Face tensors of twinlm parameters: each link split back (and transposed)."""
@@ -227,11 +265,15 @@ def _tokenizer_files(tok: Tokenizer, record: dict[str, Any]) -> dict[str, Any]:
         for key, role in _ROLES.items():
             if role in names and key not in tok_cfg:
                 tok_cfg[key] = names[role]
-        return {"tokenizer.json": tok.hf_json, "tokenizer_config.json": {
-            "tokenizer_class": "PreTrainedTokenizerFast", **tok_cfg}}
+        return {
+            "tokenizer.json": tok.hf_json,
+            "tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast", **tok_cfg},
+        }
     if isinstance(tok, BPETokenizer):
-        return {"tokenizer.json": tok.to_dict()["hf_json"],
-                "tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast"}}
+        return {
+            "tokenizer.json": tok.to_dict()["hf_json"],
+            "tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast"},
+        }
     return {}
 
 
@@ -243,6 +285,8 @@ def export_hf(run: str | Path, out: str | Path) -> tuple[Path, list[str]]:
     from twinlm.generate import load_model
 
     cfg, params, tok, meta = load_model(run)
+    if cfg.lora_rank:
+        cfg, params = merged(cfg, params)
     record = meta.hf or {}
     hf_arch = export_arch(cfg, record.get("architecture"))
     arch = ARCHS[hf_arch]
@@ -250,13 +294,20 @@ def export_hf(run: str | Path, out: str | Path) -> tuple[Path, list[str]]:
     hf_cfg.update(arch.hf_config(cfg), architectures=[hf_arch], dtype="float32")
     if cfg.n_classes:
         labels = meta.labels or [f"LABEL_{i}" for i in range(cfg.n_classes)]
-        hf_cfg.update(id2label=dict(enumerate(labels)), label2id={lab: i for i, lab in enumerate(labels)},
-                      num_labels=cfg.n_classes, problem_type="single_label_classification")
+        hf_cfg.update(
+            id2label=dict(enumerate(labels)),
+            label2id={lab: i for i, lab in enumerate(labels)},
+            num_labels=cfg.n_classes,
+            problem_type="single_label_classification",
+        )
     if isinstance(tok, HFTokenizer):
         hf_cfg.update({f"{k}_token_id": tok.roles[k] for k in ("bos", "eos") if k in tok.roles})
     files: dict[str, Any] = {"config.json": hf_cfg, **_tokenizer_files(tok, record)}
-    notes = [] if "tokenizer.json" in files else [
-        f"no tokenizer.json written: the run's {tok.kind} tokenizer has no Hugging Face form"]
+    notes = (
+        []
+        if "tokenizer.json" in files
+        else [f"no tokenizer.json written: the run's {tok.kind} tokenizer has no Hugging Face form"]
+    )
     if record.get("generation_config"):
         files["generation_config.json"] = record["generation_config"]
     out = Path(out)
