@@ -9,6 +9,11 @@ the same code the parity suite checks, on every backend.
 Everything a run depends on is a function of (seed, iteration) or saved in the checkpoint: numpy
 parameter init, the batcher's generator state, counter-based dropout masks, and the lr schedule.
 So a resumed run on the same backend continues bit-identically.
+
+Data-parallel (`twinlm.distributed`): with N ranks each process takes its slice of the same global
+batch and dropout masks, one all-reduce per step sums the loss shares and gradients, and the update
+runs identically everywhere. Rank 0 alone evaluates and writes checkpoints and metrics. A checkpoint
+holds no rank count, so a run saved with N ranks resumes with any number.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import contextlib
 import importlib.metadata
 import json
 import math
+import os
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from twinlm import __version__
+from twinlm import distributed as D
 from twinlm.core import model, optim
 from twinlm.core import spec as SP
 from twinlm.core import step as S
@@ -153,7 +160,7 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     out = {k.replace("-", "_"): v for k, v in raw.items()}
     if "init_from" in out:  # the flag's name for the field `base`
         out["base"] = out.pop("init_from")
-    unknown = sorted(set(out) - config_keys() - {"backend", "resume"})
+    unknown = sorted(set(out) - config_keys() - {"backend", "resume", "ranks", "beam"})
     if unknown:
         raise TwinlmError(f"unknown keys in config file {path}: {', '.join(unknown)}; "
                           f"known keys: {', '.join(sorted(config_keys()))}")
@@ -185,13 +192,18 @@ def versions(B: Backend) -> dict[str, str]:
 
 def task_loss(B: Backend, cfg: ModelConfig, task: Task, grad_accum: int = 1) -> S.LossFn:
     """The task's loss; with grad_accum > 1, the mean over the leading micro-batch axis (A, b, ...) of
-    every batch array and dropout mask."""
+    every batch array and dropout mask. A data-parallel rank's batch carries `share` (per micro-batch):
+    its part of the global loss weight, by which its loss is scaled (`twinlm.distributed.sharder`)."""
     def loss_fn(p: dict[str, Array], batch: dict[str, Array], drop: dict[str, Array]) -> Array:
+        share = batch.get("share")
+        batch = {k: v for k, v in batch.items() if k != "share"}
         if grad_accum == 1:
-            return task.loss(B, cfg, p, batch, drop)
+            loss = task.loss(B, cfg, p, batch, drop)
+            return loss if share is None else loss * share
         total = None
         for a in range(grad_accum):
             la = task.loss(B, cfg, p, {k: v[a] for k, v in batch.items()}, {k: m[a] for k, m in drop.items()})
+            la = la if share is None else la * share[a]
             total = la if total is None else total + la
         return total * (1.0 / grad_accum)
     return loss_fn
@@ -249,6 +261,10 @@ class Trainer:
         self.B, self.log = B, log
         if not B.supports_grad:
             raise TwinlmError(f"backend {B.name!r} cannot train (no autograd); use mlx or tinygrad")
+        self.rank, self.ranks = B.world()
+        self.main = self.rank == 0  # rank 0 alone evaluates and writes checkpoints, metrics and progress
+        self.heartbeat = D.Heartbeat(self.rank)
+        self._stop_all = False
         meta: RunMeta | None = None
         arrays: dict[str, np.ndarray] | None = None
         self.hf_record: dict[str, Any] | None = None
@@ -263,6 +279,10 @@ class Trainer:
             self.out = Path(tc.out) if tc.out else run_dir
             tc = self._merge_resumed(tc, meta)
         tc.check()
+        split = self.ranks * getattr(B, "n_devices", 1)  # processes x devices each
+        if tc.batch_size % split:
+            raise TwinlmError(f"batch size {tc.batch_size} does not split evenly over {split} ranks/devices; "
+                              f"use a multiple of {split}")
         for name in ("data", "base"):  # absolute, so a resume from another working directory finds them
             if getattr(tc, name) is not None:
                 setattr(tc, name, str(Path(getattr(tc, name)).resolve()))
@@ -402,7 +422,10 @@ class Trainer:
 
     def _step_fn(self) -> S.StepFn:
         loss_fn = task_loss(self.B, self.cfg, self.task, self.grad_accum)
-        return S.make_train_step(self.B, self.spec, self.opt, loss_fn)
+        if self.ranks == 1:
+            return S.make_train_step(self.B, self.spec, self.opt, loss_fn)
+        all_sum = (lambda x: x) if D.skip_all_reduce() else self.B.all_sum
+        return S.make_train_step(self.B, self.spec, self.opt, loss_fn, all_sum=all_sum)
 
     # ---- one step ----------------------------------------------------------------------------
     def _batch(self, it: int) -> dict[str, np.ndarray]:
@@ -413,11 +436,22 @@ class Trainer:
         model.check_token_ids(batch["x"], self.cfg.vocab_size)
         return batch
 
-    def train_step(self) -> tuple[float, float]:
-        """Run iteration `self.iter`; return (loss, grad_norm). A non-finite step leaves the state as is."""
-        out = S.drive(self.B, self.step, self.cfg, self.opt, self._batch(self.iter), self.iter, self.tc.seed)
+    def train_step(self, stop: bool = False) -> tuple[float, float]:
+        """Run iteration `self.iter`; return (loss, grad_norm). A non-finite step leaves the state as is.
+        With several ranks, `stop` (this rank wants to stop) is summed with the gradients: `stop_all`
+        then says whether any rank does, so all stop after the same step."""
+        batch = self._batch(self.iter)
+        self.heartbeat.start(self.iter)
+        if self.ranks == 1:
+            loss, gnorm = S.drive(self.B, self.step, self.cfg, self.opt, batch, self.iter, self.tc.seed)
+        else:
+            shard = D.sharder(self.rank, self.ranks, accum=self.grad_accum > 1)
+            loss, gnorm, flag = S.drive(self.B, self.step, self.cfg, self.opt, batch, self.iter, self.tc.seed,
+                                        shard=shard, flag=float(stop))
+            self._stop_all = flag > 0
         self.iter += 1
-        return out
+        self.heartbeat.beat(self.iter)
+        return loss, gnorm
 
     # ---- evaluation --------------------------------------------------------------------------
     def params(self) -> dict[str, Array]:
@@ -445,7 +479,10 @@ class Trainer:
 
     def save(self, best: bool = False) -> Path:
         """A checkpoint of the whole state; a run with a base leaves out the weights it keeps frozen
-        (they are the base's, found again by `run_dir.load_run`)."""
+        (they are the base's, found again by `run_dir.load_run`). Rank 0 alone writes; other ranks return
+        the path rank 0 writes."""
+        if not self.main:
+            return self.out / f"ckpt-{self.iter:08d}"
         frozen = {f"param.{k}" for k, s in self.spec.items() if not s.trainable and self.base_record}
         arrays = {k: self.B.to_numpy(v) for k, v in self.step.state.items() if k not in frozen}
         return save_checkpoint(self.out, arrays, self.meta().to_dict(), step=self.iter, keep=self.tc.keep,
@@ -456,14 +493,14 @@ class Trainer:
         tc = self.tc
         start_iter, t_start = self.iter, time.perf_counter()
         self.out.mkdir(parents=True, exist_ok=True)
-        metrics = open(self.out / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        metrics = open(self.out / "metrics.jsonl" if self.main else os.devnull, "a", encoding="utf-8")  # noqa: SIM115
         interrupts = _Interrupts(self.log)
         tokens_per_iter = tc.batch_size * tc.grad_accum * self.cfg.block_size
         compile_s, steady_s, steady_iters = 0.0, 0.0, 0
         loss = val = acc = None
         bad_run = 0
         ckpt: Path | None = None
-        progress = progress or Progress(None)
+        progress = progress if progress is not None and self.main else Progress(None)
         progress.start(start_iter, tc.max_iters)
 
         def emit(event: str, **values: Any) -> None:
@@ -474,9 +511,11 @@ class Trainer:
 
         try:
             with interrupts.installed():
-                while self.iter < tc.max_iters and not interrupts.count:
+                # Alone, stop as soon as interrupted; ranks stop after the step whose summed flag says so.
+                while self.iter < tc.max_iters and not (self._stop_all or
+                                                        self.ranks == 1 and interrupts.count):
                     t0 = time.perf_counter()
-                    loss, gnorm = self.train_step()
+                    loss, gnorm = self.train_step(stop=bool(interrupts.count))
                     dt = time.perf_counter() - t0
                     if self.iter == start_iter + 1:
                         compile_s = dt  # the first step traces and compiles the graph
@@ -500,17 +539,18 @@ class Trainer:
                         emit("train", loss=loss, grad_norm=gnorm, lr=optim.lr_at(self.iter - 1, self.opt),
                              tokens_per_s=tps)
                     progress.update(self.iter, loss=loss, tokens_per_s=tps)
-                    if self.iter % tc.eval_every == 0 or self.iter == tc.max_iters:
+                    if self.main and (self.iter % tc.eval_every == 0 or self.iter == tc.max_iters):
                         val, acc, ckpt = self._evaluate_and_save(emit)
                         progress.update(self.iter, val_loss=val, accuracy=acc)
-                if interrupts.count and (ckpt is None or ckpt.name != f"ckpt-{self.iter:08d}"):
+                stopped = self._stop_all or bool(interrupts.count)
+                if stopped and (ckpt is None or ckpt.name != f"ckpt-{self.iter:08d}"):
                     ckpt = self.save()
                     emit("interrupt")
         finally:
             metrics.close()
             progress.stop()
         return TrainResult(iter=self.iter, loss=loss, val_loss=val, best_val_loss=self.best_val,
-                           skipped=self.skipped, interrupted=bool(interrupts.count), compile_s=compile_s,
+                           skipped=self.skipped, interrupted=stopped, compile_s=compile_s,
                            tokens_per_s=tokens_per_iter * steady_iters / steady_s if steady_s else None,
                            wall_s=time.perf_counter() - t_start, accuracy=acc,
                            checkpoint=str(ckpt) if ckpt else None)
