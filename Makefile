@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 KSTAMP := $(VENV)/.kernels
 KERNEL_SOURCES := $(wildcard twinlm/backends/kernels/csrc/*) twinlm/backends/kernels/CMakeLists.txt
+HF_STAMP := $(VENV)/.installed-hf
 
 .PHONY: setup demo test test-no-kernels test-all lint bench kernels clean
 
@@ -21,6 +22,11 @@ $(KSTAMP): $(STAMP) $(KERNEL_SOURCES)
 	-$(BIN)/python -m twinlm.backends.kernels.build
 	@touch $(KSTAMP)
 
+# The tests also check twinlm against Hugging Face transformers: the [hf] extra.
+$(HF_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[dev,hf]"
+	@touch $(HF_STAMP)
+
 setup: $(STAMP) $(KSTAMP)
 
 kernels: $(STAMP)
@@ -30,15 +36,15 @@ demo: $(STAMP) $(KSTAMP)
 	$(BIN)/twinlm parity --quick
 	$(BIN)/twinlm train
 
-test: $(STAMP) $(KSTAMP)
+test: $(HF_STAMP) $(KSTAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -n 2 -q
 
 # The parity suite with the MLX kernels off: MLX's own ops must keep passing too.
-test-no-kernels: $(STAMP)
+test-no-kernels: $(HF_STAMP)
 	TWINLM_KERNELS=0 $(BIN)/python -m pytest -n 2 -q tests/test_primitives.py tests/test_parity.py tests/test_kernels.py
 
-test-all: $(STAMP) $(KSTAMP)
+test-all: $(HF_STAMP) $(KSTAMP)
 	$(BIN)/python -m pytest -n 2 -q -m "slow or not slow"
 
 lint: $(STAMP)

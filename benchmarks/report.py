@@ -74,16 +74,20 @@ def table(records: Sequence[dict[str, Any]], reference: str = "torch") -> str:
     """A text table, one row per record; `vs ref` is tokens/s over the `reference` backend's record of
     the same preset (the reference must come from the same run for the ratio to mean anything)."""
     ref_tps = {r["preset"]: r["tokens_per_s"] for r in records if r["backend"] == reference}
-    header = ("backend", "preset", "ms/iter", "spread (p25-p75)", "CPU ms/iter", "tok/s", f"vs {reference}",
-              "MFU", "warm-up s", "peak RSS MB")
+    one_rank = {(r["backend"], r["preset"]): r["tokens_per_s"] for r in records if r.get("ranks", 1) == 1}
+    header = ("backend", "preset", "ranks", "ms/iter", "spread (p25-p75)", "CPU ms/iter", "tok/s",
+              f"vs {reference}", "scaling", "MFU", "warm-up s", "peak RSS MB")
     rows = [header]
     for r in records:
-        ms = r["ms_per_iter"]
-        ref = ref_tps.get(r["preset"])
+        ms, n = r["ms_per_iter"], r.get("ranks", 1)
+        ref, base = ref_tps.get(r["preset"]), one_rank.get((r["backend"], r["preset"]))
+        # scaling efficiency: tokens/s over n x the same backend's one-rank tokens/s (same run)
+        scaling = r["tokens_per_s"] / (n * base) if base and n > 1 else None
         rows.append((
-            r["backend"], r["preset"], _fmt(ms["median"], ".1f"), f"{ms['p25']:.1f}-{ms['p75']:.1f}",
+            r["backend"], r["preset"], str(n), _fmt(ms["median"], ".1f"), f"{ms['p25']:.1f}-{ms['p75']:.1f}",
             _fmt(r.get("cpu_ms_per_iter", {}).get("median"), ".1f"),
             _fmt(r["tokens_per_s"], ",.0f"), _fmt(r["tokens_per_s"] / ref if ref else None, ".2f") + "x",
+            _fmt(100 * scaling if scaling else None, ".0f") + ("%" if scaling else ""),
             _fmt(100 * r["mfu"], ".1f") + "%", _fmt(r["warmup_s"], ".1f"), _fmt(r["peak_rss_mb"], ".0f"),
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]

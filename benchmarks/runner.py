@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from twinlm import distributed as D
 from twinlm.backends import get_backend
 from twinlm.core import model
 from twinlm.core import params as P
@@ -30,14 +31,27 @@ class Trainer(Protocol):
 
 
 class TwinlmTrainer:
-    def __init__(self, backend: str, cfg: ModelConfig, opt: AdamWConfig, seed: int = 0) -> None:
-        self.B = get_backend(backend)
+    """With `devices` > 1, tinygrad's data-parallel form; in a process started as an MLX rank (MLX_RANK),
+    that rank's slice of each global batch with the fused all-reduce, as `twinlm train --ranks N` runs."""
+
+    def __init__(self, backend: str, cfg: ModelConfig, opt: AdamWConfig, seed: int = 0,
+                 devices: int = 1) -> None:
+        self.B = get_backend(backend, devices)
         self.cfg, self.opt, self.seed = cfg, opt, seed
-        state = {k: self.B.from_numpy(v) for k, v in S.init_state(P.init_params(cfg, seed)).items()}
-        step = S.make_train_step(self.B, model.param_spec(cfg), opt, model.lm_loss_fn(self.B, cfg))
+        self.rank, self.ranks = self.B.world()
+        self.heartbeat = D.Heartbeat(self.rank)
+        spec = model.param_spec(cfg)
+        state = {k: self.B.from_numpy(v) for k, v in S.init_state(P.init_params(cfg, seed), spec).items()}
+        loss_fn = model.lm_loss_fn(self.B, cfg)
+        if self.ranks > 1:
+            def shared(p: dict, batch: dict, drop: dict) -> Any:
+                return loss_fn(p, {k: v for k, v in batch.items() if k != "share"}, drop) * batch["share"]
+            step = S.make_train_step(self.B, spec, opt, shared, all_sum=self.B.all_sum)
+        else:
+            step = S.make_train_step(self.B, spec, opt, loss_fn)
         self.compiled = self.B.compile_step(step, state)
         self.info = {"blas": getattr(self.B, "blas", None), "malloc": getattr(self.B, "malloc", None),
-                     "device": getattr(self.B, "device", "CPU")}
+                     "device": getattr(self.B, "device", "CPU"), "ranks": self.ranks, "devices": devices}
         if backend == "mlx":
             from twinlm.backends import kernels
 
@@ -45,7 +59,12 @@ class TwinlmTrainer:
             self.info["kernels"] = f"{st.simd}, {st.threads} threads" if st.active else f"off ({st.reason})"
 
     def step(self, x: np.ndarray, y: np.ndarray, it: int) -> float:
-        return S.drive(self.B, self.compiled, self.cfg, self.opt, {"x": x, "y": y}, it, self.seed)[0]
+        kw: dict[str, Any] = {}
+        if self.ranks > 1:
+            kw = dict(shard=D.sharder(self.rank, self.ranks, accum=False), flag=0.0)
+        loss = S.drive(self.B, self.compiled, self.cfg, self.opt, {"x": x, "y": y}, it, self.seed, **kw)[0]
+        self.heartbeat.beat(it + 1)
+        return loss
 
     def eval_loss(self, x: np.ndarray, y: np.ndarray) -> float:
         B = self.B
@@ -53,7 +72,7 @@ class TwinlmTrainer:
         return float(B.to_numpy(model.loss(B, self.cfg, params, B.from_numpy(x), B.from_numpy(y))))
 
 
-def make_trainer(name: str, cfg: ModelConfig, opt: AdamWConfig, seed: int = 0) -> Trainer:
+def make_trainer(name: str, cfg: ModelConfig, opt: AdamWConfig, seed: int = 0, devices: int = 1) -> Trainer:
     if name == "mlx-ops":  # MLX on its own ops: twinlm's CPU kernels off (the "before" of the kernels)
         os.environ["TWINLM_KERNELS"] = "0"
         name = "mlx"
@@ -66,4 +85,4 @@ def make_trainer(name: str, cfg: ModelConfig, opt: AdamWConfig, seed: int = 0) -
         trainer.info = {"blas": "torch " + torch.__config__.show().split("BLAS_INFO=")[-1].split(",")[0],
                         "threads": torch.get_num_threads()}
         return trainer
-    return TwinlmTrainer(name, cfg, opt, seed)
+    return TwinlmTrainer(name, cfg, opt, seed, devices)

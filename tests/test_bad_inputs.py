@@ -9,6 +9,7 @@ subprocess, to check what a user's shell sees.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -20,7 +21,7 @@ import pytest
 from conftest import backend_or_skip, run_cli
 
 from twinlm.core.data import default_cache_dir
-from twinlm.train import TrainConfig, Trainer
+from twinlm.trainer import TrainConfig, Trainer
 
 TEXT = "".join(f"line {i}: the {['quick', 'lazy', 'brown'][i % 3]} fox jumps over {i * 7 % 13} dogs.\n"
                for i in range(200))
@@ -77,6 +78,18 @@ CASES: dict[str, Case] = {
                                   "does not fit the base run's tokenizer"),
     "finetune_bad_jsonl": Case(("finetune", "{w}/bert", "--data", "{w}/broken.jsonl"),
                                "is not a JSON object"),
+    # Hugging Face folders and LoRA
+    "import_hf_nowhere": Case(("import-hf", "{w}/nowhere", "--out", "{w}/imported"), "not a folder"),
+    "import_hf_not_hf": Case(("import-hf", "{w}/good", "--out", "{w}/imported"), "has no config.json"),
+    "import_hf_onto_run": Case(("import-hf", "{w}/hf", "--out", "{w}/good"), "is not empty"),
+    "import_hf_short_config": Case(("import-hf", "{w}/hf", "--out", "{w}/imported"), "lacks or mistypes"),
+    "import_hf_pickle": Case(("import-hf", "{w}/pickled", "--out", "{w}/imported"), "never unpickles"),
+    "export_hf_nowhere": Case(("export-hf", "{w}/nowhere", "--out", "{w}/exported"), "checkpoint not found"),
+    "export_hf_onto_run": Case(("export-hf", "{w}/good", "--out", "{w}/bert"), "is not empty"),
+    "merge_lora_not_lora": Case(("merge-lora", "{w}/good", "--out", "{w}/merged"), "no LoRA adapters"),
+    "train_lora_no_base": Case(("train", "--data", "{w}/corpus.txt", "--lora-rank", "2"), "--init-from"),
+    "train_lora_bad_target": Case(("train", "--init-from", "{w}/good", "--data", "{w}/corpus.txt",
+                                   "--lora-rank", "2", "--lora-targets", "proj"), "attn.proj or mlp.proj"),
     # predict
     "predict_nowhere": Case(("predict", "{w}/nowhere", "text"), "checkpoint not found"),
     "predict_no_text": Case(("predict", "{w}/good"), "Missing argument"),
@@ -153,6 +166,13 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     data[len(data) // 2] ^= 0x10
     state.write_bytes(bytes(data))
     (w / "empty.txt").write_text("")
+    (w / "hf").mkdir()
+    (w / "hf" / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
+    (w / "pickled").mkdir()
+    gpt2 = {"architectures": ["GPT2LMHeadModel"], "n_embd": 8, "n_head": 2, "n_layer": 1, "n_positions": 8,
+            "vocab_size": 10}
+    (w / "pickled" / "config.json").write_text(json.dumps(gpt2))
+    (w / "pickled" / "pytorch_model.bin").write_bytes(b"not to be unpickled")
     (w / "blob.bin").write_bytes(bytes(range(256)) * 8)
     (w / "other.txt").write_text(TEXT[::-1])
     (w / "greek.txt").write_text("\u03b1\u03b2\u03b3 " * 100)

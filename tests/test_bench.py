@@ -48,12 +48,22 @@ def test_table_ratios_are_against_torch_of_the_same_preset(tmp_path) -> None:
     report.save(records, path)
     assert json.loads(path.read_text()) == records
     lines = report.table(report.load([path])).splitlines()
-    assert lines[0].split()[:3] == ["backend", "preset", "ms/iter"]
+    assert lines[0].split()[:4] == ["backend", "preset", "ranks", "ms/iter"]
     rows = {(line.split()[0], line.split()[1]): line for line in lines[2:]}
     assert "1.00x" in rows[("torch", "baby")]
     assert "0.50x" in rows[("mlx", "baby")]
     assert "-x" in rows[("mlx", "medium")]  # no torch record for medium: no ratio
     assert "10.0%" in rows[("mlx", "baby")]
+
+
+def test_table_scaling_is_against_the_same_backends_one_rank() -> None:
+    records = [_record("torch", 2000.0), _record("mlx", 1000.0), {**_record("mlx", 1700.0), "ranks": 2},
+               {**_record("tinygrad", 300.0), "ranks": 2}]
+    rows = [line.split() for line in report.table(records).splitlines()[2:]]
+    by = {(r[0], r[2]): r for r in rows}
+    assert "85%" in by[("mlx", "2")] and "0.85x" in by[("mlx", "2")]
+    assert by[("tinygrad", "2")][8] == "-"  # no one-rank tinygrad record in the run: no scaling figure
+    assert by[("mlx", "1")][8] == "-"  # one rank: no scaling figure
 
 
 def test_hardware_and_versions_describe_this_machine() -> None:

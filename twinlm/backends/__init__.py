@@ -36,19 +36,21 @@ def names() -> tuple[str, ...]:
     return tuple(_MODULES)
 
 
-def get_backend(name: str | None = None) -> Backend:
-    """The backend object for `name` (or $TWINLM_BACKEND, or the default), created once."""
+def get_backend(name: str | None = None, devices: int = 1) -> Backend:
+    """The backend object for `name` (or $TWINLM_BACKEND, or the default), created once; `devices` > 1:
+    tinygrad's data-parallel form over that many devices (see the adapter)."""
     name = check_name(name or os.environ.get(ENV_VAR) or default_name())
-    if name not in _cache:
+    key = name if devices == 1 else f"{name}:{devices}"
+    if key not in _cache:
         try:
             module = importlib.import_module(_MODULES[name])
-            _cache[name] = module.create()
+            _cache[key] = module.create(devices) if devices > 1 else module.create()
         except BackendUnavailable:
             raise
         except Exception as e:  # ImportError, or a framework that fails on this machine
             raise BackendUnavailable(f"backend {name!r} is unavailable ({type(e).__name__}: {e}); "
                                      f"{_HINTS[name]}") from e
-    return _cache[name]
+    return _cache[key]
 
 
 def check_name(name: str) -> str:

@@ -79,6 +79,7 @@ class MLXBackend(Backend):
         self.fused = fused
         self.blas = BLAS
         self.malloc = MALLOC
+        self.group = _group()
         # twinlm's CPU kernels (None: not built, failed to load, TWINLM_KERNELS=0, or not asked for).
         self.kernels = _kernels.load() if fused and kernels else None
 
@@ -88,6 +89,14 @@ class MLXBackend(Backend):
         if K is None or any(x.dtype != mx.float32 for x in xs) or mx.default_device() != mx.cpu:
             return None
         return K
+
+    # ---- data parallel: mx.distributed ---------------------------------------------------------
+    def world(self) -> tuple[int, int]:
+        return (self.group.rank(), self.group.size()) if self.group is not None else (0, 1)
+
+    def all_sum(self, x: Array) -> Array:
+        # Inside mx.compile: measured to compile and run as one graph with the collective in it.
+        return mx.distributed.all_sum(x, group=self.group) if self.group is not None else x
 
     def from_numpy(self, a: np.ndarray) -> Array:
         a = np.asarray(a)
@@ -239,6 +248,16 @@ class MLXBackend(Backend):
 
     def sync(self, *xs: object) -> None:
         mx.eval(*xs)
+
+
+def _group() -> mx.distributed.Group | None:
+    """The data-parallel group when this process was started as a rank (by `twinlm train --ranks N` or
+    `mlx.launch`, which set MLX_RANK), else None. The ring backend unless MLX_DISTRIBUTED_BACKEND says."""
+    if "MLX_RANK" not in os.environ:
+        return None
+    backend = os.environ.get("MLX_DISTRIBUTED_BACKEND", "any")
+    group = mx.distributed.init(strict=True, backend=backend)
+    return group if group.size() > 1 else None
 
 
 def create() -> MLXBackend:

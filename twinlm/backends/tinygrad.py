@@ -1,4 +1,14 @@
-"""tinygrad adapter (0.14): `Tensor.gradient` for autograd, `TinyJit` for the whole train step."""
+"""tinygrad adapter (0.14): `Tensor.gradient` for autograd, `TinyJit` for the whole train step.
+
+With `devices=N` (`twinlm train --ranks N`) one process trains data-parallel on N devices (`CPU:0`,
+`CPU:1`, ... or N GPUs): parameters and optimizer state are replicated (`Tensor.shard` with no axis),
+batch rows and dropout masks are split across the devices, and tinygrad's multi-device graph reduces
+the gradients of the replicated parameters itself, inside the one captured TinyJit: the loss is the
+global batch's own, with no per-rank scaling. tinygrad has no inter-process collective, so this is
+its data-parallel form. On the CPU each device has its own queue and worker thread in tinygrad 0.14
+(a multi-device kernel is written into every device's ring), so the devices can run at once; whether
+that beats one device is measured by `python -m benchmarks.step --backend tinygrad --ranks 1,2`.
+Multi-device graphs skip the JIT cache (it stores single-device buffers)."""
 
 from __future__ import annotations
 
@@ -22,12 +32,22 @@ class TinygradBackend(Backend):
     name = "tinygrad"
     supports_float64 = True
 
-    def __init__(self) -> None:
+    def __init__(self, devices: int = 1) -> None:
         self.device = Device.DEFAULT
+        self.n_devices = devices
+        base = Device.DEFAULT.split(":")[0]
+        self.devices = tuple(f"{base}:{i}" for i in range(devices)) if devices > 1 else None
 
     def from_numpy(self, a: np.ndarray) -> Array:
         a = np.ascontiguousarray(a)
-        return Tensor(a, dtype=_DTYPES[a.dtype]).realize()
+        t = Tensor(a, dtype=_DTYPES[a.dtype])
+        return (t.shard(self.devices) if self.devices else t).realize()  # replicated on every device
+
+    def from_numpy_rows(self, a: np.ndarray, axis: int = 0) -> Array:
+        if not self.devices:
+            return self.from_numpy(a)
+        a = np.ascontiguousarray(a)
+        return Tensor(a, dtype=_DTYPES[a.dtype]).shard(self.devices, axis=axis).realize()
 
     def to_numpy(self, x: Array) -> np.ndarray:
         return x.numpy().copy()
@@ -160,7 +180,9 @@ class _JitStep(Step):
         return [self.state[k] for k in self._names]
 
     def _load_or_capture(self, inputs: tuple[object, ...]) -> Any:
-        if (folder := jitcache.cache_dir()) is not None:
+        # The JIT cache stores single-device graphs only (a multi-device one holds MultiBuffers).
+        multi = getattr(self.backend, "devices", None) is not None
+        if not multi and (folder := jitcache.cache_dir()) is not None:
             state = self._state_list()
             outputs, new = self.fn(dict(zip(self._names, state, strict=True)), *inputs)
             key = jitcache.graph_key([*state, *_tensors(inputs)], [*outputs, *new.values()])
@@ -192,7 +214,7 @@ def _tensors(inputs: Sequence[object]) -> list[Tensor]:
     return out
 
 
-def create() -> TinygradBackend:
+def create(devices: int = 1) -> TinygradBackend:
     if Device.DEFAULT == "CPU" and shutil.which("clang") is None:
         raise RuntimeError("tinygrad's CPU device needs clang on PATH (Debian/Ubuntu: apt-get install clang)")
-    return TinygradBackend()
+    return TinygradBackend(devices)

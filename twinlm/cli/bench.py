@@ -39,17 +39,24 @@ def _harness() -> ModuleType:
 @click.option("--max-seconds", type=float, default=60.0, show_default=True,
               help="Stop timing a backend after this long (at least 3 iterations).")
 @click.option("--threads", type=int, default=None, help="Same thread count for every backend.")
+@click.option("--ranks", default="1", show_default=True,
+              help="Data-parallel ranks to time, comma-separated (e.g. 1,2): MLX processes, tinygrad "
+                   "devices.")
+@click.option("--beam", type=int, default=0, show_default=True,
+              help="tinygrad: BEAM search width (its cost is reported as warm-up).")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the JSON records here.")
 @click.option("--compare", "compare", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="Print a table of saved JSON records instead of running (repeatable).")
 def command(backends: str | None, preset: str, batch: int | None, iters: int, warmup_iters: int,
-            max_seconds: float, threads: int | None, out: str | None, compare: tuple[str, ...]) -> None:
+            max_seconds: float, threads: int | None, ranks: str, beam: int, out: str | None,
+            compare: tuple[str, ...]) -> None:
     """Time the training step per backend, side by side with PyTorch eager; print ratios and MFU."""
     backends = chosen_backend_name(backends) or "all"
     args = ["--compare", *compare] if compare else [
         "--backend", backends, "--preset", preset, "--iters", str(iters), "--warmup-iters", str(warmup_iters),
         "--max-seconds", str(max_seconds), *(["--batch", str(batch)] if batch else []),
-        *(["--threads", str(threads)] if threads else []), *(["--out", out] if out else [])]
+        *(["--threads", str(threads)] if threads else []), *(["--out", out] if out else []),
+        "--ranks", ranks, "--beam", str(beam)]
     try:
         _harness().main(args)
     except SystemExit as e:  # argparse reports bad input by exiting

@@ -27,10 +27,25 @@ def cli(ctx: click.Context, backend: str | None) -> None:
 
 def _register() -> None:
     # Each command module exposes `command`; importing them is cheap (frameworks load lazily).
-    from twinlm.cli import bench, cache, doctor, evaluate, finetune, parity, plot, predict, sample, train
+    from twinlm.cli import (
+        bench,
+        cache,
+        doctor,
+        evaluate,
+        finetune,
+        hf,
+        lora,
+        parity,
+        plot,
+        predict,
+        sample,
+        train,
+    )
 
-    for module in (train, finetune, sample, predict, evaluate, parity, plot, doctor, bench, cache):
+    for module in (train, finetune, lora, sample, predict, evaluate, parity, plot, doctor, bench, cache):
         cli.add_command(module.command)
+    cli.add_command(hf.import_command)
+    cli.add_command(hf.export_command)
 
 
 _register()

@@ -2,23 +2,45 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from typing import Any
 
 import click
 
-from twinlm.cli.common import backend, backend_option
+from twinlm import distributed as D
+from twinlm.backends import TRAINABLE, check_name, default_name, get_backend
+from twinlm.cli.common import backend, backend_option, chosen_backend_name
 from twinlm.core import model, task
-from twinlm.core.config import ACTIVATIONS, NORMS, POS_ENCODINGS, preset_training
+from twinlm.core.config import ACTIVATIONS, LORA_TARGETS, NORMS, POS_ENCODINGS, preset_training
+from twinlm.core.errors import TwinlmError
 from twinlm.core.models import FAMILIES
 from twinlm.core.spec import count
 from twinlm.tasks import classify as C
 from twinlm.tasks.lm import ACCURACY_EXAMPLES as ACCURACY_N
 from twinlm.tasks.lm import TARGET_ACCURACY, SortTask, sort_accuracy
-from twinlm.train import Progress, TrainConfig, Trainer, load_toml
+from twinlm.trainer import Progress, TrainConfig, Trainer, load_toml
 
 INTERRUPTED_EXIT = 130
+
+
+def lora_options(f: Any) -> Any:
+    """--lora-rank and friends, shared by `train --init-from` and `finetune`."""
+    options = [
+        click.option("--lora-rank", type=int, default=None,
+                     help="Train rank-R adapters on the frozen base (LoRA) instead of every weight."),
+        click.option("--lora-alpha", type=float, default=None,
+                     help="Adapter scale alpha / rank (default 2 x rank)."),
+        click.option("--lora-targets", default=None,
+                     help=f"Comma-separated layers to adapt: {', '.join(LORA_TARGETS)}, qkv, fc or all "
+                          "(the default)."),
+        click.option("--lora-dropout", type=float, default=None,
+                     help="Dropout on the adapters' input (default 0)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
 
 
 @click.command("train")
@@ -32,6 +54,10 @@ INTERRUPTED_EXIT = 130
 @click.option("--vocab-size", type=int, default=None, help="BPE vocabulary size.")
 @click.option("--out", default=None, help="Run directory (default: runs/<data name>).")
 @click.option("--resume", default=None, metavar="DIR", help="Continue the run saved in DIR.")
+@click.option("--init-from", "base", default=None, metavar="RUN_DIR",
+              help="Start from the model in RUN_DIR (a run, or an imported Hugging Face model) and fine-tune "
+                   "it on --data; --block-size may shorten its training window.")
+@lora_options
 @click.option("--preset", default=None,
               help="Model size: default, tiny, small, baby, medium (baby and medium also set batch size, lr "
                    "and iterations, unless given).")
@@ -69,25 +95,94 @@ INTERRUPTED_EXIT = 130
 @click.option("--log-every", type=int, default=None)
 @click.option("--seed", type=int, default=None)
 @click.option("--keep", type=int, default=None, help="Checkpoints to keep (plus the best).")
-def command(backend_name: str | None, config_file: str | None, resume: str | None, **flags: Any) -> None:
+@click.option("--ranks", type=int, default=None,
+              help="Data-parallel ranks: MLX starts N local processes (mx.distributed ring), tinygrad uses N "
+                   "devices in one process; the batch is split, results equal one rank's.")
+@click.option("--beam", type=int, default=None,
+              help="tinygrad: BEAM kernel search of this width (time-bounded per kernel, cached per "
+                   "machine).")
+def command(backend_name: str | None, config_file: str | None, resume: str | None, ranks: int | None,
+            beam: int | None, **flags: Any) -> None:
     """Train a model. With no arguments: the built-in digit-sorting task, to a stated accuracy."""
     settings = load_toml(config_file) if config_file else {}
     backend_name = backend_name or settings.pop("backend", None)
     resume = resume or settings.pop("resume", None)
+    ranks = ranks if ranks is not None else settings.pop("ranks", None)
+    beam = beam if beam is not None else settings.pop("beam", None)
+    settings.pop("ranks", None)
+    settings.pop("beam", None)
     settings.update({k: v for k, v in flags.items() if v is not None})
     if not resume:  # a resumed run keeps its own settings
         settings = {**preset_training(settings.get("preset")), **settings}
-    run(TrainConfig(**settings), backend_name, resume)
+    tc = TrainConfig(**settings)
+    devices = parallel_setup(tc, backend_name, ranks, beam, resuming=bool(resume))
+    run(tc, backend_name, resume, devices=devices)
 
 
-def run(tc: TrainConfig, backend_name: str | None, resume: str | None) -> None:
+def parallel_setup(tc: TrainConfig, backend_name: str | None, ranks: int | None, beam: int | None,
+                   resuming: bool = False) -> int:
+    """Check --ranks/--beam; start the local MLX ranks (this process then waits for them and exits) or
+    switch on BEAM. Returns the device count for tinygrad's data-parallel form (else 1)."""
+    for flag, value, low in (("ranks", ranks, 1), ("beam", beam, 0)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise TwinlmError(f"--{flag} must be an integer >= {low}, got {value!r}")
+    name = chosen_backend_name(backend_name) or default_name()
+    check_name(name)
+    if ranks not in (None, 1) and name not in TRAINABLE:
+        raise TwinlmError(f"--ranks needs a backend that trains (mlx or tinygrad), not {name!r}")
+    if beam and name != "tinygrad":
+        raise TwinlmError(f"--beam is tinygrad's kernel search; the backend is {name!r}")
+    if beam:
+        from twinlm.backends import tinygrad_beam
+
+        tinygrad_beam.enable(beam)
+    if not ranks or ranks == 1:
+        return 1
+    tc.check()
+    # A resumed run keeps its checkpoint's batch size, which the Trainer checks.
+    if not resuming and tc.batch_size % ranks:
+        raise TwinlmError(f"batch size {tc.batch_size} does not split evenly over {ranks} ranks; "
+                          f"use a multiple of {ranks}")
+    if name == "tinygrad":
+        return ranks
+    if "MLX_RANK" in os.environ:  # already a rank (mlx.launch, or our own launcher)
+        return 1
+    try:
+        code = D.launch(ranks, without_ranks(sys.argv[1:]))
+    except D.RankFailed as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    sys.exit(code)
+
+
+def without_ranks(argv: list[str]) -> list[str]:
+    """argv without `--ranks N` / `--ranks=N` (each rank runs the same command alone)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--ranks":
+            skip = True
+        elif not a.startswith("--ranks="):
+            out.append(a)
+    return out
+
+
+def run(tc: TrainConfig, backend_name: str | None, resume: str | None, devices: int = 1) -> None:
     """Build the trainer, say what it will do, train, and report: shared by `train` and `finetune`."""
-    B = backend(backend_name)
+    B = backend(backend_name) if devices == 1 else get_backend(chosen_backend_name(backend_name), devices)
     out = click.echo
     from rich.console import Console
 
     console = Console(stderr=False)
-    trainer = Trainer(tc, B, resume=resume, log=lambda m: click.echo(m, err=True))
+    def log(message: str) -> None:
+        click.echo(message, err=True)
+
+    if B.world()[0] != 0:  # only rank 0 reports (errors still reach stderr, as exceptions)
+        def out(*args: Any, **kwargs: Any) -> None:
+            return None
+        log = out
+    trainer = Trainer(tc, B, resume=resume, log=log)
     tc, cfg = trainer.tc, trainer.cfg
     spec = model.param_spec(cfg) if not trainer.tc.freeze_base else trainer.spec
     n_params, n_train = count(spec), count(trainer.spec, trainable_only=True)
@@ -98,7 +193,10 @@ def run(tc: TrainConfig, backend_name: str | None, resume: str | None) -> None:
         scratch = " (from scratch)" if tc.from_scratch else ""
         data = (f"classify {tc.data or C.BUILTIN}  |  {n_examples:,} train examples, labels "
                 f"{', '.join(trainer.labels)}  |  base {tc.base}{scratch}")
-    out(f"backend {B.name}  |  {data}  |  tokenizer {trainer.tokenizer.kind} ({cfg.vocab_size} ids)")
+    rank, ranks = B.world()
+    parallel = f"  |  {ranks} ranks" if ranks > 1 else f"  |  {devices} devices" if devices > 1 else ""
+    out(f"backend {B.name}{parallel}  |  {data}  |  tokenizer {trainer.tokenizer.kind} "
+        f"({cfg.vocab_size} ids)")
     trained = f" ({n_train:,} trained)" if n_train != n_params else ""
     out(f"model {cfg.arch}: {cfg.n_layer} layers, {cfg.n_head} heads"
         f"{f' ({cfg.n_kv_head} kv)' if cfg.n_kv_head != cfg.n_head else ''}, d_model {cfg.d_model}, "
@@ -111,7 +209,8 @@ def run(tc: TrainConfig, backend_name: str | None, resume: str | None) -> None:
     if sorting:
         out(f"task: sort {task.DIGITS} digits; target: >= {TARGET_ACCURACY:.0%} exact match on {ACCURACY_N} "
             "held-out examples")
-    result = trainer.fit(Progress(console, every=tc.log_every * 10, eval_every=tc.eval_every))
+    result = trainer.fit(Progress(console if rank == 0 else None, every=tc.log_every * 10,
+                                  eval_every=tc.eval_every))
     speed = f"{result.tokens_per_s:,.0f} tokens/s" if result.tokens_per_s else "n/a"
     out(f"done: iter {result.iter}  loss {_f(result.loss)}  val loss {_f(result.val_loss)}  "
         f"(best {_f(result.best_val_loss)})  skipped steps {result.skipped}")
@@ -124,7 +223,7 @@ def run(tc: TrainConfig, backend_name: str | None, resume: str | None) -> None:
     if "confusion" in metrics:
         out(f"accuracy: {metrics['accuracy']:.1%} on {metrics['n']} validation examples")
         out(confusion_table(metrics["confusion"], metrics["labels"]))
-    if sorting and not result.interrupted:
+    if sorting and not result.interrupted and rank == 0:
         acc, shown = sort_accuracy(B, cfg, trainer.params(), trainer.tokenizer, ACCURACY_N, samples=8)
         verdict = "reached" if acc >= TARGET_ACCURACY else "NOT reached"
         out(f"accuracy: {acc:.1%} exact match on {ACCURACY_N} held-out examples "
@@ -135,8 +234,9 @@ def run(tc: TrainConfig, backend_name: str | None, resume: str | None) -> None:
         # The checkpoint is written; ignore further Ctrl-C so the exit status stays 130 even while
         # Python shuts down (it restores the default, killing handler then).
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        click.echo(f"interrupted at iter {result.iter}; resume with: twinlm train --resume {trainer.out}",
-                   err=True)
+        if rank == 0:
+            click.echo(f"interrupted at iter {result.iter}; resume with: twinlm train --resume {trainer.out}",
+                       err=True)
         sys.exit(INTERRUPTED_EXIT)
 
 

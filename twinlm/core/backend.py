@@ -115,6 +115,20 @@ class Backend:
     def isfinite(self, x: Array) -> Array:
         raise NotImplementedError
 
+    def from_numpy_rows(self, a: np.ndarray, axis: int = 0) -> Array:
+        """A batch array whose rows (along `axis`) an adapter with several devices splits across them;
+        elsewhere `from_numpy`."""
+        return self.from_numpy(a)
+
+    # ---- data parallel (one process per rank) ------------------------------------------------
+    def world(self) -> tuple[int, int]:
+        """(rank, number of ranks) of this process's data-parallel group; (0, 1) alone."""
+        return 0, 1
+
+    def all_sum(self, x: Array) -> Array:
+        """`x` summed over every rank of the group (inside a compiled step); alone, `x` itself."""
+        return x
+
     # ---- autograd, compile, sync ------------------------------------------------------------
     def value_and_grad(self, fn: Callable[..., Array]) -> Callable[..., tuple[Array, dict[str, Array]]]:
         """`fn(params: dict, *args) -> scalar` becomes `(params, *args) -> (value, grads dict)`."""
@@ -164,6 +178,10 @@ class Backend:
 
     def silu(self, x: Array) -> Array:
         return x / (1.0 + self.exp(-x))
+
+    def lora(self, x: Array, a: Array, b: Array, scale: float) -> Array:
+        """A low-rank adapter's output (x @ a) @ b * scale: x (..., n_in), a (n_in, r), b (r, n_out)."""
+        return ((x @ a) @ b) * scale
 
     def swiglu(self, gate: Array, up: Array) -> Array:
         return self.silu(gate) * up

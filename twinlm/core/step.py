@@ -7,6 +7,11 @@ compile whole:
 Frozen parameters (trainable=False in the family's spec) get no gradient and no optimizer moments;
 gradient accumulation, LoRA or a data-parallel all-reduce slot in between the two parts.
 
+Data-parallel (`all_sum` given): each rank's loss is its share of the global loss (the task scales it,
+see `twinlm.distributed.shard`), so one sum over ranks gives the global loss and gradients exactly.
+The loss, a stop flag and every gradient go through ONE all-reduce of one concatenated float32 vector,
+inside the compiled step; the update then runs identically on every rank.
+
 State is a flat dict: `param.<name>` for every parameter, `m.<name>`, `v.<name>` for trainable ones.
 Inputs are the batch (a dict of arrays, the task's), the dropout masks and three host-computed
 scalars (lr, 1 - b1^t, 1 - b2^t), passed as 0-d arrays so a compiled step never retraces. A step
@@ -93,8 +98,11 @@ def update_part(B: Backend, spec: Spec,
     return update
 
 
-def make_train_step(B: Backend, spec: Spec, opt: optim.AdamWConfig, loss_fn: LossFn) -> StepFn:
-    """`step(state, batch, dropout, lr, bc1, bc2) -> ((loss, grad_norm), new_state)`."""
+def make_train_step(B: Backend, spec: Spec, opt: optim.AdamWConfig, loss_fn: LossFn,
+                    all_sum: Callable[[Array], Array] | None = None) -> StepFn:
+    """`step(state, batch, dropout, lr, bc1, bc2) -> ((loss, grad_norm), new_state)`; with `all_sum`
+    (a sum over ranks of a flat float32 vector), `step(..., bc2, flag) -> ((loss, grad_norm, flag_sum),
+    new_state)`, where `flag` (0-d) is summed with the gradients: how ranks agree to stop together."""
     grads_of, update = grad_part(B, spec, loss_fn), update_part(B, spec, opt)
 
     def step(state: dict[str, Array], batch: dict[str, Array], dropout: dict[str, Array],
@@ -103,27 +111,67 @@ def make_train_step(B: Backend, spec: Spec, opt: optim.AdamWConfig, loss_fn: Los
         gnorm, new = update(state, grads, lr, bc1, bc2)
         return (loss, gnorm), new
 
-    return step
+    if all_sum is None:
+        return step
+
+    def reduced_step(state: dict[str, Array], batch: dict[str, Array], dropout: dict[str, Array],
+                     lr: Array, bc1: Array, bc2: Array,
+                     flag: Array) -> tuple[tuple[Array, Array, Array], dict[str, Array]]:
+        loss, grads = grads_of(params_of(state), batch, dropout)
+        loss, flag, grads = all_sum_fused(B, all_sum, loss, flag, grads)
+        gnorm, new = update(state, grads, lr, bc1, bc2)
+        return (loss, gnorm, flag), new
+
+    return reduced_step
+
+
+def all_sum_fused(B: Backend, all_sum: Callable[[Array], Array], loss: Array, flag: Array,
+                  grads: dict[str, Array]) -> tuple[Array, Array, dict[str, Array]]:
+    """(loss, flag, grads) summed over ranks with one collective on one concatenated vector (one call,
+    not one per tensor: each ring all-reduce has a fixed latency)."""
+    names = list(grads)
+    flat = B.concat([B.reshape(loss, (1,)), B.reshape(flag, (1,)),
+                     *(B.reshape(grads[k], (-1,)) for k in names)], axis=0)
+    total = all_sum(flat)
+    out, at = {}, 2
+    for k in names:
+        shape = tuple(grads[k].shape)
+        size = int(np.prod(shape))
+        out[k] = B.reshape(total[at:at + size], shape)
+        at += size
+    return B.reshape(total[0:1], ()), B.reshape(total[1:2], ()), out
 
 
 def drive(B: Backend, compiled: Any, cfg: ModelConfig, opt: optim.AdamWConfig, batch: dict[str, np.ndarray],
-          it: int, seed: int, *, bias_correction: bool = True) -> tuple[float, float]:
+          it: int, seed: int, *, bias_correction: bool = True,
+          shard: Callable[[dict[str, np.ndarray], dict[str, np.ndarray]], tuple[dict, dict]] | None = None,
+          flag: float | None = None) -> tuple[float, ...]:
     """Run training iteration `it` (0-based) of a compiled `make_train_step` on the numpy `batch`: the host
     side every caller shares. Dropout masks come from (seed, it); with a leading micro-batch axis
     (A, b, ...) they are drawn for all A * b rows, then split, so accumulation drops what one big batch
-    would. `bias_correction=False` is the parity suite's negative control. Returns (loss, grad_norm)."""
+    would. `bias_correction=False` is the parity suite's negative control. Returns (loss, grad_norm).
+
+    Data-parallel: `shard(batch, masks)` takes this rank's rows of the GLOBAL batch and masks (drawn
+    for every row, as one process would), and `flag` is passed to a step built with `all_sum`; then the
+    result is (loss, grad_norm, flag summed over ranks). Batch arrays and masks go through
+    `B.from_numpy_rows`, which splits rows across a backend's devices where it has several."""
     x = batch["x"]
     rows = x.shape[0] * x.shape[1] if x.ndim == 3 else x.shape[0]
     drop = dropout.masks(cfg, rows, x.shape[-1], seed, it)
     if x.ndim == 3:
         drop = {k: m.reshape(*x.shape[:2], *m.shape[1:]) for k, m in drop.items()}
+    if shard is not None:
+        batch, drop = shard(batch, drop)
     lr, bc1, bc2 = step_scalars(it, opt)
     if not bias_correction:
         bc1 = bc2 = np.asarray(1.0, dtype=np.float32)
-    scalars = (B.from_numpy(v) for v in (lr, bc1, bc2))
-    loss, gnorm = compiled({k: B.from_numpy(v) for k, v in batch.items()},
-                           {k: B.from_numpy(m) for k, m in drop.items()}, *scalars)
-    return float(B.to_numpy(loss)), float(B.to_numpy(gnorm))
+    scalars = [B.from_numpy(v) for v in (lr, bc1, bc2)]
+    if flag is not None:
+        scalars.append(B.from_numpy(np.asarray(flag, dtype=np.float32)))
+    axis = 1 if x.ndim == 3 else 0
+    outputs = compiled({k: B.from_numpy_rows(v, axis) for k, v in batch.items()},
+                       {k: B.from_numpy_rows(m, axis) for k, m in drop.items()}, *scalars)
+    return tuple(float(B.to_numpy(o)) for o in outputs)
 
 
 def step_scalars(it: int, opt: optim.AdamWConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

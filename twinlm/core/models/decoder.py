@@ -57,9 +57,9 @@ def dropout_sites(cfg: ModelConfig, batch: int, t: int) -> dict[str, tuple[int, 
 def _block(B: Backend, cfg: ModelConfig, p: L.Params, i: int, x: Array, attend: L.Attend,
            drop: dict[str, Array], rope: tuple[Array, Array] | None) -> Array:
     pre = f"blocks.{i}"
-    y = L.self_attention(B, cfg, p, f"{pre}.attn", i, L.norm(B, cfg, p, f"{pre}.ln_1", x), attend, rope)
+    y = L.self_attention(B, cfg, p, f"{pre}.attn", i, L.norm(B, cfg, p, f"{pre}.ln_1", x), attend, rope, drop)
     x = x + L.residual_dropout(y, drop, f"{pre}.resid_attn")
-    h = L.mlp(B, cfg, p, f"{pre}.mlp", L.norm(B, cfg, p, f"{pre}.ln_2", x))
+    h = L.mlp(B, cfg, p, f"{pre}.mlp", L.norm(B, cfg, p, f"{pre}.ln_2", x), drop)
     return x + L.residual_dropout(h, drop, f"{pre}.resid_mlp")
 
 

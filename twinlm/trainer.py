@@ -9,6 +9,11 @@ the same code the parity suite checks, on every backend.
 Everything a run depends on is a function of (seed, iteration) or saved in the checkpoint: numpy
 parameter init, the batcher's generator state, counter-based dropout masks, and the lr schedule.
 So a resumed run on the same backend continues bit-identically.
+
+Data-parallel (`twinlm.distributed`): with N ranks each process takes its slice of the same global
+batch and dropout masks, one all-reduce per step sums the loss shares and gradients, and the update
+runs identically everywhere. Rank 0 alone evaluates and writes checkpoints and metrics. A checkpoint
+holds no rank count, so a run saved with N ranks resumes with any number.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import contextlib
 import importlib.metadata
 import json
 import math
+import os
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -27,17 +33,20 @@ from typing import Any
 import numpy as np
 
 from twinlm import __version__
+from twinlm import distributed as D
 from twinlm.core import model, optim
 from twinlm.core import spec as SP
 from twinlm.core import step as S
 from twinlm.core import task as sort_task
 from twinlm.core.backend import Array, Backend
-from twinlm.core.checkpoint import load_checkpoint, save_checkpoint
-from twinlm.core.config import PRESETS, ConfigError, ModelConfig
+from twinlm.core.checkpoint import save_checkpoint
+from twinlm.core.config import PRESETS, ConfigError, ModelConfig, lora_targets
 from twinlm.core.data import Dataset, check_fits, prepare
 from twinlm.core.errors import TwinlmError
 from twinlm.core.models import FAMILIES
+from twinlm.core.tensorfile import content_digest
 from twinlm.core.tokenizers import Tokenizer, tokenizer_from_dict
+from twinlm.run_dir import load_run
 from twinlm.run_meta import RunMeta
 from twinlm.tasks import Task
 from twinlm.tasks import classify as C
@@ -61,9 +70,13 @@ class TrainConfig:
 
     data: str | None = None  # None: the built-in task's corpus (classify: the built-in classification task)
     task: str = "auto"  # auto: lm for decoders, mlm for encoders; classify: fine-tune `base` with a head
-    base: str | None = None  # classify: the pretrained run directory whose weights start the model
+    base: str | None = None  # the pretrained run whose weights start the model (--init-from, finetune)
     freeze_base: bool = False  # classify: train only the head (and an encoder's pooler)
     from_scratch: bool = False  # classify: the base's model and tokenizer, but freshly initialised weights
+    lora_rank: int = 0  # > 0: train low-rank adapters on the frozen base (see core.lora)
+    lora_alpha: float | None = None  # None: 2 * rank
+    lora_targets: str | None = None  # comma-separated (config.LORA_TARGETS); None: all of them
+    lora_dropout: float = 0.0
     arch: str | None = None  # None: gpt (or the base run's)
     n_kv_head: int | None = None
     d_ff: int | None = None
@@ -112,8 +125,12 @@ class TrainConfig:
             raise TwinlmError(f"unknown arch {self.arch!r}; choose from {', '.join(FAMILIES)}")
         if self.task not in TASKS:
             raise TwinlmError(f"unknown task {self.task!r}; choose from {', '.join(TASKS)}")
-        if (self.task == "classify") != (self.base is not None):
+        if self.task == "classify" and self.base is None:
             raise TwinlmError("a classify task fine-tunes a base run: give both (twinlm finetune BASE_RUN)")
+        if self.lora_rank and self.base is None:
+            raise TwinlmError("LoRA adapts a pretrained model: give the run to adapt (--init-from RUN_DIR)")
+        if self.base is not None and self.task != "classify" and self.data is None:
+            raise TwinlmError("train --init-from fine-tunes on your text: give --data")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -141,7 +158,9 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as e:
         raise TwinlmError(f"config file {path} is not valid TOML: {e}") from None
     out = {k.replace("-", "_"): v for k, v in raw.items()}
-    unknown = sorted(set(out) - config_keys() - {"backend", "resume"})
+    if "init_from" in out:  # the flag's name for the field `base`
+        out["base"] = out.pop("init_from")
+    unknown = sorted(set(out) - config_keys() - {"backend", "resume", "ranks", "beam"})
     if unknown:
         raise TwinlmError(f"unknown keys in config file {path}: {', '.join(unknown)}; "
                           f"known keys: {', '.join(sorted(config_keys()))}")
@@ -173,13 +192,18 @@ def versions(B: Backend) -> dict[str, str]:
 
 def task_loss(B: Backend, cfg: ModelConfig, task: Task, grad_accum: int = 1) -> S.LossFn:
     """The task's loss; with grad_accum > 1, the mean over the leading micro-batch axis (A, b, ...) of
-    every batch array and dropout mask."""
+    every batch array and dropout mask. A data-parallel rank's batch carries `share` (per micro-batch):
+    its part of the global loss weight, by which its loss is scaled (`twinlm.distributed.sharder`)."""
     def loss_fn(p: dict[str, Array], batch: dict[str, Array], drop: dict[str, Array]) -> Array:
+        share = batch.get("share")
+        batch = {k: v for k, v in batch.items() if k != "share"}
         if grad_accum == 1:
-            return task.loss(B, cfg, p, batch, drop)
+            loss = task.loss(B, cfg, p, batch, drop)
+            return loss if share is None else loss * share
         total = None
         for a in range(grad_accum):
             la = task.loss(B, cfg, p, {k: v[a] for k, v in batch.items()}, {k: m[a] for k, m in drop.items()})
+            la = la if share is None else la * share[a]
             total = la if total is None else total + la
         return total * (1.0 / grad_accum)
     return loss_fn
@@ -237,11 +261,17 @@ class Trainer:
         self.B, self.log = B, log
         if not B.supports_grad:
             raise TwinlmError(f"backend {B.name!r} cannot train (no autograd); use mlx or tinygrad")
+        self.rank, self.ranks = B.world()
+        self.main = self.rank == 0  # rank 0 alone evaluates and writes checkpoints, metrics and progress
+        self.heartbeat = D.Heartbeat(self.rank)
+        self._stop_all = False
         meta: RunMeta | None = None
         arrays: dict[str, np.ndarray] | None = None
+        self.hf_record: dict[str, Any] | None = None
+        self.base_record: dict[str, Any] | None = None
         if resume is not None:
-            arrays, raw = load_checkpoint(Path(resume))
-            meta = RunMeta.from_dict(raw, f"checkpoint in {resume}")
+            arrays, meta = load_run(resume)
+            self.hf_record, self.base_record = meta.hf, meta.base
             run_dir = Path(resume)
             if (run_dir / "manifest.json").exists():  # a checkpoint dir was named: its run dir continues
                 run_dir = run_dir.parent
@@ -249,6 +279,10 @@ class Trainer:
             self.out = Path(tc.out) if tc.out else run_dir
             tc = self._merge_resumed(tc, meta)
         tc.check()
+        split = self.ranks * getattr(B, "n_devices", 1)  # processes x devices each
+        if tc.batch_size % split:
+            raise TwinlmError(f"batch size {tc.batch_size} does not split evenly over {split} ranks/devices; "
+                              f"use a multiple of {split}")
         for name in ("data", "base"):  # absolute, so a resume from another working directory finds them
             if getattr(tc, name) is not None:
                 setattr(tc, name, str(Path(getattr(tc, name)).resolve()))
@@ -260,7 +294,7 @@ class Trainer:
         self.labels: list[str] = []
         if meta is not None:
             cfg, tok, self.labels = meta.model, tokenizer_from_dict(meta.tokenizer), meta.labels
-        elif tc.task == "classify":
+        elif tc.base is not None:
             cfg, tok, base_params, self.labels = self._from_base(tc)
         if resume is None:
             self.out = Path(tc.out or default_out_dir(tc))
@@ -270,9 +304,7 @@ class Trainer:
         self.opt = optimizer_config(tc)
         self.spec = model.param_spec(self.cfg)
         if tc.freeze_base:  # train only what the pretrained model did not: the head (and BERT's pooler)
-            pretrained = model.param_spec(self.cfg.replace(n_classes=0))
-            self.spec = SP.frozen_except(self.spec, [k for k in self.spec if k not in pretrained
-                                                     or not pretrained[k].trainable])
+            self.spec = SP.frozen_except(self.spec, model.new_parameters(self.cfg, self.spec))
 
         if arrays is not None:
             state = self._check_state(arrays)
@@ -291,20 +323,36 @@ class Trainer:
         self.last_metrics: dict[str, Any] = {}
 
     # ---- setup -------------------------------------------------------------------------------
-    @staticmethod
-    def _from_base(tc: TrainConfig) -> tuple[ModelConfig, Tokenizer, dict[str, np.ndarray], list[str]]:
-        """The base run's model with a classification head, its tokenizer, weights and the labels."""
+    def _from_base(self, tc: TrainConfig) -> tuple[ModelConfig, Tokenizer, dict[str, np.ndarray], list[str]]:
+        """The base run's model (with a classification head for classify, adapters for LoRA), its
+        tokenizer, weights and the labels; records the base's digest and Hugging Face origin."""
         from twinlm.generate import load_model
 
-        base_cfg, params, tok, _ = load_model(tc.base)  # type: ignore[arg-type]
-        train, _ = classify_examples(tc)
-        labels = sorted({lab for _, lab in train})
-        if len(labels) < 2:
-            raise TwinlmError(f"classification needs at least two labels; the data has {labels}")
+        fixed = [k for k in MODEL_FIELDS if k not in ("dropout", "block_size") and getattr(tc, k) is not None]
+        if fixed:
+            raise TwinlmError(f"--{fixed[0].replace('_', '-')} shapes a new model; a run from a base keeps "
+                              "the base's model")
+        base_cfg, params, tok, base_meta = load_model(tc.base)  # type: ignore[arg-type]
+        if base_cfg.lora_rank:
+            raise TwinlmError(f"{tc.base} is itself a LoRA run: merge it first (twinlm merge-lora)")
+        labels: list[str] = []
+        if tc.task == "classify":
+            train, _ = classify_examples(tc)
+            labels = sorted({lab for _, lab in train})
+            if len(labels) < 2:
+                raise TwinlmError(f"classification needs at least two labels; the data has {labels}")
         if base_cfg.kind == "encoder":
             tok = encoder_tokenizer(tok)
-        changes = {k: getattr(tc, k) for k in ("dropout",) if getattr(tc, k) is not None}
-        cfg = base_cfg.replace(n_classes=len(labels), **changes)
+        changes: dict[str, Any] = {k: getattr(tc, k) for k in ("dropout",) if getattr(tc, k) is not None}
+        if tc.lora_rank:
+            changes |= dict(lora_rank=tc.lora_rank, lora_alpha=tc.lora_alpha or 0.0,
+                            lora_targets=lora_targets(tc.lora_targets), lora_dropout=tc.lora_dropout)
+        try:
+            cfg = base_cfg.replace(n_classes=len(labels), **changes)
+        except ConfigError as e:
+            raise TwinlmError(str(e)) from None
+        self.hf_record = base_meta.hf
+        self.base_record = {"run": str(Path(str(tc.base)).resolve()), "sha256": content_digest(params)}
         return cfg, tok, params, labels
 
     def _build_task(self, tc: TrainConfig, cfg: ModelConfig | None,
@@ -322,14 +370,20 @@ class Trainer:
             cfg = model_config(tc, ds.tokenizer.vocab_size)
         else:
             ds = prepare(tc.data, tok=tok, errors=tc.errors)
+        window = cfg.block_size
+        if tc.base is not None and tc.block_size is not None:  # a shorter training window than the base's
+            if not 1 < tc.block_size <= cfg.block_size:
+                raise TwinlmError(f"--block-size {tc.block_size}: the base model reads 2 to {cfg.block_size} "
+                                  "tokens")
+            window = tc.block_size
         kind = tc.task if tc.task != "auto" else ("mlm" if cfg.kind == "encoder" else "lm")
         if kind == "lm" and cfg.kind == "encoder":
             raise TwinlmError(f"--arch {cfg.arch} is an encoder: it trains on masked tokens (--task mlm)")
         if kind == "mlm" and cfg.kind == "decoder":
             raise TwinlmError(f"--arch {cfg.arch} is a causal decoder: it trains on next tokens (--task lm)")
-        check_fits(ds, cfg.block_size, tc.batch_size)
+        check_fits(ds, window, tc.batch_size)
         cls = MaskedLM if kind == "mlm" else SortTask if tc.data is None else CausalLM
-        return cfg, cls(ds, tc.batch_size, cfg.block_size, tc.seed, tc.eval_iters), ds
+        return cfg, cls(ds, tc.batch_size, window, tc.seed, tc.eval_iters), ds
 
     @staticmethod
     def _merge_resumed(tc: TrainConfig, meta: RunMeta) -> TrainConfig:
@@ -348,7 +402,7 @@ class Trainer:
         defaults = TrainConfig()
         merged = {k: v for k, v in saved.items() if k in config_keys()}
         fixed = {*MODEL_FIELDS, "data", "tokenizer", "vocab_size", "preset", "task", "base", "freeze_base",
-                 "from_scratch"}
+                 "from_scratch", "lora_rank", "lora_alpha", "lora_targets", "lora_dropout"}
         for name in config_keys() - fixed:
             if getattr(tc, name) != getattr(defaults, name):
                 merged[name] = getattr(tc, name)
@@ -368,7 +422,10 @@ class Trainer:
 
     def _step_fn(self) -> S.StepFn:
         loss_fn = task_loss(self.B, self.cfg, self.task, self.grad_accum)
-        return S.make_train_step(self.B, self.spec, self.opt, loss_fn)
+        if self.ranks == 1:
+            return S.make_train_step(self.B, self.spec, self.opt, loss_fn)
+        all_sum = (lambda x: x) if D.skip_all_reduce() else self.B.all_sum
+        return S.make_train_step(self.B, self.spec, self.opt, loss_fn, all_sum=all_sum)
 
     # ---- one step ----------------------------------------------------------------------------
     def _batch(self, it: int) -> dict[str, np.ndarray]:
@@ -379,11 +436,22 @@ class Trainer:
         model.check_token_ids(batch["x"], self.cfg.vocab_size)
         return batch
 
-    def train_step(self) -> tuple[float, float]:
-        """Run iteration `self.iter`; return (loss, grad_norm). A non-finite step leaves the state as is."""
-        out = S.drive(self.B, self.step, self.cfg, self.opt, self._batch(self.iter), self.iter, self.tc.seed)
+    def train_step(self, stop: bool = False) -> tuple[float, float]:
+        """Run iteration `self.iter`; return (loss, grad_norm). A non-finite step leaves the state as is.
+        With several ranks, `stop` (this rank wants to stop) is summed with the gradients: `stop_all`
+        then says whether any rank does, so all stop after the same step."""
+        batch = self._batch(self.iter)
+        self.heartbeat.start(self.iter)
+        if self.ranks == 1:
+            loss, gnorm = S.drive(self.B, self.step, self.cfg, self.opt, batch, self.iter, self.tc.seed)
+        else:
+            shard = D.sharder(self.rank, self.ranks, accum=self.grad_accum > 1)
+            loss, gnorm, flag = S.drive(self.B, self.step, self.cfg, self.opt, batch, self.iter, self.tc.seed,
+                                        shard=shard, flag=float(stop))
+            self._stop_all = flag > 0
         self.iter += 1
-        return out
+        self.heartbeat.beat(self.iter)
+        return loss, gnorm
 
     # ---- evaluation --------------------------------------------------------------------------
     def params(self) -> dict[str, Array]:
@@ -407,10 +475,16 @@ class Trainer:
                        labels=self.labels, backend=self.B.name, versions=versions(self.B), seed=self.tc.seed,
                        optimizer=self.opt.to_dict(), skipped=self.skipped, best_val_loss=self.best_val,
                        data_source=self.ds.source if self.ds is not None else (self.tc.data or C.BUILTIN),
-                       metrics=self.last_metrics or None)
+                       metrics=self.last_metrics or None, hf=self.hf_record, base=self.base_record)
 
     def save(self, best: bool = False) -> Path:
-        arrays = {k: self.B.to_numpy(v) for k, v in self.step.state.items()}
+        """A checkpoint of the whole state; a run with a base leaves out the weights it keeps frozen
+        (they are the base's, found again by `run_dir.load_run`). Rank 0 alone writes; other ranks return
+        the path rank 0 writes."""
+        if not self.main:
+            return self.out / f"ckpt-{self.iter:08d}"
+        frozen = {f"param.{k}" for k, s in self.spec.items() if not s.trainable and self.base_record}
+        arrays = {k: self.B.to_numpy(v) for k, v in self.step.state.items() if k not in frozen}
         return save_checkpoint(self.out, arrays, self.meta().to_dict(), step=self.iter, keep=self.tc.keep,
                                best=best)
 
@@ -419,14 +493,14 @@ class Trainer:
         tc = self.tc
         start_iter, t_start = self.iter, time.perf_counter()
         self.out.mkdir(parents=True, exist_ok=True)
-        metrics = open(self.out / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        metrics = open(self.out / "metrics.jsonl" if self.main else os.devnull, "a", encoding="utf-8")  # noqa: SIM115
         interrupts = _Interrupts(self.log)
         tokens_per_iter = tc.batch_size * tc.grad_accum * self.cfg.block_size
         compile_s, steady_s, steady_iters = 0.0, 0.0, 0
         loss = val = acc = None
         bad_run = 0
         ckpt: Path | None = None
-        progress = progress or Progress(None)
+        progress = progress if progress is not None and self.main else Progress(None)
         progress.start(start_iter, tc.max_iters)
 
         def emit(event: str, **values: Any) -> None:
@@ -437,9 +511,11 @@ class Trainer:
 
         try:
             with interrupts.installed():
-                while self.iter < tc.max_iters and not interrupts.count:
+                # Alone, stop as soon as interrupted; ranks stop after the step whose summed flag says so.
+                while self.iter < tc.max_iters and not (self._stop_all or
+                                                        self.ranks == 1 and interrupts.count):
                     t0 = time.perf_counter()
-                    loss, gnorm = self.train_step()
+                    loss, gnorm = self.train_step(stop=bool(interrupts.count))
                     dt = time.perf_counter() - t0
                     if self.iter == start_iter + 1:
                         compile_s = dt  # the first step traces and compiles the graph
@@ -463,17 +539,18 @@ class Trainer:
                         emit("train", loss=loss, grad_norm=gnorm, lr=optim.lr_at(self.iter - 1, self.opt),
                              tokens_per_s=tps)
                     progress.update(self.iter, loss=loss, tokens_per_s=tps)
-                    if self.iter % tc.eval_every == 0 or self.iter == tc.max_iters:
+                    if self.main and (self.iter % tc.eval_every == 0 or self.iter == tc.max_iters):
                         val, acc, ckpt = self._evaluate_and_save(emit)
                         progress.update(self.iter, val_loss=val, accuracy=acc)
-                if interrupts.count and (ckpt is None or ckpt.name != f"ckpt-{self.iter:08d}"):
+                stopped = self._stop_all or bool(interrupts.count)
+                if stopped and (ckpt is None or ckpt.name != f"ckpt-{self.iter:08d}"):
                     ckpt = self.save()
                     emit("interrupt")
         finally:
             metrics.close()
             progress.stop()
         return TrainResult(iter=self.iter, loss=loss, val_loss=val, best_val_loss=self.best_val,
-                           skipped=self.skipped, interrupted=bool(interrupts.count), compile_s=compile_s,
+                           skipped=self.skipped, interrupted=stopped, compile_s=compile_s,
                            tokens_per_s=tokens_per_iter * steady_iters / steady_s if steady_s else None,
                            wall_s=time.perf_counter() - t_start, accuracy=acc,
                            checkpoint=str(ckpt) if ckpt else None)
