@@ -144,7 +144,7 @@ def run(backends: list[str], preset: str, batch: int | None, iters: int, warmup_
                     "--max-seconds", str(max_seconds), "--lora-rank", str(lora_rank), "--ranks", str(n),
                     "--beam", str(beam)]
             log(f"[{label}] {preset} batch {batch} ...")
-            if name == "mlx" and n > 1:
+            if name in ("mlx", "mlx-ops") and n > 1:
                 code, err = _launch_ranks(n, args, env), ""
             else:
                 proc = subprocess.run([sys.executable, "-m", "benchmarks.step", *args], text=True,
