@@ -11,7 +11,7 @@ import click
 from twinlm.cli.common import backend, backend_option
 from twinlm.core import model, task
 from twinlm.core.config import ACTIVATIONS, NORMS, POS_ENCODINGS, preset_training
-from twinlm.core.models import FAMILIES
+from twinlm.core.models import FAMILIES, attends
 from twinlm.core.spec import count
 from twinlm.tasks import classify as C
 from twinlm.tasks.lm import ACCURACY_EXAMPLES as ACCURACY_N
@@ -100,9 +100,13 @@ def run(tc: TrainConfig, backend_name: str | None, resume: str | None) -> None:
                 f"{', '.join(trainer.labels)}  |  base {tc.base}{scratch}")
     out(f"backend {B.name}  |  {data}  |  tokenizer {trainer.tokenizer.kind} ({cfg.vocab_size} ids)")
     trained = f" ({n_train:,} trained)" if n_train != n_params else ""
-    out(f"model {cfg.arch}: {cfg.n_layer} layers, {cfg.n_head} heads"
-        f"{f' ({cfg.n_kv_head} kv)' if cfg.n_kv_head != cfg.n_head else ''}, d_model {cfg.d_model}, "
-        f"block {cfg.block_size}, {cfg.norm}, {cfg.activation}, {cfg.pos_encoding} positions: "
+    if attends(cfg):
+        shape = (f"{cfg.n_head} heads{f' ({cfg.n_kv_head} kv)' if cfg.n_kv_head != cfg.n_head else ''}, "
+                 f"d_model {cfg.d_model}, block {cfg.block_size}, {cfg.norm}, {cfg.activation}, "
+                 f"{cfg.pos_encoding} positions")
+    else:  # a recurrence: no heads, feed-forward or positions
+        shape = f"hidden size {cfg.d_model}, block {cfg.block_size} (unrolled), {cfg.norm}"
+    out(f"model {cfg.arch}: {cfg.n_layer} layers, {shape}: "
         f"{n_params:,} parameters{trained}  |  task {trainer.task.name}  |  batch {tc.batch_size} x "
         f"{tc.grad_accum}  |  run dir {trainer.out}")
     if resume:

@@ -19,7 +19,8 @@ from twinlm.core import spec as S
 from twinlm.core.backend import Array, Backend
 from twinlm.core.config import ModelConfig
 
-__all__ = ["KIND", "decode_step", "dropout_sites", "hidden", "lm_logits", "param_spec", "pooled"]
+__all__ = ["KIND", "decode_cache_shapes", "decode_step", "dropout_sites", "hidden", "lm_logits", "param_spec",
+           "pooled"]
 
 KIND = "decoder"
 # Per-layer (k, v) of shape (B, Hkv, T_past, hs), for incremental generation.
@@ -122,6 +123,12 @@ def decode_inputs(pos: int, block_size: int) -> tuple[np.ndarray, np.ndarray, np
     slots = np.arange(block_size)
     return (np.array([pos], dtype=np.int32), (slots == pos).reshape(1, 1, block_size, 1),
             (slots <= pos).reshape(1, block_size))
+
+
+def decode_cache_shapes(cfg: ModelConfig, batch: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Per layer the shapes of the fixed-shape KV cache (k, v) `decode_step` reads and returns."""
+    shape = (batch, cfg.n_kv_head, cfg.block_size, cfg.head_dim)
+    return [(shape, shape)] * cfg.n_layer
 
 
 def decode_step(B: Backend, cfg: ModelConfig, p: L.Params, idx: Array, pos_ids: Array,
