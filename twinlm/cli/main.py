@@ -27,9 +27,23 @@ def cli(ctx: click.Context, backend: str | None) -> None:
 
 def _register() -> None:
     # Each command module exposes `command`; importing them is cheap (frameworks load lazily).
-    from twinlm.cli import bench, cache, doctor, evaluate, finetune, parity, plot, predict, sample, train
+    from twinlm.cli import (
+        attention,
+        bench,
+        cache,
+        doctor,
+        evaluate,
+        experiment,
+        finetune,
+        parity,
+        plot,
+        predict,
+        sample,
+        train,
+    )
 
-    for module in (train, finetune, sample, predict, evaluate, parity, plot, doctor, bench, cache):
+    for module in (train, finetune, sample, predict, evaluate, parity, plot, doctor, bench, cache, experiment,
+                   attention):
         cli.add_command(module.command)
 
 

@@ -13,7 +13,7 @@ class ConfigError(TwinlmError, ValueError):
 
 
 POS_ENCODINGS = ("learned", "sinusoidal", "rope", "none")
-NORMS = ("layernorm", "rmsnorm")
+NORMS = ("layernorm", "rmsnorm", "none")  # none: identity (`twinlm experiment norm-residual`)
 ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu")
 # Fields a family fills in when left None (see each family's DEFAULTS in core/models/).
 FAMILY_FIELDS = ("bias", "pos_encoding", "norm", "activation", "norm_eps", "type_vocab_size")
@@ -36,12 +36,13 @@ class ModelConfig:
     pos_encoding: str | None = None  # "learned" | "sinusoidal" | "rope" | "none"
     arch: str = "gpt"
     n_kv_head: int = 0  # 0: n_head (grouped-query attention when smaller)
-    norm: str | None = None  # "layernorm" | "rmsnorm"
+    norm: str | None = None  # "layernorm" | "rmsnorm" | "none"
     activation: str | None = None  # "gelu" (exact erf) | "gelu_tanh" | "swiglu"
     norm_eps: float | None = None
     rope_theta: float = 10000.0
     type_vocab_size: int | None = None  # BERT's token-type (segment) embeddings; 0: none
     n_classes: int = 0  # > 0: a classification head on the pooled representation
+    residual: bool = True  # False: the decoder blocks drop their skip connections (x = f(norm(x)))
 
     def __post_init__(self) -> None:
         from twinlm.core.models import family  # the registry imports this module
@@ -82,6 +83,9 @@ class ModelConfig:
             raise ConfigError(f"norm_eps must be in (0, 1), got {self.norm_eps!r}")
         if not self.rope_theta > 0:
             raise ConfigError(f"rope_theta must be positive, got {self.rope_theta!r}")
+        if self.residual is not True and (self.residual is not False or self.arch not in ("gpt", "llama")):
+            raise ConfigError(f"residual must be true or false, and only the gpt and llama decoders can drop "
+                              f"it; got {self.residual!r} for --arch {self.arch}")
         for name in ("type_vocab_size", "n_classes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:

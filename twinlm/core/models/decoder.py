@@ -3,6 +3,9 @@
     tokens (B, T) -> wte (+ learned or sinusoidal positions) -> n_layer x [x + attn(norm_1(x));
                      x + mlp(norm_2(x))] -> norm_f -> logits (B, T, V)
 
+(`residual=False` drops the `x +`, `norm="none"` the norms: the ablations of `twinlm experiment
+norm-residual`.)
+
 Rotary positions, when chosen, rotate q and k inside attention instead of adding to x. Dropout masks
 come in from outside (see `core.dropout`) so both backends drop the same units.
 """
@@ -59,9 +62,11 @@ def _block(B: Backend, cfg: ModelConfig, p: L.Params, i: int, x: Array, attend: 
            drop: dict[str, Array], rope: tuple[Array, Array] | None) -> Array:
     pre = f"blocks.{i}"
     y = L.self_attention(B, cfg, p, f"{pre}.attn", i, L.norm(B, cfg, p, f"{pre}.ln_1", x), attend, rope)
-    x = x + L.residual_dropout(y, drop, f"{pre}.resid_attn")
-    h = L.mlp(B, cfg, p, f"{pre}.mlp", L.norm(B, cfg, p, f"{pre}.ln_2", x))
-    return x + L.residual_dropout(h, drop, f"{pre}.resid_mlp")
+    y = L.residual_dropout(y, drop, f"{pre}.resid_attn")
+    x = x + y if cfg.residual else y
+    h = L.residual_dropout(L.mlp(B, cfg, p, f"{pre}.mlp", L.norm(B, cfg, p, f"{pre}.ln_2", x)), drop,
+                           f"{pre}.resid_mlp")
+    return x + h if cfg.residual else h
 
 
 def _positions(B: Backend, cfg: ModelConfig, p: L.Params, rows: Any,
