@@ -35,7 +35,7 @@ def examples(n: int, d: int, block: int, rng: np.random.Generator) -> list[tuple
 def run(ctx: E.Context) -> E.Outcome:
     distances = ctx.pick([2, 12], [2, 4, 8, 16, 32, 48])
     block = ctx.pick(16, 50)
-    steps = ctx.pick(150, 1000)
+    steps = ctx.pick(120, 1000)
     settings = dict(batch_size=32, max_iters=steps, lr=3e-3, warmup=ctx.pick(15, 100))
     rng = np.random.default_rng([ctx.seed, 11])
     alphabet = E.write_corpus(ctx, "alphabet", "\n".join(t for t, _ in examples(200, 1, block, rng)))
@@ -51,8 +51,8 @@ def run(ctx: E.Context) -> E.Outcome:
             ref = bases["gpt"].cfg
             shapes["lstm"] = dict(n_layer=2, d_model=E.matched_width(ref, "lstm", E.n_params(ref)))
     for d in distances:
-        data = write_examples(ctx, f"recall-{d}.csv", examples(ctx.pick(4000, 20_000), d, block, rng))
-        test = examples(ctx.pick(256, 1000), d, block, rng)
+        data = write_examples(ctx, f"recall-{d}.csv", examples(ctx.pick(3000, 20_000), d, block, rng))
+        test = examples(ctx.pick(200, 1000), d, block, rng)
         for arch in ("gpt", "lstm"):
             r = E.train(ctx, f"{arch}-d{d}", task="classify", base=str(bases[arch].trainer.out), data=data,
                         from_scratch=True, **settings)
