@@ -132,6 +132,7 @@ def test_lstm_negative_controls_are_caught(recurrent_suites, name: str) -> None:
         assert not any(c.ok for c in parity.check_op(wrong, case))
 
 
+@pytest.mark.slow  # ~1-3 min: tinygrad compiles every unrolled step's kernels (forward and backward)
 def test_tinygrad_matches_numpy_forward_and_mlx_gradients() -> None:
     cfg = cfg_of("lstm")
     batch = parity.parity_batch(cfg, np.random.default_rng(0), 2, cfg.block_size)
