@@ -33,9 +33,9 @@ def examples(n: int, d: int, block: int, rng: np.random.Generator) -> list[tuple
 
 
 def run(ctx: E.Context) -> E.Outcome:
-    distances = ctx.pick([2, 12], [2, 4, 8, 16, 32, 48])
+    distances = ctx.pick([2, 12], [2, 8, 16, 32, 48])
     block = ctx.pick(16, 50)
-    steps = ctx.pick(120, 1000)
+    steps = ctx.pick(120, 800)
     settings = dict(batch_size=32, max_iters=steps, lr=3e-3, warmup=ctx.pick(15, 100))
     rng = np.random.default_rng([ctx.seed, 11])
     alphabet = E.write_corpus(ctx, "alphabet", "\n".join(t for t, _ in examples(200, 1, block, rng)))

@@ -1,6 +1,6 @@
 """norm-residual: layer normalisation and residual connections are what let a deep stack train.
 
-The same deep GPT (quick: 6 layers; full: 16) trains on the built-in sort corpus four times: with both
+The same deep GPT (quick: 6 layers; full: 12) trains on the built-in sort corpus four times: with both
 LayerNorm and residual connections (the standard pre-norm block), with only one of them, and with neither
 (`norm="none"`, `residual=False` in the model config). A run that diverges is recorded as diverged, with
 the iteration it reached, not raised.
@@ -14,7 +14,7 @@ from twinlm.core import task as sort_task
 from twinlm.experiments import common as E
 
 CLAIM = "Layer normalisation and residual connections stabilise the training of deep stacks."
-ABOUT = ("A deep GPT (quick: 6 layers, full: 16) with / without LayerNorm and residual connections: loss "
+ABOUT = ("A deep GPT (quick: 6 layers, full: 12) with / without LayerNorm and residual connections: loss "
          "curves, divergence recorded. Full: ~8 min on MLX; quick: ~40 s.")
 VARIANTS = {"norm + residual": dict(norm="layernorm", residual=True),
             "residual only": dict(norm="none", residual=True),
@@ -23,8 +23,8 @@ VARIANTS = {"norm + residual": dict(norm="layernorm", residual=True),
 
 
 def run(ctx: E.Context) -> E.Outcome:
-    shape = dict(n_layer=ctx.pick(6, 16), n_head=2, d_model=ctx.pick(32, 64), block_size=32)
-    steps = ctx.pick(120, 1000)
+    shape = dict(n_layer=ctx.pick(6, 12), n_head=2, d_model=ctx.pick(32, 64), block_size=32)
+    steps = ctx.pick(120, 600)
     settings = dict(batch_size=ctx.pick(8, 16), max_iters=steps, lr=3e-3, warmup=ctx.pick(15, 100),
                     eval_iters=4)
     corpus = E.write_corpus(ctx, "corpus", sort_task.builtin_corpus())
