@@ -153,7 +153,7 @@ def test_generation_from_the_state_equals_recomputation(arch: str) -> None:
     p = {k: B.from_numpy(v) for k, v in parity.unit_scale_params(cfg, 2).items()}
     tokens = np.random.default_rng(3).integers(0, cfg.vocab_size, (2, 3)).astype(np.int32)
     rows = {}
-    for strategy in ("full", "kv", "fixed"):  # 3 + 8 > block 8: the window shifts at the end too
+    for strategy in ("full", "kv", "fixed"):  # 3 + 8 > block 4: the window shifts too
         dec, out, toks = make_decoder(B, cfg, p, 2, strategy), [], tokens
         for _ in range(8):
             out.append(dec.next_logits(toks))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -81,6 +82,8 @@ def train(ctx: Context, name: str, **settings: Any) -> Trained:
     """Train one model with the real trainer into ctx.out/runs/NAME; a diverging run is recorded, not raised.
     `settings` are TrainConfig fields; evaluation runs only at the end unless eval_every says otherwise."""
     run_dir = ctx.out / "runs" / name
+    if run_dir.exists():  # an earlier run of this experiment here: start clean (metrics.jsonl appends)
+        shutil.rmtree(run_dir)
     defaults = dict(eval_every=settings.get("max_iters", 1), eval_iters=2, log_every=1, keep=1, seed=ctx.seed,
                     warmup=10)
     tc = TrainConfig(out=str(run_dir), **{**defaults, **settings})
