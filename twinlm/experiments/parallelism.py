@@ -91,6 +91,7 @@ def run(ctx: Context) -> Outcome:
                 f"{growth['lstm']:.1f}x; the LSTM's first step (compile) takes "
                 f"{by[('lstm', top)]['compile_s']:.1f} s vs {by[('gpt', top)]['compile_s']:.1f} s")
     note = ("timings on a shared, loaded CPU: compare ratios, not absolute numbers"
+            + ("; a quick run's few steps at two blocks can rank either way under load" if ctx.quick else "")
             + (f"; LSTM skipped at blocks {skipped} on tinygrad (compile time)" if skipped else ""))
     return Outcome(CLAIM, headline, reproduced=ratio > 1.0,
                    numbers=dict(rows=rows, tokens_per_s_ratio_at_top=ratio, step_time_growth=growth,
