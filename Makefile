@@ -3,6 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+HF_STAMP := $(VENV)/.installed-hf
 
 .PHONY: setup demo test test-all lint bench clean
 
@@ -13,17 +14,22 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	@touch $(STAMP)
 
+# The tests also check twinlm against Hugging Face transformers: the [hf] extra.
+$(HF_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[dev,hf]"
+	@touch $(HF_STAMP)
+
 setup: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/twinlm parity --quick
 	$(BIN)/twinlm train
 
-test: $(STAMP)
+test: $(HF_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -n 2 -q
 
-test-all: $(STAMP)
+test-all: $(HF_STAMP)
 	$(BIN)/python -m pytest -n 2 -q -m "slow or not slow"
 
 lint: $(STAMP)

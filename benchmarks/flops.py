@@ -1,9 +1,10 @@
 """Model FLOPs per token, counted the way nanoGPT/PaLM count them for MFU.
 
 Training costs 3x the forward matmul FLOPs (forward, plus two matmuls per weight in backward):
-6 * N_matmul per token, plus attention 12 * n_layer * d_model * T (q k^T and att v, forward and
-backward, counted over the full T x T square as PaLM's appendix does). Elementwise work, norms and
-the embedding gather are not counted: MFU measures useful matmul work against the GEMM peak.
+6 * N_matmul per token (4 for a frozen weight: its input gradient, but no weight gradient), plus
+attention 12 * n_layer * d_model * T (q k^T and att v, forward and backward, counted over the full
+T x T square as PaLM's appendix does). Elementwise work, norms and the embedding gather are not counted:
+MFU measures useful matmul work against the GEMM peak.
 """
 
 from __future__ import annotations
@@ -14,17 +15,19 @@ from twinlm.core.config import ModelConfig
 from twinlm.core.model import param_spec
 
 
-def matmul_params(cfg: ModelConfig) -> int:
-    """Weights that take part in a matmul, from the family's spec; a tied output head is the embedding."""
+def matmul_params(cfg: ModelConfig, trainable: bool | None = None) -> int:
+    """Weights that take part in a matmul, from the family's spec (only the trainable or frozen ones
+    when `trainable` says which); a tied output head is the embedding."""
     spec = param_spec(cfg)
-    n = sum(math.prod(s.shape) for s in spec.values() if s.matmul)
-    return n + (cfg.d_model * cfg.vocab_size if cfg.tie_embeddings else 0)
+    n = sum(math.prod(s.shape) for s in spec.values() if s.matmul and trainable in (None, s.trainable))
+    tied = cfg.tie_embeddings and trainable in (None, spec["wte.weight"].trainable)
+    return n + (cfg.d_model * cfg.vocab_size if tied else 0)
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> int:
     """Forward + backward FLOPs per token at sequence length `seq_len` (default block_size)."""
     t = cfg.block_size if seq_len is None else seq_len
-    return 6 * matmul_params(cfg) + 12 * cfg.n_layer * cfg.d_model * t
+    return 6 * matmul_params(cfg, True) + 4 * matmul_params(cfg, False) + 12 * cfg.n_layer * cfg.d_model * t
 
 
 def mfu(flops_per_token: float, tokens_per_s: float, peak_flops: float) -> float:

@@ -32,7 +32,8 @@ class TwinlmTrainer:
     def __init__(self, backend: str, cfg: ModelConfig, opt: AdamWConfig, seed: int = 0) -> None:
         self.B = get_backend(backend)
         self.cfg, self.opt, self.seed = cfg, opt, seed
-        state = {k: self.B.from_numpy(v) for k, v in S.init_state(P.init_params(cfg, seed)).items()}
+        spec = model.param_spec(cfg)
+        state = {k: self.B.from_numpy(v) for k, v in S.init_state(P.init_params(cfg, seed), spec).items()}
         step = S.make_train_step(self.B, model.param_spec(cfg), opt, model.lm_loss_fn(self.B, cfg))
         self.compiled = self.B.compile_step(step, state)
         self.info = {"blas": getattr(self.B, "blas", None), "malloc": getattr(self.B, "malloc", None),

@@ -2,6 +2,7 @@
 
     python -m benchmarks.step --backend all --preset baby --out results/baby.json
     python -m benchmarks.step --compare results/baby.json results/medium.json
+    python -m benchmarks.step --backend torch,mlx --preset gpt2 --lora-rank 8      # GPT-2 124M, LoRA
 
 `--backend all` runs torch, mlx and tinygrad one after another, each in its own child process (so
 peak RSS and imports are per backend) against one GEMM peak measured in the same run, then prints a
@@ -25,25 +26,36 @@ from benchmarks import flops, report
 from twinlm.core.errors import TwinlmError
 
 BACKENDS = ("torch", "mlx", "tinygrad")
-BATCH = {"tiny": 4, "small": 8, "baby": 12, "medium": 64}  # nanoGPT's batch sizes for these sizes
+BATCH = {"tiny": 4, "small": 8, "baby": 12, "medium": 64, "gpt2": 4}  # nanoGPT's for the first four
 VOCAB = 65  # Tiny Shakespeare's character set
+# Benchmark-only shapes: GPT-2 124M (its 50257-token vocabulary and tanh GELU) at block 256.
+SHAPES = {"gpt2": dict(n_layer=12, n_head=12, d_model=768, block_size=256, vocab_size=50257,
+                       activation="gelu_tanh")}
+
+
+def bench_config(preset: str, lora_rank: int = 0) -> Any:
+    """The model a benchmark row trains: a preset (or a SHAPES entry), optionally with LoRA adapters."""
+    from twinlm.core.config import ModelConfig
+    from twinlm.core.config import preset as make_preset
+
+    cfg = ModelConfig(**SHAPES[preset]) if preset in SHAPES else make_preset(preset, vocab_size=VOCAB)
+    return cfg.replace(lora_rank=lora_rank) if lora_rank else cfg
 ENV_KEYS = ("BEAM", "DEV", "NUM_CPU_THREADS", "JIT", "CACHEDB", "OMP_", "OPENBLAS_", "MKL_", "TWINLM_",
             "MLX_")
 
 
 def bench_one(backend: str, preset: str, batch: int, iters: int, warmup_iters: int, max_seconds: float,
-              seed: int = 0) -> dict[str, Any]:
+              seed: int = 0, lora_rank: int = 0) -> dict[str, Any]:
     """Warm up (compile), then time `iters` steps (fewer if `max_seconds` runs out, at least 3)."""
     import numpy as np
 
     from benchmarks.runner import make_trainer
-    from twinlm.core.config import preset as make_preset
     from twinlm.core.optim import AdamWConfig
 
-    cfg = make_preset(preset, vocab_size=VOCAB)
+    cfg = bench_config(preset, lora_rank)
     opt = AdamWConfig()
     rng = np.random.default_rng(seed)
-    batches = [rng.integers(0, VOCAB, (2, batch, cfg.block_size)).astype(np.int32) for _ in range(4)]
+    batches = [rng.integers(0, cfg.vocab_size, (2, batch, cfg.block_size)).astype(np.int32) for _ in range(4)]
 
     t0 = time.perf_counter()
     trainer = make_trainer(backend, cfg, opt, seed)
@@ -66,7 +78,8 @@ def bench_one(backend: str, preset: str, batch: int, iters: int, warmup_iters: i
     ms = report.summarize(times)
     tokens = batch * cfg.block_size
     return {
-        "backend": backend, "preset": preset, "config": cfg.to_dict(), "batch": batch,
+        "backend": backend, "preset": preset + (f"+lora{lora_rank}" if lora_rank else ""),
+        "config": cfg.to_dict(), "batch": batch,
         "tokens_per_iter": tokens, "setup_s": setup_s, "warmup_s": sum(warm), "warmup_iters_s": warm,
         "ms_per_iter": ms, "cpu_ms_per_iter": report.summarize(cpu),
         "tokens_per_s": tokens / (ms["median"] / 1e3),
@@ -104,11 +117,10 @@ def thread_env(threads: int | None) -> dict[str, str]:
 
 
 def run(backends: list[str], preset: str, batch: int | None, iters: int, warmup_iters: int,
-        max_seconds: float, threads: int | None = None, log=print) -> list[dict[str, Any]]:
+        max_seconds: float, threads: int | None = None, log=print,
+        lora_rank: int = 0) -> list[dict[str, Any]]:
     """Each backend in a child process, then one GEMM peak measured in the same run for all of them."""
-    from twinlm.core.config import preset as make_preset
-
-    make_preset(preset)  # an unknown preset fails here, with the list of known ones
+    bench_config(preset, lora_rank)  # an unknown preset fails here, with the list of known ones
     batch = batch or BATCH.get(preset, 12)
     env = thread_env(threads)
     records = []
@@ -116,7 +128,8 @@ def run(backends: list[str], preset: str, batch: int | None, iters: int, warmup_
         with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
             cmd = [sys.executable, "-m", "benchmarks.step", "--child", tmp.name, "--backend", name,
                    "--preset", preset, "--batch", str(batch), "--iters", str(iters),
-                   "--warmup-iters", str(warmup_iters), "--max-seconds", str(max_seconds)]
+                   "--warmup-iters", str(warmup_iters), "--max-seconds", str(max_seconds),
+                   "--lora-rank", str(lora_rank)]
             log(f"[{name}] {preset} batch {batch} ...")
             proc = subprocess.run(cmd, text=True, capture_output=True, env=env)
             if proc.returncode != 0:
@@ -137,7 +150,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.step", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backend", default="all", help="mlx | tinygrad | torch | all | comma-separated list")
-    ap.add_argument("--preset", default="baby")
+    ap.add_argument("--preset", default="baby", help="a model preset, or gpt2 (GPT-2 124M at block 256)")
+    ap.add_argument("--lora-rank", type=int, default=0, help="train rank-R LoRA adapters on frozen weights")
     ap.add_argument("--batch", type=int, default=None, help="default: nanoGPT's batch for the preset")
     ap.add_argument("--iters", type=int, default=30, help="timed iterations (after warm-up)")
     ap.add_argument("--warmup-iters", type=int, default=3, help="untimed first steps (compile, JIT capture)")
@@ -155,14 +169,14 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.child:
         report.save(bench_one(args.backend, args.preset, args.batch, args.iters, args.warmup_iters,
-                              args.max_seconds), args.child)
+                              args.max_seconds, lora_rank=args.lora_rank), args.child)
         return
     backends = list(BACKENDS) if args.backend == "all" else args.backend.split(",")
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
         ap.error(f"unknown backend(s) {unknown}; choose from {', '.join(BACKENDS)} or all")
     records = run(backends, args.preset, args.batch, args.iters, args.warmup_iters, args.max_seconds,
-                  args.threads, log=lambda m: print(m, file=sys.stderr, flush=True))
+                  args.threads, log=lambda m: print(m, file=sys.stderr, flush=True), lora_rank=args.lora_rank)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         report.save(records, args.out)  # type: ignore[arg-type]

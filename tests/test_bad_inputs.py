@@ -20,7 +20,7 @@ import pytest
 from conftest import backend_or_skip, run_cli
 
 from twinlm.core.data import default_cache_dir
-from twinlm.train import TrainConfig, Trainer
+from twinlm.trainer import TrainConfig, Trainer
 
 TEXT = "".join(f"line {i}: the {['quick', 'lazy', 'brown'][i % 3]} fox jumps over {i * 7 % 13} dogs.\n"
                for i in range(200))

@@ -15,7 +15,7 @@ from twinlm.core import step as S
 from twinlm.core.checkpoint import load_checkpoint
 from twinlm.core.config import preset
 from twinlm.core.errors import TwinlmError
-from twinlm.train import TrainConfig, Trainer, TrainingDiverged, evaluate_loss, load_toml, task_loss
+from twinlm.trainer import TrainConfig, Trainer, TrainingDiverged, evaluate_loss, load_toml, task_loss
 
 TINY = dict(preset="tiny", block_size=16, batch_size=4, eval_iters=2, warmup=2, log_every=1)
 

@@ -33,7 +33,6 @@ import numpy as np
 
 from twinlm.core import model
 from twinlm.core.backend import Array, Backend
-from twinlm.core.checkpoint import load_checkpoint
 from twinlm.core.config import ModelConfig
 from twinlm.core.errors import TwinlmError
 from twinlm.core.params import check_params
@@ -48,9 +47,11 @@ _fixed_shape_steps: dict[tuple[int, ModelConfig, int], _FixedShapeSteps] = {}
 
 
 def load_model(run_dir: str | Path) -> tuple[ModelConfig, dict[str, np.ndarray], Tokenizer, RunMeta]:
-    """(cfg, numpy params, tokenizer, run record) from a checkpoint dir or a run dir's latest checkpoint."""
-    arrays, raw = load_checkpoint(Path(run_dir))
-    meta = RunMeta.from_dict(raw, f"checkpoint in {run_dir}")
+    """(cfg, numpy params, tokenizer, run record) from a checkpoint dir or a run dir's latest checkpoint
+    (frozen weights from its base run, where it has one)."""
+    from twinlm.run_dir import load_run
+
+    arrays, meta = load_run(run_dir)
     params = {k[len("param."):]: v for k, v in arrays.items() if k.startswith("param.")}
     try:
         check_params(meta.model, params)

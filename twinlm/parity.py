@@ -131,8 +131,8 @@ class Report:
 
 # ---- primitives and composites --------------------------------------------------------------
 
-COMPOSITES = ("erf", "custom_grad", "gelu", "gelu_tanh", "sigmoid", "silu", "swiglu", "rope", "repeat_kv",
-              "softmax", "log_softmax", "layer_norm", "rms_norm", "attention", "cross_entropy")
+COMPOSITES = ("erf", "custom_grad", "gelu", "gelu_tanh", "sigmoid", "silu", "swiglu", "lora", "rope",
+              "repeat_kv", "softmax", "log_softmax", "layer_norm", "rms_norm", "attention", "cross_entropy")
 
 
 @dataclass(frozen=True)
@@ -268,6 +268,8 @@ def op_cases(seed: int = 0) -> list[OpCase]:
         OpCase("silu", lambda B, x: B.silu(x), _np_silu, (2 * x,), composite="silu"),
         OpCase("swiglu", lambda B, a, b: B.swiglu(a, b), lambda a, b: _np_silu(a) * b, (a, b), (0, 1),
                composite="swiglu"),
+        OpCase("lora", lambda B, x, a, b: B.lora(x, a, b, 2.5), lambda x, a, b: (x @ a) @ b * 2.5,
+               (normal(2, 3, 4), normal(4, 2), normal(2, 5)), (0, 1, 2), composite="lora"),
         OpCase("rope", lambda B, x, c, s: B.rope(x, c, s), _np_rope, (xr, cos, sin), composite="rope"),
         OpCase("repeat_kv", lambda B, x: B.repeat_kv(x, 2), lambda x: _np_repeat_kv(x, 2), (xr,),
                composite="repeat_kv"),
@@ -465,6 +467,13 @@ class IgnorePadding:
         return super().attention(q, k, v, mask, dropout)  # type: ignore[misc]
 
 
+class UnscaledLora:
+    """LoRA adapters added without their alpha / rank scale."""
+
+    def lora(self: Any, x: Array, a: Array, b: Array, scale: float) -> Array:
+        return super().lora(x, a, b, 1.0)  # type: ignore[misc]
+
+
 def shifted_causal_mask(t_q: int, t_k: int) -> np.ndarray:
     """The causal mask shifted by one: each query also sees the next token (a leak)."""
     return np.arange(t_k)[None, :] <= np.arange(t_q)[:, None] + (t_k - t_q) + 1
@@ -500,6 +509,8 @@ CONTROLS = (
             applies=lambda c: 1 < c.n_kv_head < c.n_head),  # else every mapping is the same one
     Control("padding-ignored", "attention ignores the padding mask", mixin=IgnorePadding,
             applies=lambda c: c.kind == "encoder"),
+    Control("lora-unscaled", "LoRA adapters without their alpha / rank scale", mixin=UnscaledLora,
+            applies=lambda c: c.lora_rank > 0 and c.lora_scale != 1.0),
     Control("lstm-tanh-gate", "LSTM gates through tanh instead of the sigmoid", mixin=TanhGate,
             applies=lambda c: c.arch == "lstm"),
 )
@@ -631,14 +642,15 @@ def leakage_checks(side: Side, cfg: ModelConfig, params: dict[str, np.ndarray], 
         real = batch["mask"][:, 0, 0, :]
         changed = np.where(real, x, (x + rng.integers(1, cfg.vocab_size, x.shape)) % cfg.vocab_size)
         got = logits_of(changed.astype(np.int32))
-        return [compare(f"{cfg.arch} padding {side.label}", "logits of real positions with padded tokens "
+        return [compare(f"{suite_name(cfg)} padding {side.label}",
+                        "logits of real positions with padded tokens "
                         "changed", got[real], base[real], LEAK_TOL)]
     t_len = x.shape[1]
     for t in sorted({0, t_len // 2, t_len - 2}):
         changed = x.copy()
         shift = rng.integers(1, cfg.vocab_size, x[:, t + 1:].shape)  # every later token really changes
         changed[:, t + 1:] = (x[:, t + 1:] + shift) % cfg.vocab_size
-        checks.append(compare(f"{cfg.arch} causal {side.label}",
+        checks.append(compare(f"{suite_name(cfg)} causal {side.label}",
                               f"logits[:, :{t + 1}] with tokens {t + 1}.. changed",
                               logits_of(changed)[:, :t + 1], base[:, :t + 1], LEAK_TOL))
     return checks
@@ -708,7 +720,7 @@ def fd_gradient_checks(B: Backend, cfg: ModelConfig, params: dict[str, np.ndarra
     value_and_grad = B.value_and_grad(lambda p, b: side_loss(side, cfg, {**frozen, **p}, b))
     loss, grads = value_and_grad({k: B.from_numpy(v) for k, v in p64.items() if spec[k].trainable}, arrays)
     B.sync(loss, *grads.values())
-    group = f"{cfg.arch} {B.name} float64 finite differences"
+    group = f"{suite_name(cfg)} {B.name} float64 finite differences"
     ref = NumpyBackend()
     ref_loss = side_loss(Side.clean(ref), cfg, p64, _on(ref, batch))
     checks = [compare(group, "loss vs numpy float64", B.to_numpy(loss), ref_loss, FLOAT64_LOSS_TOL)]
@@ -728,16 +740,24 @@ def fd_gradient_checks(B: Backend, cfg: ModelConfig, params: dict[str, np.ndarra
 # ---- the suite ----------------------------------------------------------------------------------
 
 PHASES = ("primitives", "fused", "model", "causal", "train", "float64")
-ARCHS = ("gpt", "llama", "bert", "lstm", "rnn")
+ARCHS = ("gpt", "llama", "bert", "lora", "lstm", "rnn")  # "lora": GPT with LoRA adapters on every block layer
 # The recurrent baselines unroll their window in the graph, and tinygrad compiles every unrolled step's
 # kernels (minutes for 16 steps here): 4 steps check the recurrence (state carried across 3 transitions,
 # every gradient through it) and keep the suite's growth small.
 RECURRENT_BLOCK = 4
 
 
+def suite_name(cfg: ModelConfig) -> str:
+    return f"{cfg.arch}+lora" if cfg.lora_rank else cfg.arch
+
+
 def arch_config(arch: str, preset_name: str = "small", vocab_size: int = 65) -> ModelConfig:
     """The parity suite's model of each family: Llama with grouped-query attention (half the heads
-    as kv heads) and an untied head, so every option's code path runs."""
+    as kv heads) and an untied head, so every option's code path runs; "lora" is GPT with rank-4
+    adapters (scale 2, dropout 0.1 on their input) on the frozen weights."""
+    if arch == "lora":
+        gpt = arch_config("gpt", preset_name, vocab_size)
+        return gpt.replace(lora_rank=4, lora_alpha=8.0, lora_dropout=0.1)
     extra: dict[str, Any] = {}
     if arch == "llama":  # at least 2 kv heads of 2 queries each, so a wrong head mapping shows
         n_head = max(4, preset(preset_name, vocab_size=vocab_size).n_head)
@@ -757,7 +777,7 @@ class Suite:
         # Sides with autograd first, so the float64 numpy reference is always the `want` side.
         self.backends = sorted(backends, key=lambda B: not B.supports_grad)
         self.cfg, self.steps, self.seed, self.dropout, self.batch = cfg, steps, seed, dropout, batch
-        self.fd_cfg = fd_cfg or arch_config(cfg.arch, "tiny", cfg.vocab_size)
+        self.fd_cfg = fd_cfg or arch_config("lora" if cfg.lora_rank else cfg.arch, "tiny", cfg.vocab_size)
         self.progress = progress or (lambda msg: None)
         self.params = init_params(cfg, seed)
         self.data = parity_batch(cfg, np.random.default_rng([seed, 0]), batch, cfg.block_size)
@@ -770,7 +790,7 @@ class Suite:
     def _cached(self, side: Side, what: str, compute: Callable[[], Any]) -> Any:
         key = (side.label, what)
         if key not in self._cache:
-            self.progress(f"{self.cfg.arch} {what}: {side.label}")
+            self.progress(f"{suite_name(self.cfg)} {what}: {side.label}")
             self._cache[key] = compute()
         return self._cache[key]
 
@@ -811,7 +831,7 @@ class Suite:
             for a, b in pairs:
                 runs = [self._cached(s, f"model ({weights} weights)", lambda s=s, p=params: model_run(
                     s, self.cfg, p, self.data)) for s in (a, b)]
-                group = f"{self.cfg.arch} model ({weights} weights) {a.label} vs {b.label}"
+                group = f"{suite_name(self.cfg)} model ({weights} weights) {a.label} vs {b.label}"
                 report.extend(compare_model(group, *runs))
 
     def _phase_causal(self, sides: list[Side], pairs: list, control: Control | None, report: Report) -> None:
@@ -830,8 +850,8 @@ class Suite:
             for a, b in trainable:
                 runs = [self._cached(s, f"train dropout {p:g}", lambda s=s, c=cfg, data=batches: train_run(
                     s, c, self.params, data, opt, self.seed)) for s in (a, b)]
-                report.extend(compare_train(f"{self.cfg.arch} train dropout {p:g} {a.label} vs {b.label}",
-                                            *runs))
+                group = f"{suite_name(self.cfg)} train dropout {p:g} {a.label} vs {b.label}"
+                report.extend(compare_train(group, *runs))
 
     def _phase_float64(self, sides: list[Side], pairs: list, control: Control | None, report: Report) -> None:
         if control is not None:

@@ -28,6 +28,8 @@ class RunMeta:
     best_val_loss: float | None = None
     data_source: str | None = None
     metrics: dict[str, Any] | None = None  # the last evaluation's
+    hf: dict[str, Any] | None = None  # an imported Hugging Face model's architecture and config files
+    base: dict[str, Any] | None = None  # {"run", "sha256"}: the pretrained run this one's frozen weights are
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -51,7 +53,8 @@ class RunMeta:
             "task_state": (dict, type(None)), "labels": (list,), "backend": (str, type(None)),
             "versions": (dict,), "seed": (int, type(None)), "optimizer": (dict,), "skipped": (int,),
             "best_val_loss": (int, float, type(None)), "data_source": (str, type(None)),
-            "metrics": (dict, type(None))}
+            "metrics": (dict, type(None)), "hf": (dict, type(None)),
+            "base": (dict, type(None))}
         values: dict[str, Any] = {}
         for name, types in kinds.items():
             if name not in d or (d[name] is None and name in ("labels", "train", "versions", "optimizer")):

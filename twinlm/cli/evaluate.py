@@ -16,7 +16,7 @@ from twinlm.core.errors import TwinlmError
 from twinlm.core.tokenizers import Tokenizer
 from twinlm.run_meta import RunMeta
 from twinlm.tasks.lm import ACCURACY_EXAMPLES, sort_accuracy
-from twinlm.train import TrainConfig, classify_examples, eval_step, evaluate_loss, evaluate_task
+from twinlm.trainer import TrainConfig, classify_examples, eval_step, evaluate_loss, evaluate_task
 
 
 @click.command("eval")

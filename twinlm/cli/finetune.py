@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 
 from twinlm.cli.common import backend_option
-from twinlm.cli.train import run
-from twinlm.train import TrainConfig
+from twinlm.cli.train import lora_options, run
+from twinlm.trainer import TrainConfig
 
 
 @click.command("finetune")
@@ -17,6 +17,7 @@ from twinlm.train import TrainConfig
                    "sorted-or-not task, written in the built-in corpus's language).")
 @click.option("--out", default=None, help="Run directory (default: runs/<base>-<data name>).")
 @click.option("--freeze-base", is_flag=True, help="Train only the head (and BERT's pooler).")
+@lora_options
 @click.option("--from-scratch", is_flag=True,
               help="The base's model and tokenizer with fresh weights: the baseline fine-tuning should beat.")
 @click.option("--max-iters", type=int, default=300, show_default=True)

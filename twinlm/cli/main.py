@@ -35,6 +35,8 @@ def _register() -> None:
         evaluate,
         experiment,
         finetune,
+        hf,
+        lora,
         parity,
         plot,
         predict,
@@ -42,9 +44,11 @@ def _register() -> None:
         train,
     )
 
-    for module in (train, finetune, sample, predict, evaluate, parity, plot, doctor, bench, cache, experiment,
-                   attention):
+    for module in (train, finetune, lora, sample, predict, evaluate, parity, plot, doctor, bench, cache,
+                   experiment, attention):
         cli.add_command(module.command)
+    cli.add_command(hf.import_command)
+    cli.add_command(hf.export_command)
 
 
 _register()

@@ -76,7 +76,7 @@ def _self_test(console: Console, suites: list[parity.Suite]) -> bool:
         first = report.first_failure
         all_caught &= first is not None
         injected = next(B.name for B in suite.backends if B.supports_grad)
-        table.add_row(suite.cfg.arch, f"{control.name}: {control.description}", injected,
+        table.add_row(parity.suite_name(suite.cfg), f"{control.name}: {control.description}", injected,
                       f"{len(report.failures)}/{len(report.checks)}",
                       first.label if first else "-", f"{first.margin:.3g}" if first else "-",
                       "[green]caught[/]" if first else "[bold red]MISSED[/]")

@@ -10,7 +10,7 @@ from twinlm.core import model
 from twinlm.core.backend import Array, Backend
 from twinlm.core.config import ModelConfig
 from twinlm.core.errors import TwinlmError
-from twinlm.core.tokenizers import SpecialTokens, Tokenizer
+from twinlm.core.tokenizers import Tokenizer
 
 
 @click.command("predict")
@@ -62,7 +62,7 @@ def _classify(B: Backend, cfg: ModelConfig, params: dict[str, Array], tok: Token
 
 def _fill_masks(B: Backend, cfg: ModelConfig, params: dict[str, Array], tok: Tokenizer, text: str,
                 top: int) -> None:
-    if not isinstance(tok, SpecialTokens) or "[MASK]" not in tok.specials:
+    if not {"[MASK]", "[CLS]"} <= set(tok.specials):
         raise TwinlmError("this run's tokenizer has no [MASK] token")
     ids = np.concatenate([[tok.id_of("[CLS]")], tok.encode(text)]).astype(np.int32)
     if len(ids) > cfg.block_size:
@@ -71,7 +71,8 @@ def _fill_masks(B: Backend, cfg: ModelConfig, params: dict[str, Array], tok: Tok
     if where.size == 0:
         raise TwinlmError(f"no [MASK] in {text!r}: write [MASK] where the model should fill in a token")
     logits = B.to_numpy(model.logits(B, cfg, params, B.from_numpy(ids[None, :])))[0].astype(np.float64)
-    logits[:, tok.base.vocab_size:] = -np.inf  # fill in ordinary tokens only
+    logits[:, tok.n_plain:] = -np.inf  # fill in ordinary tokens only
+    logits[:, [tok.id_of(s) for s in tok.specials]] = -np.inf
     filled = ids.copy()
     notes = []
     for pos in where:

@@ -10,15 +10,33 @@ import click
 
 from twinlm.cli.common import backend, backend_option
 from twinlm.core import model, task
-from twinlm.core.config import ACTIVATIONS, NORMS, POS_ENCODINGS, preset_training
+from twinlm.core.config import ACTIVATIONS, LORA_TARGETS, NORMS, POS_ENCODINGS, preset_training
 from twinlm.core.models import FAMILIES, attends
 from twinlm.core.spec import count
 from twinlm.tasks import classify as C
 from twinlm.tasks.lm import ACCURACY_EXAMPLES as ACCURACY_N
 from twinlm.tasks.lm import TARGET_ACCURACY, SortTask, sort_accuracy
-from twinlm.train import Progress, TrainConfig, Trainer, load_toml
+from twinlm.trainer import Progress, TrainConfig, Trainer, load_toml
 
 INTERRUPTED_EXIT = 130
+
+
+def lora_options(f: Any) -> Any:
+    """--lora-rank and friends, shared by `train --init-from` and `finetune`."""
+    options = [
+        click.option("--lora-rank", type=int, default=None,
+                     help="Train rank-R adapters on the frozen base (LoRA) instead of every weight."),
+        click.option("--lora-alpha", type=float, default=None,
+                     help="Adapter scale alpha / rank (default 2 x rank)."),
+        click.option("--lora-targets", default=None,
+                     help=f"Comma-separated layers to adapt: {', '.join(LORA_TARGETS)}, qkv, fc or all "
+                          "(the default)."),
+        click.option("--lora-dropout", type=float, default=None,
+                     help="Dropout on the adapters' input (default 0)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
 
 
 @click.command("train")
@@ -32,6 +50,10 @@ INTERRUPTED_EXIT = 130
 @click.option("--vocab-size", type=int, default=None, help="BPE vocabulary size.")
 @click.option("--out", default=None, help="Run directory (default: runs/<data name>).")
 @click.option("--resume", default=None, metavar="DIR", help="Continue the run saved in DIR.")
+@click.option("--init-from", "base", default=None, metavar="RUN_DIR",
+              help="Start from the model in RUN_DIR (a run, or an imported Hugging Face model) and fine-tune "
+                   "it on --data; --block-size may shorten its training window.")
+@lora_options
 @click.option("--preset", default=None,
               help="Model size: default, tiny, small, baby, medium (baby and medium also set batch size, lr "
                    "and iterations, unless given).")

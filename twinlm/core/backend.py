@@ -170,6 +170,10 @@ class Backend:
     def silu(self, x: Array) -> Array:
         return x / (1.0 + self.exp(-x))
 
+    def lora(self, x: Array, a: Array, b: Array, scale: float) -> Array:
+        """A low-rank adapter's output (x @ a) @ b * scale: x (..., n_in), a (n_in, r), b (r, n_out)."""
+        return ((x @ a) @ b) * scale
+
     def swiglu(self, gate: Array, up: Array) -> Array:
         return self.silu(gate) * up
 

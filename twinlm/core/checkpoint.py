@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
+import os
 import re
 import uuid
 import warnings
@@ -232,13 +234,21 @@ def load_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     try:
         # The manifest already vouches for the bytes; checkpoints from before the digest have none.
         arrays = tensorfile.loads(files[STATE_FILE], f"{path / STATE_FILE}", require_digest=False)
-        meta = json.loads(files[META_FILE].decode("utf-8"))
+        meta = json.loads(bytes(files[META_FILE]).decode("utf-8"))
     except (TwinlmError, ValueError) as e:  # hashes matched: a file written wrong, not damage in storage
         raise CheckpointError(f"checkpoint {path} cannot be decoded: {e}") from None
     return arrays, meta
 
 
-def _verified_files(ckpt: Path) -> dict[str, bytes]:
+def _read(path: Path) -> Any:
+    """The file's bytes as a read-only memory map (arrays loaded from it are views, not copies)."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return b""
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+def _verified_files(ckpt: Path) -> dict[str, Any]:
     """Each file the manifest lists, read once and checked against its recorded size and SHA-256."""
     try:
         manifest = json.loads((ckpt / MANIFEST_FILE).read_text(encoding="utf-8"))
@@ -254,7 +264,7 @@ def _verified_files(ckpt: Path) -> dict[str, bytes]:
     out = {}
     for fname, want in listed.items():
         try:
-            data = (ckpt / fname).read_bytes()
+            data = _read(ckpt / fname)
         except FileNotFoundError:
             raise CheckpointError(f"checkpoint {ckpt} is incomplete: {fname} is missing") from None
         except OSError as e:

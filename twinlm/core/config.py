@@ -15,6 +15,9 @@ class ConfigError(TwinlmError, ValueError):
 POS_ENCODINGS = ("learned", "sinusoidal", "rope", "none")
 NORMS = ("layernorm", "rmsnorm", "none")  # none: identity (`twinlm experiment norm-residual`)
 ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu")
+# Layers LoRA can adapt, named within a block; short aliases that name one of them unambiguously.
+LORA_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
+LORA_ALIASES = {"qkv": "attn.qkv", "fc": "mlp.fc", "all": LORA_TARGETS}
 # Fields a family fills in when left None (see each family's DEFAULTS in core/models/).
 FAMILY_FIELDS = ("bias", "pos_encoding", "norm", "activation", "norm_eps", "type_vocab_size")
 
@@ -42,6 +45,10 @@ class ModelConfig:
     rope_theta: float = 10000.0
     type_vocab_size: int | None = None  # BERT's token-type (segment) embeddings; 0: none
     n_classes: int = 0  # > 0: a classification head on the pooled representation
+    lora_rank: int = 0  # > 0: low-rank adapters on `lora_targets`; every pretrained weight is frozen
+    lora_alpha: float = 0.0  # adapter output scale alpha / rank; 0: 2 * rank
+    lora_targets: tuple[str, ...] = ()  # () : all of LORA_TARGETS
+    lora_dropout: float = 0.0  # dropout on each adapter's input
     residual: bool = True  # False: the decoder blocks drop their skip connections (x = f(norm(x)))
 
     def __post_init__(self) -> None:
@@ -83,6 +90,9 @@ class ModelConfig:
             raise ConfigError(f"norm_eps must be in (0, 1), got {self.norm_eps!r}")
         if not self.rope_theta > 0:
             raise ConfigError(f"rope_theta must be positive, got {self.rope_theta!r}")
+        self._check_lora()
+        if self.lora_rank and getattr(fam, "RECURRENT", False):
+            raise ConfigError(f"LoRA adapts attention and MLP layers; --arch {self.arch} has none")
         if self.residual is not True and (self.residual is not False or self.arch not in ("gpt", "llama")):
             raise ConfigError(f"residual must be true or false, and only the gpt and llama decoders can drop "
                               f"it; got {self.residual!r} for --arch {self.arch}")
@@ -90,6 +100,25 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
+
+    def _check_lora(self) -> None:
+        r = self.lora_rank
+        if not isinstance(r, int) or isinstance(r, bool) or r < 0:
+            raise ConfigError(f"lora_rank must be a non-negative integer, got {r!r}")
+        if not r:
+            if self.lora_targets or self.lora_alpha or self.lora_dropout:
+                raise ConfigError("lora_alpha, lora_targets and lora_dropout need lora_rank > 0")
+            return
+        object.__setattr__(self, "lora_alpha", float(self.lora_alpha or 2 * r))
+        if not self.lora_alpha > 0:
+            raise ConfigError(f"lora_alpha must be positive, got {self.lora_alpha!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        object.__setattr__(self, "lora_targets", lora_targets(self.lora_targets))
+
+    @property
+    def lora_scale(self) -> float:
+        return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
 
     @property
     def head_dim(self) -> int:
@@ -111,10 +140,31 @@ class ModelConfig:
         unknown = set(d) - known
         if unknown:
             raise ConfigError(f"unknown model config keys: {sorted(unknown)}")
+        if isinstance(d.get("lora_targets"), list):  # JSON has no tuples
+            d = {**d, "lora_targets": tuple(d["lora_targets"])}
         return cls(**d)
 
     def replace(self, **changes: Any) -> ModelConfig:
         return replace(self, **changes)
+
+    def without_lora(self) -> ModelConfig:
+        return replace(self, lora_rank=0, lora_alpha=0.0, lora_targets=(), lora_dropout=0.0)
+
+
+def lora_targets(names: Any) -> tuple[str, ...]:
+    """LoRA target names (a comma-separated string or a sequence; aliases resolved), in LORA_TARGETS order."""
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    chosen: set[str] = set()
+    for name in names or ["all"]:
+        found = LORA_ALIASES.get(name, name)
+        found = (found,) if isinstance(found, str) else found
+        if not set(found) <= set(LORA_TARGETS):
+            hint = " (both projections are named proj: say attn.proj or mlp.proj)" if name == "proj" else ""
+            raise ConfigError(f"unknown LoRA target {name!r}{hint}; choose from {', '.join(LORA_TARGETS)}, "
+                              f"qkv, fc or all")
+        chosen.update(found)
+    return tuple(t for t in LORA_TARGETS if t in chosen)
 
 
 # Named sizes. "baby" is nanoGPT's CPU baby GPT (4 layers, 4 heads, 128 wide, block 64).

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from twinlm.core.config import ModelConfig
+from twinlm.core.layers import lora_dropout_sites
 from twinlm.core.models import family
 
 
@@ -19,11 +20,13 @@ def sites(cfg: ModelConfig, batch: int, t: int) -> dict[str, tuple[int, ...]]:
 
 
 def masks(cfg: ModelConfig, batch: int, t: int, seed: int, step: int) -> dict[str, np.ndarray]:
-    """Keep-masks scaled by 1/(1-p) (inverted dropout), float32; empty when dropout is 0."""
-    p = cfg.dropout
-    if p == 0.0:
-        return {}
+    """Keep-masks scaled by 1/(1-p) (inverted dropout), float32: the model's sites at rate `dropout`, then
+    LoRA adapters' inputs at `lora_dropout`; empty when both are 0."""
     rng = np.random.Generator(np.random.Philox(key=np.array([seed, step], dtype=np.uint64)))
-    scale = np.float32(1.0 / (1.0 - p))
-    return {name: (rng.random(shape, dtype=np.float32) >= p).astype(np.float32) * scale
-            for name, shape in sites(cfg, batch, t).items()}
+    out: dict[str, np.ndarray] = {}
+    for p, where in ((cfg.dropout, sites), (cfg.lora_dropout, lora_dropout_sites)):
+        if p > 0.0:
+            scale = np.float32(1.0 / (1.0 - p))
+            out |= {name: (rng.random(shape, dtype=np.float32) >= p).astype(np.float32) * scale
+                    for name, shape in where(cfg, batch, t).items()}
+    return out

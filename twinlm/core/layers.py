@@ -68,10 +68,22 @@ def padding_mask(lengths: np.ndarray, t: int) -> np.ndarray:
 # ---- parameter specs ---------------------------------------------------------------------------
 
 def linear_spec(cfg: ModelConfig, name: str, n_in: int, n_out: int, std: float = S.INIT_STD) -> S.Spec:
+    """weight (in, out) and bias; plus LoRA's a (in, r) ~ N(0, 1/in) and b (r, out) = 0 where the config
+    adapts this layer, so an adapted model starts exactly as the pretrained one."""
     out = {f"{name}.weight": S.weight(n_in, n_out, std)}
     if cfg.bias:
         out[f"{name}.bias"] = S.bias(n_out)
+    if lora_target(cfg, name):
+        r = cfg.lora_rank
+        out[f"{name}.lora_a"] = S.ParamSpec((n_in, r), "normal", n_in ** -0.5, decay=False, matmul=True)
+        out[f"{name}.lora_b"] = S.ParamSpec((r, n_out), "zeros", decay=False, matmul=True)
     return out
+
+
+def lora_target(cfg: ModelConfig, name: str) -> bool:
+    """Whether LoRA adapts the linear layer `name`: a block's layer (blocks.<i>.<target>) in lora_targets."""
+    parts = name.split(".")
+    return bool(cfg.lora_rank) and parts[0] == "blocks" and ".".join(parts[2:]) in cfg.lora_targets
 
 
 def norm_spec(cfg: ModelConfig, name: str) -> S.Spec:
@@ -106,10 +118,24 @@ def classifier_spec(cfg: ModelConfig) -> S.Spec:
 
 # ---- layers ------------------------------------------------------------------------------------
 
-def linear(B: Backend, p: Params, name: str, x: Array) -> Array:
+def linear(B: Backend, cfg: ModelConfig, p: Params, name: str, x: Array,
+           drop: dict[str, Array] | None = None) -> Array:
+    """x @ W + b, plus the LoRA adapter's (dropout(x) @ a) @ b * alpha / r where the layer has one."""
     y = x @ p[f"{name}.weight"]
     b = p.get(f"{name}.bias")
-    return y if b is None else y + b
+    y = y if b is None else y + b
+    if f"{name}.lora_a" in p:
+        x_in = residual_dropout(x, drop or {}, f"{name}.lora")
+        y = y + B.lora(x_in, p[f"{name}.lora_a"], p[f"{name}.lora_b"], cfg.lora_scale)
+    return y
+
+
+def lora_dropout_sites(cfg: ModelConfig, batch: int, t: int) -> dict[str, tuple[int, ...]]:
+    """The input of every adapter, where LoRA's dropout (rate lora_dropout) applies."""
+    from twinlm.core.model import param_spec
+
+    return {name[:-len(".lora_a")] + ".lora": (batch, t, s.shape[0])
+            for name, s in param_spec(cfg).items() if name.endswith(".lora_a")}
 
 
 def norm(B: Backend, cfg: ModelConfig, p: Params, name: str, x: Array) -> Array:
@@ -120,19 +146,21 @@ def norm(B: Backend, cfg: ModelConfig, p: Params, name: str, x: Array) -> Array:
     return B.layer_norm(x, p[f"{name}.weight"], p.get(f"{name}.bias"), cfg.norm_eps)
 
 
-def mlp(B: Backend, cfg: ModelConfig, p: Params, name: str, x: Array) -> Array:
-    h = linear(B, p, f"{name}.fc", x)
+def mlp(B: Backend, cfg: ModelConfig, p: Params, name: str, x: Array,
+        drop: dict[str, Array] | None = None) -> Array:
+    h = linear(B, cfg, p, f"{name}.fc", x, drop)
     if cfg.activation == "swiglu":
         h = B.swiglu(h[..., :cfg.d_ff], h[..., cfg.d_ff:])
     elif cfg.activation == "gelu_tanh":
         h = B.gelu_tanh(h)
     else:
         h = B.gelu(h)
-    return linear(B, p, f"{name}.proj", h)
+    return linear(B, cfg, p, f"{name}.proj", h, drop)
 
 
 def self_attention(B: Backend, cfg: ModelConfig, p: Params, name: str, layer: int, x: Array,
-                   attend: Attend, rope: tuple[Array, Array] | None) -> Array:
+                   attend: Attend, rope: tuple[Array, Array] | None,
+                   drop: dict[str, Array] | None = None) -> Array:
     """Multi-head (grouped-query when n_kv_head < n_head) self-attention of x (B, T, C); `rope` is the
     (cos, sin) rows of x's positions when the config uses rotary positions."""
     batch, t, C = x.shape
@@ -141,7 +169,7 @@ def self_attention(B: Backend, cfg: ModelConfig, p: Params, name: str, layer: in
     def heads(z: Array, n: int) -> Array:
         return B.transpose(B.reshape(z, (batch, t, n, hs)), (0, 2, 1, 3))  # (B, n, T, hs)
 
-    qkv = linear(B, p, f"{name}.qkv", x)  # (B, T, (H + 2 Hkv) hs)
+    qkv = linear(B, cfg, p, f"{name}.qkv", x, drop)  # (B, T, (H + 2 Hkv) hs)
     q = heads(qkv[..., :H * hs], H)
     k = heads(qkv[..., H * hs:(H + Hkv) * hs], Hkv)
     v = heads(qkv[..., (H + Hkv) * hs:], Hkv)
@@ -149,7 +177,7 @@ def self_attention(B: Backend, cfg: ModelConfig, p: Params, name: str, layer: in
         q, k = B.rope(q, *rope), B.rope(k, *rope)
     y = attend(layer, q, k, v)  # (B, H, T, hs)
     y = B.reshape(B.transpose(y, (0, 2, 1, 3)), (batch, t, C))  # heads concatenated
-    return linear(B, p, f"{name}.proj", y)
+    return linear(B, cfg, p, f"{name}.proj", y, drop)
 
 
 def attend_all(B: Backend, cfg: ModelConfig, mask: Array | None, dropout: dict[str, Array],
@@ -175,7 +203,7 @@ def residual_dropout(x: Array, drop: dict[str, Array], site: str) -> Array:
 
 def classify(B: Backend, cfg: ModelConfig, p: Params, pooled: Array) -> Array:
     """Class logits (B, n_classes) of the pooled representation (B, C)."""
-    return linear(B, p, "cls", pooled)
+    return linear(B, cfg, p, "cls", pooled)
 
 
 def pool_at(B: Backend, h: Array, pool: Array) -> Array:

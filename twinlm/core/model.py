@@ -17,11 +17,23 @@ from twinlm.core.config import ModelConfig
 from twinlm.core.layers import causal_mask, padding_mask, sinusoidal_table  # noqa: F401  (re-exported)
 from twinlm.core.models import family
 from twinlm.core.models.decoder import KVCache, decode_inputs  # noqa: F401  (re-exported)
-from twinlm.core.spec import Spec
+from twinlm.core.spec import Spec, frozen_except
 
 
 def param_spec(cfg: ModelConfig) -> Spec:
-    return family(cfg.arch).param_spec(cfg)
+    """The family's spec; with LoRA, only the adapters and a task head (what the pretrained model lacks,
+    or did not train) stay trainable."""
+    spec = family(cfg.arch).param_spec(cfg)
+    if not cfg.lora_rank:
+        return spec
+    return frozen_except(spec, new_parameters(cfg.without_lora(), spec))
+
+
+def new_parameters(pretrained: ModelConfig, spec: Spec) -> list[str]:
+    """The names in `spec` that a model of config `pretrained` without a task head does not train:
+    adapters, the classification head (and BERT's pooler, untrained without one)."""
+    base = family(pretrained.arch).param_spec(pretrained.replace(n_classes=0))
+    return [k for k in spec if k not in base or not base[k].trainable]
 
 
 def check_token_ids(ids: np.ndarray, vocab_size: int) -> None:

@@ -31,40 +31,55 @@ def content_digest(arrays: dict[str, np.ndarray]) -> str:
     for name in sorted(arrays):
         a = arrays[name]
         h.update(json.dumps([name, a.dtype.str, list(a.shape)]).encode() + b"\0")
-        h.update(a.tobytes())
+        h.update(np.ascontiguousarray(a).reshape(-1).view(np.uint8) if a.size else b"")
     return h.hexdigest()
 
 
-def dumps(arrays: dict[str, np.ndarray]) -> bytes:
-    """safetensors bytes of `arrays` (little-endian, C order) with their content digest in the metadata."""
-    from safetensors.numpy import save
+# numpy dtype <-> safetensors dtype name (the ones twinlm writes or could meet in its own files).
+_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+           "I16": np.int16, "I8": np.int8, "U64": np.uint64, "U32": np.uint32, "U16": np.uint16,
+           "U8": np.uint8, "BOOL": np.bool_}
+_NAMES = {np.dtype(t): name for name, t in _DTYPES.items()}
 
-    # np.asarray, not np.ascontiguousarray: the latter turns 0-d arrays into shape (1,)
-    ready = {}
+
+def dumps(arrays: dict[str, np.ndarray]) -> bytearray:
+    """safetensors bytes of `arrays` (little-endian, C order) with their content digest in the metadata,
+    built in one buffer: the weights are copied once, never through per-tensor intermediates."""
+    ready: dict[str, np.ndarray] = {}
     for k, v in arrays.items():
+        # np.asarray, not np.ascontiguousarray: the latter turns 0-d arrays into shape (1,)
         a = np.asarray(v, order="C")
         ready[k] = a.astype(a.dtype.newbyteorder("<"), copy=False)
-    try:
-        return save(ready, metadata={DIGEST_KEY: content_digest(ready)})
-    except Exception as e:  # safetensors raises assorted types for bad names or dtypes
-        raise TensorFileError(f"cannot serialise arrays: {e}") from None
+        if not isinstance(k, str) or not k or a.dtype.newbyteorder("=") not in _NAMES:
+            raise TensorFileError(f"cannot serialise array {k!r} of dtype {a.dtype}")
+    header: dict[str, Any] = {"__metadata__": {DIGEST_KEY: content_digest(ready)}}
+    offset = 0
+    for k in sorted(ready):
+        a = ready[k]
+        header[k] = {"dtype": _NAMES[a.dtype.newbyteorder("=")], "shape": list(a.shape),
+                     "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned, as the library writes it
+    out = bytearray(8 + len(head) + offset)
+    out[:8], out[8:8 + len(head)] = struct.pack("<Q", len(head)), head
+    at, view = 8 + len(head), np.frombuffer(out, dtype=np.uint8)
+    for k in sorted(ready):
+        n = ready[k].nbytes
+        view[at:at + n] = ready[k].reshape(-1).view(np.uint8)
+        at += n
+    return out
 
 
-def loads(data: bytes, source: str = "safetensors data",
+def loads(data: bytes | bytearray | memoryview | Any, source: str = "safetensors data",
           require_digest: bool = True) -> dict[str, np.ndarray]:
-    """The arrays in `data`, exactly as saved, or a TensorFileError.
+    """The arrays in `data`, exactly as saved, or a TensorFileError. The arrays are read-only views into
+    `data` (no copy), which may be a memory map.
 
     With `require_digest` a file without twinlm's digest is refused (a file from elsewhere has none:
-    pass False, and the library's structural checks are all there is)."""
+    pass False, and the structural checks here are all there is)."""
     metadata = _metadata(data, source)
-    from safetensors.numpy import load
-
-    try:
-        arrays = load(bytes(data))
-    except BaseException as e:  # includes pyo3's PanicException, which is not an Exception
-        if isinstance(e, (KeyboardInterrupt, SystemExit)):
-            raise
-        raise TensorFileError(f"{source} is not a valid safetensors file: {e}") from None
+    arrays = _views(data, source)
     want = metadata.get(DIGEST_KEY)
     if want is None and require_digest:
         raise TensorFileError(f"{source} has no {DIGEST_KEY} digest in its metadata (damaged, or not "
@@ -72,6 +87,43 @@ def loads(data: bytes, source: str = "safetensors data",
     if want is not None and content_digest(arrays) != want:
         raise TensorFileError(f"{source} is damaged: its tensors do not match their recorded SHA-256")
     return arrays
+
+
+def _views(data: Any, source: str) -> dict[str, np.ndarray]:
+    """Every tensor as a view into `data`, after the checks the safetensors library makes: known dtypes,
+    non-negative shapes whose size matches the byte range, ranges that tile the data exactly."""
+    (n,) = struct.unpack("<Q", bytes(data[:8]))
+    header = json.loads(bytes(data[8:8 + n]).decode("utf-8"))
+    body = memoryview(data)[8 + n:]
+    entries = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, end) = np.dtype(_DTYPES[info["dtype"]]), info["shape"], info["data_offsets"]
+            ok = isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape) \
+                and type(start) is int and type(end) is int and 0 <= start <= end
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok or (end - start) != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+            raise TensorFileError(f"{source} has a damaged entry for tensor {name!r}: {str(info)[:80]}")
+        entries.append((start, end, name, dtype, shape))
+    entries.sort(key=lambda e: e[:2])
+    at = 0
+    for start, end, name, _, _ in entries:
+        if start != at:
+            raise TensorFileError(f"{source} is damaged: tensor {name!r} does not start where the last ends")
+        at = end
+    if at != len(body):
+        raise TensorFileError(f"{source} is damaged or truncated: tensors cover {at} of {len(body)} bytes")
+    out = {}
+    for start, end, name, dtype, shape in entries:
+        little = dtype.newbyteorder("<")
+        a = np.frombuffer(body[start:end], dtype=little) if end > start else np.zeros(0, dtype)
+        a = a.reshape(shape)
+        a.flags.writeable = False
+        out[name] = a
+    return out
 
 
 def _metadata(data: bytes, source: str) -> dict[str, Any]:

@@ -5,6 +5,11 @@
 - "byte": the 256 UTF-8 byte values; knows every text. Decoding replaces broken byte sequences with U+FFFD.
 - "bpe": byte-level BPE (GPT-2 style, no prefix space, no special tokens) trained on the corpus with the
   Hugging Face `tokenizers` library. Its vocabulary starts from the 256 byte symbols, so `vocab_size >= 256`.
+- "hf": a pretrained model's own `tokenizer.json` (BPE, WordPiece or Unigram), imported with the model.
+
+Encoder runs need [PAD], [MASK] and [CLS]: `SpecialTokens` adds them after a tokenizer's own ids; an "hf"
+tokenizer names the ones its file already has. Both answer `specials`, `id_of(name)` and `n_plain` (ids
+below it are ordinary text tokens a masked-LM may draw at random).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import numpy as np
 from twinlm.core.atomic import atomic_write_json
 from twinlm.core.errors import TwinlmError
 
-KINDS = ("char", "byte", "bpe")
+KINDS = ("char", "byte", "bpe")  # what `train --tokenizer` builds; "hf" comes with an imported model
 DEFAULT_BPE_VOCAB = 512
 MAX_BPE_VOCAB = 1 << 20
 # Chunk boundary for BPE: just after a newline that is followed by a non-space character. GPT-2's
@@ -35,9 +40,21 @@ class Tokenizer:
 
     kind: str
     vocab_size: int
+    specials: tuple[str, ...] = ()
 
     def encode(self, text: str) -> np.ndarray:
         raise NotImplementedError
+
+    def prompt_ids(self, text: str) -> np.ndarray:
+        """The ids a generation prompt starts from (an "hf" tokenizer may put its BOS token first)."""
+        return self.encode(text)
+
+    def id_of(self, special: str) -> int:
+        raise TwinlmError(f"the {self.kind} tokenizer has no special token {special}")
+
+    @property
+    def n_plain(self) -> int:
+        return self.vocab_size
 
     def decode(self, ids: Iterable[int] | np.ndarray) -> str:
         raise NotImplementedError
@@ -152,6 +169,59 @@ class BPETokenizer(Tokenizer):
         return {"kind": self.kind, "vocab_size": self.vocab_size, "hf_json": self._tok.to_str()}
 
 
+class HFTokenizer(Tokenizer):
+    """A Hugging Face `tokenizer.json`, as it came with an imported model. Text encodes without the
+    special tokens the file's post-processor would add (a corpus is one stream); `prompt_ids` puts the
+    model's BOS token first where its tokenizer_config asks for it (Llama). `roles` names the special
+    tokens twinlm's tasks use ([PAD], [MASK], [CLS], bos, eos) by their id in this vocabulary."""
+
+    kind = "hf"
+
+    def __init__(self, hf_json: str, roles: dict[str, int] | None = None, add_bos: bool = False) -> None:
+        from tokenizers import Tokenizer as Lib
+
+        try:
+            self._tok = Lib.from_str(hf_json)
+        except Exception as e:  # the library raises plain Exception on a malformed file
+            raise TwinlmError(f"cannot read the tokenizer.json: {_one_line(e)}") from None
+        self.hf_json = hf_json
+        self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
+        self.roles = {k: int(v) for k, v in (roles or {}).items()}
+        bad = {k: v for k, v in self.roles.items() if not 0 <= v < self.vocab_size}
+        if bad:
+            raise TwinlmError(f"special tokens outside the tokenizer's vocabulary: {bad}")
+        self.specials = tuple(self.roles)
+        self.add_bos = bool(add_bos) and "bos" in self.roles
+
+    def id_of(self, special: str) -> int:
+        if special not in self.roles:
+            return super().id_of(special)
+        return self.roles[special]
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+
+    def prompt_ids(self, text: str) -> np.ndarray:
+        ids = self.encode(text)
+        return np.concatenate([[self.roles["bos"]], ids]).astype(np.int32) if self.add_bos else ids
+
+    def decode(self, ids: Iterable[int] | np.ndarray) -> str:
+        return self._tok.decode(self._check_ids(ids).tolist(), skip_special_tokens=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "hf_json": self.hf_json, "roles": self.roles, "add_bos": self.add_bos}
+
+    def token_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(token_id)
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())[:200]
+
+
 def _bpe_chunks(text: str, size: int = _BPE_CHUNK_CHARS) -> list[str]:
     """Split text at safe boundaries (see _BPE_CHUNK_CUT) into pieces of about `size` characters."""
     chunks: list[str] = []
@@ -177,7 +247,13 @@ class SpecialTokens(Tokenizer):
         self._split = re.compile("(" + "|".join(map(re.escape, self.specials)) + ")")
 
     def id_of(self, special: str) -> int:
+        if special not in self.specials:
+            return super().id_of(special)
         return self.base.vocab_size + self.specials.index(special)
+
+    @property
+    def n_plain(self) -> int:
+        return self.base.vocab_size
 
     def encode(self, text: str) -> np.ndarray:
         parts = [np.array([self.id_of(part)], np.int32) if part in self.specials else self.base.encode(part)
@@ -246,12 +322,18 @@ def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
         return CharTokenizer(chars)
     if kind == "byte":
         return ByteTokenizer()
+    if kind == "hf":
+        roles, spec = d.get("roles", {}), d.get("hf_json")
+        if not isinstance(spec, str) or not isinstance(roles, dict) \
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in roles.values()):
+            raise TwinlmError("hf tokenizer description needs an 'hf_json' string and integer 'roles'")
+        return HFTokenizer(spec, roles, bool(d.get("add_bos", False)))
     if kind == "bpe":
         spec = d.get("hf_json")
         if not isinstance(spec, str):
             raise TwinlmError("bpe tokenizer description has no 'hf_json' string")
         return BPETokenizer.from_json(spec)
-    raise TwinlmError(f"unknown tokenizer kind {kind!r} (known: {', '.join(KINDS)})")
+    raise TwinlmError(f"unknown tokenizer kind {kind!r} (known: {', '.join(KINDS)}, hf)")
 
 
 DIGEST_KEY = "sha256"  # of the rest of the file's JSON object, so a damaged file is an error, not a tokenizer

@@ -22,7 +22,7 @@ from twinlm.core.backend import Backend
 from twinlm.core.config import ModelConfig
 from twinlm.core.models import family
 from twinlm.core.spec import count
-from twinlm.train import TrainConfig, Trainer, TrainingDiverged, TrainResult, versions
+from twinlm.trainer import TrainConfig, Trainer, TrainingDiverged, TrainResult, versions
 
 
 @dataclass

@@ -23,7 +23,7 @@ from twinlm.experiments.common import (
     train,
     write_corpus,
 )
-from twinlm.train import model_config
+from twinlm.trainer import model_config
 
 CLAIM = "Transformers train in parallel over the sequence, where RNNs must step through time."
 ABOUT = ("GPT vs LSTM of equal parameter count: training tokens/s and step time as the block grows "
@@ -104,7 +104,7 @@ def run(ctx: Context) -> Outcome:
 def model_config_of(corpus: str, shape: dict[str, Any]) -> Any:
     """The GPT config the trainer would build on `corpus` (for its parameter count)."""
     from twinlm.core.data import prepare
-    from twinlm.train import TrainConfig
+    from twinlm.trainer import TrainConfig
 
     vocab = prepare(corpus).tokenizer.vocab_size
     return model_config(TrainConfig(**shape), vocab)

@@ -28,7 +28,7 @@ from twinlm.core.backend import Array, Backend
 from twinlm.core.config import ModelConfig
 from twinlm.core.errors import TwinlmError
 from twinlm.core.layers import padding_mask
-from twinlm.core.tokenizers import SpecialTokens, Tokenizer
+from twinlm.core.tokenizers import Tokenizer
 from twinlm.tasks import Batch, Task
 
 Example = tuple[str, str]
@@ -127,7 +127,6 @@ def encode_examples(texts: list[str], tok: Tokenizer, cfg: ModelConfig) -> Batch
         except TwinlmError as e:
             raise TwinlmError(f"text {text[:40]!r} does not fit the base run's tokenizer: {e}") from None
         if encoder:
-            assert isinstance(tok, SpecialTokens)
             x[i, :] = tok.id_of("[PAD]")
             ids = np.concatenate([[tok.id_of("[CLS]")], ids])
         elif len(ids) == 0:

@@ -18,7 +18,7 @@ from twinlm.core.backend import Array, Backend
 from twinlm.core.config import ModelConfig
 from twinlm.core.data import Batcher, Dataset
 from twinlm.core.errors import TwinlmError
-from twinlm.core.tokenizers import SpecialTokens
+from twinlm.core.tokenizers import SpecialTokens, Tokenizer
 from twinlm.tasks import Batch, Task
 
 SPECIALS = ("[PAD]", "[MASK]", "[CLS]")
@@ -26,9 +26,10 @@ MASK_RATE, MASK_TOKEN, RANDOM_TOKEN = 0.15, 0.8, 0.1  # selected; then [MASK]; t
 _SALT = 0x4D4C4D  # "MLM": keeps these draws apart from dropout's (seed, step) stream
 
 
-def encoder_tokenizer(tok: Any) -> SpecialTokens:
-    """The tokenizer an encoder run uses: the corpus tokenizer plus [PAD], [MASK] and [CLS]."""
-    if isinstance(tok, SpecialTokens):
+def encoder_tokenizer(tok: Tokenizer) -> Tokenizer:
+    """The tokenizer an encoder run uses: the corpus tokenizer plus [PAD], [MASK] and [CLS] (an imported
+    BERT's tokenizer has them already)."""
+    if tok.specials:
         missing = [s for s in SPECIALS if s not in tok.specials]
         if missing:
             raise TwinlmError(f"this tokenizer lacks the special tokens {missing} an encoder needs")
@@ -36,7 +37,7 @@ def encoder_tokenizer(tok: Any) -> SpecialTokens:
     return SpecialTokens(tok, SPECIALS)
 
 
-def mask_tokens(x: np.ndarray, tok: SpecialTokens, rng: np.random.Generator) -> Batch:
+def mask_tokens(x: np.ndarray, tok: Tokenizer, rng: np.random.Generator) -> Batch:
     """{"x": corrupted ids, "y": original ids, "w": 1.0 at selected positions} for windows x (B, T)
     whose position 0 already holds [CLS]."""
     b, t = x.shape
@@ -46,7 +47,7 @@ def mask_tokens(x: np.ndarray, tok: SpecialTokens, rng: np.random.Generator) -> 
     if t > 1 and empty.any():  # every row predicts at least one token
         selected[np.flatnonzero(empty), rng.integers(1, t, int(empty.sum()))] = True
     how = rng.random((b, t))
-    random_ids = rng.integers(0, tok.base.vocab_size, (b, t))
+    random_ids = rng.integers(0, tok.n_plain, (b, t))
     corrupted = x.copy()
     corrupted[selected & (how < MASK_TOKEN)] = tok.id_of("[MASK]")
     swap = selected & (how >= MASK_TOKEN) & (how < MASK_TOKEN + RANDOM_TOKEN)
@@ -59,7 +60,7 @@ class MaskedLM(Task):
     metric = "masked_accuracy"
 
     def __init__(self, ds: Dataset, batch_size: int, block_size: int, seed: int, eval_iters: int) -> None:
-        if not isinstance(ds.tokenizer, SpecialTokens):
+        if not {"[MASK]", "[CLS]"} <= set(ds.tokenizer.specials):
             raise TwinlmError("masked-LM training needs a tokenizer with [MASK] and [CLS] (an encoder run's)")
         self.tok, self.seed = ds.tokenizer, seed
         # Windows of block_size - 1 corpus tokens after [CLS].

@@ -74,19 +74,19 @@ def hidden(B: Backend, cfg: ModelConfig, p: L.Params, idx: Array, *, dropout: di
     attend, _ = L.attend_all(B, cfg, mask, drop)
     for i in range(cfg.n_layer):
         pre = f"blocks.{i}"
-        y = L.self_attention(B, cfg, p, f"{pre}.attn", i, x, attend, rope)  # type: ignore[arg-type]
+        y = L.self_attention(B, cfg, p, f"{pre}.attn", i, x, attend, rope, drop)  # type: ignore[arg-type]
         x = L.norm(B, cfg, p, f"{pre}.ln_1", x + L.residual_dropout(y, drop, f"{pre}.resid_attn"))
-        h = L.mlp(B, cfg, p, f"{pre}.mlp", x)
+        h = L.mlp(B, cfg, p, f"{pre}.mlp", x, drop)
         x = L.norm(B, cfg, p, f"{pre}.ln_2", x + L.residual_dropout(h, drop, f"{pre}.resid_mlp"))
     return x, []
 
 
 def lm_logits(B: Backend, cfg: ModelConfig, p: L.Params, h: Array) -> Array:
     """The masked-LM head; its decoder is the token embedding (tied), plus a per-token bias."""
-    h = L.norm(B, cfg, p, "mlm.ln", B.gelu(L.linear(B, p, "mlm.dense", h)))
+    h = L.norm(B, cfg, p, "mlm.ln", B.gelu(L.linear(B, cfg, p, "mlm.dense", h)))
     return h @ B.transpose(p["wte.weight"], (1, 0)) + p["mlm.bias"]
 
 
 def pooled(B: Backend, cfg: ModelConfig, p: L.Params, h: Array, pool: Array) -> Array:
     """BERT's pooler on the position `pool` marks ([CLS], position 0)."""
-    return B.tanh(L.linear(B, p, "pooler", L.pool_at(B, h, pool)))
+    return B.tanh(L.linear(B, cfg, p, "pooler", L.pool_at(B, h, pool)))

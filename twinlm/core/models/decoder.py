@@ -61,11 +61,11 @@ def dropout_sites(cfg: ModelConfig, batch: int, t: int) -> dict[str, tuple[int, 
 def _block(B: Backend, cfg: ModelConfig, p: L.Params, i: int, x: Array, attend: L.Attend,
            drop: dict[str, Array], rope: tuple[Array, Array] | None) -> Array:
     pre = f"blocks.{i}"
-    y = L.self_attention(B, cfg, p, f"{pre}.attn", i, L.norm(B, cfg, p, f"{pre}.ln_1", x), attend, rope)
+    y = L.self_attention(B, cfg, p, f"{pre}.attn", i, L.norm(B, cfg, p, f"{pre}.ln_1", x), attend, rope, drop)
     y = L.residual_dropout(y, drop, f"{pre}.resid_attn")
     x = x + y if cfg.residual else y
-    h = L.residual_dropout(L.mlp(B, cfg, p, f"{pre}.mlp", L.norm(B, cfg, p, f"{pre}.ln_2", x)), drop,
-                           f"{pre}.resid_mlp")
+    h = L.mlp(B, cfg, p, f"{pre}.mlp", L.norm(B, cfg, p, f"{pre}.ln_2", x), drop)
+    h = L.residual_dropout(h, drop, f"{pre}.resid_mlp")
     return x + h if cfg.residual else h
 
 

@@ -32,12 +32,14 @@ from twinlm.core import spec as SP
 from twinlm.core import step as S
 from twinlm.core import task as sort_task
 from twinlm.core.backend import Array, Backend
-from twinlm.core.checkpoint import load_checkpoint, save_checkpoint
-from twinlm.core.config import PRESETS, ConfigError, ModelConfig
+from twinlm.core.checkpoint import save_checkpoint
+from twinlm.core.config import PRESETS, ConfigError, ModelConfig, lora_targets
 from twinlm.core.data import Dataset, check_fits, prepare
 from twinlm.core.errors import TwinlmError
 from twinlm.core.models import FAMILIES
+from twinlm.core.tensorfile import content_digest
 from twinlm.core.tokenizers import Tokenizer, tokenizer_from_dict
+from twinlm.run_dir import load_run
 from twinlm.run_meta import RunMeta
 from twinlm.tasks import Task
 from twinlm.tasks import classify as C
@@ -61,9 +63,13 @@ class TrainConfig:
 
     data: str | None = None  # None: the built-in task's corpus (classify: the built-in classification task)
     task: str = "auto"  # auto: lm for decoders, mlm for encoders; classify: fine-tune `base` with a head
-    base: str | None = None  # classify: the pretrained run directory whose weights start the model
+    base: str | None = None  # the pretrained run whose weights start the model (--init-from, finetune)
     freeze_base: bool = False  # classify: train only the head (and an encoder's pooler)
     from_scratch: bool = False  # classify: the base's model and tokenizer, but freshly initialised weights
+    lora_rank: int = 0  # > 0: train low-rank adapters on the frozen base (see core.lora)
+    lora_alpha: float | None = None  # None: 2 * rank
+    lora_targets: str | None = None  # comma-separated (config.LORA_TARGETS); None: all of them
+    lora_dropout: float = 0.0
     arch: str | None = None  # None: gpt (or the base run's)
     n_kv_head: int | None = None
     d_ff: int | None = None
@@ -113,8 +119,12 @@ class TrainConfig:
             raise TwinlmError(f"unknown arch {self.arch!r}; choose from {', '.join(FAMILIES)}")
         if self.task not in TASKS:
             raise TwinlmError(f"unknown task {self.task!r}; choose from {', '.join(TASKS)}")
-        if (self.task == "classify") != (self.base is not None):
+        if self.task == "classify" and self.base is None:
             raise TwinlmError("a classify task fine-tunes a base run: give both (twinlm finetune BASE_RUN)")
+        if self.lora_rank and self.base is None:
+            raise TwinlmError("LoRA adapts a pretrained model: give the run to adapt (--init-from RUN_DIR)")
+        if self.base is not None and self.task != "classify" and self.data is None:
+            raise TwinlmError("train --init-from fine-tunes on your text: give --data")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -142,6 +152,8 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as e:
         raise TwinlmError(f"config file {path} is not valid TOML: {e}") from None
     out = {k.replace("-", "_"): v for k, v in raw.items()}
+    if "init_from" in out:  # the flag's name for the field `base`
+        out["base"] = out.pop("init_from")
     unknown = sorted(set(out) - config_keys() - {"backend", "resume"})
     if unknown:
         raise TwinlmError(f"unknown keys in config file {path}: {', '.join(unknown)}; "
@@ -240,9 +252,11 @@ class Trainer:
             raise TwinlmError(f"backend {B.name!r} cannot train (no autograd); use mlx or tinygrad")
         meta: RunMeta | None = None
         arrays: dict[str, np.ndarray] | None = None
+        self.hf_record: dict[str, Any] | None = None
+        self.base_record: dict[str, Any] | None = None
         if resume is not None:
-            arrays, raw = load_checkpoint(Path(resume))
-            meta = RunMeta.from_dict(raw, f"checkpoint in {resume}")
+            arrays, meta = load_run(resume)
+            self.hf_record, self.base_record = meta.hf, meta.base
             run_dir = Path(resume)
             if (run_dir / "manifest.json").exists():  # a checkpoint dir was named: its run dir continues
                 run_dir = run_dir.parent
@@ -261,7 +275,7 @@ class Trainer:
         self.labels: list[str] = []
         if meta is not None:
             cfg, tok, self.labels = meta.model, tokenizer_from_dict(meta.tokenizer), meta.labels
-        elif tc.task == "classify":
+        elif tc.base is not None:
             cfg, tok, base_params, self.labels = self._from_base(tc)
         if resume is None:
             self.out = Path(tc.out or default_out_dir(tc))
@@ -271,9 +285,7 @@ class Trainer:
         self.opt = optimizer_config(tc)
         self.spec = model.param_spec(self.cfg)
         if tc.freeze_base:  # train only what the pretrained model did not: the head (and BERT's pooler)
-            pretrained = model.param_spec(self.cfg.replace(n_classes=0))
-            self.spec = SP.frozen_except(self.spec, [k for k in self.spec if k not in pretrained
-                                                     or not pretrained[k].trainable])
+            self.spec = SP.frozen_except(self.spec, model.new_parameters(self.cfg, self.spec))
 
         if arrays is not None:
             state = self._check_state(arrays)
@@ -292,20 +304,36 @@ class Trainer:
         self.last_metrics: dict[str, Any] = {}
 
     # ---- setup -------------------------------------------------------------------------------
-    @staticmethod
-    def _from_base(tc: TrainConfig) -> tuple[ModelConfig, Tokenizer, dict[str, np.ndarray], list[str]]:
-        """The base run's model with a classification head, its tokenizer, weights and the labels."""
+    def _from_base(self, tc: TrainConfig) -> tuple[ModelConfig, Tokenizer, dict[str, np.ndarray], list[str]]:
+        """The base run's model (with a classification head for classify, adapters for LoRA), its
+        tokenizer, weights and the labels; records the base's digest and Hugging Face origin."""
         from twinlm.generate import load_model
 
-        base_cfg, params, tok, _ = load_model(tc.base)  # type: ignore[arg-type]
-        train, _ = classify_examples(tc)
-        labels = sorted({lab for _, lab in train})
-        if len(labels) < 2:
-            raise TwinlmError(f"classification needs at least two labels; the data has {labels}")
+        fixed = [k for k in MODEL_FIELDS if k not in ("dropout", "block_size") and getattr(tc, k) is not None]
+        if fixed:
+            raise TwinlmError(f"--{fixed[0].replace('_', '-')} shapes a new model; a run from a base keeps "
+                              "the base's model")
+        base_cfg, params, tok, base_meta = load_model(tc.base)  # type: ignore[arg-type]
+        if base_cfg.lora_rank:
+            raise TwinlmError(f"{tc.base} is itself a LoRA run: merge it first (twinlm merge-lora)")
+        labels: list[str] = []
+        if tc.task == "classify":
+            train, _ = classify_examples(tc)
+            labels = sorted({lab for _, lab in train})
+            if len(labels) < 2:
+                raise TwinlmError(f"classification needs at least two labels; the data has {labels}")
         if base_cfg.kind == "encoder":
             tok = encoder_tokenizer(tok)
-        changes = {k: getattr(tc, k) for k in ("dropout",) if getattr(tc, k) is not None}
-        cfg = base_cfg.replace(n_classes=len(labels), **changes)
+        changes: dict[str, Any] = {k: getattr(tc, k) for k in ("dropout",) if getattr(tc, k) is not None}
+        if tc.lora_rank:
+            changes |= dict(lora_rank=tc.lora_rank, lora_alpha=tc.lora_alpha or 0.0,
+                            lora_targets=lora_targets(tc.lora_targets), lora_dropout=tc.lora_dropout)
+        try:
+            cfg = base_cfg.replace(n_classes=len(labels), **changes)
+        except ConfigError as e:
+            raise TwinlmError(str(e)) from None
+        self.hf_record = base_meta.hf
+        self.base_record = {"run": str(Path(str(tc.base)).resolve()), "sha256": content_digest(params)}
         return cfg, tok, params, labels
 
     def _build_task(self, tc: TrainConfig, cfg: ModelConfig | None,
@@ -323,14 +351,20 @@ class Trainer:
             cfg = model_config(tc, ds.tokenizer.vocab_size)
         else:
             ds = prepare(tc.data, tok=tok, errors=tc.errors)
+        window = cfg.block_size
+        if tc.base is not None and tc.block_size is not None:  # a shorter training window than the base's
+            if not 1 < tc.block_size <= cfg.block_size:
+                raise TwinlmError(f"--block-size {tc.block_size}: the base model reads 2 to {cfg.block_size} "
+                                  "tokens")
+            window = tc.block_size
         kind = tc.task if tc.task != "auto" else ("mlm" if cfg.kind == "encoder" else "lm")
         if kind == "lm" and cfg.kind == "encoder":
             raise TwinlmError(f"--arch {cfg.arch} is an encoder: it trains on masked tokens (--task mlm)")
         if kind == "mlm" and cfg.kind == "decoder":
             raise TwinlmError(f"--arch {cfg.arch} is a causal decoder: it trains on next tokens (--task lm)")
-        check_fits(ds, cfg.block_size, tc.batch_size)
+        check_fits(ds, window, tc.batch_size)
         cls = MaskedLM if kind == "mlm" else SortTask if tc.data is None else CausalLM
-        return cfg, cls(ds, tc.batch_size, cfg.block_size, tc.seed, tc.eval_iters), ds
+        return cfg, cls(ds, tc.batch_size, window, tc.seed, tc.eval_iters), ds
 
     @staticmethod
     def _merge_resumed(tc: TrainConfig, meta: RunMeta) -> TrainConfig:
@@ -349,7 +383,7 @@ class Trainer:
         defaults = TrainConfig()
         merged = {k: v for k, v in saved.items() if k in config_keys()}
         fixed = {*MODEL_FIELDS, "data", "tokenizer", "vocab_size", "preset", "task", "base", "freeze_base",
-                 "from_scratch"}
+                 "from_scratch", "lora_rank", "lora_alpha", "lora_targets", "lora_dropout"}
         for name in config_keys() - fixed:
             if getattr(tc, name) != getattr(defaults, name):
                 merged[name] = getattr(tc, name)
@@ -408,10 +442,13 @@ class Trainer:
                        labels=self.labels, backend=self.B.name, versions=versions(self.B), seed=self.tc.seed,
                        optimizer=self.opt.to_dict(), skipped=self.skipped, best_val_loss=self.best_val,
                        data_source=self.ds.source if self.ds is not None else (self.tc.data or C.BUILTIN),
-                       metrics=self.last_metrics or None)
+                       metrics=self.last_metrics or None, hf=self.hf_record, base=self.base_record)
 
     def save(self, best: bool = False) -> Path:
-        arrays = {k: self.B.to_numpy(v) for k, v in self.step.state.items()}
+        """A checkpoint of the whole state; a run with a base leaves out the weights it keeps frozen
+        (they are the base's, found again by `run_dir.load_run`)."""
+        frozen = {f"param.{k}" for k, s in self.spec.items() if not s.trainable and self.base_record}
+        arrays = {k: self.B.to_numpy(v) for k, v in self.step.state.items() if k not in frozen}
         return save_checkpoint(self.out, arrays, self.meta().to_dict(), step=self.iter, keep=self.tc.keep,
                                best=best)
 

@@ -1,0 +1,125 @@
+"""Tiny random Hugging Face models of every architecture twinlm imports, built with `transformers` and
+saved to a local folder with a tokenizer trained on generated text: nothing is downloaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+TEXT = "".join(
+    f"the {w} sat on the {v} mat and said {w}{v}.\n"
+    for w in ("cat", "dog", "owl", "fox", "bee")
+    for v in ("red", "big", "odd", "wet")
+)
+VOCAB = 300
+ARCHITECTURES = (
+    "GPT2LMHeadModel",
+    "LlamaForCausalLM",
+    "BertForMaskedLM",
+    "BertModel",
+    "BertForSequenceClassification",
+)
+
+
+def byte_bpe(vocab: int = VOCAB):  # GPT-2 / Llama style: byte-level BPE
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=["<s>", "</s>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator([TEXT], trainer=trainer)
+    return tok
+
+
+def wordpiece(vocab: int = 120):  # BERT style
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab, show_progress=False, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    )
+    tok.train_from_iterator([TEXT], trainer=trainer)
+    return tok
+
+
+def build(
+    architecture: str, folder: Path, *, seed: int = 0, init: float = 0.2, tied: bool | None = None
+) -> Path:
+    """Save a tiny random `architecture` with its tokenizer in `folder`; weights N(0, init) so logits are
+    far apart (greedy decoding then never hinges on a near tie)."""
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    if architecture in ("GPT2LMHeadModel", "LlamaForCausalLM"):
+        lib = byte_bpe()
+        fast = tf.PreTrainedTokenizerFast(tokenizer_object=lib, bos_token="<s>", eos_token="</s>")
+        n = lib.get_vocab_size()
+        if architecture == "GPT2LMHeadModel":
+            cfg = tf.GPT2Config(
+                n_layer=2,
+                n_head=2,
+                n_embd=32,
+                n_positions=64,
+                vocab_size=n,
+                initializer_range=init,
+                bos_token_id=0,
+                eos_token_id=1,
+                tie_word_embeddings=True if tied is None else tied,
+            )
+        else:
+            cfg = tf.LlamaConfig(
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                hidden_size=32,
+                intermediate_size=48,
+                vocab_size=n,
+                max_position_embeddings=64,
+                rope_theta=500.0,
+                rms_norm_eps=1e-5,
+                initializer_range=init,
+                bos_token_id=0,
+                eos_token_id=1,
+                tie_word_embeddings=False if tied is None else tied,
+            )
+    else:
+        lib = wordpiece()
+        fast = tf.PreTrainedTokenizerFast(
+            tokenizer_object=lib,
+            pad_token="[PAD]",
+            unk_token="[UNK]",
+            cls_token="[CLS]",
+            sep_token="[SEP]",
+            mask_token="[MASK]",
+        )
+        cfg = tf.BertConfig(
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            hidden_size=32,
+            intermediate_size=64,
+            vocab_size=lib.get_vocab_size(),
+            max_position_embeddings=64,
+            initializer_range=init,
+            num_labels=3,
+            id2label={0: "neg", 1: "neu", 2: "pos"},
+            label2id={"neg": 0, "neu": 1, "pos": 2},
+        )
+    model = getattr(tf, architecture)(cfg).eval()
+    with torch.no_grad():  # transformers zeroes biases and sets norm gains to 1: make every weight matter
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name.lower():
+                p.add_(torch.randn_like(p) * 0.1)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = 1
+    model.save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return Path(folder)

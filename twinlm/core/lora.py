@@ -1,0 +1,26 @@
+"""LoRA (low-rank adaptation) outside the graph: folding trained adapters into the weights they adapt.
+
+In the graph (`core.layers.linear`), an adapted layer computes x W + b + (dropout(x) a) b' * alpha / r with
+W frozen, a (in, r) ~ N(0, 1/in) and b' (r, out) = 0 at the start, so the adapted model starts exactly as
+the pretrained one. Merging gives a plain model that computes the same function without the adapters.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from twinlm.core.config import ModelConfig
+
+SUFFIXES = (".lora_a", ".lora_b")
+
+
+def merged(cfg: ModelConfig, params: dict[str, np.ndarray]) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    """(config without LoRA, params with W + alpha / r * a @ b in place of each adapted W), in float64
+    then rounded once to float32."""
+    out = {k: v for k, v in params.items() if not k.endswith(SUFFIXES)}
+    for name in params:
+        if name.endswith(".lora_a"):
+            layer = name[:-len(".lora_a")]
+            delta = params[name].astype(np.float64) @ params[f"{layer}.lora_b"].astype(np.float64)
+            out[f"{layer}.weight"] = (params[f"{layer}.weight"] + cfg.lora_scale * delta).astype(np.float32)
+    return cfg.without_lora(), out

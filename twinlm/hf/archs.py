@@ -1,0 +1,387 @@
+"""The Hugging Face architectures twinlm reads and writes, each as two small functions:
+
+    config(hf: dict) -> dict         the ModelConfig fields of a `config.json` (refusing what twinlm lacks)
+    links(cfg, hf_arch) -> [Link]     which Hugging Face tensors make each twinlm parameter
+
+One link table serves both directions: import concatenates (and transposes) the Hugging Face tensors
+into the twinlm parameter; export splits it back. twinlm stores every linear weight as (in, out) and
+fuses q|k|v (and SwiGLU's gate|up) into one matrix; HF GPT-2's Conv1D is (in, out) already, `nn.Linear`
+(Llama, BERT) is (out, in).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from twinlm.core.config import ModelConfig
+from twinlm.core.errors import TwinlmError
+
+
+class HFError(TwinlmError):
+    """A Hugging Face folder twinlm cannot read or a run it cannot write as one."""
+
+
+@dataclass(frozen=True)
+class Link:
+    twin: str  # the twinlm parameter
+    hf: tuple[str, ...]  # the Hugging Face tensors, concatenated along the last axis
+    transpose: bool = False  # the HF tensors are (out, in)
+    sizes: tuple[int, ...] = ()  # the last-axis size of each HF part (several parts only)
+
+
+def _get(hf: dict[str, Any], key: str, default: Any = None) -> Any:
+    value = hf.get(key)
+    return default if value is None else value
+
+
+def _refuse_unless(hf: dict[str, Any], key: str, allowed: tuple[Any, ...], default: Any) -> None:
+    value = _get(hf, key, default)
+    if value not in allowed:
+        raise HFError(
+            f"config.json has {key} = {value!r}; twinlm implements only "
+            f"{' or '.join(repr(a) for a in allowed)}, so it refuses this model rather than "
+            "compute something else"
+        )
+
+
+def _activation(hf: dict[str, Any], key: str, default: str) -> str:
+    act = _get(hf, key, default)
+    mapped = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}.get(act)
+    if mapped is None:
+        raise HFError(
+            f"config.json has {key} = {act!r}; twinlm implements gelu (exact erf) and the tanh "
+            "form (gelu_new, gelu_pytorch_tanh)"
+        )
+    return mapped
+
+
+def _hf_activation(cfg: ModelConfig) -> str:
+    return {"gelu": "gelu", "gelu_tanh": "gelu_new"}[cfg.activation]  # type: ignore[index]
+
+
+# ---- GPT-2 ---------------------------------------------------------------------------------------
+
+
+def gpt2_config(hf: dict[str, Any]) -> dict[str, Any]:
+    _refuse_unless(hf, "scale_attn_weights", (True,), True)
+    _refuse_unless(hf, "scale_attn_by_inverse_layer_idx", (False,), False)
+    _refuse_unless(hf, "add_cross_attention", (False,), False)
+    d = int(hf["n_embd"])
+    return dict(
+        arch="gpt",
+        vocab_size=hf["vocab_size"],
+        block_size=hf["n_positions"],
+        n_layer=hf["n_layer"],
+        n_head=hf["n_head"],
+        d_model=d,
+        d_ff=_get(hf, "n_inner", 4 * d),
+        activation=_activation(hf, "activation_function", "gelu_new"),
+        norm_eps=float(_get(hf, "layer_norm_epsilon", 1e-5)),
+        tie_embeddings=bool(_get(hf, "tie_word_embeddings", True)),
+        dropout=float(_get(hf, "resid_pdrop", 0.0)),
+    )
+
+
+def gpt2_hf_config(cfg: ModelConfig) -> dict[str, Any]:
+    return dict(
+        model_type="gpt2",
+        vocab_size=cfg.vocab_size,
+        n_positions=cfg.block_size,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        n_embd=cfg.d_model,
+        n_inner=cfg.d_ff,
+        activation_function=_hf_activation(cfg),
+        layer_norm_epsilon=cfg.norm_eps,
+        tie_word_embeddings=cfg.tie_embeddings,
+        resid_pdrop=cfg.dropout,
+        embd_pdrop=cfg.dropout,
+        attn_pdrop=cfg.dropout,
+    )
+
+
+def gpt2_links(cfg: ModelConfig, hf_arch: str) -> list[Link]:
+    out = [Link("wte.weight", ("transformer.wte.weight",)), Link("wpe.weight", ("transformer.wpe.weight",))]
+    for i in range(cfg.n_layer):
+        h, b = f"transformer.h.{i}", f"blocks.{i}"
+        for twin, ours in (
+            ("ln_1", "ln_1"),
+            ("attn.qkv", "attn.c_attn"),
+            ("attn.proj", "attn.c_proj"),
+            ("ln_2", "ln_2"),
+            ("mlp.fc", "mlp.c_fc"),
+            ("mlp.proj", "mlp.c_proj"),
+        ):
+            out += [Link(f"{b}.{twin}.{k}", (f"{h}.{ours}.{k}",)) for k in ("weight", "bias")]
+    out += [Link("ln_f.weight", ("transformer.ln_f.weight",)), Link("ln_f.bias", ("transformer.ln_f.bias",))]
+    if not cfg.tie_embeddings:
+        out.append(Link("head.weight", ("lm_head.weight",), transpose=True))
+    return out
+
+
+# ---- Llama ---------------------------------------------------------------------------------------
+
+
+def llama_config(hf: dict[str, Any]) -> dict[str, Any]:
+    _refuse_unless(hf, "hidden_act", ("silu",), "silu")
+    _refuse_unless(hf, "attention_bias", (False,), False)
+    _refuse_unless(hf, "mlp_bias", (False,), False)
+    d, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+    if _get(hf, "head_dim", d // heads) != d // heads:
+        raise HFError(
+            f"config.json has head_dim = {hf['head_dim']}, not hidden_size / num_attention_heads "
+            f"= {d // heads}; twinlm implements only the latter"
+        )
+    rope = dict(_get(hf, "rope_parameters", {}))  # transformers >= 5; older files: rope_theta, rope_scaling
+    scaling = _get(hf, "rope_scaling", {})
+    kinds = {rope.get("rope_type"), scaling.get("rope_type"), scaling.get("type")} - {None, "default"}
+    if kinds:
+        kind = kinds.pop()
+        raise HFError(
+            f"config.json asks for RoPE scaling {kind!r}; twinlm implements only plain rotary "
+            "positions (rope_type 'default')"
+        )
+    return dict(
+        arch="llama",
+        vocab_size=hf["vocab_size"],
+        block_size=hf["max_position_embeddings"],
+        n_layer=hf["num_hidden_layers"],
+        n_head=heads,
+        n_kv_head=_get(hf, "num_key_value_heads", heads),
+        d_model=d,
+        d_ff=hf["intermediate_size"],
+        norm_eps=float(_get(hf, "rms_norm_eps", 1e-6)),
+        rope_theta=float(rope.get("rope_theta") or _get(hf, "rope_theta", 10000.0)),
+        tie_embeddings=bool(_get(hf, "tie_word_embeddings", False)),
+        dropout=float(_get(hf, "attention_dropout", 0.0)),
+    )
+
+
+def llama_hf_config(cfg: ModelConfig) -> dict[str, Any]:
+    return dict(
+        model_type="llama",
+        vocab_size=cfg.vocab_size,
+        max_position_embeddings=cfg.block_size,
+        num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.n_kv_head,
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.d_ff,
+        head_dim=cfg.head_dim,
+        rms_norm_eps=cfg.norm_eps,
+        hidden_act="silu",
+        attention_bias=False,
+        mlp_bias=False,
+        rope_scaling=None,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        tie_word_embeddings=cfg.tie_embeddings,
+        attention_dropout=cfg.dropout,
+    )
+
+
+def llama_links(cfg: ModelConfig, hf_arch: str) -> list[Link]:
+    hs = cfg.head_dim
+    qkv = (cfg.n_head * hs, cfg.n_kv_head * hs, cfg.n_kv_head * hs)
+    out = [Link("wte.weight", ("model.embed_tokens.weight",))]
+    for i in range(cfg.n_layer):
+        h, b = f"model.layers.{i}", f"blocks.{i}"
+        out += [
+            Link(f"{b}.ln_1.weight", (f"{h}.input_layernorm.weight",)),
+            Link(f"{b}.attn.qkv.weight", tuple(f"{h}.self_attn.{x}_proj.weight" for x in "qkv"), True, qkv),
+            Link(f"{b}.attn.proj.weight", (f"{h}.self_attn.o_proj.weight",), True),
+            Link(f"{b}.ln_2.weight", (f"{h}.post_attention_layernorm.weight",)),
+            Link(
+                f"{b}.mlp.fc.weight",
+                (f"{h}.mlp.gate_proj.weight", f"{h}.mlp.up_proj.weight"),
+                True,
+                (cfg.d_ff, cfg.d_ff),
+            ),
+            Link(f"{b}.mlp.proj.weight", (f"{h}.mlp.down_proj.weight",), True),
+        ]
+    out.append(Link("ln_f.weight", ("model.norm.weight",)))
+    if not cfg.tie_embeddings:
+        out.append(Link("head.weight", ("lm_head.weight",), transpose=True))
+    return out
+
+
+# ---- BERT ----------------------------------------------------------------------------------------
+
+
+def bert_config(hf: dict[str, Any]) -> dict[str, Any]:
+    _refuse_unless(hf, "position_embedding_type", ("absolute",), "absolute")
+    _refuse_unless(hf, "is_decoder", (False,), False)
+    _refuse_unless(hf, "add_cross_attention", (False,), False)
+    arch = (hf.get("architectures") or ["BertModel"])[0]
+    n_classes = 0
+    if arch == "BertForSequenceClassification":
+        n_classes = len(_get(hf, "id2label", {})) or int(_get(hf, "num_labels", 2))
+        if (
+            n_classes < 2
+            or _get(hf, "problem_type", "single_label_classification") != "single_label_classification"
+        ):
+            raise HFError(
+                "twinlm fine-tunes single-label classifiers with at least two labels; this "
+                f"BertForSequenceClassification is {hf.get('problem_type') or 'a regression'} "
+                f"with {n_classes} label(s)"
+            )
+    if arch == "BertForMaskedLM" and not _get(hf, "tie_word_embeddings", True):
+        raise HFError(
+            "config.json unties the masked-LM decoder from the word embeddings; twinlm's BERT ties them"
+        )
+    return dict(
+        arch="bert",
+        vocab_size=hf["vocab_size"],
+        block_size=hf["max_position_embeddings"],
+        n_layer=hf["num_hidden_layers"],
+        n_head=hf["num_attention_heads"],
+        d_model=hf["hidden_size"],
+        d_ff=hf["intermediate_size"],
+        activation=_activation(hf, "hidden_act", "gelu"),
+        norm_eps=float(_get(hf, "layer_norm_eps", 1e-12)),
+        type_vocab_size=int(_get(hf, "type_vocab_size", 2)),
+        dropout=float(_get(hf, "hidden_dropout_prob", 0.0)),
+        n_classes=n_classes,
+    )
+
+
+def bert_hf_config(cfg: ModelConfig) -> dict[str, Any]:
+    if cfg.pos_encoding != "learned" or not cfg.type_vocab_size:
+        raise HFError(
+            "Hugging Face BERT has learned positions and token types; this run's BERT has "
+            f"{cfg.pos_encoding} positions and {cfg.type_vocab_size} token types"
+        )
+    return dict(
+        model_type="bert",
+        vocab_size=cfg.vocab_size,
+        max_position_embeddings=cfg.block_size,
+        num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head,
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.d_ff,
+        hidden_act=_hf_activation(cfg),
+        layer_norm_eps=cfg.norm_eps,
+        type_vocab_size=cfg.type_vocab_size,
+        hidden_dropout_prob=cfg.dropout,
+        attention_probs_dropout_prob=cfg.dropout,
+        position_embedding_type="absolute",
+        tie_word_embeddings=True,
+        is_decoder=False,
+    )
+
+
+def bert_links(cfg: ModelConfig, hf_arch: str) -> list[Link]:
+    pre = "" if hf_arch == "BertModel" else "bert."
+    e = f"{pre}embeddings"
+    out = [
+        Link("wte.weight", (f"{e}.word_embeddings.weight",)),
+        Link("wpe.weight", (f"{e}.position_embeddings.weight",)),
+        Link("tte.weight", (f"{e}.token_type_embeddings.weight",)),
+        Link("emb_ln.weight", (f"{e}.LayerNorm.weight",)),
+        Link("emb_ln.bias", (f"{e}.LayerNorm.bias",)),
+    ]
+    C = cfg.d_model
+    for i in range(cfg.n_layer):
+        h, b = f"{pre}encoder.layer.{i}", f"blocks.{i}"
+        sa = f"{h}.attention.self"
+        out += [
+            Link(
+                f"{b}.attn.qkv.weight",
+                tuple(f"{sa}.{x}.weight" for x in ("query", "key", "value")),
+                True,
+                (C, C, C),
+            ),
+            Link(
+                f"{b}.attn.qkv.bias",
+                tuple(f"{sa}.{x}.bias" for x in ("query", "key", "value")),
+                False,
+                (C, C, C),
+            ),
+        ]
+        for twin, ours, t in (
+            ("attn.proj", "attention.output.dense", True),
+            ("ln_1", "attention.output.LayerNorm", False),
+            ("mlp.fc", "intermediate.dense", True),
+            ("mlp.proj", "output.dense", True),
+            ("ln_2", "output.LayerNorm", False),
+        ):
+            out += [
+                Link(f"{b}.{twin}.weight", (f"{h}.{ours}.weight",), t),
+                Link(f"{b}.{twin}.bias", (f"{h}.{ours}.bias",)),
+            ]
+    if hf_arch in ("BertModel", "BertForSequenceClassification"):
+        out += [
+            Link("pooler.weight", (f"{pre}pooler.dense.weight",), True),
+            Link("pooler.bias", (f"{pre}pooler.dense.bias",)),
+        ]
+    if hf_arch == "BertForMaskedLM":
+        t = "cls.predictions.transform"
+        out += [
+            Link("mlm.dense.weight", (f"{t}.dense.weight",), True),
+            Link("mlm.dense.bias", (f"{t}.dense.bias",)),
+            Link("mlm.ln.weight", (f"{t}.LayerNorm.weight",)),
+            Link("mlm.ln.bias", (f"{t}.LayerNorm.bias",)),
+            Link("mlm.bias", ("cls.predictions.bias",)),
+        ]
+    if hf_arch == "BertForSequenceClassification":
+        out += [Link("cls.weight", ("classifier.weight",), True), Link("cls.bias", ("classifier.bias",))]
+    return out
+
+
+@dataclass(frozen=True)
+class Arch:
+    model_type: str
+    config: Callable[[dict[str, Any]], dict[str, Any]]
+    hf_config: Callable[[ModelConfig], dict[str, Any]]
+    links: Callable[[ModelConfig, str], list[Link]]
+    ignored: tuple[str, ...] = ()  # tensor-name endings that carry no weights (buffers, tied copies)
+
+
+ARCHS: dict[str, Arch] = {
+    "GPT2LMHeadModel": Arch(
+        "gpt2", gpt2_config, gpt2_hf_config, gpt2_links, (".attn.bias", ".attn.masked_bias")
+    ),
+    "LlamaForCausalLM": Arch("llama", llama_config, llama_hf_config, llama_links, ("rotary_emb.inv_freq",)),
+    "BertForMaskedLM": Arch(
+        "bert",
+        bert_config,
+        bert_hf_config,
+        bert_links,
+        ("position_ids", "cls.predictions.decoder.weight", "cls.predictions.decoder.bias"),
+    ),
+    "BertModel": Arch("bert", bert_config, bert_hf_config, bert_links, ("position_ids",)),
+    "BertForSequenceClassification": Arch("bert", bert_config, bert_hf_config, bert_links, ("position_ids",)),
+}
+
+
+def export_arch(cfg: ModelConfig, imported_as: str | None) -> str:
+    """The Hugging Face class a run exports as: the one it was imported from where that still fits."""
+    if cfg.arch in ("gpt", "bert") and cfg.activation not in ("gelu", "gelu_tanh"):
+        raise HFError(
+            f"Hugging Face {cfg.arch.upper()} has a GELU feed-forward; this run's is {cfg.activation}"
+        )
+    if cfg.arch == "gpt":
+        if (
+            cfg.pos_encoding != "learned"
+            or cfg.norm != "layernorm"
+            or not cfg.bias
+            or cfg.n_kv_head != cfg.n_head
+        ):
+            raise HFError(
+                "GPT2LMHeadModel has learned positions, LayerNorm, biases and full multi-head "
+                "attention; this run's GPT differs, so it has no GPT-2 form"
+            )
+        return "GPT2LMHeadModel"
+    if cfg.arch == "llama":
+        if cfg.pos_encoding != "rope" or cfg.norm != "rmsnorm" or cfg.activation != "swiglu" or cfg.bias:
+            raise HFError(
+                "LlamaForCausalLM has rotary positions, RMSNorm, SwiGLU and no biases; this run's "
+                "model differs, so it has no Llama form"
+            )
+        return "LlamaForCausalLM"
+    if cfg.arch == "bert":
+        if cfg.n_classes:
+            return "BertForSequenceClassification"
+        return imported_as if imported_as in ("BertModel", "BertForMaskedLM") else "BertForMaskedLM"
+    raise HFError(f"--arch {cfg.arch} has no Hugging Face form in twinlm")
