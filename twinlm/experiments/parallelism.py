@@ -26,9 +26,10 @@ from twinlm.experiments.common import (
 from twinlm.trainer import model_config
 
 CLAIM = "Transformers train in parallel over the sequence, where RNNs must step through time."
-ABOUT = ("GPT vs LSTM of equal parameter count: training tokens/s and step time as the block grows "
-         "16 -> 512 (quick: 16, 64; a few steps each). Full: ~5-10 min on MLX; on tinygrad the LSTM stops at "
-         "block 64, where compiling its unrolled graph already takes minutes.")
+ABOUT = ("GPT vs LSTM of equal parameter count: training tokens/s and step time as the block grows 16 -> "
+         "512 (quick: 16, 64; a few steps each). Measured here (2-core CPU shared with other jobs, MLX): "
+         "full 2.5 min, quick 15-50 s. On tinygrad the LSTM stops at block 64: compiling its unrolled "
+         "graph takes minutes.")
 GPT = dict(n_layer=2, n_head=4, d_model=64)
 # tinygrad compiles every unrolled step's kernels: past 64 the LSTM's compile alone takes many minutes.
 TINYGRAD_LSTM_MAX_BLOCK = 64
