@@ -22,7 +22,7 @@ from twinlm.experiments import common as E
 CLAIM = "Attention captures long-range dependencies that RNNs/LSTMs struggle with."
 ABOUT = ("Recall of the token d positions back (quick: d = 2, 12; full: 2, 16, 48), GPT vs LSTM at equal "
          "parameter count and steps: accuracy vs distance. Measured here (2-core CPU shared with other "
-         "jobs, MLX): full ~35 min, quick 0.5-8 min.")
+         "jobs, MLX): full 20 min, quick 0.5-8 min.")
 LETTERS = string.ascii_lowercase[:8]
 GPT = dict(n_layer=2, n_head=4, d_model=64)
 
