@@ -133,6 +133,13 @@ CASES: dict[str, Case] = {
     "cache_bad_target": Case(("cache", "clear", "everything"), "Invalid value for '{tokens|jit|all|runs}'"),
     "cache_unconfirmed": Case(("cache", "clear", "tokens"), "pass --yes to confirm"),
     "cache_runs_is_a_file": Case(("cache", "--runs", "{w}/empty.txt"), "is a file"),
+    # experiment
+    "experiment_unknown": Case(("experiment", "magic"), "unknown experiment 'magic'"),
+    "experiment_no_name": Case(("experiment",), "name an experiment"),
+    "experiment_bad_backend": Case(("experiment", "scaling", "--backend", "jax"), "unknown backend 'jax'"),
+    # attention
+    "attention_nowhere": Case(("attention", "{w}/nowhere", "--text", "12"), "checkpoint not found"),
+    "attention_no_text": Case(("attention", "{w}/cls"), "Missing option '--text'"),
     # the group
     "unknown_command": Case(("frobnicate",), "No such command 'frobnicate'"),
 }

@@ -117,8 +117,9 @@ class _FixedShapeSteps:
 
     def __init__(self, B: Backend, cfg: ModelConfig, batch: int) -> None:
         self.B, self.cfg = B, cfg
-        zeros = np.zeros((batch, cfg.n_kv_head, cfg.block_size, cfg.head_dim), dtype=np.float32)
-        state = {f"{kv}.{i}": B.from_numpy(zeros) for i in range(cfg.n_layer) for kv in "kv"}
+        shapes = model.decode_cache_shapes(cfg, batch)  # the family's: a KV cache, or a recurrent state
+        state = {f"{kv}.{i}": B.from_numpy(np.zeros(shape, dtype=np.float32))
+                 for i, pair in enumerate(shapes) for kv, shape in zip("kv", pair, strict=True)}
 
         def kv_step(state: dict, p: dict[str, Array], idx: Array, pos_ids: Array, write_mask: Array,
                     attn_mask: Array) -> tuple[tuple[Array], dict]:

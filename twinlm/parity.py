@@ -26,6 +26,7 @@ from twinlm.core import layers, model, optim, step
 from twinlm.core import spec as SP
 from twinlm.core.backend import LAYER_NORM_EPS, RMS_NORM_EPS, Array, Backend
 from twinlm.core.config import ModelConfig, preset
+from twinlm.core.models import attends
 from twinlm.core.params import init_params
 
 
@@ -130,8 +131,8 @@ class Report:
 
 # ---- primitives and composites --------------------------------------------------------------
 
-COMPOSITES = ("erf", "custom_grad", "gelu", "gelu_tanh", "silu", "swiglu", "lora", "rope", "repeat_kv",
-              "softmax", "log_softmax", "layer_norm", "rms_norm", "attention", "cross_entropy")
+COMPOSITES = ("erf", "custom_grad", "gelu", "gelu_tanh", "sigmoid", "silu", "swiglu", "lora", "rope",
+              "repeat_kv", "softmax", "log_softmax", "layer_norm", "rms_norm", "attention", "cross_entropy")
 
 
 @dataclass(frozen=True)
@@ -262,6 +263,8 @@ def op_cases(seed: int = 0) -> list[OpCase]:
         OpCase("gelu", lambda B, x: B.gelu(x), lambda x: 0.5 * x * (1 + _erf(x / math.sqrt(2))),
                (2 * x,), composite="gelu"),
         OpCase("gelu_tanh", lambda B, x: B.gelu_tanh(x), _np_gelu_tanh, (2 * x,), composite="gelu_tanh"),
+        OpCase("sigmoid", lambda B, x: B.sigmoid(x), lambda x: 1 / (1 + np.exp(-x)), (4 * x,),
+               composite="sigmoid"),
         OpCase("silu", lambda B, x: B.silu(x), _np_silu, (2 * x,), composite="silu"),
         OpCase("swiglu", lambda B, a, b: B.swiglu(a, b), lambda a, b: _np_silu(a) * b, (a, b), (0, 1),
                composite="swiglu"),
@@ -430,6 +433,13 @@ class WrongRmsNormEps:
         return super().rms_norm(x, weight, WRONG_RMS_NORM_EPS)  # type: ignore[misc]
 
 
+class TanhGate:
+    """LSTM gates squashed by tanh instead of the sigmoid: gates in (-1, 1) instead of (0, 1)."""
+
+    def sigmoid(self: Any, x: Array) -> Array:
+        return self.tanh(x)
+
+
 class InterleavedRope:
     """RoPE on interleaved pairs (x[2i], x[2i+1]) (Meta's original layout) instead of the half split."""
 
@@ -484,13 +494,13 @@ class Control:
 
 CONTROLS = (
     Control("tanh-gelu", "GELU by the tanh approximation", mixin=TanhGelu,
-            applies=lambda c: c.activation == "gelu"),
+            applies=lambda c: c.activation == "gelu" and attends(c)),
     Control("no-bias-correction", "AdamW without bias correction (bc1 = bc2 = 1)", bias_correction=False),
     Control("layer-norm-eps", f"LayerNorm eps {WRONG_LAYER_NORM_EPS:g} instead of {LAYER_NORM_EPS:g} "
             f"({LAYER_NORM_EPS:g} instead of BERT's 1e-12)",
             mixin=WrongLayerNormEps, applies=lambda c: c.norm == "layernorm"),
     Control("shifted-mask", "causal mask shifted by one (sees the next token)", mask_fn=shifted_causal_mask,
-            applies=lambda c: c.kind == "decoder"),
+            applies=lambda c: c.kind == "decoder" and attends(c)),
     Control("rms-norm-eps", f"RMSNorm eps {WRONG_RMS_NORM_EPS:g} instead of {RMS_NORM_EPS:g}",
             mixin=WrongRmsNormEps, applies=lambda c: c.norm == "rmsnorm"),
     Control("rope-interleaved", "RoPE on interleaved pairs instead of the half split", mixin=InterleavedRope,
@@ -501,6 +511,8 @@ CONTROLS = (
             applies=lambda c: c.kind == "encoder"),
     Control("lora-unscaled", "LoRA adapters without their alpha / rank scale", mixin=UnscaledLora,
             applies=lambda c: c.lora_rank > 0 and c.lora_scale != 1.0),
+    Control("lstm-tanh-gate", "LSTM gates through tanh instead of the sigmoid", mixin=TanhGate,
+            applies=lambda c: c.arch == "lstm"),
 )
 
 
@@ -728,7 +740,11 @@ def fd_gradient_checks(B: Backend, cfg: ModelConfig, params: dict[str, np.ndarra
 # ---- the suite ----------------------------------------------------------------------------------
 
 PHASES = ("primitives", "fused", "model", "causal", "train", "float64")
-ARCHS = ("gpt", "llama", "bert", "lora")  # "lora": GPT with LoRA adapters on every block layer
+ARCHS = ("gpt", "llama", "bert", "lora", "lstm", "rnn")  # "lora": GPT with LoRA adapters on every block layer
+# The recurrent baselines unroll their window in the graph, and tinygrad compiles every unrolled step's
+# kernels (minutes for 16 steps here): 4 steps check the recurrence (state carried across 3 transitions,
+# every gradient through it) and keep the suite's growth small.
+RECURRENT_BLOCK = 4
 
 
 def suite_name(cfg: ModelConfig) -> str:
@@ -746,6 +762,8 @@ def arch_config(arch: str, preset_name: str = "small", vocab_size: int = 65) -> 
     if arch == "llama":  # at least 2 kv heads of 2 queries each, so a wrong head mapping shows
         n_head = max(4, preset(preset_name, vocab_size=vocab_size).n_head)
         extra = dict(n_head=n_head, n_kv_head=n_head // 2, tie_embeddings=False)
+    if arch in ("lstm", "rnn"):
+        extra = dict(block_size=min(RECURRENT_BLOCK, preset(preset_name).block_size))
     return preset(preset_name, vocab_size=vocab_size, arch=arch, **extra)
 
 

@@ -55,7 +55,7 @@ from twinlm.tasks.mlm import MaskedLM, encoder_tokenizer
 
 # Model settings a user may set on `train`; a resumed run keeps the checkpoint's.
 MODEL_FIELDS = ("n_layer", "n_head", "d_model", "block_size", "dropout", "arch", "n_kv_head", "d_ff",
-                "pos_encoding", "norm", "activation", "tie_embeddings")
+                "pos_encoding", "norm", "activation", "tie_embeddings", "residual")
 TASKS = ("auto", "lm", "mlm", "classify")
 MAX_BAD_STEPS = 5  # consecutive non-finite steps before the run stops
 
@@ -84,6 +84,7 @@ class TrainConfig:
     norm: str | None = None
     activation: str | None = None
     tie_embeddings: bool | None = None
+    residual: bool | None = None  # False: decoder blocks without skip connections (an ablation)
     tokenizer: str = "char"
     errors: str = "strict"  # invalid UTF-8 in the corpus: "strict" refuses it, "replace" substitutes U+FFFD
     vocab_size: int | None = None

@@ -28,10 +28,12 @@ def cli(ctx: click.Context, backend: str | None) -> None:
 def _register() -> None:
     # Each command module exposes `command`; importing them is cheap (frameworks load lazily).
     from twinlm.cli import (
+        attention,
         bench,
         cache,
         doctor,
         evaluate,
+        experiment,
         finetune,
         hf,
         lora,
@@ -42,7 +44,8 @@ def _register() -> None:
         train,
     )
 
-    for module in (train, finetune, lora, sample, predict, evaluate, parity, plot, doctor, bench, cache):
+    for module in (train, finetune, lora, sample, predict, evaluate, parity, plot, doctor, bench, cache,
+                   experiment, attention):
         cli.add_command(module.command)
     cli.add_command(hf.import_command)
     cli.add_command(hf.export_command)

@@ -15,7 +15,7 @@ from twinlm.cli.common import backend, backend_option, chosen_backend_name
 from twinlm.core import model, task
 from twinlm.core.config import ACTIVATIONS, LORA_TARGETS, NORMS, POS_ENCODINGS, preset_training
 from twinlm.core.errors import TwinlmError
-from twinlm.core.models import FAMILIES
+from twinlm.core.models import FAMILIES, attends
 from twinlm.core.spec import count
 from twinlm.tasks import classify as C
 from twinlm.tasks.lm import ACCURACY_EXAMPLES as ACCURACY_N
@@ -198,9 +198,13 @@ def run(tc: TrainConfig, backend_name: str | None, resume: str | None, devices: 
     out(f"backend {B.name}{parallel}  |  {data}  |  tokenizer {trainer.tokenizer.kind} "
         f"({cfg.vocab_size} ids)")
     trained = f" ({n_train:,} trained)" if n_train != n_params else ""
-    out(f"model {cfg.arch}: {cfg.n_layer} layers, {cfg.n_head} heads"
-        f"{f' ({cfg.n_kv_head} kv)' if cfg.n_kv_head != cfg.n_head else ''}, d_model {cfg.d_model}, "
-        f"block {cfg.block_size}, {cfg.norm}, {cfg.activation}, {cfg.pos_encoding} positions: "
+    if attends(cfg):
+        shape = (f"{cfg.n_head} heads{f' ({cfg.n_kv_head} kv)' if cfg.n_kv_head != cfg.n_head else ''}, "
+                 f"d_model {cfg.d_model}, block {cfg.block_size}, {cfg.norm}, {cfg.activation}, "
+                 f"{cfg.pos_encoding} positions")
+    else:  # a recurrence: no heads, feed-forward or positions
+        shape = f"hidden size {cfg.d_model}, block {cfg.block_size} (unrolled), {cfg.norm}"
+    out(f"model {cfg.arch}: {cfg.n_layer} layers, {shape}: "
         f"{n_params:,} parameters{trained}  |  task {trainer.task.name}  |  batch {tc.batch_size} x "
         f"{tc.grad_accum}  |  run dir {trainer.out}")
     if resume:

@@ -13,6 +13,8 @@ Pinned conventions (the frameworks' native defaults disagree on most of these):
   tinygrad's default is 1e-6, so eps is always passed explicitly).
 - GELU-tanh is 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), GPT-2's `gelu_new`.
 - SiLU is x * sigmoid(x), sigmoid = 1 / (1 + exp(-x)); SwiGLU(g, u) = silu(g) * u.
+- The sigmoid composite (LSTM gates) is computed as 0.5 * (1 + tanh(x / 2)), the same function, whose
+  autodiff gradient stays finite for any x (through 1 / (1 + exp(-x)) it is 0 * inf = NaN below x ~ -88).
 - RoPE rotates the two halves of each head (x[:hs/2], x[hs/2:]) as one complex pair per frequency:
   out = [x1 cos - x2 sin, x2 cos + x1 sin], the "rotate_half" layout of Hugging Face Llama, so HF
   checkpoints load without permuting q/k (Meta's original checkpoints interleave pairs instead).
@@ -175,6 +177,9 @@ class Backend:
 
     def gelu_tanh(self, x: Array) -> Array:
         return 0.5 * x * (1.0 + self.tanh(GELU_TANH_C * (x + 0.044715 * (x * x * x))))
+
+    def sigmoid(self, x: Array) -> Array:
+        return 0.5 * (1.0 + self.tanh(0.5 * x))
 
     def silu(self, x: Array) -> Array:
         return x / (1.0 + self.exp(-x))

@@ -13,7 +13,7 @@ class ConfigError(TwinlmError, ValueError):
 
 
 POS_ENCODINGS = ("learned", "sinusoidal", "rope", "none")
-NORMS = ("layernorm", "rmsnorm")
+NORMS = ("layernorm", "rmsnorm", "none")  # none: identity (`twinlm experiment norm-residual`)
 ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu")
 # Layers LoRA can adapt, named within a block; short aliases that name one of them unambiguously.
 LORA_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
@@ -39,7 +39,7 @@ class ModelConfig:
     pos_encoding: str | None = None  # "learned" | "sinusoidal" | "rope" | "none"
     arch: str = "gpt"
     n_kv_head: int = 0  # 0: n_head (grouped-query attention when smaller)
-    norm: str | None = None  # "layernorm" | "rmsnorm"
+    norm: str | None = None  # "layernorm" | "rmsnorm" | "none"
     activation: str | None = None  # "gelu" (exact erf) | "gelu_tanh" | "swiglu"
     norm_eps: float | None = None
     rope_theta: float = 10000.0
@@ -49,6 +49,7 @@ class ModelConfig:
     lora_alpha: float = 0.0  # adapter output scale alpha / rank; 0: 2 * rank
     lora_targets: tuple[str, ...] = ()  # () : all of LORA_TARGETS
     lora_dropout: float = 0.0  # dropout on each adapter's input
+    residual: bool = True  # False: the decoder blocks drop their skip connections (x = f(norm(x)))
 
     def __post_init__(self) -> None:
         from twinlm.core.models import family  # the registry imports this module
@@ -90,6 +91,11 @@ class ModelConfig:
         if not self.rope_theta > 0:
             raise ConfigError(f"rope_theta must be positive, got {self.rope_theta!r}")
         self._check_lora()
+        if self.lora_rank and getattr(fam, "RECURRENT", False):
+            raise ConfigError(f"LoRA adapts attention and MLP layers; --arch {self.arch} has none")
+        if self.residual is not True and (self.residual is not False or self.arch not in ("gpt", "llama")):
+            raise ConfigError(f"residual must be true or false, and only the gpt and llama decoders can drop "
+                              f"it; got {self.residual!r} for --arch {self.arch}")
         for name in ("type_vocab_size", "n_classes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:

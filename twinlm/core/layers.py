@@ -87,6 +87,8 @@ def lora_target(cfg: ModelConfig, name: str) -> bool:
 
 
 def norm_spec(cfg: ModelConfig, name: str) -> S.Spec:
+    if cfg.norm == "none":
+        return {}
     out = {f"{name}.weight": S.gain(cfg.d_model)}
     if cfg.bias and cfg.norm == "layernorm":  # RMSNorm has no bias
         out[f"{name}.bias"] = S.bias(cfg.d_model)
@@ -137,6 +139,8 @@ def lora_dropout_sites(cfg: ModelConfig, batch: int, t: int) -> dict[str, tuple[
 
 
 def norm(B: Backend, cfg: ModelConfig, p: Params, name: str, x: Array) -> Array:
+    if cfg.norm == "none":
+        return x
     if cfg.norm == "rmsnorm":
         return B.rms_norm(x, p[f"{name}.weight"], cfg.norm_eps)
     return B.layer_norm(x, p[f"{name}.weight"], p.get(f"{name}.bias"), cfg.norm_eps)

@@ -65,6 +65,11 @@ def classify(B: Backend, cfg: ModelConfig, p: dict[str, Array], idx: Array, pool
     return head(B, cfg, p, fam.pooled(B, cfg, p, h, pool))
 
 
+def decode_cache_shapes(cfg: ModelConfig, batch: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Per layer, the shapes of the two arrays of `decode_step`'s fixed-shape cache (decoders)."""
+    return family(cfg.arch).decode_cache_shapes(cfg, batch)
+
+
 def decode_step(B: Backend, cfg: ModelConfig, p: dict[str, Array], *args: Any) -> tuple[Array, KVCache]:
     fam = family(cfg.arch)
     if fam.KIND != "decoder":

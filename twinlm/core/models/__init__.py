@@ -8,7 +8,9 @@
     lm_logits(B, cfg, p, h) -> (B, T, V)          the language-model head (next token or masked token)
     pooled(B, cfg, p, h, pool) -> (B, C)          the representation a classification head reads
     dropout_sites(cfg, batch, t) -> {site: shape}
-    decode_step(...)                               decoders only: one token through a fixed KV cache
+    decode_step(...)                               decoders only: one token through a fixed-shape cache
+    decode_cache_shapes(cfg, batch)                decoders only: per layer, the shapes of that cache
+    RECURRENT     optional, True for a family without attention (attention-only checks do not apply)
 
 and a line in FAMILIES below.
 """
@@ -17,11 +19,14 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
+from typing import Any
 
 FAMILIES = {
     "gpt": "twinlm.core.models.gpt",
     "llama": "twinlm.core.models.llama",
     "bert": "twinlm.core.models.bert",
+    "lstm": "twinlm.core.models.lstm",
+    "rnn": "twinlm.core.models.lstm",  # the same module: a plain tanh RNN cell instead of the LSTM's
 }
 
 
@@ -31,3 +36,8 @@ def family(arch: str) -> ModuleType:
 
         raise ConfigError(f"unknown arch {arch!r}; choose from {', '.join(FAMILIES)}")
     return importlib.import_module(FAMILIES[arch])
+
+
+def attends(cfg: Any) -> bool:
+    """Whether `cfg`'s family has attention (and so a mask, heads and an MLP); the recurrent ones do not."""
+    return not getattr(family(cfg.arch), "RECURRENT", False)

@@ -3,6 +3,9 @@
     tokens (B, T) -> wte (+ learned or sinusoidal positions) -> n_layer x [x + attn(norm_1(x));
                      x + mlp(norm_2(x))] -> norm_f -> logits (B, T, V)
 
+(`residual=False` drops the `x +`, `norm="none"` the norms: the ablations of `twinlm experiment
+norm-residual`.)
+
 Rotary positions, when chosen, rotate q and k inside attention instead of adding to x. Dropout masks
 come in from outside (see `core.dropout`) so both backends drop the same units.
 """
@@ -19,7 +22,8 @@ from twinlm.core import spec as S
 from twinlm.core.backend import Array, Backend
 from twinlm.core.config import ModelConfig
 
-__all__ = ["KIND", "decode_step", "dropout_sites", "hidden", "lm_logits", "param_spec", "pooled"]
+__all__ = ["KIND", "decode_cache_shapes", "decode_step", "dropout_sites", "hidden", "lm_logits", "param_spec",
+           "pooled"]
 
 KIND = "decoder"
 # Per-layer (k, v) of shape (B, Hkv, T_past, hs), for incremental generation.
@@ -58,9 +62,11 @@ def _block(B: Backend, cfg: ModelConfig, p: L.Params, i: int, x: Array, attend: 
            drop: dict[str, Array], rope: tuple[Array, Array] | None) -> Array:
     pre = f"blocks.{i}"
     y = L.self_attention(B, cfg, p, f"{pre}.attn", i, L.norm(B, cfg, p, f"{pre}.ln_1", x), attend, rope, drop)
-    x = x + L.residual_dropout(y, drop, f"{pre}.resid_attn")
+    y = L.residual_dropout(y, drop, f"{pre}.resid_attn")
+    x = x + y if cfg.residual else y
     h = L.mlp(B, cfg, p, f"{pre}.mlp", L.norm(B, cfg, p, f"{pre}.ln_2", x), drop)
-    return x + L.residual_dropout(h, drop, f"{pre}.resid_mlp")
+    h = L.residual_dropout(h, drop, f"{pre}.resid_mlp")
+    return x + h if cfg.residual else h
 
 
 def _positions(B: Backend, cfg: ModelConfig, p: L.Params, rows: Any,
@@ -122,6 +128,12 @@ def decode_inputs(pos: int, block_size: int) -> tuple[np.ndarray, np.ndarray, np
     slots = np.arange(block_size)
     return (np.array([pos], dtype=np.int32), (slots == pos).reshape(1, 1, block_size, 1),
             (slots <= pos).reshape(1, block_size))
+
+
+def decode_cache_shapes(cfg: ModelConfig, batch: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Per layer the shapes of the fixed-shape KV cache (k, v) `decode_step` reads and returns."""
+    shape = (batch, cfg.n_kv_head, cfg.block_size, cfg.head_dim)
+    return [(shape, shape)] * cfg.n_layer
 
 
 def decode_step(B: Backend, cfg: ModelConfig, p: L.Params, idx: Array, pos_ids: Array,
