@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import run_cli
@@ -151,7 +152,8 @@ def train_config(monkeypatch: pytest.MonkeyPatch) -> list:
         seen.append(tc)
         raise Stop("stop")
     monkeypatch.setattr(train_cli, "Trainer", fake_trainer)
-    monkeypatch.setattr(train_cli, "backend", lambda name: None)
+    alone = SimpleNamespace(name="mlx", world=lambda: (0, 1))  # one process, no framework loaded
+    monkeypatch.setattr(train_cli, "backend", lambda name: alone)
     return seen
 
 
