@@ -168,17 +168,21 @@ def _watch(procs: list[subprocess.Popen], beats: Path, timeout_s: float, logs: l
     start = time.monotonic()
     while True:
         codes = [p.poll() for p in procs]
+        failed = [(r, c) for r, c in enumerate(codes)
+                  if c not in (None, 0) and not (c == 130 and all(x in (None, 130) for x in codes))]
+        if failed:
+            # The cause, not a consequence: a rank killed by a signal makes its peers fail too (a lost
+            # ring connection), and by the time we look they may all have exited.
+            r, c = min(failed, key=lambda rc: (rc[1] >= 0, rc[0]))  # type: ignore[operator]
+            if c == BAD_INPUT and _rank0_exit(procs[0]) == BAD_INPUT:
+                _kill_all(procs)
+                return BAD_INPUT  # every rank refused the same input; rank 0 said why in one line
+            _kill_all(procs)
+            said = _last_error(logs[r]) if r > 0 else ""
+            raise RankFailed(f"rank {r} {_how(c)} at iter {_last_iter(beats, r)}{said}; stopped all "
+                             f"{len(procs)} ranks (the last checkpoint is intact; resume with --resume)")
         if all(c is not None for c in codes):
             return codes[0]  # type: ignore[return-value]
-        for r, c in enumerate(codes):
-            if c not in (None, 0) and not (c == 130 and all(x in (None, 130) for x in codes)):
-                if c == BAD_INPUT and _rank0_exit(procs[0]) == BAD_INPUT:
-                    _kill_all(procs)
-                    return BAD_INPUT  # every rank refused the same input; rank 0 said why in one line
-                _kill_all(procs)
-                said = _last_error(logs[r]) if r > 0 else ""
-                raise RankFailed(f"rank {r} {_how(c)} at iter {_last_iter(beats, r)}{said}; stopped all "
-                                 f"{len(procs)} ranks (the last checkpoint is intact; resume with --resume)")
         now, elapsed = time.time(), time.monotonic() - start
         ages = [_age(beats / f"rank-{r}", now) for r in range(len(procs))]
         # Before its first finished step a rank also gets the set-up and compile grace.
