@@ -28,6 +28,7 @@ from twinlm.core import layers as L
 from twinlm.core import spec as S
 from twinlm.core.backend import Array, Backend
 from twinlm.core.config import ModelConfig
+from twinlm.core.models.decoder import lm_logits, pooled  # noqa: F401  (the same head and pooling as a decoder)
 
 KIND = "decoder"
 RECURRENT = True  # no attention: attention-only options and controls do not apply
@@ -114,16 +115,6 @@ def hidden(B: Backend, cfg: ModelConfig, p: L.Params, idx: Array, *, dropout: di
         x = L.residual_dropout(x, drop, f"blocks.{i}.out")
         new_state.append(st)
     return L.norm(B, cfg, p, "ln_f", x), new_state
-
-
-def lm_logits(B: Backend, cfg: ModelConfig, p: L.Params, h: Array) -> Array:
-    head = B.transpose(p["wte.weight"], (1, 0)) if cfg.tie_embeddings else p["head.weight"]
-    return h @ head
-
-
-def pooled(B: Backend, cfg: ModelConfig, p: L.Params, h: Array, pool: Array) -> Array:
-    """The last real token's hidden state: the only one that has read the whole text."""
-    return L.pool_at(B, h, pool)
 
 
 def decode_cache_shapes(cfg: ModelConfig, batch: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
