@@ -2,8 +2,10 @@
 figures and asserts the direction of its claim where the quick run is strong enough to show it (said per
 test); the listing, bad names, and the attention maps on their own.
 
-Default run: the listing and errors, the attention tools, and `long-range --quick` (its claim shows clearly
-even at that size). The other quick variants take 40-90 s each on a loaded 2-core machine: marked slow.
+Every quick variant on MLX runs by default: 5-17 s each on the shared 2-core box at load ~4, the whole file
+~75 s. Directions asserted: parallelism, long-range, positional, norm-residual, scaling. Mechanics
+only, because their quick runs say "inconclusive at this size": heads and pretrain-finetune. Only the
+tinygrad run (`scaling --quick`, minutes of kernel compiling) is marked slow.
 """
 
 from __future__ import annotations
@@ -32,7 +34,21 @@ def quick(name: str, tmp_path: Path, capsys, monkeypatch, backend: str = "mlx") 
     assert result["config"] and result["numbers"] and result["claim"] and result["headline"]
     assert f"verdict: {result['verdict']}" in stdout
     assert result["figures"] and all((out / f).stat().st_size > 10_000 for f in result["figures"])
+    assert_finite(result["numbers"])
     return result
+
+
+def assert_finite(x: object) -> None:
+    """Every number in a result is finite (result.json writes a non-finite float as the string "nan")."""
+    if isinstance(x, dict):
+        for v in x.values():
+            assert_finite(v)
+    elif isinstance(x, list):
+        for v in x:
+            assert_finite(v)
+    else:
+        assert not isinstance(x, str) or x.lower() not in ("nan", "inf", "-inf"), x
+        assert not isinstance(x, float) or np.isfinite(x), x
 
 
 def test_list_shows_every_experiment(capsys, monkeypatch) -> None:
@@ -105,60 +121,63 @@ def test_attention_refuses_a_recurrent_model(tmp_path, capsys, monkeypatch) -> N
     assert code == 2 and err == "error: an --arch rnn model has no attention to show\n"
 
 
-@pytest.mark.slow
-def test_parallelism_quick(tmp_path, capsys, monkeypatch) -> None:
+def test_parallelism_quick_transformer_outpaces_lstm(tmp_path, capsys, monkeypatch) -> None:
     r = quick("parallelism", tmp_path, capsys, monkeypatch)
     rows = r["numbers"]["rows"]
     assert {(row["arch"], row["block"]) for row in rows} == {(a, t) for a in ("gpt", "lstm")
                                                              for t in (16, 64)}
     assert all(row["tokens_per_s"] > 0 and row["compile_s"] > 0 for row in rows)
-    # No timing direction is asserted: 8 steps at blocks 16 and 64 on a shared CPU are too few to rank
-    # reliably (one loaded run here measured the transformer's step time growing 19x and the LSTM's 3.6x,
-    # against 2.2x and 5.4x in a quieter one). The full version (to block 512) shows it; see the docs.
-    assert r["reproduced"] in (True, False) and "loaded CPU" in r["note"]
     assert abs(rows[0]["params"] - rows[1]["params"]) / rows[0]["params"] < 0.1  # equal size, as claimed
+    # The tokens/s ratio at block 64 has a wide margin (4.7-5.3x at load ~4 here, 2.9x at load 5-12), so its
+    # direction is asserted; the step-time growth from 16 to 64 is not (it swung 2x-19x under load).
+    assert r["numbers"]["tokens_per_s_ratio_at_top"] > 1.0 and r["reproduced"] is True
+    assert "loaded CPU" in r["note"]
 
 
-@pytest.mark.slow
-def test_heads_quick(tmp_path, capsys, monkeypatch) -> None:
+def test_heads_quick_is_inconclusive(tmp_path, capsys, monkeypatch) -> None:
     r = quick("heads", tmp_path, capsys, monkeypatch)
     n = r["numbers"]
     assert np.array(n["trained"]["mean_distance"]).shape == (2, 4)
-    # At 200 steps the heads have not specialised yet: only the init baseline's uniformity is asserted.
-    assert n["initial_distance_spread"] < 1.5
-    assert r["reproduced"] in (None, True) and "heads_maps.png" in r["figures"]
+    assert n["initial_distance_spread"] < 1.5  # at initialisation every head attends alike
+    # Mechanics only: after 200 steps the model has not learned the task (sort accuracy ~4%), so its heads
+    # have not settled and the verdict says so (the full run reaches 100% and is judged).
+    assert n["sort_accuracy"] < 0.5 and r["reproduced"] is None
+    assert r["verdict"].startswith("inconclusive at this size") and "heads_maps.png" in r["figures"]
 
 
-@pytest.mark.slow
-def test_positional_quick(tmp_path, capsys, monkeypatch) -> None:
+def test_positional_quick_order_needs_positions(tmp_path, capsys, monkeypatch) -> None:
     r = quick("positional", tmp_path, capsys, monkeypatch)
     digit = r["numbers"]["per_digit"]
-    # Too short for exact match; per reversed digit, some positional encoding already beats none.
-    assert max(digit[e] for e in ("learned", "sinusoidal", "rope")) > digit["none"], digit
+    # Too short for exact match; per reversed digit, rotary positions already beat none by far (58% vs 18%).
+    assert max(digit[e] for e in ("learned", "sinusoidal", "rope")) > digit["none"] + 0.15, digit
+    assert r["reproduced"] is True and "per-digit" in r["note"]
 
 
-@pytest.mark.slow
 def test_norm_residual_quick(tmp_path, capsys, monkeypatch) -> None:
     r = quick("norm-residual", tmp_path, capsys, monkeypatch)
     runs = r["numbers"]["runs"]
     assert set(runs) == {"norm + residual", "residual only", "norm only", "neither"}
     best, worst = runs["norm + residual"], runs["neither"]
     assert worst["diverged"] or best["final_loss"] < worst["final_loss"] - 0.1, runs
+    assert r["reproduced"] is True
 
 
-@pytest.mark.slow
 def test_scaling_quick(tmp_path, capsys, monkeypatch) -> None:
     r = quick("scaling", tmp_path, capsys, monkeypatch)
     losses = [row["val_loss"] for row in r["numbers"]["rows"]]
     assert losses == sorted(losses, reverse=True) and r["numbers"]["power_law"]["b"] > 0
+    assert r["reproduced"] is True
 
 
-@pytest.mark.slow
-def test_pretrain_finetune_quick(tmp_path, capsys, monkeypatch) -> None:
+def test_pretrain_finetune_quick_is_inconclusive(tmp_path, capsys, monkeypatch) -> None:
     r = quick("pretrain-finetune", tmp_path, capsys, monkeypatch)
-    final = r["numbers"]["final"]
-    # 300 pretraining steps leave the base far from its own task: the gap is not asserted, only recorded.
-    assert all(0.0 <= a <= 1.0 for a in final.values()) and r["numbers"]["curves"]["pretrained"]
+    n = r["numbers"]
+    # Mechanics only: a quick run's gap is within seed-to-seed noise (a few points on 500 held-out
+    # examples), so its verdict is inconclusive by design and no direction is asserted.
+    assert r["reproduced"] is None and r["verdict"].startswith("inconclusive at this size")
+    assert all(0.0 <= a <= 1.0 for a in n["final"].values())
+    for curve in n["curves"].values():
+        assert [i for i, _ in curve] == [20, 40, 60]
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ from twinlm.experiments.attention_maps import attention_maps, head_stats, plot_m
 CLAIM = "Multi-head attention lets heads specialise (local vs global, sharp vs spread out)."
 ABOUT = ("A 2-layer, 4-head GPT on the built-in sort task: per-head mean attention distance and entropy, "
          "trained vs at initialisation, and attention maps of one example. Measured here (2-core CPU "
-         "shared with other jobs, MLX): full 8 min, quick 17-55 s.")
+         "shared with other jobs, MLX): full 8 min, quick 7-55 s.")
 GPT = dict(n_layer=2, n_head=4, d_model=64, block_size=32)
 TEXT = "\n31415>11345\n27182>12278\n"
 

@@ -15,7 +15,7 @@ from twinlm.experiments import common as E
 
 CLAIM = "Layer normalisation and residual connections stabilise the training of deep stacks."
 ABOUT = ("A deep GPT (quick: 6 layers, full: 12) with / without LayerNorm and residual connections: loss "
-         "curves, divergence recorded. Measured here (2-core CPU shared with other jobs, MLX): quick 30-70 "
+         "curves, divergence recorded. Measured here (2-core CPU shared with other jobs, MLX): quick 8-70 "
          "s, full 7 min.")
 VARIANTS = {"norm + residual": dict(norm="layernorm", residual=True),
             "residual only": dict(norm="none", residual=True),

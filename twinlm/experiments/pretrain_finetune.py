@@ -14,12 +14,12 @@ from twinlm.experiments import common as E
 CLAIM = "Pretraining then fine-tuning beats training from scratch."
 ABOUT = ("GPT pretrained on the sort corpus, fine-tuned on the built-in sorted-or-not task vs the same "
          "model from scratch: accuracy vs steps. Measured here (2-core CPU shared with other jobs, MLX): "
-         "quick 80 s, full 4 min.")
+         "quick 12-15 s, full 4 min.")
 GPT = dict(n_layer=2, n_head=4, d_model=64, block_size=32)
 
 
 def run(ctx: E.Context) -> E.Outcome:
-    pre_steps, fine_steps = ctx.pick(300, 2000), ctx.pick(100, 300)
+    pre_steps, fine_steps = ctx.pick(200, 2000), ctx.pick(60, 300)
     every = ctx.pick(20, 25)
     base = E.train(ctx, "pretrained", max_iters=pre_steps, batch_size=32, lr=3e-3, warmup=ctx.pick(30, 100),
                    **GPT)
@@ -47,10 +47,16 @@ def run(ctx: E.Context) -> E.Outcome:
     headline = (f"after {fine_steps} fine-tuning steps: pretrained {final['pretrained']:.1%}, from scratch "
                 f"{final['from scratch']:.1%} held-out accuracy (pretraining: {pre_steps} steps, sort "
                 f"accuracy {pre_acc:.0%})")
-    # A base that has not learned its own task has little to transfer: then a small gap shows nothing.
+    # A base that has not learned its own task has little to transfer: then a small gap shows nothing. Nor
+    # does a quick run's gap: a few fine-tuning steps, scored on 500 held-out examples, move it by points
+    # from seed to seed (on a 600-step base that had learned its task, 100 steps: +5.4 at seed 0, +1.4 at 1).
     strong = pre_acc is not None and pre_acc >= 0.5
-    reproduced = gap > 0.05 if strong or gap > 0.05 else None
-    note = "" if reproduced is not None else "the base has not learned its own task yet"
+    if ctx.quick:
+        reproduced, note = None, "a quick run is too small to separate the two: run the full version"
+    elif strong or gap > 0.05:
+        reproduced, note = gap > 0.05, ""
+    else:
+        reproduced, note = None, "the base has not learned its own task yet"
     return E.Outcome(CLAIM, headline, reproduced, note=note,
                      numbers=dict(curves=curves, final=final, gap=gap, pretrain_sort_accuracy=pre_acc,
                                   pretrain_val_loss=base.result.val_loss if base.result else None),

@@ -17,7 +17,7 @@ from twinlm.experiments import common as E
 
 CLAIM = "Quality scales with model size (at a fixed budget of steps and data)."
 ABOUT = ("Val loss vs parameter count of GPTs from ~4k to ~0.8M parameters on the built-in corpus, with a "
-         "fitted power law. Measured here (2-core CPU shared with other jobs, MLX): quick (3 sizes) 25-55 "
+         "fitted power law. Measured here (2-core CPU shared with other jobs, MLX): quick (3 sizes) 8-55 "
          "s (22 min on tinygrad), full 5 min.")
 FLOOR = sort_task.DIGITS * math.log(10) / (2 * sort_task.DIGITS + 2)
 
