@@ -181,33 +181,18 @@ def test_a_changed_or_missing_base_is_refused(base_run, tmp_path, corpus, capsys
 
 def test_cli_lora_merge_sample_and_errors(base_run, tmp_path, corpus, capsys, monkeypatch):
     run, merged_run = tmp_path / "lora", tmp_path / "merged"
+    on_base = ["train", "--init-from", str(base_run), "--data", str(corpus)]
     code, out, err = run_cli(
-        [
-            "train",
-            "--init-from",
-            str(base_run),
-            "--data",
-            str(corpus),
-            "--lora-rank",
-            "4",
-            "--lora-targets",
-            "qkv,mlp.proj",
-            "--max-iters",
-            "5",
-            "--eval-every",
-            "5",
-            "--batch-size",
-            "4",
-            "--out",
-            str(run),
-        ],
+        [*on_base, "--lora-rank", "4", "--lora-targets", "qkv,mlp.proj", "--max-iters", "5",
+         "--eval-every", "5", "--batch-size", "4", "--out", str(run)],
         capsys,
         monkeypatch,
     )
     assert code == 0, err
     assert "trained)" in out
     code, out, err = run_cli(["merge-lora", str(run), "--out", str(merged_run)], capsys, monkeypatch)
-    assert code == 0, err and "merged 4 adapters" in out
+    assert code == 0, err
+    assert "merged 4 adapters" in out, out
     meta = json.loads((latest_checkpoint(merged_run) / "meta.json").read_text())
     assert meta["model"]["lora_rank"] == 0 and meta["base"] is None
     samples = []
@@ -222,21 +207,8 @@ def test_cli_lora_merge_sample_and_errors(base_run, tmp_path, corpus, capsys, mo
     assert samples[0] == samples[1]  # merged weights generate exactly what the adapters do
     for args, message in [
         (["train", "--data", str(corpus), "--lora-rank", "4"], "--init-from"),
-        (
-            [
-                "train",
-                "--init-from",
-                str(base_run),
-                "--data",
-                str(corpus),
-                "--lora-rank",
-                "4",
-                "--lora-targets",
-                "proj",
-            ],
-            "attn.proj or mlp.proj",
-        ),
-        (["train", "--init-from", str(base_run), "--data", str(corpus), "--n-layer", "3"], "keeps the base"),
+        ([*on_base, "--lora-rank", "4", "--lora-targets", "proj"], "attn.proj or mlp.proj"),
+        ([*on_base, "--n-layer", "3"], "keeps the base"),
         (["train", "--init-from", str(base_run)], "--data"),
         (["train", "--init-from", str(run), "--data", str(corpus), "--lora-rank", "2"], "merge it first"),
         (["merge-lora", str(merged_run), "--out", str(tmp_path / "x")], "no LoRA adapters"),
