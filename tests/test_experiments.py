@@ -93,7 +93,7 @@ def test_attention_maps_and_cli(tmp_path, capsys, monkeypatch) -> None:
     assert (tmp_path / "maps.png").stat().st_size > 10_000
     assert out.count("\n") == 1 + 2 * 2 + 1  # header, one row per (layer, head) of the tiny preset, "wrote"
     # The recorded maps are the model's: rows are causal probability distributions.
-    from twinlm.generate import load_model
+    from twinlm.run_dir import load_model
 
     cfg, params, tok, _ = load_model(tmp_path / "run")
     maps = attention_maps(B, cfg, params, tok.encode("12345>1234")[None, :])

@@ -31,8 +31,9 @@ from twinlm.cli.main import cli  # noqa: E402
 from twinlm.core import model  # noqa: E402
 from twinlm.core.layers import padding_mask  # noqa: E402
 from twinlm.core.models import family  # noqa: E402
-from twinlm.generate import generate, load_model  # noqa: E402
+from twinlm.generate import generate  # noqa: E402
 from twinlm.hf import HFError, archs, export_hf, import_hf, read_hf  # noqa: E402
+from twinlm.run_dir import load_model  # noqa: E402
 
 TOL = 1e-4
 BACKENDS = ("mlx", "tinygrad")

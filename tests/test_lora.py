@@ -18,7 +18,7 @@ from twinlm.core import spec as S
 from twinlm.core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from twinlm.core.config import ConfigError, ModelConfig, lora_targets, preset
 from twinlm.core.errors import TwinlmError
-from twinlm.generate import load_model
+from twinlm.run_dir import load_model
 from twinlm.trainer import TrainConfig, Trainer
 
 CORPUS = (

@@ -9,8 +9,9 @@ See `twinlm.api` for `load`, `train` and `Model`; `twinlm.trainer.Trainer` for t
 
 from typing import Any
 
-__version__ = "0.1.0"
-__all__ = ["Model", "load", "train"]
+from twinlm._version import __version__
+
+__all__ = ["Model", "load", "train", "__version__"]
 
 
 def __getattr__(name: str) -> Any:  # lazy: `import twinlm` stays cheap and loads no framework

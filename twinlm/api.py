@@ -108,7 +108,7 @@ def load(path: str | Path, backend: str | Backend | None = None) -> Model:
         cfg, params, tok, record, _ = read_hf(path)
         labels = labels_of(record["config"], cfg.n_classes) if cfg.n_classes else []
         return Model(cfg, params, tok, B, path, labels)
-    from twinlm.generate import load_model
+    from twinlm.run_dir import load_model
 
     cfg, params, tok, meta = load_model(path)
     return Model(cfg, params, tok, B, path, meta.labels)

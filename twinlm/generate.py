@@ -26,7 +26,6 @@ window, no cache), built the first time a history passes block_size.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,29 +34,12 @@ from twinlm.core import model
 from twinlm.core.backend import Array, Backend
 from twinlm.core.config import ModelConfig
 from twinlm.core.errors import TwinlmError
-from twinlm.core.params import check_params
-from twinlm.core.tokenizers import Tokenizer, tokenizer_from_dict
-from twinlm.run_meta import RunMeta
 
 STRATEGIES = ("kv", "fixed", "full")
 # Backends that compile a new graph for every new shape: a growing KV cache would recompile each token.
 _FIXED_SHAPE_BACKENDS = ("tinygrad",)
 # Compiled fixed-shape steps, reused across generate() calls (params are inputs, not baked in).
 _fixed_shape_steps: dict[tuple[int, ModelConfig, int], _FixedShapeSteps] = {}
-
-
-def load_model(run_dir: str | Path) -> tuple[ModelConfig, dict[str, np.ndarray], Tokenizer, RunMeta]:
-    """(cfg, numpy params, tokenizer, run record) from a checkpoint dir or a run dir's latest checkpoint
-    (frozen weights from its base run, where it has one)."""
-    from twinlm.run_dir import load_run
-
-    arrays, meta = load_run(run_dir)
-    params = {k[len("param."):]: v for k, v in arrays.items() if k.startswith("param.")}
-    try:
-        check_params(meta.model, params)
-    except ValueError as e:
-        raise TwinlmError(f"checkpoint in {run_dir} does not match its model config: {e}") from None
-    return meta.model, params, tokenizer_from_dict(meta.tokenizer), meta
 
 
 def default_strategy(B: Backend, use_cache: bool = True) -> str:

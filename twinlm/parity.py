@@ -860,7 +860,8 @@ class Suite:
         if not capable:
             report.notes.append("float64: skipped (no backend here supports float64 autograd)")
         params = init_params(self.fd_cfg, self.seed)
-        batch = parity_batch(self.fd_cfg, np.random.default_rng([self.seed, 2]), 2, 8)
+        batch = parity_batch(self.fd_cfg, np.random.default_rng([self.seed, 2]), 2,
+                             min(8, self.fd_cfg.block_size))
         for side in capable:
             report.extend(self._cached(side, "float64 finite differences", lambda s=side: fd_gradient_checks(
                 s.backend, self.fd_cfg, params, batch, self.seed)))

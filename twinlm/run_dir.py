@@ -1,6 +1,8 @@
-"""Reading a run's checkpoint whole. A run fine-tuned from a base run (`train --init-from`, `finetune`)
-stores only what it trains (LoRA adapters, a task head, ...); its frozen weights are the base's, named
-with the SHA-256 of the base's parameters, so a base that changed since is refused, never mixed in."""
+"""Reading a run: its checkpoint whole (`load_run`), or the model it holds (`load_model`).
+
+A run fine-tuned from a base run (`train --init-from`, `finetune`) stores only what it trains (LoRA adapters,
+a task head, ...); its frozen weights are the base's, named with the SHA-256 of the base's parameters, so a
+base that changed since is refused, never mixed in."""
 
 from __future__ import annotations
 
@@ -9,8 +11,11 @@ from pathlib import Path
 import numpy as np
 
 from twinlm.core.checkpoint import load_checkpoint
+from twinlm.core.config import ModelConfig
 from twinlm.core.errors import TwinlmError
+from twinlm.core.params import check_params
 from twinlm.core.tensorfile import content_digest
+from twinlm.core.tokenizers import Tokenizer, tokenizer_from_dict
 from twinlm.run_meta import RunMeta
 
 
@@ -27,10 +32,20 @@ def load_run(path: str | Path) -> tuple[dict[str, np.ndarray], RunMeta]:
     return arrays, meta
 
 
+def load_model(run_dir: str | Path) -> tuple[ModelConfig, dict[str, np.ndarray], Tokenizer, RunMeta]:
+    """(cfg, numpy params, tokenizer, run record) from a checkpoint dir or a run dir's latest checkpoint
+    (frozen weights from its base run, where it has one)."""
+    arrays, meta = load_run(run_dir)
+    params = {k[len("param."):]: v for k, v in arrays.items() if k.startswith("param.")}
+    try:
+        check_params(meta.model, params)
+    except ValueError as e:
+        raise TwinlmError(f"checkpoint in {run_dir} does not match its model config: {e}") from None
+    return meta.model, params, tokenizer_from_dict(meta.tokenizer), meta
+
+
 def load_base(base: dict, path: str | Path) -> dict[str, np.ndarray]:
     """The base run's parameters, checked against the digest the fine-tuned run recorded."""
-    from twinlm.generate import load_model
-
     run = base.get("run")
     if not isinstance(run, str) or not Path(run).exists():
         raise TwinlmError(f"{path} keeps only the weights it trains; its base run {run} is missing "

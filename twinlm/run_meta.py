@@ -7,8 +7,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from twinlm.core.config import ConfigError, ModelConfig
-from twinlm.core.errors import TwinlmError
+from twinlm.core.config import ModelConfig
+from twinlm.core.errors import ConfigError, TwinlmError
 
 
 @dataclass

@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from twinlm import __version__
 from twinlm import distributed as D
+from twinlm._version import __version__
 from twinlm.core import model, optim
 from twinlm.core import spec as SP
 from twinlm.core import step as S
@@ -327,7 +327,7 @@ class Trainer:
     def _from_base(self, tc: TrainConfig) -> tuple[ModelConfig, Tokenizer, dict[str, np.ndarray], list[str]]:
         """The base run's model (with a classification head for classify, adapters for LoRA), its
         tokenizer, weights and the labels; records the base's digest and Hugging Face origin."""
-        from twinlm.generate import load_model
+        from twinlm.run_dir import load_model
 
         fixed = [k for k in MODEL_FIELDS if k not in ("dropout", "block_size") and getattr(tc, k) is not None]
         if fixed:

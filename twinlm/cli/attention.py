@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from twinlm import __version__
+from twinlm._version import __version__
 from twinlm.cli.common import backend, backend_option
 from twinlm.core.errors import TwinlmError
 
@@ -23,7 +23,7 @@ def command(run_dir: Path, text: str, out: Path, backend_name: str | None) -> No
     """Draw the attention map of every layer and head of RUN_DIR's model on TEXT (one PNG), and print each
     head's mean attention distance (tokens) and entropy (nats)."""
     from twinlm.experiments.attention_maps import attention_maps, head_stats, plot_maps
-    from twinlm.generate import load_model
+    from twinlm.run_dir import load_model
 
     B = backend(backend_name)
     cfg, params, tok, _ = load_model(run_dir)

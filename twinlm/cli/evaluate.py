@@ -28,7 +28,7 @@ from twinlm.trainer import TrainConfig, classify_examples, eval_step, evaluate_l
 def command(run_dir: str, backend_name: str | None, data: str | None, batch_size: int,
             max_windows: int | None) -> None:
     """Loss and perplexity of the model in RUN_DIR; on the built-in task, also its exact-match accuracy."""
-    from twinlm.generate import load_model
+    from twinlm.run_dir import load_model
 
     if batch_size <= 0:
         raise TwinlmError(f"batch-size must be a positive integer, got {batch_size}")

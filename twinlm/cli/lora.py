@@ -9,7 +9,7 @@ import click
 from twinlm.core.checkpoint import save_checkpoint
 from twinlm.core.errors import TwinlmError
 from twinlm.core.lora import merged
-from twinlm.generate import load_model
+from twinlm.run_dir import load_model
 
 
 @click.command("merge-lora")

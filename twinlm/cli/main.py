@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from twinlm import __version__
+from twinlm._version import __version__
 from twinlm.backends import ENV_VAR
 from twinlm.cli.common import BACKEND_METAVAR
 from twinlm.core.errors import TwinlmError, TwinlmWarning

@@ -25,7 +25,8 @@ def command(run_dir: str, texts: tuple[str, ...], backend_name: str | None, max_
             top: int) -> None:
     """For each TEXT: a classifier's label and probabilities; a masked LM's fill-in of every [MASK]
     (e.g. "1234>12[MASK]34"); a decoder's greedy continuation."""
-    from twinlm.generate import generate, load_model
+    from twinlm.generate import generate
+    from twinlm.run_dir import load_model
 
     cfg, np_params, tok, meta = load_model(run_dir)
     B = backend(backend_name)

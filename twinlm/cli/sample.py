@@ -10,7 +10,8 @@ import numpy as np
 from twinlm.cli.common import backend, backend_option
 from twinlm.core.errors import TwinlmError
 from twinlm.core.tokenizers import Tokenizer
-from twinlm.generate import check_generates, generate, load_model
+from twinlm.generate import check_generates, generate
+from twinlm.run_dir import load_model
 
 REPLACEMENT = "\ufffd"  # what decoding makes of an incomplete UTF-8 sequence
 

@@ -5,12 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from twinlm.core.errors import TwinlmError
-
-
-class ConfigError(TwinlmError, ValueError):
-    """A model configuration that cannot be built."""
-
+from twinlm.core.errors import ConfigError
 
 POS_ENCODINGS = ("learned", "sinusoidal", "rope", "none")
 NORMS = ("layernorm", "rmsnorm", "none")  # none: identity (`twinlm experiment norm-residual`)

@@ -10,13 +10,19 @@ from __future__ import annotations
 import numpy as np
 
 from twinlm.core.config import ModelConfig
-from twinlm.core.layers import lora_dropout_sites
+from twinlm.core.model import param_spec
 from twinlm.core.models import family
 
 
 def sites(cfg: ModelConfig, batch: int, t: int) -> dict[str, tuple[int, ...]]:
     """Each dropout site's name and mask shape, in drawing order (the family's)."""
     return family(cfg.arch).dropout_sites(cfg, batch, t)
+
+
+def lora_dropout_sites(cfg: ModelConfig, batch: int, t: int) -> dict[str, tuple[int, ...]]:
+    """The input of every adapter, where LoRA's dropout (rate lora_dropout) applies."""
+    return {name[:-len(".lora_a")] + ".lora": (batch, t, s.shape[0])
+            for name, s in param_spec(cfg).items() if name.endswith(".lora_a")}
 
 
 def masks(cfg: ModelConfig, batch: int, t: int, seed: int, step: int) -> dict[str, np.ndarray]:

@@ -5,5 +5,9 @@ class TwinlmError(Exception):
     """Bad input or a state the user can fix; the message says what and how."""
 
 
+class ConfigError(TwinlmError, ValueError):
+    """A model configuration that cannot be built."""
+
+
 class TwinlmWarning(UserWarning):
     """Something the user should know that does not stop the command; the CLI prints it as one line."""

@@ -130,14 +130,6 @@ def linear(B: Backend, cfg: ModelConfig, p: Params, name: str, x: Array,
     return y
 
 
-def lora_dropout_sites(cfg: ModelConfig, batch: int, t: int) -> dict[str, tuple[int, ...]]:
-    """The input of every adapter, where LoRA's dropout (rate lora_dropout) applies."""
-    from twinlm.core.model import param_spec
-
-    return {name[:-len(".lora_a")] + ".lora": (batch, t, s.shape[0])
-            for name, s in param_spec(cfg).items() if name.endswith(".lora_a")}
-
-
 def norm(B: Backend, cfg: ModelConfig, p: Params, name: str, x: Array) -> Array:
     if cfg.norm == "none":
         return x

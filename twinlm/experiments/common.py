@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from twinlm import __version__
+from twinlm._version import __version__
 from twinlm.core import model
 from twinlm.core.backend import Backend
 from twinlm.core.config import ModelConfig

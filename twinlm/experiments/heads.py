@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from twinlm import __version__
+from twinlm._version import __version__
 from twinlm.core.params import init_params
 from twinlm.experiments import common as E
 from twinlm.experiments.attention_maps import attention_maps, head_stats, plot_maps

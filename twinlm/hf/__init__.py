@@ -18,11 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from twinlm import __version__
+from twinlm._version import __version__
 from twinlm.core import model
 from twinlm.core import spec as S
 from twinlm.core.checkpoint import save_checkpoint
-from twinlm.core.config import ConfigError, ModelConfig
+from twinlm.core.config import ModelConfig
+from twinlm.core.errors import ConfigError
 from twinlm.core.lora import merged
 from twinlm.core.tokenizers import BPETokenizer, HFTokenizer, Tokenizer
 from twinlm.hf.archs import ARCHS, HFError, Link, export_arch
@@ -283,7 +284,7 @@ def export_hf(run: str | Path, out: str | Path) -> tuple[Path, list[str]]:
     transformers' `from_pretrained` loads with no missing or unexpected weights."""
     from safetensors.numpy import save_file
 
-    from twinlm.generate import load_model
+    from twinlm.run_dir import load_model
 
     cfg, params, tok, meta = load_model(run)
     if cfg.lora_rank:

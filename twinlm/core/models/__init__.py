@@ -21,6 +21,8 @@ import importlib
 from types import ModuleType
 from typing import Any
 
+from twinlm.core.errors import ConfigError
+
 FAMILIES = {
     "gpt": "twinlm.core.models.gpt",
     "llama": "twinlm.core.models.llama",
@@ -32,8 +34,6 @@ FAMILIES = {
 
 def family(arch: str) -> ModuleType:
     if arch not in FAMILIES:
-        from twinlm.core.config import ConfigError
-
         raise ConfigError(f"unknown arch {arch!r}; choose from {', '.join(FAMILIES)}")
     return importlib.import_module(FAMILIES[arch])
 
