@@ -13,13 +13,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from twinlm import distributed as D
 from twinlm.backends import get_backend
 from twinlm.core import model
 from twinlm.core import params as P
 from twinlm.core import step as S
 from twinlm.core.config import ModelConfig
 from twinlm.core.optim import AdamWConfig
+from twinlm.trainer import distributed as D
 
 
 class Trainer(Protocol):

@@ -167,7 +167,7 @@ def run(backends: list[str], preset: str, batch: int | None, iters: int, warmup_
 def _launch_ranks(n: int, args: list[str], env: dict[str, str]) -> int:
     """MLX ranks as `twinlm train --ranks N` starts them (BLAS threads = cores // N); rank 0 writes the
     record."""
-    from twinlm import distributed as D
+    from twinlm.trainer import distributed as D
 
     saved = dict(os.environ)
     os.environ.clear()

@@ -51,7 +51,8 @@ def wordpiece(vocab: int = 120):  # BERT style
 
 
 def build(
-    architecture: str, folder: Path, *, seed: int = 0, init: float = 0.2, tied: bool | None = None
+    architecture: str, folder: Path, *, seed: int = 0, init: float = 0.2, tied: bool | None = None,
+    positions: int = 64,
 ) -> Path:
     """Save a tiny random `architecture` with its tokenizer in `folder`; weights N(0, init) so logits are
     far apart (greedy decoding then never hinges on a near tie)."""
@@ -68,7 +69,7 @@ def build(
                 n_layer=2,
                 n_head=2,
                 n_embd=32,
-                n_positions=64,
+                n_positions=positions,
                 vocab_size=n,
                 initializer_range=init,
                 bos_token_id=0,
@@ -83,7 +84,7 @@ def build(
                 hidden_size=32,
                 intermediate_size=48,
                 vocab_size=n,
-                max_position_embeddings=64,
+                max_position_embeddings=positions,
                 rope_theta=500.0,
                 rms_norm_eps=1e-5,
                 initializer_range=init,
@@ -107,7 +108,7 @@ def build(
             hidden_size=32,
             intermediate_size=64,
             vocab_size=lib.get_vocab_size(),
-            max_position_embeddings=64,
+            max_position_embeddings=positions,
             initializer_range=init,
             num_labels=3,
             id2label={0: "neg", 1: "neu", 2: "pos"},

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 from conftest import backend_or_skip, run_cli
 
-from twinlm import distributed as D
 from twinlm.core import dropout
 from twinlm.core import step as S
 from twinlm.core.checkpoint import load_checkpoint
 from twinlm.trainer import TrainConfig, Trainer, task_loss
+from twinlm.trainer import distributed as D
 
 LOSS_TOL, PARAM_TOL = 1e-5, 1e-4
 TEXT = "".join(f"line {i}: the {['quick', 'lazy', 'brown'][i % 3]} fox jumps over {i * 7 % 13} dogs.\n"

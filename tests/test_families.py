@@ -1,4 +1,4 @@
-"""Model families (GPT, Llama-style, BERT): the layer library against golden values, each family
+"""Model families: the layer library against golden values, each registered family (core.models.FAMILIES)
 across backends (forward, every gradient, AdamW steps, float64 finite differences), the invariants
 (no future leakage, padding never leaks into real positions, KV cache equals recomputation with GQA),
 the spec driving init/decay/freezing, and masked-LM batches."""
@@ -15,16 +15,20 @@ from twinlm.core import spec as SP
 from twinlm.core import step as S
 from twinlm.core.backend import Backend
 from twinlm.core.config import ConfigError, ModelConfig
+from twinlm.core.models import FAMILIES as REGISTRY
 from twinlm.core.params import init_params
 from twinlm.core.tokenizers import CharTokenizer
 from twinlm.parity import Side
 from twinlm.tasks.mlm import SPECIALS, encoder_tokenizer, mask_tokens
 
-FAMILIES = ("llama", "bert")  # GPT is covered by test_parity.py
+# Every registered family: adding one to core.models.FAMILIES puts it through every test below.
+FAMILIES = tuple(REGISTRY)
 
 
 def cfg_of(arch: str) -> ModelConfig:
-    return parity.arch_config(arch, "tiny", 32).replace(block_size=16)  # llama: 4 heads, 2 kv heads
+    """The parity suite's model of the family (llama: 4 heads, 2 kv heads), at most 16 positions."""
+    cfg = parity.arch_config(arch, "tiny", 32)
+    return cfg.replace(block_size=min(16, cfg.block_size))
 
 
 # ---- golden values, computed by hand in float64 and pasted ----------------------------------------
@@ -164,7 +168,7 @@ def test_family_ten_adamw_steps_match(arch: str) -> None:
 def test_family_float64_finite_differences_tinygrad(arch: str) -> None:
     cfg = cfg_of(arch).replace(n_layer=1)
     B = backend_or_skip("tinygrad")
-    batch = parity.parity_batch(cfg, np.random.default_rng(2), 2, 8)
+    batch = parity.parity_batch(cfg, np.random.default_rng(2), 2, min(8, cfg.block_size))
     checks = parity.fd_gradient_checks(B, cfg, init_params(cfg, 0), batch)
     assert len(checks) == 1 + sum(s.trainable for s in model.param_spec(cfg).values())
     assert all(c.ok for c in checks), [f"{c.label}: {c.max_abs:.3g}" for c in checks if not c.ok]

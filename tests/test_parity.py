@@ -57,7 +57,7 @@ def test_golden_logits(tiny_cfg, tiny_params, tiny_tokens, name: str) -> None:
     B = backend_or_skip(name)
     p = {k: B.from_numpy(v) for k, v in tiny_params.items()}
     logits = B.to_numpy(model.logits(B, tiny_cfg, p, B.from_numpy(tiny_tokens[0])))
-    loss = parity._np_cross_entropy(logits.astype(np.float64), tiny_tokens[1])
+    loss = parity.ops._np_cross_entropy(logits.astype(np.float64), tiny_tokens[1])
     atol = 1e-10 if name == "numpy" else 2e-6
     np.testing.assert_allclose(logits[0, 0, :3], GOLDEN_LOGITS_0_0, rtol=0, atol=atol)
     np.testing.assert_allclose(logits[1, 15, -3:], GOLDEN_LOGITS_1_15, rtol=0, atol=atol)
@@ -248,7 +248,7 @@ def test_cli_self_test_catches_every_control() -> None:
 
 
 def test_cli_names_first_divergence_and_exits_1(monkeypatch) -> None:
-    monkeypatch.setattr(parity, "LOGITS_TOL", parity.Tolerance(0.0, 0.0))
+    monkeypatch.setattr(parity.graph, "LOGITS_TOL", parity.Tolerance(0.0, 0.0))  # compare_model reads it
     result = CliRunner().invoke(command, FAST)
     assert result.exit_code == 1
     assert "first divergence: gpt model (init weights) mlx vs numpy: logits" in result.output

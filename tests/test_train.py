@@ -170,3 +170,36 @@ def test_toml_config_reads_known_keys_and_refuses_unknown(tmp_path):
     bad.write_text("max_iter = 7\n")
     with pytest.raises(TwinlmError, match="unknown keys in config file .*max_iter"):
         load_toml(bad)
+
+
+# ---- the settings: never mutated, every field a `train` option ------------------------------------
+def test_the_callers_config_is_never_mutated(mlx, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.txt").write_text("hello world, a small corpus of text.\n" * 200)
+    tc = TrainConfig(data="c.txt", max_iters=2, **TINY)
+    before = tc.to_dict()
+    trainer = Trainer(tc, mlx, log=lambda m: None)
+    assert tc.to_dict() == before  # the resolved paths and the run dir live in the trainer's own copy
+    assert trainer.tc.data == str(tmp_path / "c.txt") and tc.data == "c.txt"
+    assert trainer.tc.out is not None and tc.out is None
+    first = trainer.tc.to_dict()
+    Trainer(trainer.tc, mlx, resume=None, log=lambda m: None)
+    assert trainer.tc.to_dict() == first
+
+
+def test_every_train_setting_is_an_option_with_help():
+    """Options are generated from TrainConfig's fields: a new plain field becomes a flag with its help."""
+    import dataclasses
+
+    import click
+
+    from twinlm.cli.train import command
+
+    flags = {o: p for p in command.params if isinstance(p, click.Option) for o in p.opts}
+    for f in dataclasses.fields(TrainConfig):
+        if not f.metadata.get("cli", True):
+            continue
+        flag = "--init-from" if f.name == "base" else f"--{f.name.replace('_', '-')}"
+        assert flag in flags, f"TrainConfig.{f.name} has no `train` option"
+        assert flags[flag].help, f"{flag} has no help"
+    assert "--freeze-base" not in flags  # cli=False: finetune's, not train's

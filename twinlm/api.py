@@ -49,7 +49,7 @@ class Model:
         ids = ids[None, :] if ids.ndim == 1 else ids
         if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
             raise TwinlmError(
-                f"expected text or integer ids of shape (T,) or (B, T), got {ids.dtype} {ids.shape}"
+                f"expected text or integer ids of shape (T,) or (N, T), got {ids.dtype} {ids.shape}"
             )
         try:
             core_model.check_token_ids(ids, self.config.vocab_size)
@@ -58,7 +58,7 @@ class Model:
         return ids.astype(np.int32)
 
     def logits(self, x: str | Any) -> np.ndarray:
-        """float32 logits (B, T, V): next-token logits of a decoder, masked-token logits of an encoder."""
+        """float32 logits (N, T, V): next-token logits of a decoder, masked-token logits of an encoder."""
         B = self.backend
         return B.to_numpy(core_model.logits(B, self.config, self.params, B.from_numpy(self._ids(x))))
 
@@ -72,7 +72,7 @@ class Model:
         top_p: float | None = None,
         seed: int = 0,
     ) -> Any:
-        """The continuation of `prompt`: text for a text prompt, else the new ids (B, max_new_tokens).
+        """The continuation of `prompt`: text for a text prompt, else the new ids (N, max_new_tokens).
         temperature 0 is greedy decoding."""
         from twinlm.generate import generate
 

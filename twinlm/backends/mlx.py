@@ -1,68 +1,24 @@
-"""MLX adapter. On Linux it loads the system OpenBLAS before MLX: the `mlx[cpu]` wheel bundles a
-reference BLAS that runs a 2048^2 matmul ~30x slower. Set TWINLM_BLAS=bundled to keep it.
-It also asks glibc to keep freed memory (see `keep_freed_memory`); TWINLM_MALLOC=default skips that.
-On the CPU it serves GELU, GELU-tanh, SwiGLU, RoPE, LayerNorm, RMSNorm, attention's softmax and
-cross-entropy with twinlm's compiled kernels (`twinlm.backends.kernels`) when they are built;
-TWINLM_KERNELS=0 turns them off."""
+"""MLX adapter. The process-wide set-up MLX needs before it is imported (the system OpenBLAS, malloc
+settings) is `twinlm.backends.mlx_native`'s. On the CPU it serves GELU, GELU-tanh, SwiGLU, RoPE,
+LayerNorm, RMSNorm, attention's softmax and cross-entropy with twinlm's compiled kernels
+(`twinlm.backends.kernels`) when they are built; TWINLM_KERNELS=0 turns them off."""
 
 from __future__ import annotations
 
-import ctypes
-import glob
 import math
 import os
-import sys
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
+# mlx_native must run before mlx.core is imported (see its docstring): keep this order.
+# isort: off
 from twinlm.backends import kernels as _kernels
+from twinlm.backends.mlx_native import BLAS, MALLOC
 from twinlm.core.backend import Array, Backend, Step
 
-OPENBLAS_GLOBS = ("/usr/lib/*-linux-gnu/openblas-pthread/libblas.so.3", "/usr/lib64/libopenblas*.so*",
-                  "/usr/lib/*-linux-gnu/libopenblas.so.0")
-
-
-def load_system_blas() -> str:
-    """Load OpenBLAS with RTLD_GLOBAL so MLX binds to it; return a description of the BLAS in use."""
-    if sys.platform == "darwin":
-        return "Accelerate (macOS)"
-    if os.environ.get("TWINLM_BLAS", "").lower() == "bundled":
-        return "bundled reference BLAS (TWINLM_BLAS=bundled)"
-    if "mlx.core" in sys.modules and "_twinlm_blas" not in globals():
-        return "unknown (mlx was imported before twinlm could load OpenBLAS)"
-    for pattern in OPENBLAS_GLOBS:
-        for path in sorted(glob.glob(pattern)):
-            try:
-                globals()["_twinlm_blas"] = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
-                return f"system OpenBLAS ({path})"
-            except OSError:
-                continue
-    return "bundled reference BLAS (install libopenblas0-pthread for ~30x faster matmul)"
-
-
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameter numbers (malloc.h)
-
-
-def keep_freed_memory() -> str:
-    """MLX's CPU allocator is plain malloc, and glibc serves every block over 32 MB with mmap and
-    returns it with munmap, so each step page-faults and zeroes its large activations anew: 40% of
-    a medium-preset step was kernel page-fault time (perf). Serve them from the heap and never trim
-    it: that step ran 2x faster, with 6% more peak RSS; freed memory stays with the process."""
-    if not sys.platform.startswith("linux") or os.environ.get("TWINLM_MALLOC", "").lower() == "default":
-        return "default"
-    try:
-        libc = ctypes.CDLL(None)
-        ok = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
-    except (OSError, AttributeError):  # not glibc
-        return "default"
-    return "heap only, untrimmed" if ok else "default"
-
-
-BLAS = load_system_blas()
-MALLOC = keep_freed_memory()
-
-import mlx.core as mx  # noqa: E402  (must come after the BLAS is loaded)
+import mlx.core as mx
+# isort: on
 
 _DTYPES = {np.dtype(np.float32): mx.float32, np.dtype(np.float64): mx.float64,
            np.dtype(np.int32): mx.int32, np.dtype(np.int64): mx.int64, np.dtype(np.bool_): mx.bool_,
@@ -84,9 +40,11 @@ class MLXBackend(Backend):
         self.kernels = _kernels.load() if fused and kernels else None
 
     def _kernel(self, *xs: Array):
-        """The kernels module when it can serve these arrays (float32, on the CPU), else None."""
+        """The kernels module when it can serve these arrays (float32, on the CPU) and fused kernels are on,
+        else None."""
         K = self.kernels
-        if K is None or any(x.dtype != mx.float32 for x in xs) or mx.default_device() != mx.cpu:
+        if (K is None or not self.fused or any(x.dtype != mx.float32 for x in xs)
+                or mx.default_device() != mx.cpu):
             return None
         return K
 
@@ -162,13 +120,8 @@ class MLXBackend(Backend):
 
     # ---- fused overrides (checked against the reference bodies by the parity suite) ---------
     def gelu(self, x: Array) -> Array:
-        K = self._kernel(x)
-        # The kernel computes the base class's pinned value and derivative; a subclass that replaces
-        # either (a negative control, a test) gets the reference body with its own pieces.
-        if K is None or any(getattr(type(self), n) is not getattr(Backend, n)
-                            for n in ("_gelu_value", "_gelu_grad", "erf")):
-            return super().gelu(x)
-        return K.gelu(x)
+        K = self._kernel(x)  # the base class's pinned value and derivative, in one kernel
+        return super().gelu(x) if K is None else K.gelu(x)
 
     def gelu_tanh(self, x: Array) -> Array:
         K = self._kernel(x)
@@ -176,7 +129,7 @@ class MLXBackend(Backend):
 
     def swiglu(self, gate: Array, up: Array) -> Array:
         K = self._kernel(gate, up)
-        if K is None or gate.shape != up.shape or type(self).silu is not Backend.silu:
+        if K is None or gate.shape != up.shape:
             return super().swiglu(gate, up)
         return K.swiglu(gate, up)
 
@@ -210,7 +163,7 @@ class MLXBackend(Backend):
         if K is not None and (mask is None or mask.dtype == mx.bool_):
             # BLAS matmuls around one fused masked, scaled softmax (forward and backward kernels; the
             # probabilities are kept once, for the backward). Rows with no key left give zeros.
-            att = K.masked_softmax(q @ mx.swapaxes(k, -1, -2), mask, scale)  # (B, H, Tq, Tk)
+            att = K.masked_softmax(q @ mx.swapaxes(k, -1, -2), mask, scale)  # (N, H, Tq, Tk)
             if dropout is not None:
                 att = att * dropout
             return att @ v

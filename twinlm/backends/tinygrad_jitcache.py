@@ -37,7 +37,9 @@ from tinygrad.uop.ops import Ops, UOp, buffers
 from twinlm.backends import jit_cache_dir
 
 FORMAT = 1  # bump when the stored layout changes
-MAX_ENTRIES = 16  # oldest (by last use) are removed beyond this
+# The most recently used entries are kept up to this total size; older ones are removed. A training step is
+# 2-4 MB; `twinlm parity` stores ~80 graphs (~150 MB), and a count limit would evict its own entries.
+MAX_BYTES = 512 * 2**20
 # tinygrad settings that only change diagnostics or compile parallelism, never the kernels; DEV is
 # covered by the device and renderer (tinygrad exports it to the environment once it picks a device)
 _NOT_IN_KEY = {"DEV", "DEBUG", "VIZ", "PROFILE", "TRACK_MATCH_STATS", "CAPTURE_PROCESS_REPLAY", "NO_COLOR",
@@ -141,6 +143,10 @@ def save(jit: _TinyJit, path: Path) -> None:
 
 
 def _prune(folder: Path) -> None:
-    entries = sorted(folder.glob("*.jit"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for old in entries[MAX_ENTRIES:]:
-        old.unlink(missing_ok=True)
+    """Remove the least recently used entries beyond MAX_BYTES in all (the newest one always stays)."""
+    entries = sorted(((p, p.stat()) for p in folder.glob("*.jit")), key=lambda e: e[1].st_mtime, reverse=True)
+    total = 0
+    for i, (path, st) in enumerate(entries):
+        total += st.st_size
+        if i and total > MAX_BYTES:
+            path.unlink(missing_ok=True)

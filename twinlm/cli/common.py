@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Callable
+import typing
+from collections.abc import Callable, Collection
 from typing import Any
 
 import click
@@ -36,3 +38,28 @@ def chosen_backend_name(name: str | None) -> str | None:
 
 def backend(name: str | None) -> Backend:
     return get_backend(resolve_backend_name(name))
+
+
+def _plain_type(hint: Any) -> type | None:
+    """int, float or str for a field annotated with one of them (or it | None); else None."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    return args[0] if len(args) == 1 and args[0] in (int, float, str) else None
+
+
+def field_options(cls: type, *, only: Collection[str] | None = None,
+                  skip: Collection[str] = ()) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Click options generated from the plain (int, float, str) fields of dataclass `cls`: `--field-name`,
+    default None (unset: the file's, preset's or dataclass's value applies), help from the field's metadata.
+    Fields marked `cli=False`, in `skip` or outside `only` get none; choices and flags are written by hand."""
+    hints = typing.get_type_hints(cls)
+
+    def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
+        for fld in reversed(dataclasses.fields(cls)):
+            kind = _plain_type(hints[fld.name])
+            if (kind is None or fld.name in skip or (only is not None and fld.name not in only)
+                    or not fld.metadata.get("cli", True)):
+                continue
+            f = click.option(f"--{fld.name.replace('_', '-')}", fld.name, type=kind, default=None,
+                             help=fld.metadata.get("help") or None)(f)
+        return f
+    return decorate

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sys
@@ -9,92 +10,52 @@ from typing import Any
 
 import click
 
-from twinlm import distributed as D
 from twinlm.backends import TRAINABLE, check_name, default_name, get_backend
-from twinlm.cli.common import backend, backend_option, chosen_backend_name
+from twinlm.cli.common import backend, backend_option, chosen_backend_name, field_options
 from twinlm.core import model, task
-from twinlm.core.config import ACTIVATIONS, LORA_TARGETS, NORMS, POS_ENCODINGS, preset_training
+from twinlm.core.config import ACTIVATIONS, NORMS, POS_ENCODINGS, preset_training
 from twinlm.core.errors import TwinlmError
-from twinlm.core.models import FAMILIES, attends
+from twinlm.core.models import attends
 from twinlm.core.spec import count
 from twinlm.tasks import classify as C
 from twinlm.tasks.lm import ACCURACY_EXAMPLES as ACCURACY_N
 from twinlm.tasks.lm import TARGET_ACCURACY, SortTask, sort_accuracy
 from twinlm.trainer import Progress, TrainConfig, Trainer, load_toml
+from twinlm.trainer import distributed as D
 
 INTERRUPTED_EXIT = 130
 
 
-def lora_options(f: Any) -> Any:
-    """--lora-rank and friends, shared by `train --init-from` and `finetune`."""
-    options = [
-        click.option("--lora-rank", type=int, default=None,
-                     help="Train rank-R adapters on the frozen base (LoRA) instead of every weight."),
-        click.option("--lora-alpha", type=float, default=None,
-                     help="Adapter scale alpha / rank (default 2 x rank)."),
-        click.option("--lora-targets", default=None,
-                     help=f"Comma-separated layers to adapt: {', '.join(LORA_TARGETS)}, qkv, fc or all "
-                          "(the default)."),
-        click.option("--lora-dropout", type=float, default=None,
-                     help="Dropout on the adapters' input (default 0)."),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
+# Fields whose options are written by hand below (choices); every other plain field's option is generated.
+CHOICES = ("task", "tokenizer", "errors", "pos_encoding", "norm", "activation")
+
+
+def _help(name: str) -> str:
+    """The help text kept on TrainConfig's field `name`."""
+    return next(f.metadata["help"] for f in dataclasses.fields(TrainConfig) if f.name == name)
+
+
+LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_targets", "lora_dropout")
+# --lora-rank and friends, shared by `train --init-from` and `finetune`.
+lora_options = field_options(TrainConfig, only=LORA_FIELDS)
 
 
 @click.command("train")
 @backend_option
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="TOML file of settings (option names as keys); flags override it.")
-@click.option("--data", default=None, help="Text file or folder of .txt files (default: the built-in task).")
-@click.option("--tokenizer", type=click.Choice(["char", "byte", "bpe"]), default=None, help="Default: char.")
-@click.option("--errors", type=click.Choice(["strict", "replace"]), default=None,
-              help="Invalid UTF-8 in the corpus: refuse it (strict, the default) or substitute U+FFFD.")
-@click.option("--vocab-size", type=int, default=None, help="BPE vocabulary size.")
-@click.option("--out", default=None, help="Run directory (default: runs/<data name>).")
 @click.option("--resume", default=None, metavar="DIR", help="Continue the run saved in DIR.")
-@click.option("--init-from", "base", default=None, metavar="RUN_DIR",
-              help="Start from the model in RUN_DIR (a run, or an imported Hugging Face model) and fine-tune "
-                   "it on --data; --block-size may shorten its training window.")
-@lora_options
-@click.option("--preset", default=None,
-              help="Model size: default, tiny, small, baby, medium (baby and medium also set batch size, lr "
-                   "and iterations, unless given).")
-@click.option("--arch", default=None, help=f"Model family: {', '.join(FAMILIES)} (default gpt).")
+@click.option("--init-from", "base", default=None, metavar="RUN_DIR", help=_help("base"))
+@click.option("--tokenizer", type=click.Choice(["char", "byte", "bpe"]), default=None,
+              help=_help("tokenizer"))
+@click.option("--errors", type=click.Choice(["strict", "replace"]), default=None, help=_help("errors"))
 @click.option("--task", type=click.Choice(["auto", "lm", "mlm"]), default=None,
               help="Next tokens (lm, decoders) or masked tokens (mlm, encoders); default: by arch.")
-@click.option("--pos-encoding", type=click.Choice(POS_ENCODINGS), default=None,
-              help="Positions (default: the family's: gpt/bert learned, llama rope).")
-@click.option("--norm", type=click.Choice(NORMS), default=None, help="Default: the family's.")
-@click.option("--activation", type=click.Choice(ACTIVATIONS), default=None, help="Default: the family's.")
-@click.option("--n-kv-head", type=int, default=None, help="Key/value heads (grouped-query attention).")
-@click.option("--d-ff", type=int, default=None, help="Feed-forward width (default 4 x d-model; SwiGLU 8/3).")
-@click.option("--tie-embeddings/--untie-embeddings", default=None,
-              help="Output head shares the token embedding.")
-@click.option("--n-layer", type=int, default=None)
-@click.option("--n-head", type=int, default=None)
-@click.option("--d-model", type=int, default=None)
-@click.option("--block-size", type=int, default=None)
-@click.option("--dropout", type=float, default=None)
-@click.option("--batch-size", type=int, default=None,
-              help="Windows per micro-batch (default: 32, or the preset's).")
-@click.option("--grad-accum", type=int, default=None, help="Micro-batches per optimizer step.")
-@click.option("--max-iters", type=int, default=None,
-              help="Total iterations of the run (default: 2000, or the preset's); resuming at 10 with 20 "
-                   "runs 10 more.")
-@click.option("--lr", type=float, default=None,
-              help="Peak learning rate (default: 3e-3, or the preset's).")
-@click.option("--min-lr", type=float, default=None)
-@click.option("--warmup", type=int, default=None)
-@click.option("--lr-decay-iters", type=int, default=None, help="Cosine decay length (default: max-iters).")
-@click.option("--weight-decay", type=float, default=None)
-@click.option("--grad-clip", type=float, default=None)
-@click.option("--eval-every", type=int, default=None)
-@click.option("--eval-iters", type=int, default=None)
-@click.option("--log-every", type=int, default=None)
-@click.option("--seed", type=int, default=None)
-@click.option("--keep", type=int, default=None, help="Checkpoints to keep (plus the best).")
+@click.option("--pos-encoding", type=click.Choice(POS_ENCODINGS), default=None, help=_help("pos_encoding"))
+@click.option("--norm", type=click.Choice(NORMS), default=None, help=_help("norm"))
+@click.option("--activation", type=click.Choice(ACTIVATIONS), default=None, help=_help("activation"))
+@click.option("--tie-embeddings/--untie-embeddings", default=None, help=_help("tie_embeddings"))
+@field_options(TrainConfig, skip=("base", *CHOICES))
 @click.option("--ranks", type=int, default=None,
               help="Data-parallel ranks: MLX starts N local processes (mx.distributed ring), tinygrad uses N "
                    "devices in one process; the batch is split, results equal one rank's.")

@@ -54,6 +54,9 @@ class Backend:
     name: str = "base"
     supports_float64: bool = False
     supports_grad: bool = True
+    # False: every composite runs its reference body here, never an adapter's fused kernel (the parity
+    # suite's negative controls switch it off, so the pieces they replace are the ones that run).
+    fused: bool = True
 
     # ---- primitives -------------------------------------------------------------------------
     def from_numpy(self, a: np.ndarray) -> Array:
@@ -192,7 +195,7 @@ class Backend:
         return self.silu(gate) * up
 
     def rope(self, x: Array, cos: Array, sin: Array) -> Array:
-        """Rotary embedding of x (B, H, T, hs) with cos/sin tables (T, hs/2), half-split layout."""
+        """Rotary embedding of x (N, H, T, hs) with cos/sin tables (T, hs/2), half-split layout."""
         half = x.shape[-1] // 2
         x1, x2 = x[..., :half], x[..., half:]
         return self.concat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -213,7 +216,7 @@ class Backend:
         return y if bias is None else y + bias
 
     def repeat_kv(self, x: Array, n_rep: int) -> Array:
-        """Grouped-query attention: (B, Hkv, T, hs) -> (B, Hkv * n_rep, T, hs), where query head h
+        """Grouped-query attention: (N, Hkv, T, hs) -> (N, Hkv * n_rep, T, hs), where query head h
         reads key/value head h // n_rep (Hugging Face's `repeat_kv`)."""
         if n_rep == 1:
             return x
@@ -226,17 +229,17 @@ class Backend:
 
     def attention(self, q: Array, k: Array, v: Array, mask: Array | None,
                   dropout: Array | None = None) -> Array:
-        """softmax(q k^T / sqrt(d_k)) v over (B, H, T, hs); `mask` boolean, True = attend, broadcastable
-        to (B, H, Tq, Tk): (Tq, Tk) for causal, (B, 1, Tq, Tk) with padding (every row must keep a key);
-        `dropout` an optional keep-mask already scaled by 1/(1-p), shape (B, H, Tq, Tk)."""
+        """softmax(q k^T / sqrt(d_k)) v over (N, H, T, hs); `mask` boolean, True = attend, broadcastable
+        to (N, H, Tq, Tk): (Tq, Tk) for causal, (N, 1, Tq, Tk) with padding (every row must keep a key);
+        `dropout` an optional keep-mask already scaled by 1/(1-p), shape (N, H, Tq, Tk)."""
         scale = 1.0 / math.sqrt(q.shape[-1])
-        scores = (q @ self.transpose(k, (0, 1, 3, 2))) * scale  # (B, H, Tq, Tk)
+        scores = (q @ self.transpose(k, (0, 1, 3, 2))) * scale  # (N, H, Tq, Tk)
         if mask is not None:
             scores = self.where(mask, scores, -math.inf)
         att = self.softmax(scores, axis=-1)
         if dropout is not None:
             att = att * dropout
-        return att @ v  # (B, H, Tq, hs)
+        return att @ v  # (N, H, Tq, hs)
 
     def cross_entropy(self, logits: Array, targets: Array, weights: Array | None = None) -> Array:
         """Mean negative log-likelihood of integer `targets` under `logits` (..., V); with `weights`

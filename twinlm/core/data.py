@@ -213,7 +213,7 @@ class Batcher:
     def next(self) -> tuple[np.ndarray, np.ndarray]:
         """(x, y), both int32 of shape (batch_size, block_size)."""
         starts = self.rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size)
-        chunk = np.asarray(self.tokens[starts[:, None] + self._window], dtype=np.int32)  # (B, T + 1)
+        chunk = np.asarray(self.tokens[starts[:, None] + self._window], dtype=np.int32)  # (N, T + 1)
         self.count += 1
         return chunk[:, :-1], chunk[:, 1:]
 

@@ -20,7 +20,7 @@ from twinlm.core.backend import Array, Backend
 from twinlm.core.config import ModelConfig
 
 Params = dict[str, Array]
-# Attends q (B, H, Tq, hs) over the caller's keys: (layer, q, k, v) with k, v (B, Hkv, Tk, hs).
+# Attends q (N, H, Tq, hs) over the caller's keys: (layer, q, k, v) with k, v (N, Hkv, Tk, hs).
 Attend = Callable[[int, Array, Array, Array], Array]
 
 
@@ -57,7 +57,7 @@ def causal_mask(t_q: int, t_k: int) -> np.ndarray:
 
 
 def padding_mask(lengths: np.ndarray, t: int) -> np.ndarray:
-    """Boolean (B, 1, 1, t): True at the first lengths[b] positions (real tokens), the keys each query
+    """Boolean (N, 1, 1, t): True at the first lengths[b] positions (real tokens), the keys each query
     may see in a bidirectional encoder. Every row must keep a key: lengths >= 1."""
     lengths = np.asarray(lengths)
     if lengths.size and int(lengths.min()) < 1:
@@ -153,7 +153,7 @@ def mlp(B: Backend, cfg: ModelConfig, p: Params, name: str, x: Array,
 def self_attention(B: Backend, cfg: ModelConfig, p: Params, name: str, layer: int, x: Array,
                    attend: Attend, rope: tuple[Array, Array] | None,
                    drop: dict[str, Array] | None = None) -> Array:
-    """Multi-head (grouped-query when n_kv_head < n_head) self-attention of x (B, T, C); `rope` is the
+    """Multi-head (grouped-query when n_kv_head < n_head) self-attention of x (N, T, C); `rope` is the
     (cos, sin) rows of x's positions when the config uses rotary positions."""
     batch, t, C = x.shape
     H, Hkv, hs = cfg.n_head, cfg.n_kv_head, cfg.head_dim
@@ -161,13 +161,13 @@ def self_attention(B: Backend, cfg: ModelConfig, p: Params, name: str, layer: in
     def heads(z: Array, n: int) -> Array:
         return B.transpose(B.reshape(z, (batch, t, n, hs)), (0, 2, 1, 3))  # (B, n, T, hs)
 
-    qkv = linear(B, cfg, p, f"{name}.qkv", x, drop)  # (B, T, (H + 2 Hkv) hs)
+    qkv = linear(B, cfg, p, f"{name}.qkv", x, drop)  # (N, T, (H + 2 Hkv) hs)
     q = heads(qkv[..., :H * hs], H)
     k = heads(qkv[..., H * hs:(H + Hkv) * hs], Hkv)
     v = heads(qkv[..., (H + Hkv) * hs:], Hkv)
     if rope is not None:
         q, k = B.rope(q, *rope), B.rope(k, *rope)
-    y = attend(layer, q, k, v)  # (B, H, T, hs)
+    y = attend(layer, q, k, v)  # (N, H, T, hs)
     y = B.reshape(B.transpose(y, (0, 2, 1, 3)), (batch, t, C))  # heads concatenated
     return linear(B, cfg, p, f"{name}.proj", y, drop)
 
@@ -194,11 +194,11 @@ def residual_dropout(x: Array, drop: dict[str, Array], site: str) -> Array:
 
 
 def classify(B: Backend, cfg: ModelConfig, p: Params, pooled: Array) -> Array:
-    """Class logits (B, n_classes) of the pooled representation (B, C)."""
+    """Class logits (N, n_classes) of the pooled representation (N, C)."""
     return linear(B, cfg, p, "cls", pooled)
 
 
 def pool_at(B: Backend, h: Array, pool: Array) -> Array:
-    """sum_t h[:, t] * pool[:, t]: the hidden state (B, C) at the position where the one-hot `pool`
-    (B, T) is 1 (the last real token of a decoder, [CLS] of an encoder), differentiable on any backend."""
+    """sum_t h[:, t] * pool[:, t]: the hidden state (N, C) at the position where the one-hot `pool`
+    (N, T) is 1 (the last real token of a decoder, [CLS] of an encoder), differentiable on any backend."""
     return B.sum(h * B.reshape(pool, (*pool.shape, 1)), axis=1)

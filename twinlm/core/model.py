@@ -1,8 +1,8 @@
 """The model of any family, behind one API: the family is chosen by `cfg.arch` (see `core.models`).
 
-    logits(B, cfg, p, idx)   next-token logits (decoders) or masked-token logits (encoders), (B, T, V)
+    logits(B, cfg, p, idx)   next-token logits (decoders) or masked-token logits (encoders), (N, T, V)
     forward(...)             logits and the KV cache, for incremental generation (decoders)
-    classify(...)            class logits (B, n_classes) of a model with a classification head
+    classify(...)            class logits (N, n_classes) of a model with a classification head
     loss(...)                mean cross-entropy of the LM head against targets
 """
 
@@ -45,7 +45,7 @@ def check_token_ids(ids: np.ndarray, vocab_size: int) -> None:
 
 def forward(B: Backend, cfg: ModelConfig, p: dict[str, Array], idx: Array,
             **kw: Any) -> tuple[Array, KVCache]:
-    """LM logits (B, T, V) for token ids `idx` (B, T), and the updated KV cache (decoders)."""
+    """LM logits (N, T, V) for token ids `idx` (N, T), and the updated KV cache (decoders)."""
     fam = family(cfg.arch)
     h, cache = fam.hidden(B, cfg, p, idx, **kw)
     return fam.lm_logits(B, cfg, p, h), cache
@@ -56,7 +56,7 @@ def logits(B: Backend, cfg: ModelConfig, p: dict[str, Array], idx: Array, **kw: 
 
 
 def classify(B: Backend, cfg: ModelConfig, p: dict[str, Array], idx: Array, pool: Array, **kw: Any) -> Array:
-    """Class logits (B, n_classes): the family's pooled representation (at the one-hot `pool`) through
+    """Class logits (N, n_classes): the family's pooled representation (at the one-hot `pool`) through
     the classification head."""
     from twinlm.core.layers import classify as head
 

@@ -8,7 +8,7 @@ Frozen parameters (trainable=False in the family's spec) get no gradient and no 
 gradient accumulation, LoRA or a data-parallel all-reduce slot in between the two parts.
 
 Data-parallel (`all_sum` given): each rank's loss is its share of the global loss (the task scales it,
-see `twinlm.distributed.shard`), so one sum over ranks gives the global loss and gradients exactly.
+see `twinlm.trainer.distributed.sharder`), so one sum over ranks gives the global loss and gradients exactly.
 The loss, a stop flag and every gradient go through ONE all-reduce of one concatenated float32 vector,
 inside the compiled step; the update then runs identically on every rank.
 

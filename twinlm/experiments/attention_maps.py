@@ -22,7 +22,7 @@ from twinlm.core.models import attends
 
 
 class _RecordingAttention:
-    """Backend mixin: the reference attention, recording each call's probabilities (B, H, Tq, Tk)."""
+    """Backend mixin: the reference attention, recording each call's probabilities (N, H, Tq, Tk)."""
 
     maps: list[np.ndarray]
 

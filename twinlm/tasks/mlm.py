@@ -38,7 +38,7 @@ def encoder_tokenizer(tok: Tokenizer) -> Tokenizer:
 
 
 def mask_tokens(x: np.ndarray, tok: Tokenizer, rng: np.random.Generator) -> Batch:
-    """{"x": corrupted ids, "y": original ids, "w": 1.0 at selected positions} for windows x (B, T)
+    """{"x": corrupted ids, "y": original ids, "w": 1.0 at selected positions} for windows x (N, T)
     whose position 0 already holds [CLS]."""
     b, t = x.shape
     selected = rng.random((b, t)) < MASK_RATE

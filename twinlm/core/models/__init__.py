@@ -4,15 +4,22 @@
     DEFAULTS      values for the config fields it leaves to the family (see config.FAMILY_FIELDS)
     CHOICES       per option, the values the family accepts (missing: all)
     param_spec(cfg) -> Spec                       every parameter: shape, init, decay, trainable
-    hidden(B, cfg, p, idx, *, dropout, cache, mask, mask_fn, types) -> (h (B, T, C), cache)
-    lm_logits(B, cfg, p, h) -> (B, T, V)          the language-model head (next token or masked token)
-    pooled(B, cfg, p, h, pool) -> (B, C)          the representation a classification head reads
+    hidden(B, cfg, p, idx, *, dropout, cache, mask, mask_fn, types) -> (h (N, T, C), cache)
+    lm_logits(B, cfg, p, h) -> (N, T, V)          the language-model head (next token or masked token)
+    pooled(B, cfg, p, h, pool) -> (N, C)          the representation a classification head reads
     dropout_sites(cfg, batch, t) -> {site: shape}
     decode_step(...)                               decoders only: one token through a fixed-shape cache
     decode_cache_shapes(cfg, batch)                decoders only: per layer, the shapes of that cache
     RECURRENT     optional, True for a family without attention (attention-only checks do not apply)
+    parity_overrides(cfg) -> dict                  optional: the parity suite's model of the family (config
+                                                   changes to the preset `cfg`, so every code path runs)
+    ABLATIONS     optional, {arch: ((name, description, backend mixin), ...)}: negative controls for the
+                  family's own pieces, which the parity suite must catch
 
 and a line in FAMILIES below.
+
+In graph code `B` is always the backend; shapes are written with N (batch), T (positions), C (width),
+H / Hkv (query / key-value heads), hs (head size) and V (vocabulary).
 """
 
 from __future__ import annotations

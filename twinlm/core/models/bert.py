@@ -1,12 +1,12 @@
 """BERT: a bidirectional post-LayerNorm encoder, pretrained on masked tokens.
 
-    tokens (B, T) -> emb_ln(wte + wpe + tte[type]) -> n_layer x [x = ln_1(x + attn(x)); x = ln_2(x + mlp(x))]
-        masked-LM head: ln(gelu(dense(h))) @ wte^T + bias        (B, T, V)
-        pooler:         tanh(dense(h[:, 0]))                      (B, C), the [CLS] position
+    tokens (N, T) -> emb_ln(wte + wpe + tte[type]) -> n_layer x [x = ln_1(x + attn(x)); x = ln_2(x + mlp(x))]
+        masked-LM head: ln(gelu(dense(h))) @ wte^T + bias        (N, T, V)
+        pooler:         tanh(dense(h[:, 0]))                      (N, C), the [CLS] position
 
 Post-norm, LayerNorm eps 1e-12, exact GELU, token-type embeddings and the tied masked-LM decoder are
 the original BERT's (Hugging Face `BertForMaskedLM`), so real BERT checkpoints can be mapped onto this
-graph. Attention sees every real token; padding is masked by the caller's (B, 1, 1, T) `mask`.
+graph. Attention sees every real token; padding is masked by the caller's (N, 1, 1, T) `mask`.
 """
 
 from __future__ import annotations
@@ -52,15 +52,15 @@ def param_spec(cfg: ModelConfig) -> S.Spec:
 def hidden(B: Backend, cfg: ModelConfig, p: L.Params, idx: Array, *, dropout: dict[str, Array] | None = None,
            cache: Any = None, mask: Array | None = None, mask_fn: Any = None,  # mask_fn: decoders only
            types: Array | None = None) -> tuple[Array, list]:
-    """Hidden states (B, T, C) of every position; `mask` (B, 1, 1, T), True = real token, or None
-    (no padding); `types` (B, T) token-type ids, or None (all segment 0)."""
+    """Hidden states (N, T, C) of every position; `mask` (N, 1, 1, T), True = real token, or None
+    (no padding); `types` (N, T) token-type ids, or None (all segment 0)."""
     if cache:
         raise ValueError("an encoder has no KV cache: it reads the whole text at once")
     t = idx.shape[1]
     if t > cfg.block_size:
         raise ValueError(f"sequence length {t} exceeds block_size {cfg.block_size}")
     drop = dropout or {}
-    x = B.take(p["wte.weight"], idx)  # (B, T, C)
+    x = B.take(p["wte.weight"], idx)  # (N, T, C)
     if cfg.pos_encoding == "learned":
         x = x + p["wpe.weight"][:t]
     elif cfg.pos_encoding == "sinusoidal":

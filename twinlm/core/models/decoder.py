@@ -1,7 +1,7 @@
 """The pre-norm causal decoder stack shared by GPT and Llama-style families.
 
-    tokens (B, T) -> wte (+ learned or sinusoidal positions) -> n_layer x [x + attn(norm_1(x));
-                     x + mlp(norm_2(x))] -> norm_f -> logits (B, T, V)
+    tokens (N, T) -> wte (+ learned or sinusoidal positions) -> n_layer x [x + attn(norm_1(x));
+                     x + mlp(norm_2(x))] -> norm_f -> logits (N, T, V)
 
 (`residual=False` drops the `x +`, `norm="none"` the norms: the ablations of `twinlm experiment
 norm-residual`.)
@@ -26,7 +26,7 @@ __all__ = ["KIND", "decode_cache_shapes", "decode_step", "dropout_sites", "hidde
            "pooled"]
 
 KIND = "decoder"
-# Per-layer (k, v) of shape (B, Hkv, T_past, hs), for incremental generation.
+# Per-layer (k, v) of shape (N, Hkv, T_past, hs), for incremental generation.
 KVCache = list[tuple[Array, Array]]
 
 
@@ -89,17 +89,17 @@ def _positions(B: Backend, cfg: ModelConfig, p: L.Params, rows: Any,
 def hidden(B: Backend, cfg: ModelConfig, p: L.Params, idx: Array, *, dropout: dict[str, Array] | None = None,
            cache: KVCache | None = None, mask: Array | None = None, mask_fn: Any = L.causal_mask,
            types: Array | None = None) -> tuple[Array, KVCache]:
-    """Final hidden states (B, T, C) for token ids `idx` (B, T), and the updated KV cache.
+    """Final hidden states (N, T, C) for token ids `idx` (N, T), and the updated KV cache.
 
     With `cache` (from an earlier call), `idx` holds only the new tokens, which sit at positions after
-    the cached ones. `mask` (boolean, broadcastable to (B, H, T, T_total)) replaces the causal mask."""
+    the cached ones. `mask` (boolean, broadcastable to (N, H, T, T_total)) replaces the causal mask."""
     t_new = idx.shape[1]
     t_past = 0 if not cache else cache[0][0].shape[2]
     t_total = t_past + t_new
     if t_total > cfg.block_size:
         raise ValueError(f"sequence length {t_total} exceeds block_size {cfg.block_size}")
     drop = dropout or {}
-    x = B.take(p["wte.weight"], idx)  # (B, T, C)
+    x = B.take(p["wte.weight"], idx)  # (N, T, C)
     added, rope = _positions(B, cfg, p, slice(t_past, t_total), take=False)
     if added is not None:
         x = x + added
@@ -138,13 +138,13 @@ def decode_cache_shapes(cfg: ModelConfig, batch: int) -> list[tuple[tuple[int, .
 
 def decode_step(B: Backend, cfg: ModelConfig, p: L.Params, idx: Array, pos_ids: Array,
                 write_mask: Array, attn_mask: Array, cache: KVCache) -> tuple[Array, KVCache]:
-    """Logits (B, 1, V) of one new token `idx` (B, 1), with a fixed-shape KV cache.
+    """Logits (N, 1, V) of one new token `idx` (N, 1), with a fixed-shape KV cache.
 
-    `cache` holds per layer (k, v) buffers (B, Hkv, block_size, hs); the new token's k and v are
+    `cache` holds per layer (k, v) buffers (N, Hkv, block_size, hs); the new token's k and v are
     written into the slot where `write_mask` is True and attention sees the slots where `attn_mask`
     is True (see `decode_inputs`). Every shape is fixed, so one compiled graph serves all positions.
     """
-    x = B.take(p["wte.weight"], idx)  # (B, 1, C)
+    x = B.take(p["wte.weight"], idx)  # (N, 1, C)
     added, rope = _positions(B, cfg, p, pos_ids, take=True)
     if added is not None:
         x = x + added
@@ -152,7 +152,7 @@ def decode_step(B: Backend, cfg: ModelConfig, p: L.Params, idx: Array, pos_ids: 
     rep = cfg.n_head // cfg.n_kv_head
 
     def attend(i: int, q: Array, k: Array, v: Array) -> Array:
-        k = B.where(write_mask, k, cache[i][0])  # (B, Hkv, 1, hs) broadcast into (B, Hkv, block_size, hs)
+        k = B.where(write_mask, k, cache[i][0])  # (N, Hkv, 1, hs) broadcast into (N, Hkv, block_size, hs)
         v = B.where(write_mask, v, cache[i][1])
         new_cache.append((k, v))
         return B.attention(q, B.repeat_kv(k, rep), B.repeat_kv(v, rep), attn_mask)

@@ -1,10 +1,10 @@
 """Recurrent baselines: an LSTM (`--arch lstm`) and a plain Elman RNN (`--arch rnn`), next-token decoders
 trained by the same trainer, tasks, checkpoints and parity suite as the transformers.
 
-    tokens (B, T) -> wte -> n_layer x recurrent layer (x_t, state_{t-1} -> h_t) -> ln_f -> tied head
+    tokens (N, T) -> wte -> n_layer x recurrent layer (x_t, state_{t-1} -> h_t) -> ln_f -> tied head
 
 LSTM layer (PyTorch's gate order i, f, g, o; hidden size = d_model):
-    z_t = x_t W_ih + h_{t-1} W_hh + b                         (B, 4C)
+    z_t = x_t W_ih + h_{t-1} W_hh + b                         (N, 4C)
     i, f, o = sigmoid(z_i), sigmoid(z_f), sigmoid(z_o);  g = tanh(z_g)
     c_t = f * c_{t-1} + i * g;   h_t = o * tanh(c_t)          h_0 = c_0 = 0
 RNN layer:  h_t = tanh(x_t W_ih + h_{t-1} W_hh + b)
@@ -36,7 +36,26 @@ RECURRENT = True  # no attention: attention-only options and controls do not app
 DEFAULTS = dict(bias=True, pos_encoding="none", norm="layernorm", activation="gelu", norm_eps=1e-5,
                 type_vocab_size=0)
 CHOICES: dict[str, tuple[str, ...]] = {"pos_encoding": ("none",)}
-# Per layer (h, c) of shape (B, C); an RNN's c is unused and stays h.
+# The parity suite unrolls the window in the graph, and tinygrad compiles every unrolled step's kernels
+# (minutes for 16 steps here): 4 steps check the recurrence (state carried across 3 transitions, every
+# gradient through it) and keep the suite's growth small.
+PARITY_BLOCK = 4
+
+
+def parity_overrides(cfg: ModelConfig) -> dict[str, Any]:
+    return dict(block_size=min(PARITY_BLOCK, cfg.block_size))
+
+
+class TanhGate:
+    """A negative control: LSTM gates squashed by tanh instead of the sigmoid (gates in (-1, 1))."""
+
+    def sigmoid(self: Any, x: Array) -> Array:
+        return self.tanh(x)
+
+
+# The parity suite's negative controls for this module's own pieces, per arch: (name, what, backend mixin).
+ABLATIONS = {"lstm": (("lstm-tanh-gate", "LSTM gates through tanh instead of the sigmoid", TanhGate),)}
+# Per layer (h, c) of shape (N, C); an RNN's c is unused and stays h.
 State = list[tuple[Array, Array]]
 
 
@@ -69,7 +88,7 @@ def dropout_sites(cfg: ModelConfig, batch: int, t: int) -> dict[str, tuple[int, 
 
 def _cell(B: Backend, cfg: ModelConfig, z: Array, h: Array | None, c: Array | None,
           w_hh: Array) -> tuple[Array, Array]:
-    """One time step: z = x_t W_ih + b (B, G C), the previous (h, c) or None (zero state) -> new (h, c)."""
+    """One time step: z = x_t W_ih + b (N, G C), the previous (h, c) or None (zero state) -> new (h, c)."""
     if h is not None:
         z = z + h @ w_hh
     if cfg.arch == "rnn":
@@ -85,10 +104,10 @@ def _cell(B: Backend, cfg: ModelConfig, z: Array, h: Array | None, c: Array | No
 
 def _layer(B: Backend, cfg: ModelConfig, p: L.Params, i: int, x: Array,
            state: tuple[Array, Array] | None) -> tuple[Array, tuple[Array, Array]]:
-    """The recurrence of layer i over x (B, T, C), from `state` (or zeros): outputs (B, T, C), last state."""
+    """The recurrence of layer i over x (N, T, C), from `state` (or zeros): outputs (N, T, C), last state."""
     batch, t, C = x.shape
     pre = f"blocks.{i}.{cfg.arch}"
-    z = x @ p[f"{pre}.w_ih"]  # (B, T, G C): the input projection of every step at once
+    z = x @ p[f"{pre}.w_ih"]  # (N, T, G C): the input projection of every step at once
     if cfg.bias:
         z = z + p[f"{pre}.bias"]
     h, c = state if state is not None else (None, None)
@@ -102,13 +121,13 @@ def _layer(B: Backend, cfg: ModelConfig, p: L.Params, i: int, x: Array,
 def hidden(B: Backend, cfg: ModelConfig, p: L.Params, idx: Array, *, dropout: dict[str, Array] | None = None,
            cache: State | None = None, mask: Array | None = None, mask_fn: Any = None,
            types: Array | None = None) -> tuple[Array, State]:
-    """Final hidden states (B, T, C) and each layer's last (h, c). With `cache` (the state an earlier call
+    """Final hidden states (N, T, C) and each layer's last (h, c). With `cache` (the state an earlier call
     returned), `idx` holds only the next tokens. `mask`, `mask_fn`: attention only, ignored (a recurrence
     is causal by construction, which the parity suite's leakage check verifies)."""
     if idx.shape[1] > cfg.block_size:
         raise ValueError(f"sequence length {idx.shape[1]} exceeds block_size {cfg.block_size}")
     drop = dropout or {}
-    x = L.residual_dropout(B.take(p["wte.weight"], idx), drop, "emb")  # (B, T, C)
+    x = L.residual_dropout(B.take(p["wte.weight"], idx), drop, "emb")  # (N, T, C)
     new_state: State = []
     for i in range(cfg.n_layer):
         x, st = _layer(B, cfg, p, i, x, cache[i] if cache else None)
@@ -124,7 +143,7 @@ def decode_cache_shapes(cfg: ModelConfig, batch: int) -> list[tuple[tuple[int, .
 
 def decode_step(B: Backend, cfg: ModelConfig, p: L.Params, idx: Array, pos_ids: Array,
                 write_mask: Array, attn_mask: Array, cache: State) -> tuple[Array, State]:
-    """Logits (B, 1, V) of one new token `idx` (B, 1) from the state after the tokens before it. At
+    """Logits (N, 1, V) of one new token `idx` (N, 1) from the state after the tokens before it. At
     position 0 (`attn_mask` sees only slot 0) the state restarts from zero, so one compiled graph of
     fixed shape serves every position, like the transformers' fixed KV cache (`decoder.decode_inputs`)."""
     if cfg.block_size > 1:

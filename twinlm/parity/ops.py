@@ -1,0 +1,288 @@
+"""Every primitive and composite against an independent float64 numpy reference (forward) and float64
+central finite differences of it (gradient), like tinygrad's `helper_test_op`; and every fused override
+against the reference body in core/backend.py."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from twinlm.core import layers, model
+from twinlm.core.backend import RMS_NORM_EPS, Array, Backend
+from twinlm.parity.checks import FORWARD_TOL, GRAD_TOL, Check, Tolerance, compare
+
+COMPOSITES = ("erf", "custom_grad", "gelu", "gelu_tanh", "sigmoid", "silu", "swiglu", "lora", "rope",
+              "repeat_kv", "softmax", "log_softmax", "layer_norm", "rms_norm", "attention", "cross_entropy")
+
+
+@dataclass(frozen=True)
+class OpCase:
+    """`fn(B, *inputs)` on a backend vs `ref(*inputs)` in float64 numpy; `diff` are the indices
+    of the inputs to differentiate; `composite` names the Backend composite it exercises."""
+
+    name: str
+    fn: Callable[..., Array]
+    ref: Callable[..., np.ndarray]
+    inputs: tuple[np.ndarray, ...]
+    diff: tuple[int, ...] = (0,)
+    composite: str | None = None
+
+
+_erf = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def _np_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def _np_log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    s = x - x.max(axis=axis, keepdims=True)
+    return s - np.log(np.exp(s).sum(axis=axis, keepdims=True))
+
+
+def _np_layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, eps: float = 1e-5) -> np.ndarray:
+    mu = x.mean(-1, keepdims=True)
+    y = (x - mu) / np.sqrt(x.var(-1, keepdims=True) + eps) * w
+    return y if b is None else y + b
+
+
+def _np_rms_norm(x: np.ndarray, w: np.ndarray, eps: float = RMS_NORM_EPS) -> np.ndarray:
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
+
+
+def _np_gelu_tanh(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def _np_silu(x: np.ndarray) -> np.ndarray:
+    return x / (1 + np.exp(-x))
+
+
+def _np_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotate pairs (x[i], x[i + hs/2]) by the angle whose cos/sin are given: the half-split layout."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def _np_repeat_kv(x: np.ndarray, n_rep: int) -> np.ndarray:
+    return np.repeat(x, n_rep, axis=1)  # kv head j serves query heads j * n_rep ... (j + 1) * n_rep - 1
+
+
+def _np_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None,
+                  keep: np.ndarray | None = None) -> np.ndarray:
+    scores = q @ np.swapaxes(k, -1, -2) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        scores = np.where(mask, scores, -np.inf)
+    att = _np_softmax(scores)
+    return (att if keep is None else att * keep) @ v
+
+
+def _np_cross_entropy(logits: np.ndarray, targets: np.ndarray,
+                      weights: np.ndarray | None = None) -> np.ndarray:
+    nll = -np.take_along_axis(_np_log_softmax(logits), targets[..., None], axis=-1)[..., 0]
+    return nll.mean() if weights is None else (nll * weights).sum() / max(weights.sum(), 1.0)
+
+
+def op_cases(seed: int = 0) -> list[OpCase]:
+    """Every primitive and composite, on small inputs drawn from `seed` (away from kinks and ties)."""
+    rng = np.random.default_rng(seed)
+
+    def normal(*shape: int) -> np.ndarray:
+        return rng.standard_normal(shape).astype(np.float32)
+
+    def positive(*shape: int) -> np.ndarray:
+        return rng.uniform(0.5, 2.0, shape).astype(np.float32)
+
+    x, a, b = normal(3, 5), normal(3, 5), normal(3, 5)
+    cond = rng.random((3, 5)) < 0.5
+    table, ids = normal(6, 4), rng.integers(0, 6, (2, 3)).astype(np.int32)
+    idx = rng.integers(0, 5, (3, 1)).astype(np.int32)
+    q, k, v = normal(1, 2, 4, 3), normal(1, 2, 4, 3), normal(1, 2, 4, 3)
+    causal = model.causal_mask(4, 4)
+    keep = ((rng.random((1, 2, 4, 4)) >= 0.25) / 0.75).astype(np.float32)
+    xn, w, bias = normal(2, 3, 8), (1.0 + 0.1 * normal(8)), 0.1 * normal(8)
+    cos, sin = layers.rope_tables(4, 6, 10000.0)
+    xr = normal(1, 2, 4, 6)
+    pad = layers.padding_mask(np.array([3]), 4)  # (1, 1, 1, 4): the last key is padding
+    logits, targets = normal(4, 7), rng.integers(0, 7, (4,)).astype(np.int32)
+    weights = np.array([1, 0, 1, 1], dtype=np.float32)
+    return [
+        OpCase("exp", lambda B, x: B.exp(x), np.exp, (x,)),
+        OpCase("log", lambda B, x: B.log(x), np.log, (positive(3, 5),)),
+        OpCase("tanh", lambda B, x: B.tanh(x), np.tanh, (x,)),
+        OpCase("sqrt", lambda B, x: B.sqrt(x), np.sqrt, (positive(3, 5),)),
+        OpCase("rsqrt", lambda B, x: B.rsqrt(x), lambda x: 1.0 / np.sqrt(x), (positive(3, 5),)),
+        OpCase("maximum", lambda B, a, b: B.maximum(a, b), np.maximum, (a, b), (0, 1)),
+        OpCase("maximum scalar", lambda B, x: B.maximum(x, 0.3), lambda x: np.maximum(x, 0.3), (x,)),
+        OpCase("minimum", lambda B, a, b: B.minimum(a, b), np.minimum, (a, b), (0, 1)),
+        OpCase("minimum scalar", lambda B, x: B.minimum(x, 0.3), lambda x: np.minimum(x, 0.3), (x,)),
+        OpCase("sum all", lambda B, x: B.sum(x), np.sum, (x,)),
+        OpCase("sum axis 1 keepdims", lambda B, x: B.sum(x, axis=1, keepdims=True),
+               lambda x: x.sum(axis=1, keepdims=True), (x,)),
+        OpCase("max all", lambda B, x: B.max(x), np.max, (x,)),
+        OpCase("max axis -1", lambda B, x: B.max(x, axis=-1), lambda x: x.max(axis=-1), (x,)),
+        OpCase("mean all", lambda B, x: B.mean(x), np.mean, (x,)),
+        OpCase("mean axis 0 keepdims", lambda B, x: B.mean(x, axis=0, keepdims=True),
+               lambda x: x.mean(axis=0, keepdims=True), (x,)),
+        OpCase("reshape", lambda B, x: B.reshape(x, (5, 3)), lambda x: x.reshape(5, 3), (x,)),
+        OpCase("transpose", lambda B, x: B.transpose(x, (2, 0, 1)), lambda x: x.transpose(2, 0, 1),
+               (normal(2, 3, 4),)),
+        OpCase("where", lambda B, c, a, b: B.where(c, a, b), np.where, (cond, a, b), (1, 2)),
+        OpCase("take", lambda B, t, i: B.take(t, i), lambda t, i: t[i], (table, ids)),
+        OpCase("take_along_axis", lambda B, x, i: B.take_along_axis(x, i, axis=-1),
+               lambda x, i: np.take_along_axis(x, i, axis=-1), (x, idx)),
+        OpCase("concat", lambda B, a, b: B.concat([a, b], axis=1),
+               lambda a, b: np.concatenate([a, b], axis=1), (normal(2, 3), normal(2, 2)), (0, 1)),
+        OpCase("matmul", lambda B, a, b: a @ b, np.matmul, (normal(2, 3, 4), normal(4, 5)), (0, 1)),
+        OpCase("erf", lambda B, x: B.erf(x), _erf, (rng.uniform(-3, 3, (3, 5)).astype(np.float32),),
+               composite="erf"),
+        OpCase("custom_grad", lambda B, x: B.custom_grad(B.tanh, lambda t: 1.0 - B.tanh(t) ** 2, x), np.tanh,
+               (x,), composite="custom_grad"),
+        OpCase("gelu", lambda B, x: B.gelu(x), lambda x: 0.5 * x * (1 + _erf(x / math.sqrt(2))),
+               (2 * x,), composite="gelu"),
+        OpCase("gelu_tanh", lambda B, x: B.gelu_tanh(x), _np_gelu_tanh, (2 * x,), composite="gelu_tanh"),
+        OpCase("sigmoid", lambda B, x: B.sigmoid(x), lambda x: 1 / (1 + np.exp(-x)), (4 * x,),
+               composite="sigmoid"),
+        OpCase("silu", lambda B, x: B.silu(x), _np_silu, (2 * x,), composite="silu"),
+        OpCase("swiglu", lambda B, a, b: B.swiglu(a, b), lambda a, b: _np_silu(a) * b, (a, b), (0, 1),
+               composite="swiglu"),
+        OpCase("lora", lambda B, x, a, b: B.lora(x, a, b, 2.5), lambda x, a, b: (x @ a) @ b * 2.5,
+               (normal(2, 3, 4), normal(4, 2), normal(2, 5)), (0, 1, 2), composite="lora"),
+        OpCase("rope", lambda B, x, c, s: B.rope(x, c, s), _np_rope, (xr, cos, sin), composite="rope"),
+        OpCase("repeat_kv", lambda B, x: B.repeat_kv(x, 2), lambda x: _np_repeat_kv(x, 2), (xr,),
+               composite="repeat_kv"),
+        OpCase("softmax", lambda B, x: B.softmax(x, axis=-1), _np_softmax, (x,), composite="softmax"),
+        OpCase("log_softmax", lambda B, x: B.log_softmax(x, axis=-1), _np_log_softmax, (x,),
+               composite="log_softmax"),
+        OpCase("layer_norm", lambda B, x, w, b: B.layer_norm(x, w, b), _np_layer_norm, (xn, w, bias),
+               (0, 1, 2), composite="layer_norm"),
+        OpCase("layer_norm no bias", lambda B, x, w: B.layer_norm(x, w, None),
+               lambda x, w: _np_layer_norm(x, w, None), (xn, w), (0, 1), composite="layer_norm"),
+        OpCase("rms_norm", lambda B, x, w: B.rms_norm(x, w), _np_rms_norm, (xn, w), (0, 1),
+               composite="rms_norm"),
+        OpCase("attention padding", lambda B, q, k, v, m: B.attention(q, k, v, m), _np_attention,
+               (q, k, v, pad), (0, 1, 2), composite="attention"),
+        OpCase("attention causal", lambda B, q, k, v, m: B.attention(q, k, v, m), _np_attention,
+               (q, k, v, causal), (0, 1, 2), composite="attention"),
+        OpCase("attention no mask", lambda B, q, k, v: B.attention(q, k, v, None),
+               lambda q, k, v: _np_attention(q, k, v, None), (q, k, v), (0, 1, 2), composite="attention"),
+        OpCase("attention dropout", lambda B, q, k, v, m, d: B.attention(q, k, v, m, d), _np_attention,
+               (q, k, v, causal, keep), (0, 1, 2), composite="attention"),
+        OpCase("cross_entropy", lambda B, x, t: B.cross_entropy(x, t), _np_cross_entropy, (logits, targets),
+               composite="cross_entropy"),
+        OpCase("cross_entropy weighted", lambda B, x, t, w: B.cross_entropy(x, t, w), _np_cross_entropy,
+               (logits, targets, weights), composite="cross_entropy"),
+    ]
+
+
+def _grad_weights(case: OpCase) -> np.ndarray:
+    """Fixed random weights w for the scalar sum(f(x) * w), so every output element matters."""
+    out = case.ref(*(a.astype(np.float64) if a.dtype.kind == "f" else a for a in case.inputs))
+    return np.random.default_rng(len(case.name)).standard_normal(np.shape(out)).astype(np.float32)
+
+
+def op_outputs(B: Backend, case: OpCase, w: np.ndarray) -> tuple[np.ndarray, list[np.ndarray] | None]:
+    """Forward output and (if B has autograd) d sum(f(x) * w) / dx for each differentiated input."""
+    args = [B.from_numpy(a) for a in case.inputs]
+    if not B.supports_grad:
+        y = case.fn(B, *args)
+        return B.to_numpy(y), None
+
+    outputs: list[Array] = []
+
+    def objective(params: dict[str, Array]) -> Array:
+        full = list(args)
+        for i in case.diff:
+            full[i] = params[f"x{i}"]
+        y = case.fn(B, *full)
+        outputs.append(y)  # the forward value, realised in the same graph as the gradient
+        return B.sum(y * B.from_numpy(w))
+
+    value, grads = B.value_and_grad(objective)({f"x{i}": args[i] for i in case.diff})
+    B.sync(outputs[-1], value, *grads.values())
+    return B.to_numpy(outputs[-1]), [B.to_numpy(grads[f"x{i}"]) for i in case.diff]
+
+
+def fd_grads(case: OpCase, w: np.ndarray, h: float = 1e-6) -> list[np.ndarray]:
+    """float64 central finite differences of sum(ref(x) * w) for each differentiated input."""
+    base = [a.astype(np.float64) if a.dtype.kind == "f" else a for a in case.inputs]
+    w64 = w.astype(np.float64)
+    grads = []
+    for i in case.diff:
+        g = np.zeros_like(base[i])
+        for j in np.ndindex(base[i].shape):
+            vals = []
+            for sign in (1.0, -1.0):
+                args = list(base)
+                args[i] = base[i].copy()
+                args[i][j] += sign * h
+                vals.append(float(np.sum(case.ref(*args) * w64)))
+            g[j] = (vals[0] - vals[1]) / (2 * h)
+        grads.append(g)
+    return grads
+
+
+def _float_dtype(B: Backend) -> np.dtype:
+    """The dtype B hands back for float32 input (float64 for the numpy reference backend)."""
+    return np.dtype(getattr(B, "dtype", np.float32))
+
+
+def check_op(B: Backend, case: OpCase, *, reference: Backend | None = None, group: str | None = None,
+             fwd_tol: Tolerance = FORWARD_TOL, grad_tol: Tolerance = GRAD_TOL) -> list[Check]:
+    """Forward and gradient of `case` on B against float64 numpy (or against `reference`, another
+    backend running the same case), with separate tolerances; shapes and dtypes exact."""
+    group = group or f"{B.name} ops"
+    w = _grad_weights(case)
+    y, grads = op_outputs(B, case, w)
+    if reference is None:
+        want_y = case.ref(*(a.astype(np.float64) if a.dtype.kind == "f" else a for a in case.inputs))
+        want_grads = fd_grads(case, w) if grads is not None else None
+    else:
+        want_y, want_grads = op_outputs(reference, case, w)
+    dtype = _float_dtype(B)
+    checks = [compare(group, f"{case.name} forward", y, want_y, fwd_tol, dtype=dtype)]
+    for i, g, want in zip(case.diff, grads or [], want_grads or [], strict=False):
+        checks.append(compare(group, f"{case.name} grad x{i}", g, want, grad_tol, dtype=dtype))
+    return checks
+
+
+class _ReferenceComposites:
+    """Mixin restoring the base-class reference bodies of every composite."""
+
+    locals().update({name: getattr(Backend, name) for name in COMPOSITES})
+
+
+def with_mixin(B: Backend, mixin: type, tag: str, *, fused: bool = False) -> Backend:
+    """A copy of B whose class is a subclass of B's with `mixin`'s methods taking precedence. By default the
+    copy runs the composites' reference bodies (`fused = False`), so a piece the mixin replaces (a
+    negative control's erf, silu, ...) is used everywhere, never bypassed by one of B's fused kernels."""
+    clone = copy.copy(B)
+    clone.__class__ = type(f"{type(B).__name__}{tag}", (mixin, type(B)), {})
+    clone.fused = fused
+    return clone
+
+
+def overridden_composites(B: Backend) -> list[str]:
+    return [name for name in COMPOSITES if getattr(type(B), name) is not getattr(Backend, name)]
+
+
+def override_checks(B: Backend, seed: int = 0, group: str | None = None) -> list[Check]:
+    """Each composite B overrides (e.g. MLX's fused kernels) against the reference body in
+    core/backend.py run on B's own primitives."""
+    names = overridden_composites(B)
+    reference = with_mixin(B, _ReferenceComposites, "Reference")
+    checks: list[Check] = []
+    for case in op_cases(seed):
+        if case.composite in names:
+            checks += check_op(B, case, reference=reference, group=group or f"{B.name} fused vs reference")
+    return checks
+
+
+def primitive_checks(B: Backend, seed: int = 0, group: str | None = None) -> list[Check]:
+    return [c for case in op_cases(seed) for c in check_op(B, case, group=group)]

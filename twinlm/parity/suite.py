@@ -1,0 +1,150 @@
+"""The suite: every phase over a set of backends for one model, caching each side's results so that negative
+controls re-run only the injected side; the suite's model of each family."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from twinlm.core.backend import Backend
+from twinlm.core.config import ModelConfig, preset
+from twinlm.core.models import FAMILIES, family
+from twinlm.core.params import init_params
+from twinlm.parity.checks import Report
+from twinlm.parity.controls import CONTROLS, Control
+from twinlm.parity.graph import (
+    Side,
+    compare_model,
+    compare_train,
+    fd_gradient_checks,
+    leakage_checks,
+    model_run,
+    parity_batch,
+    suite_name,
+    train_batches,
+    train_opt,
+    train_run,
+    unit_scale_params,
+)
+from twinlm.parity.ops import override_checks, primitive_checks
+
+PHASES = ("primitives", "fused", "model", "causal", "train", "float64")
+# Variants the suite checks beside the families: (family, config changes).
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "lora": ("gpt", dict(lora_rank=4, lora_alpha=8.0, lora_dropout=0.1)),  # GPT + rank-4 adapters everywhere
+}
+ARCHS = (*FAMILIES, *VARIANTS)
+
+
+def arch_config(arch: str, preset_name: str = "small", vocab_size: int = 65) -> ModelConfig:
+    """The parity suite's model of each family: the preset with the family's `parity_overrides` (so every
+    option's code path runs), or a variant of a family ("lora": GPT with rank-4 adapters, scale 2, dropout
+    0.1 on their input, on the frozen weights)."""
+    if arch in VARIANTS:
+        base, changes = VARIANTS[arch]
+        return arch_config(base, preset_name, vocab_size).replace(**changes)
+    cfg = preset(preset_name, vocab_size=vocab_size, arch=arch)
+    overrides = getattr(family(arch), "parity_overrides", None)
+    return cfg.replace(**overrides(cfg)) if overrides else cfg
+
+
+class Suite:
+    """The whole parity suite over `backends`, caching each side's results so that negative
+    controls re-run only the injected side."""
+
+    def __init__(self, backends: Sequence[Backend], cfg: ModelConfig, *, steps: int = 10, seed: int = 0,
+                 dropout: float = 0.1, batch: int = 4, fd_cfg: ModelConfig | None = None,
+                 progress: Callable[[str], None] | None = None) -> None:
+        # Sides with autograd first, so the float64 numpy reference is always the `want` side.
+        self.backends = sorted(backends, key=lambda B: not B.supports_grad)
+        self.cfg, self.steps, self.seed, self.dropout, self.batch = cfg, steps, seed, dropout, batch
+        self.fd_cfg = fd_cfg or arch_config("lora" if cfg.lora_rank else cfg.arch, "tiny", cfg.vocab_size)
+        self.progress = progress or (lambda msg: None)
+        self.params = init_params(cfg, seed)
+        self.data = parity_batch(cfg, np.random.default_rng([seed, 0]), batch, cfg.block_size)
+        self._cache: dict[tuple[str, str], Any] = {}
+
+    def controls(self) -> list[Control]:
+        """The negative controls that touch a piece of this suite's model."""
+        return [c for c in CONTROLS if c.applies(self.cfg)]
+
+    def _cached(self, side: Side, what: str, compute: Callable[[], Any]) -> Any:
+        key = (side.label, what)
+        if key not in self._cache:
+            self.progress(f"{suite_name(self.cfg)} {what}: {side.label}")
+            self._cache[key] = compute()
+        return self._cache[key]
+
+    def _train_configs(self) -> list[float]:
+        return [0.0] + ([self.dropout] if self.dropout > 0 else [])
+
+    def run(self, control: Control | None = None, phases: Sequence[str] = PHASES) -> Report:
+        """Clean run: every side against every other. With `control`: the control is injected
+        into the first backend with autograd, which is compared against every clean side."""
+        report = Report()
+        clean = [Side.clean(B) for B in self.backends]
+        if control is None:
+            sides, pairs = clean, [(a, b) for i, a in enumerate(clean) for b in clean[i + 1:]]
+        else:
+            target = next((B for B in self.backends if B.supports_grad), None)
+            if target is None:
+                raise ValueError("negative controls need a backend with autograd (mlx or tinygrad)")
+            injected = Side.injected(target, control)
+            sides, pairs = [injected], [(injected, other) for other in clean]
+        for phase in phases:
+            getattr(self, f"_phase_{phase}")(sides, pairs, control, report)
+        return report
+
+    def _phase_primitives(self, sides: list[Side], pairs: list, control: Control | None,
+                          report: Report) -> None:
+        for side in sides:
+            report.extend(self._cached(side, "primitives", lambda s=side: primitive_checks(
+                s.backend, self.seed, f"ops {s.label} vs numpy float64")))
+
+    def _phase_fused(self, sides: list[Side], pairs: list, control: Control | None, report: Report) -> None:
+        for side in sides:
+            report.extend(self._cached(side, "fused overrides", lambda s=side: override_checks(
+                s.backend, self.seed, f"fused {s.label} vs reference body")))
+
+    def _phase_model(self, sides: list[Side], pairs: list, control: Control | None, report: Report) -> None:
+        weight_sets = {"init": self.params, "unit-scale": unit_scale_params(self.cfg, self.seed)}
+        for weights, params in weight_sets.items():
+            for a, b in pairs:
+                runs = [self._cached(s, f"model ({weights} weights)", lambda s=s, p=params: model_run(
+                    s, self.cfg, p, self.data)) for s in (a, b)]
+                group = f"{suite_name(self.cfg)} model ({weights} weights) {a.label} vs {b.label}"
+                report.extend(compare_model(group, *runs))
+
+    def _phase_causal(self, sides: list[Side], pairs: list, control: Control | None, report: Report) -> None:
+        for side in sides:
+            report.extend(self._cached(side, "causal", lambda s=side: leakage_checks(
+                s, self.cfg, self.params, self.data, self.seed)))
+
+    def _phase_train(self, sides: list[Side], pairs: list, control: Control | None, report: Report) -> None:
+        opt = train_opt(self.steps)
+        trainable = [(a, b) for a, b in pairs if a.backend.supports_grad and b.backend.supports_grad]
+        if not trainable:
+            report.notes.append("train: skipped (needs two backends with autograd)")
+        for p in self._train_configs():
+            cfg = self.cfg.replace(dropout=p)
+            batches = train_batches(cfg, self.batch, cfg.block_size, self.steps, self.seed)
+            for a, b in trainable:
+                runs = [self._cached(s, f"train dropout {p:g}", lambda s=s, c=cfg, data=batches: train_run(
+                    s, c, self.params, data, opt, self.seed)) for s in (a, b)]
+                group = f"{suite_name(self.cfg)} train dropout {p:g} {a.label} vs {b.label}"
+                report.extend(compare_train(group, *runs))
+
+    def _phase_float64(self, sides: list[Side], pairs: list, control: Control | None, report: Report) -> None:
+        if control is not None:
+            return  # self-consistency of fwd and grad: an injected maths change is consistent in both
+        capable = [s for s in sides if s.backend.supports_float64 and s.backend.supports_grad]
+        if not capable:
+            report.notes.append("float64: skipped (no backend here supports float64 autograd)")
+        params = init_params(self.fd_cfg, self.seed)
+        batch = parity_batch(self.fd_cfg, np.random.default_rng([self.seed, 2]), 2,
+                             min(8, self.fd_cfg.block_size))
+        for side in capable:
+            report.extend(self._cached(side, "float64 finite differences", lambda s=side: fd_gradient_checks(
+                s.backend, self.fd_cfg, params, batch, self.seed)))
