@@ -248,7 +248,7 @@ def test_cli_self_test_catches_every_control() -> None:
 
 
 def test_cli_names_first_divergence_and_exits_1(monkeypatch) -> None:
-    monkeypatch.setattr(parity.graph, "LOGITS_TOL", parity.Tolerance(0.0, 0.0))  # compare_model reads it
+    monkeypatch.setattr(parity.checks, "LOGITS_TOL", parity.Tolerance(0.0, 0.0))
     result = CliRunner().invoke(command, FAST)
     assert result.exit_code == 1
     assert "first divergence: gpt model (init weights) mlx vs numpy: logits" in result.output

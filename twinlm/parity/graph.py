@@ -14,19 +14,8 @@ from twinlm.core import layers, model, optim, step
 from twinlm.core import spec as SP
 from twinlm.core.backend import Array, Backend
 from twinlm.core.config import ModelConfig
-from twinlm.parity.checks import (
-    FD64_STEP,
-    FD64_TOL,
-    FLOAT64_LOSS_TOL,
-    LEAK_TOL,
-    LOGITS_TOL,
-    LOSS_TOL,
-    MODEL_GRAD_TOL,
-    TRAIN_LOSS_TOL,
-    TRAIN_PARAM_TOL,
-    Check,
-    compare,
-)
+from twinlm.parity import checks as tol
+from twinlm.parity.checks import Check, compare
 from twinlm.parity.controls import Control
 from twinlm.parity.ops import with_mixin
 
@@ -140,10 +129,10 @@ def unit_scale_params(cfg: ModelConfig, seed: int) -> dict[str, np.ndarray]:
 
 def compare_model(group: str, got: ModelRun, want: ModelRun) -> list[Check]:
     f32 = np.float32
-    checks = [compare(group, "logits", got.logits, want.logits, LOGITS_TOL, dtype=f32),
-              compare(group, "loss", got.loss, want.loss, LOSS_TOL, dtype=f32)]
+    checks = [compare(group, "logits", got.logits, want.logits, tol.LOGITS_TOL, dtype=f32),
+              compare(group, "loss", got.loss, want.loss, tol.LOSS_TOL, dtype=f32)]
     if got.grads is not None and want.grads is not None:
-        checks += [compare(group, f"grad {k}", g, want.grads[k], MODEL_GRAD_TOL, dtype=f32)
+        checks += [compare(group, f"grad {k}", g, want.grads[k], tol.MODEL_GRAD_TOL, dtype=f32)
                    for k, g in got.grads.items()]
     return checks
 
@@ -169,7 +158,7 @@ def leakage_checks(side: Side, cfg: ModelConfig, params: dict[str, np.ndarray], 
         got = logits_of(changed.astype(np.int32))
         return [compare(f"{suite_name(cfg)} padding {side.label}",
                         "logits of real positions with padded tokens "
-                        "changed", got[real], base[real], LEAK_TOL)]
+                        "changed", got[real], base[real], tol.LEAK_TOL)]
     t_len = x.shape[1]
     for t in sorted({0, t_len // 2, t_len - 2}):
         changed = x.copy()
@@ -177,7 +166,7 @@ def leakage_checks(side: Side, cfg: ModelConfig, params: dict[str, np.ndarray], 
         changed[:, t + 1:] = (x[:, t + 1:] + shift) % cfg.vocab_size
         checks.append(compare(f"{suite_name(cfg)} causal {side.label}",
                               f"logits[:, :{t + 1}] with tokens {t + 1}.. changed",
-                              logits_of(changed)[:, :t + 1], base[:, :t + 1], LEAK_TOL))
+                              logits_of(changed)[:, :t + 1], base[:, :t + 1], tol.LEAK_TOL))
     return checks
 
 
@@ -217,9 +206,9 @@ def train_run(side: Side, cfg: ModelConfig, params: dict[str, np.ndarray], batch
 def compare_train(group: str, got: TrainRun, want: TrainRun) -> list[Check]:
     f32 = np.float32
     n = len(want.losses)
-    checks = [compare(group, f"loss at step {i + 1}", got.losses[i], want.losses[i], TRAIN_LOSS_TOL,
+    checks = [compare(group, f"loss at step {i + 1}", got.losses[i], want.losses[i], tol.TRAIN_LOSS_TOL,
                       dtype=f32) for i in range(n)]
-    checks += [compare(group, f"{k} after {n} steps", v, want.params[k], TRAIN_PARAM_TOL, dtype=f32)
+    checks += [compare(group, f"{k} after {n} steps", v, want.params[k], tol.TRAIN_PARAM_TOL, dtype=f32)
                for k, v in got.params.items()]
     return checks
 
@@ -252,7 +241,7 @@ def fd_gradient_checks(B: Backend, cfg: ModelConfig, params: dict[str, np.ndarra
     group = f"{suite_name(cfg)} {B.name} float64 finite differences"
     ref = NumpyBackend()
     ref_loss = side_loss(Side.clean(ref), cfg, p64, _on(ref, batch))
-    checks = [compare(group, "loss vs numpy float64", B.to_numpy(loss), ref_loss, FLOAT64_LOSS_TOL)]
+    checks = [compare(group, "loss vs numpy float64", B.to_numpy(loss), ref_loss, tol.FLOAT64_LOSS_TOL)]
     rng = np.random.default_rng(seed)
     for name in grads:
         value = p64[name]
@@ -260,7 +249,8 @@ def fd_gradient_checks(B: Backend, cfg: ModelConfig, params: dict[str, np.ndarra
         d /= np.linalg.norm(d)
         analytic = float(np.sum(B.to_numpy(grads[name]) * d))
         plus, minus = dict(p64), dict(p64)
-        plus[name], minus[name] = value + FD64_STEP * d, value - FD64_STEP * d
-        numeric = (loss_at(plus) - loss_at(minus)) / (2 * FD64_STEP)
-        checks.append(compare(group, f"grad {name} . d", np.float64(analytic), np.float64(numeric), FD64_TOL))
+        plus[name], minus[name] = value + tol.FD64_STEP * d, value - tol.FD64_STEP * d
+        numeric = (loss_at(plus) - loss_at(minus)) / (2 * tol.FD64_STEP)
+        checks.append(compare(group, f"grad {name} . d", np.float64(analytic), np.float64(numeric),
+                              tol.FD64_TOL))
     return checks

@@ -12,22 +12,10 @@ from twinlm.core.backend import Backend
 from twinlm.core.config import ModelConfig, preset
 from twinlm.core.models import FAMILIES, family
 from twinlm.core.params import init_params
+from twinlm.parity import graph
 from twinlm.parity.checks import Report
 from twinlm.parity.controls import CONTROLS, Control
-from twinlm.parity.graph import (
-    Side,
-    compare_model,
-    compare_train,
-    fd_gradient_checks,
-    leakage_checks,
-    model_run,
-    parity_batch,
-    suite_name,
-    train_batches,
-    train_opt,
-    train_run,
-    unit_scale_params,
-)
+from twinlm.parity.graph import Side, suite_name
 from twinlm.parity.ops import override_checks, primitive_checks
 
 PHASES = ("primitives", "fused", "model", "causal", "train", "float64")
@@ -63,7 +51,7 @@ class Suite:
         self.fd_cfg = fd_cfg or arch_config("lora" if cfg.lora_rank else cfg.arch, "tiny", cfg.vocab_size)
         self.progress = progress or (lambda msg: None)
         self.params = init_params(cfg, seed)
-        self.data = parity_batch(cfg, np.random.default_rng([seed, 0]), batch, cfg.block_size)
+        self.data = graph.parity_batch(cfg, np.random.default_rng([seed, 0]), batch, cfg.block_size)
         self._cache: dict[tuple[str, str], Any] = {}
 
     def controls(self) -> list[Control]:
@@ -109,32 +97,33 @@ class Suite:
                 s.backend, self.seed, f"fused {s.label} vs reference body")))
 
     def _phase_model(self, sides: list[Side], pairs: list, control: Control | None, report: Report) -> None:
-        weight_sets = {"init": self.params, "unit-scale": unit_scale_params(self.cfg, self.seed)}
+        weight_sets = {"init": self.params, "unit-scale": graph.unit_scale_params(self.cfg, self.seed)}
         for weights, params in weight_sets.items():
             for a, b in pairs:
-                runs = [self._cached(s, f"model ({weights} weights)", lambda s=s, p=params: model_run(
+                runs = [self._cached(s, f"model ({weights} weights)", lambda s=s, p=params: graph.model_run(
                     s, self.cfg, p, self.data)) for s in (a, b)]
                 group = f"{suite_name(self.cfg)} model ({weights} weights) {a.label} vs {b.label}"
-                report.extend(compare_model(group, *runs))
+                report.extend(graph.compare_model(group, *runs))
 
     def _phase_causal(self, sides: list[Side], pairs: list, control: Control | None, report: Report) -> None:
         for side in sides:
-            report.extend(self._cached(side, "causal", lambda s=side: leakage_checks(
+            report.extend(self._cached(side, "causal", lambda s=side: graph.leakage_checks(
                 s, self.cfg, self.params, self.data, self.seed)))
 
     def _phase_train(self, sides: list[Side], pairs: list, control: Control | None, report: Report) -> None:
-        opt = train_opt(self.steps)
+        opt = graph.train_opt(self.steps)
         trainable = [(a, b) for a, b in pairs if a.backend.supports_grad and b.backend.supports_grad]
         if not trainable:
             report.notes.append("train: skipped (needs two backends with autograd)")
         for p in self._train_configs():
             cfg = self.cfg.replace(dropout=p)
-            batches = train_batches(cfg, self.batch, cfg.block_size, self.steps, self.seed)
+            batches = graph.train_batches(cfg, self.batch, cfg.block_size, self.steps, self.seed)
             for a, b in trainable:
-                runs = [self._cached(s, f"train dropout {p:g}", lambda s=s, c=cfg, data=batches: train_run(
-                    s, c, self.params, data, opt, self.seed)) for s in (a, b)]
+                runs = [self._cached(s, f"train dropout {p:g}", lambda s=s, c=cfg, data=batches:
+                                     graph.train_run(s, c, self.params, data, opt, self.seed))
+                        for s in (a, b)]
                 group = f"{suite_name(self.cfg)} train dropout {p:g} {a.label} vs {b.label}"
-                report.extend(compare_train(group, *runs))
+                report.extend(graph.compare_train(group, *runs))
 
     def _phase_float64(self, sides: list[Side], pairs: list, control: Control | None, report: Report) -> None:
         if control is not None:
@@ -143,8 +132,8 @@ class Suite:
         if not capable:
             report.notes.append("float64: skipped (no backend here supports float64 autograd)")
         params = init_params(self.fd_cfg, self.seed)
-        batch = parity_batch(self.fd_cfg, np.random.default_rng([self.seed, 2]), 2,
+        batch = graph.parity_batch(self.fd_cfg, np.random.default_rng([self.seed, 2]), 2,
                              min(8, self.fd_cfg.block_size))
         for side in capable:
-            report.extend(self._cached(side, "float64 finite differences", lambda s=side: fd_gradient_checks(
-                s.backend, self.fd_cfg, params, batch, self.seed)))
+            report.extend(self._cached(side, "float64 finite differences", lambda s=side: (
+                graph.fd_gradient_checks(s.backend, self.fd_cfg, params, batch, self.seed))))
