@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from twinlm.core.errors import ConfigError
+from twinlm.core.models import FAMILIES, family
 
 POS_ENCODINGS = ("learned", "sinusoidal", "rope", "none")
 NORMS = ("layernorm", "rmsnorm", "none")  # none: identity (`twinlm experiment norm-residual`)
@@ -47,8 +48,6 @@ class ModelConfig:
     residual: bool = True  # False: the decoder blocks drop their skip connections (x = f(norm(x)))
 
     def __post_init__(self) -> None:
-        from twinlm.core.models import family  # the registry imports this module
-
         fam = family(self.arch)  # raises ConfigError for an unknown arch
         for name in FAMILY_FIELDS:
             if getattr(self, name) is None:
@@ -88,9 +87,11 @@ class ModelConfig:
         self._check_lora()
         if self.lora_rank and getattr(fam, "RECURRENT", False):
             raise ConfigError(f"LoRA adapts attention and MLP layers; --arch {self.arch} has none")
-        if self.residual is not True and (self.residual is not False or self.arch not in ("gpt", "llama")):
-            raise ConfigError(f"residual must be true or false, and only the gpt and llama decoders can drop "
-                              f"it; got {self.residual!r} for --arch {self.arch}")
+        if self.residual is not True and (self.residual is not False
+                                          or False not in fam.CHOICES.get("residual", (True, False))):
+            can = [a for a in FAMILIES if False in family(a).CHOICES.get("residual", (True, False))]
+            raise ConfigError(f"residual must be true or false, and only {' and '.join(can)} can drop it; "
+                              f"got {self.residual!r} for --arch {self.arch}")
         for name in ("type_vocab_size", "n_classes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -122,8 +123,6 @@ class ModelConfig:
     @property
     def kind(self) -> str:
         """"decoder" (causal, next-token LM) or "encoder" (bidirectional, masked LM)."""
-        from twinlm.core.models import family
-
         return family(self.arch).KIND
 
     def to_dict(self) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
     KIND          "decoder" (causal, next-token LM) or "encoder" (bidirectional, masked LM)
     DEFAULTS      values for the config fields it leaves to the family (see config.FAMILY_FIELDS)
-    CHOICES       per option, the values the family accepts (missing: all)
+    CHOICES       per option (pos_encoding, norm, activation, residual), the values the family accepts
+                  (missing: all)
     param_spec(cfg) -> Spec                       every parameter: shape, init, decay, trainable
     hidden(B, cfg, p, idx, *, dropout, cache, mask, mask_fn, types) -> (h (N, T, C), cache)
     lm_logits(B, cfg, p, h) -> (N, T, V)          the language-model head (next token or masked token)

@@ -22,7 +22,7 @@ from twinlm.core.models.decoder import dropout_sites  # noqa: F401  (the same si
 KIND = "encoder"
 DEFAULTS = dict(bias=True, pos_encoding="learned", norm="layernorm", activation="gelu", norm_eps=1e-12,
                 type_vocab_size=2)
-CHOICES = {"pos_encoding": ("learned", "sinusoidal", "rope", "none")}
+CHOICES: dict[str, tuple] = {"pos_encoding": ("learned", "sinusoidal", "rope", "none"), "residual": (True,)}
 
 
 def param_spec(cfg: ModelConfig) -> S.Spec:

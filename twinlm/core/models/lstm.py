@@ -35,7 +35,7 @@ RECURRENT = True  # no attention: attention-only options and controls do not app
 # Recurrent layers read no positions and use no feed-forward: those options are fixed.
 DEFAULTS = dict(bias=True, pos_encoding="none", norm="layernorm", activation="gelu", norm_eps=1e-5,
                 type_vocab_size=0)
-CHOICES: dict[str, tuple[str, ...]] = {"pos_encoding": ("none",)}
+CHOICES: dict[str, tuple] = {"pos_encoding": ("none",), "residual": (True,)}
 # The parity suite unrolls the window in the graph, and tinygrad compiles every unrolled step's kernels
 # (minutes for 16 steps here): 4 steps check the recurrence (state carried across 3 transitions, every
 # gradient through it) and keep the suite's growth small.
