@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +29,12 @@ from twinlm.core.errors import TwinlmError
 KINDS = ("char", "byte", "bpe")  # what `train --tokenizer` builds; "hf" comes with an imported model
 DEFAULT_BPE_VOCAB = 512
 MAX_BPE_VOCAB = 1 << 20
-# Chunk boundary for BPE: just after a newline that is followed by a non-space character. GPT-2's
-# pre-tokenizer always splits there, so encoding chunks separately gives exactly the ids of the whole text.
-_BPE_CHUNK_CUT = re.compile(r"\n(?=\S)")
+# Chunk boundary for BPE: just before a space or newline that follows a non-space character. GPT-2's
+# pre-tokenizer always splits there and its pieces after that point do not depend on what came before, so
+# encoding chunks separately gives exactly the ids of the whole text. (A cut after a newline is not safe:
+# "a\n\nb" pre-tokenizes as "a", "\n", "\n", "b" but "a\n\n" alone ends in one "\n\n" piece.)
+# Python's \S excludes every character the library's regex counts as whitespace, so the cut is safe there.
+_BPE_CHUNK_CUT = re.compile(r"(?<=\S)(?=[ \n])")
 _BPE_CHUNK_CHARS = 1 << 16
 
 
@@ -137,6 +140,12 @@ class BPETokenizer(Tokenizer):
 
     @classmethod
     def train(cls, text: str, vocab_size: int) -> BPETokenizer:
+        return cls.train_iter(iter(_bpe_chunks(text)), vocab_size)
+
+    @classmethod
+    def train_iter(cls, chunks: Iterator[str], vocab_size: int) -> BPETokenizer:
+        """Train on a stream of text chunks cut at safe boundaries (`bpe_last_cut`): the library counts
+        pre-tokens as they come, so memory follows the distinct words, not the text."""
         from tokenizers import Tokenizer as HFTokenizer
         from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -145,7 +154,7 @@ class BPETokenizer(Tokenizer):
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[], show_progress=False,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-        tok.train_from_iterator(_bpe_chunks(text), trainer=trainer)
+        tok.train_from_iterator(chunks, trainer=trainer)
         return cls(tok)
 
     @classmethod
@@ -228,10 +237,22 @@ def _bpe_chunks(text: str, size: int = _BPE_CHUNK_CHARS) -> list[str]:
     start = 0
     while start < len(text):
         cut = _BPE_CHUNK_CUT.search(text, start + size)
-        end = cut.end() if cut else len(text)
+        end = cut.start() if cut else len(text)
         chunks.append(text[start:end])
         start = end
     return chunks
+
+
+def bpe_last_cut(text: str, window: int = 1 << 16) -> int:
+    """Index of the last safe BPE chunk boundary in `text` (see _BPE_CHUNK_CUT), 0 if there is none."""
+    start = max(1, len(text) - window)
+    while True:
+        last = 0
+        for m in _BPE_CHUNK_CUT.finditer(text, start):
+            last = m.start()
+        if last or start <= 1:
+            return last
+        start = max(1, start - 8 * window)  # a long stretch without spaces: look further back
 
 
 class SpecialTokens(Tokenizer):
