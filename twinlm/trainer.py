@@ -86,7 +86,9 @@ class TrainConfig:
     tie_embeddings: bool | None = None
     residual: bool | None = None  # False: decoder blocks without skip connections (an ablation)
     tokenizer: str = "char"
-    errors: str = "strict"  # invalid UTF-8 in the corpus: "strict" refuses it, "replace" substitutes U+FFFD
+    errors: str = "strict"  # invalid UTF-8 in the corpus: "strict" refuses it, "replace" substitutes U+FFFD,
+    # "skip" drops the undecodable bytes
+    bpe_sample_mb: int = 64  # bpe learns its merges from the first N MB of the corpus text; 0: all of it
     vocab_size: int | None = None
     out: str | None = None  # run dir; None: runs/<name>
     preset: str = "default"
@@ -365,12 +367,13 @@ class Trainer:
             train, val = classify_examples(tc)
             return cfg, C.Classify(train, val, self.labels, tok, cfg, tc.batch_size, tc.seed), None
         if cfg is None:
-            ds = prepare(tc.data, tokenizer=tc.tokenizer, vocab_size=tc.vocab_size, errors=tc.errors)
+            ds = prepare(tc.data, tokenizer=tc.tokenizer, vocab_size=tc.vocab_size, errors=tc.errors,
+                         bpe_sample_mb=tc.bpe_sample_mb, **self._prepare_report())
             if model_kind(tc.arch or "gpt") == "encoder":
                 ds.tokenizer = encoder_tokenizer(ds.tokenizer)
             cfg = model_config(tc, ds.tokenizer.vocab_size)
         else:
-            ds = prepare(tc.data, tok=tok, errors=tc.errors)
+            ds = prepare(tc.data, tok=tok, errors=tc.errors, **self._prepare_report())
         window = cfg.block_size
         if tc.base is not None and tc.block_size is not None:  # a shorter training window than the base's
             if not 1 < tc.block_size <= cfg.block_size:
@@ -385,6 +388,12 @@ class Trainer:
         check_fits(ds, window, tc.batch_size)
         cls = MaskedLM if kind == "mlm" else SortTask if tc.data is None else CausalLM
         return cfg, cls(ds, tc.batch_size, window, tc.seed, tc.eval_iters), ds
+
+    def _prepare_report(self) -> dict[str, Any]:
+        """Rank 0 shows corpus preparation: a progress bar on a terminal and the summary line."""
+        from twinlm.prepare_progress import prepare_display
+
+        return {"log": self.log, "progress": prepare_display()} if self.main else {}
 
     @staticmethod
     def _merge_resumed(tc: TrainConfig, meta: RunMeta) -> TrainConfig:

@@ -47,10 +47,15 @@ def lora_options(f: Any) -> Any:
 @backend_option
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="TOML file of settings (option names as keys); flags override it.")
-@click.option("--data", default=None, help="Text file or folder of .txt files (default: the built-in task).")
+@click.option("--data", default=None,
+              help="Corpus: a file, a folder or a glob of .txt, .md or .jsonl ({\"text\": ...} rows) files, "
+                   "or .gz of them; streamed into the token cache (default: the built-in task).")
 @click.option("--tokenizer", type=click.Choice(["char", "byte", "bpe"]), default=None, help="Default: char.")
-@click.option("--errors", type=click.Choice(["strict", "replace"]), default=None,
-              help="Invalid UTF-8 in the corpus: refuse it (strict, the default) or substitute U+FFFD.")
+@click.option("--errors", type=click.Choice(["strict", "replace", "skip"]), default=None,
+              help="Invalid UTF-8 in the corpus: refuse it (strict, the default), substitute U+FFFD "
+                   "(replace) or drop the bytes (skip).")
+@click.option("--bpe-sample-mb", type=int, default=None,
+              help="BPE learns its merges from the first N MB of the corpus (default 64; 0: all of it).")
 @click.option("--vocab-size", type=int, default=None, help="BPE vocabulary size.")
 @click.option("--out", default=None, help="Run directory (default: runs/<data name>).")
 @click.option("--resume", default=None, metavar="DIR", help="Continue the run saved in DIR.")

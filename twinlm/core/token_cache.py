@@ -46,7 +46,8 @@ CACHE_ENV = "TWINLM_CACHE_DIR"
 CACHE_FORMAT = 2
 DEFAULT_BPE_SAMPLE_MB = 64
 
-# phase ("hash", "vocab", "encode"), bytes done, bytes total: a progress display's view
+# phase ("hash", "vocab", "encode"), bytes done, bytes total: a progress display's view. Bytes are those of
+# the files on disk (compressed for .gz). A last call with phase "done" ends it, also after an error.
 PhaseProgress = Callable[[str, int, int], None]
 
 
@@ -128,9 +129,19 @@ def prepare_tokens(data: Any, tokenizer: str = "char", vocab_size: int | None = 
     if isinstance(bpe_sample_mb, bool) or not isinstance(bpe_sample_mb, int) or bpe_sample_mb < 0:
         raise TwinlmError(f"bpe-sample-mb must be an integer >= 0 (0: the whole corpus), "
                           f"got {bpe_sample_mb!r}")
-    say = log or (lambda message: None)
     files, source = C.find_files(data)
     phases = _Phases(progress, sum(cf.size for cf in files))
+    try:
+        return _prepare(files, source, phases, tokenizer, vocab_size, cache_dir, errors, tok, bpe_sample_mb,
+                        chunk_bytes, log or (lambda message: None))
+    finally:
+        if progress is not None:
+            progress("done", phases.total, phases.total)
+
+
+def _prepare(files: list[C.CorpusFile], source: str, phases: _Phases, tokenizer: str, vocab_size: int | None,
+             cache_dir: Path | None, errors: str, tok: Tokenizer | None, bpe_sample_mb: int, chunk_bytes: int,
+             say: Callable[[str], None]) -> Prepared:
     request = tok.to_dict() if tok is not None else tokenizer_spec(tokenizer, vocab_size)
     if tok is None and request["kind"] == "bpe":
         request = {**request, "bpe_sample_mb": bpe_sample_mb}
@@ -255,7 +266,10 @@ def learn_tokenizer(kind: str, vocab_size: int | None, pieces: Iterator[str],
     if kind == "char":
         seen = np.zeros(0x110000, dtype=bool)
         for piece in pieces:
-            seen[np.frombuffer(piece.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)] = True
+            if piece.isascii():  # a count of the 128 byte values is cheaper than a scatter
+                seen[:128] |= np.bincount(np.frombuffer(piece.encode("ascii"), np.uint8), minlength=128) > 0
+            else:
+                seen[np.frombuffer(piece.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)] = True
         codes = np.flatnonzero(seen)
         if not codes.size:
             raise TwinlmError("cannot build a tokenizer from empty text")

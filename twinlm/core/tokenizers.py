@@ -92,23 +92,30 @@ class CharTokenizer(Tokenizer):
             raise TwinlmError("char tokenizer vocabulary must be distinct characters in code-point order")
         self.chars = chars
         self.vocab_size = len(chars)
-        self._codes = np.frombuffer(chars.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        codes = np.frombuffer(chars.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        # id of each code point up to the largest one (-1: not in the vocabulary), at least the 256 a
+        # uint8 code can index: encoding is then one gather
+        self._lut = np.full(max(256, int(codes[-1]) + 1), -1, dtype=np.int32)
+        self._lut[codes] = np.arange(codes.size, dtype=np.int32)
 
     @classmethod
     def train(cls, text: str) -> CharTokenizer:
         return cls("".join(sorted(set(text))))
 
     def encode(self, text: str) -> np.ndarray:
-        codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
-        ids = np.searchsorted(self._codes, codes)
-        ids_in = np.minimum(ids, self.vocab_size - 1)
-        unknown = self._codes[ids_in] != codes
+        if text.isascii():  # one byte per character: no 4-byte code array
+            ids = self._lut[np.frombuffer(text.encode("ascii"), dtype=np.uint8)]
+            unknown = ids < 0
+        else:
+            codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+            ids = self._lut[np.minimum(codes, self._lut.size - 1)]
+            unknown = (ids < 0) | (codes >= self._lut.size)
         if unknown.any():
             pos = int(np.argmax(unknown))
-            ch = chr(int(codes[pos]))
+            ch = text[pos]
             raise TwinlmError(f"character {ch!r} (U+{ord(ch):04X}, at position {pos}) is not in the char "
                               f"tokenizer's vocabulary of {self.vocab_size} characters")
-        return ids.astype(np.int32)
+        return ids
 
     def decode(self, ids: Iterable[int] | np.ndarray) -> str:
         return "".join(self.chars[i] for i in self._check_ids(ids).tolist())
