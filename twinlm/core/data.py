@@ -19,6 +19,8 @@ two views of one memory map, never a copy.
 from __future__ import annotations
 
 import json
+import mmap
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +117,16 @@ def check_fits(ds: Dataset, block_size: int, batch_size: int) -> None:
                               "batch size or a longer corpus")
 
 
+def _file_view(tokens: np.ndarray) -> tuple[str, int] | None:
+    """(file, byte offset) of a contiguous view of an np.memmap, or None for other arrays."""
+    mm, name = getattr(tokens, "_mmap", None), getattr(tokens, "filename", None)
+    if mm is None or name is None or not tokens.flags.c_contiguous or tokens.ndim != 1:
+        return None
+    mapped_from = tokens.offset - tokens.offset % mmap.ALLOCATIONGRANULARITY  # the file offset mapped at 0
+    start = np.frombuffer(mm, dtype=np.uint8).ctypes.data
+    return str(name), mapped_from + tokens.ctypes.data - start
+
+
 class Batcher:
     """Random (x, y) windows from a token array, y = x shifted by one; fully determined by the seed.
 
@@ -133,11 +145,27 @@ class Batcher:
         self.rng = np.random.Generator(np.random.PCG64(seed))
         self.count = 0  # batches drawn so far
         self._window = np.arange(block_size + 1)
+        # A token-cache memory map: reading windows through it would keep every page they touch (plus the
+        # kernel's read-around, ~60 KB a window measured here) mapped in this process, so its RSS would
+        # grow towards the whole file (nanoGPT re-creates its memmap each batch for this). Windows are
+        # read with pread from the file instead: the same bytes, through the page cache, and no RSS.
+        self._file = _file_view(tokens)
+        self._fd = os.open(self._file[0], os.O_RDONLY) if self._file else None
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)  # type: ignore[arg-type]
 
     def next(self) -> tuple[np.ndarray, np.ndarray]:
         """(x, y), both int32 of shape (batch_size, block_size)."""
         starts = self.rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size)
-        chunk = np.asarray(self.tokens[starts[:, None] + self._window], dtype=np.int32)  # (B, T + 1)
+        if self._fd is not None and self._file is not None:
+            size = self.tokens.itemsize
+            n = (self.block_size + 1) * size
+            raw = b"".join(os.pread(self._fd, n, self._file[1] + int(s) * size) for s in starts)
+            chunk = np.frombuffer(raw, dtype=self.tokens.dtype).reshape(self.batch_size, -1).astype(np.int32)
+        else:
+            chunk = np.asarray(self.tokens[starts[:, None] + self._window], dtype=np.int32)  # (B, T + 1)
         self.count += 1
         return chunk[:, :-1], chunk[:, 1:]
 

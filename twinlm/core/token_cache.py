@@ -51,6 +51,10 @@ DEFAULT_BPE_SAMPLE_MB = 64
 PhaseProgress = Callable[[str, int, int], None]
 
 
+class EmptyText(TwinlmError):
+    """The corpus has no text to learn a vocabulary from."""
+
+
 @dataclass
 class Prepared:
     bin_path: Path
@@ -207,10 +211,8 @@ def _build(files: list[C.CorpusFile], source: str, key: str, corpus_sha: str, bi
         seen = C.Stats()
         try:
             tok = learn_tokenizer(kind, vocab_size, text("vocab", seen), bpe_sample_mb, chunk_bytes)
-        except TwinlmError:
-            if seen.chars == 0:
-                raise empty from None
-            raise
+        except EmptyText:
+            raise empty from None
         if seen.chars == 0:
             raise empty
     dtype = token_dtype(tok.vocab_size)
@@ -272,7 +274,7 @@ def learn_tokenizer(kind: str, vocab_size: int | None, pieces: Iterator[str],
                 seen[np.frombuffer(piece.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)] = True
         codes = np.flatnonzero(seen)
         if not codes.size:
-            raise TwinlmError("cannot build a tokenizer from empty text")
+            raise EmptyText("cannot build a tokenizer from empty text")
         return CharTokenizer("".join(map(chr, codes.tolist())))
     limit = bpe_sample_mb * 1_000_000 if bpe_sample_mb else None
 
