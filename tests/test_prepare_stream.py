@@ -430,3 +430,84 @@ def test_batches_read_from_the_token_file_equal_the_array_windows(tmp_path):
             got, want = from_file.next(), in_memory.next()
             assert all(g.dtype == w.dtype == np.int32 and np.array_equal(g, w)
                        for g, w in zip(got, want, strict=True))
+
+
+# ---- the command line ------------------------------------------------------------------------------
+
+def test_train_on_a_folder_and_on_a_jsonl_corpus(tmp_path):
+    from test_cli_train import TINY, twinlm
+
+    write_corpus(tmp_path / "notes")
+    r = twinlm(tmp_path, "train", "--data", "notes", *TINY, "--max-iters", "2", "--eval-every", "2")
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"prepared \S*/notes \(4 files\): [\d,]+ tokens from 4 files", r.stdout), r.stdout
+    rows = "".join(json.dumps({"text": f"row {i}: the quick brown fox jumps over the lazy dog"}) + "\n"
+                   for i in range(200))
+    (tmp_path / "rows.jsonl.gz").write_bytes(gzip.compress(rows.encode()))
+    r = twinlm(tmp_path, "train", "--data", "rows.jsonl.gz", "--tokenizer", "bpe", "--vocab-size", "300",
+               *TINY, "--max-iters", "2", "--eval-every", "2", "--out", "runs/rows")
+    assert r.returncode == 0, r.stderr
+    summary = r"prepared \S*/rows.jsonl.gz: [\d,]+ tokens from 1 files .*200 documents"
+    assert re.search(summary, r.stdout), r.stdout
+    r = twinlm(tmp_path, "train", "--data", "rows.jsonl.gz", "--tokenizer", "bpe", "--vocab-size", "300",
+               *TINY, "--max-iters", "2", "--eval-every", "2", "--out", "runs/rows2")
+    assert r.returncode == 0 and "token cache: " in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize("files, args, message", [
+    ({"empty/": None}, [], "/empty has no .txt, .md or .jsonl files"),
+    ({"r.jsonl": '{"text": "ok"}\n{"txt": "typo"}\n'}, [], "r.jsonl, line 2 has no 'text' string"),
+    ({"r.jsonl": '{"messages": []}\n'}, [], "r.jsonl, line 1 is a chat/instruction row (messages)"),
+    ({"bad.txt": b"abc \xff def"}, [], "bad.txt is not valid UTF-8 (byte 0xff at offset 4)"),
+    ({"a.txt": "x"}, ["--bpe-sample-mb", "-1", "--tokenizer", "bpe"],
+     "bpe-sample-mb must be an integer >= 0"),
+])
+def test_bad_corpora_give_one_error_line(tmp_path, files, args, message):
+    from test_cli_train import TINY, twinlm
+
+    for name, content in files.items():
+        if name.endswith("/"):
+            (tmp_path / name).mkdir()
+        elif isinstance(content, bytes):
+            (tmp_path / name).write_bytes(content)
+        else:
+            (tmp_path / name).write_text(content, encoding="utf-8")
+    r = twinlm(tmp_path, "train", "--data", next(iter(files)).rstrip("/"), *TINY, *args, "--max-iters", "1")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert message in lines[0], lines[0]
+
+
+def test_errors_skip_and_replace_from_the_command_line(tmp_path):
+    from test_cli_train import TINY, twinlm
+
+    (tmp_path / "bad.txt").write_bytes(b"some text \xff with a bad byte\n" * 40)
+    for mode in ("skip", "replace"):
+        r = twinlm(tmp_path, "train", "--data", "bad.txt", "--errors", mode, *TINY, "--max-iters", "1",
+                   "--out", f"runs/{mode}")
+        assert r.returncode == 0, r.stderr
+    # replace keeps one id per bad byte (U+FFFD), skip drops them: different vocabularies
+    vocab = {m: json.loads((tmp_path / "runs" / m / "ckpt-00000001" / "meta.json").read_text())
+             for m in ("skip", "replace")}
+    assert "\ufffd" in json.dumps(vocab["replace"], ensure_ascii=False)
+    assert "\ufffd" not in json.dumps(vocab["skip"], ensure_ascii=False)
+
+
+def test_progress_bar_shows_rate_and_goes_away(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from twinlm.prepare_progress import PrepareProgress
+
+    write_corpus(tmp_path / "c")
+    buf = io.StringIO()
+    bar = PrepareProgress(Console(file=buf, force_terminal=True, width=120), min_interval=0.01)
+    prepare(tmp_path / "c", "char", cache_dir=tmp_path / "cache", progress=bar, chunk_bytes=64)
+    shown = buf.getvalue()
+    assert "prepare encode" in shown and "prepare hash corpus" in shown and "/s" in shown
+    assert bar._bar is None  # stopped by the final "done" call
+    quiet = io.StringIO()
+    silent = PrepareProgress(Console(file=quiet, force_terminal=False))
+    prepare(tmp_path / "c", "byte", cache_dir=tmp_path / "cache", progress=silent)
+    assert quiet.getvalue() == ""

@@ -1,7 +1,7 @@
 """A live progress bar for corpus preparation (hash, vocabulary, encode passes): MB done, MB/s and ETA.
 
-Drawn with rich on stderr when it is a terminal, like the training bar; nothing otherwise (the summary
-line `core.token_cache` logs says what happened).
+Drawn with rich on stderr when it is a terminal, like the training bar, and removed when preparation
+ends (the summary line `core.token_cache` logs says what happened); nothing when stderr is not a terminal.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class PrepareProgress:
 
             self._bar = RichProgress(TextColumn("[bold]prepare {task.description}"), BarColumn(),
                                      DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
-                                     console=self.console, transient=False,
+                                     console=self.console, transient=True,
                                      refresh_per_second=1 / self.min_interval)
             self._bar.start()
         if phase != self._phase:

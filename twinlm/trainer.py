@@ -262,6 +262,7 @@ class Trainer:
     def __init__(self, tc: TrainConfig, B: Backend, *, resume: str | Path | None = None,
                  log: Callable[[str], None] = print) -> None:
         self.B, self.log = B, log
+        self.data_lines: list[str] = []  # what preparing the corpus said (see _prepare_report)
         if not B.supports_grad:
             raise TwinlmError(f"backend {B.name!r} cannot train (no autograd); use mlx or tinygrad")
         self.rank, self.ranks = B.world()
@@ -390,10 +391,11 @@ class Trainer:
         return cfg, cls(ds, tc.batch_size, window, tc.seed, tc.eval_iters), ds
 
     def _prepare_report(self) -> dict[str, Any]:
-        """Rank 0 shows corpus preparation: a progress bar on a terminal and the summary line."""
+        """Rank 0 shows corpus preparation: a progress bar on a terminal; its summary line is kept in
+        `data_lines` for the caller to print (the CLI: on stdout, so an error stays the only stderr line)."""
         from twinlm.prepare_progress import prepare_display
 
-        return {"log": self.log, "progress": prepare_display()} if self.main else {}
+        return {"log": self.data_lines.append, "progress": prepare_display()} if self.main else {}
 
     @staticmethod
     def _merge_resumed(tc: TrainConfig, meta: RunMeta) -> TrainConfig:

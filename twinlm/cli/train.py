@@ -188,6 +188,8 @@ def run(tc: TrainConfig, backend_name: str | None, resume: str | None, devices: 
             return None
         log = out
     trainer = Trainer(tc, B, resume=resume, log=log)
+    for line in trainer.data_lines:  # the corpus preparation's summary
+        out(line)
     tc, cfg = trainer.tc, trainer.cfg
     spec = model.param_spec(cfg) if not trainer.tc.freeze_base else trainer.spec
     n_params, n_train = count(spec), count(trainer.spec, trainable_only=True)
