@@ -511,3 +511,11 @@ def test_progress_bar_shows_rate_and_goes_away(tmp_path):
     silent = PrepareProgress(Console(file=quiet, force_terminal=False))
     prepare(tmp_path / "c", "byte", cache_dir=tmp_path / "cache", progress=silent)
     assert quiet.getvalue() == ""
+
+
+def test_run_names_from_corpus_specs(tmp_path):
+    (tmp_path / "data.v2").mkdir()
+    assert C.corpus_name("rows.jsonl.gz") == "rows" and C.corpus_name("input.txt") == "input"
+    assert C.corpus_name("notes/*.txt") == "notes" and C.corpus_name("/a/notes/**/*.md") == "notes"
+    assert C.corpus_name(str(tmp_path / "data.v2")) == "data.v2" and C.corpus_name("*.txt") == "run"
+    assert C.corpus_name(["x/a.txt", "y"]) == "a"

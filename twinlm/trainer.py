@@ -41,6 +41,7 @@ from twinlm.core import task as sort_task
 from twinlm.core.backend import Array, Backend
 from twinlm.core.checkpoint import save_checkpoint
 from twinlm.core.config import PRESETS, ConfigError, ModelConfig, lora_targets
+from twinlm.core.corpus import corpus_name
 from twinlm.core.data import Dataset, check_fits, prepare
 from twinlm.core.errors import TwinlmError
 from twinlm.core.models import FAMILIES
@@ -612,7 +613,7 @@ def classify_examples(tc: TrainConfig) -> tuple[list[C.Example], list[C.Example]
 
 
 def default_out_dir(tc: TrainConfig) -> Path:
-    name = sort_task.NAME if tc.data is None else Path(tc.data).stem or "run"
+    name = sort_task.NAME if tc.data is None else corpus_name(tc.data)
     if tc.task == "classify":
         return Path("runs") / f"{Path(tc.base or 'base').name}-{'classify' if tc.data is None else name}"
     if tc.arch not in (None, "gpt"):

@@ -118,6 +118,21 @@ def empty_error(files: list[CorpusFile], source: str) -> TwinlmError:
                        else f"corpus {source} has no text (its files are empty)")
 
 
+def corpus_name(data: str | Path | Sequence[str | Path]) -> str:
+    """A short name for runs trained on `data`: the file's name without its suffixes (`rows.jsonl.gz` ->
+    rows), a folder's name, a glob's folder (`notes/*.txt` -> notes); the first of several values."""
+    spec = str(data if isinstance(data, (str, Path)) else (list(data) or ["run"])[0])
+    parts = Path(spec).parts
+    magic = next((i for i, part in enumerate(parts) if glob.has_magic(part)), None)
+    if magic is not None:
+        parts = parts[:magic]
+    name = parts[-1] if parts else ""
+    if magic is None and not Path(spec).is_dir():
+        name = name[:-3] if name.lower().endswith(".gz") else name
+        name = Path(name).stem
+    return name if name not in ("", ".", "..", "/") else "run"
+
+
 def _open(cf: CorpusFile) -> BinaryIO:
     if cf.content is not None:
         return io.BytesIO(cf.content)
