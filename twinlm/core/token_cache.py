@@ -37,6 +37,7 @@ from twinlm.core.tokenizers import (
     BPETokenizer,
     CharTokenizer,
     Tokenizer,
+    bpe_chunks,
     bpe_last_cut,
     tokenizer_from_dict,
     tokenizer_spec,
@@ -280,8 +281,8 @@ def learn_tokenizer(kind: str, vocab_size: int | None, pieces: Iterator[str],
 
     def sample() -> Iterator[str]:
         n = 0
-        for chunk in C.text_chunks(pieces, min(chunk_bytes, 1 << 16), bpe_last_cut):
-            yield chunk
+        for chunk in C.text_chunks(pieces, chunk_bytes, bpe_last_cut):
+            yield from bpe_chunks(chunk, 1 << 14)  # small items: the trainer spreads them over its threads
             n += len(chunk)
             if limit is not None and n >= limit:
                 return

@@ -35,7 +35,7 @@ MAX_BPE_VOCAB = 1 << 20
 # "a\n\nb" pre-tokenizes as "a", "\n", "\n", "b" but "a\n\n" alone ends in one "\n\n" piece.)
 # Python's \S excludes every character the library's regex counts as whitespace, so the cut is safe there.
 _BPE_CHUNK_CUT = re.compile(r"(?<=\S)(?=[ \n])")
-_BPE_CHUNK_CHARS = 1 << 16
+_BPE_CHUNK_CHARS = 1 << 14  # small enough to spread a streamed chunk over the library's threads
 
 
 class Tokenizer:
@@ -147,7 +147,7 @@ class BPETokenizer(Tokenizer):
 
     @classmethod
     def train(cls, text: str, vocab_size: int) -> BPETokenizer:
-        return cls.train_iter(iter(_bpe_chunks(text)), vocab_size)
+        return cls.train_iter(iter(bpe_chunks(text)), vocab_size)
 
     @classmethod
     def train_iter(cls, chunks: Iterator[str], vocab_size: int) -> BPETokenizer:
@@ -174,7 +174,7 @@ class BPETokenizer(Tokenizer):
             raise TwinlmError(f"cannot rebuild the bpe tokenizer from its saved JSON: {e}") from None
 
     def encode(self, text: str) -> np.ndarray:
-        encodings = self._tok.encode_batch_fast(_bpe_chunks(text))
+        encodings = self._tok.encode_batch_fast(bpe_chunks(text))
         parts = [np.asarray(e.ids, dtype=np.int32) for e in encodings]
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
 
@@ -238,7 +238,7 @@ def _one_line(e: Exception) -> str:
     return " ".join(str(e).split())[:200]
 
 
-def _bpe_chunks(text: str, size: int = _BPE_CHUNK_CHARS) -> list[str]:
+def bpe_chunks(text: str, size: int = _BPE_CHUNK_CHARS) -> list[str]:
     """Split text at safe boundaries (see _BPE_CHUNK_CUT) into pieces of about `size` characters."""
     chunks: list[str] = []
     start = 0
