@@ -519,3 +519,10 @@ def test_run_names_from_corpus_specs(tmp_path):
     assert C.corpus_name("notes/*.txt") == "notes" and C.corpus_name("/a/notes/**/*.md") == "notes"
     assert C.corpus_name(str(tmp_path / "data.v2")) == "data.v2" and C.corpus_name("*.txt") == "run"
     assert C.corpus_name(["x/a.txt", "y"]) == "a"
+
+
+def test_an_unwritable_cache_folder_is_one_error(tmp_path):
+    write_corpus(tmp_path / "c")
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(TwinlmError, match="cannot write the token cache"):
+        prepare(tmp_path / "c", cache_dir=tmp_path / "file" / "cache")

@@ -97,7 +97,10 @@ def _locked(path: Path) -> Iterator[None]:
     except ImportError:  # no flock (Windows): one preparation at a time is then up to the user
         yield
         return
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise TwinlmError(f"cannot write the token cache in {path.parent}: {e.strerror or e}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
