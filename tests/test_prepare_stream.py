@@ -526,3 +526,14 @@ def test_an_unwritable_cache_folder_is_one_error(tmp_path):
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(TwinlmError, match="cannot write the token cache"):
         prepare(tmp_path / "c", cache_dir=tmp_path / "file" / "cache")
+
+
+def test_a_damaged_entry_is_rebuilt_and_said_so(tmp_path):
+    write_corpus(tmp_path / "c")
+    first = prepare(tmp_path / "c", "char", cache_dir=tmp_path / "cache")
+    want = all_tokens(first)
+    first.cache_file.write_bytes(first.cache_file.read_bytes()[:-2])  # one token short
+    lines: list[str] = []
+    again = prepare(tmp_path / "c", "char", cache_dir=tmp_path / "cache", log=lines.append)
+    assert not again.from_cache and np.array_equal(all_tokens(again), want)
+    assert any("incomplete or damaged" in line and "starting over" in line for line in lines), lines

@@ -150,6 +150,7 @@ def prepare_tokens(data: Any, tokenizer: str = "char", vocab_size: int | None = 
 def _prepare(files: list[C.CorpusFile], source: str, phases: _Phases, tokenizer: str, vocab_size: int | None,
              cache_dir: Path | None, errors: str, tok: Tokenizer | None, bpe_sample_mb: int, chunk_bytes: int,
              say: Callable[[str], None]) -> Prepared:
+    t0 = time.perf_counter()
     request = tok.to_dict() if tok is not None else tokenizer_spec(tokenizer, vocab_size)
     if tok is None and request["kind"] == "bpe":
         request = {**request, "bpe_sample_mb": bpe_sample_mb}
@@ -168,7 +169,6 @@ def _prepare(files: list[C.CorpusFile], source: str, phases: _Phases, tokenizer:
             meta = read_meta(meta_path, bin_path, key)  # another process may have built it meanwhile
             if meta is None:
                 _start_over(cache_dir, key, bin_path, say)
-                t0 = time.perf_counter()
                 meta = _build(files, source, key, corpus_sha, bin_path, meta_path, tokenizer, vocab_size, tok,
                               errors, bpe_sample_mb, chunk_bytes, phases)
                 wall = time.perf_counter() - t0
@@ -195,9 +195,12 @@ def _start_over(cache_dir: Path, key: str, bin_path: Path, say: Callable[[str], 
     partial = bin_path.exists()  # a token file renamed into place whose meta was never written
     if not leftovers and not partial:
         return
-    what = (f"{len(leftovers)} temp file{'s' * (len(leftovers) != 1)}" if leftovers
-            else "a token file without meta")
-    say(f"token cache: an interrupted preparation of this corpus left {what}; starting over")
+    if leftovers:
+        say(f"token cache: an interrupted preparation of this corpus left {len(leftovers)} temp "
+            f"file{'s' * (len(leftovers) != 1)}; starting over")
+    else:
+        say("token cache: this corpus's entry is incomplete or damaged (its token file does not match a "
+            "complete meta); starting over")
     for p in leftovers:
         with contextlib.suppress(FileNotFoundError):
             atomic.fs.unlink(p)
