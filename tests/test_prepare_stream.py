@@ -537,3 +537,35 @@ def test_a_damaged_entry_is_rebuilt_and_said_so(tmp_path):
     again = prepare(tmp_path / "c", "char", cache_dir=tmp_path / "cache", log=lines.append)
     assert not again.from_cache and np.array_equal(all_tokens(again), want)
     assert any("incomplete or damaged" in line and "starting over" in line for line in lines), lines
+
+
+def test_several_data_values_train_and_resume(tmp_path):
+    from test_cli_train import TINY, twinlm
+
+    write_corpus(tmp_path / "notes")
+    (tmp_path / "extra.md").write_text("more text for the corpus\n" * 100, encoding="utf-8")
+    r = twinlm(tmp_path, "train", "--data", "notes", "--data", "extra.md", *TINY, "--max-iters", "2",
+               "--eval-every", "2")
+    assert r.returncode == 0, r.stderr
+    summary = r"prepared \S*/notes and 1 more \(5 files\): [\d,]+ tokens from 5 files"
+    assert re.search(summary, r.stdout), r.stdout
+    meta = json.loads((tmp_path / "runs" / "notes" / "ckpt-00000002" / "meta.json").read_text())
+    assert meta["train"]["data"] == [str(tmp_path / "notes"), str(tmp_path / "extra.md")]
+    r = twinlm(tmp_path, "train", "--resume", "runs/notes", "--max-iters", "3")
+    assert r.returncode == 0 and "token cache: " in r.stdout and "done: iter 3" in r.stdout, r.stderr
+
+
+@pytest.mark.parametrize("kind", ["char", "byte", "bpe"])
+def test_a_resumed_run_finds_the_entry_its_tokenizer_was_learned_with(tmp_path, kind):
+    from twinlm.core.tokenizers import SpecialTokens
+
+    write_corpus(tmp_path / "c")
+    kw = {"vocab_size": 300} if kind == "bpe" else {}
+    first = prepare(tmp_path / "c", kind, cache_dir=tmp_path / "cache", **kw)
+    for tok in (first.tokenizer, SpecialTokens(first.tokenizer, ["[PAD]", "[MASK]", "[CLS]"])):
+        again = prepare(tmp_path / "c", tok=tok, cache_dir=tmp_path / "cache")
+        assert again.from_cache and again.cache_file == first.cache_file and again.tokenizer is tok
+    if kind == "char":  # control: another vocabulary is another entry
+        wider = CharTokenizer("".join(sorted(set(first.tokenizer.chars + "~"))))
+        other = prepare(tmp_path / "c", tok=wider, cache_dir=tmp_path / "cache")
+        assert not other.from_cache and other.cache_file != first.cache_file

@@ -41,7 +41,7 @@ from twinlm.core import task as sort_task
 from twinlm.core.backend import Array, Backend
 from twinlm.core.checkpoint import save_checkpoint
 from twinlm.core.config import PRESETS, ConfigError, ModelConfig, lora_targets
-from twinlm.core.corpus import corpus_name
+from twinlm.core.corpus import corpus_name, resolve_data
 from twinlm.core.data import Dataset, check_fits, prepare
 from twinlm.core.errors import TwinlmError
 from twinlm.core.models import FAMILIES
@@ -69,7 +69,9 @@ class TrainingDiverged(TwinlmError):
 class TrainConfig:
     """Every setting of a run. Model fields left None come from the preset (or the checkpoint)."""
 
-    data: str | None = None  # None: the built-in task's corpus (classify: the built-in classification task)
+    # None: the built-in task's corpus (classify: the built-in classification task); a file, folder or glob,
+    # or a list of them (--data given several times)
+    data: str | list[str] | None = None
     task: str = "auto"  # auto: lm for decoders, mlm for encoders; classify: fine-tune `base` with a head
     base: str | None = None  # the pretrained run whose weights start the model (--init-from, finetune)
     freeze_base: bool = False  # classify: train only the head (and an encoder's pooler)
@@ -290,7 +292,7 @@ class Trainer:
                               f"use a multiple of {split}")
         for name in ("data", "base"):  # absolute, so a resume from another working directory finds them
             if getattr(tc, name) is not None:
-                setattr(tc, name, str(Path(getattr(tc, name)).resolve()))
+                setattr(tc, name, resolve_data(getattr(tc, name)))
         self.tc = tc
         self.grad_accum = tc.grad_accum
         base_params: dict[str, np.ndarray] | None = None
@@ -419,7 +421,7 @@ class Trainer:
         for name in config_keys() - fixed:
             if getattr(tc, name) != getattr(defaults, name):
                 merged[name] = getattr(tc, name)
-        if tc.data is not None and str(Path(tc.data).resolve()) != saved.get("data"):
+        if tc.data is not None and resolve_data(tc.data) != saved.get("data"):
             raise TwinlmError(f"--data {tc.data} differs from the checkpoint's data {saved.get('data')}; "
                               "a resumed run keeps its corpus")
         return TrainConfig(**merged)

@@ -47,9 +47,10 @@ def lora_options(f: Any) -> Any:
 @backend_option
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="TOML file of settings (option names as keys); flags override it.")
-@click.option("--data", default=None,
+@click.option("--data", multiple=True,
               help="Corpus: a file, a folder or a glob of .txt, .md or .jsonl ({\"text\": ...} rows) files, "
-                   "or .gz of them; streamed into the token cache (default: the built-in task).")
+                   "or .gz of them, streamed into the token cache; repeat for several (default: the built-in "
+                   "task).")
 @click.option("--tokenizer", type=click.Choice(["char", "byte", "bpe"]), default=None, help="Default: char.")
 @click.option("--errors", type=click.Choice(["strict", "replace", "skip"]), default=None,
               help="Invalid UTF-8 in the corpus: refuse it (strict, the default), substitute U+FFFD "
@@ -116,6 +117,9 @@ def command(backend_name: str | None, config_file: str | None, resume: str | Non
     beam = beam if beam is not None else settings.pop("beam", None)
     settings.pop("ranks", None)
     settings.pop("beam", None)
+    data = flags.pop("data", ())  # --data given several times: a list
+    if data:
+        flags["data"] = data[0] if len(data) == 1 else list(data)
     settings.update({k: v for k, v in flags.items() if v is not None})
     if not resume:  # a resumed run keeps its own settings
         settings = {**preset_training(settings.get("preset")), **settings}

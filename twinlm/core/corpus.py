@@ -118,6 +118,14 @@ def empty_error(files: list[CorpusFile], source: str) -> TwinlmError:
                        else f"corpus {source} has no text (its files are empty)")
 
 
+def resolve_data(data: str | Path | Sequence[str | Path]) -> str | list[str]:
+    """--data value(s) as absolute paths (a run resumed from elsewhere finds them): a string, or a list
+    for several values. A glob stays a glob, made absolute."""
+    if isinstance(data, (str, Path)):
+        return str(Path(data).resolve())
+    return [str(Path(d).resolve()) for d in data]
+
+
 def corpus_name(data: str | Path | Sequence[str | Path]) -> str:
     """A short name for runs trained on `data`: the file's name without its suffixes (`rows.jsonl.gz` ->
     rows), a folder's name, a glob's folder (`notes/*.txt` -> notes); the first of several values."""

@@ -36,6 +36,7 @@ from twinlm.core.errors import TwinlmError
 from twinlm.core.tokenizers import (
     BPETokenizer,
     CharTokenizer,
+    SpecialTokens,
     Tokenizer,
     bpe_chunks,
     bpe_last_cut,
@@ -155,11 +156,14 @@ def _prepare(files: list[C.CorpusFile], source: str, phases: _Phases, tokenizer:
     if tok is None and request["kind"] == "bpe":
         request = {**request, "bpe_sample_mb": bpe_sample_mb}
     corpus_sha = C.content_hash(files, phases.start("hash"), chunk_bytes)
-    key = hashlib.sha256(json.dumps({"format": CACHE_FORMAT, "corpus": corpus_sha, "tokenizer": request,
-                                     "errors": errors}, sort_keys=True).encode()).hexdigest()[:32]
+    key = _key(corpus_sha, request, errors)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     bin_path, meta_path = cache_dir / f"{key}.bin", cache_dir / f"{key}.json"
     meta = read_meta(meta_path, bin_path, key)
+    if meta is None and tok is not None:  # a resumed run: the entry its first run built, if it is there
+        found = _entry_of_learned(tok, corpus_sha, errors, cache_dir)
+        if found is not None:
+            bin_path, meta = found
     if meta is None:
         try:
             cache_dir.mkdir(parents=True, exist_ok=True)
@@ -180,6 +184,31 @@ def _prepare(files: list[C.CorpusFile], source: str, phases: _Phases, tokenizer:
                 return Prepared(bin_path, meta, tok or tokenizer_from_dict(meta["tokenizer"]), source, False)
     say(f"token cache: {meta['n_tokens']:,} tokens of {source} from {bin_path}")
     return Prepared(bin_path, meta, tok or tokenizer_from_dict(meta["tokenizer"]), source, True)
+
+
+def _key(corpus_sha: str, request: dict[str, Any], errors: str) -> str:
+    return hashlib.sha256(json.dumps({"format": CACHE_FORMAT, "corpus": corpus_sha, "tokenizer": request,
+                                      "errors": errors}, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _entry_of_learned(tok: Tokenizer, corpus_sha: str, errors: str,
+                      cache_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The entry built by learning a tokenizer equal to `tok` (its plain part: an encoder's special tokens
+    come after the corpus's ids) from this corpus, so a resumed run or an eval does not encode it again."""
+    plain = tok.base if isinstance(tok, SpecialTokens) else tok
+    want = plain.to_dict()
+    requests: list[dict[str, Any]] = []
+    if plain.kind in ("char", "byte"):
+        requests.append({"kind": plain.kind, "vocab_size": None})
+    elif plain.kind == "bpe":  # the vocabulary asked for is usually the one learned; the default sample
+        requests.append({"kind": "bpe", "vocab_size": plain.vocab_size,
+                         "bpe_sample_mb": DEFAULT_BPE_SAMPLE_MB})
+    for request in requests:
+        key = _key(corpus_sha, request, errors)
+        meta = read_meta(cache_dir / f"{key}.json", cache_dir / f"{key}.bin", key)
+        if meta is not None and meta.get("tokenizer") == want:
+            return cache_dir / f"{key}.bin", meta
+    return None
 
 
 def default_cache_dir() -> Path:
