@@ -569,3 +569,33 @@ def test_a_resumed_run_finds_the_entry_its_tokenizer_was_learned_with(tmp_path, 
         wider = CharTokenizer("".join(sorted(set(first.tokenizer.chars + "~"))))
         other = prepare(tmp_path / "c", tok=wider, cache_dir=tmp_path / "cache")
         assert not other.from_cache and other.cache_file != first.cache_file
+
+
+def test_special_tokens_and_imported_tokenizers_encode_as_the_whole_text(tmp_path):
+    """An encoder run's tokenizer (special tokens after the corpus's ids; a literal "[MASK]" in the text is
+    its id) and an imported model's "hf" tokenizer (here one whose normalizer prepends "▁" to every call,
+    as Llama's does) give the whole text's ids at any chunk size."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    from twinlm.core.tokenizers import HFTokenizer, SpecialTokens
+
+    whole = write_corpus(tmp_path / "c")
+    (tmp_path / "c" / "m.txt").write_text("fill [MASK] in, [CLS]start and [PAD]\n" * 3, encoding="utf-8")
+    whole = read_corpus(tmp_path / "c")[0]
+    special = SpecialTokens(CharTokenizer.train(whole), ["[PAD]", "[MASK]", "[CLS]"])
+    hf = Tokenizer(models.BPE(unk_token="[UNK]"))
+    hf.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    hf.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
+    hf.train_from_iterator([whole], trainer=trainers.BpeTrainer(vocab_size=200, special_tokens=["[UNK]"],
+                                                                 show_progress=False))
+    imported = HFTokenizer(hf.to_str())
+    for tok in (special, imported):
+        want = tok.encode(whole)
+        for chunk in (3, 7, 64):
+            ds = prepare(tmp_path / "c", tok=tok, cache_dir=tmp_path / f"cache-{chunk}", chunk_bytes=chunk)
+            assert np.array_equal(all_tokens(ds), want), (tok.kind, chunk)
+    # controls: the imported tokenizer fed chunks, or special tokens cut anywhere, would give other ids
+    pieces = list(C.text_chunks(iter(whole), 64, bpe_last_cut))
+    assert np.concatenate([imported.encode(p) for p in pieces]).tolist() != imported.encode(whole).tolist()
+    pieces = list(C.text_chunks(iter(whole), 3))
+    assert np.concatenate([special.encode(p) for p in pieces]).tolist() != special.encode(whole).tolist()

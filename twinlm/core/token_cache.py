@@ -35,6 +35,7 @@ from twinlm.core import corpus as C
 from twinlm.core.errors import TwinlmError
 from twinlm.core.tokenizers import (
     BPETokenizer,
+    ByteTokenizer,
     CharTokenizer,
     SpecialTokens,
     Tokenizer,
@@ -253,7 +254,7 @@ def _build(files: list[C.CorpusFile], source: str, key: str, corpus_sha: str, bi
             raise empty
     dtype = token_dtype(tok.vocab_size)
     stats = C.Stats()
-    cut = bpe_last_cut if isinstance(tok, BPETokenizer) else None
+    cut, size = _chunking(tok, chunk_bytes)
     digest, n_tokens = hashlib.sha256(), 0
     try:
         f, tmp = atomic.fs.mkstemp(bin_path.parent, prefix=f".tmp-{bin_path.name}-")
@@ -261,7 +262,7 @@ def _build(files: list[C.CorpusFile], source: str, key: str, corpus_sha: str, bi
         raise TwinlmError(f"cannot write the token cache in {bin_path.parent}: {e.strerror or e}") from None
     try:
         with f:
-            for chunk in C.text_chunks(text("encode", stats), chunk_bytes, cut):
+            for chunk in C.text_chunks(text("encode", stats), size, cut):
                 try:
                     ids = tok.encode(chunk)
                 except TwinlmError as e:
@@ -290,14 +291,25 @@ def _build(files: list[C.CorpusFile], source: str, key: str, corpus_sha: str, bi
     return meta
 
 
+def _chunking(tok: Tokenizer, chunk_bytes: int) -> tuple[Callable[[str], int] | None, int]:
+    """(cut, chunk size) under which encoding chunk by chunk gives the whole text's ids. char and byte: any
+    cut. Byte-level BPE, and special tokens around char/byte/bpe (their literals have no spaces): before a
+    space or newline after a non-space. Another tokenizer (an imported model's "hf" one, whose normalizer
+    may prepend to every call) is not cut: its corpus is encoded in one piece, as before streaming."""
+    if type(tok) in (CharTokenizer, ByteTokenizer):
+        return None, chunk_bytes
+    wrapped = isinstance(tok, SpecialTokens) and tok.kind in ("char", "byte", "bpe")
+    if isinstance(tok, BPETokenizer) or wrapped:
+        return bpe_last_cut, chunk_bytes
+    return None, 1 << 62
+
+
 def learn_tokenizer(kind: str, vocab_size: int | None, pieces: Iterator[str],
                     bpe_sample_mb: int = DEFAULT_BPE_SAMPLE_MB,
                     chunk_bytes: int = C.CHUNK_BYTES) -> Tokenizer:
     """A tokenizer of `kind` learned from a stream of text (see `tokenizers.train_tokenizer`)."""
     spec = tokenizer_spec(kind, vocab_size)
     if kind == "byte":
-        from twinlm.core.tokenizers import ByteTokenizer
-
         for _ in pieces:  # still read it: bad input fails here, not half-way through encoding
             pass
         return ByteTokenizer()
