@@ -29,10 +29,11 @@ def test_read_file_folder_and_builtin(tmp_path, corpus):
     folder.mkdir()
     (folder / "b.txt").write_text("second\n", encoding="utf-8")
     (folder / "a.txt").write_text("first", encoding="utf-8")  # no final newline: one is added
-    (folder / "c.md").write_text("not a corpus file", encoding="utf-8")
+    (folder / "c.md").write_text("markdown", encoding="utf-8")
+    (folder / "d.csv").write_text("not a corpus file", encoding="utf-8")
     text, source = read_corpus(folder)
-    assert text == "first\nsecond\n"
-    assert "2 files" in source
+    assert text == "first\nsecond\nmarkdown"
+    assert "3 files" in source
     builtin, name = read_corpus(None)
     assert builtin == task.builtin_corpus() and name == f"builtin:{task.NAME}"
 
@@ -46,7 +47,7 @@ def test_utf8_bom_is_not_text(tmp_path):
     (None, "corpus not found"),
     (b"", "is empty"),
     (b"ok text \xff\xfe more", r"not valid UTF-8 \(byte 0xff at offset 8\).*errors='replace'"),
-    (b"\0" * 4096, "looks binary, not text: 4096 NUL bytes"),
+    (b"ab" + b"\0" * 4096, "looks binary, not text: a NUL byte at offset 2"),
     ("text in UTF-16".encode("utf-16"), "looks binary.*UTF-16"),
     (bytes(range(1, 9)) * 64 + b"some text", "looks binary, not text: 512 of its 521 bytes are control"),
 ])
@@ -67,11 +68,11 @@ def test_invalid_utf8_replace_is_the_escape_hatch(tmp_path):
 
 
 def test_bad_corpus_folders(tmp_path):
-    (tmp_path / "notes.md").write_text("hello", encoding="utf-8")
-    with pytest.raises(TwinlmError, match="has no .txt files"):
+    (tmp_path / "notes.csv").write_text("hello", encoding="utf-8")
+    with pytest.raises(TwinlmError, match=r"has no .txt, .md or .jsonl files \(nor .gz of them\)"):
         read_corpus(tmp_path)
     (tmp_path / "empty.txt").write_bytes(b"")
-    with pytest.raises(TwinlmError, match="only empty .txt files"):
+    with pytest.raises(TwinlmError, match=r"\(1 files\) has no text \(its files are empty\)"):
         read_corpus(tmp_path)
 
 

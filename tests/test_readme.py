@@ -147,6 +147,7 @@ def workspace(tmp: Path, hf_gpt2: bool) -> dict[str, str]:
         (tmp / name).write_text(_text(seed, n), encoding="utf-8")
     rows = [f'"{line}",{"long" if len(line) > 40 else "short"}' for line in _text(4, 200).splitlines()]
     (tmp / "reviews.csv").write_text("text,label\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    shutil.copy(ROOT / "README.md", tmp / "README.md")  # the reader runs these in the checkout
     (tmp / "run.toml").write_text('data = "input.txt"\npreset = "tiny"\nmax-iters = 20\n', encoding="utf-8")
     if hf_gpt2:
         from hf_models import build

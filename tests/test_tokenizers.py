@@ -62,7 +62,7 @@ def test_bpe_honours_vocab_size_and_round_trips_unseen_text(bpe):
 
 def test_bpe_chunked_encoding_equals_whole_text_encoding(bpe):
     text = english_corpus(50) + "\n\n  indented\n \nx" + MIXED
-    chunks = tokenizers._bpe_chunks(text, 40)
+    chunks = tokenizers.bpe_chunks(text, 40)
     assert len(chunks) > 10 and "".join(chunks) == text
     whole = bpe._tok.encode(text).ids
     pieces = [i for c in chunks for i in bpe._tok.encode(c).ids]

@@ -19,7 +19,8 @@ from twinlm.backends import JIT_CACHE_ENV, jit_cache_dir
 from twinlm.core.data import CACHE_ENV, default_cache_dir
 from twinlm.core.errors import TwinlmError
 
-_TOKEN_FILE = re.compile(r"^(\.tmp-)?[0-9a-f]{32}\.(bin|json)(-.+)?$")  # core.data keys; with write temps
+# core.token_cache's entries (named by a key), their write temps and their lock files
+_TOKEN_FILE = re.compile(r"^((\.tmp-)?[0-9a-f]{32}\.(bin|json)(-.+)?|\.[0-9a-f]{32}\.lock)$")
 _JIT_FILE = re.compile(r"^.+\.jit(.+\.tmp)?$")
 _RUN_MARKERS = ("latest.json", "metrics.jsonl")
 DEFAULT_RUNS = Path("runs")

@@ -27,7 +27,7 @@ INTERRUPTED_EXIT = 130
 
 
 # Fields whose options are written by hand below (choices); every other plain field's option is generated.
-CHOICES = ("task", "tokenizer", "errors", "pos_encoding", "norm", "activation")
+CHOICES = ("task", "tokenizer", "errors", "pos_encoding", "norm", "activation")  # and --data (repeatable)
 
 
 def _help(name: str) -> str:
@@ -44,11 +44,13 @@ lora_options = field_options(TrainConfig, only=LORA_FIELDS)
 @backend_option
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="TOML file of settings (option names as keys); flags override it.")
+@click.option("--data", multiple=True, help=_help("data") + " Repeat for several.")
 @click.option("--resume", default=None, metavar="DIR", help="Continue the run saved in DIR.")
 @click.option("--init-from", "base", default=None, metavar="RUN_DIR", help=_help("base"))
 @click.option("--tokenizer", type=click.Choice(["char", "byte", "bpe"]), default=None,
               help=_help("tokenizer"))
-@click.option("--errors", type=click.Choice(["strict", "replace"]), default=None, help=_help("errors"))
+@click.option("--errors", type=click.Choice(["strict", "replace", "skip"]), default=None,
+              help=_help("errors"))
 @click.option("--task", type=click.Choice(["auto", "lm", "mlm"]), default=None,
               help="Next tokens (lm, decoders) or masked tokens (mlm, encoders); default: by arch.")
 @click.option("--pos-encoding", type=click.Choice(POS_ENCODINGS), default=None, help=_help("pos_encoding"))
@@ -72,6 +74,9 @@ def command(backend_name: str | None, config_file: str | None, resume: str | Non
     beam = beam if beam is not None else settings.pop("beam", None)
     settings.pop("ranks", None)
     settings.pop("beam", None)
+    data = flags.pop("data", ())  # --data given several times: a list
+    if data:
+        flags["data"] = data[0] if len(data) == 1 else list(data)
     settings.update({k: v for k, v in flags.items() if v is not None})
     if not resume:  # a resumed run keeps its own settings
         settings = {**preset_training(settings.get("preset")), **settings}
@@ -144,6 +149,8 @@ def run(tc: TrainConfig, backend_name: str | None, resume: str | None, devices: 
             return None
         log = out
     trainer = Trainer(tc, B, resume=resume, log=log)
+    for line in trainer.data_lines:  # the corpus preparation's summary
+        out(line)
     tc, cfg = trainer.tc, trainer.cfg
     spec = model.param_spec(cfg) if not trainer.tc.freeze_base else trainer.spec
     n_params, n_train = count(spec), count(trainer.spec, trainable_only=True)

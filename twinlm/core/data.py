@@ -1,45 +1,56 @@
-"""Corpus reading, tokenization with an on-disk token cache, and seeded random batches.
+"""Corpus reading, tokenization into an on-disk token cache, and seeded random batches.
 
-Corpus: a UTF-8 text file, a folder of `.txt` files (sorted by name, joined with a newline where a file
-does not end in one), or None for the built-in task corpus (`twinlm.core.task.builtin_corpus`).
+Corpus: one or several files, folders or globs (`.txt`, `.md`, `.jsonl` rows with a `text` field, and
+`.gz` of these; see `twinlm.core.corpus`), or None for the built-in task corpus
+(`twinlm.core.task.builtin_corpus`).
 
-Token cache: the encoded corpus is stored once as a flat `<key>.bin` (uint16 ids when the vocabulary
-fits, else uint32) plus `<key>.json` meta, and memory-mapped on use. The key is a SHA-256 of the corpus
-text and the tokenizer request (kind + vocab size, or the exact tokenizer when one is given), so an
-edited corpus or another tokenizer misses the cache and a bpe tokenizer is not retrained on a hit.
-Where: `cache_dir` if given, else $TWINLM_CACHE_DIR, else $XDG_CACHE_HOME/twinlm/tokens, else
-~/.cache/twinlm/tokens. Files are written atomically; deleting the folder is always safe.
+Token cache (`twinlm.core.token_cache`): the corpus is read and encoded in chunks, in memory that does not
+grow with it, into a flat `<key>.bin` (uint16 ids when the vocabulary fits, else uint32) plus `<key>.json`
+meta, and memory-mapped on use. The key is a SHA-256 of the corpus files (streamed), the tokenizer request
+(kind + vocab size, or the exact tokenizer when one is given) and the errors mode, so an edited corpus or
+another tokenizer misses the cache and a bpe tokenizer is not retrained on a hit. Where: `cache_dir` if
+given, else $TWINLM_CACHE_DIR, else $XDG_CACHE_HOME/twinlm/tokens, else ~/.cache/twinlm/tokens. Entries are
+written atomically (a kill never leaves one that loads); deleting the folder is always safe.
 
-Split: the first (1 - val_fraction) of the tokens train, the rest validate (by position, like nanoGPT).
+Split: the first (1 - val_fraction) of the tokens train, the rest validate (by token offset, like nanoGPT):
+two views of one memory map, never a copy.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import mmap
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from twinlm.core.atomic import atomic_write_bytes, atomic_write_json
+from twinlm.core import corpus as C
 from twinlm.core.errors import TwinlmError
-from twinlm.core.tokenizers import Tokenizer, tokenizer_from_dict, tokenizer_spec, train_tokenizer
+from twinlm.core.token_cache import (
+    CACHE_ENV,
+    DEFAULT_BPE_SAMPLE_MB,
+    PhaseProgress,
+    default_cache_dir,
+    prepare_tokens,
+    token_dtype,
+)
+from twinlm.core.tokenizers import Tokenizer
 
-CACHE_ENV = "TWINLM_CACHE_DIR"
-CACHE_FORMAT = 1
-ENCODING_ERRORS = ("strict", "replace")
-# Bytes below 0x20 that plain text uses: tab, newline, vertical tab, form feed, carriage return.
-_TEXT_CONTROLS = np.array([9, 10, 11, 12, 13], dtype=np.uint8)
-_MAX_CONTROL_RATIO = 0.1
+__all__ = ["CACHE_ENV", "Batcher", "Dataset", "check_fits", "default_cache_dir", "prepare", "read_corpus",
+           "token_dtype"]
+ENCODING_ERRORS = C.ENCODING_ERRORS
+Corpus = str | Path | Sequence[str | Path] | None
 
 
-def read_corpus(path: str | Path | None, errors: str = "strict") -> tuple[str, str]:
-    """(text, source name) of a corpus file, a folder of .txt files, or the built-in corpus (None).
+def read_corpus(path: Corpus, errors: str = "strict") -> tuple[str, str]:
+    """(whole text, source name) of a corpus, or of the built-in corpus (None): the text `prepare`
+    streams, joined in memory (for scoring a file with `twinlm eval --data`, not for training corpora).
 
-    errors="replace" turns invalid UTF-8 into U+FFFD instead of refusing the file.
+    errors="replace" turns invalid UTF-8 into U+FFFD, "skip" drops it, instead of refusing the file.
     """
     if errors not in ENCODING_ERRORS:
         raise TwinlmError(f"encoding errors mode must be one of {', '.join(ENCODING_ERRORS)}, got {errors!r}")
@@ -47,53 +58,11 @@ def read_corpus(path: str | Path | None, errors: str = "strict") -> tuple[str, s
         from twinlm.core import task
 
         return task.builtin_corpus(), f"builtin:{task.NAME}"
-    path = Path(path)
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix == ".txt" and p.is_file())
-        if not files:
-            raise TwinlmError(f"corpus folder {path} has no .txt files")
-        pieces = [t for t in (_read_text_file(p, errors, allow_empty=True) for p in files) if t]
-        if not pieces:
-            raise TwinlmError(f"corpus folder {path} has only empty .txt files")
-        text = "".join(t if t.endswith("\n") else t + "\n" for t in pieces[:-1]) + pieces[-1]
-        return text, f"{path} ({len(files)} files)"
-    if not path.exists():
-        raise TwinlmError(f"corpus not found: {path}")
-    return _read_text_file(path, errors, allow_empty=False), str(path)
-
-
-def _read_text_file(path: Path, errors: str, *, allow_empty: bool) -> str:
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise TwinlmError(f"cannot read corpus {path}: {e.strerror or e}") from None
-    if not data:
-        if allow_empty:
-            return ""
-        raise TwinlmError(f"corpus {path} is empty")
-    _refuse_binary(path, data)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        if errors != "replace":
-            raise TwinlmError(f"corpus {path} is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset "
-                              f"{e.start}); convert it to UTF-8, or substitute U+FFFD with errors='replace' "
-                              "(twinlm train --errors replace)") from None
-        text = data.decode("utf-8", errors="replace")
-    return text.removeprefix("\ufeff")  # a UTF-8 byte-order mark is not part of the text
-
-
-def _refuse_binary(path: Path, data: bytes) -> None:
-    """Text corpora have no NUL bytes and few control bytes; anything else is a wrong file, not text."""
-    arr = np.frombuffer(data, dtype=np.uint8)
-    nul = np.flatnonzero(arr == 0)
-    if nul.size:
-        raise TwinlmError(f"corpus {path} looks binary, not text: {nul.size} NUL bytes (first at offset "
-                          f"{nul[0]}); UTF-16 files must be converted to UTF-8")
-    controls = int((((arr < 0x20) & ~np.isin(arr, _TEXT_CONTROLS)) | (arr == 0x7F)).sum())
-    if controls > _MAX_CONTROL_RATIO * arr.size:
-        raise TwinlmError(f"corpus {path} looks binary, not text: {controls} of its {arr.size} bytes are "
-                          "control characters")
+    files, source = C.find_files(path)
+    text = "".join(C.stream_text(files, errors))
+    if not text:
+        raise C.empty_error(files, source)
+    return text, source
 
 
 @dataclass
@@ -108,70 +77,27 @@ class Dataset:
     from_cache: bool = False  # True when the token file was reused rather than encoded now
 
 
-def default_cache_dir() -> Path:
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "twinlm" / "tokens"
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
-
-
-def prepare(path: str | Path | None, tokenizer: str = "char", vocab_size: int | None = None,
+def prepare(path: Corpus, tokenizer: str = "char", vocab_size: int | None = None,
             cache_dir: Path | None = None, val_fraction: float = 0.1, errors: str = "strict",
-            tok: Tokenizer | None = None) -> Dataset:
-    """Read, tokenize (training a `tokenizer` of that kind, or using `tok` as given) and split a corpus."""
+            tok: Tokenizer | None = None, bpe_sample_mb: int = DEFAULT_BPE_SAMPLE_MB,
+            log: Callable[[str], None] | None = None, progress: PhaseProgress | None = None,
+            chunk_bytes: int = C.CHUNK_BYTES) -> Dataset:
+    """Tokenize a corpus into the token cache (training a `tokenizer` of that kind, or using `tok` as
+    given), streamed in bounded memory, and split it; `log` gets the one-line summary."""
     if not 0.0 < val_fraction < 1.0:
         raise TwinlmError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
-    text, source = read_corpus(path, errors)
-    request = tok.to_dict() if tok is not None else tokenizer_spec(tokenizer, vocab_size)
-    corpus_sha = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-    key = hashlib.sha256(json.dumps({"format": CACHE_FORMAT, "corpus": corpus_sha, "tokenizer": request},
-                                    sort_keys=True).encode()).hexdigest()[:32]
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    bin_path, meta_path = cache_dir / f"{key}.bin", cache_dir / f"{key}.json"
+    data: Any = path
+    if path is None:  # generated text, streamed like a file
+        from twinlm.core import task
 
-    cached = _read_cache_meta(meta_path, bin_path, key)
-    if cached is not None:
-        tok = tok if tok is not None else tokenizer_from_dict(cached["tokenizer"])
-        dtype, n_tokens = np.dtype(cached["dtype"]), cached["n_tokens"]
-    else:
-        if tok is None:
-            tok = train_tokenizer(tokenizer, text, vocab_size)
-            ids = tok.encode(text)
-        else:
-            try:
-                ids = tok.encode(text)
-            except TwinlmError as e:
-                raise TwinlmError(f"corpus {source} does not fit the given tokenizer: {e}") from None
-        dtype, n_tokens = token_dtype(tok.vocab_size), int(ids.size)
-        meta = {"format": CACHE_FORMAT, "key": key, "corpus_sha256": corpus_sha, "source": source,
-                "n_tokens": n_tokens, "dtype": dtype.name, "tokenizer": tok.to_dict()}
-        try:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(bin_path, ids.astype(dtype).tobytes())
-            atomic_write_json(meta_path, meta)  # written last: its presence means the .bin is complete
-        except OSError as e:
-            raise TwinlmError(f"cannot write the token cache in {cache_dir}: {e.strerror or e}") from None
-
-    tokens = np.memmap(bin_path, dtype=dtype, mode="r", shape=(n_tokens,))
+        data = [C.in_memory(task.builtin_corpus(), f"builtin:{task.NAME}")]
+    p = prepare_tokens(data, tokenizer, vocab_size, cache_dir, errors, tok, bpe_sample_mb, chunk_bytes,
+                       log, progress)
+    n_tokens = p.meta["n_tokens"]
+    tokens = np.memmap(p.bin_path, dtype=np.dtype(p.meta["dtype"]), mode="r", shape=(n_tokens,))
     n_train = int(n_tokens * (1.0 - val_fraction))
-    return Dataset(train=tokens[:n_train], val=tokens[n_train:], tokenizer=tok, source=source,
-                   cache_file=bin_path, from_cache=cached is not None)
-
-
-def _read_cache_meta(meta_path: Path, bin_path: Path, key: str) -> dict[str, Any] | None:
-    """The cache entry's meta when it is complete and consistent, else None (the entry is rebuilt)."""
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        ok = (meta.get("format") == CACHE_FORMAT and meta.get("key") == key
-              and bin_path.stat().st_size == meta["n_tokens"] * np.dtype(meta["dtype"]).itemsize
-              and meta["n_tokens"] > 0)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
-    return meta if ok else None
+    return Dataset(train=tokens[:n_train], val=tokens[n_train:], tokenizer=p.tokenizer, source=p.source,
+                   cache_file=p.bin_path, from_cache=p.from_cache)
 
 
 def check_fits(ds: Dataset, block_size: int, batch_size: int) -> None:
@@ -189,6 +115,16 @@ def check_fits(ds: Dataset, block_size: int, batch_size: int) -> None:
             raise TwinlmError(f"batch_size {batch_size} is larger than the {windows} distinct windows of "
                               f"{block_size} tokens in the {split} split of {ds.source}; use a smaller "
                               "batch size or a longer corpus")
+
+
+def _file_view(tokens: np.ndarray) -> tuple[str, int] | None:
+    """(file, byte offset) of a contiguous view of an np.memmap, or None for other arrays."""
+    mm, name = getattr(tokens, "_mmap", None), getattr(tokens, "filename", None)
+    if mm is None or name is None or not tokens.flags.c_contiguous or tokens.ndim != 1:
+        return None
+    mapped_from = tokens.offset - tokens.offset % mmap.ALLOCATIONGRANULARITY  # the file offset mapped at 0
+    start = np.frombuffer(mm, dtype=np.uint8).ctypes.data
+    return str(name), mapped_from + tokens.ctypes.data - start
 
 
 class Batcher:
@@ -209,11 +145,27 @@ class Batcher:
         self.rng = np.random.Generator(np.random.PCG64(seed))
         self.count = 0  # batches drawn so far
         self._window = np.arange(block_size + 1)
+        # A token-cache memory map: reading windows through it would keep every page they touch (plus the
+        # kernel's read-around, ~60 KB a window measured here) mapped in this process, so its RSS would
+        # grow towards the whole file (nanoGPT re-creates its memmap each batch for this). Windows are
+        # read with pread from the file instead: the same bytes, through the page cache, and no RSS.
+        self._file = _file_view(tokens)
+        self._fd = os.open(self._file[0], os.O_RDONLY) if self._file else None
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)  # type: ignore[arg-type]
 
     def next(self) -> tuple[np.ndarray, np.ndarray]:
         """(x, y), both int32 of shape (batch_size, block_size)."""
         starts = self.rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size)
-        chunk = np.asarray(self.tokens[starts[:, None] + self._window], dtype=np.int32)  # (N, T + 1)
+        if self._fd is not None and self._file is not None:
+            size = self.tokens.itemsize
+            n = (self.block_size + 1) * size
+            raw = b"".join(os.pread(self._fd, n, self._file[1] + int(s) * size) for s in starts)
+            chunk = np.frombuffer(raw, dtype=self.tokens.dtype).reshape(self.batch_size, -1).astype(np.int32)
+        else:
+            chunk = np.asarray(self.tokens[starts[:, None] + self._window], dtype=np.int32)  # (N, T + 1)
         self.count += 1
         return chunk[:, :-1], chunk[:, 1:]
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +29,13 @@ from twinlm.core.errors import TwinlmError
 KINDS = ("char", "byte", "bpe")  # what `train --tokenizer` builds; "hf" comes with an imported model
 DEFAULT_BPE_VOCAB = 512
 MAX_BPE_VOCAB = 1 << 20
-# Chunk boundary for BPE: just after a newline that is followed by a non-space character. GPT-2's
-# pre-tokenizer always splits there, so encoding chunks separately gives exactly the ids of the whole text.
-_BPE_CHUNK_CUT = re.compile(r"\n(?=\S)")
-_BPE_CHUNK_CHARS = 1 << 16
+# Chunk boundary for BPE: just before a space or newline that follows a non-space character. GPT-2's
+# pre-tokenizer always splits there and its pieces after that point do not depend on what came before, so
+# encoding chunks separately gives exactly the ids of the whole text. (A cut after a newline is not safe:
+# "a\n\nb" pre-tokenizes as "a", "\n", "\n", "b" but "a\n\n" alone ends in one "\n\n" piece.)
+# Python's \S excludes every character the library's regex counts as whitespace, so the cut is safe there.
+_BPE_CHUNK_CUT = re.compile(r"(?<=\S)(?=[ \n])")
+_BPE_CHUNK_CHARS = 1 << 14  # small enough to spread a streamed chunk over the library's threads
 
 
 class Tokenizer:
@@ -89,23 +92,30 @@ class CharTokenizer(Tokenizer):
             raise TwinlmError("char tokenizer vocabulary must be distinct characters in code-point order")
         self.chars = chars
         self.vocab_size = len(chars)
-        self._codes = np.frombuffer(chars.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        codes = np.frombuffer(chars.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        # id of each code point up to the largest one (-1: not in the vocabulary), at least the 256 a
+        # uint8 code can index: encoding is then one gather
+        self._lut = np.full(max(256, int(codes[-1]) + 1), -1, dtype=np.int32)
+        self._lut[codes] = np.arange(codes.size, dtype=np.int32)
 
     @classmethod
     def train(cls, text: str) -> CharTokenizer:
         return cls("".join(sorted(set(text))))
 
     def encode(self, text: str) -> np.ndarray:
-        codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
-        ids = np.searchsorted(self._codes, codes)
-        ids_in = np.minimum(ids, self.vocab_size - 1)
-        unknown = self._codes[ids_in] != codes
+        if text.isascii():  # one byte per character: no 4-byte code array
+            ids = self._lut[np.frombuffer(text.encode("ascii"), dtype=np.uint8)]
+            unknown = ids < 0
+        else:
+            codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+            ids = self._lut[np.minimum(codes, self._lut.size - 1)]
+            unknown = (ids < 0) | (codes >= self._lut.size)
         if unknown.any():
             pos = int(np.argmax(unknown))
-            ch = chr(int(codes[pos]))
+            ch = text[pos]
             raise TwinlmError(f"character {ch!r} (U+{ord(ch):04X}, at position {pos}) is not in the char "
                               f"tokenizer's vocabulary of {self.vocab_size} characters")
-        return ids.astype(np.int32)
+        return ids
 
     def decode(self, ids: Iterable[int] | np.ndarray) -> str:
         return "".join(self.chars[i] for i in self._check_ids(ids).tolist())
@@ -137,6 +147,12 @@ class BPETokenizer(Tokenizer):
 
     @classmethod
     def train(cls, text: str, vocab_size: int) -> BPETokenizer:
+        return cls.train_iter(iter(bpe_chunks(text)), vocab_size)
+
+    @classmethod
+    def train_iter(cls, chunks: Iterator[str], vocab_size: int) -> BPETokenizer:
+        """Train on a stream of text chunks cut at safe boundaries (`bpe_last_cut`): the library counts
+        pre-tokens as they come, so memory follows the distinct words, not the text."""
         from tokenizers import Tokenizer as HFTokenizer
         from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -145,7 +161,7 @@ class BPETokenizer(Tokenizer):
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[], show_progress=False,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-        tok.train_from_iterator(_bpe_chunks(text), trainer=trainer)
+        tok.train_from_iterator(chunks, trainer=trainer)
         return cls(tok)
 
     @classmethod
@@ -158,7 +174,7 @@ class BPETokenizer(Tokenizer):
             raise TwinlmError(f"cannot rebuild the bpe tokenizer from its saved JSON: {e}") from None
 
     def encode(self, text: str) -> np.ndarray:
-        encodings = self._tok.encode_batch_fast(_bpe_chunks(text))
+        encodings = self._tok.encode_batch_fast(bpe_chunks(text))
         parts = [np.asarray(e.ids, dtype=np.int32) for e in encodings]
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
 
@@ -222,16 +238,28 @@ def _one_line(e: Exception) -> str:
     return " ".join(str(e).split())[:200]
 
 
-def _bpe_chunks(text: str, size: int = _BPE_CHUNK_CHARS) -> list[str]:
+def bpe_chunks(text: str, size: int = _BPE_CHUNK_CHARS) -> list[str]:
     """Split text at safe boundaries (see _BPE_CHUNK_CUT) into pieces of about `size` characters."""
     chunks: list[str] = []
     start = 0
     while start < len(text):
         cut = _BPE_CHUNK_CUT.search(text, start + size)
-        end = cut.end() if cut else len(text)
+        end = cut.start() if cut else len(text)
         chunks.append(text[start:end])
         start = end
     return chunks
+
+
+def bpe_last_cut(text: str, window: int = 1 << 16) -> int:
+    """Index of the last safe BPE chunk boundary in `text` (see _BPE_CHUNK_CUT), 0 if there is none."""
+    start = max(1, len(text) - window)
+    while True:
+        last = 0
+        for m in _BPE_CHUNK_CUT.finditer(text, start):
+            last = m.start()
+        if last or start <= 1:
+            return last
+        start = max(1, start - 8 * window)  # a long stretch without spaces: look further back
 
 
 class SpecialTokens(Tokenizer):

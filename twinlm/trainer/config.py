@@ -11,6 +11,7 @@ from typing import Any
 from twinlm.core import optim
 from twinlm.core import task as sort_task
 from twinlm.core.config import PRESETS, ModelConfig
+from twinlm.core.corpus import corpus_name
 from twinlm.core.errors import ConfigError, TwinlmError
 from twinlm.core.models import FAMILIES
 
@@ -32,7 +33,9 @@ class TrainConfig:
     """Every setting of a run. Model fields left None come from the preset (or the checkpoint). The
     `train` command's options for plain fields are generated from these fields and their help."""
 
-    data: str | None = _f(None, "Text file or folder of .txt files (default: the built-in task).")
+    data: str | list[str] | None = _f(None, "Corpus: a file, a folder or a glob of .txt, .md or .jsonl "
+                                            "({\"text\": ...} rows) files, or .gz of them, streamed into the "
+                                            "token cache; several as a list (default: the built-in task).")
     task: str = _f("auto", "Next tokens (lm, decoders) or masked tokens (mlm, encoders); default: by arch. "
                            "classify: fine-tune `base` with a head.")
     base: str | None = _f(None, "Start from the model in RUN_DIR (a run, or an imported Hugging Face model) "
@@ -55,8 +58,10 @@ class TrainConfig:
     residual: bool | None = _f(None, "False: decoder blocks without skip connections (an ablation).",
                                cli=False)
     tokenizer: str = _f("char", "Default: char.")
-    errors: str = _f("strict", "Invalid UTF-8 in the corpus: refuse it (strict, the default) or substitute "
-                               "U+FFFD.")
+    errors: str = _f("strict", "Invalid UTF-8 in the corpus: refuse it (strict, the default), substitute "
+                               "U+FFFD (replace) or drop the bytes (skip).")
+    bpe_sample_mb: int = _f(64, "BPE learns its merges from the first N MB of the corpus (default 64; 0: all "
+                                "of it).")
     vocab_size: int | None = _f(None, "BPE vocabulary size.")
     out: str | None = _f(None, "Run directory (default: runs/<data name>).")
     preset: str = _f("default", "Model size: default, tiny, small, baby, medium (baby and medium also set "
@@ -153,7 +158,7 @@ def optimizer_config(tc: TrainConfig) -> optim.AdamWConfig:
 
 
 def default_out_dir(tc: TrainConfig) -> Path:
-    name = sort_task.NAME if tc.data is None else Path(tc.data).stem or "run"
+    name = sort_task.NAME if tc.data is None else corpus_name(tc.data)
     if tc.task == "classify":
         return Path("runs") / f"{Path(tc.base or 'base').name}-{'classify' if tc.data is None else name}"
     if tc.arch not in (None, "gpt"):

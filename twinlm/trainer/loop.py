@@ -39,6 +39,7 @@ from twinlm.core.backend import Array, Backend
 from twinlm.core.checkpoint import save_checkpoint
 from twinlm.core.config import ModelConfig
 from twinlm.core.errors import TwinlmError
+from twinlm.prepare_progress import prepare_display
 from twinlm.run_meta import RunMeta
 from twinlm.tasks import Task
 from twinlm.tasks import classify as C
@@ -131,6 +132,7 @@ class Trainer:
     def __init__(self, tc: TrainConfig, B: Backend, *, resume: str | Path | None = None,
                  log: Callable[[str], None] = print) -> None:
         self.B, self.log = B, log
+        self.data_lines: list[str] = []  # what preparing the corpus said (the CLI prints it on stdout)
         if not B.supports_grad:
             raise TwinlmError(f"backend {B.name!r} cannot train (no autograd); use mlx or tinygrad")
         self.rank, self.ranks = B.world()
@@ -138,7 +140,9 @@ class Trainer:
         self.heartbeat = D.Heartbeat(self.rank)
         self._stop_all = False
         split = self.ranks * getattr(B, "n_devices", 1)  # processes x devices each
-        run = assemble(tc, resume=resume, split=split)
+        # Rank 0 shows the corpus preparation: a progress bar on a terminal, a summary line in data_lines.
+        report = {"log": self.data_lines.append, "progress": prepare_display()} if self.main else {}
+        run = assemble(tc, resume=resume, split=split, report=report)
         self.tc, self.out, self.cfg, self.task, self.ds = run.tc, run.out, run.cfg, run.task, run.ds
         self.tokenizer, self.labels, self.spec = run.tokenizer, run.labels, run.spec
         self.hf_record, self.base_record = run.hf_record, run.base_record

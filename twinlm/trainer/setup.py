@@ -14,6 +14,7 @@ from twinlm.core import model
 from twinlm.core import spec as SP
 from twinlm.core import step as S
 from twinlm.core.config import ModelConfig, lora_targets
+from twinlm.core.corpus import resolve_data
 from twinlm.core.data import Dataset, check_fits, prepare
 from twinlm.core.errors import ConfigError, TwinlmError
 from twinlm.core.models import family
@@ -58,9 +59,10 @@ class RunSetup:
     base_record: dict[str, Any] | None
 
 
-def assemble(tc: TrainConfig, *, resume: str | Path | None = None, split: int = 1) -> RunSetup:
+def assemble(tc: TrainConfig, *, resume: str | Path | None = None, split: int = 1,
+             report: dict[str, Any] | None = None) -> RunSetup:
     """The run `tc` describes, or the one saved in `resume` continued with `tc`'s changed settings. `split`
-    (ranks x devices) must divide the batch."""
+    (ranks x devices) must divide the batch; `report` ({"log", "progress"}) shows the corpus preparation."""
     meta: RunMeta | None = None
     arrays: dict[str, np.ndarray] | None = None
     out: Path | None = None
@@ -77,7 +79,7 @@ def assemble(tc: TrainConfig, *, resume: str | Path | None = None, split: int = 
         raise TwinlmError(f"batch size {tc.batch_size} does not split evenly over {split} ranks/devices; "
                           f"use a multiple of {split}")
     # Absolute, so a resume from another working directory finds them.
-    tc = replace(tc, **{k: str(Path(getattr(tc, k)).resolve()) for k in ("data", "base")
+    tc = replace(tc, **{k: resolve_data(getattr(tc, k)) for k in ("data", "base")
                         if getattr(tc, k) is not None})
     base: Base | None = None
     cfg: ModelConfig | None = None  # None: from the flags and the corpus's tokenizer
@@ -92,7 +94,7 @@ def assemble(tc: TrainConfig, *, resume: str | Path | None = None, split: int = 
         cfg, tok, labels, hf_record, base_record = base.cfg, base.tokenizer, base.labels, base.hf, base.record
     out = out or Path(tc.out or default_out_dir(tc))
     tc = replace(tc, out=str(out))
-    cfg, task, ds = build_task(tc, cfg, tok, labels)
+    cfg, task, ds = build_task(tc, cfg, tok, labels, report or {})
     tokenizer = ds.tokenizer if ds is not None else tok
     assert tokenizer is not None
     spec = model.param_spec(cfg)
@@ -139,8 +141,8 @@ def from_base(tc: TrainConfig) -> Base:
     return Base(cfg, tok, params, labels, base_meta.hf, record)
 
 
-def build_task(tc: TrainConfig, cfg: ModelConfig | None, tok: Tokenizer | None,
-               labels: list[str]) -> tuple[ModelConfig, Task, Dataset | None]:
+def build_task(tc: TrainConfig, cfg: ModelConfig | None, tok: Tokenizer | None, labels: list[str],
+               report: dict[str, Any]) -> tuple[ModelConfig, Task, Dataset | None]:
     """(model config, task, corpus) of the run; a fresh run's config comes from the flags and the
     tokenizer trained on its corpus (plus [PAD], [MASK], [CLS] for an encoder)."""
     if tc.task == "classify":
@@ -148,12 +150,13 @@ def build_task(tc: TrainConfig, cfg: ModelConfig | None, tok: Tokenizer | None,
         train, val = classify_examples(tc)
         return cfg, C.Classify(train, val, labels, tok, cfg, tc.batch_size, tc.seed), None
     if cfg is None:
-        ds = prepare(tc.data, tokenizer=tc.tokenizer, vocab_size=tc.vocab_size, errors=tc.errors)
+        ds = prepare(tc.data, tokenizer=tc.tokenizer, vocab_size=tc.vocab_size, errors=tc.errors,
+                     bpe_sample_mb=tc.bpe_sample_mb, **report)
         if family(tc.arch or "gpt").KIND == "encoder":
             ds.tokenizer = encoder_tokenizer(ds.tokenizer)
         cfg = model_config(tc, ds.tokenizer.vocab_size)
     else:
-        ds = prepare(tc.data, tok=tok, errors=tc.errors)
+        ds = prepare(tc.data, tok=tok, errors=tc.errors, **report)
     window = cfg.block_size
     if tc.base is not None and tc.block_size is not None:  # a shorter training window than the base's
         if not 1 < tc.block_size <= cfg.block_size:
@@ -190,7 +193,7 @@ def merge_resumed(tc: TrainConfig, meta: RunMeta) -> TrainConfig:
     for name in config_keys() - fixed:
         if getattr(tc, name) != getattr(defaults, name):
             merged[name] = getattr(tc, name)
-    if tc.data is not None and str(Path(tc.data).resolve()) != saved.get("data"):
+    if tc.data is not None and resolve_data(tc.data) != saved.get("data"):
         raise TwinlmError(f"--data {tc.data} differs from the checkpoint's data {saved.get('data')}; "
                           "a resumed run keeps its corpus")
     return TrainConfig(**merged)

@@ -1,0 +1,337 @@
+"""Streaming preparation of a corpus into the token cache: bounded memory, kill-safe, one summary line.
+
+Passes over the corpus, each `corpus.CHUNK_BYTES` at a time (memory does not grow with the corpus):
+1. hash: SHA-256 of the files as stored -> the cache key (with the tokenizer request and errors mode). A
+   complete entry under that key is used as it is: nothing is decoded.
+2. vocabulary (char: the set of code points, kept as a 0x110000-entry table; bpe: `train_from_iterator` over
+   the first `bpe_sample_mb` MB of text, all of it with 0; byte and a given tokenizer: skipped).
+3. encode: chunk by chunk (BPE chunks end at boundaries where its pre-tokenizer always splits, so the ids
+   equal the whole text's), appended to a temp file beside the entry.
+
+Kill-safety, as checkpoints (core.atomic, whose `fs` seam the fault-injection tests drive): the tokens go to
+`.tmp-<key>.bin-*`, are fsynced and renamed to `<key>.bin`; then `<key>.json` (n_tokens, dtype, the SHA-256
+of the token bytes, the tokenizer) is written the same way. The meta is the manifest: an entry without a
+consistent one is never loaded, it is rebuilt. One preparation per key at a time (an flock on
+`.<key>.lock`; MLX ranks wait for rank 0's and then read it); temp files found under the lock belong to a
+killed preparation, and the new one says that it starts over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from twinlm.core import atomic
+from twinlm.core import corpus as C
+from twinlm.core.errors import TwinlmError
+from twinlm.core.tokenizers import (
+    BPETokenizer,
+    ByteTokenizer,
+    CharTokenizer,
+    SpecialTokens,
+    Tokenizer,
+    bpe_chunks,
+    bpe_last_cut,
+    tokenizer_from_dict,
+    tokenizer_spec,
+)
+
+CACHE_ENV = "TWINLM_CACHE_DIR"
+CACHE_FORMAT = 2
+DEFAULT_BPE_SAMPLE_MB = 64
+
+# phase ("hash", "vocab", "encode"), bytes done, bytes total: a progress display's view. Bytes are those of
+# the files on disk (compressed for .gz). A last call with phase "done" ends it, also after an error.
+PhaseProgress = Callable[[str, int, int], None]
+
+
+class EmptyText(TwinlmError):
+    """The corpus has no text to learn a vocabulary from."""
+
+
+@dataclass
+class Prepared:
+    bin_path: Path
+    meta: dict[str, Any]
+    tokenizer: Tokenizer
+    source: str
+    from_cache: bool
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def read_meta(meta_path: Path, bin_path: Path, key: str) -> dict[str, Any] | None:
+    """The entry's meta when it is complete and consistent with its token file, else None."""
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        ok = (meta.get("format") == CACHE_FORMAT and meta.get("key") == key
+              and bin_path.stat().st_size == meta["n_tokens"] * np.dtype(meta["dtype"]).itemsize
+              and meta["n_tokens"] > 0 and isinstance(meta.get("tokens_sha256"), str))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return meta if ok else None
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive flock on `path` (released by the kernel if this process dies)."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): one preparation at a time is then up to the user
+        yield
+        return
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise TwinlmError(f"cannot write the token cache in {path.parent}: {e.strerror or e}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+class _Phases:
+    def __init__(self, report: PhaseProgress | None, total: int) -> None:
+        self.report, self.total, self.done, self.phase = report, total, 0, ""
+
+    def start(self, phase: str) -> C.Progress | None:
+        self.phase, self.done = phase, 0
+        if self.report is None:
+            return None
+        self.report(phase, 0, self.total)
+        return self.advance
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        if self.report is not None:
+            self.report(self.phase, self.done, self.total)
+
+
+def prepare_tokens(data: Any, tokenizer: str = "char", vocab_size: int | None = None,
+                   cache_dir: Path | None = None, errors: str = "strict", tok: Tokenizer | None = None,
+                   bpe_sample_mb: int = DEFAULT_BPE_SAMPLE_MB, chunk_bytes: int = C.CHUNK_BYTES,
+                   log: Callable[[str], None] | None = None,
+                   progress: PhaseProgress | None = None) -> Prepared:
+    """The cache entry of the corpus `data` (files, folders, globs) with this tokenizer, built if needed."""
+    if errors not in C.ENCODING_ERRORS:
+        raise TwinlmError(f"encoding errors mode must be one of {', '.join(C.ENCODING_ERRORS)}, "
+                          f"got {errors!r}")
+    if isinstance(bpe_sample_mb, bool) or not isinstance(bpe_sample_mb, int) or bpe_sample_mb < 0:
+        raise TwinlmError(f"bpe-sample-mb must be an integer >= 0 (0: the whole corpus), "
+                          f"got {bpe_sample_mb!r}")
+    files, source = C.find_files(data)
+    phases = _Phases(progress, sum(cf.size for cf in files))
+    try:
+        return _prepare(files, source, phases, tokenizer, vocab_size, cache_dir, errors, tok, bpe_sample_mb,
+                        chunk_bytes, log or (lambda message: None))
+    finally:
+        if progress is not None:
+            progress("done", phases.total, phases.total)
+
+
+def _prepare(files: list[C.CorpusFile], source: str, phases: _Phases, tokenizer: str, vocab_size: int | None,
+             cache_dir: Path | None, errors: str, tok: Tokenizer | None, bpe_sample_mb: int, chunk_bytes: int,
+             say: Callable[[str], None]) -> Prepared:
+    t0 = time.perf_counter()
+    request = tok.to_dict() if tok is not None else tokenizer_spec(tokenizer, vocab_size)
+    if tok is None and request["kind"] == "bpe":
+        request = {**request, "bpe_sample_mb": bpe_sample_mb}
+    corpus_sha = C.content_hash(files, phases.start("hash"), chunk_bytes)
+    key = _key(corpus_sha, request, errors)
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    bin_path, meta_path = cache_dir / f"{key}.bin", cache_dir / f"{key}.json"
+    meta = read_meta(meta_path, bin_path, key)
+    if meta is None and tok is not None:  # a resumed run: the entry its first run built, if it is there
+        found = _entry_of_learned(tok, corpus_sha, errors, cache_dir)
+        if found is not None:
+            bin_path, meta = found
+    if meta is None:
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TwinlmError(f"cannot write the token cache in {cache_dir}: {e.strerror or e}") from None
+        with _locked(cache_dir / f".{key}.lock"):
+            meta = read_meta(meta_path, bin_path, key)  # another process may have built it meanwhile
+            if meta is None:
+                _start_over(cache_dir, key, bin_path, say)
+                meta = _build(files, source, key, corpus_sha, bin_path, meta_path, tokenizer, vocab_size, tok,
+                              errors, bpe_sample_mb, chunk_bytes, phases)
+                wall = time.perf_counter() - t0
+                mb = phases.total / 1e6
+                say(f"prepared {source}: {meta['n_tokens']:,} tokens from {meta['files']:,} files "
+                    f"({human_bytes(phases.total)}, {meta['documents']:,} documents) in {wall:.1f} s "
+                    f"({mb / max(wall, 1e-9):.1f} MB/s); token file {human_bytes(bin_path.stat().st_size)} "
+                    f"({meta['dtype']}) at {bin_path}")
+                return Prepared(bin_path, meta, tok or tokenizer_from_dict(meta["tokenizer"]), source, False)
+    say(f"token cache: {meta['n_tokens']:,} tokens of {source} from {bin_path}")
+    return Prepared(bin_path, meta, tok or tokenizer_from_dict(meta["tokenizer"]), source, True)
+
+
+def _key(corpus_sha: str, request: dict[str, Any], errors: str) -> str:
+    return hashlib.sha256(json.dumps({"format": CACHE_FORMAT, "corpus": corpus_sha, "tokenizer": request,
+                                      "errors": errors}, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _entry_of_learned(tok: Tokenizer, corpus_sha: str, errors: str,
+                      cache_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The entry built by learning a tokenizer equal to `tok` (its plain part: an encoder's special tokens
+    come after the corpus's ids) from this corpus, so a resumed run or an eval does not encode it again."""
+    plain = tok.base if isinstance(tok, SpecialTokens) else tok
+    want = plain.to_dict()
+    requests: list[dict[str, Any]] = []
+    if plain.kind in ("char", "byte"):
+        requests.append({"kind": plain.kind, "vocab_size": None})
+    elif plain.kind == "bpe":  # the vocabulary asked for is usually the one learned; the default sample
+        requests.append({"kind": "bpe", "vocab_size": plain.vocab_size,
+                         "bpe_sample_mb": DEFAULT_BPE_SAMPLE_MB})
+    for request in requests:
+        key = _key(corpus_sha, request, errors)
+        meta = read_meta(cache_dir / f"{key}.json", cache_dir / f"{key}.bin", key)
+        if meta is not None and meta.get("tokenizer") == want:
+            return cache_dir / f"{key}.bin", meta
+    return None
+
+
+def default_cache_dir() -> Path:
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "twinlm" / "tokens"
+
+
+def _start_over(cache_dir: Path, key: str, bin_path: Path, say: Callable[[str], None]) -> None:
+    """Remove what a killed preparation of this key left (we hold the lock, so nobody is writing it)."""
+    leftovers = sorted(cache_dir.glob(f".tmp-{key}.*"))
+    partial = bin_path.exists()  # a token file renamed into place whose meta was never written
+    if not leftovers and not partial:
+        return
+    if leftovers:
+        say(f"token cache: an interrupted preparation of this corpus left {len(leftovers)} temp "
+            f"file{'s' * (len(leftovers) != 1)}; starting over")
+    else:
+        say("token cache: this corpus's entry is incomplete or damaged (its token file does not match a "
+            "complete meta); starting over")
+    for p in leftovers:
+        with contextlib.suppress(FileNotFoundError):
+            atomic.fs.unlink(p)
+
+
+def _build(files: list[C.CorpusFile], source: str, key: str, corpus_sha: str, bin_path: Path, meta_path: Path,
+           kind: str, vocab_size: int | None, tok: Tokenizer | None, errors: str, bpe_sample_mb: int,
+           chunk_bytes: int, phases: _Phases) -> dict[str, Any]:
+    def text(phase: str, stats: C.Stats | None = None) -> Iterator[str]:
+        return C.stream_text(files, errors, chunk_bytes, phases.start(phase), stats)
+
+    given = tok is not None
+    empty = C.empty_error(files, source)
+    if tok is None:
+        seen = C.Stats()
+        try:
+            tok = learn_tokenizer(kind, vocab_size, text("vocab", seen), bpe_sample_mb, chunk_bytes)
+        except EmptyText:
+            raise empty from None
+        if seen.chars == 0:
+            raise empty
+    dtype = token_dtype(tok.vocab_size)
+    stats = C.Stats()
+    cut, size = _chunking(tok, chunk_bytes)
+    digest, n_tokens = hashlib.sha256(), 0
+    try:
+        f, tmp = atomic.fs.mkstemp(bin_path.parent, prefix=f".tmp-{bin_path.name}-")
+    except OSError as e:
+        raise TwinlmError(f"cannot write the token cache in {bin_path.parent}: {e.strerror or e}") from None
+    try:
+        with f:
+            for chunk in C.text_chunks(text("encode", stats), size, cut):
+                try:
+                    ids = tok.encode(chunk)
+                except TwinlmError as e:
+                    if not given:
+                        raise
+                    raise TwinlmError(f"corpus {source} does not fit the given tokenizer: {e}") from None
+                data = ids.astype(dtype).tobytes()
+                atomic.fs.write(f, data)
+                digest.update(data)
+                n_tokens += ids.size
+            atomic.fs.fsync(f)
+        if stats.chars == 0:
+            raise empty
+        atomic.fs.replace(tmp, bin_path)
+        atomic.fs.fsync_dir(bin_path.parent)
+        meta = {"format": CACHE_FORMAT, "key": key, "corpus_sha256": corpus_sha, "source": source,
+                "files": stats.files, "documents": stats.documents, "chars": stats.chars,
+                "n_tokens": n_tokens, "dtype": dtype.name, "tokens_sha256": digest.hexdigest(),
+                "tokenizer": tok.to_dict()}
+        atomic.atomic_write_json(meta_path, meta)  # written last: the manifest of a complete entry
+    except OSError as e:
+        raise TwinlmError(f"cannot write the token cache in {bin_path.parent}: {e.strerror or e}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)  # gone after the rename; after a failure nothing half-written stays
+    return meta
+
+
+def _chunking(tok: Tokenizer, chunk_bytes: int) -> tuple[Callable[[str], int] | None, int]:
+    """(cut, chunk size) under which encoding chunk by chunk gives the whole text's ids. char and byte: any
+    cut. Byte-level BPE, and special tokens around char/byte/bpe (their literals have no spaces): before a
+    space or newline after a non-space. Another tokenizer (an imported model's "hf" one, whose normalizer
+    may prepend to every call) is not cut: its corpus is encoded in one piece, as before streaming."""
+    if type(tok) in (CharTokenizer, ByteTokenizer):
+        return None, chunk_bytes
+    wrapped = isinstance(tok, SpecialTokens) and tok.kind in ("char", "byte", "bpe")
+    if isinstance(tok, BPETokenizer) or wrapped:
+        return bpe_last_cut, chunk_bytes
+    return None, 1 << 62
+
+
+def learn_tokenizer(kind: str, vocab_size: int | None, pieces: Iterator[str],
+                    bpe_sample_mb: int = DEFAULT_BPE_SAMPLE_MB,
+                    chunk_bytes: int = C.CHUNK_BYTES) -> Tokenizer:
+    """A tokenizer of `kind` learned from a stream of text (see `tokenizers.train_tokenizer`)."""
+    spec = tokenizer_spec(kind, vocab_size)
+    if kind == "byte":
+        for _ in pieces:  # still read it: bad input fails here, not half-way through encoding
+            pass
+        return ByteTokenizer()
+    if kind == "char":
+        seen = np.zeros(0x110000, dtype=bool)
+        for piece in pieces:
+            if piece.isascii():  # a count of the 128 byte values is cheaper than a scatter
+                seen[:128] |= np.bincount(np.frombuffer(piece.encode("ascii"), np.uint8), minlength=128) > 0
+            else:
+                seen[np.frombuffer(piece.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)] = True
+        codes = np.flatnonzero(seen)
+        if not codes.size:
+            raise EmptyText("cannot build a tokenizer from empty text")
+        return CharTokenizer("".join(map(chr, codes.tolist())))
+    limit = bpe_sample_mb * 1_000_000 if bpe_sample_mb else None
+
+    def sample() -> Iterator[str]:
+        n = 0
+        for chunk in C.text_chunks(pieces, chunk_bytes, bpe_last_cut):
+            yield from bpe_chunks(chunk, 1 << 14)  # small items: the trainer spreads them over its threads
+            n += len(chunk)
+            if limit is not None and n >= limit:
+                return
+
+    return BPETokenizer.train_iter(sample(), spec["vocab_size"])
