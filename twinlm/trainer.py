@@ -34,6 +34,7 @@ import numpy as np
 
 from twinlm import __version__
 from twinlm import distributed as D
+from twinlm.core import chat as chat_data
 from twinlm.core import model, optim
 from twinlm.core import spec as SP
 from twinlm.core import step as S
@@ -49,6 +50,7 @@ from twinlm.core.tokenizers import Tokenizer, tokenizer_from_dict
 from twinlm.run_dir import load_run
 from twinlm.run_meta import RunMeta
 from twinlm.tasks import Task
+from twinlm.tasks import chat as chat_task
 from twinlm.tasks import classify as C
 from twinlm.tasks.lm import CausalLM, SortTask
 from twinlm.tasks.mlm import MaskedLM, encoder_tokenizer
@@ -109,6 +111,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 1337
     keep: int = 3
+    mask_prompt: bool | None = None  # chat data: loss only on the assistant's tokens (None: on for chat rows)
 
     def check(self) -> None:
         positive = ("batch_size", "grad_accum", "max_iters", "eval_every", "eval_iters", "log_every", "keep")
@@ -364,6 +367,10 @@ class Trainer:
             assert cfg is not None and tok is not None
             train, val = classify_examples(tc)
             return cfg, C.Classify(train, val, self.labels, tok, cfg, tc.batch_size, tc.seed), None
+        # Chat data (issue #20): a .jsonl (or a folder's train.jsonl) whose rows have `messages` or
+        # `prompt`/`completion` trains the chat task; any other --data is a plain corpus.
+        if tc.task in ("auto", "lm") and chat_data.sniff(tc.data):
+            return chat_task.build(tc, cfg, tok, self.hf_record, lambda v: model_config(tc, v))
         if cfg is None:
             ds = prepare(tc.data, tokenizer=tc.tokenizer, vocab_size=tc.vocab_size, errors=tc.errors)
             if model_kind(tc.arch or "gpt") == "encoder":

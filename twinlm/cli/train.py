@@ -47,7 +47,10 @@ def lora_options(f: Any) -> Any:
 @backend_option
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="TOML file of settings (option names as keys); flags override it.")
-@click.option("--data", default=None, help="Text file or folder of .txt files (default: the built-in task).")
+@click.option("--data", default=None,
+              help="Text file or folder of .txt files, or chat data: a .jsonl of messages or "
+                   "prompt/completion rows, or a folder with train.jsonl and valid.jsonl (default: the "
+                   "built-in task).")
 @click.option("--tokenizer", type=click.Choice(["char", "byte", "bpe"]), default=None, help="Default: char.")
 @click.option("--errors", type=click.Choice(["strict", "replace"]), default=None,
               help="Invalid UTF-8 in the corpus: refuse it (strict, the default) or substitute U+FFFD.")
@@ -95,6 +98,9 @@ def lora_options(f: Any) -> Any:
 @click.option("--log-every", type=int, default=None)
 @click.option("--seed", type=int, default=None)
 @click.option("--keep", type=int, default=None, help="Checkpoints to keep (plus the best).")
+@click.option("--mask-prompt/--no-mask-prompt", default=None,
+              help="Chat data: learn only the assistant's tokens (default: on for messages and "
+                   "prompt/completion rows).")
 @click.option("--ranks", type=int, default=None,
               help="Data-parallel ranks: MLX starts N local processes (mx.distributed ring), tinygrad uses N "
                    "devices in one process; the batch is split, results equal one rank's.")
