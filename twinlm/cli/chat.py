@@ -58,7 +58,12 @@ def command(run_dir: str, system: str | None, max_new_tokens: int, temperature: 
             if not cmd:
                 continue
             history.append({"role": "user", "content": line})
-            ids = fit(cm, history, engine.context)
+            try:
+                ids = fit(cm, history, engine.context)
+            except TwinlmError as e:  # e.g. a character a char tokenizer never saw: say so, go on
+                history.pop()
+                click.echo(f"[{e}]", err=True)
+                continue
             if ids is None:
                 history.pop()
                 click.echo("[that message alone is longer than the context; /reset or write less]", err=True)
