@@ -112,7 +112,7 @@ def test_hostile_or_failing_template_is_one_line_error(source: str) -> None:
     assert "\n" not in str(e.value) and str(e.value).startswith("the chat template")
 
 
-@pytest.mark.parametrize("backend", ["mlx", "tinygrad"])
+@pytest.mark.parametrize("backend", ["mlx", pytest.param("tinygrad", marks=pytest.mark.slow)])
 def test_train_on_chat_data_cli(tmp_path: Path, capsys: pytest.CaptureFixture,
                                 monkeypatch: pytest.MonkeyPatch, backend: str) -> None:
     from tests.conftest import run_cli
@@ -187,9 +187,9 @@ def _batch() -> tuple[dict[str, np.ndarray], object]:
     rows = [{"messages": c} for c in CONVERSATIONS]
     text = "".join(tmpl.render(r["messages"]) for r in rows)
     tok = CharTokenizer.train(text)
-    cfg = preset("tiny", vocab_size=tok.vocab_size, block_size=96).replace(
-        arch="llama", pos_encoding="rope", norm="rmsnorm", activation="swiglu")
-    return encode_rows(rows, tmpl, tok, 96, mask_prompt=True), cfg
+    cfg = preset("tiny", vocab_size=tok.vocab_size, block_size=80).replace(
+        arch="llama", pos_encoding="rope", norm="rmsnorm", activation="swiglu", n_layer=1)
+    return encode_rows(rows, tmpl, tok, 80, mask_prompt=True), cfg
 
 
 def test_masked_targets_carry_no_gradient() -> None:
