@@ -242,3 +242,41 @@ def test_masked_loss_and_gradients_match_across_backends() -> None:
     full = dict(batch, w=(batch["x"] >= 0).astype(np.float32))
     assert abs(float(B.to_numpy(chat_loss(B, cfg, params, {k: B.from_numpy(v) for k, v in full.items()})))
                - l1) > 1e-3
+
+
+@pytest.mark.parametrize("where", ["tokenizer_config", "jinja_file"])
+def test_imported_model_finetunes_with_its_own_template(tmp_path: Path, where: str) -> None:
+    """A Hugging Face folder's template (in tokenizer_config.json or chat_template.jinja) travels through
+    import-hf and `train --init-from` into the examples; its eos token is a stop token for chat/serve."""
+    pytest.importorskip("transformers")
+    from tests.hf_models import build
+    from twinlm.backends import get_backend
+    from twinlm.chat_model import load_chat_model
+    from twinlm.hf import import_hf
+    from twinlm.trainer import TrainConfig, Trainer
+
+    template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+                "{% if add_generation_prompt %}<s>assistant: {% endif %}")
+    folder = build("LlamaForCausalLM", tmp_path / "hf")
+    cfg_path = folder / "tokenizer_config.json"
+    if where == "tokenizer_config":
+        cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "chat_template": template}))
+    else:
+        (folder / "chat_template.jinja").write_text(template)
+    import_hf(folder, tmp_path / "base")
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"the {w}", "completion": "sat"}) + "\n"
+                            for w in ("cat", "dog", "owl", "fox")))
+    tc = TrainConfig(base=str(tmp_path / "base"), data=str(data), max_iters=1, batch_size=2, block_size=32,
+                     out=str(tmp_path / "run"))
+    trainer = Trainer(tc, get_backend("mlx"), log=lambda m: None)
+    x, w = trainer.task.train["x"][0], trainer.task.train["w"][0]
+    tok = trainer.tokenizer
+    assert tok.decode(x[: int((x > 0).sum()) + 1]).startswith("<s>user: the ")
+    learned = tok.decode(trainer.task.train["y"][0][w > 0])
+    assert learned in ("sat</s>", " sat</s>")  # " sat" is one token of this byte-level BPE
+    trainer.fit()
+    cm = load_chat_model(tmp_path / "run")
+    assert cm.template.render([{"role": "user", "content": "hi"}], add_generation_prompt=True) == \
+        "<s>user: hi</s><s>assistant: "
+    assert tok.id_of("eos") in cm.stop_ids and not cm.template.is_default

@@ -22,7 +22,8 @@ and stop generating at "<|end|>" (DEFAULT_STOP).
 Loss mask: what the assistant writes is the text between rendering the history with the generation
 prompt and rendering it with the assistant's message (as mlx-lm's datasets find it). The whole
 conversation is tokenized once (so the ids equal `apply_chat_template(..., tokenize=True)`), and a
-token carries loss weight 1 when its first character lies in an assistant span.
+token carries loss weight 1 when any of its characters lies in an assistant span (a byte-level BPE
+writes " sat" as one token when the generation prompt ends in a space).
 """
 
 from __future__ import annotations
@@ -267,24 +268,25 @@ def run_template(hf_record: dict[str, Any] | None) -> ChatTemplate:
 # ---- tokens and loss weights ---------------------------------------------------------------------
 
 
-def token_starts(tok: Tokenizer, text: str) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, index of each token's first character in `text`) of the whole text, encoded once."""
+def token_spans(tok: Tokenizer, text: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, first character, end character) of each token of the whole text, encoded once."""
     inner = getattr(tok, "_tok", None)  # the Hugging Face `tokenizers` object of "hf" and "bpe"
     if tok.kind == "hf" and inner is not None:
         enc = inner.encode(text, add_special_tokens=False)
-        return np.asarray(enc.ids, np.int32), np.array([s for s, _ in enc.offsets] or [], np.int64)
+        spans = np.array(enc.offsets, np.int64).reshape(-1, 2)
+        return np.asarray(enc.ids, np.int32), spans[:, 0], spans[:, 1]
     ids = tok.encode(text)
     if tok.kind == "char":
-        return ids, np.arange(len(ids), dtype=np.int64)
+        starts = np.arange(len(ids), dtype=np.int64)
+        return ids, starts, starts + 1
     if tok.kind == "byte":  # byte offset -> the character it belongs to
-        char_of_byte = np.repeat(np.arange(len(text)), [len(c.encode("utf-8")) for c in text])
-        return ids, char_of_byte.astype(np.int64)
-    # bpe: decode prefixes to find where each token starts (small texts; used once per example)
-    starts, done = [], 0
-    for i in range(len(ids)):
-        starts.append(done)
-        done = len(tok.decode(ids[: i + 1]).rstrip("\ufffd"))
-    return ids, np.array(starts, np.int64)
+        sizes = [len(c.encode("utf-8")) for c in text]
+        char_of_byte = np.repeat(np.arange(len(text)), sizes).astype(np.int64)
+        return ids, char_of_byte, char_of_byte + 1
+    # bpe: decode prefixes to find where each token ends (small texts; used once per example)
+    ends = np.array([len(tok.decode(ids[: i + 1]).rstrip("\ufffd")) for i in range(len(ids))], np.int64)
+    starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
+    return ids, starts, np.maximum(ends, starts + 1)
 
 
 def assistant_spans(template: ChatTemplate, messages: Sequence[Message]) -> tuple[str, list[tuple[int, int]]]:
@@ -311,12 +313,12 @@ def encode_example(row: dict[str, Any], template: ChatTemplate, tok: Tokenizer,
         return ids.astype(np.int32), np.ones(len(ids), np.float32)
     text, spans = assistant_spans(template, row["messages"])
     try:
-        ids, starts = token_starts(tok, text)
+        ids, starts, ends = token_spans(tok, text)
     except TwinlmError as e:
         raise ChatError(f"a conversation does not fit the run's tokenizer: {e}") from None
     if not mask_prompt:
         return ids, np.ones(len(ids), np.float32)
     w = np.zeros(len(ids), np.float32)
-    for a, b in spans:
-        w[(starts >= a) & (starts < b)] = 1.0
+    for a, b in spans:  # a token that overlaps the span (" sat" after "assistant: ") is the assistant's
+        w[(ends > a) & (starts < b)] = 1.0
     return ids, w
