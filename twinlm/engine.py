@@ -28,7 +28,7 @@ from twinlm.core import model
 from twinlm.core.backend import Array, Backend
 from twinlm.core.config import ModelConfig
 from twinlm.core.errors import TwinlmError
-from twinlm.generate import check_generates, check_sampling, sample_next
+from twinlm.generate import _FIXED_SHAPE_BACKENDS, check_generates, check_sampling, sample_next
 
 
 @dataclass
@@ -82,6 +82,9 @@ class Engine:
             raise TwinlmError(f"slots must be >= 1, got {slots}")
         self.B, self.cfg, self.n_slots, self.context = B, cfg, slots, context
         self.vocab_size = cfg.vocab_size
+        # Eager backends run only the rows in use (`_rows`); fixed-shape ones (tinygrad: one compiled
+        # graph per shape) always run all S rows with the cache as the step's state.
+        self.bucketed = B.name not in _FIXED_SHAPE_BACKENDS
         # The cache spans `context` positions: a model config with that block size (positions < context).
         self._cfg = cfg.replace(block_size=context)
         self._numpy_params = params
@@ -110,7 +113,10 @@ class Engine:
                                                 check_same_thread=False)
         params = self._numpy_params
         self._params = {k: self.B.from_numpy(params[k]) for k in sorted(params)}  # TinyJit binds by order
-        self._step = self._compile()
+        if self.bucketed:
+            self._step = self._compile_bucketed()
+        else:
+            self._step = self._compile()
 
     # ---- the graph ---------------------------------------------------------------------------
     def _compile(self) -> Any:
@@ -129,12 +135,50 @@ class Engine:
 
         return B.compile_step(step, state)
 
+    def _compile_bucketed(self) -> Any:
+        """Eager backends (MLX): the cache rides as inputs and outputs, so one step may run on only the
+        first b rows (b a power of two covering the busy slots): a lone request costs one row, not S."""
+        B, cfg = self.B, self._cfg
+        shapes = model.decode_cache_shapes(cfg, self.n_slots)
+        self._cache = [B.from_numpy(np.zeros(shape, np.float32)) for pair in shapes for shape in pair]
+        n_layer = len(shapes)
+
+        def step(state: dict, p: dict[str, Array], idx: Array, pos_ids: Array, write_mask: Array,
+                 attn_mask: Array, *flat: Array) -> tuple[tuple[Array, ...], dict]:
+            cache = [(flat[2 * i], flat[2 * i + 1]) for i in range(n_layer)]
+            lg, cache = model.decode_step(B, cfg, p, idx, pos_ids, write_mask, attn_mask, cache)
+            return (lg, *(t for pair in cache for t in pair)), state
+
+        return B.compile_step(step, {})
+
+    def _rows(self) -> int:
+        """How many leading rows a step computes: all of them on fixed-shape backends, else the power of
+        two (at most S) that covers the highest busy slot (slots are taken lowest first)."""
+        if not self.bucketed:
+            return self.n_slots
+        top = max(i for i, s in enumerate(self._slots) if s is not None) + 1
+        return min(self.n_slots, 1 << (top - 1).bit_length())
+
     def _inputs(self, tokens: np.ndarray, pos: np.ndarray) -> list[Array]:
-        slots = np.arange(self.context)
+        slots, rows = np.arange(self.context), len(tokens)
         return [self.B.from_numpy(a) for a in (
             tokens.reshape(-1, 1).astype(np.int32), pos.reshape(-1, 1).astype(np.int32),
-            (slots[None, :] == pos[:, None]).reshape(self.n_slots, 1, self.context, 1),
+            (slots[None, :] == pos[:, None]).reshape(rows, 1, self.context, 1),
             slots[None, :] <= pos[:, None])]
+
+    def _run_step(self, tokens: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """Next-token logits (rows, V) of the first `rows` slots."""
+        if not self.bucketed:
+            (lg,) = self._step(self._params, *self._inputs(tokens, pos))
+            return self.B.to_numpy(lg)[:, 0, :]
+        B, rows = self.B, len(tokens)
+        flat = [c if rows == self.n_slots else c[:rows] for c in self._cache]
+        lg, *new = self._step(self._params, *self._inputs(tokens, pos), *flat)
+        if rows < self.n_slots:
+            new = [B.concat([t, c[rows:]], axis=0) for t, c in zip(new, self._cache, strict=True)]
+        B.sync(*new)  # keep the lazy graph from growing step after step
+        self._cache = new
+        return B.to_numpy(lg)[:, 0, :]
 
     # ---- requests ----------------------------------------------------------------------------
     def check(self, req: Request) -> None:
@@ -214,13 +258,13 @@ class Engine:
                 self._pending.get_nowait().tokens.put(Finish("stop", 0))
 
     def _one_step(self) -> None:
-        tokens = np.zeros(self.n_slots, np.int64)
-        pos = np.zeros(self.n_slots, np.int64)
-        for i, s in enumerate(self._slots):
+        rows = self._rows()
+        tokens = np.zeros(rows, np.int64)
+        pos = np.zeros(rows, np.int64)
+        for i, s in enumerate(self._slots[:rows]):
             if s is not None:
                 tokens[i], pos[i] = s.ids[s.pos], s.pos
-        (lg,) = self._step(self._params, *self._inputs(tokens, pos))
-        logits = self.B.to_numpy(lg)[:, 0, :]
+        logits = self._run_step(tokens, pos)
         self.steps += 1
         for i, s in enumerate(self._slots):
             if s is None:
