@@ -22,9 +22,10 @@ $(KSTAMP): $(STAMP) $(KERNEL_SOURCES)
 	-$(BIN)/python -m twinlm.backends.kernels.build
 	@touch $(KSTAMP)
 
-# The tests also check twinlm against Hugging Face transformers: the [hf] extra.
+# The tests also check twinlm against Hugging Face transformers (the [hf] extra) and run `twinlm serve`
+# (the [serve] extra).
 $(HF_STAMP): $(STAMP)
-	$(BIN)/python -m pip install -q -e ".[dev,hf]"
+	$(BIN)/python -m pip install -q -e ".[dev,hf,serve]"
 	@touch $(HF_STAMP)
 
 setup: $(STAMP) $(KSTAMP)

@@ -140,6 +140,18 @@ CASES: dict[str, Case] = {
     # attention
     "attention_nowhere": Case(("attention", "{w}/nowhere", "--text", "12"), "checkpoint not found"),
     "attention_no_text": Case(("attention", "{w}/cls"), "Missing option '--text'"),
+    # chat data, chat, serve (issue #20)
+    "train_chat_bad_row": Case(("train", "--data", "{w}/chat.jsonl", "--preset", "tiny"), "chat.jsonl:2:"),
+    "train_chat_mixed": Case(("train", "--data", "{w}/mixed.jsonl", "--preset", "tiny"),
+                             "one format per file"),
+    "chat_nowhere": Case(("chat", "{w}/nowhere"), "does not exist"),
+    "chat_encoder": Case(("chat", "{w}/bert"), "an encoder"),
+    "chat_bad_temperature": Case(("chat", "{w}/good", "-t", "-1"), "Invalid value for '--temperature'"),
+    "serve_nowhere": Case(("serve", "{w}/nowhere"), "does not exist"),
+    "serve_not_a_run": Case(("serve", "{w}/notarun"), "no checkpoint in"),
+    "serve_big_context": Case(("serve", "{w}/good", "--context", "100000"), "context must be in 2..16"),
+    "serve_bad_port": Case(("serve", "{w}/good", "--port", "70000"), "Invalid value for '--port'"),
+    "serve_zero_slots": Case(("serve", "{w}/good", "--slots", "0"), "Invalid value for '--slots'"),
     # the group
     "unknown_command": Case(("frobnicate",), "No such command 'frobnicate'"),
 }
@@ -191,6 +203,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (w / "broken.jsonl").write_text('{"text": "line 1", "label": "a"}\n{"text": \n')
     (w / "greek.csv").write_text("text,label\n\u03b1\u03b2,a\nline 2,b\nline 3,a\n")
     (w / "unseen.csv").write_text("text,label\nline 1,a\nline 2,maybe\n")
+    user = {"role": "user", "content": "hi"}
+    (w / "chat.jsonl").write_text(json.dumps({"messages": [user, {"role": "assistant", "content": "yo"}]})
+                                  + '\n{"messages": [{"role": "narrator", "content": "x"}]}\n')
+    (w / "mixed.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"messages": []}\n')
     (w / "notarun").mkdir()
     (w / "notarun" / "notes.txt").write_text("hello")
     (w / "badmetrics").mkdir()

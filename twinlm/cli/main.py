@@ -31,6 +31,7 @@ def _register() -> None:
         attention,
         bench,
         cache,
+        chat,
         doctor,
         evaluate,
         experiment,
@@ -41,11 +42,12 @@ def _register() -> None:
         plot,
         predict,
         sample,
+        serve,
         train,
     )
 
     for module in (train, finetune, lora, sample, predict, evaluate, parity, plot, doctor, bench, cache,
-                   experiment, attention):
+                   experiment, attention, chat, serve):
         cli.add_command(module.command)
     cli.add_command(hf.import_command)
     cli.add_command(hf.export_command)

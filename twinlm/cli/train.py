@@ -57,6 +57,7 @@ lora_options = field_options(TrainConfig, only=LORA_FIELDS)
 @click.option("--norm", type=click.Choice(NORMS), default=None, help=_help("norm"))
 @click.option("--activation", type=click.Choice(ACTIVATIONS), default=None, help=_help("activation"))
 @click.option("--tie-embeddings/--untie-embeddings", default=None, help=_help("tie_embeddings"))
+@click.option("--mask-prompt/--no-mask-prompt", default=None, help=_help("mask_prompt"))
 @field_options(TrainConfig, skip=("base", *CHOICES))
 @click.option("--ranks", type=int, default=None,
               help="Data-parallel ranks: MLX starts N local processes (mx.distributed ring), tinygrad uses N "

@@ -202,6 +202,8 @@ def read_hf(
         "tokenizer_config": tok_cfg,
         "source": str(src.resolve()),
     }
+    if (src / "chat_template.jinja").exists():  # transformers >= 4.47 saves the chat template here
+        record["chat_template"] = (src / "chat_template.jinja").read_text(encoding="utf-8")
     gen = src / "generation_config.json"
     if gen.exists():
         record["generation_config"] = _read_json(gen, "generation settings")

@@ -35,7 +35,9 @@ class TrainConfig:
 
     data: str | list[str] | None = _f(None, "Corpus: a file, a folder or a glob of .txt, .md or .jsonl "
                                             "({\"text\": ...} rows) files, or .gz of them, streamed into the "
-                                            "token cache; several as a list (default: the built-in task).")
+                                            "token cache; several as a list. Or chat data: a .jsonl of "
+                                            "messages or prompt/completion rows, or a folder with "
+                                            "train.jsonl and valid.jsonl (default: the built-in task).")
     task: str = _f("auto", "Next tokens (lm, decoders) or masked tokens (mlm, encoders); default: by arch. "
                            "classify: fine-tune `base` with a head.")
     base: str | None = _f(None, "Start from the model in RUN_DIR (a run, or an imported Hugging Face model) "
@@ -86,6 +88,8 @@ class TrainConfig:
     log_every: int = _f(10, "Iterations between metrics lines (default 10).")
     seed: int = _f(1337, "Seed of weights, batches and dropout (default 1337).")
     keep: int = _f(3, "Checkpoints to keep (plus the best).")
+    mask_prompt: bool | None = _f(None, "Chat data: learn only the assistant's tokens (default: on for "
+                                        "messages and prompt/completion rows).")
 
     def check(self) -> None:
         positive = ("batch_size", "grad_accum", "max_iters", "eval_every", "eval_iters", "log_every", "keep")

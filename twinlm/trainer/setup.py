@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from twinlm.core import chat as chat_data
 from twinlm.core import model
 from twinlm.core import spec as SP
 from twinlm.core import step as S
@@ -23,6 +24,7 @@ from twinlm.core.tokenizers import Tokenizer, tokenizer_from_dict
 from twinlm.run_dir import load_model, load_run
 from twinlm.run_meta import RunMeta
 from twinlm.tasks import Task
+from twinlm.tasks import chat as chat_task
 from twinlm.tasks import classify as C
 from twinlm.tasks.lm import CausalLM, SortTask
 from twinlm.tasks.mlm import MaskedLM, encoder_tokenizer
@@ -94,7 +96,7 @@ def assemble(tc: TrainConfig, *, resume: str | Path | None = None, split: int = 
         cfg, tok, labels, hf_record, base_record = base.cfg, base.tokenizer, base.labels, base.hf, base.record
     out = out or Path(tc.out or default_out_dir(tc))
     tc = replace(tc, out=str(out))
-    cfg, task, ds = build_task(tc, cfg, tok, labels, report or {})
+    cfg, task, ds = build_task(tc, cfg, tok, labels, hf_record, report or {})
     tokenizer = ds.tokenizer if ds is not None else tok
     assert tokenizer is not None
     spec = model.param_spec(cfg)
@@ -142,6 +144,7 @@ def from_base(tc: TrainConfig) -> Base:
 
 
 def build_task(tc: TrainConfig, cfg: ModelConfig | None, tok: Tokenizer | None, labels: list[str],
+               hf_record: dict[str, Any] | None,
                report: dict[str, Any]) -> tuple[ModelConfig, Task, Dataset | None]:
     """(model config, task, corpus) of the run; a fresh run's config comes from the flags and the
     tokenizer trained on its corpus (plus [PAD], [MASK], [CLS] for an encoder)."""
@@ -149,6 +152,10 @@ def build_task(tc: TrainConfig, cfg: ModelConfig | None, tok: Tokenizer | None, 
         assert cfg is not None and tok is not None
         train, val = classify_examples(tc)
         return cfg, C.Classify(train, val, labels, tok, cfg, tc.batch_size, tc.seed), None
+    # Chat data: a .jsonl (or a folder's train.jsonl) whose rows have `messages` or `prompt`/`completion`
+    # trains the chat task (with the base's chat template, from hf_record); any other --data is a corpus.
+    if tc.task in ("auto", "lm") and chat_data.sniff(tc.data):
+        return chat_task.build(tc, cfg, tok, hf_record, lambda v: model_config(tc, v))
     if cfg is None:
         ds = prepare(tc.data, tokenizer=tc.tokenizer, vocab_size=tc.vocab_size, errors=tc.errors,
                      bpe_sample_mb=tc.bpe_sample_mb, **report)

@@ -148,6 +148,10 @@ def decode_step(B: Backend, cfg: ModelConfig, p: L.Params, idx: Array, pos_ids: 
     added, rope = _positions(B, cfg, p, pos_ids, take=True)
     if added is not None:
         x = x + added
+    if len(pos_ids.shape) == 2:  # a position per row (B, 1) (twinlm.engine): attn_mask (B, T) per row too
+        attn_mask = B.reshape(attn_mask, (attn_mask.shape[0], 1, 1, attn_mask.shape[-1]))
+        if rope is not None:  # (B, 1, hs/2) -> (B, 1, 1, hs/2), against q and k (B, H, 1, hs)
+            rope = tuple(B.reshape(t, (t.shape[0], 1, 1, t.shape[-1])) for t in rope)
     new_cache: KVCache = []
     rep = cfg.n_head // cfg.n_kv_head
 

@@ -1,0 +1,285 @@
+"""Continuous batching for `twinlm serve` and `twinlm chat`: one thread owns the backend and decodes every
+active request together, one token each per step.
+
+    slots (S rows) x a fixed-shape KV cache (S, Hkv, context, hs) per layer    (decoder.decode_step)
+
+Each step feeds every busy slot one token at that slot's own position (a prompt token while it
+prefills, then the token it sampled last) through one compiled graph of fixed shape; free slots ride
+along masked. A request joins a free slot at the next step and leaves it the step it finishes (its
+token budget, a stop token, the context's end, or cancellation: a client that went away), so requests
+start and end independently. Sampling is `generate.sample_next` on the request's own numpy generator,
+so a seed gives the same tokens whatever else is being decoded (every row of the fixed-shape graph is
+computed the same way whichever slots are busy).
+
+Prefill goes one token per step (the graph has one shape); a long prompt delays its own first token by
+its length in steps, not the other requests' tokens.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from twinlm.core import model
+from twinlm.core.backend import Array, Backend
+from twinlm.core.config import ModelConfig
+from twinlm.core.errors import TwinlmError
+from twinlm.generate import _FIXED_SHAPE_BACKENDS, check_generates, check_sampling, sample_next
+
+
+@dataclass
+class Request:
+    """One generation: prompt ids, sampling settings, and the queue its tokens arrive on.
+
+    `tokens` (anything with `put`, called from the engine thread) receives each new token id (int), then a
+    `Finish`."""
+
+    prompt: list[int]
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop_ids: frozenset[int] = frozenset()
+    tokens: Any = field(default_factory=queue.Queue)
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        """Stop at the next step and free the slot (a client that went away, a stop string seen)."""
+        self.cancelled = True
+
+
+@dataclass
+class Finish:
+    reason: str  # "stop" (a stop token, or cancelled), "length" (max_tokens or the context's end)
+    n_tokens: int
+
+
+@dataclass
+class _Slot:
+    req: Request
+    ids: list[int]
+    pos: int = 0  # the position of the token fed next
+    made: int = 0
+    rng: np.random.Generator = field(default_factory=np.random.default_rng)
+
+
+class Engine:
+    """`submit(request)`; the engine thread decodes all active requests together (module docstring)."""
+
+    def __init__(self, B: Backend, cfg: ModelConfig, params: dict[str, np.ndarray], slots: int = 8,
+                 context: int | None = None) -> None:
+        check_generates(cfg)
+        context = cfg.block_size if context is None else context
+        if not 1 < context <= cfg.block_size:
+            raise TwinlmError(f"context must be in 2..{cfg.block_size} (the model's block size), "
+                              f"got {context}")
+        if slots < 1:
+            raise TwinlmError(f"slots must be >= 1, got {slots}")
+        self.B, self.cfg, self.n_slots, self.context = B, cfg, slots, context
+        self.vocab_size = cfg.vocab_size
+        # Eager backends run only the rows in use (`_rows`); fixed-shape ones (tinygrad: one compiled
+        # graph per shape) always run all S rows with the cache as the step's state.
+        self.bucketed = B.name not in _FIXED_SHAPE_BACKENDS
+        # The cache spans `context` positions: a model config with that block size (positions < context).
+        self._cfg = cfg.replace(block_size=context)
+        self._numpy_params = params
+        self._slots: list[_Slot | None] = [None] * slots
+        self._pending: queue.Queue[Request] = queue.Queue()
+        self._wake = threading.Event()
+        self._stop = False
+        self.steps = 0
+        self.error: BaseException | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="twinlm-engine", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self.error is not None:
+            raise TwinlmError(f"the model could not be set up on {B.name}: {self.error}")
+
+    def _setup(self) -> None:
+        """Backend set-up on the engine thread. tinygrad keeps its compile cache in one sqlite connection
+        that by default only the thread that opened it may use: it is reopened here for any thread."""
+        if self.B.name == "tinygrad":
+            import sqlite3
+
+            import tinygrad.helpers as th
+
+            th._db_connection = sqlite3.connect(th.CACHEDB, timeout=60, isolation_level="IMMEDIATE",
+                                                check_same_thread=False)
+        params = self._numpy_params
+        self._params = {k: self.B.from_numpy(params[k]) for k in sorted(params)}  # TinyJit binds by order
+        if self.bucketed:
+            self._step = self._compile_bucketed()
+        else:
+            self._step = self._compile()
+
+    # ---- the graph ---------------------------------------------------------------------------
+    def _compile(self) -> Any:
+        B, cfg = self.B, self._cfg
+        shapes = model.decode_cache_shapes(cfg, self.n_slots)
+        state = {f"{kv}.{i}": B.from_numpy(np.zeros(shape, np.float32))
+                 for i, pair in enumerate(shapes) for kv, shape in zip("kv", pair, strict=True)}
+        n_layer = len(shapes)
+
+        def step(state: dict, p: dict[str, Array], idx: Array, pos_ids: Array, write_mask: Array,
+                 attn_mask: Array) -> tuple[tuple[Array], dict]:
+            cache = [(state[f"k.{i}"], state[f"v.{i}"]) for i in range(n_layer)]
+            lg, cache = model.decode_step(B, cfg, p, idx, pos_ids, write_mask, attn_mask, cache)
+            new = {f"{kv}.{i}": t for i, pair in enumerate(cache) for kv, t in zip("kv", pair, strict=True)}
+            return (lg,), new
+
+        return B.compile_step(step, state)
+
+    def _compile_bucketed(self) -> Any:
+        """Eager backends (MLX): the cache rides as inputs and outputs, so one step may run on only the
+        first b rows (b a power of two covering the busy slots): a lone request costs one row, not S."""
+        B, cfg = self.B, self._cfg
+        shapes = model.decode_cache_shapes(cfg, self.n_slots)
+        self._cache = [B.from_numpy(np.zeros(shape, np.float32)) for pair in shapes for shape in pair]
+        n_layer = len(shapes)
+
+        def step(state: dict, p: dict[str, Array], idx: Array, pos_ids: Array, write_mask: Array,
+                 attn_mask: Array, *flat: Array) -> tuple[tuple[Array, ...], dict]:
+            cache = [(flat[2 * i], flat[2 * i + 1]) for i in range(n_layer)]
+            lg, cache = model.decode_step(B, cfg, p, idx, pos_ids, write_mask, attn_mask, cache)
+            return (lg, *(t for pair in cache for t in pair)), state
+
+        return B.compile_step(step, {})
+
+    def _rows(self) -> int:
+        """How many leading rows a step computes: all of them on fixed-shape backends, else the power of
+        two (at most S) that covers the highest busy slot (slots are taken lowest first)."""
+        if not self.bucketed:
+            return self.n_slots
+        top = max(i for i, s in enumerate(self._slots) if s is not None) + 1
+        return min(self.n_slots, 1 << (top - 1).bit_length())
+
+    def _inputs(self, tokens: np.ndarray, pos: np.ndarray) -> list[Array]:
+        slots, rows = np.arange(self.context), len(tokens)
+        return [self.B.from_numpy(a) for a in (
+            tokens.reshape(-1, 1).astype(np.int32), pos.reshape(-1, 1).astype(np.int32),
+            (slots[None, :] == pos[:, None]).reshape(rows, 1, self.context, 1),
+            slots[None, :] <= pos[:, None])]
+
+    def _run_step(self, tokens: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """Next-token logits (rows, V) of the first `rows` slots."""
+        if not self.bucketed:
+            (lg,) = self._step(self._params, *self._inputs(tokens, pos))
+            return self.B.to_numpy(lg)[:, 0, :]
+        B, rows = self.B, len(tokens)
+        flat = [c if rows == self.n_slots else c[:rows] for c in self._cache]
+        lg, *new = self._step(self._params, *self._inputs(tokens, pos), *flat)
+        if rows < self.n_slots:
+            new = [B.concat([t, c[rows:]], axis=0) for t, c in zip(new, self._cache, strict=True)]
+        B.sync(*new)  # keep the lazy graph from growing step after step
+        self._cache = new
+        return B.to_numpy(lg)[:, 0, :]
+
+    # ---- requests ----------------------------------------------------------------------------
+    def check(self, req: Request) -> None:
+        """Refuse a request the engine cannot run (TwinlmError, before it is queued)."""
+        if not req.prompt:
+            raise TwinlmError("the prompt is empty")
+        try:
+            model.check_token_ids(np.asarray(req.prompt), self.vocab_size)
+        except ValueError as e:
+            raise TwinlmError(f"prompt: {e}") from None
+        if len(req.prompt) >= self.context:
+            raise TwinlmError(f"the prompt has {len(req.prompt)} tokens; this server's context is "
+                              f"{self.context} tokens, which must hold the prompt and at least one new token")
+        check_sampling(req.temperature, req.top_k, req.top_p)
+
+    def submit(self, req: Request) -> None:
+        self.check(req)
+        if self.error is not None or self._stop:
+            raise TwinlmError("the engine has stopped")
+        self._pending.put(req)
+        self._wake.set()
+
+    def busy(self) -> int:
+        return sum(s is not None for s in self._slots) + self._pending.qsize()
+
+    def close(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def _admit(self) -> None:
+        for i, s in enumerate(self._slots):
+            if s is None:
+                try:
+                    req = self._pending.get_nowait()
+                except queue.Empty:
+                    return
+                if req.cancelled:
+                    req.tokens.put(Finish("stop", 0))
+                    continue
+                self._slots[i] = _Slot(req, list(req.prompt), rng=np.random.default_rng(req.seed))
+
+    def _finish(self, i: int, reason: str) -> None:
+        s = self._slots[i]
+        assert s is not None
+        s.req.tokens.put(Finish(reason, s.made))
+        self._slots[i] = None
+
+    def _run(self) -> None:
+        try:
+            self._setup()
+        except BaseException as e:  # noqa: BLE001 - reported by __init__
+            self.error = e
+            return
+        finally:
+            self._ready.set()
+        try:
+            while not self._stop:
+                self._admit()
+                for i, s in enumerate(self._slots):
+                    if s is not None and s.req.cancelled:
+                        self._finish(i, "stop")
+                if not any(self._slots):
+                    self._wake.wait(0.5)
+                    self._wake.clear()
+                    continue
+                self._one_step()
+        except BaseException as e:  # noqa: BLE001 - every waiting request must hear of it
+            self.error = e
+            for i, s in enumerate(self._slots):
+                if s is not None:
+                    s.req.tokens.put(Finish(f"error: {e}", s.made))
+                    self._slots[i] = None
+        finally:
+            while not self._pending.empty():
+                self._pending.get_nowait().tokens.put(Finish("stop", 0))
+
+    def _one_step(self) -> None:
+        rows = self._rows()
+        tokens = np.zeros(rows, np.int64)
+        pos = np.zeros(rows, np.int64)
+        for i, s in enumerate(self._slots[:rows]):
+            if s is not None:
+                tokens[i], pos[i] = s.ids[s.pos], s.pos
+        logits = self._run_step(tokens, pos)
+        self.steps += 1
+        for i, s in enumerate(self._slots):
+            if s is None:
+                continue
+            s.pos += 1
+            if s.pos < len(s.ids):  # still prefilling the prompt
+                continue
+            r = s.req
+            nxt = int(sample_next(logits[i:i + 1], s.rng, temperature=r.temperature, top_k=r.top_k,
+                                  top_p=r.top_p)[0])
+            if nxt in r.stop_ids:
+                self._finish(i, "stop")
+                continue
+            s.ids.append(nxt)
+            s.made += 1
+            r.tokens.put(nxt)
+            if s.made >= r.max_tokens or len(s.ids) >= self.context:
+                self._finish(i, "length")
