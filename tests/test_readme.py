@@ -41,6 +41,7 @@ LONG = Adapted("2000 iterations (or 300 for finetune)", append="--max-iters 20")
 ADAPTED: dict[str, Adapted] = {
     "make demo": Adapted("sets up the checkout's .venv (CI's own job); its two commands run here",
                          instead="twinlm parity --quick && twinlm train --max-iters 100"),
+    "twinlm cache clear tokens": Adapted("asks on a terminal first, and the test has none", append="--yes"),
     "make test": Adapted("this very suite: .ci/run runs it; here it would run itself", run=False),
     "TWINLM_BACKEND=tinygrad twinlm parity": Adapted(
         "every family on tinygrad takes minutes cold; .ci/run runs `twinlm parity` exactly as typed",
@@ -84,57 +85,93 @@ SETUP = [
 ]
 
 
-def commands(markdown: str) -> list[str]:
-    """The commands of every ```bash block: a line each, with `\\` continuations and heredocs joined."""
-    out: list[str] = []
-    for block in re.findall(r"```bash\n(.*?)```", markdown, re.S):
-        lines = block.splitlines()
-        i = 0
-        while i < len(lines):
-            line = lines[i]
-            while line.endswith("\\") and i + 1 < len(lines):
-                i += 1
-                line = line[:-1] + lines[i]
-            if (m := re.search(r"<<-?'?(\w+)'?", line)) is not None:  # heredoc: up to its end marker
-                end = lines.index(m.group(1), i + 1)
-                line = "\n".join(lines[i:end + 1])
-                i = end
-            if line.strip() and not line.lstrip().startswith("#"):
-                out.append(line.strip())
-            i += 1
-    return out
-
-
-def without_comment(command: str) -> str:
-    """The command before a trailing `  # comment` (a # after whitespace, outside quotes)."""
-    quote = None
-    for i, ch in enumerate(command):
+def _scan(line: str, quote: str | None) -> tuple[str | None, int]:
+    """The quote still open at the end of `line` (given the one open at its start), and where a `#` comment
+    starts (len(line) if none)."""
+    for i, ch in enumerate(line):
         if quote:
             quote = None if ch == quote else quote
         elif ch in "'\"":
             quote = ch
-        elif ch == "#" and i and command[i - 1].isspace() and "\n" not in command:
-            return command[:i].strip()
-    return command.strip()
+        elif ch == "#" and (i == 0 or line[i - 1].isspace()):
+            return quote, i
+    return quote, len(line)
 
 
-def documented() -> list[tuple[str, str]]:
-    return [(doc.relative_to(ROOT).as_posix(), c) for doc in DOCS for c in commands(doc.read_text("utf-8"))]
-
-
-def plan(documented_commands: list[tuple[str, str]]) -> list[tuple[str, str, str | None]]:
-    """(doc, as written, what runs: the command itself, its adaptation, or None when not run)."""
-    out = []
-    for doc, command in documented_commands:
-        adapted = ADAPTED.get(without_comment(command))
-        out.append((doc, command, command if adapted is None else adapted.command(without_comment(command))))
+def split_commands(block: str) -> list[str]:
+    """The commands of one bash block: a line each, joined over `\\` continuations, quotes left open (a
+    multi-line `python -c '...'`) and heredocs."""
+    out: list[str] = []
+    lines, i = block.splitlines(), 0
+    while i < len(lines):
+        start, quote = i, None
+        while True:
+            quote, cut = _scan(lines[i], quote)
+            code = lines[i][:cut].rstrip()
+            if (m := re.search(r"<<-?'?(\w+)'?", code)) is not None and quote is None:
+                i = lines.index(m.group(1), i + 1)  # the heredoc's end marker
+                break
+            if (quote is None and not code.endswith("\\")) or i + 1 == len(lines):
+                break
+            i += 1
+        command = "\n".join(lines[start:i + 1]).strip()
+        if command and not command.startswith("#"):
+            out.append(command)
+        i += 1
     return out
 
 
+def blocks(markdown: str) -> list[list[str]]:
+    """Every ```bash block's commands."""
+    return [split_commands(b) for b in re.findall(r"```bash\n(.*?)```", markdown, re.S)]
+
+
+def without_comment(command: str) -> str:
+    """The command before a trailing `  # comment` (a # after whitespace, outside quotes)."""
+    if "\n" in command:
+        return command
+    return command[:_scan(command, None)[1]].strip()
+
+
+def documented() -> list[tuple[str, int, str]]:
+    """(doc, block number, command) of every documented command, in order."""
+    out = []
+    for doc in DOCS:
+        for b, commands in enumerate(blocks(doc.read_text("utf-8"))):
+            out += [(doc.relative_to(ROOT).as_posix(), b, c) for c in commands]
+    return out
+
+
+def plan(documented_commands: list[tuple[str, int, str]]) -> list[tuple[str, int, str, str | None]]:
+    """(doc, block, as written, what runs: the command itself, its adaptation, or None when not run)."""
+    out = []
+    for doc, block, command in documented_commands:
+        adapted = ADAPTED.get(without_comment(command))
+        out.append((doc, block, command,
+                    command if adapted is None else adapted.command(without_comment(command))))
+    return out
+
+
+def script(commands: list[tuple[int, str]]) -> str:
+    """One bash session for a block, as a reader types it in one terminal (background jobs, `kill %1`):
+    each foreground command gets `y` on its standard input (the answer to a question) and, if it fails,
+    names its index and ends the session; background jobs are stopped at the end."""
+    lines = ["trap 'kill $(jobs -p) 2>/dev/null' EXIT"]
+    for n, command in commands:
+        if without_comment(command).endswith("&"):
+            lines.append(command)
+        else:
+            on_failure = f'{{ code=$?; echo "::failed {n} $code" >&2; exit 97; }}'
+            lines.append(f"{{\n{command}\n}} <<< y || {on_failure}")
+    return "\n".join(lines) + "\n"
+
+
 def _text(seed: int, n: int) -> str:
+    """Lines of a play: a speaker (the README prompts with "ROMEO:") and ten words."""
     rng = np.random.default_rng(seed)
     words = "the cat dog owl sat ran on a mat by red big old and said to me you we it".split()
-    return "\n".join(" ".join(rng.choice(words, 10)) + "." for _ in range(n)) + "\n"
+    speakers = ("ROMEO:", "JULIET:", "NURSE:")
+    return "\n".join(f"{rng.choice(speakers)} " + " ".join(rng.choice(words, 10)) + "." for _ in range(n)) + "\n"
 
 
 def workspace(tmp: Path, hf_gpt2: bool) -> dict[str, str]:
@@ -160,46 +197,53 @@ def workspace(tmp: Path, hf_gpt2: bool) -> dict[str, str]:
 
 
 def run(command: str, cwd: Path, env: dict[str, str], timeout: float = 600) -> tuple[int, str]:
-    proc = subprocess.run(["bash", "-c", command], cwd=cwd, env=env, input="y\n", capture_output=True,
-                          text=True, timeout=timeout)
-    return proc.returncode, (proc.stdout + proc.stderr)[-2000:]
+    proc = subprocess.run(["bash", "-c", command], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=timeout)
+    return proc.returncode, (proc.stdout + proc.stderr)[-3000:]
 
 
 def test_every_adaptation_names_a_documented_command() -> None:
-    written = {without_comment(c) for _, c in documented()}
+    written = {without_comment(c) for _, _, c in documented()}
     stale = sorted(set(ADAPTED) - written)
     assert not stale, f"ADAPTED names commands no doc shows any more: {stale}"
     assert all(a.reason for a in ADAPTED.values())
 
 
-def test_commands_are_parsed_with_continuations_heredocs_and_comments() -> None:
+def test_commands_are_split_over_continuations_quotes_heredocs_and_comments() -> None:
     md = textwrap.dedent("""\
         ```bash
         twinlm train --a 1 \\
-            --b 2   # a comment
+            --b 2   # the model's size
         # a comment line
         cat > f.json <<'JSON'
         [1, 2]
         JSON
         echo '#not a comment'
+        python -c '
+        print(1)'
+        server &   # it's a background job
         ```
         ```python
         print("not bash")
         ```
         """)
-    got = commands(md)
-    assert got == ["twinlm train --a 1     --b 2   # a comment", "cat > f.json <<'JSON'\n[1, 2]\nJSON",
-                   "echo '#not a comment'"]
-    assert without_comment(got[0]) == "twinlm train --a 1     --b 2"
-    assert without_comment(got[2]) == "echo '#not a comment'"
+    got = blocks(md)
+    assert got == [["twinlm train --a 1 \\\n    --b 2   # the model's size",
+                    "cat > f.json <<'JSON'\n[1, 2]\nJSON", "echo '#not a comment'", "python -c '\nprint(1)'",
+                    "server &   # it's a background job"]]
+    assert without_comment(got[0][4]) == "server &"
+    assert without_comment(got[0][2]) == "echo '#not a comment'"
 
 
 def test_a_failing_command_is_reported(tmp_path: Path) -> None:
-    """The negative control: a command that exits non-zero, or no longer parses, is caught by `run`."""
+    """The negative control: in a session, the command that exits non-zero (or no longer parses) is named,
+    and a background job and `kill %1` work as in a terminal."""
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    assert run("twinlm train --no-such-flag", tmp_path, env)[0] != 0
-    assert run("false  # documented but broken", tmp_path, env)[0] != 0
-    assert run("true", tmp_path, env)[0] == 0
+    ok = script([(0, "sleep 30 &"), (1, "read answer; test \"$answer\" = y"), (2, "kill %1")])
+    assert run(ok, tmp_path, env)[0] == 0
+    for broken in ("twinlm train --no-such-flag", "false  # documented but broken"):
+        code, out = run(script([(0, "true"), (1, broken), (2, "true")]), tmp_path, env)
+        assert code == 97 and "::failed 1 " in out
 
 
 def test_every_documented_command_runs(tmp_path: Path) -> None:
@@ -211,21 +255,21 @@ def test_every_documented_command_runs(tmp_path: Path) -> None:
     env = workspace(tmp_path, hf)
     steps = plan(documented())
     failures, ran = [], 0
-    for i, (doc, written, command) in enumerate(steps):
-        if command is None:
-            continue
-        if not hf and ("gpt2" in command or "transformers" in command):
+    for code_, out in (run(c, tmp_path, env) for c in SETUP):
+        assert code_ == 0, f"set-up failed:\n{out}"
+    for (doc, block) in dict.fromkeys((d, b) for d, b, _, _ in steps):
+        commands = [(n, run_) for n, (d, b, _, run_) in enumerate(steps) if (d, b) == (doc, block) and run_]
+        if not hf and any("gpt2" in c or "transformers" in c for _, c in commands):
             pytest.skip("the Hugging Face commands need the [hf] extra (transformers)")
-        if i == 0 or steps[i - 1][0] != doc:
-            for setup in SETUP if doc == "README.md" else []:
-                code, out = run(setup, tmp_path, env)
-                assert code == 0, f"set-up `{setup}` failed:\n{out}"
-        code, out = run(command, tmp_path, env)
-        ran += 1
+        code, out = run(script(commands), tmp_path, env, timeout=1200)
+        ran += len(commands)
         if code != 0:
+            failed = re.search(r"::failed (\d+) (\d+)", out)
+            n = int(failed.group(1)) if failed else commands[0][0]
+            written, command = steps[n][2], steps[n][3]
             failures.append(f"{doc}: `{written}`" + (f" (ran `{command}`)" if command != written else "")
-                            + f" exited {code}:\n{out}")
-    assert ran >= 40, f"only {ran} documented commands ran"
+                            + f" exited {failed.group(2) if failed else code}:\n{out}")
+    assert ran >= 50, f"only {ran} documented commands ran"
     assert not failures, "\n\n".join(failures)
 
 
