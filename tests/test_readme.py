@@ -171,7 +171,8 @@ def _text(seed: int, n: int) -> str:
     rng = np.random.default_rng(seed)
     words = "the cat dog owl sat ran on a mat by red big old and said to me you we it".split()
     speakers = ("ROMEO:", "JULIET:", "NURSE:")
-    return "\n".join(f"{rng.choice(speakers)} " + " ".join(rng.choice(words, 10)) + "." for _ in range(n)) + "\n"
+    lines = (f"{rng.choice(speakers)} " + " ".join(rng.choice(words, 10)) + "." for _ in range(n))
+    return "\n".join(lines) + "\n"
 
 
 def workspace(tmp: Path, hf_gpt2: bool) -> dict[str, str]:
