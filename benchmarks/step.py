@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -96,7 +95,7 @@ def bench_one(backend: str, preset: str, batch: int, iters: int, warmup_iters: i
         "ms_per_iter": ms, "cpu_ms_per_iter": report.summarize(cpu),
         "tokens_per_s": tokens / (ms["median"] / 1e3),
         "flops_per_token": flops.train_flops_per_token(cfg),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": report.peak_rss_mb(),
         "loss_first": losses[0], "loss_last": losses[-1], "backend_info": trainer.info,
     }
 

@@ -55,6 +55,12 @@ class Backend:
     supports_float64: bool = False
     supports_grad: bool = True
 
+    def device_info(self) -> dict[str, Any]:
+        """Where this backend computes: {"device", "name", "memory_bytes", "float64", "tf32"} (None where
+        unknown); adapters say more (`twinlm.backends.device.describe`)."""
+        return {"device": "cpu", "name": None, "memory_bytes": None, "float64": self.supports_float64,
+                "tf32": False}
+
     # ---- primitives -------------------------------------------------------------------------
     def from_numpy(self, a: np.ndarray) -> Array:
         raise NotImplementedError
