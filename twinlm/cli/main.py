@@ -107,6 +107,8 @@ def main() -> None:
         click.echo(f"error: internal error ({type(e).__name__}: {_one_line(str(e))}); rerun with "
                    "TWINLM_DEBUG=1 for details", err=True)
         sys.exit(1)
+    finally:
+        dev.request(None)
 
 
 if __name__ == "__main__":
