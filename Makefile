@@ -12,7 +12,7 @@ TWINLM_MLX ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda12 || ec
 MLX_WHEELS := mlx-cpu mlx-cuda-12 mlx-cuda-13
 MLX_WHEEL := $(if $(filter cuda12,$(TWINLM_MLX)),mlx-cuda-12,$(if $(filter cuda13,$(TWINLM_MLX)),mlx-cuda-13,mlx-cpu))
 
-.PHONY: setup demo test test-no-kernels test-all test-cl lint bench kernels clean mlx-build
+.PHONY: setup demo test test-no-kernels test-all test-cl devcheck-dry lint bench kernels clean mlx-build
 
 $(STAMP): pyproject.toml
 	@case "$(TWINLM_MLX)" in cpu|cuda12|cuda13) ;; \
@@ -71,6 +71,10 @@ test-cl: $(STAMP)
 	cd $$(mktemp -d) && $(CURDIR)/$(BIN)/twinlm train --backend tinygrad --device CL --preset tiny \
 	  --block-size 16 --batch-size 4 --max-iters 3 --eval-iters 1 --out cl-run | tee train.log && \
 	  grep -q "backend tinygrad on CL" train.log && grep -q '"device": "CL"' cl-run/metrics.jsonl
+
+# The device check (python -m twinlm.devcheck) at tiny sizes on the CPU: every step, in minutes (CI).
+devcheck-dry: $(STAMP)
+	$(BIN)/python -m twinlm.devcheck --dry-run --out $${TMPDIR:-/tmp}/devcheck-dry-run.json
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -113,3 +113,37 @@ def test_train_records_the_device(tmp_path, corpus) -> None:  # noqa: F811
     assert rows and all(row["device"] == "cpu" for row in rows)
     _, meta = load_checkpoint(tmp_path / "run")
     assert meta["device"]["device"] == "cpu" and meta["device"]["float64"] is False
+
+
+# ---- doctor -----------------------------------------------------------------------------------------
+
+def test_doctor_json_has_a_device_row_per_backend(capsys, monkeypatch) -> None:
+    backend_or_skip("mlx")
+    monkeypatch.delenv("TWINLM_BACKEND", raising=False)
+    code, out, err = run_cli(["doctor", "--json"], capsys, monkeypatch)
+    assert code == 0, err
+    record = json.loads(out)
+    rows = {r["backend"]: r for r in record["backends"]}
+    assert set(rows) == {"mlx", "tinygrad", "numpy"} and "mlx" in record["ready"]
+    mlx = rows["mlx"]
+    assert mlx["ok"] and mlx["compiled"] == "ok" and mlx["device"]["build"] == record["mlx_build"]
+    assert mlx["device"]["device"] in ("cpu", "gpu") and mlx["device"]["name"]
+    if rows["tinygrad"]["ok"]:
+        assert rows["tinygrad"]["compiled"] == "ok" and rows["tinygrad"]["device"]["device"]
+        assert rows["tinygrad"]["device"]["device"] in record["tinygrad_devices"]
+
+
+def test_doctor_compiled_smoke_test_catches_a_broken_compiler(capsys, monkeypatch) -> None:
+    from twinlm.cli import doctor
+
+    B = backend_or_skip("mlx")
+    assert doctor.compiled_smoke(B) == "ok"
+
+    def no_state_update(fn, state):  # negative control: a compiler that drops the state update
+        return type(B).compile_step(B, lambda st, *xs: (fn(st, *xs)[0], st), state)
+
+    monkeypatch.setattr(B, "compile_step", no_state_update)
+    assert doctor.compiled_smoke(B).startswith("wrong values")
+    code, out, _ = run_cli(["doctor", "--json", "--backend", "mlx"], capsys, monkeypatch)
+    row = next(r for r in json.loads(out)["backends"] if r["backend"] == "mlx")
+    assert code == 1 and not row["ok"] and row["compiled"].startswith("wrong values")
