@@ -121,6 +121,28 @@ def compiled_smoke(B: Backend) -> str:
     return "ok" if got == [12.0, 20.0, 28.0] else f"wrong values {got} (want [12.0, 20.0, 28.0])"
 
 
+# Measured on this project's 2-core x86 machine (tinygrad 0.14, pocl 3.1; see README "tinygrad on OpenCL").
+POCL_NOTE = ("CL here is pocl, OpenCL on this CPU: its matmul kernels ran ~40x faster than tinygrad's CPU "
+             "device (1024^2 fp32 GEMM: 68-91 vs 1.4-1.8 GFLOP/s), but every new graph compiles far longer "
+             "(the tiny preset's training step had not compiled after 5 minutes, the machine shared): "
+             "the training step itself is unmeasured on CL")
+
+
+def tinygrad_devices_row(current: str) -> str:
+    """The devices tinygrad opens here, and what to know about CL when it is pocl on the CPU."""
+    try:
+        found = dev.tinygrad_devices()
+    except Exception as e:
+        return f"(could not list: {type(e).__name__})"
+    row = f"{', '.join(found)} (in use: {current}; choose with --device)"
+    if "CL" in found:
+        from tinygrad import Device
+
+        if str(getattr(Device["CL"], "device_name", "")).startswith("pthread"):
+            row += "\n" + POCL_NOTE
+    return row
+
+
 def mlx_blas_rows() -> list[tuple[str, str]]:
     """Which BLAS MLX uses and how fast a matmul runs on it (call only once MLX works)."""
     from twinlm.backends.mlx import BLAS, MALLOC
@@ -221,6 +243,8 @@ def command(backend_name: str | None, as_json_flag: bool) -> None:
                                    if on_cpu else "not found (not needed by tinygrad's device here)"))
     env.add_row("device", f"{dev.requested() or '(not set: each framework chooses)'} "
                 f"(--device / ${dev.DEVICE_ENV})")
+    if tiny is not None and tiny.ok:
+        env.add_row("tinygrad devices", tinygrad_devices_row(str(tiny.info.get("device", ""))))
     if any(r.ok and r.name == "mlx" for r in reports):
         for item, value in mlx_blas_rows():
             env.add_row(item, value)
