@@ -129,12 +129,40 @@ def compile_seconds(stdout: str) -> float | None:
     return float(m.group(1)) if m else None
 
 
+class _Results(list):
+    """The steps so far; each one added rewrites the report, so a check cut short still leaves one."""
+
+    def __init__(self, write: Any) -> None:
+        super().__init__()
+        self.write = write
+
+    def append(self, r: StepResult) -> None:
+        super().append(r)
+        self.write(self, finished=False)
+
+    def __iadd__(self, rs: Any) -> _Results:
+        for r in rs:
+            self.append(r)
+        return self
+
+
 def check(p: Plan, out: Path, work: Path) -> dict[str, Any]:
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     t0 = time.perf_counter()
-    results: list[StepResult] = []
     found = probe()
     device = p.device if p.device is not None else default_device(found)
+
+    def write(results: list[StepResult], finished: bool) -> dict[str, Any]:
+        report = {"devcheck": 1, "dry_run": p.dry_run, "device": device, "started": started,
+                  "finished": finished, "seconds": round(time.perf_counter() - t0, 1),
+                  "host": platform.node(),
+                  "machine": f"{platform.system()} {platform.machine()}", "python": platform.python_version(),
+                  "ok": finished and all(r.ok for r in results), "passed": sum(r.ok for r in results),
+                  "steps": len(results), "results": [asdict(r) for r in results]}
+        out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        return report
+
+    results = _Results(write)
     results.append(StepResult("probe", "error" not in found, round(time.perf_counter() - t0, 2),
                               detail=json.dumps(found), data=found))
     env = dict(os.environ, COLUMNS="200", TWINLM_JIT_CACHE=str(work / "jit"),
@@ -226,13 +254,7 @@ def check(p: Plan, out: Path, work: Path) -> dict[str, Any]:
     for r in results:  # the whole stdout only where it is the finding
         if r.ok and r.name != "doctor":
             r.data.pop("stdout", None)
-    report = {"devcheck": 1, "dry_run": p.dry_run, "device": device, "started": started,
-              "seconds": round(time.perf_counter() - t0, 1), "host": platform.node(),
-              "machine": f"{platform.system()} {platform.machine()}", "python": platform.python_version(),
-              "ok": all(r.ok for r in results), "passed": sum(r.ok for r in results), "steps": len(results),
-              "results": [asdict(r) for r in results]}
-    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    return report
+    return write(results, finished=True)
 
 
 def _works(doctor: StepResult, backend: str) -> bool:
