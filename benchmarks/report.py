@@ -36,6 +36,15 @@ def hardware() -> dict[str, Any]:
     return info
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB: ru_maxrss is KiB on Linux but bytes on macOS."""
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+
+
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for name in PACKAGES:

@@ -51,7 +51,7 @@ class TwinlmTrainer:
             step = S.make_train_step(self.B, spec, opt, loss_fn)
         self.compiled = self.B.compile_step(step, state)
         self.info = {"blas": getattr(self.B, "blas", None), "malloc": getattr(self.B, "malloc", None),
-                     "device": getattr(self.B, "device", "CPU"), "ranks": self.ranks, "devices": devices}
+                     "device": self.B.device_info(), "ranks": self.ranks, "devices": devices}
         if backend == "mlx":
             from twinlm.backends import kernels
 

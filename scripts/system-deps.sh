@@ -2,8 +2,27 @@
 # System packages twinlm needs on Linux: clang (tinygrad's CPU device compiles kernels with it)
 # and OpenBLAS (MLX's bundled reference BLAS is ~30x slower). Installs them with apt when it can.
 # Optional: cmake and g++ build twinlm's MLX CPU kernels; installed along when apt can, never required.
+# With --opencl (make test-cl): pocl, a CPU OpenCL implementation, and clinfo, so tinygrad's CL device runs here.
 set -euo pipefail
 [ "$(uname -s)" = "Linux" ] || exit 0
+if [ "${1:-}" = "--opencl" ]; then
+  ls /etc/OpenCL/vendors/*.icd >/dev/null 2>&1 && exit 0  # an OpenCL runtime is installed (pocl or another)
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "tinygrad's CL device needs an OpenCL runtime (e.g. pocl); install it with your package manager" >&2
+    exit 1
+  fi
+  sudo=""
+  if [ "$(id -u)" -ne 0 ]; then
+    if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo -n"; else
+      echo "tinygrad's CL device needs pocl; run: sudo apt-get install -y pocl-opencl-icd clinfo" >&2
+      exit 1
+    fi
+  fi
+  echo "installing pocl-opencl-icd clinfo with apt-get (tinygrad's OpenCL device on this CPU)"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq pocl-opencl-icd clinfo >/dev/null
+  exit 0
+fi
 missing=()
 command -v clang >/dev/null 2>&1 || missing+=(clang)
 ls /usr/lib/*-linux-gnu/openblas-pthread/libblas.so.3 >/dev/null 2>&1 || missing+=(libopenblas0-pthread)

@@ -8,6 +8,12 @@ import shutil
 import sys
 import tempfile
 
+# Before any framework is imported (both read these once). tinygrad otherwise takes the first device that
+# opens (an installed OpenCL runtime moves every test to CL); `make test-cl` sets DEV=CL itself. MLX on a
+# GPU runs float32 matmuls in TF32 unless told not to, which the 1e-4/1e-5 tolerances are not for.
+os.environ.setdefault("DEV", "CPU")
+os.environ.setdefault("MLX_ENABLE_TF32", "0")
+
 import numpy as np
 import pytest
 

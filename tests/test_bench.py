@@ -70,3 +70,16 @@ def test_hardware_and_versions_describe_this_machine() -> None:
     hw, ver = report.hardware(), report.versions()
     assert hw["cpus"] >= 1 and hw["machine"]
     assert ver["python"].count(".") == 2 and "numpy" in ver
+
+
+def test_device_gemm_peak_and_peak_rss() -> None:
+    from conftest import backend_or_skip
+
+    from benchmarks import report
+    from benchmarks.step import device_gemm_peak
+
+    for name in ("mlx", "tinygrad"):
+        B = backend_or_skip(name)
+        r = device_gemm_peak(B, n=64, repeats=2)
+        assert r["flops"] > 0 and r["n"] == 64 and r["device"] == B.device_info()["device"]
+    assert 1 < report.peak_rss_mb() < 1e6  # MB, not KiB or bytes

@@ -133,3 +133,26 @@ def test_importing_core_loads_no_framework() -> None:
         leaky = code.replace(f"for m in {modules!r}", f"for m in {modules + ['twinlm.backends.mlx']!r}")
         out = subprocess.run([sys.executable, "-c", leaky], capture_output=True, text=True, check=True)
         assert "mlx" in out.stdout
+
+
+@pytest.mark.parametrize("name", ["numpy", "mlx", "tinygrad"])
+def test_compact_dropout_masks_expand_to_the_float_masks_bit_for_bit(name: str) -> None:
+    from conftest import backend_or_skip
+
+    B = backend_or_skip(name)
+    cfg = preset("tiny", vocab_size=11, dropout=0.2, lora_rank=2, lora_dropout=0.3)
+    want = dropout.masks(cfg, 2, 8, 0, 5)
+    keep = dropout.keep_masks(cfg, 2, 8, 0, 5)
+    assert any(k.endswith(".lora") for k in keep)
+    assert not any(k.endswith(".lora") for k in dropout.sites(cfg, 2, 8))  # the rule `expand` relies on
+    assert all(m.dtype == np.bool_ for m in keep.values())  # one byte per unit on the way to the device
+    sent = {k: B.from_numpy(m) for k, m in keep.items()}
+    sent |= {k: B.from_numpy(v) for k, v in dropout.scales(cfg).items()}
+    got = {k: B.to_numpy(v) for k, v in dropout.expand(B, sent).items()}
+    assert list(got) == list(want)
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+    assert name == "numpy" or all(got[k].dtype == np.float32 for k in want)  # numpy computes in float64
+    # Negative control: the two groups' scales swapped must change the LoRA sites' masks.
+    swapped = sent | {dropout.SCALE: sent[dropout.LORA_SCALE], dropout.LORA_SCALE: sent[dropout.SCALE]}
+    bad = {k: B.to_numpy(v) for k, v in dropout.expand(B, swapped).items()}
+    assert not all(np.array_equal(bad[k], want[k]) for k in want)

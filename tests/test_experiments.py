@@ -31,6 +31,7 @@ def quick(name: str, tmp_path: Path, capsys, monkeypatch, backend: str = "mlx") 
     result = json.loads((out / "result.json").read_text())
     assert result["experiment"] == name and result["backend"] == backend and result["quick"] is True
     assert result["versions"]["twinlm"] and result["versions"].get(backend)
+    assert result["device"]["device"] and "float64" in result["device"]  # where it ran (Backend.device_info)
     assert result["config"] and result["numbers"] and result["claim"] and result["headline"]
     assert f"verdict: {result['verdict']}" in stdout
     assert result["figures"] and all((out / f).stat().st_size > 10_000 for f in result["figures"])

@@ -21,6 +21,7 @@ class RunMeta:
     task_state: dict[str, Any] | None = None  # where the task's batch sequence is (for resume)
     labels: list[str] = field(default_factory=list)  # a classifier's, in class-index order
     backend: str | None = None
+    device: dict[str, Any] | None = None  # `Backend.device_info()`: device, name, memory, float64, TF32
     versions: dict[str, str] = field(default_factory=dict)
     seed: int | None = None
     optimizer: dict[str, Any] = field(default_factory=dict)
@@ -51,7 +52,8 @@ class RunMeta:
         kinds: dict[str, tuple[type, ...]] = {
             "tokenizer": (dict,), "iter": (int,), "train": (dict,), "task": (str, type(None)),
             "task_state": (dict, type(None)), "labels": (list,), "backend": (str, type(None)),
-            "versions": (dict,), "seed": (int, type(None)), "optimizer": (dict,), "skipped": (int,),
+            "device": (dict, type(None)), "versions": (dict,), "seed": (int, type(None)),
+            "optimizer": (dict,), "skipped": (int,),
             "best_val_loss": (int, float, type(None)), "data_source": (str, type(None)),
             "metrics": (dict, type(None)), "hf": (dict, type(None)),
             "base": (dict, type(None))}

@@ -1,7 +1,8 @@
 """Backend registry with lazy imports: a framework that is absent or broken never breaks another.
 
 Choose with `get_backend("mlx" | "tinygrad" | "numpy")`, the `TWINLM_BACKEND` environment
-variable, or the default (MLX when it imports, else tinygrad).
+variable, or the default (MLX when it imports, else tinygrad). The device comes from `--device` /
+`TWINLM_DEVICE` (`twinlm.backends.device`), made the framework's default before the backend is created.
 """
 
 from __future__ import annotations
@@ -36,11 +37,25 @@ def names() -> tuple[str, ...]:
     return tuple(_MODULES)
 
 
-def get_backend(name: str | None = None, devices: int = 1) -> Backend:
-    """The backend object for `name` (or $TWINLM_BACKEND, or the default), created once; `devices` > 1:
-    tinygrad's data-parallel form over that many devices (see the adapter)."""
+def get_backend(name: str | None = None, devices: int = 1, device: str | None = None) -> Backend:
+    """The backend object for `name` (or $TWINLM_BACKEND, or the default), created once per device;
+    `devices` > 1: tinygrad's data-parallel form over that many devices (see the adapter); `device`: the
+    device to run on (default: `--device` / $TWINLM_DEVICE for this backend, else the framework's own)."""
+    from twinlm.backends import device as dev
+
     name = check_name(name or os.environ.get(ENV_VAR) or default_name())
+    device = device if device is not None else dev.for_backend(name)
     key = name if devices == 1 else f"{name}:{devices}"
+    key += f"@{device}" if device is not None else ""
+    if key not in _cache or device is not None:
+        try:
+            # Before the backend exists (and again for a cached one: the default device is process-wide).
+            dev.apply(name, device)
+        except dev.DeviceUnavailable:
+            raise
+        except Exception as e:  # the framework itself does not import: the install hint below
+            raise BackendUnavailable(f"backend {name!r} is unavailable ({type(e).__name__}: {e}); "
+                                     f"{_HINTS[name]}") from e
     if key not in _cache:
         try:
             module = importlib.import_module(_MODULES[name])

@@ -38,6 +38,12 @@ class MLXBackend(Backend):
         self.group = _group()
         # twinlm's CPU kernels (None: not built, failed to load, TWINLM_KERNELS=0, or not asked for).
         self.kernels = _kernels.load() if fused and kernels else None
+        self.device = "gpu" if mx.default_device() == mx.gpu else "cpu"  # set by --device before this
+
+    def device_info(self) -> dict:
+        from twinlm.backends import device
+
+        return device.describe(self.name)
 
     def _kernel(self, *xs: Array):
         """The kernels module when it can serve these arrays (float32, on the CPU) and fused kernels are on,

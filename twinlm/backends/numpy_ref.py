@@ -14,6 +14,11 @@ class NumpyBackend(Backend):
     supports_float64 = True
     supports_grad = False
 
+    def device_info(self) -> dict:
+        from twinlm.backends import device
+
+        return device.describe(self.name)
+
     def __init__(self, dtype: type = np.float64) -> None:
         self.dtype = dtype
 

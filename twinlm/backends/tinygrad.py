@@ -30,17 +30,28 @@ _DTYPES = {np.dtype(np.float32): dtypes.float32, np.dtype(np.float64): dtypes.fl
 
 class TinygradBackend(Backend):
     name = "tinygrad"
-    supports_float64 = True
 
     def __init__(self, devices: int = 1) -> None:
-        self.device = Device.DEFAULT
+        self.device = Device.DEFAULT  # --device set it before this (twinlm.backends.device)
         self.n_devices = devices
         base = Device.DEFAULT.split(":")[0]
         self.devices = tuple(f"{base}:{i}" for i in range(devices)) if devices > 1 else None
 
+    @property
+    def supports_float64(self) -> bool:  # type: ignore[override]
+        # Asked of the device's renderer: Metal has no double, OpenCL only with cl_khr_fp64.
+        from twinlm.backends import device
+
+        return device.tinygrad_float64(self.device)
+
+    def device_info(self) -> dict:
+        from twinlm.backends import device
+
+        return device.describe(self.name, self.device)
+
     def from_numpy(self, a: np.ndarray) -> Array:
         a = np.ascontiguousarray(a)
-        t = Tensor(a, dtype=_DTYPES[a.dtype])
+        t = Tensor(a, dtype=_DTYPES[a.dtype], device=None if self.devices else self.device)
         return (t.shard(self.devices) if self.devices else t).realize()  # replicated on every device
 
     def from_numpy_rows(self, a: np.ndarray, axis: int = 0) -> Array:

@@ -13,7 +13,7 @@ from types import ModuleType
 
 import click
 
-from twinlm.cli.common import chosen_backend_name
+from twinlm.cli.common import chosen_backend_name, device_option
 from twinlm.core.errors import TwinlmError
 
 
@@ -29,6 +29,7 @@ def _harness() -> ModuleType:
 
 
 @click.command("bench")
+@device_option  # reaches benchmarks.step through $TWINLM_DEVICE
 @click.option("--backend", "backends", default=None,
               help="mlx | tinygrad | torch | all, or a comma-separated list (default: the group's --backend, "
                    "$TWINLM_BACKEND, else all).")

@@ -11,14 +11,39 @@ from typing import Any
 import click
 
 from twinlm.backends import ENV_VAR, get_backend
+from twinlm.backends import device as dev
 from twinlm.core.backend import Backend
 
 BACKEND_METAVAR = "mlx|tinygrad|numpy"
 BACKEND_HELP = f"Backend (default: the group's --backend, ${ENV_VAR}, else mlx); numpy: sample/eval only."
+DEVICE_METAVAR = "DEVICE"
+DEVICE_HELP = (f"Device (default: the group's --device, ${dev.DEVICE_ENV}, else the framework's choice): MLX "
+               "cpu|gpu; tinygrad CPU, CL, CUDA, NV, METAL, AMD (optionally :N); or per backend, "
+               "mlx=gpu,tinygrad=CUDA.")
+
+
+def _take_device(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    # Process-wide, like the frameworks' own default device, and exported so that child processes (MLX
+    # ranks, bench's runs) use the same one. A malformed spec is a usage error before any work.
+    if value is not None:
+        try:
+            dev.request(value)
+        except dev.DeviceUnavailable as e:
+            raise click.BadParameter(str(e), ctx=ctx, param=param) from None
+        os.environ[dev.DEVICE_ENV] = value
+    return value
+
+
+def device_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """`--device` on a command (or the group): applied by `get_backend` before a backend is created."""
+    return click.option("--device", default=None, metavar=DEVICE_METAVAR, help=DEVICE_HELP,
+                        expose_value=False, callback=_take_device)(f)
 
 
 def backend_option(f: Callable[..., Any]) -> Callable[..., Any]:
-    """`--backend` on a command; falls back to the group's `--backend`, then $TWINLM_BACKEND."""
+    """`--backend` on a command; falls back to the group's `--backend`, then $TWINLM_BACKEND. Brings
+    `--device` along: every command that creates a backend can be told where it runs."""
+    f = device_option(f)
     return click.option("--backend", "backend_name", default=None, metavar=BACKEND_METAVAR,
                         help=BACKEND_HELP)(f)
 

@@ -11,13 +11,15 @@ import click
 
 from twinlm._version import __version__
 from twinlm.backends import ENV_VAR
-from twinlm.cli.common import BACKEND_METAVAR
+from twinlm.backends import device as dev
+from twinlm.cli.common import BACKEND_METAVAR, device_option
 from twinlm.core.errors import TwinlmError, TwinlmWarning
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--backend", default=None, metavar=BACKEND_METAVAR,
               help=f"Backend for every command (also ${ENV_VAR}); numpy runs sample and eval only.")
+@device_option
 @click.version_option(__version__, prog_name="twinlm")
 @click.pass_context
 def cli(ctx: click.Context, backend: str | None) -> None:
@@ -79,6 +81,7 @@ def main() -> None:
     """Run the CLI; every error becomes one `error: ...` line on stderr, never a traceback: exit status 2
     for bad input (click's usage errors included), 1 for an internal error, 130 when interrupted."""
     _one_line_warnings()
+    dev.request(None)  # this invocation's --device only (main() may run again in one process)
     try:
         code = cli.main(standalone_mode=False)
         if isinstance(code, int):  # click returns ctx.exit(code) here in non-standalone mode
@@ -106,6 +109,8 @@ def main() -> None:
         click.echo(f"error: internal error ({type(e).__name__}: {_one_line(str(e))}); rerun with "
                    "TWINLM_DEBUG=1 for details", err=True)
         sys.exit(1)
+    finally:
+        dev.request(None)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 
@@ -12,6 +13,8 @@ from rich.table import Table
 
 from twinlm import parity
 from twinlm.backends import ENV_VAR, default_name, get_backend
+from twinlm.backends.device import TF32_ENV, tf32_enabled
+from twinlm.backends.device import label as device_label
 from twinlm.cli.common import backend_option, chosen_backend_name
 from twinlm.core.config import PRESETS, preset
 from twinlm.core.errors import TwinlmError
@@ -120,6 +123,10 @@ def command(ctx: click.Context, backends: str | None, arch: str, config_name: st
     if len(names) < 2:
         raise TwinlmError(f"parity needs at least two backends (got {backends!r}), e.g. --backends "
                           f"{ALL_BACKENDS}")
+    # MLX on CUDA (and Apple GPUs with neural accelerators) runs float32 matmuls in TF32 unless told not to;
+    # parity's 1e-4/1e-5 tolerances are for float32. Read once, at MLX's first matmul: set it before that.
+    # MLX_ENABLE_TF32=1 given by the user is kept (to see TF32's margin) and said below.
+    os.environ.setdefault(TF32_ENV, "0")
     chosen = [get_backend(n) for n in names]  # BackendUnavailable says what to install
     archs = parity.ARCHS if arch == "all" else (arch,)
     cfg = preset(config_name, vocab_size=65)
@@ -130,6 +137,9 @@ def command(ctx: click.Context, backends: str | None, arch: str, config_name: st
                   f"(n_layer {cfg.n_layer}, n_head {cfg.n_head}, d_model {cfg.d_model}, "
                   f"block {cfg.block_size}, vocab {cfg.vocab_size}); "
                   f"seed {seed}; {steps} AdamW steps at dropout 0" + (f" and {dropout:g}" if dropout else ""))
+    devices = [f"{B.name} on {device_label(B.device_info())}" for B in chosen]
+    tf32 = "on (MLX_ENABLE_TF32)" if tf32_enabled() else "off"
+    console.print(f"devices: {'; '.join(devices)}; MLX TF32 {tf32}")
     start = time.perf_counter()
 
     def progress(status: Status, prefix: str) -> Callable[[str], None]:

@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from twinlm.backends import TRAINABLE, check_name, default_name, get_backend
+from twinlm.backends.device import label as device_label
 from twinlm.cli.common import backend, backend_option, chosen_backend_name, field_options
 from twinlm.core import model, task
 from twinlm.core.config import ACTIVATIONS, NORMS, POS_ENCODINGS, preset_training
@@ -164,7 +165,8 @@ def run(tc: TrainConfig, backend_name: str | None, resume: str | None, devices: 
                 f"{', '.join(trainer.labels)}  |  base {tc.base}{scratch}")
     rank, ranks = B.world()
     parallel = f"  |  {ranks} ranks" if ranks > 1 else f"  |  {devices} devices" if devices > 1 else ""
-    out(f"backend {B.name}{parallel}  |  {data}  |  tokenizer {trainer.tokenizer.kind} "
+    out(f"backend {B.name} on {device_label(B.device_info())}{parallel}  |  {data}  |  "
+        f"tokenizer {trainer.tokenizer.kind} "
         f"({cfg.vocab_size} ids)")
     trained = f" ({n_train:,} trained)" if n_train != n_params else ""
     if attends(cfg):

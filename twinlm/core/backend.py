@@ -58,6 +58,12 @@ class Backend:
     # suite's negative controls switch it off, so the pieces they replace are the ones that run).
     fused: bool = True
 
+    def device_info(self) -> dict[str, Any]:
+        """Where this backend computes: {"device", "name", "memory_bytes", "float64", "tf32"} (None where
+        unknown); adapters say more (`twinlm.backends.device.describe`)."""
+        return {"device": "cpu", "name": None, "memory_bytes": None, "float64": self.supports_float64,
+                "tf32": False}
+
     # ---- primitives -------------------------------------------------------------------------
     def from_numpy(self, a: np.ndarray) -> Array:
         raise NotImplementedError

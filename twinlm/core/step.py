@@ -28,6 +28,7 @@ import numpy as np
 from twinlm.core import dropout, optim
 from twinlm.core.backend import Array, Backend
 from twinlm.core.config import ModelConfig
+from twinlm.core.dropout import expand as expand_dropout
 from twinlm.core.spec import Spec
 
 StepFn = Callable[..., tuple[tuple[Array, Array], dict[str, Array]]]
@@ -107,7 +108,7 @@ def make_train_step(B: Backend, spec: Spec, opt: optim.AdamWConfig, loss_fn: Los
 
     def step(state: dict[str, Array], batch: dict[str, Array], dropout: dict[str, Array],
              lr: Array, bc1: Array, bc2: Array) -> tuple[tuple[Array, Array], dict[str, Array]]:
-        loss, grads = grads_of(params_of(state), batch, dropout)
+        loss, grads = grads_of(params_of(state), batch, expand_dropout(B, dropout))
         gnorm, new = update(state, grads, lr, bc1, bc2)
         return (loss, gnorm), new
 
@@ -117,7 +118,7 @@ def make_train_step(B: Backend, spec: Spec, opt: optim.AdamWConfig, loss_fn: Los
     def reduced_step(state: dict[str, Array], batch: dict[str, Array], dropout: dict[str, Array],
                      lr: Array, bc1: Array, bc2: Array,
                      flag: Array) -> tuple[tuple[Array, Array, Array], dict[str, Array]]:
-        loss, grads = grads_of(params_of(state), batch, dropout)
+        loss, grads = grads_of(params_of(state), batch, expand_dropout(B, dropout))
         loss, flag, grads = all_sum_fused(B, all_sum, loss, flag, grads)
         gnorm, new = update(state, grads, lr, bc1, bc2)
         return (loss, gnorm, flag), new
@@ -157,7 +158,7 @@ def drive(B: Backend, compiled: Any, cfg: ModelConfig, opt: optim.AdamWConfig, b
     `B.from_numpy_rows`, which splits rows across a backend's devices where it has several."""
     x = batch["x"]
     rows = x.shape[0] * x.shape[1] if x.ndim == 3 else x.shape[0]
-    drop = dropout.masks(cfg, rows, x.shape[-1], seed, it)
+    drop = dropout.keep_masks(cfg, rows, x.shape[-1], seed, it)  # bool: expanded on the device
     if x.ndim == 3:
         drop = {k: m.reshape(*x.shape[:2], *m.shape[1:]) for k, m in drop.items()}
     if shard is not None:
@@ -169,8 +170,10 @@ def drive(B: Backend, compiled: Any, cfg: ModelConfig, opt: optim.AdamWConfig, b
     if flag is not None:
         scalars.append(B.from_numpy(np.asarray(flag, dtype=np.float32)))
     axis = 1 if x.ndim == 3 else 0
-    outputs = compiled({k: B.from_numpy_rows(v, axis) for k, v in batch.items()},
-                       {k: B.from_numpy_rows(m, axis) for k, m in drop.items()}, *scalars)
+    drop_in = {k: B.from_numpy_rows(m, axis) for k, m in drop.items()}
+    if drop:  # the scales, replicated (0-d: not split across devices)
+        drop_in |= {k: B.from_numpy(v) for k, v in dropout.scales(cfg).items()}
+    outputs = compiled({k: B.from_numpy_rows(v, axis) for k, v in batch.items()}, drop_in, *scalars)
     return tuple(float(B.to_numpy(o)) for o in outputs)
 
 

@@ -205,6 +205,7 @@ def write_result(ctx: Context, name: str, outcome: Outcome, wall_s: float) -> Pa
               "claim": outcome.claim, "headline": outcome.headline, "reproduced": outcome.reproduced,
               "verdict": outcome.verdict, "note": outcome.note, "numbers": outcome.numbers,
               "config": outcome.config, "figures": list(ctx.figures), "versions": versions(ctx.B),
+              "device": ctx.B.device_info(),
               "python": platform.python_version(), "machine": platform.machine(),
               "wall_s": round(wall_s, 2), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     path = ctx.out / "result.json"

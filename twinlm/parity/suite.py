@@ -131,6 +131,10 @@ class Suite:
         capable = [s for s in sides if s.backend.supports_float64 and s.backend.supports_grad]
         if not capable:
             report.notes.append("float64: skipped (no backend here supports float64 autograd)")
+        for s in sides:  # say which device lacks it (tinygrad on Metal, OpenCL without cl_khr_fp64)
+            if s.backend.supports_grad and not s.backend.supports_float64 and s.backend.name != "mlx":
+                report.notes.append(f"float64: skipped for {s.label} (device "
+                                    f"{s.backend.device_info()['device']} has no float64)")
         params = init_params(self.fd_cfg, self.seed)
         batch = graph.parity_batch(self.fd_cfg, np.random.default_rng([self.seed, 2]), 2,
                              min(8, self.fd_cfg.block_size))

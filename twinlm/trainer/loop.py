@@ -210,7 +210,8 @@ class Trainer:
         return RunMeta(model=self.cfg, tokenizer=self.tokenizer.to_dict(), iter=self.iter,
                        train=self.tc.to_dict(),
                        task=self.task.name, task_state=self.task.state(),
-                       labels=self.labels, backend=self.B.name, versions=versions(self.B), seed=self.tc.seed,
+                       labels=self.labels, backend=self.B.name, device=self.B.device_info(),
+                       versions=versions(self.B), seed=self.tc.seed,
                        optimizer=self.opt.to_dict(), skipped=self.skipped, best_val_loss=self.best_val,
                        data_source=self.ds.source if self.ds is not None else (self.tc.data or C.BUILTIN),
                        metrics=self.last_metrics or None, hf=self.hf_record, base=self.base_record)
@@ -241,9 +242,12 @@ class Trainer:
         progress = progress if progress is not None and self.main else Progress(None)
         progress.start(start_iter, tc.max_iters)
 
+        device = self.B.device_info()["device"]
+
         def emit(event: str, **values: Any) -> None:
             rec = {"event": event, "iter": self.iter, "tokens": self.iter * tokens_per_iter,
-                   "time": round(time.perf_counter() - t_start, 4), "backend": self.B.name, **values}
+                   "time": round(time.perf_counter() - t_start, 4), "backend": self.B.name, "device": device,
+                   **values}
             metrics.write(json.dumps(rec) + "\n")
             metrics.flush()
 
