@@ -42,7 +42,8 @@ ADAPTED: dict[str, Adapted] = {
     "make demo": Adapted("sets up the checkout's .venv (CI's own job); its two commands run here",
                          instead="twinlm parity --quick && twinlm train --max-iters 100"),
     "python -m twinlm.devcheck --dry-run --out /tmp/devcheck.json": Adapted(
-        "every step of the device check, about 10 minutes here; .ci/run runs it (make devcheck-dry)", run=False),
+        "every step of the device check, about 10 minutes here; .ci/run runs it (make devcheck-dry)",
+        run=False),
     "twinlm cache clear tokens": Adapted("asks on a terminal first, and the test has none", append="--yes"),
     "make test": Adapted("this very suite: .ci/run runs it; here it would run itself", run=False),
     "TWINLM_BACKEND=tinygrad twinlm parity": Adapted(
