@@ -104,8 +104,8 @@ def test_chat_session_under_a_terminal(long_run: Path) -> None:
         t.send("/reset\n")
         t.expect("[conversation reset]")
         t.expect(">>> ")
-        t.interrupt()  # Ctrl-C at the prompt: a new line, still running
-        time.sleep(0.5)
+        t.interrupt()  # Ctrl-C at the prompt: a new line and a new prompt, still running
+        t.expect(">>> ", timeout=30)
         assert t.proc.poll() is None
         t.send("/exit\n")
         assert t.wait(30) == 0, t.seen[-300:]

@@ -457,7 +457,8 @@ def test_train_on_a_folder_and_on_a_jsonl_corpus(tmp_path):
 @pytest.mark.parametrize("files, args, message", [
     ({"empty/": None}, [], "/empty has no .txt, .md or .jsonl files"),
     ({"r.jsonl": '{"text": "ok"}\n{"txt": "typo"}\n'}, [], "r.jsonl, line 2 has no 'text' string"),
-    ({"r.jsonl": '{"messages": []}\n'}, [], "r.jsonl, line 1 is a chat/instruction row (messages)"),
+    # a .jsonl of chat rows is chat data (core.chat), which names the bad row
+    ({"r.jsonl": '{"messages": []}\n'}, [], "r.jsonl:1: 'messages' must be a non-empty list"),
     ({"bad.txt": b"abc \xff def"}, [], "bad.txt is not valid UTF-8 (byte 0xff at offset 4)"),
     ({"a.txt": "x"}, ["--bpe-sample-mb", "-1", "--tokenizer", "bpe"],
      "bpe-sample-mb must be an integer >= 0"),
