@@ -10,6 +10,7 @@ from twinlm.core.errors import ConfigError
 POS_ENCODINGS = ("learned", "sinusoidal", "rope", "none")
 NORMS = ("layernorm", "rmsnorm", "none")  # none: identity (`twinlm experiment norm-residual`)
 ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu")
+ROPE_TYPES = ("default", "linear", "llama3")
 # Layers LoRA can adapt, named within a block; short aliases that name one of them unambiguously.
 LORA_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
 LORA_ALIASES = {"qkv": "attn.qkv", "fc": "mlp.fc", "all": LORA_TARGETS}
@@ -38,6 +39,16 @@ class ModelConfig:
     activation: str | None = None  # "gelu" (exact erf) | "gelu_tanh" | "swiglu"
     norm_eps: float | None = None
     rope_theta: float = 10000.0
+    # RoPE frequency scaling (core.layers.rope_inv_freq): "default" (none), "linear" (every frequency / factor)
+    # or "llama3" (Llama 3.1's: low frequencies / factor, high ones kept, a smooth ramp between).
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0  # llama3 only
+    rope_high_freq_factor: float = 4.0  # llama3 only
+    rope_original_positions: int = 0  # llama3 only: the pre-training context the wavelengths are measured by
+    head_size: int = 0  # 0: d_model / n_head; else an explicit head size (Qwen3, Gemma)
+    qkv_bias: bool = False  # biases on q, k and v only (Qwen2), whatever `bias` says
+    qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (Qwen3)
     type_vocab_size: int | None = None  # BERT's token-type (segment) embeddings; 0: none
     n_classes: int = 0  # > 0: a classification head on the pooled representation
     lora_rank: int = 0  # > 0: low-rank adapters on `lora_targets`; every pretrained weight is frozen
@@ -64,7 +75,9 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if self.d_model % self.n_head:
+        if not isinstance(self.head_size, int) or isinstance(self.head_size, bool) or self.head_size < 0:
+            raise ConfigError(f"head_size must be a non-negative integer, got {self.head_size!r}")
+        if not self.head_size and self.d_model % self.n_head:
             raise ConfigError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
         if self.n_head % self.n_kv_head:
             raise ConfigError(f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})")
@@ -85,6 +98,7 @@ class ModelConfig:
             raise ConfigError(f"norm_eps must be in (0, 1), got {self.norm_eps!r}")
         if not self.rope_theta > 0:
             raise ConfigError(f"rope_theta must be positive, got {self.rope_theta!r}")
+        self._check_rope_scaling()
         self._check_lora()
         if self.lora_rank and getattr(fam, "RECURRENT", False):
             raise ConfigError(f"LoRA adapts attention and MLP layers; --arch {self.arch} has none")
@@ -95,6 +109,34 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
+
+    def _check_rope_scaling(self) -> None:
+        if self.rope_type not in ROPE_TYPES:
+            raise ConfigError(f"rope_type must be one of {', '.join(ROPE_TYPES)}, got {self.rope_type!r}")
+        if self.rope_type == "default":
+            return
+        if self.pos_encoding != "rope":
+            raise ConfigError(f"rope_type {self.rope_type!r} scales rotary positions; this model has "
+                              f"{self.pos_encoding} positions")
+        if not (isinstance(self.rope_factor, (int, float)) and self.rope_factor >= 1.0):
+            raise ConfigError(f"rope_factor must be a number >= 1, got {self.rope_factor!r}")
+        if self.rope_type == "llama3":
+            if not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+                raise ConfigError("llama3 RoPE needs 0 < rope_low_freq_factor < rope_high_freq_factor, got "
+                                  f"{self.rope_low_freq_factor} and {self.rope_high_freq_factor}")
+            if not (isinstance(self.rope_original_positions, int) and self.rope_original_positions > 0):
+                raise ConfigError("llama3 RoPE needs rope_original_positions > 0 (the pre-training context), "
+                                  f"got {self.rope_original_positions!r}")
+
+    @property
+    def rope_scaling(self) -> tuple[Any, ...]:
+        """The RoPE scaling as a hashable tuple (core.layers.rope_inv_freq's argument); () for none."""
+        if self.rope_type == "default":
+            return ()
+        if self.rope_type == "linear":
+            return ("linear", float(self.rope_factor))
+        return ("llama3", float(self.rope_factor), float(self.rope_low_freq_factor),
+                float(self.rope_high_freq_factor), int(self.rope_original_positions))
 
     def _check_lora(self) -> None:
         r = self.lora_rank
@@ -117,7 +159,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_head
+        return self.head_size or self.d_model // self.n_head
 
     @property
     def kind(self) -> str:

@@ -37,11 +37,31 @@ def sinusoidal_table(n_pos: int, d_model: int) -> np.ndarray:
     return _read_only(table.astype(np.float32))
 
 
-@lru_cache(maxsize=16)
-def rope_tables(n_pos: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin (n_pos, hs/2) of pos * theta^(-2i/hs), the angles `Backend.rope` rotates by."""
+def rope_inv_freq(head_dim: int, theta: float, scaling: tuple = ()) -> np.ndarray:
+    """The rotary frequencies theta^(-2i/hs) (float64, hs/2), with the config's scaling applied (pinned to
+    transformers' `modeling_rope_utils`): `()` none; `("linear", f)` every frequency / f; `("llama3", f, lo,
+    hi, n0)` Llama 3.1's: wavelengths 2 pi / freq above n0/lo divided by f, below n0/hi kept, and between
+    them (1 - s) freq / f + s freq with s = (n0 / wavelength - lo) / (hi - lo)."""
     inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
-    angles = np.arange(n_pos, dtype=np.float64)[:, None] * inv_freq
+    if not scaling:
+        return inv_freq
+    kind, factor = scaling[0], scaling[1]
+    if kind == "linear":
+        return inv_freq / factor
+    if kind != "llama3":
+        raise ValueError(f"unknown RoPE scaling {kind!r}")
+    lo, hi, n0 = scaling[2:]
+    wavelen = 2 * np.pi / inv_freq
+    scaled = np.where(wavelen > n0 / lo, inv_freq / factor, inv_freq)
+    smooth = (n0 / wavelen - lo) / (hi - lo)
+    medium = (wavelen >= n0 / hi) & (wavelen <= n0 / lo)
+    return np.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+
+
+@lru_cache(maxsize=16)
+def rope_tables(n_pos: int, head_dim: int, theta: float, scaling: tuple = ()) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin (n_pos, hs/2) of pos * freq (`rope_inv_freq`), the angles `Backend.rope` rotates by."""
+    angles = np.arange(n_pos, dtype=np.float64)[:, None] * rope_inv_freq(head_dim, theta, scaling)
     return _read_only(np.cos(angles).astype(np.float32)), _read_only(np.sin(angles).astype(np.float32))
 
 
@@ -67,11 +87,12 @@ def padding_mask(lengths: np.ndarray, t: int) -> np.ndarray:
 
 # ---- parameter specs ---------------------------------------------------------------------------
 
-def linear_spec(cfg: ModelConfig, name: str, n_in: int, n_out: int, std: float = S.INIT_STD) -> S.Spec:
-    """weight (in, out) and bias; plus LoRA's a (in, r) ~ N(0, 1/in) and b (r, out) = 0 where the config
+def linear_spec(cfg: ModelConfig, name: str, n_in: int, n_out: int, std: float = S.INIT_STD,
+                bias: bool | None = None) -> S.Spec:
+    """weight (in, out) and bias (where `bias`, default the config's); plus LoRA's a (in, r) ~ N(0, 1/in) and b (r, out) = 0 where the config
     adapts this layer, so an adapted model starts exactly as the pretrained one."""
     out = {f"{name}.weight": S.weight(n_in, n_out, std)}
-    if cfg.bias:
+    if cfg.bias if bias is None else bias:
         out[f"{name}.bias"] = S.bias(n_out)
     if lora_target(cfg, name):
         r = cfg.lora_rank
@@ -96,10 +117,15 @@ def norm_spec(cfg: ModelConfig, name: str) -> S.Spec:
 
 
 def attention_spec(cfg: ModelConfig, name: str, proj_std: float = S.INIT_STD) -> S.Spec:
-    """One fused q|k|v projection (C -> (H + 2 Hkv) hs), then the output projection."""
+    """One fused q|k|v projection (C -> (H + 2 Hkv) hs), then the output projection (H hs -> C); with
+    `qk_norm`, a gain (hs) for q's and k's per-head RMSNorm."""
     hs = cfg.head_dim
-    return {**linear_spec(cfg, f"{name}.qkv", cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * hs),
-            **linear_spec(cfg, f"{name}.proj", cfg.d_model, cfg.d_model, proj_std)}
+    out = {**linear_spec(cfg, f"{name}.qkv", cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * hs,
+                         bias=bool(cfg.bias or cfg.qkv_bias)),
+           **linear_spec(cfg, f"{name}.proj", cfg.n_head * hs, cfg.d_model, proj_std)}
+    if cfg.qk_norm:
+        out |= {f"{name}.q_norm.weight": S.gain(hs), f"{name}.k_norm.weight": S.gain(hs)}
+    return out
 
 
 def mlp_spec(cfg: ModelConfig, name: str, proj_std: float = S.INIT_STD) -> S.Spec:
@@ -155,7 +181,7 @@ def self_attention(B: Backend, cfg: ModelConfig, p: Params, name: str, layer: in
                    drop: dict[str, Array] | None = None) -> Array:
     """Multi-head (grouped-query when n_kv_head < n_head) self-attention of x (N, T, C); `rope` is the
     (cos, sin) rows of x's positions when the config uses rotary positions."""
-    batch, t, C = x.shape
+    batch, t, _ = x.shape
     H, Hkv, hs = cfg.n_head, cfg.n_kv_head, cfg.head_dim
 
     def heads(z: Array, n: int) -> Array:
@@ -165,10 +191,13 @@ def self_attention(B: Backend, cfg: ModelConfig, p: Params, name: str, layer: in
     q = heads(qkv[..., :H * hs], H)
     k = heads(qkv[..., H * hs:(H + Hkv) * hs], Hkv)
     v = heads(qkv[..., (H + Hkv) * hs:], Hkv)
+    if cfg.qk_norm:  # each head's q and k normalised over hs, before the rotation (Qwen3)
+        q = B.rms_norm(q, p[f"{name}.q_norm.weight"], cfg.norm_eps)
+        k = B.rms_norm(k, p[f"{name}.k_norm.weight"], cfg.norm_eps)
     if rope is not None:
         q, k = B.rope(q, *rope), B.rope(k, *rope)
     y = attend(layer, q, k, v)  # (N, H, T, hs)
-    y = B.reshape(B.transpose(y, (0, 2, 1, 3)), (batch, t, C))  # heads concatenated
+    y = B.reshape(B.transpose(y, (0, 2, 1, 3)), (batch, t, H * hs))  # heads concatenated
     return linear(B, cfg, p, f"{name}.proj", y, drop)
 
 

@@ -121,28 +121,56 @@ def gpt2_links(cfg: ModelConfig, hf_arch: str) -> list[Link]:
     return out
 
 
-# ---- Llama ---------------------------------------------------------------------------------------
+# ---- Llama, Qwen2, Qwen3 (one decoder, three sets of options) -------------------------------------
+
+ROPE_KEYS = {"factor": "rope_factor", "low_freq_factor": "rope_low_freq_factor",
+             "high_freq_factor": "rope_high_freq_factor",
+             "original_max_position_embeddings": "rope_original_positions"}
 
 
-def llama_config(hf: dict[str, Any]) -> dict[str, Any]:
+def _rope(hf: dict[str, Any]) -> dict[str, Any]:
+    """rope_theta and the RoPE scaling fields, from `rope_parameters` (transformers >= 5) or the older
+    `rope_theta` + `rope_scaling`; scalings twinlm does not compute are refused by name."""
+    rope = {**dict(_get(hf, "rope_scaling", {})), **dict(_get(hf, "rope_parameters", {}))}
+    kind = rope.get("rope_type") or rope.get("type") or "default"
+    if kind not in ("default", "linear", "llama3"):
+        raise HFError(
+            f"config.json asks for RoPE scaling {kind!r}; twinlm implements rope_type 'default', 'linear' "
+            "and 'llama3'"
+        )
+    prf = rope.get("partial_rotary_factor", _get(hf, "partial_rotary_factor", 1.0))
+    if prf != 1.0:
+        raise HFError(f"config.json has partial_rotary_factor = {prf!r}; twinlm rotates whole heads (1.0)")
+    out: dict[str, Any] = dict(rope_theta=float(rope.get("rope_theta") or _get(hf, "rope_theta", 10000.0)))
+    if kind == "default":
+        return out
+    needed = ("factor",) if kind == "linear" else tuple(ROPE_KEYS)
+    for key in needed:
+        if rope.get(key) is None:
+            raise HFError(f"config.json's {kind} RoPE scaling has no {key}")
+        out[ROPE_KEYS[key]] = rope[key]
+    return dict(out, rope_type=kind, rope_factor=float(rope["factor"]))
+
+
+def _hf_rope(cfg: ModelConfig) -> dict[str, Any]:
+    rope: dict[str, Any] = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta}
+    if cfg.rope_type != "default":
+        rope["factor"] = cfg.rope_factor
+    if cfg.rope_type == "llama3":
+        rope.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
+                    original_max_position_embeddings=cfg.rope_original_positions)
+    return dict(rope_scaling=None, rope_parameters=rope)
+
+
+def llama_config(hf: dict[str, Any], qkv_bias: bool = False, qk_norm: bool = False) -> dict[str, Any]:
+    """A Llama-style decoder; Qwen2 adds q/k/v biases, Qwen3 per-head q/k norms and an explicit head_dim."""
     _refuse_unless(hf, "hidden_act", ("silu",), "silu")
-    _refuse_unless(hf, "attention_bias", (False,), False)
+    if not qkv_bias:  # Qwen2's q/k/v biases are unconditional; Llama's attention_bias would bias o too
+        _refuse_unless(hf, "attention_bias", (False,), False)
     _refuse_unless(hf, "mlp_bias", (False,), False)
+    _refuse_unless(hf, "use_sliding_window", (False,), False)
     d, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
-    if _get(hf, "head_dim", d // heads) != d // heads:
-        raise HFError(
-            f"config.json has head_dim = {hf['head_dim']}, not hidden_size / num_attention_heads "
-            f"= {d // heads}; twinlm implements only the latter"
-        )
-    rope = dict(_get(hf, "rope_parameters", {}))  # transformers >= 5; older files: rope_theta, rope_scaling
-    scaling = _get(hf, "rope_scaling", {})
-    kinds = {rope.get("rope_type"), scaling.get("rope_type"), scaling.get("type")} - {None, "default"}
-    if kinds:
-        kind = kinds.pop()
-        raise HFError(
-            f"config.json asks for RoPE scaling {kind!r}; twinlm implements only plain rotary "
-            "positions (rope_type 'default')"
-        )
+    head_dim = int(_get(hf, "head_dim", d // heads))
     return dict(
         arch="llama",
         vocab_size=hf["vocab_size"],
@@ -153,14 +181,26 @@ def llama_config(hf: dict[str, Any]) -> dict[str, Any]:
         d_model=d,
         d_ff=hf["intermediate_size"],
         norm_eps=float(_get(hf, "rms_norm_eps", 1e-6)),
-        rope_theta=float(rope.get("rope_theta") or _get(hf, "rope_theta", 10000.0)),
         tie_embeddings=bool(_get(hf, "tie_word_embeddings", False)),
         dropout=float(_get(hf, "attention_dropout", 0.0)),
+        head_size=0 if head_dim * heads == d else head_dim,
+        qkv_bias=qkv_bias,
+        qk_norm=qk_norm,
+        **_rope(hf),
     )
 
 
+def qwen2_config(hf: dict[str, Any]) -> dict[str, Any]:
+    return llama_config(hf, qkv_bias=True)
+
+
+def qwen3_config(hf: dict[str, Any]) -> dict[str, Any]:
+    _refuse_unless(hf, "attention_bias", (False,), False)
+    return llama_config(hf, qk_norm=True)
+
+
 def llama_hf_config(cfg: ModelConfig) -> dict[str, Any]:
-    return dict(
+    out = dict(
         model_type="llama",
         vocab_size=cfg.vocab_size,
         max_position_embeddings=cfg.block_size,
@@ -174,11 +214,17 @@ def llama_hf_config(cfg: ModelConfig) -> dict[str, Any]:
         hidden_act="silu",
         attention_bias=False,
         mlp_bias=False,
-        rope_scaling=None,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
         tie_word_embeddings=cfg.tie_embeddings,
         attention_dropout=cfg.dropout,
+        **_hf_rope(cfg),
     )
+    if cfg.qkv_bias:
+        out.update(model_type="qwen2", use_sliding_window=False)
+        del out["attention_bias"], out["mlp_bias"]
+    if cfg.qk_norm:
+        out.update(model_type="qwen3", use_sliding_window=False)
+        del out["mlp_bias"]
+    return out
 
 
 def llama_links(cfg: ModelConfig, hf_arch: str) -> list[Link]:
@@ -200,6 +246,10 @@ def llama_links(cfg: ModelConfig, hf_arch: str) -> list[Link]:
             ),
             Link(f"{b}.mlp.proj.weight", (f"{h}.mlp.down_proj.weight",), True),
         ]
+        if cfg.qkv_bias:
+            out.append(Link(f"{b}.attn.qkv.bias", tuple(f"{h}.self_attn.{x}_proj.bias" for x in "qkv"), False, qkv))
+        if cfg.qk_norm:
+            out += [Link(f"{b}.attn.{x}_norm.weight", (f"{h}.self_attn.{x}_norm.weight",)) for x in "qk"]
     out.append(Link("ln_f.weight", ("model.norm.weight",)))
     if not cfg.tie_embeddings:
         out.append(Link("head.weight", ("lm_head.weight",), transpose=True))
@@ -343,6 +393,8 @@ ARCHS: dict[str, Arch] = {
         "gpt2", gpt2_config, gpt2_hf_config, gpt2_links, (".attn.bias", ".attn.masked_bias")
     ),
     "LlamaForCausalLM": Arch("llama", llama_config, llama_hf_config, llama_links, ("rotary_emb.inv_freq",)),
+    "Qwen2ForCausalLM": Arch("qwen2", qwen2_config, llama_hf_config, llama_links, ("rotary_emb.inv_freq",)),
+    "Qwen3ForCausalLM": Arch("qwen3", qwen3_config, llama_hf_config, llama_links, ("rotary_emb.inv_freq",)),
     "BertForMaskedLM": Arch(
         "bert",
         bert_config,
@@ -361,6 +413,9 @@ def export_arch(cfg: ModelConfig, imported_as: str | None) -> str:
         raise HFError(
             f"Hugging Face {cfg.arch.upper()} has a GELU feed-forward; this run's is {cfg.activation}"
         )
+    if cfg.arch != "llama" and (cfg.qkv_bias or cfg.qk_norm or cfg.head_size or cfg.rope_type != "default"):
+        raise HFError(f"Hugging Face has no {cfg.arch} with q/k/v-only biases, q/k norms, an explicit head "
+                      "size or RoPE scaling")
     if cfg.arch == "gpt":
         if (
             cfg.pos_encoding != "learned"
@@ -379,7 +434,9 @@ def export_arch(cfg: ModelConfig, imported_as: str | None) -> str:
                 "LlamaForCausalLM has rotary positions, RMSNorm, SwiGLU and no biases; this run's "
                 "model differs, so it has no Llama form"
             )
-        return "LlamaForCausalLM"
+        if cfg.qkv_bias and cfg.qk_norm:
+            raise HFError("this run has both q/k/v biases (Qwen2) and q/k norms (Qwen3): no Hugging Face class has both")
+        return "Qwen3ForCausalLM" if cfg.qk_norm else "Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"
     if cfg.arch == "bert":
         if cfg.n_classes:
             return "BertForSequenceClassification"

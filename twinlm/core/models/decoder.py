@@ -81,7 +81,7 @@ def _positions(B: Backend, cfg: ModelConfig, p: L.Params, rows: Any,
     if cfg.pos_encoding == "sinusoidal":
         return pick(B.from_numpy(L.sinusoidal_table(cfg.block_size, cfg.d_model))), None
     if cfg.pos_encoding == "rope":
-        cos, sin = L.rope_tables(cfg.block_size, cfg.head_dim, cfg.rope_theta)
+        cos, sin = L.rope_tables(cfg.block_size, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         return None, (pick(B.from_numpy(cos)), pick(B.from_numpy(sin)))
     return None, None
 
