@@ -110,16 +110,14 @@ def load(path: str | Path, backend: str | Backend | None = None) -> Model:
     B = backend if isinstance(backend, Backend) else get_backend(backend)
     path = Path(path)
     if (path / "config.json").exists():
-        from twinlm.hf import labels_of, read_hf
-
         from twinlm.generate import stop_ids
+        from twinlm.hf import labels_of, read_hf
 
         cfg, params, tok, record, _ = read_hf(path)
         labels = labels_of(record["config"], cfg.n_classes) if cfg.n_classes else []
         return Model(cfg, params, tok, B, path, labels, stop_ids(tok, record))
-    from twinlm.run_dir import load_model
-
     from twinlm.generate import stop_ids
+    from twinlm.run_dir import load_model
 
     cfg, params, tok, meta = load_model(path)
     return Model(cfg, params, tok, B, path, meta.labels, stop_ids(tok, meta.hf))

@@ -241,7 +241,8 @@ def generate(B: Backend, cfg: ModelConfig, params: dict[str, Array], prompt: np.
     check_sampling(temperature, top_k, top_p)
     decoder = make_decoder(B, cfg, params, prompt.shape[0], default_strategy(B, use_cache))
     return _stream(decoder, prompt.astype(np.int32), max_new_tokens, np.random.default_rng(seed),
-                   dict(temperature=temperature, top_k=top_k, top_p=top_p), np.array(sorted(set(stop)), np.int64))
+                   dict(temperature=temperature, top_k=top_k, top_p=top_p),
+                   np.array(sorted(set(stop)), np.int64))
 
 
 def stop_ids(tok: Tokenizer, hf_record: dict[str, Any] | None = None) -> frozenset[int]:

@@ -39,8 +39,8 @@ class ModelConfig:
     activation: str | None = None  # "gelu" (exact erf) | "gelu_tanh" | "swiglu"
     norm_eps: float | None = None
     rope_theta: float = 10000.0
-    # RoPE frequency scaling (core.layers.rope_inv_freq): "default" (none), "linear" (every frequency / factor)
-    # or "llama3" (Llama 3.1's: low frequencies / factor, high ones kept, a smooth ramp between).
+    # RoPE frequency scaling (core.layers.rope_inv_freq): "default" (none), "linear" (every frequency /
+    # factor) or "llama3" (Llama 3.1's: low frequencies / factor, high ones kept, a smooth ramp between).
     rope_type: str = "default"
     rope_factor: float = 1.0
     rope_low_freq_factor: float = 1.0  # llama3 only

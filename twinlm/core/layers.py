@@ -59,7 +59,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: tuple = ()) -> np.ndarra
 
 
 @lru_cache(maxsize=16)
-def rope_tables(n_pos: int, head_dim: int, theta: float, scaling: tuple = ()) -> tuple[np.ndarray, np.ndarray]:
+def rope_tables(n_pos: int, head_dim: int, theta: float,
+                scaling: tuple = ()) -> tuple[np.ndarray, np.ndarray]:
     """cos and sin (n_pos, hs/2) of pos * freq (`rope_inv_freq`), the angles `Backend.rope` rotates by."""
     angles = np.arange(n_pos, dtype=np.float64)[:, None] * rope_inv_freq(head_dim, theta, scaling)
     return _read_only(np.cos(angles).astype(np.float32)), _read_only(np.sin(angles).astype(np.float32))
@@ -89,8 +90,9 @@ def padding_mask(lengths: np.ndarray, t: int) -> np.ndarray:
 
 def linear_spec(cfg: ModelConfig, name: str, n_in: int, n_out: int, std: float = S.INIT_STD,
                 bias: bool | None = None) -> S.Spec:
-    """weight (in, out) and bias (where `bias`, default the config's); plus LoRA's a (in, r) ~ N(0, 1/in) and b (r, out) = 0 where the config
-    adapts this layer, so an adapted model starts exactly as the pretrained one."""
+    """weight (in, out) and bias (where `bias`, default the config's); plus LoRA's a (in, r) ~ N(0, 1/in)
+    and b (r, out) = 0 where the config adapts this layer, so an adapted model starts exactly as the
+    pretrained one."""
     out = {f"{name}.weight": S.weight(n_in, n_out, std)}
     if cfg.bias if bias is None else bias:
         out[f"{name}.bias"] = S.bias(n_out)

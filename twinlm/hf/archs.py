@@ -131,8 +131,17 @@ ROPE_KEYS = {"factor": "rope_factor", "low_freq_factor": "rope_low_freq_factor",
 def _rope(hf: dict[str, Any]) -> dict[str, Any]:
     """rope_theta and the RoPE scaling fields, from `rope_parameters` (transformers >= 5) or the older
     `rope_theta` + `rope_scaling`; scalings twinlm does not compute are refused by name."""
-    rope = {**dict(_get(hf, "rope_scaling", {})), **dict(_get(hf, "rope_parameters", {}))}
-    kind = rope.get("rope_type") or rope.get("type") or "default"
+    scaling, params = dict(_get(hf, "rope_scaling", {})), dict(_get(hf, "rope_parameters", {}))
+    kinds = {d.get("rope_type") or d.get("type") or "default" for d in (scaling, params)} - {"default"}
+    if len(kinds) > 1:
+        raise HFError(
+            f"config.json's rope_scaling and rope_parameters disagree ({' vs '.join(sorted(kinds))})"
+        )
+    kind = kinds.pop() if kinds else "default"
+    # the scaling's own numbers come from whichever dict names it (an old rope_scaling beside a default
+    # rope_parameters that a newer transformers wrote is still a scaling)
+    named_by_scaling = (scaling.get("rope_type") or scaling.get("type")) == kind
+    rope = {**params, **scaling} if named_by_scaling else {**scaling, **params}
     if kind not in ("default", "linear", "llama3"):
         raise HFError(
             f"config.json asks for RoPE scaling {kind!r}; twinlm implements rope_type 'default', 'linear' "
@@ -247,7 +256,8 @@ def llama_links(cfg: ModelConfig, hf_arch: str) -> list[Link]:
             Link(f"{b}.mlp.proj.weight", (f"{h}.mlp.down_proj.weight",), True),
         ]
         if cfg.qkv_bias:
-            out.append(Link(f"{b}.attn.qkv.bias", tuple(f"{h}.self_attn.{x}_proj.bias" for x in "qkv"), False, qkv))
+            biases = tuple(f"{h}.self_attn.{x}_proj.bias" for x in "qkv")
+            out.append(Link(f"{b}.attn.qkv.bias", biases, False, qkv))
         if cfg.qk_norm:
             out += [Link(f"{b}.attn.{x}_norm.weight", (f"{h}.self_attn.{x}_norm.weight",)) for x in "qk"]
     out.append(Link("ln_f.weight", ("model.norm.weight",)))
@@ -435,8 +445,12 @@ def export_arch(cfg: ModelConfig, imported_as: str | None) -> str:
                 "model differs, so it has no Llama form"
             )
         if cfg.qkv_bias and cfg.qk_norm:
-            raise HFError("this run has both q/k/v biases (Qwen2) and q/k norms (Qwen3): no Hugging Face class has both")
-        return "Qwen3ForCausalLM" if cfg.qk_norm else "Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"
+            raise HFError(
+                "this run has both q/k/v biases (Qwen2) and q/k norms (Qwen3): no Hugging Face class has both"
+            )
+        if cfg.qk_norm:
+            return "Qwen3ForCausalLM"
+        return "Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"
     if cfg.arch == "bert":
         if cfg.n_classes:
             return "BertForSequenceClassification"
