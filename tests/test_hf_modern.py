@@ -1,4 +1,4 @@
-"""The modern Hugging Face families (Llama 3.x, Qwen2.5, Qwen3) checked against `transformers`: tiny random
+"""The modern Hugging Face families (Llama 3.x, Qwen2.5, Qwen3, Mistral) checked against `transformers`: tiny random
 models built from each real model's config.json (sizes shrunk, every other field kept), then logits within
 1e-4 on numpy, MLX and tinygrad on a sequence past RoPE scaling's pre-training context, greedy tokens equal to
 `generate`, the export round trip bit-identical and loadable, and a negative control per mapper."""
@@ -133,6 +133,8 @@ def test_rope_inv_freq_matches_transformers():
         ("Llama-3.2-1B", dict(rope_original_positions=32)),  # a wrong pre-training context
         ("Qwen3-0.6B", dict(qk_norm=False)),  # q/k norms skipped
         ("Qwen3-0.6B", dict(rope_theta=1e4)),  # a wrong RoPE base
+        ("Mistral-7B-v0.1", dict(sliding_window=9)),  # the window off by one
+        ("Mistral-7B-v0.1", dict(sliding_window=0)),  # no window
     ],
 )
 def test_control_config_change_is_caught(folders, name, change):
@@ -171,6 +173,7 @@ def test_control_qwen2_kv_bias_swapped_is_caught(folders, monkeypatch):
         ("Qwen2.5-0.5B", {"use_sliding_window": True}, "use_sliding_window"),
         ("Qwen3-0.6B", {"attention_bias": True}, "attention_bias"),
         ("Qwen3-0.6B", {"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+        ("Mistral-7B-v0.1", {"layer_types": ["sliding_attention", "full_attention"]}, "layer_types"),
     ],
 )
 def test_unsupported_fields_are_refused_by_name(folders, tmp_path, name, changes, match):
@@ -202,3 +205,21 @@ def test_generation_stops_at_any_eos_of_generation_config(tmp_path):
     np.testing.assert_array_equal(got, free[: first + 1])  # the end token is the last one produced
     record["generation_config"] = {"eos_token_id": end}  # an int, not a list
     assert stop_ids(tok, record) == {tok.roles["eos"], end}
+
+
+@pytest.mark.parametrize("backend", ("numpy", "mlx", "tinygrad"))
+def test_sliding_window_cache_matches_the_full_recompute(folders, backend):
+    """Generation past the window: the KV-cache decoders (growing on MLX, fixed-shape on tinygrad) give the
+    tokens of recomputing the whole context each step, and the window changes them (so it is applied)."""
+    cfg, params, tok, _, _ = read_hf(folders["Mistral-7B-v0.1"])
+    B = get_backend(backend)
+    p = {k: B.from_numpy(v) for k, v in params.items()}
+    prompt = tok.encode("the dog sat on the")[None, :]
+    assert prompt.shape[1] < cfg.sliding_window < prompt.shape[1] + 24
+
+    def run(c, use_cache):
+        return np.concatenate(list(generate(B, c, p, prompt, 24, temperature=0.0, use_cache=use_cache)))
+
+    cached = run(cfg, True)
+    np.testing.assert_array_equal(cached, run(cfg, False))
+    assert not np.array_equal(cached, run(dataclasses.replace(cfg, sliding_window=0), True))

@@ -112,7 +112,8 @@ class _FixedShapeSteps:
             return (lg,), new
 
         self.kv_step = B.compile_step(kv_step, state)
-        self.pos_inputs = [tuple(B.from_numpy(a) for a in model.decode_inputs(pos, cfg.block_size))
+        self.pos_inputs = [tuple(B.from_numpy(a) for a in model.decode_inputs(pos, cfg.block_size,
+                                                                               cfg.sliding_window))
                            for pos in range(cfg.block_size)]
         self.owner: object = None
         self._window_step: Any = None

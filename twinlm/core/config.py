@@ -11,6 +11,7 @@ POS_ENCODINGS = ("learned", "sinusoidal", "rope", "none")
 NORMS = ("layernorm", "rmsnorm", "none")  # none: identity (`twinlm experiment norm-residual`)
 ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu")
 ROPE_TYPES = ("default", "linear", "llama3")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 # Layers LoRA can adapt, named within a block; short aliases that name one of them unambiguously.
 LORA_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
 LORA_ALIASES = {"qkv": "attn.qkv", "fc": "mlp.fc", "all": LORA_TARGETS}
@@ -49,6 +50,8 @@ class ModelConfig:
     head_size: int = 0  # 0: d_model / n_head; else an explicit head size (Qwen3, Gemma)
     qkv_bias: bool = False  # biases on q, k and v only (Qwen2), whatever `bias` says
     qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (Qwen3)
+    sliding_window: int = 0  # > 0: a query sees only itself and the sliding_window - 1 keys before it ...
+    layer_types: tuple[str, ...] = ()  # ... in the layers marked "sliding_attention" (() : every layer)
     type_vocab_size: int | None = None  # BERT's token-type (segment) embeddings; 0: none
     n_classes: int = 0  # > 0: a classification head on the pooled representation
     lora_rank: int = 0  # > 0: low-rank adapters on `lora_targets`; every pretrained weight is frozen
@@ -99,6 +102,7 @@ class ModelConfig:
         if not self.rope_theta > 0:
             raise ConfigError(f"rope_theta must be positive, got {self.rope_theta!r}")
         self._check_rope_scaling()
+        self._check_window()
         self._check_lora()
         if self.lora_rank and getattr(fam, "RECURRENT", False):
             raise ConfigError(f"LoRA adapts attention and MLP layers; --arch {self.arch} has none")
@@ -127,6 +131,24 @@ class ModelConfig:
             if not (isinstance(self.rope_original_positions, int) and self.rope_original_positions > 0):
                 raise ConfigError("llama3 RoPE needs rope_original_positions > 0 (the pre-training context), "
                                   f"got {self.rope_original_positions!r}")
+
+    def _check_window(self) -> None:
+        w = self.sliding_window
+        if not isinstance(w, int) or isinstance(w, bool) or w < 0:
+            raise ConfigError(f"sliding_window must be a non-negative integer, got {w!r}")
+        if self.layer_types:
+            if len(self.layer_types) != self.n_layer or not set(self.layer_types) <= set(LAYER_TYPES):
+                raise ConfigError(f"layer_types must name one of {', '.join(LAYER_TYPES)} for each of the "
+                                  f"{self.n_layer} layers, got {list(self.layer_types)}")
+            if "sliding_attention" in self.layer_types and not w:
+                raise ConfigError("layer_types has sliding_attention layers but sliding_window is 0")
+        if w and self.kind != "decoder":
+            raise ConfigError(f"a sliding window is a causal decoder's; --arch {self.arch} is an {self.kind}")
+
+    def sliding(self, layer: int) -> bool:
+        """Whether `layer` attends through the sliding window."""
+        return bool(self.sliding_window) and (not self.layer_types
+                                              or self.layer_types[layer] == "sliding_attention")
 
     @property
     def rope_scaling(self) -> tuple[Any, ...]:
@@ -177,8 +199,9 @@ class ModelConfig:
         unknown = set(d) - known
         if unknown:
             raise ConfigError(f"unknown model config keys: {sorted(unknown)}")
-        if isinstance(d.get("lora_targets"), list):  # JSON has no tuples
-            d = {**d, "lora_targets": tuple(d["lora_targets"])}
+        for key in ("lora_targets", "layer_types"):
+            if isinstance(d.get(key), list):  # JSON has no tuples
+                d = {**d, key: tuple(d[key])}
         return cls(**d)
 
     def replace(self, **changes: Any) -> ModelConfig:

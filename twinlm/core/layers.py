@@ -77,6 +77,14 @@ def causal_mask(t_q: int, t_k: int) -> np.ndarray:
     return np.arange(t_k)[None, :] <= (np.arange(t_q)[:, None] + offset)
 
 
+def sliding_window_mask(causal: np.ndarray, window: int) -> np.ndarray:
+    """`causal` (t_q, t_k) restricted to a band: query i (at absolute position t_k - t_q + i) sees key j
+    only where position - j < window, itself and the window - 1 keys before it (transformers' rule)."""
+    t_q, t_k = causal.shape
+    pos = np.arange(t_q)[:, None] + (t_k - t_q)
+    return causal & (pos - np.arange(t_k)[None, :] < window)
+
+
 def padding_mask(lengths: np.ndarray, t: int) -> np.ndarray:
     """Boolean (N, 1, 1, t): True at the first lengths[b] positions (real tokens), the keys each query
     may see in a bidirectional encoder. Every row must keep a key: lengths >= 1."""
@@ -204,9 +212,11 @@ def self_attention(B: Backend, cfg: ModelConfig, p: Params, name: str, layer: in
 
 
 def attend_all(B: Backend, cfg: ModelConfig, mask: Array | None, dropout: dict[str, Array],
-               k_cache: list[tuple[Array, Array]] | None = None) -> tuple[Attend, list[tuple[Array, Array]]]:
+               k_cache: list[tuple[Array, Array]] | None = None,
+               window_mask: Array | None = None) -> tuple[Attend, list[tuple[Array, Array]]]:
     """An `Attend` over this call's keys (after the layer's cached ones, if any), recording each
-    layer's (k, v) in the returned list (before heads are repeated for grouped-query attention)."""
+    layer's (k, v) in the returned list (before heads are repeated for grouped-query attention).
+    Sliding-window layers (`cfg.sliding`) attend through `window_mask` instead of `mask`."""
     new_cache: list[tuple[Array, Array]] = []
     rep = cfg.n_head // cfg.n_kv_head
 
@@ -215,7 +225,8 @@ def attend_all(B: Backend, cfg: ModelConfig, mask: Array | None, dropout: dict[s
             k = B.concat([k_cache[i][0], k], axis=2)
             v = B.concat([k_cache[i][1], v], axis=2)
         new_cache.append((k, v))
-        return B.attention(q, B.repeat_kv(k, rep), B.repeat_kv(v, rep), mask, dropout.get(f"blocks.{i}.attn"))
+        m = window_mask if cfg.sliding(i) else mask
+        return B.attention(q, B.repeat_kv(k, rep), B.repeat_kv(v, rep), m, dropout.get(f"blocks.{i}.attn"))
 
     return attend, new_cache
 

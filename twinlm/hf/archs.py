@@ -171,13 +171,17 @@ def _hf_rope(cfg: ModelConfig) -> dict[str, Any]:
     return dict(rope_scaling=None, rope_parameters=rope)
 
 
-def llama_config(hf: dict[str, Any], qkv_bias: bool = False, qk_norm: bool = False) -> dict[str, Any]:
-    """A Llama-style decoder; Qwen2 adds q/k/v biases, Qwen3 per-head q/k norms and an explicit head_dim."""
+def llama_config(hf: dict[str, Any], qkv_bias: bool = False, qk_norm: bool = False,
+                 sliding: bool = False) -> dict[str, Any]:
+    """A Llama-style decoder; Qwen2 adds q/k/v biases, Qwen3 per-head q/k norms and an explicit head_dim,
+    Mistral (`sliding`) a sliding window on every layer where config.json sets one."""
     _refuse_unless(hf, "hidden_act", ("silu",), "silu")
     if not qkv_bias:  # Qwen2's q/k/v biases are unconditional; Llama's attention_bias would bias o too
         _refuse_unless(hf, "attention_bias", (False,), False)
     _refuse_unless(hf, "mlp_bias", (False,), False)
-    _refuse_unless(hf, "use_sliding_window", (False,), False)
+    if not sliding:
+        _refuse_unless(hf, "use_sliding_window", (False,), False)
+    window = int(_get(hf, "sliding_window", 0)) if sliding else 0
     d, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
     head_dim = int(_get(hf, "head_dim", d // heads))
     return dict(
@@ -195,8 +199,16 @@ def llama_config(hf: dict[str, Any], qkv_bias: bool = False, qk_norm: bool = Fal
         head_size=0 if head_dim * heads == d else head_dim,
         qkv_bias=qkv_bias,
         qk_norm=qk_norm,
+        sliding_window=window,
         **_rope(hf),
     )
+
+
+def mistral_config(hf: dict[str, Any]) -> dict[str, Any]:
+    if hf.get("layer_types"):
+        raise HFError("config.json has layer_types; twinlm's Mistral slides its window on every layer "
+                      "(MistralForCausalLM ignores layer_types too)")
+    return llama_config(hf, sliding=True)
 
 
 def qwen2_config(hf: dict[str, Any]) -> dict[str, Any]:
@@ -208,7 +220,7 @@ def qwen3_config(hf: dict[str, Any]) -> dict[str, Any]:
     return llama_config(hf, qk_norm=True)
 
 
-def llama_hf_config(cfg: ModelConfig) -> dict[str, Any]:
+def llama_hf_config(cfg: ModelConfig, hf_arch: str = "LlamaForCausalLM") -> dict[str, Any]:
     out = dict(
         model_type="llama",
         vocab_size=cfg.vocab_size,
@@ -233,6 +245,9 @@ def llama_hf_config(cfg: ModelConfig) -> dict[str, Any]:
     if cfg.qk_norm:
         out.update(model_type="qwen3", use_sliding_window=False)
         del out["mlp_bias"]
+    if cfg.sliding_window or hf_arch == "MistralForCausalLM":
+        out.update(model_type="mistral", sliding_window=cfg.sliding_window or None)
+        del out["attention_bias"], out["mlp_bias"]
     return out
 
 
@@ -405,6 +420,10 @@ ARCHS: dict[str, Arch] = {
     "LlamaForCausalLM": Arch("llama", llama_config, llama_hf_config, llama_links, ("rotary_emb.inv_freq",)),
     "Qwen2ForCausalLM": Arch("qwen2", qwen2_config, llama_hf_config, llama_links, ("rotary_emb.inv_freq",)),
     "Qwen3ForCausalLM": Arch("qwen3", qwen3_config, llama_hf_config, llama_links, ("rotary_emb.inv_freq",)),
+    "MistralForCausalLM": Arch(
+        "mistral", mistral_config, lambda c: llama_hf_config(c, "MistralForCausalLM"), llama_links,
+        ("rotary_emb.inv_freq",),
+    ),
     "BertForMaskedLM": Arch(
         "bert",
         bert_config,
@@ -423,9 +442,10 @@ def export_arch(cfg: ModelConfig, imported_as: str | None) -> str:
         raise HFError(
             f"Hugging Face {cfg.arch.upper()} has a GELU feed-forward; this run's is {cfg.activation}"
         )
-    if cfg.arch != "llama" and (cfg.qkv_bias or cfg.qk_norm or cfg.head_size or cfg.rope_type != "default"):
+    if cfg.arch != "llama" and (cfg.qkv_bias or cfg.qk_norm or cfg.head_size or cfg.rope_type != "default"
+                                or cfg.sliding_window):
         raise HFError(f"Hugging Face has no {cfg.arch} with q/k/v-only biases, q/k norms, an explicit head "
-                      "size or RoPE scaling")
+                      "size, RoPE scaling or a sliding window")
     if cfg.arch == "gpt":
         if (
             cfg.pos_encoding != "learned"
@@ -448,6 +468,11 @@ def export_arch(cfg: ModelConfig, imported_as: str | None) -> str:
             raise HFError(
                 "this run has both q/k/v biases (Qwen2) and q/k norms (Qwen3): no Hugging Face class has both"
             )
+        if cfg.sliding_window and (cfg.qkv_bias or cfg.qk_norm or cfg.layer_types):
+            raise HFError("this run has a sliding window with q/k/v biases, q/k norms or per-layer types: "
+                          "twinlm exports a sliding window only as MistralForCausalLM (every layer)")
+        if cfg.sliding_window or imported_as == "MistralForCausalLM":
+            return "MistralForCausalLM"
         if cfg.qk_norm:
             return "Qwen3ForCausalLM"
         return "Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"

@@ -104,9 +104,14 @@ def hidden(B: Backend, cfg: ModelConfig, p: L.Params, idx: Array, *, dropout: di
     if added is not None:
         x = x + added
     x = L.residual_dropout(x, drop, "emb")
+    window = None
+    if cfg.sliding_window:
+        if mask is not None:
+            raise ValueError("a sliding-window model takes no explicit mask (its window is built from mask_fn)")
+        window = B.from_numpy(L.sliding_window_mask(mask_fn(t_new, t_total), cfg.sliding_window))
     if mask is None:
         mask = B.from_numpy(mask_fn(t_new, t_total))
-    attend, new_cache = L.attend_all(B, cfg, mask, drop, cache)
+    attend, new_cache = L.attend_all(B, cfg, mask, drop, cache, window)
     for i in range(cfg.n_layer):
         x = _block(B, cfg, p, i, x, attend, drop, rope)
     return L.norm(B, cfg, p, "ln_f", x), new_cache
@@ -122,12 +127,15 @@ def pooled(B: Backend, cfg: ModelConfig, p: L.Params, h: Array, pool: Array) -> 
     return L.pool_at(B, h, pool)
 
 
-def decode_inputs(pos: int, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def decode_inputs(pos: int, block_size: int, window: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The position inputs of `decode_step` for the token at `pos`: (pos_ids (1,) int32,
-    write_mask (1, 1, block_size, 1) bool, True at pos; attn_mask (1, block_size) bool, True up to pos)."""
+    write_mask (1, 1, block_size, 1) bool, True at pos; attn_mask (1, block_size) bool, True up to pos;
+    with a sliding `window`, (2, block_size): a second row True only for the window's last slots)."""
     slots = np.arange(block_size)
-    return (np.array([pos], dtype=np.int32), (slots == pos).reshape(1, 1, block_size, 1),
-            (slots <= pos).reshape(1, block_size))
+    attn = (slots <= pos).reshape(1, block_size)
+    if window:
+        attn = np.concatenate([attn, attn & (pos - slots < window)[None, :]])
+    return np.array([pos], dtype=np.int32), (slots == pos).reshape(1, 1, block_size, 1), attn
 
 
 def decode_cache_shapes(cfg: ModelConfig, batch: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
@@ -155,7 +163,8 @@ def decode_step(B: Backend, cfg: ModelConfig, p: L.Params, idx: Array, pos_ids: 
         k = B.where(write_mask, k, cache[i][0])  # (N, Hkv, 1, hs) broadcast into (N, Hkv, block_size, hs)
         v = B.where(write_mask, v, cache[i][1])
         new_cache.append((k, v))
-        return B.attention(q, B.repeat_kv(k, rep), B.repeat_kv(v, rep), attn_mask)
+        m = attn_mask[1:2] if cfg.sliding(i) else attn_mask[:1]  # the window's row (see decode_inputs)
+        return B.attention(q, B.repeat_kv(k, rep), B.repeat_kv(v, rep), m)
 
     for i in range(cfg.n_layer):
         x = _block(B, cfg, p, i, x, attend, {}, rope)
