@@ -147,7 +147,8 @@ MODERN: dict[str, tuple[str, dict]] = {
         tie_word_embeddings=True, use_sliding_window=False)),
     # v0.1's 4096-token window, shrunk below the test sequences (v0.3 has none: the plain Llama path).
     "Mistral-7B-v0.1": ("MistralForCausalLM", dict(
-        hidden_act="silu", rms_norm_eps=1e-05, rope_theta=10000.0, sliding_window=8, tie_word_embeddings=False)),
+        hidden_act="silu", rms_norm_eps=1e-05, rope_theta=10000.0, sliding_window=8,
+        tie_word_embeddings=False)),
 }
 
 

@@ -107,7 +107,7 @@ def hidden(B: Backend, cfg: ModelConfig, p: L.Params, idx: Array, *, dropout: di
     window = None
     if cfg.sliding_window:
         if mask is not None:
-            raise ValueError("a sliding-window model takes no explicit mask (its window is built from mask_fn)")
+            raise ValueError("a sliding-window model takes no explicit mask (its window comes from mask_fn)")
         window = B.from_numpy(L.sliding_window_mask(mask_fn(t_new, t_total), cfg.sliding_window))
     if mask is None:
         mask = B.from_numpy(mask_fn(t_new, t_total))
