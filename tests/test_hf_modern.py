@@ -1,7 +1,8 @@
-"""The modern Hugging Face families (Llama 3.x, Qwen2.5, Qwen3, Mistral) checked against `transformers`: tiny
-random models built from each real model's config.json (sizes shrunk, every other field kept), then logits within
-1e-4 on numpy, MLX and tinygrad on a sequence past RoPE scaling's pre-training context, greedy tokens equal to
-`generate`, the export round trip bit-identical and loadable, and a negative control per mapper."""
+"""The modern Hugging Face families (Llama 3.x, Qwen2.5, Qwen3, Mistral) checked against `transformers`:
+tiny random models built from each real model's config.json (sizes shrunk, every other field kept), then
+logits within 1e-4 on numpy, MLX and tinygrad on a sequence past RoPE scaling's pre-training context and the
+sliding window, greedy tokens equal to `generate`, the export round trip bit-identical and loadable, and a
+negative control per mapper."""
 
 from __future__ import annotations
 
