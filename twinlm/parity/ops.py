@@ -170,6 +170,10 @@ def op_cases(seed: int = 0) -> list[OpCase]:
                (q, k, v, pad), (0, 1, 2), composite="attention"),
         OpCase("attention causal", lambda B, q, k, v, m: B.attention(q, k, v, m), _np_attention,
                (q, k, v, causal), (0, 1, 2), composite="attention"),
+        OpCase("attention sliding window", lambda B, q, k, v, m: B.attention(q, k, v, m), _np_attention,
+               (q, k, v, layers.sliding_window_mask(causal, 2)), (0, 1, 2), composite="attention"),
+        OpCase("rms_norm per head", lambda B, x, w: B.rms_norm(x, w), _np_rms_norm, (xr, w[:6]), (0, 1),
+               composite="rms_norm"),  # Qwen3's q/k norm: a gain of head size over (N, H, T, hs)
         OpCase("attention no mask", lambda B, q, k, v: B.attention(q, k, v, None),
                lambda q, k, v: _np_attention(q, k, v, None), (q, k, v), (0, 1, 2), composite="attention"),
         OpCase("attention dropout", lambda B, q, k, v, m, d: B.attention(q, k, v, m, d), _np_attention,
