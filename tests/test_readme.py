@@ -76,7 +76,8 @@ ADAPTED: dict[str, Adapted] = {
 }
 
 # Files and runs the documented commands assume the reader has, made before they run (generated text, a
-# tiny random Hugging Face GPT-2 in ~/models/gpt2 and Qwen2.5 in ~/models/Qwen2.5-0.5B, runs the README only names).
+# tiny random Hugging Face GPT-2 in ~/models/gpt2 and Qwen2.5 in ~/models/Qwen2.5-0.5B, runs the README only
+# names).
 SETUP = [
     "twinlm train --data input.txt --arch bert --max-iters 20",  # runs/input-bert
     "twinlm train --data input.txt --max-iters 20 --out runs/input-mlx",
