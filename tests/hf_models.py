@@ -149,6 +149,11 @@ MODERN: dict[str, tuple[str, dict]] = {
     "Mistral-7B-v0.1": ("MistralForCausalLM", dict(
         hidden_act="silu", rms_norm_eps=1e-05, rope_theta=10000.0, sliding_window=8,
         tie_word_embeddings=False)),
+    # Phi-3-mini-4k: fused qkv_proj and gate_up_proj, full multi-head attention, a 2047-token window (here 7).
+    "Phi-3-mini-4k": ("Phi3ForCausalLM", dict(
+        attention_bias=False, attention_dropout=0.0, embd_pdrop=0.0, hidden_act="silu", num_key_value_heads=4,
+        original_max_position_embeddings=64, pad_token_id=1, resid_pdrop=0.0, rms_norm_eps=1e-05,
+        rope_scaling=None, rope_theta=10000.0, sliding_window=7, tie_word_embeddings=False)),
 }
 
 

@@ -1,8 +1,8 @@
-"""The modern Hugging Face families (Llama 3.x, Qwen2.5, Qwen3, Mistral) checked against `transformers`:
-tiny random models built from each real model's config.json (sizes shrunk, every other field kept), then
-logits within 1e-4 on numpy, MLX and tinygrad on a sequence past RoPE scaling's pre-training context and the
-sliding window, greedy tokens equal to `generate`, the export round trip bit-identical and loadable, and a
-negative control per mapper."""
+"""The modern Hugging Face families (Llama 3.x, Qwen2.5, Qwen3, Mistral, Phi-3) checked against
+`transformers`: tiny random models built from each real model's config.json (sizes shrunk, every other
+field kept), then logits within 1e-4 on numpy, MLX and tinygrad on a sequence past RoPE scaling's
+pre-training context and the sliding window, greedy tokens equal to `generate`, the export round trip
+bit-identical and loadable, and a negative control per mapper."""
 
 from __future__ import annotations
 
@@ -136,6 +136,7 @@ def test_rope_inv_freq_matches_transformers():
         ("Qwen3-0.6B", dict(rope_theta=1e4)),  # a wrong RoPE base
         ("Mistral-7B-v0.1", dict(sliding_window=9)),  # the window off by one
         ("Mistral-7B-v0.1", dict(sliding_window=0)),  # no window
+        ("Phi-3-mini-4k", dict(sliding_window=6)),  # Phi-3's window off by one
     ],
 )
 def test_control_config_change_is_caught(folders, name, change):
@@ -148,6 +149,16 @@ def test_control_qwen2_bias_dropped_is_caught(folders):
     cfg, params, *_ = read_hf(folders["Qwen2.5-0.5B"])
     zeroed = {k: np.zeros_like(v) if k.endswith("qkv.bias") else v for k, v in params.items()}
     assert diff(folders["Qwen2.5-0.5B"], "numpy", cfg, zeroed) > 100 * TOL
+
+
+def test_control_phi3_gate_up_halves_swapped_is_caught(folders):
+    """gate_up_proj read as up|gate instead of gate|up (the fused tensor's halves in the wrong order)."""
+    cfg, params, *_ = read_hf(folders["Phi-3-mini-4k"])
+    swapped = dict(params)
+    for i in range(cfg.n_layer):
+        w = params[f"blocks.{i}.mlp.fc.weight"]
+        swapped[f"blocks.{i}.mlp.fc.weight"] = np.concatenate([w[:, cfg.d_ff:], w[:, :cfg.d_ff]], axis=1)
+    assert diff(folders["Phi-3-mini-4k"], "numpy", cfg, swapped) > 100 * TOL
 
 
 def test_control_qwen2_kv_bias_swapped_is_caught(folders, monkeypatch):
@@ -175,6 +186,8 @@ def test_control_qwen2_kv_bias_swapped_is_caught(folders, monkeypatch):
         ("Qwen3-0.6B", {"attention_bias": True}, "attention_bias"),
         ("Qwen3-0.6B", {"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
         ("Mistral-7B-v0.1", {"layer_types": ["sliding_attention", "full_attention"]}, "layer_types"),
+        ("Phi-3-mini-4k", {"rope_scaling": {"type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}},
+         "longrope"),
     ],
 )
 def test_unsupported_fields_are_refused_by_name(folders, tmp_path, name, changes, match):

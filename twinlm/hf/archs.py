@@ -204,6 +204,24 @@ def llama_config(hf: dict[str, Any], qkv_bias: bool = False, qk_norm: bool = Fal
     )
 
 
+def phi3_config(hf: dict[str, Any]) -> dict[str, Any]:
+    """Phi-3: a Llama with fused qkv_proj and gate_up_proj (twinlm's own layout) and Mistral's window."""
+    out = mistral_config(hf)
+    return dict(out, dropout=float(_get(hf, "resid_pdrop", 0.0)))
+
+
+def phi3_links(cfg: ModelConfig, hf_arch: str) -> list[Link]:
+    """Llama's links with q|k|v and gate|up each one Hugging Face tensor, in twinlm's order already."""
+    fused = {"attn.qkv.weight": "self_attn.qkv_proj.weight", "mlp.fc.weight": "mlp.gate_up_proj.weight"}
+    out = []
+    for link in llama_links(cfg, hf_arch):
+        block, _, name = link.twin.partition(".")[2].partition(".")
+        if name in fused:
+            link = Link(link.twin, (f"model.layers.{block}.{fused[name]}",), transpose=True)
+        out.append(link)
+    return out
+
+
 def mistral_config(hf: dict[str, Any]) -> dict[str, Any]:
     if hf.get("layer_types"):
         raise HFError("config.json has layer_types; twinlm's Mistral slides its window on every layer "
@@ -245,9 +263,13 @@ def llama_hf_config(cfg: ModelConfig, hf_arch: str = "LlamaForCausalLM") -> dict
     if cfg.qk_norm:
         out.update(model_type="qwen3", use_sliding_window=False)
         del out["mlp_bias"]
-    if cfg.sliding_window or hf_arch == "MistralForCausalLM":
-        out.update(model_type="mistral", sliding_window=cfg.sliding_window or None)
+    if cfg.sliding_window or hf_arch in ("MistralForCausalLM", "Phi3ForCausalLM"):
+        phi3 = hf_arch == "Phi3ForCausalLM"
+        out.update(model_type="phi3" if phi3 else "mistral", sliding_window=cfg.sliding_window or None)
         del out["attention_bias"], out["mlp_bias"]
+        if phi3:
+            out.update(resid_pdrop=cfg.dropout, embd_pdrop=0.0,
+                       original_max_position_embeddings=cfg.block_size)
     return out
 
 
@@ -420,6 +442,10 @@ ARCHS: dict[str, Arch] = {
     "LlamaForCausalLM": Arch("llama", llama_config, llama_hf_config, llama_links, ("rotary_emb.inv_freq",)),
     "Qwen2ForCausalLM": Arch("qwen2", qwen2_config, llama_hf_config, llama_links, ("rotary_emb.inv_freq",)),
     "Qwen3ForCausalLM": Arch("qwen3", qwen3_config, llama_hf_config, llama_links, ("rotary_emb.inv_freq",)),
+    "Phi3ForCausalLM": Arch(
+        "phi3", phi3_config, lambda c: llama_hf_config(c, "Phi3ForCausalLM"), phi3_links,
+        ("rotary_emb.inv_freq",),
+    ),
     "MistralForCausalLM": Arch(
         "mistral", mistral_config, lambda c: llama_hf_config(c, "MistralForCausalLM"), llama_links,
         ("rotary_emb.inv_freq",),
@@ -471,6 +497,8 @@ def export_arch(cfg: ModelConfig, imported_as: str | None) -> str:
         if cfg.sliding_window and (cfg.qkv_bias or cfg.qk_norm or cfg.layer_types):
             raise HFError("this run has a sliding window with q/k/v biases, q/k norms or per-layer types: "
                           "twinlm exports a sliding window only as MistralForCausalLM (every layer)")
+        if imported_as == "Phi3ForCausalLM" and not (cfg.qkv_bias or cfg.qk_norm or cfg.layer_types):
+            return "Phi3ForCausalLM"
         if cfg.sliding_window or imported_as == "MistralForCausalLM":
             return "MistralForCausalLM"
         if cfg.qk_norm:
