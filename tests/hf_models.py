@@ -154,6 +154,15 @@ MODERN: dict[str, tuple[str, dict]] = {
         attention_bias=False, attention_dropout=0.0, embd_pdrop=0.0, hidden_act="silu", num_key_value_heads=4,
         original_max_position_embeddings=64, pad_token_id=1, resid_pdrop=0.0, rms_norm_eps=1e-05,
         rope_scaling=None, rope_theta=10000.0, sliding_window=7, tie_word_embeddings=False)),
+    # Gemma-3-270M: head_dim 256 over 4 heads and 1 kv head, query_pre_attn_scalar 256, 5 sliding-window
+    # layers (window 512, RoPE base 1e4) to 1 global (1e6); here one of each and a window of 8.
+    "Gemma-3-270M": ("Gemma3ForCausalLM", dict(
+        attention_bias=False, attention_dropout=0.0, attn_logit_softcapping=None,
+        final_logit_softcapping=None,
+        head_dim=32, hidden_activation="gelu_pytorch_tanh", num_key_value_heads=1, pad_token_id=1,
+        query_pre_attn_scalar=256, rms_norm_eps=1e-06, rope_local_base_freq=10000.0, rope_theta=1000000.0,
+        sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+        use_bidirectional_attention=False, tie_word_embeddings=True)),
 }
 
 
@@ -169,7 +178,8 @@ def build_modern(name: str, folder: Path, *, seed: int = 0, init: float = 0.2,
     architecture, fields = MODERN[name]
     lib = byte_bpe()
     fast = tf.PreTrainedTokenizerFast(tokenizer_object=lib, bos_token="<s>", eos_token="</s>")
-    config_class = getattr(tf, architecture.replace("ForCausalLM", "Config"))
+    config_class = getattr(tf, {"Gemma3ForCausalLM": "Gemma3TextConfig"}.get(
+        architecture, architecture.replace("ForCausalLM", "Config")))
     cfg = config_class(**{**SHRUNK, **fields, "vocab_size": lib.get_vocab_size(), "initializer_range": init,
                           **changes})
     model = getattr(tf, architecture)(cfg).eval()

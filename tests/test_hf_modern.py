@@ -1,4 +1,4 @@
-"""The modern Hugging Face families (Llama 3.x, Qwen2.5, Qwen3, Mistral, Phi-3) checked against
+"""The modern Hugging Face families (Llama 3.x, Qwen2.5, Qwen3, Mistral, Phi-3, Gemma 3) checked
 `transformers`: tiny random models built from each real model's config.json (sizes shrunk, every other
 field kept), then logits within 1e-4 on numpy, MLX and tinygrad on a sequence past RoPE scaling's
 pre-training context and the sliding window, greedy tokens equal to `generate`, the export round trip
@@ -137,6 +137,12 @@ def test_rope_inv_freq_matches_transformers():
         ("Mistral-7B-v0.1", dict(sliding_window=9)),  # the window off by one
         ("Mistral-7B-v0.1", dict(sliding_window=0)),  # no window
         ("Phi-3-mini-4k", dict(sliding_window=6)),  # Phi-3's window off by one
+        ("Gemma-3-270M", dict(norm_offset=False)),  # RMSNorm x * w instead of Gemma's x * (1 + w)
+        ("Gemma-3-270M", dict(embed_scale=False)),  # embeddings not scaled by sqrt(d_model)
+        ("Gemma-3-270M", dict(post_norms=False)),  # the post-attention and post-MLP norms skipped
+        ("Gemma-3-270M", dict(query_scale=0.0)),  # 1/sqrt(head_dim) instead of query_pre_attn_scalar
+        ("Gemma-3-270M", dict(rope_local_theta=1e6)),  # the global RoPE base on the local layers
+        ("Gemma-3-270M", dict(sliding_window=9)),  # the window off by one
     ],
 )
 def test_control_config_change_is_caught(folders, name, change):
@@ -186,6 +192,8 @@ def test_control_qwen2_kv_bias_swapped_is_caught(folders, monkeypatch):
         ("Qwen3-0.6B", {"attention_bias": True}, "attention_bias"),
         ("Qwen3-0.6B", {"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
         ("Mistral-7B-v0.1", {"layer_types": ["sliding_attention", "full_attention"]}, "layer_types"),
+        ("Gemma-3-270M", {"attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
+        ("Gemma-3-270M", {"hidden_activation": "gelu"}, "hidden_activation"),
         ("Phi-3-mini-4k", {"rope_scaling": {"type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}},
          "longrope"),
     ],
@@ -237,3 +245,13 @@ def test_sliding_window_cache_matches_the_full_recompute(folders, backend):
     cached = run(cfg, True)
     np.testing.assert_array_equal(cached, run(cfg, False))
     assert not np.array_equal(cached, run(dataclasses.replace(cfg, sliding_window=0), True))
+
+
+def test_gemma_final_logit_softcap_matches_transformers(tmp_path):
+    """Gemma 2's final soft-cap (cap * tanh(logits / cap)) on a Gemma 3 built with one; dropping it is
+    caught."""
+    folder = hf_models.build_modern("Gemma-3-270M", tmp_path / "g", final_logit_softcapping=5.0)
+    cfg, params, *_ = read_hf(folder)
+    assert cfg.final_softcap == 5.0
+    assert diff(folder) < TOL
+    assert diff(folder, "numpy", dataclasses.replace(cfg, final_softcap=0.0), params) > 100 * TOL

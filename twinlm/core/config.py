@@ -9,7 +9,7 @@ from twinlm.core.errors import ConfigError
 
 POS_ENCODINGS = ("learned", "sinusoidal", "rope", "none")
 NORMS = ("layernorm", "rmsnorm", "none")  # none: identity (`twinlm experiment norm-residual`)
-ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu", "geglu_tanh")  # geglu_tanh: gelu_tanh(gate) * up
 ROPE_TYPES = ("default", "linear", "llama3")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 # Layers LoRA can adapt, named within a block; short aliases that name one of them unambiguously.
@@ -52,6 +52,15 @@ class ModelConfig:
     qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (Qwen3)
     sliding_window: int = 0  # > 0: a query sees only itself and the sliding_window - 1 keys before it ...
     layer_types: tuple[str, ...] = ()  # ... in the layers marked "sliding_attention" (() : every layer)
+    rope_local_theta: float = 0.0  # > 0: the RoPE base of the sliding-window layers, unscaled (Gemma 3)
+    # Gemma's pieces: RMSNorm gains stored as w in x * (1 + w); embeddings times sqrt(d_model); a norm on the
+    # attention's and the MLP's outputs before each residual add; scores scaled by query_scale^-1/2 instead of
+    # head_dim^-1/2 (query_pre_attn_scalar); final logits soft-capped to (-cap, cap) by cap * tanh(x / cap).
+    norm_offset: bool = False
+    embed_scale: bool = False
+    post_norms: bool = False
+    query_scale: float = 0.0
+    final_softcap: float = 0.0
     type_vocab_size: int | None = None  # BERT's token-type (segment) embeddings; 0: none
     n_classes: int = 0  # > 0: a classification head on the pooled representation
     lora_rank: int = 0  # > 0: low-rank adapters on `lora_targets`; every pretrained weight is frozen
@@ -71,7 +80,7 @@ class ModelConfig:
             object.__setattr__(self, "n_kv_head", self.n_head)
         if self.d_ff == 0:
             d_ff = 4 * self.d_model
-            if self.activation == "swiglu":  # same parameter count as a 4x GELU MLP (Llama's rule)
+            if self.activation in ("swiglu", "geglu_tanh"):  # a 4x GELU MLP's parameter count (Llama's rule)
                 d_ff = -(-(8 * self.d_model // 3) // 16) * 16
             object.__setattr__(self, "d_ff", d_ff)
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "d_ff", "n_kv_head"):
@@ -103,6 +112,10 @@ class ModelConfig:
             raise ConfigError(f"rope_theta must be positive, got {self.rope_theta!r}")
         self._check_rope_scaling()
         self._check_window()
+        for name in ("rope_local_theta", "query_scale", "final_softcap"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0):
+                raise ConfigError(f"{name} must be a non-negative number (0: off), got {value!r}")
         self._check_lora()
         if self.lora_rank and getattr(fam, "RECURRENT", False):
             raise ConfigError(f"LoRA adapts attention and MLP layers; --arch {self.arch} has none")

@@ -120,10 +120,15 @@ def lora_target(cfg: ModelConfig, name: str) -> bool:
 def norm_spec(cfg: ModelConfig, name: str) -> S.Spec:
     if cfg.norm == "none":
         return {}
-    out = {f"{name}.weight": S.gain(cfg.d_model)}
+    out = {f"{name}.weight": _gain(cfg, cfg.d_model)}
     if cfg.bias and cfg.norm == "layernorm":  # RMSNorm has no bias
         out[f"{name}.bias"] = S.bias(cfg.d_model)
     return out
+
+
+def _gain(cfg: ModelConfig, n: int) -> S.ParamSpec:
+    """A norm's gain: ones, or zeros where the config stores it as the offset from one (Gemma)."""
+    return S.bias(n) if cfg.norm_offset else S.gain(n)
 
 
 def attention_spec(cfg: ModelConfig, name: str, proj_std: float = S.INIT_STD) -> S.Spec:
@@ -134,13 +139,13 @@ def attention_spec(cfg: ModelConfig, name: str, proj_std: float = S.INIT_STD) ->
                          bias=bool(cfg.bias or cfg.qkv_bias)),
            **linear_spec(cfg, f"{name}.proj", cfg.n_head * hs, cfg.d_model, proj_std)}
     if cfg.qk_norm:
-        out |= {f"{name}.q_norm.weight": S.gain(hs), f"{name}.k_norm.weight": S.gain(hs)}
+        out |= {f"{name}.q_norm.weight": _gain(cfg, hs), f"{name}.k_norm.weight": _gain(cfg, hs)}
     return out
 
 
 def mlp_spec(cfg: ModelConfig, name: str, proj_std: float = S.INIT_STD) -> S.Spec:
-    """fc: C -> F (SwiGLU: C -> 2F, gate then up), proj: F -> C."""
-    width = 2 * cfg.d_ff if cfg.activation == "swiglu" else cfg.d_ff
+    """fc: C -> F (SwiGLU, GeGLU: C -> 2F, gate then up), proj: F -> C."""
+    width = 2 * cfg.d_ff if cfg.activation in ("swiglu", "geglu_tanh") else cfg.d_ff
     return {**linear_spec(cfg, f"{name}.fc", cfg.d_model, width),
             **linear_spec(cfg, f"{name}.proj", cfg.d_ff, cfg.d_model, proj_std)}
 
@@ -170,8 +175,13 @@ def norm(B: Backend, cfg: ModelConfig, p: Params, name: str, x: Array) -> Array:
     if cfg.norm == "none":
         return x
     if cfg.norm == "rmsnorm":
-        return B.rms_norm(x, p[f"{name}.weight"], cfg.norm_eps)
+        return rms_norm(B, cfg, p[f"{name}.weight"], x)
     return B.layer_norm(x, p[f"{name}.weight"], p.get(f"{name}.bias"), cfg.norm_eps)
+
+
+def rms_norm(B: Backend, cfg: ModelConfig, w: Array, x: Array) -> Array:
+    """RMSNorm over x's last axis with gain w, or 1 + w where the config stores the offset (Gemma)."""
+    return B.rms_norm(x, w + 1.0 if cfg.norm_offset else w, cfg.norm_eps)
 
 
 def mlp(B: Backend, cfg: ModelConfig, p: Params, name: str, x: Array,
@@ -179,6 +189,8 @@ def mlp(B: Backend, cfg: ModelConfig, p: Params, name: str, x: Array,
     h = linear(B, cfg, p, f"{name}.fc", x, drop)
     if cfg.activation == "swiglu":
         h = B.swiglu(h[..., :cfg.d_ff], h[..., cfg.d_ff:])
+    elif cfg.activation == "geglu_tanh":
+        h = B.gelu_tanh(h[..., :cfg.d_ff]) * h[..., cfg.d_ff:]
     elif cfg.activation == "gelu_tanh":
         h = B.gelu_tanh(h)
     else:
@@ -202,10 +214,12 @@ def self_attention(B: Backend, cfg: ModelConfig, p: Params, name: str, layer: in
     k = heads(qkv[..., H * hs:(H + Hkv) * hs], Hkv)
     v = heads(qkv[..., (H + Hkv) * hs:], Hkv)
     if cfg.qk_norm:  # each head's q and k normalised over hs, before the rotation (Qwen3)
-        q = B.rms_norm(q, p[f"{name}.q_norm.weight"], cfg.norm_eps)
-        k = B.rms_norm(k, p[f"{name}.k_norm.weight"], cfg.norm_eps)
+        q = rms_norm(B, cfg, p[f"{name}.q_norm.weight"], q)
+        k = rms_norm(B, cfg, p[f"{name}.k_norm.weight"], k)
     if rope is not None:
         q, k = B.rope(q, *rope), B.rope(k, *rope)
+    if cfg.query_scale:  # attention divides by sqrt(hs); the model wants sqrt(query_scale)
+        q = q * float(np.sqrt(hs / cfg.query_scale))
     y = attend(layer, q, k, v)  # (N, H, T, hs)
     y = B.reshape(B.transpose(y, (0, 2, 1, 3)), (batch, t, H * hs))  # heads concatenated
     return linear(B, cfg, p, f"{name}.proj", y, drop)

@@ -303,6 +303,102 @@ def llama_links(cfg: ModelConfig, hf_arch: str) -> list[Link]:
     return out
 
 
+# ---- Gemma 3 (text) -------------------------------------------------------------------------------
+
+
+def gemma3_config(hf: dict[str, Any]) -> dict[str, Any]:
+    """Gemma 3's text decoder: the Llama stack with Gemma's pieces (see ModelConfig: norm_offset,
+    embed_scale, post_norms, query_scale, rope_local_theta) and a window on its sliding_attention layers."""
+    _refuse_unless(hf, "hidden_activation", ("gelu_pytorch_tanh",), "gelu_pytorch_tanh")
+    _refuse_unless(hf, "attention_bias", (False,), False)
+    _refuse_unless(hf, "attn_logit_softcapping", (None,), None)
+    _refuse_unless(hf, "use_bidirectional_attention", (False,), False)
+    d, heads, n_layer = int(hf["hidden_size"]), int(hf["num_attention_heads"]), int(hf["num_hidden_layers"])
+    params = dict(_get(hf, "rope_parameters", {}))
+    if "full_attention" in params:  # transformers >= 5: one RoPE per layer type
+        full, local = dict(params["full_attention"]), dict(params.get("sliding_attention") or {})
+    else:
+        full = {**dict(_get(hf, "rope_scaling", {})), "rope_theta": _get(hf, "rope_theta", 1e6)}
+        local = {"rope_theta": _get(hf, "rope_local_base_freq", 1e4)}
+    if (local.get("rope_type") or local.get("type") or "default") != "default":
+        raise HFError(
+            f"config.json scales the sliding layers' RoPE ({local}); twinlm scales only the global ones"
+        )
+    rope = _rope({"rope_parameters": full})
+    pattern = int(_get(hf, "sliding_window_pattern", _get(hf, "_sliding_window_pattern", 6)))
+    types = _get(hf, "layer_types", [
+        "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layer)
+    ])
+    return dict(
+        arch="llama",
+        vocab_size=hf["vocab_size"],
+        block_size=hf["max_position_embeddings"],
+        n_layer=n_layer,
+        n_head=heads,
+        n_kv_head=_get(hf, "num_key_value_heads", heads),
+        d_model=d,
+        d_ff=hf["intermediate_size"],
+        activation="geglu_tanh",
+        norm_eps=float(_get(hf, "rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(_get(hf, "tie_word_embeddings", True)),
+        dropout=float(_get(hf, "attention_dropout", 0.0)),
+        head_size=int(_get(hf, "head_dim", 256)),
+        qk_norm=True,
+        sliding_window=int(_get(hf, "sliding_window", 4096)),
+        layer_types=tuple(types),
+        rope_local_theta=float(local.get("rope_theta") or 1e4),
+        norm_offset=True,
+        embed_scale=True,
+        post_norms=True,
+        query_scale=float(_get(hf, "query_pre_attn_scalar", 256)),
+        final_softcap=float(_get(hf, "final_logit_softcapping", 0.0)),
+        **rope,
+    )
+
+
+def gemma3_hf_config(cfg: ModelConfig) -> dict[str, Any]:
+    rope = _hf_rope(cfg)["rope_parameters"]
+    return dict(
+        model_type="gemma3_text",
+        vocab_size=cfg.vocab_size,
+        max_position_embeddings=cfg.block_size,
+        num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.n_kv_head,
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.d_ff,
+        head_dim=cfg.head_dim,
+        rms_norm_eps=cfg.norm_eps,
+        hidden_activation="gelu_pytorch_tanh",
+        attention_bias=False,
+        attn_logit_softcapping=None,
+        final_logit_softcapping=cfg.final_softcap or None,
+        query_pre_attn_scalar=int(q) if (q := float(cfg.query_scale)).is_integer() else q,
+        sliding_window=cfg.sliding_window,
+        layer_types=list(cfg.layer_types),
+        use_bidirectional_attention=False,
+        rope_scaling=None,
+        rope_parameters={"full_attention": rope,
+                         "sliding_attention": {"rope_type": "default", "rope_theta": cfg.rope_local_theta}},
+        tie_word_embeddings=cfg.tie_embeddings,
+        attention_dropout=cfg.dropout,
+    )
+
+
+def gemma3_links(cfg: ModelConfig, hf_arch: str) -> list[Link]:
+    """Llama's links, with Gemma's four norms a block: its post_attention_layernorm is the attention output's
+    norm (twinlm ln_post_attn), pre_feedforward_layernorm the MLP input's (ln_2)."""
+    out = [link for link in llama_links(cfg, hf_arch) if ".ln_2." not in link.twin]
+    for i in range(cfg.n_layer):
+        h, b = f"model.layers.{i}", f"blocks.{i}"
+        out += [
+            Link(f"{b}.ln_post_attn.weight", (f"{h}.post_attention_layernorm.weight",)),
+            Link(f"{b}.ln_2.weight", (f"{h}.pre_feedforward_layernorm.weight",)),
+            Link(f"{b}.ln_post_mlp.weight", (f"{h}.post_feedforward_layernorm.weight",)),
+        ]
+    return out
+
+
 # ---- BERT ----------------------------------------------------------------------------------------
 
 
@@ -446,6 +542,8 @@ ARCHS: dict[str, Arch] = {
         "phi3", phi3_config, lambda c: llama_hf_config(c, "Phi3ForCausalLM"), phi3_links,
         ("rotary_emb.inv_freq",),
     ),
+    "Gemma3ForCausalLM": Arch("gemma3_text", gemma3_config, gemma3_hf_config, gemma3_links,
+                              ("rotary_emb.inv_freq", "rotary_emb_local.inv_freq")),
     "MistralForCausalLM": Arch(
         "mistral", mistral_config, lambda c: llama_hf_config(c, "MistralForCausalLM"), llama_links,
         ("rotary_emb.inv_freq",),
@@ -484,6 +582,15 @@ def export_arch(cfg: ModelConfig, imported_as: str | None) -> str:
                 "attention; this run's GPT differs, so it has no GPT-2 form"
             )
         return "GPT2LMHeadModel"
+    gemma = (cfg.norm_offset, cfg.embed_scale, cfg.post_norms, cfg.query_scale, cfg.final_softcap,
+             cfg.rope_local_theta, cfg.activation == "geglu_tanh")
+    if cfg.arch == "llama" and any(gemma):
+        if not (cfg.norm_offset and cfg.embed_scale and cfg.post_norms and cfg.qk_norm
+                and cfg.activation == "geglu_tanh" and not cfg.qkv_bias):
+            raise HFError(
+                "this run has some of Gemma's pieces but not all, so it has no Gemma3ForCausalLM form"
+            )
+        return "Gemma3ForCausalLM"
     if cfg.arch == "llama":
         if cfg.pos_encoding != "rope" or cfg.norm != "rmsnorm" or cfg.activation != "swiglu" or cfg.bias:
             raise HFError(
