@@ -163,6 +163,13 @@ MODERN: dict[str, tuple[str, dict]] = {
         query_pre_attn_scalar=256, rms_norm_eps=1e-06, rope_local_base_freq=10000.0, rope_theta=1000000.0,
         sliding_window=8, layer_types=["sliding_attention", "full_attention"],
         use_bidirectional_attention=False, tie_word_embeddings=True)),
+    # Gemma-2-2B: head_dim 256, query_pre_attn_scalar 256, every other layer a 4096 window, attention scores
+    # soft-capped at 50 and final logits at 30 (here caps 2 and 5 so they bind on tiny random weights).
+    "Gemma-2-2B": ("Gemma2ForCausalLM", dict(
+        attention_bias=False, attention_dropout=0.0, attn_logit_softcapping=2.0, final_logit_softcapping=5.0,
+        head_dim=32, hidden_activation="gelu_pytorch_tanh", num_key_value_heads=2, pad_token_id=1,
+        query_pre_attn_scalar=256, rms_norm_eps=1e-06, rope_theta=10000.0, sliding_window=8,
+        tie_word_embeddings=True)),
 }
 
 

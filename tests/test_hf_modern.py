@@ -1,4 +1,4 @@
-"""The modern Hugging Face families (Llama 3.x, Qwen2.5, Qwen3, Mistral, Phi-3, Gemma 3) checked
+"""The modern Hugging Face families (Llama 3.x, Qwen2.5, Qwen3, Mistral, Phi-3, Gemma 2 and 3) checked
 `transformers`: tiny random models built from each real model's config.json (sizes shrunk, every other
 field kept), then logits within 1e-4 on numpy, MLX and tinygrad on a sequence past RoPE scaling's
 pre-training context and the sliding window, greedy tokens equal to `generate`, the export round trip
@@ -143,6 +143,9 @@ def test_rope_inv_freq_matches_transformers():
         ("Gemma-3-270M", dict(query_scale=0.0)),  # 1/sqrt(head_dim) instead of query_pre_attn_scalar
         ("Gemma-3-270M", dict(rope_local_theta=1e6)),  # the global RoPE base on the local layers
         ("Gemma-3-270M", dict(sliding_window=9)),  # the window off by one
+        ("Gemma-2-2B", dict(attn_softcap=0.0)),  # the attention soft-cap dropped
+        ("Gemma-2-2B", dict(final_softcap=0.0)),  # the final soft-cap dropped
+        ("Gemma-2-2B", dict(layer_types=("full_attention", "sliding_attention"))),  # the pattern shifted
     ],
 )
 def test_control_config_change_is_caught(folders, name, change):
@@ -194,6 +197,7 @@ def test_control_qwen2_kv_bias_swapped_is_caught(folders, monkeypatch):
         ("Mistral-7B-v0.1", {"layer_types": ["sliding_attention", "full_attention"]}, "layer_types"),
         ("Gemma-3-270M", {"attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
         ("Gemma-3-270M", {"hidden_activation": "gelu"}, "hidden_activation"),
+        ("Gemma-2-2B", {"attention_bias": True}, "attention_bias"),
         ("Phi-3-mini-4k", {"rope_scaling": {"type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}},
          "longrope"),
     ],

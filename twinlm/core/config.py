@@ -61,6 +61,7 @@ class ModelConfig:
     post_norms: bool = False
     query_scale: float = 0.0
     final_softcap: float = 0.0
+    attn_softcap: float = 0.0  # > 0: attention scores soft-capped the same way before the mask (Gemma 2)
     type_vocab_size: int | None = None  # BERT's token-type (segment) embeddings; 0: none
     n_classes: int = 0  # > 0: a classification head on the pooled representation
     lora_rank: int = 0  # > 0: low-rank adapters on `lora_targets`; every pretrained weight is frozen
@@ -112,7 +113,7 @@ class ModelConfig:
             raise ConfigError(f"rope_theta must be positive, got {self.rope_theta!r}")
         self._check_rope_scaling()
         self._check_window()
-        for name in ("rope_local_theta", "query_scale", "final_softcap"):
+        for name in ("rope_local_theta", "query_scale", "final_softcap", "attn_softcap"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0):
                 raise ConfigError(f"{name} must be a non-negative number (0: off), got {value!r}")

@@ -240,9 +240,18 @@ def attend_all(B: Backend, cfg: ModelConfig, mask: Array | None, dropout: dict[s
             v = B.concat([k_cache[i][1], v], axis=2)
         new_cache.append((k, v))
         m = window_mask if cfg.sliding(i) else mask
-        return B.attention(q, B.repeat_kv(k, rep), B.repeat_kv(v, rep), m, dropout.get(f"blocks.{i}.attn"))
+        keep = dropout.get(f"blocks.{i}.attn")
+        return attention(B, cfg, q, B.repeat_kv(k, rep), B.repeat_kv(v, rep), m, keep)
 
     return attend, new_cache
+
+
+def attention(B: Backend, cfg: ModelConfig, q: Array, k: Array, v: Array, mask: Array | None,
+              dropout: Array | None = None) -> Array:
+    """`B.attention`, with the config's attention-logit soft-cap where it has one (Gemma 2)."""
+    if cfg.attn_softcap:
+        return B.attention(q, k, v, mask, dropout, softcap=cfg.attn_softcap)
+    return B.attention(q, k, v, mask, dropout)
 
 
 def residual_dropout(x: Array, drop: dict[str, Array], site: str) -> Array:

@@ -356,6 +356,31 @@ def gemma3_config(hf: dict[str, Any]) -> dict[str, Any]:
     )
 
 
+def gemma2_config(hf: dict[str, Any]) -> dict[str, Any]:
+    """Gemma 2: Gemma 3's stack without q/k norms, one RoPE base for every layer, every other layer sliding,
+    and soft-capped attention scores (attn_logit_softcapping) and final logits (final_logit_softcapping)."""
+    _refuse_unless(hf, "hidden_activation", ("gelu_pytorch_tanh",), "gelu_pytorch_tanh")
+    _refuse_unless(hf, "attention_bias", (False,), False)
+    n_layer = int(hf["num_hidden_layers"])
+    types = _get(hf, "layer_types", [
+        "sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n_layer)
+    ])
+    as_gemma3 = {k: v for k, v in hf.items() if k not in ("attn_logit_softcapping", "rope_parameters")}
+    rope = _rope(hf)
+    out = gemma3_config({**as_gemma3, "layer_types": types,
+                         "rope_parameters": {"full_attention": {"rope_theta": rope["rope_theta"]},
+                                             "sliding_attention": {"rope_theta": rope["rope_theta"]}}})
+    return dict(out, qk_norm=False, rope_local_theta=0.0, **rope,
+                attn_softcap=float(_get(hf, "attn_logit_softcapping", 0.0)))
+
+
+def gemma2_hf_config(cfg: ModelConfig) -> dict[str, Any]:
+    out = gemma3_hf_config(cfg)
+    out.update(model_type="gemma2", attn_logit_softcapping=cfg.attn_softcap or None, **_hf_rope(cfg))
+    del out["use_bidirectional_attention"]
+    return out
+
+
 def gemma3_hf_config(cfg: ModelConfig) -> dict[str, Any]:
     rope = _hf_rope(cfg)["rope_parameters"]
     return dict(
@@ -542,6 +567,9 @@ ARCHS: dict[str, Arch] = {
         "phi3", phi3_config, lambda c: llama_hf_config(c, "Phi3ForCausalLM"), phi3_links,
         ("rotary_emb.inv_freq",),
     ),
+    "Gemma2ForCausalLM": Arch(
+        "gemma2", gemma2_config, gemma2_hf_config, gemma3_links, ("rotary_emb.inv_freq",)
+    ),
     "Gemma3ForCausalLM": Arch("gemma3_text", gemma3_config, gemma3_hf_config, gemma3_links,
                               ("rotary_emb.inv_freq", "rotary_emb_local.inv_freq")),
     "MistralForCausalLM": Arch(
@@ -583,14 +611,16 @@ def export_arch(cfg: ModelConfig, imported_as: str | None) -> str:
             )
         return "GPT2LMHeadModel"
     gemma = (cfg.norm_offset, cfg.embed_scale, cfg.post_norms, cfg.query_scale, cfg.final_softcap,
-             cfg.rope_local_theta, cfg.activation == "geglu_tanh")
+             cfg.rope_local_theta, cfg.attn_softcap, cfg.activation == "geglu_tanh")
     if cfg.arch == "llama" and any(gemma):
-        if not (cfg.norm_offset and cfg.embed_scale and cfg.post_norms and cfg.qk_norm
-                and cfg.activation == "geglu_tanh" and not cfg.qkv_bias):
+        if not (cfg.norm_offset and cfg.embed_scale and cfg.post_norms and cfg.activation == "geglu_tanh"
+                and not cfg.qkv_bias and (cfg.qk_norm or not cfg.rope_local_theta)):
+            raise HFError("this run has some of Gemma's pieces but not all, so it has no Gemma form")
+        if cfg.qk_norm and cfg.attn_softcap:
             raise HFError(
-                "this run has some of Gemma's pieces but not all, so it has no Gemma3ForCausalLM form"
+                "this run has q/k norms (Gemma 3) and attention soft-capping (Gemma 2): neither class"
             )
-        return "Gemma3ForCausalLM"
+        return "Gemma3ForCausalLM" if cfg.qk_norm else "Gemma2ForCausalLM"
     if cfg.arch == "llama":
         if cfg.pos_encoding != "rope" or cfg.norm != "rmsnorm" or cfg.activation != "swiglu" or cfg.bias:
             raise HFError(

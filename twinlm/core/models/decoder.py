@@ -184,7 +184,7 @@ def decode_step(B: Backend, cfg: ModelConfig, p: L.Params, idx: Array, pos_ids: 
         v = B.where(write_mask, v, cache[i][1])
         new_cache.append((k, v))
         m = attn_mask[1:2] if cfg.sliding(i) else attn_mask[:1]  # the window's row (see decode_inputs)
-        return B.attention(q, B.repeat_kv(k, rep), B.repeat_kv(v, rep), m)
+        return L.attention(B, cfg, q, B.repeat_kv(k, rep), B.repeat_kv(v, rep), m)
 
     for i in range(cfg.n_layer):
         x = _block(B, cfg, p, i, x, attend, {}, rope[i])
