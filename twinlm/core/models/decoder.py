@@ -84,9 +84,9 @@ def _positions(B: Backend, cfg: ModelConfig, p: L.Params, rows: Any,
         return B.take(table, rows) if take else table[rows]
 
     if cfg.pos_encoding == "learned":
-        return pick(p["wpe.weight"]), None
+        return pick(p["wpe.weight"]), [None] * cfg.n_layer
     if cfg.pos_encoding == "sinusoidal":
-        return pick(B.from_numpy(L.sinusoidal_table(cfg.block_size, cfg.d_model))), None
+        return pick(B.from_numpy(L.sinusoidal_table(cfg.block_size, cfg.d_model))), [None] * cfg.n_layer
     if cfg.pos_encoding == "rope":
         cos, sin = L.rope_tables(cfg.block_size, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         rope = (pick(B.from_numpy(cos)), pick(B.from_numpy(sin)))
