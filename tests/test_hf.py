@@ -297,7 +297,7 @@ def _edit_config(folder: Path, **changes) -> None:
     [
         (
             "LlamaForCausalLM",
-            {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}},
+            {"rope_parameters": {"rope_type": "longrope", "factor": 2.0, "rope_theta": 1e4}},
             "RoPE scaling",
         ),
         ("LlamaForCausalLM", {"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "RoPE scaling"),

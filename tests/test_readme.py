@@ -80,7 +80,8 @@ ADAPTED: dict[str, Adapted] = {
 }
 
 # Files and runs the documented commands assume the reader has, made before they run (generated text, a
-# tiny random Hugging Face GPT-2 in ~/models/gpt2, runs the README only names).
+# tiny random Hugging Face GPT-2 in ~/models/gpt2 and Qwen2.5 in ~/models/Qwen2.5-0.5B, runs the README only
+# names).
 SETUP = [
     "twinlm train --data input.txt --arch bert --max-iters 20",  # runs/input-bert
     "twinlm train --data input.txt --max-iters 20 --out runs/input-mlx",
@@ -191,9 +192,10 @@ def workspace(tmp: Path, hf_gpt2: bool) -> dict[str, str]:
     shutil.copy(ROOT / "README.md", tmp / "README.md")  # the reader runs these in the checkout
     (tmp / "run.toml").write_text('data = "input.txt"\npreset = "tiny"\nmax-iters = 20\n', encoding="utf-8")
     if hf_gpt2:
-        from hf_models import build
+        from hf_models import build, build_modern
 
         build("GPT2LMHeadModel", tmp / "home" / "models" / "gpt2", positions=256)
+        build_modern("Qwen2.5-0.5B", tmp / "home" / "models" / "Qwen2.5-0.5B", max_position_embeddings=256)
     env = dict(os.environ, HOME=str(tmp / "home"), TWINLM_CACHE_DIR=str(tmp / "cache"), MPLBACKEND="Agg",
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     env.pop("TWINLM_BACKEND", None)

@@ -32,9 +32,13 @@ class Model:
         backend: Backend,
         path: Path | None = None,
         labels: list[str] | None = None,
+        stop: frozenset[int] | None = None,
     ) -> None:
+        from twinlm.generate import stop_ids
+
         self.config, self.tokenizer, self.backend, self.path = config, tokenizer, backend, path
         self.labels = labels or []
+        self.stop = stop_ids(tokenizer) if stop is None else stop  # ids that end `generate`
         self.params = {k: backend.from_numpy(v) for k, v in params.items()}
 
     def __repr__(self) -> str:
@@ -72,8 +76,8 @@ class Model:
         top_p: float | None = None,
         seed: int = 0,
     ) -> Any:
-        """The continuation of `prompt`: text for a text prompt, else the new ids (N, max_new_tokens).
-        temperature 0 is greedy decoding."""
+        """The continuation of `prompt`: text for a text prompt, else the new ids (N, max_new_tokens, or
+        fewer where every row reached an end token in `self.stop`). temperature 0 is greedy decoding."""
         from twinlm.generate import generate
 
         ids = self._ids(prompt)
@@ -88,10 +92,13 @@ class Model:
                 top_k=top_k,
                 top_p=top_p,
                 seed=seed,
+                stop=self.stop,
             )
         )
         out = np.stack(new, axis=1) if new else np.zeros((ids.shape[0], 0), np.int32)
-        return self.tokenizer.decode(out[0]) if isinstance(prompt, str) else out
+        if isinstance(prompt, str):
+            return self.tokenizer.decode([i for i in out[0] if int(i) not in self.stop])
+        return out
 
 
 def load(path: str | Path, backend: str | Backend | None = None) -> Model:
@@ -103,15 +110,17 @@ def load(path: str | Path, backend: str | Backend | None = None) -> Model:
     B = backend if isinstance(backend, Backend) else get_backend(backend)
     path = Path(path)
     if (path / "config.json").exists():
+        from twinlm.generate import stop_ids
         from twinlm.hf import labels_of, read_hf
 
         cfg, params, tok, record, _ = read_hf(path)
         labels = labels_of(record["config"], cfg.n_classes) if cfg.n_classes else []
-        return Model(cfg, params, tok, B, path, labels)
+        return Model(cfg, params, tok, B, path, labels, stop_ids(tok, record))
+    from twinlm.generate import stop_ids
     from twinlm.run_dir import load_model
 
     cfg, params, tok, meta = load_model(path)
-    return Model(cfg, params, tok, B, path, meta.labels)
+    return Model(cfg, params, tok, B, path, meta.labels, stop_ids(tok, meta.hf))
 
 
 def train(

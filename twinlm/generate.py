@@ -25,7 +25,7 @@ window, no cache), built the first time a history passes block_size.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -34,6 +34,7 @@ from twinlm.core import model
 from twinlm.core.backend import Array, Backend
 from twinlm.core.config import ModelConfig
 from twinlm.core.errors import TwinlmError
+from twinlm.core.tokenizers import Tokenizer
 
 STRATEGIES = ("kv", "fixed", "full")
 # Backends that compile a new graph for every new shape: a growing KV cache would recompile each token.
@@ -111,7 +112,8 @@ class _FixedShapeSteps:
             return (lg,), new
 
         self.kv_step = B.compile_step(kv_step, state)
-        self.pos_inputs = [tuple(B.from_numpy(a) for a in model.decode_inputs(pos, cfg.block_size))
+        self.pos_inputs = [tuple(B.from_numpy(a) for a in model.decode_inputs(pos, cfg.block_size,
+                                                                               cfg.sliding_window))
                            for pos in range(cfg.block_size)]
         self.owner: object = None
         self._window_step: Any = None
@@ -217,8 +219,9 @@ def sample_next(logits: np.ndarray, rng: np.random.Generator, *, temperature: fl
 
 def generate(B: Backend, cfg: ModelConfig, params: dict[str, Array], prompt: np.ndarray, max_new_tokens: int,
              *, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             seed: int = 0, use_cache: bool = True) -> Iterator[np.ndarray]:
-    """Yield `max_new_tokens` new token columns (batch,) int32, each as soon as it is produced.
+             seed: int = 0, use_cache: bool = True, stop: Iterable[int] = ()) -> Iterator[np.ndarray]:
+    """Yield `max_new_tokens` new token columns (batch,) int32, each as soon as it is produced; or fewer,
+    ending with the column in which every row has produced one of the `stop` ids (see `stop_ids`).
 
     `params` are backend arrays; `prompt` int ids (batch, t0), t0 >= 1. `use_cache=False` recomputes the
     whole context each step (the reference); True uses the backend's fast decoder (see module docstring),
@@ -239,12 +242,29 @@ def generate(B: Backend, cfg: ModelConfig, params: dict[str, Array], prompt: np.
     check_sampling(temperature, top_k, top_p)
     decoder = make_decoder(B, cfg, params, prompt.shape[0], default_strategy(B, use_cache))
     return _stream(decoder, prompt.astype(np.int32), max_new_tokens, np.random.default_rng(seed),
-                   dict(temperature=temperature, top_k=top_k, top_p=top_p))
+                   dict(temperature=temperature, top_k=top_k, top_p=top_p),
+                   np.array(sorted(set(stop)), np.int64))
+
+
+def stop_ids(tok: Tokenizer, hf_record: dict[str, Any] | None = None) -> frozenset[int]:
+    """The ids that end generation: the union of the tokenizer's end token and generation_config.json's
+    `eos_token_id` (an int or a list: Llama 3.x and Qwen2.5 end chat turns with a token that is not the
+    tokenizer's eos)."""
+    out = {tok.roles["eos"]} if "eos" in getattr(tok, "roles", {}) else set()
+    eos = ((hf_record or {}).get("generation_config") or {}).get("eos_token_id")
+    for i in eos if isinstance(eos, list) else [eos]:
+        if isinstance(i, int) and not isinstance(i, bool) and 0 <= i:
+            out.add(i)
+    return frozenset(out)
 
 
 def _stream(decoder: Decoder, tokens: np.ndarray, n: int, rng: np.random.Generator,
-            sampling: dict[str, Any]) -> Iterator[np.ndarray]:
+            sampling: dict[str, Any], stop: np.ndarray) -> Iterator[np.ndarray]:
+    done = np.zeros(tokens.shape[0], bool)
     for _ in range(n):
         nxt = sample_next(decoder.next_logits(tokens), rng, **sampling)
         tokens = np.concatenate([tokens, nxt[:, None]], axis=1)
         yield nxt
+        done |= np.isin(nxt, stop)
+        if done.all():
+            return

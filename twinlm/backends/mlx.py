@@ -163,7 +163,9 @@ class MLXBackend(Backend):
         return mx.fast.rms_norm(x, weight, eps)
 
     def attention(self, q: Array, k: Array, v: Array, mask: Array | None,
-                  dropout: Array | None = None) -> Array:
+                  dropout: Array | None = None, softcap: float = 0.0) -> Array:
+        if softcap:  # neither fused path soft-caps the scores
+            return super().attention(q, k, v, mask, dropout, softcap)
         scale = 1.0 / math.sqrt(q.shape[-1])
         K = self._kernel(q, k, v)
         if K is not None and (mask is None or mask.dtype == mx.bool_):

@@ -124,11 +124,11 @@ class TinygradBackend(Backend):
         return super().softmax(x, axis).contiguous().contiguous_backward()
 
     def attention(self, q: Array, k: Array, v: Array, mask: Array | None,
-                  dropout: Array | None = None) -> Array:
+                  dropout: Array | None = None, softcap: float = 0.0) -> Array:
         # Realise dq, dk, dv separately: otherwise one kernel computes all three inside the 3C-wide
         # gradient of the fused qkv projection, redoing the T x T reductions for each slice.
         q, k, v = (t.contiguous_backward() for t in (q, k, v))
-        return super().attention(q, k, v, mask, dropout)
+        return super().attention(q, k, v, mask, dropout, softcap)
 
     def gelu(self, x: Array) -> Array:
         # Realised once, not re-evaluated (erf polynomial included) inside the next matmul's loop.

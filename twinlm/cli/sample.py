@@ -10,7 +10,7 @@ import numpy as np
 from twinlm.cli.common import backend, backend_option
 from twinlm.core.errors import TwinlmError
 from twinlm.core.tokenizers import Tokenizer
-from twinlm.generate import check_generates, generate
+from twinlm.generate import check_generates, generate, stop_ids
 from twinlm.run_dir import load_model
 
 REPLACEMENT = "\ufffd"  # what decoding makes of an incomplete UTF-8 sequence
@@ -73,8 +73,10 @@ def command(run_dir: str, prompt: str | None, max_new_tokens: int, temperature: 
     params = {k: B.from_numpy(v) for k, v in params_np.items()}
     click.echo(f"[{run_dir}: step {meta.iter}, {tok.kind} tokenizer, "
                f"backend {B.name}]", err=True)
+    stop = stop_ids(tok, meta.hf)
     columns = generate(B, cfg, params, ids[None, :], max_new_tokens, temperature=temperature, top_k=top_k,
-                       top_p=top_p, seed=seed, use_cache=cache)
+                       top_p=top_p, seed=seed, use_cache=cache, stop=stop)
+    columns = (c for c in columns if int(c[0]) not in stop)  # the end token ends the text; it is not shown
     click.echo(prompt, nl=False)
     for piece in text_increments(tok, columns):
         click.echo(piece, nl=False)  # click.echo flushes, so each token shows as it comes

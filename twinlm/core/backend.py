@@ -234,12 +234,16 @@ class Backend:
         return x * self.rsqrt(self.mean(x * x, axis=-1, keepdims=True) + eps) * weight
 
     def attention(self, q: Array, k: Array, v: Array, mask: Array | None,
-                  dropout: Array | None = None) -> Array:
+                  dropout: Array | None = None, softcap: float = 0.0) -> Array:
         """softmax(q k^T / sqrt(d_k)) v over (N, H, T, hs); `mask` boolean, True = attend, broadcastable
         to (N, H, Tq, Tk): (Tq, Tk) for causal, (N, 1, Tq, Tk) with padding (every row must keep a key);
-        `dropout` an optional keep-mask already scaled by 1/(1-p), shape (N, H, Tq, Tk)."""
+        `dropout` an optional keep-mask already scaled by 1/(1-p), shape (N, H, Tq, Tk); `softcap` > 0
+        bounds the scaled scores to (-softcap, softcap) by softcap * tanh(s / softcap) before the mask
+        (Gemma 2)."""
         scale = 1.0 / math.sqrt(q.shape[-1])
         scores = (q @ self.transpose(k, (0, 1, 3, 2))) * scale  # (N, H, Tq, Tk)
+        if softcap:
+            scores = self.tanh(scores * (1.0 / softcap)) * softcap
         if mask is not None:
             scores = self.where(mask, scores, -math.inf)
         att = self.softmax(scores, axis=-1)

@@ -10,7 +10,9 @@ from twinlm.core.models import FAMILIES, family
 
 POS_ENCODINGS = ("learned", "sinusoidal", "rope", "none")
 NORMS = ("layernorm", "rmsnorm", "none")  # none: identity (`twinlm experiment norm-residual`)
-ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu", "geglu_tanh")  # geglu_tanh: gelu_tanh(gate) * up
+ROPE_TYPES = ("default", "linear", "llama3")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 # Layers LoRA can adapt, named within a block; short aliases that name one of them unambiguously.
 LORA_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
 LORA_ALIASES = {"qkv": "attn.qkv", "fc": "mlp.fc", "all": LORA_TARGETS}
@@ -39,6 +41,28 @@ class ModelConfig:
     activation: str | None = None  # "gelu" (exact erf) | "gelu_tanh" | "swiglu"
     norm_eps: float | None = None
     rope_theta: float = 10000.0
+    # RoPE frequency scaling (core.layers.rope_inv_freq): "default" (none), "linear" (every frequency /
+    # factor) or "llama3" (Llama 3.1's: low frequencies / factor, high ones kept, a smooth ramp between).
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0  # llama3 only
+    rope_high_freq_factor: float = 4.0  # llama3 only
+    rope_original_positions: int = 0  # llama3 only: the pre-training context the wavelengths are measured by
+    head_size: int = 0  # 0: d_model / n_head; else an explicit head size (Qwen3, Gemma)
+    qkv_bias: bool = False  # biases on q, k and v only (Qwen2), whatever `bias` says
+    qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (Qwen3)
+    sliding_window: int = 0  # > 0: a query sees only itself and the sliding_window - 1 keys before it ...
+    layer_types: tuple[str, ...] = ()  # ... in the layers marked "sliding_attention" (() : every layer)
+    rope_local_theta: float = 0.0  # > 0: the RoPE base of the sliding-window layers, unscaled (Gemma 3)
+    # Gemma's pieces: RMSNorm gains stored as w in x * (1 + w); embeddings times sqrt(d_model); a norm on the
+    # attention's and the MLP's outputs before each residual add; scores scaled by query_scale^-1/2 instead of
+    # head_dim^-1/2 (query_pre_attn_scalar); final logits soft-capped to (-cap, cap) by cap * tanh(x / cap).
+    norm_offset: bool = False
+    embed_scale: bool = False
+    post_norms: bool = False
+    query_scale: float = 0.0
+    final_softcap: float = 0.0
+    attn_softcap: float = 0.0  # > 0: attention scores soft-capped the same way before the mask (Gemma 2)
     type_vocab_size: int | None = None  # BERT's token-type (segment) embeddings; 0: none
     n_classes: int = 0  # > 0: a classification head on the pooled representation
     lora_rank: int = 0  # > 0: low-rank adapters on `lora_targets`; every pretrained weight is frozen
@@ -56,14 +80,16 @@ class ModelConfig:
             object.__setattr__(self, "n_kv_head", self.n_head)
         if self.d_ff == 0:
             d_ff = 4 * self.d_model
-            if self.activation == "swiglu":  # same parameter count as a 4x GELU MLP (Llama's rule)
+            if self.activation in ("swiglu", "geglu_tanh"):  # a 4x GELU MLP's parameter count (Llama's rule)
                 d_ff = -(-(8 * self.d_model // 3) // 16) * 16
             object.__setattr__(self, "d_ff", d_ff)
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "d_ff", "n_kv_head"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if self.d_model % self.n_head:
+        if not isinstance(self.head_size, int) or isinstance(self.head_size, bool) or self.head_size < 0:
+            raise ConfigError(f"head_size must be a non-negative integer, got {self.head_size!r}")
+        if not self.head_size and self.d_model % self.n_head:
             raise ConfigError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
         if self.n_head % self.n_kv_head:
             raise ConfigError(f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})")
@@ -84,6 +110,12 @@ class ModelConfig:
             raise ConfigError(f"norm_eps must be in (0, 1), got {self.norm_eps!r}")
         if not self.rope_theta > 0:
             raise ConfigError(f"rope_theta must be positive, got {self.rope_theta!r}")
+        self._check_rope_scaling()
+        self._check_window()
+        for name in ("rope_local_theta", "query_scale", "final_softcap", "attn_softcap"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0):
+                raise ConfigError(f"{name} must be a non-negative number (0: off), got {value!r}")
         self._check_lora()
         if self.lora_rank and getattr(fam, "RECURRENT", False):
             raise ConfigError(f"LoRA adapts attention and MLP layers; --arch {self.arch} has none")
@@ -96,6 +128,52 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
+
+    def _check_rope_scaling(self) -> None:
+        if self.rope_type not in ROPE_TYPES:
+            raise ConfigError(f"rope_type must be one of {', '.join(ROPE_TYPES)}, got {self.rope_type!r}")
+        if self.rope_type == "default":
+            return
+        if self.pos_encoding != "rope":
+            raise ConfigError(f"rope_type {self.rope_type!r} scales rotary positions; this model has "
+                              f"{self.pos_encoding} positions")
+        if not (isinstance(self.rope_factor, (int, float)) and self.rope_factor >= 1.0):
+            raise ConfigError(f"rope_factor must be a number >= 1, got {self.rope_factor!r}")
+        if self.rope_type == "llama3":
+            if not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+                raise ConfigError("llama3 RoPE needs 0 < rope_low_freq_factor < rope_high_freq_factor, got "
+                                  f"{self.rope_low_freq_factor} and {self.rope_high_freq_factor}")
+            if not (isinstance(self.rope_original_positions, int) and self.rope_original_positions > 0):
+                raise ConfigError("llama3 RoPE needs rope_original_positions > 0 (the pre-training context), "
+                                  f"got {self.rope_original_positions!r}")
+
+    def _check_window(self) -> None:
+        w = self.sliding_window
+        if not isinstance(w, int) or isinstance(w, bool) or w < 0:
+            raise ConfigError(f"sliding_window must be a non-negative integer, got {w!r}")
+        if self.layer_types:
+            if len(self.layer_types) != self.n_layer or not set(self.layer_types) <= set(LAYER_TYPES):
+                raise ConfigError(f"layer_types must name one of {', '.join(LAYER_TYPES)} for each of the "
+                                  f"{self.n_layer} layers, got {list(self.layer_types)}")
+            if "sliding_attention" in self.layer_types and not w:
+                raise ConfigError("layer_types has sliding_attention layers but sliding_window is 0")
+        if w and self.kind != "decoder":
+            raise ConfigError(f"a sliding window is a causal decoder's; --arch {self.arch} is an {self.kind}")
+
+    def sliding(self, layer: int) -> bool:
+        """Whether `layer` attends through the sliding window."""
+        return bool(self.sliding_window) and (not self.layer_types
+                                              or self.layer_types[layer] == "sliding_attention")
+
+    @property
+    def rope_scaling(self) -> tuple[Any, ...]:
+        """The RoPE scaling as a hashable tuple (core.layers.rope_inv_freq's argument); () for none."""
+        if self.rope_type == "default":
+            return ()
+        if self.rope_type == "linear":
+            return ("linear", float(self.rope_factor))
+        return ("llama3", float(self.rope_factor), float(self.rope_low_freq_factor),
+                float(self.rope_high_freq_factor), int(self.rope_original_positions))
 
     def _check_lora(self) -> None:
         r = self.lora_rank
@@ -118,7 +196,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_head
+        return self.head_size or self.d_model // self.n_head
 
     @property
     def kind(self) -> str:
@@ -134,8 +212,9 @@ class ModelConfig:
         unknown = set(d) - known
         if unknown:
             raise ConfigError(f"unknown model config keys: {sorted(unknown)}")
-        if isinstance(d.get("lora_targets"), list):  # JSON has no tuples
-            d = {**d, "lora_targets": tuple(d["lora_targets"])}
+        for key in ("lora_targets", "layer_types"):
+            if isinstance(d.get(key), list):  # JSON has no tuples
+                d = {**d, key: tuple(d[key])}
         return cls(**d)
 
     def replace(self, **changes: Any) -> ModelConfig:

@@ -37,11 +37,32 @@ def sinusoidal_table(n_pos: int, d_model: int) -> np.ndarray:
     return _read_only(table.astype(np.float32))
 
 
-@lru_cache(maxsize=16)
-def rope_tables(n_pos: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin (n_pos, hs/2) of pos * theta^(-2i/hs), the angles `Backend.rope` rotates by."""
+def rope_inv_freq(head_dim: int, theta: float, scaling: tuple = ()) -> np.ndarray:
+    """The rotary frequencies theta^(-2i/hs) (float64, hs/2), with the config's scaling applied (pinned to
+    transformers' `modeling_rope_utils`): `()` none; `("linear", f)` every frequency / f; `("llama3", f, lo,
+    hi, n0)` Llama 3.1's: wavelengths 2 pi / freq above n0/lo divided by f, below n0/hi kept, and between
+    them (1 - s) freq / f + s freq with s = (n0 / wavelength - lo) / (hi - lo)."""
     inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
-    angles = np.arange(n_pos, dtype=np.float64)[:, None] * inv_freq
+    if not scaling:
+        return inv_freq
+    kind, factor = scaling[0], scaling[1]
+    if kind == "linear":
+        return inv_freq / factor
+    if kind != "llama3":
+        raise ValueError(f"unknown RoPE scaling {kind!r}")
+    lo, hi, n0 = scaling[2:]
+    wavelen = 2 * np.pi / inv_freq
+    scaled = np.where(wavelen > n0 / lo, inv_freq / factor, inv_freq)
+    smooth = (n0 / wavelen - lo) / (hi - lo)
+    medium = (wavelen >= n0 / hi) & (wavelen <= n0 / lo)
+    return np.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+
+
+@lru_cache(maxsize=16)
+def rope_tables(n_pos: int, head_dim: int, theta: float,
+                scaling: tuple = ()) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin (n_pos, hs/2) of pos * freq (`rope_inv_freq`), the angles `Backend.rope` rotates by."""
+    angles = np.arange(n_pos, dtype=np.float64)[:, None] * rope_inv_freq(head_dim, theta, scaling)
     return _read_only(np.cos(angles).astype(np.float32)), _read_only(np.sin(angles).astype(np.float32))
 
 
@@ -56,6 +77,14 @@ def causal_mask(t_q: int, t_k: int) -> np.ndarray:
     return np.arange(t_k)[None, :] <= (np.arange(t_q)[:, None] + offset)
 
 
+def sliding_window_mask(causal: np.ndarray, window: int) -> np.ndarray:
+    """`causal` (t_q, t_k) restricted to a band: query i (at absolute position t_k - t_q + i) sees key j
+    only where position - j < window, itself and the window - 1 keys before it (transformers' rule)."""
+    t_q, t_k = causal.shape
+    pos = np.arange(t_q)[:, None] + (t_k - t_q)
+    return causal & (pos - np.arange(t_k)[None, :] < window)
+
+
 def padding_mask(lengths: np.ndarray, t: int) -> np.ndarray:
     """Boolean (N, 1, 1, t): True at the first lengths[b] positions (real tokens), the keys each query
     may see in a bidirectional encoder. Every row must keep a key: lengths >= 1."""
@@ -67,11 +96,13 @@ def padding_mask(lengths: np.ndarray, t: int) -> np.ndarray:
 
 # ---- parameter specs ---------------------------------------------------------------------------
 
-def linear_spec(cfg: ModelConfig, name: str, n_in: int, n_out: int, std: float = S.INIT_STD) -> S.Spec:
-    """weight (in, out) and bias; plus LoRA's a (in, r) ~ N(0, 1/in) and b (r, out) = 0 where the config
-    adapts this layer, so an adapted model starts exactly as the pretrained one."""
+def linear_spec(cfg: ModelConfig, name: str, n_in: int, n_out: int, std: float = S.INIT_STD,
+                bias: bool | None = None) -> S.Spec:
+    """weight (in, out) and bias (where `bias`, default the config's); plus LoRA's a (in, r) ~ N(0, 1/in)
+    and b (r, out) = 0 where the config adapts this layer, so an adapted model starts exactly as the
+    pretrained one."""
     out = {f"{name}.weight": S.weight(n_in, n_out, std)}
-    if cfg.bias:
+    if cfg.bias if bias is None else bias:
         out[f"{name}.bias"] = S.bias(n_out)
     if lora_target(cfg, name):
         r = cfg.lora_rank
@@ -89,22 +120,32 @@ def lora_target(cfg: ModelConfig, name: str) -> bool:
 def norm_spec(cfg: ModelConfig, name: str) -> S.Spec:
     if cfg.norm == "none":
         return {}
-    out = {f"{name}.weight": S.gain(cfg.d_model)}
+    out = {f"{name}.weight": _gain(cfg, cfg.d_model)}
     if cfg.bias and cfg.norm == "layernorm":  # RMSNorm has no bias
         out[f"{name}.bias"] = S.bias(cfg.d_model)
     return out
 
 
+def _gain(cfg: ModelConfig, n: int) -> S.ParamSpec:
+    """A norm's gain: ones, or zeros where the config stores it as the offset from one (Gemma)."""
+    return S.bias(n) if cfg.norm_offset else S.gain(n)
+
+
 def attention_spec(cfg: ModelConfig, name: str, proj_std: float = S.INIT_STD) -> S.Spec:
-    """One fused q|k|v projection (C -> (H + 2 Hkv) hs), then the output projection."""
+    """One fused q|k|v projection (C -> (H + 2 Hkv) hs), then the output projection (H hs -> C); with
+    `qk_norm`, a gain (hs) for q's and k's per-head RMSNorm."""
     hs = cfg.head_dim
-    return {**linear_spec(cfg, f"{name}.qkv", cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * hs),
-            **linear_spec(cfg, f"{name}.proj", cfg.d_model, cfg.d_model, proj_std)}
+    out = {**linear_spec(cfg, f"{name}.qkv", cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * hs,
+                         bias=bool(cfg.bias or cfg.qkv_bias)),
+           **linear_spec(cfg, f"{name}.proj", cfg.n_head * hs, cfg.d_model, proj_std)}
+    if cfg.qk_norm:
+        out |= {f"{name}.q_norm.weight": _gain(cfg, hs), f"{name}.k_norm.weight": _gain(cfg, hs)}
+    return out
 
 
 def mlp_spec(cfg: ModelConfig, name: str, proj_std: float = S.INIT_STD) -> S.Spec:
-    """fc: C -> F (SwiGLU: C -> 2F, gate then up), proj: F -> C."""
-    width = 2 * cfg.d_ff if cfg.activation == "swiglu" else cfg.d_ff
+    """fc: C -> F (SwiGLU, GeGLU: C -> 2F, gate then up), proj: F -> C."""
+    width = 2 * cfg.d_ff if cfg.activation in ("swiglu", "geglu_tanh") else cfg.d_ff
     return {**linear_spec(cfg, f"{name}.fc", cfg.d_model, width),
             **linear_spec(cfg, f"{name}.proj", cfg.d_ff, cfg.d_model, proj_std)}
 
@@ -134,8 +175,13 @@ def norm(B: Backend, cfg: ModelConfig, p: Params, name: str, x: Array) -> Array:
     if cfg.norm == "none":
         return x
     if cfg.norm == "rmsnorm":
-        return B.rms_norm(x, p[f"{name}.weight"], cfg.norm_eps)
+        return rms_norm(B, cfg, p[f"{name}.weight"], x)
     return B.layer_norm(x, p[f"{name}.weight"], p.get(f"{name}.bias"), cfg.norm_eps)
+
+
+def rms_norm(B: Backend, cfg: ModelConfig, w: Array, x: Array) -> Array:
+    """RMSNorm over x's last axis with gain w, or 1 + w where the config stores the offset (Gemma)."""
+    return B.rms_norm(x, w + 1.0 if cfg.norm_offset else w, cfg.norm_eps)
 
 
 def mlp(B: Backend, cfg: ModelConfig, p: Params, name: str, x: Array,
@@ -143,6 +189,8 @@ def mlp(B: Backend, cfg: ModelConfig, p: Params, name: str, x: Array,
     h = linear(B, cfg, p, f"{name}.fc", x, drop)
     if cfg.activation == "swiglu":
         h = B.swiglu(h[..., :cfg.d_ff], h[..., cfg.d_ff:])
+    elif cfg.activation == "geglu_tanh":
+        h = B.gelu_tanh(h[..., :cfg.d_ff]) * h[..., cfg.d_ff:]
     elif cfg.activation == "gelu_tanh":
         h = B.gelu_tanh(h)
     else:
@@ -155,7 +203,7 @@ def self_attention(B: Backend, cfg: ModelConfig, p: Params, name: str, layer: in
                    drop: dict[str, Array] | None = None) -> Array:
     """Multi-head (grouped-query when n_kv_head < n_head) self-attention of x (N, T, C); `rope` is the
     (cos, sin) rows of x's positions when the config uses rotary positions."""
-    batch, t, C = x.shape
+    batch, t, _ = x.shape
     H, Hkv, hs = cfg.n_head, cfg.n_kv_head, cfg.head_dim
 
     def heads(z: Array, n: int) -> Array:
@@ -165,17 +213,24 @@ def self_attention(B: Backend, cfg: ModelConfig, p: Params, name: str, layer: in
     q = heads(qkv[..., :H * hs], H)
     k = heads(qkv[..., H * hs:(H + Hkv) * hs], Hkv)
     v = heads(qkv[..., (H + Hkv) * hs:], Hkv)
+    if cfg.qk_norm:  # each head's q and k normalised over hs, before the rotation (Qwen3)
+        q = rms_norm(B, cfg, p[f"{name}.q_norm.weight"], q)
+        k = rms_norm(B, cfg, p[f"{name}.k_norm.weight"], k)
     if rope is not None:
         q, k = B.rope(q, *rope), B.rope(k, *rope)
+    if cfg.query_scale:  # attention divides by sqrt(hs); the model wants sqrt(query_scale)
+        q = q * float(np.sqrt(hs / cfg.query_scale))
     y = attend(layer, q, k, v)  # (N, H, T, hs)
-    y = B.reshape(B.transpose(y, (0, 2, 1, 3)), (batch, t, C))  # heads concatenated
+    y = B.reshape(B.transpose(y, (0, 2, 1, 3)), (batch, t, H * hs))  # heads concatenated
     return linear(B, cfg, p, f"{name}.proj", y, drop)
 
 
 def attend_all(B: Backend, cfg: ModelConfig, mask: Array | None, dropout: dict[str, Array],
-               k_cache: list[tuple[Array, Array]] | None = None) -> tuple[Attend, list[tuple[Array, Array]]]:
+               k_cache: list[tuple[Array, Array]] | None = None,
+               window_mask: Array | None = None) -> tuple[Attend, list[tuple[Array, Array]]]:
     """An `Attend` over this call's keys (after the layer's cached ones, if any), recording each
-    layer's (k, v) in the returned list (before heads are repeated for grouped-query attention)."""
+    layer's (k, v) in the returned list (before heads are repeated for grouped-query attention).
+    Sliding-window layers (`cfg.sliding`) attend through `window_mask` instead of `mask`."""
     new_cache: list[tuple[Array, Array]] = []
     rep = cfg.n_head // cfg.n_kv_head
 
@@ -184,9 +239,19 @@ def attend_all(B: Backend, cfg: ModelConfig, mask: Array | None, dropout: dict[s
             k = B.concat([k_cache[i][0], k], axis=2)
             v = B.concat([k_cache[i][1], v], axis=2)
         new_cache.append((k, v))
-        return B.attention(q, B.repeat_kv(k, rep), B.repeat_kv(v, rep), mask, dropout.get(f"blocks.{i}.attn"))
+        m = window_mask if cfg.sliding(i) else mask
+        keep = dropout.get(f"blocks.{i}.attn")
+        return attention(B, cfg, q, B.repeat_kv(k, rep), B.repeat_kv(v, rep), m, keep)
 
     return attend, new_cache
+
+
+def attention(B: Backend, cfg: ModelConfig, q: Array, k: Array, v: Array, mask: Array | None,
+              dropout: Array | None = None) -> Array:
+    """`B.attention`, with the config's attention-logit soft-cap where it has one (Gemma 2)."""
+    if cfg.attn_softcap:
+        return B.attention(q, k, v, mask, dropout, softcap=cfg.attn_softcap)
+    return B.attention(q, k, v, mask, dropout)
 
 
 def residual_dropout(x: Array, drop: dict[str, Array], site: str) -> Array:

@@ -69,10 +69,10 @@ class IgnorePadding:
     """Attention that drops a per-example (padding) mask: padded tokens are attended to."""
 
     def attention(self: Any, q: Array, k: Array, v: Array, mask: Array | None,
-                  dropout: Array | None = None) -> Array:
+                  dropout: Array | None = None, softcap: float = 0.0) -> Array:
         if mask is not None and len(mask.shape) == 4:
             mask = None
-        return super().attention(q, k, v, mask, dropout)  # type: ignore[misc]
+        return super().attention(q, k, v, mask, dropout, softcap)  # type: ignore[misc]
 
 
 class UnscaledLora:

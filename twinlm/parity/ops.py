@@ -75,8 +75,10 @@ def _np_repeat_kv(x: np.ndarray, n_rep: int) -> np.ndarray:
 
 
 def _np_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None,
-                  keep: np.ndarray | None = None) -> np.ndarray:
+                  keep: np.ndarray | None = None, softcap: float = 0.0) -> np.ndarray:
     scores = q @ np.swapaxes(k, -1, -2) / math.sqrt(q.shape[-1])
+    if softcap:
+        scores = softcap * np.tanh(scores / softcap)
     if mask is not None:
         scores = np.where(mask, scores, -np.inf)
     att = _np_softmax(scores)
@@ -170,6 +172,13 @@ def op_cases(seed: int = 0) -> list[OpCase]:
                (q, k, v, pad), (0, 1, 2), composite="attention"),
         OpCase("attention causal", lambda B, q, k, v, m: B.attention(q, k, v, m), _np_attention,
                (q, k, v, causal), (0, 1, 2), composite="attention"),
+        OpCase("attention sliding window", lambda B, q, k, v, m: B.attention(q, k, v, m), _np_attention,
+               (q, k, v, layers.sliding_window_mask(causal, 2)), (0, 1, 2), composite="attention"),
+        OpCase("attention soft-capped", lambda B, q, k, v, m: B.attention(q, k, v, m, softcap=0.5),
+               lambda q, k, v, m: _np_attention(q, k, v, m, softcap=0.5), (2 * q, k, v, causal), (0, 1, 2),
+               composite="attention"),  # Gemma 2: 0.5 * tanh(s / 0.5), a cap the scores exceed
+        OpCase("rms_norm per head", lambda B, x, w: B.rms_norm(x, w), _np_rms_norm, (xr, w[:6]), (0, 1),
+               composite="rms_norm"),  # Qwen3's q/k norm: a gain of head size over (N, H, T, hs)
         OpCase("attention no mask", lambda B, q, k, v: B.attention(q, k, v, None),
                lambda q, k, v: _np_attention(q, k, v, None), (q, k, v), (0, 1, 2), composite="attention"),
         OpCase("attention dropout", lambda B, q, k, v, m, d: B.attention(q, k, v, m, d), _np_attention,

@@ -43,6 +43,8 @@ def param_spec(cfg: ModelConfig) -> S.Spec:
         spec |= L.attention_spec(cfg, f"{pre}.attn", proj_std)
         spec |= L.norm_spec(cfg, f"{pre}.ln_2")
         spec |= L.mlp_spec(cfg, f"{pre}.mlp", proj_std)
+        if cfg.post_norms:
+            spec |= L.norm_spec(cfg, f"{pre}.ln_post_attn") | L.norm_spec(cfg, f"{pre}.ln_post_mlp")
     spec |= L.norm_spec(cfg, "ln_f")
     if not cfg.tie_embeddings:
         spec["head.weight"] = S.weight(C, cfg.vocab_size)
@@ -62,28 +64,43 @@ def _block(B: Backend, cfg: ModelConfig, p: L.Params, i: int, x: Array, attend: 
            drop: dict[str, Array], rope: tuple[Array, Array] | None) -> Array:
     pre = f"blocks.{i}"
     y = L.self_attention(B, cfg, p, f"{pre}.attn", i, L.norm(B, cfg, p, f"{pre}.ln_1", x), attend, rope, drop)
+    if cfg.post_norms:
+        y = L.norm(B, cfg, p, f"{pre}.ln_post_attn", y)
     y = L.residual_dropout(y, drop, f"{pre}.resid_attn")
     x = x + y if cfg.residual else y
     h = L.mlp(B, cfg, p, f"{pre}.mlp", L.norm(B, cfg, p, f"{pre}.ln_2", x), drop)
+    if cfg.post_norms:
+        h = L.norm(B, cfg, p, f"{pre}.ln_post_mlp", h)
     h = L.residual_dropout(h, drop, f"{pre}.resid_mlp")
     return x + h if cfg.residual else h
 
 
 def _positions(B: Backend, cfg: ModelConfig, p: L.Params, rows: Any,
-               take: bool) -> tuple[Array | None, tuple[Array, Array] | None]:
-    """(rows added to the embeddings, rope (cos, sin)) at positions `rows`: a slice, or (with `take`) a
-    device array of position ids gathered inside the graph."""
+               take: bool) -> tuple[Array | None, Any]:
+    """(rows added to the embeddings, per layer rope (cos, sin) or None) at positions `rows`: a slice, or
+    (with `take`) a device array of position ids gathered inside the graph. Sliding-window layers rotate
+    by their own unscaled base where the config has `rope_local_theta` (Gemma 3)."""
     def pick(table: Array) -> Array:
         return B.take(table, rows) if take else table[rows]
 
     if cfg.pos_encoding == "learned":
-        return pick(p["wpe.weight"]), None
+        return pick(p["wpe.weight"]), [None] * cfg.n_layer
     if cfg.pos_encoding == "sinusoidal":
-        return pick(B.from_numpy(L.sinusoidal_table(cfg.block_size, cfg.d_model))), None
+        return pick(B.from_numpy(L.sinusoidal_table(cfg.block_size, cfg.d_model))), [None] * cfg.n_layer
     if cfg.pos_encoding == "rope":
-        cos, sin = L.rope_tables(cfg.block_size, cfg.head_dim, cfg.rope_theta)
-        return None, (pick(B.from_numpy(cos)), pick(B.from_numpy(sin)))
-    return None, None
+        cos, sin = L.rope_tables(cfg.block_size, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        rope = (pick(B.from_numpy(cos)), pick(B.from_numpy(sin)))
+        local = rope
+        if cfg.rope_local_theta:
+            cos, sin = L.rope_tables(cfg.block_size, cfg.head_dim, cfg.rope_local_theta)
+            local = (pick(B.from_numpy(cos)), pick(B.from_numpy(sin)))
+        return None, [local if cfg.sliding(i) else rope for i in range(cfg.n_layer)]
+    return None, [None] * cfg.n_layer
+
+
+def _embed(B: Backend, cfg: ModelConfig, p: L.Params, idx: Array) -> Array:
+    x = B.take(p["wte.weight"], idx)  # (N, T, C)
+    return x * float(np.float32(math.sqrt(cfg.d_model))) if cfg.embed_scale else x  # Gemma: in float32
 
 
 def hidden(B: Backend, cfg: ModelConfig, p: L.Params, idx: Array, *, dropout: dict[str, Array] | None = None,
@@ -99,22 +116,30 @@ def hidden(B: Backend, cfg: ModelConfig, p: L.Params, idx: Array, *, dropout: di
     if t_total > cfg.block_size:
         raise ValueError(f"sequence length {t_total} exceeds block_size {cfg.block_size}")
     drop = dropout or {}
-    x = B.take(p["wte.weight"], idx)  # (N, T, C)
+    x = _embed(B, cfg, p, idx)  # (N, T, C)
     added, rope = _positions(B, cfg, p, slice(t_past, t_total), take=False)
     if added is not None:
         x = x + added
     x = L.residual_dropout(x, drop, "emb")
+    window = None
+    if cfg.sliding_window:
+        if mask is not None:
+            raise ValueError("a sliding-window model takes no explicit mask (its window comes from mask_fn)")
+        window = B.from_numpy(L.sliding_window_mask(mask_fn(t_new, t_total), cfg.sliding_window))
     if mask is None:
         mask = B.from_numpy(mask_fn(t_new, t_total))
-    attend, new_cache = L.attend_all(B, cfg, mask, drop, cache)
+    attend, new_cache = L.attend_all(B, cfg, mask, drop, cache, window)
     for i in range(cfg.n_layer):
-        x = _block(B, cfg, p, i, x, attend, drop, rope)
+        x = _block(B, cfg, p, i, x, attend, drop, rope[i])
     return L.norm(B, cfg, p, "ln_f", x), new_cache
 
 
 def lm_logits(B: Backend, cfg: ModelConfig, p: L.Params, h: Array) -> Array:
     head = B.transpose(p["wte.weight"], (1, 0)) if cfg.tie_embeddings else p["head.weight"]
-    return h @ head
+    logits = h @ head
+    if cfg.final_softcap:  # Gemma 2: cap * tanh(logits / cap)
+        logits = B.tanh(logits * (1.0 / cfg.final_softcap)) * cfg.final_softcap
+    return logits
 
 
 def pooled(B: Backend, cfg: ModelConfig, p: L.Params, h: Array, pool: Array) -> Array:
@@ -122,12 +147,15 @@ def pooled(B: Backend, cfg: ModelConfig, p: L.Params, h: Array, pool: Array) -> 
     return L.pool_at(B, h, pool)
 
 
-def decode_inputs(pos: int, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def decode_inputs(pos: int, block_size: int, window: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The position inputs of `decode_step` for the token at `pos`: (pos_ids (1,) int32,
-    write_mask (1, 1, block_size, 1) bool, True at pos; attn_mask (1, block_size) bool, True up to pos)."""
+    write_mask (1, 1, block_size, 1) bool, True at pos; attn_mask (1, block_size) bool, True up to pos;
+    with a sliding `window`, (2, block_size): a second row True only for the window's last slots)."""
     slots = np.arange(block_size)
-    return (np.array([pos], dtype=np.int32), (slots == pos).reshape(1, 1, block_size, 1),
-            (slots <= pos).reshape(1, block_size))
+    attn = (slots <= pos).reshape(1, block_size)
+    if window:
+        attn = np.concatenate([attn, attn & (pos - slots < window)[None, :]])
+    return np.array([pos], dtype=np.int32), (slots == pos).reshape(1, 1, block_size, 1), attn
 
 
 def decode_cache_shapes(cfg: ModelConfig, batch: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
@@ -144,7 +172,7 @@ def decode_step(B: Backend, cfg: ModelConfig, p: L.Params, idx: Array, pos_ids: 
     written into the slot where `write_mask` is True and attention sees the slots where `attn_mask`
     is True (see `decode_inputs`). Every shape is fixed, so one compiled graph serves all positions.
     """
-    x = B.take(p["wte.weight"], idx)  # (N, 1, C)
+    x = _embed(B, cfg, p, idx)  # (N, 1, C)
     added, rope = _positions(B, cfg, p, pos_ids, take=True)
     if added is not None:
         x = x + added
@@ -159,8 +187,9 @@ def decode_step(B: Backend, cfg: ModelConfig, p: L.Params, idx: Array, pos_ids: 
         k = B.where(write_mask, k, cache[i][0])  # (N, Hkv, 1, hs) broadcast into (N, Hkv, block_size, hs)
         v = B.where(write_mask, v, cache[i][1])
         new_cache.append((k, v))
-        return B.attention(q, B.repeat_kv(k, rep), B.repeat_kv(v, rep), attn_mask)
+        m = attn_mask[1:2] if cfg.sliding(i) else attn_mask[:1]  # the window's row (see decode_inputs)
+        return L.attention(B, cfg, q, B.repeat_kv(k, rep), B.repeat_kv(v, rep), m)
 
     for i in range(cfg.n_layer):
-        x = _block(B, cfg, p, i, x, attend, {}, rope)
+        x = _block(B, cfg, p, i, x, attend, {}, rope[i])
     return lm_logits(B, cfg, p, L.norm(B, cfg, p, "ln_f", x)), new_cache
