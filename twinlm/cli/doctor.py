@@ -122,10 +122,10 @@ def compiled_smoke(B: Backend) -> str:
 
 
 # Measured on this project's 2-core x86 machine (tinygrad 0.14, pocl 3.1; see README "tinygrad on OpenCL").
-POCL_NOTE = ("CL here is pocl, OpenCL on this CPU, and tinygrad takes it by itself when DEV is unset; "
-             "it is not faster: the tiny preset's training step took 4.5 s on CL against 37 ms on the CPU "
-             "device, its first compile several minutes, and a 1024^2 fp32 matmul ran at 9 GFLOP/s on both: "
-             "use --device CPU")
+POCL_NOTE = ("CL here is pocl, OpenCL on this CPU, which tinygrad alone would take when DEV is unset; twinlm "
+             "uses the CPU device unless asked for CL (--device CL), since CL is not faster: the tiny "
+             "preset's training step took 4.5 s on CL against 37 ms on the CPU device, its first compile "
+             "several minutes, and a 1024^2 fp32 matmul ran at 9 GFLOP/s on both")
 
 
 def tinygrad_devices_row(current: str) -> str:
