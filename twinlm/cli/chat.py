@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from twinlm.cli.common import backend, backend_option
+from twinlm.cli.common import backend, backend_option, sampling_options
 from twinlm.core.chat import Message
 from twinlm.core.errors import TwinlmError
 
@@ -17,11 +17,7 @@ HELP = "/reset forgets the conversation, /exit (or Ctrl-D) leaves; Ctrl-C stops 
               help="A system message that starts (and survives /reset of) the chat.")
 @click.option("--max-new-tokens", "-n", default=256, show_default=True, type=click.IntRange(min=1),
               help="Most tokens per answer.")
-@click.option("--temperature", "-t", default=0.8, show_default=True, type=click.FloatRange(min=0.0),
-              help="Softmax temperature; 0 = greedy.")
-@click.option("--top-k", default=None, type=click.IntRange(min=1), help="Sample only from the k most likely.")
-@click.option("--top-p", default=None, type=click.FloatRange(min=0.0, max=1.0, min_open=True),
-              help="Nucleus sampling: the most likely tokens holding this much probability.")
+@sampling_options
 @click.option("--seed", default=0, show_default=True, type=int,
               help="Sampling seed of the first answer (each answer after it uses the next).")
 @backend_option

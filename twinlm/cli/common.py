@@ -65,6 +65,20 @@ def backend(name: str | None) -> Backend:
     return get_backend(resolve_backend_name(name))
 
 
+def sampling_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--temperature, --top-k and --top-p, shared by every command that samples (sample, chat)."""
+    for option in reversed([
+        click.option("--temperature", "-t", default=0.8, show_default=True, type=click.FloatRange(min=0.0),
+                     help="Softmax temperature; 0 = greedy."),
+        click.option("--top-k", default=None, type=click.IntRange(min=1),
+                     help="Sample only from the k most likely."),
+        click.option("--top-p", default=None, type=click.FloatRange(min=0.0, max=1.0, min_open=True),
+                     help="Nucleus sampling: the most likely tokens holding this much probability."),
+    ]):
+        f = option(f)
+    return f
+
+
 def _plain_type(hint: Any) -> type | None:
     """int, float or str for a field annotated with one of them (or it | None); else None."""
     args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Iterator
 import click
 import numpy as np
 
-from twinlm.cli.common import backend, backend_option
+from twinlm.cli.common import backend, backend_option, sampling_options
 from twinlm.core.errors import TwinlmError
 from twinlm.core.tokenizers import Tokenizer
 from twinlm.generate import check_generates, generate, stop_ids
@@ -51,11 +51,7 @@ def default_prompt(tok: Tokenizer) -> str:
                    "tokenizer has no newline).")
 @click.option("--max-new-tokens", "-n", default=200, show_default=True, type=click.IntRange(min=0),
               help="How many tokens to generate.")
-@click.option("--temperature", "-t", default=0.8, show_default=True, type=click.FloatRange(min=0.0),
-              help="Softmax temperature; 0 = greedy.")
-@click.option("--top-k", default=None, type=click.IntRange(min=1), help="Sample only from the k most likely.")
-@click.option("--top-p", default=None, type=click.FloatRange(min=0.0, max=1.0, min_open=True),
-              help="Nucleus sampling: the most likely tokens holding this much probability.")
+@sampling_options
 @click.option("--seed", default=0, show_default=True, type=int, help="Sampling seed (same on every backend).")
 @click.option("--cache/--no-cache", default=True, show_default=True,
               help="Fast decoding; --no-cache recomputes the whole context each token (the reference).")

@@ -14,8 +14,18 @@ import numpy as np
 
 from twinlm.core.backend import Array, Backend
 from twinlm.core.config import ModelConfig
+from twinlm.core.errors import TwinlmError
 
 Batch = dict[str, np.ndarray]
+
+
+def training_window(block_size: int, asked: int | None, from_base: bool) -> int:
+    """The window a run trains on: the model's block size, or for a run from a base a shorter --block-size."""
+    if not from_base or asked is None:
+        return block_size
+    if not 1 < asked <= block_size:
+        raise TwinlmError(f"--block-size {asked}: the base model reads 2 to {block_size} tokens")
+    return asked
 
 
 class Task:
@@ -54,3 +64,41 @@ class Task:
 
     def set_state(self, state: dict[str, Any]) -> None:
         pass
+
+
+class ExampleTask(Task):
+    """A task over a fixed set of examples (the rows of `self.train`), visited epoch by epoch: epoch e in
+    permutation (seed, ORDER_SALT, e), so the whole batch sequence is a function of the count drawn, which
+    is all a checkpoint keeps. Subclasses set `self.train`, `self._val`, `self.seed` and `self.b`."""
+
+    ORDER_SALT = 0  # keeps each task's order its own for the same seed
+    train: Batch
+    _val: list[Batch]
+    seed: int
+    b: int
+    drawn: int = 0
+    _epoch: tuple[int, np.ndarray] = (-1, np.zeros(0, np.int64))
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if self._epoch[0] != epoch:
+            rng = np.random.default_rng([self.seed, self.ORDER_SALT, epoch])
+            self._epoch = (epoch, rng.permutation(len(next(iter(self.train.values())))))
+        return self._epoch[1]
+
+    def next_batch(self, it: int) -> Batch:
+        n = len(next(iter(self.train.values())))
+        picks = [self._order(k // n)[k % n] for k in range(self.drawn, self.drawn + self.b)]
+        self.drawn += self.b
+        return {k: v[picks] for k, v in self.train.items()}
+
+    def val_batches(self) -> list[Batch]:
+        return self._val
+
+    def state(self) -> dict[str, Any]:
+        return {"drawn": self.drawn}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        try:
+            self.drawn = int(state["drawn"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise TwinlmError(f"invalid {self.name} task state in the checkpoint: {e}") from None

@@ -23,7 +23,7 @@ from twinlm.core.config import ModelConfig
 from twinlm.core.data import Dataset
 from twinlm.core.errors import TwinlmError
 from twinlm.core.tokenizers import Tokenizer, train_tokenizer
-from twinlm.tasks import Batch, Task
+from twinlm.tasks import Batch, ExampleTask, training_window
 
 
 def encode_rows(rows: list[dict[str, Any]], template: chat.ChatTemplate, tok: Tokenizer, window: int,
@@ -48,8 +48,9 @@ def chat_loss(B: Backend, cfg: ModelConfig, p: dict[str, Array], batch: dict[str
     return B.cross_entropy(model.logits(B, cfg, p, batch["x"], dropout=drop), batch["y"], batch["w"])
 
 
-class ChatLM(Task):
+class ChatLM(ExampleTask):
     name = "chat"
+    ORDER_SALT = 21
 
     def __init__(self, train: list[dict[str, Any]], val: list[dict[str, Any]], template: chat.ChatTemplate,
                  tok: Tokenizer, window: int, batch_size: int, seed: int, mask_prompt: bool) -> None:
@@ -58,26 +59,9 @@ class ChatLM(Task):
         if not self.train["w"].any():
             raise TwinlmError("no example has a token to learn within the window (--block-size too short, "
                               "or nothing the assistant writes?)")
-        self.drawn = 0  # the batch order is a function of (seed, drawn), so a resume continues it exactly
-        self._epoch: tuple[int, np.ndarray] = (-1, np.zeros(0, np.int64))
         val_rows = encode_rows(val, template, tok, window, mask_prompt)
         self._val = [{k: _pad_rows(v[i:i + batch_size], batch_size) for k, v in val_rows.items()}
                      for i in range(0, len(val), batch_size)]
-
-    def _order(self, epoch: int) -> np.ndarray:
-        if self._epoch[0] != epoch:
-            rng = np.random.default_rng([self.seed, 21, epoch])
-            self._epoch = (epoch, rng.permutation(len(self.train["x"])))
-        return self._epoch[1]
-
-    def next_batch(self, it: int) -> Batch:
-        n = len(self.train["x"])
-        picks = [self._order(k // n)[k % n] for k in range(self.drawn, self.drawn + self.b)]
-        self.drawn += self.b
-        return {k: v[picks] for k, v in self.train.items()}
-
-    def val_batches(self) -> list[Batch]:
-        return self._val
 
     def loss(self, B: Backend, cfg: ModelConfig, p: dict[str, Array], batch: dict[str, Array],
              drop: dict[str, Array]) -> Array:
@@ -89,15 +73,6 @@ class ChatLM(Task):
         losses = np.array([float(o[0]) for o in outputs])
         total = counts.sum()
         return {"val_loss": float((losses * counts).sum() / total) if total else float(losses.mean())}
-
-    def state(self) -> dict[str, Any]:
-        return {"drawn": self.drawn}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        try:
-            self.drawn = int(state["drawn"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise TwinlmError(f"invalid chat task state in the checkpoint: {e}") from None
 
 
 def _pad_rows(a: np.ndarray, n: int) -> np.ndarray:
@@ -123,12 +98,7 @@ def build(tc: Any, cfg: ModelConfig | None, tok: Tokenizer | None, hf_record: di
     assert tok is not None
     if cfg.kind != "decoder":
         raise TwinlmError(f"chat data trains a decoder (next tokens); --arch {cfg.arch} is an encoder")
-    window = cfg.block_size
-    if tc.base is not None and tc.block_size is not None:  # a shorter training window than the base's
-        if not 1 < tc.block_size <= cfg.block_size:
-            raise TwinlmError(f"--block-size {tc.block_size}: the base model reads 2 to {cfg.block_size} "
-                              "tokens")
-        window = tc.block_size
+    window = training_window(cfg.block_size, tc.block_size, tc.base is not None)
     mask_prompt = tc.mask_prompt if tc.mask_prompt is not None else fmt != "text"
     task = ChatLM(train, val, template, tok, window, tc.batch_size, tc.seed, mask_prompt)
     real = task.train["x"][task.train["w"] > 0]

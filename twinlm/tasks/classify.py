@@ -29,7 +29,7 @@ from twinlm.core.config import ModelConfig
 from twinlm.core.errors import TwinlmError
 from twinlm.core.layers import padding_mask
 from twinlm.core.tokenizers import Tokenizer
-from twinlm.tasks import Batch, Task
+from twinlm.tasks import Batch, ExampleTask
 
 Example = tuple[str, str]
 BUILTIN = "builtin:sorted-or-not"
@@ -145,17 +145,16 @@ def class_logits(B: Backend, cfg: ModelConfig, p: dict[str, Array], batch: dict[
     return model.classify(B, cfg, p, batch["x"], batch["pool"], dropout=drop, mask=batch.get("mask"))
 
 
-class Classify(Task):
+class Classify(ExampleTask):
     name = "classify"
     metric = "accuracy"
+    ORDER_SALT = 6
 
     def __init__(self, train: list[Example], val: list[Example], labels: list[str], tok: Tokenizer,
                  cfg: ModelConfig, batch_size: int, seed: int) -> None:
         check_labels(val, labels)
         self.labels, self.tok, self.cfg, self.seed, self.b = labels, tok, cfg, seed, batch_size
         self.train = self._encode(train)
-        self.drawn = 0  # examples drawn so far: the whole batch order is a function of (seed, drawn)
-        self._epoch: tuple[int, np.ndarray] = (-1, np.zeros(0, np.int64))
         self._val = [self._encode(val[i:i + batch_size], pad_to=batch_size)
                      for i in range(0, len(val), batch_size)]
 
@@ -170,22 +169,6 @@ class Classify(Task):
             batch["w"][-extra:] = 0.0
         return batch
 
-    def _order(self, epoch: int) -> np.ndarray:
-        """Epoch e visits the examples in permutation (seed, e): a function of the count drawn alone."""
-        if self._epoch[0] != epoch:
-            rng = np.random.default_rng([self.seed, 6, epoch])
-            self._epoch = (epoch, rng.permutation(len(self.train["y"])))
-        return self._epoch[1]
-
-    def next_batch(self, it: int) -> Batch:
-        n = len(self.train["y"])
-        picks = [self._order(k // n)[k % n] for k in range(self.drawn, self.drawn + self.b)]
-        self.drawn += self.b
-        return {k: v[picks] for k, v in self.train.items()}
-
-    def val_batches(self) -> list[Batch]:
-        return self._val
-
     def loss(self, B: Backend, cfg: ModelConfig, p: dict[str, Array], batch: dict[str, Array],
              drop: dict[str, Array]) -> Array:
         return B.cross_entropy(class_logits(B, cfg, p, batch, drop), batch["y"], batch["w"])
@@ -199,15 +182,6 @@ class Classify(Task):
         y = np.concatenate([b["y"] for b in batches])
         w = np.concatenate([b["w"] for b in batches]) > 0
         return classification_metrics(logits[w], y[w], self.labels)
-
-    def state(self) -> dict[str, Any]:
-        return {"drawn": self.drawn}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        try:
-            self.drawn = int(state["drawn"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise TwinlmError(f"invalid classification task state in the checkpoint: {e}") from None
 
 
 def classification_metrics(logits: np.ndarray, y: np.ndarray, labels: list[str]) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from twinlm.core.tensorfile import content_digest
 from twinlm.core.tokenizers import Tokenizer, tokenizer_from_dict
 from twinlm.run_dir import load_model, load_run
 from twinlm.run_meta import RunMeta
-from twinlm.tasks import Task
+from twinlm.tasks import Task, training_window
 from twinlm.tasks import chat as chat_task
 from twinlm.tasks import classify as C
 from twinlm.tasks.lm import CausalLM, SortTask
@@ -164,12 +164,7 @@ def build_task(tc: TrainConfig, cfg: ModelConfig | None, tok: Tokenizer | None, 
         cfg = model_config(tc, ds.tokenizer.vocab_size)
     else:
         ds = prepare(tc.data, tok=tok, errors=tc.errors, **report)
-    window = cfg.block_size
-    if tc.base is not None and tc.block_size is not None:  # a shorter training window than the base's
-        if not 1 < tc.block_size <= cfg.block_size:
-            raise TwinlmError(f"--block-size {tc.block_size}: the base model reads 2 to {cfg.block_size} "
-                              "tokens")
-        window = tc.block_size
+    window = training_window(cfg.block_size, tc.block_size, tc.base is not None)
     kind = tc.task if tc.task != "auto" else ("mlm" if cfg.kind == "encoder" else "lm")
     if kind == "lm" and cfg.kind == "encoder":
         raise TwinlmError(f"--arch {cfg.arch} is an encoder: it trains on masked tokens (--task mlm)")

@@ -7,7 +7,7 @@ from typing import Any
 
 from twinlm.core.config import ModelConfig
 from twinlm.hf.archs.common import HFError, Link, _get, _refuse_unless
-from twinlm.hf.archs.llama import _hf_rope, _rope, llama_links
+from twinlm.hf.archs.llama import _hf_rope, _rope, decoder_hf_config, llama_links
 
 
 def gemma3_config(hf: dict[str, Any]) -> dict[str, Any]:
@@ -88,16 +88,7 @@ def gemma2_hf_config(cfg: ModelConfig) -> dict[str, Any]:
 def gemma3_hf_config(cfg: ModelConfig) -> dict[str, Any]:
     rope = _hf_rope(cfg)["rope_parameters"]
     return dict(
-        model_type="gemma3_text",
-        vocab_size=cfg.vocab_size,
-        max_position_embeddings=cfg.block_size,
-        num_hidden_layers=cfg.n_layer,
-        num_attention_heads=cfg.n_head,
-        num_key_value_heads=cfg.n_kv_head,
-        hidden_size=cfg.d_model,
-        intermediate_size=cfg.d_ff,
-        head_dim=cfg.head_dim,
-        rms_norm_eps=cfg.norm_eps,
+        **decoder_hf_config(cfg, "gemma3_text"),
         hidden_activation="gelu_pytorch_tanh",
         attention_bias=False,
         attn_logit_softcapping=None,
@@ -109,8 +100,6 @@ def gemma3_hf_config(cfg: ModelConfig) -> dict[str, Any]:
         rope_scaling=None,
         rope_parameters={"full_attention": rope,
                          "sliding_attention": {"rope_type": "default", "rope_theta": cfg.rope_local_theta}},
-        tie_word_embeddings=cfg.tie_embeddings,
-        attention_dropout=cfg.dropout,
     )
 
 

@@ -123,9 +123,10 @@ def qwen3_config(hf: dict[str, Any]) -> dict[str, Any]:
     return llama_config(hf, qk_norm=True)
 
 
-def llama_hf_config(cfg: ModelConfig, hf_arch: str = "LlamaForCausalLM") -> dict[str, Any]:
-    out = dict(
-        model_type="llama",
+def decoder_hf_config(cfg: ModelConfig, model_type: str) -> dict[str, Any]:
+    """The config.json fields every Llama-line decoder shares (Llama, Qwen, Mistral, Phi-3, Gemma)."""
+    return dict(
+        model_type=model_type,
         vocab_size=cfg.vocab_size,
         max_position_embeddings=cfg.block_size,
         num_hidden_layers=cfg.n_layer,
@@ -135,11 +136,17 @@ def llama_hf_config(cfg: ModelConfig, hf_arch: str = "LlamaForCausalLM") -> dict
         intermediate_size=cfg.d_ff,
         head_dim=cfg.head_dim,
         rms_norm_eps=cfg.norm_eps,
+        tie_word_embeddings=cfg.tie_embeddings,
+        attention_dropout=cfg.dropout,
+    )
+
+
+def llama_hf_config(cfg: ModelConfig, hf_arch: str = "LlamaForCausalLM") -> dict[str, Any]:
+    out = dict(
+        **decoder_hf_config(cfg, "llama"),
         hidden_act="silu",
         attention_bias=False,
         mlp_bias=False,
-        tie_word_embeddings=cfg.tie_embeddings,
-        attention_dropout=cfg.dropout,
         **_hf_rope(cfg),
     )
     if cfg.qkv_bias:
