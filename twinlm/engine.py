@@ -74,12 +74,17 @@ class Engine:
     def __init__(self, B: Backend, cfg: ModelConfig, params: dict[str, np.ndarray], slots: int = 8,
                  context: int | None = None) -> None:
         check_generates(cfg)
-        context = cfg.block_size if context is None else context
+        if context is None:  # the model's, or its sliding window where that is shorter
+            context = min(cfg.block_size, cfg.sliding_window or cfg.block_size)
         if not 1 < context <= cfg.block_size:
             raise TwinlmError(f"context must be in 2..{cfg.block_size} (the model's block size), "
                               f"got {context}")
         if slots < 1:
             raise TwinlmError(f"slots must be >= 1, got {slots}")
+        if cfg.sliding_window and cfg.sliding_window < context:  # the decode step's one mask row per slot
+            raise TwinlmError(f"--context {context}: the model attends through a sliding window of "
+                              f"{cfg.sliding_window} tokens, which chat and serve do not apply; give "
+                              f"--context {cfg.sliding_window} or less")
         self.B, self.cfg, self.n_slots, self.context = B, cfg, slots, context
         self.vocab_size = cfg.vocab_size
         # Eager backends run only the rows in use (`_rows`); fixed-shape ones (tinygrad: one compiled

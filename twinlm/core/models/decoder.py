@@ -176,10 +176,12 @@ def decode_step(B: Backend, cfg: ModelConfig, p: L.Params, idx: Array, pos_ids: 
     added, rope = _positions(B, cfg, p, pos_ids, take=True)
     if added is not None:
         x = x + added
-    if len(pos_ids.shape) == 2:  # a position per row (B, 1) (twinlm.engine): attn_mask (B, T) per row too
+    per_row = len(pos_ids.shape) == 2  # a position per row (N, 1) (twinlm.engine): attn_mask (N, T) per row
+    if per_row:  # (a window shorter than the cache is refused by the engine: one mask row serves all layers)
         attn_mask = B.reshape(attn_mask, (attn_mask.shape[0], 1, 1, attn_mask.shape[-1]))
-        if rope is not None:  # (B, 1, hs/2) -> (B, 1, 1, hs/2), against q and k (B, H, 1, hs)
-            rope = tuple(B.reshape(t, (t.shape[0], 1, 1, t.shape[-1])) for t in rope)
+        # (N, 1, hs/2) -> (N, 1, 1, hs/2), against q and k (N, H, 1, hs)
+        rope = [None if r is None else tuple(B.reshape(t, (t.shape[0], 1, 1, t.shape[-1])) for t in r)
+                for r in rope]
     new_cache: KVCache = []
     rep = cfg.n_head // cfg.n_kv_head
 
@@ -187,7 +189,7 @@ def decode_step(B: Backend, cfg: ModelConfig, p: L.Params, idx: Array, pos_ids: 
         k = B.where(write_mask, k, cache[i][0])  # (N, Hkv, 1, hs) broadcast into (N, Hkv, block_size, hs)
         v = B.where(write_mask, v, cache[i][1])
         new_cache.append((k, v))
-        m = attn_mask[1:2] if cfg.sliding(i) else attn_mask[:1]  # the window's row (see decode_inputs)
+        m = attn_mask if per_row else attn_mask[1:2] if cfg.sliding(i) else attn_mask[:1]  # see decode_inputs
         return L.attention(B, cfg, q, B.repeat_kv(k, rep), B.repeat_kv(v, rep), m)
 
     for i in range(cfg.n_layer):
