@@ -98,3 +98,27 @@ def test_text_stream_holds_back_stop_strings_and_partial_characters() -> None:
     byte = TextStream(ByteTokenizer())
     pieces = [byte.push(int(i)) for i in "é!".encode()]
     assert pieces == ["", "é", "!"]  # the first byte of é alone would print U+FFFD
+
+
+def test_per_layer_rope_and_a_window_as_long_as_the_context() -> None:
+    """Gemma-3-like layers (a local RoPE base on the sliding layers, the window as long as the context): the
+    batched decode step gives what `generate` gives alone; a context past the window is refused."""
+    B = backend_or_skip("mlx")
+    cfg = preset("tiny", vocab_size=50, block_size=32).replace(
+        **FAMILIES["llama"], sliding_window=16, layer_types=("sliding_attention", "full_attention"),
+        rope_theta=1e6, rope_local_theta=1e4)
+    params = init_params(cfg, 0)
+    with pytest.raises(TwinlmError, match="sliding window of 16"):
+        Engine(B, cfg, params, slots=2, context=32)
+    engine = Engine(B, cfg, params, slots=2)
+    try:
+        assert engine.context == 16
+        reqs = [Request(p, 8, temperature=0.0) for p in PROMPTS[:3]]
+        for r in reqs:
+            engine.submit(r)
+        got = [drain(r)[0] for r in reqs]
+    finally:
+        engine.close()
+    bp = {k: B.from_numpy(v) for k, v in params.items()}
+    for r, tokens in zip(reqs, got, strict=True):
+        assert tokens == [int(c[0]) for c in generate(B, cfg, bp, np.array([r.prompt]), 8, temperature=0.0)]
