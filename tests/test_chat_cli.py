@@ -105,8 +105,9 @@ def test_chat_session_under_a_terminal(long_run: Path) -> None:
         t.expect("[conversation reset]")
         t.expect(">>> ")
         # Ctrl-C at the prompt: a new line and a new prompt, still running. CPython's readline prints the
-        # prompt before it waits in select(); a SIGINT landing between the two is handled without waking that
-        # select (a race inside CPython, seen once in CI on a loaded machine), so press again as a person would.
+        # prompt before it waits in select(); a SIGINT landing between the two is handled without waking
+        # that select (a race inside CPython, seen once in CI on a loaded machine): press again, as a
+        # person would.
         for _ in range(10):
             t.interrupt()
             try:
