@@ -249,8 +249,14 @@ def naive_prepare(data: Path, cache_dir: Path) -> None:
 def run_prepare(data: Path, cache_dir: Path, saver: str) -> None:
     if saver == "naive":
         naive_prepare(data, cache_dir)
-    else:
+        return
+    old = T.CHECKPOINT_CHARS
+    if saver == "checkpoints":  # a resume checkpoint after about every chunk
+        T.CHECKPOINT_CHARS = 200
+    try:
         T.prepare_tokens(data, "char", cache_dir=cache_dir, chunk_bytes=256)
+    finally:
+        T.CHECKPOINT_CHARS = old
 
 
 def serve(jobs: list[dict]) -> None:
@@ -281,8 +287,9 @@ def record(data: Path, cache: Path, saver: str) -> list[str]:
     return spy.ops
 
 
-def check_point(data: Path, cache: Path, want: np.ndarray) -> list[str]:
-    """What is wrong with the cache a killed preparation left (empty: nothing)."""
+def check_point(data: Path, cache: Path, want: np.ndarray, said: list[str] | None = None) -> list[str]:
+    """What is wrong with the cache a killed preparation left (empty: nothing); `said` gets the next
+    preparation's line about it ("" when it said none)."""
     problems = []
     for meta_path in cache.glob("*.json"):
         key = meta_path.stem
@@ -296,14 +303,17 @@ def check_point(data: Path, cache: Path, want: np.ndarray) -> list[str]:
     ds = prepare(data, "char", cache_dir=cache, log=lines.append)
     if not np.array_equal(all_tokens(ds), want):
         problems.append("the next preparation gives other tokens")
-    if leftovers and not any("starting over" in ln for ln in lines):
-        problems.append(f"the next preparation did not say it starts over ({leftovers})")
+    which = [ln for ln in lines if "starting over" in ln or "resuming an interrupted" in ln]
+    if leftovers and len(which) != 1:
+        problems.append(f"the next preparation did not say in one line whether it resumes ({leftovers})")
+    if said is not None:
+        said.append(which[0] if which else "")
     if list(cache.glob(".tmp-*")):
         problems.append("the next preparation left temp files")
     return problems
 
 
-def kill_everywhere(tmp_path: Path, saver: str) -> dict[int, list[str]]:
+def kill_everywhere(tmp_path: Path, saver: str, said: list[str] | None = None) -> dict[int, list[str]]:
     data = kill_corpus(tmp_path / "corpus")
     want = CharTokenizer.train(KILL_JOINED).encode(KILL_JOINED)
     ops = record(data, tmp_path / f"dry-{saver}", saver)
@@ -316,7 +326,7 @@ def kill_everywhere(tmp_path: Path, saver: str) -> dict[int, list[str]]:
     assert proc.returncode == 0, proc.stderr
     results = [json.loads(line) for line in proc.stdout.splitlines()]
     assert len(results) == len(jobs) and all(r["killed"] for r in results), "some fault never fired"
-    return {i: check_point(data, tmp_path / f"kill-{i}", want) for i in range(len(ops))}
+    return {i: check_point(data, tmp_path / f"kill-{i}", want, said) for i in range(len(ops))}
 
 
 def test_a_kill_at_every_write_never_leaves_a_loadable_partial_entry(tmp_path):
@@ -326,6 +336,96 @@ def test_a_kill_at_every_write_never_leaves_a_loadable_partial_entry(tmp_path):
     assert sum(op.startswith("write") for op in ops) >= 4  # several chunks: kills between appends
     problems = kill_everywhere(tmp_path, "streamed")
     assert not any(problems.values()), {i: p for i, p in problems.items() if p}
+
+
+def test_a_kill_at_every_write_with_checkpoints_resumes_or_starts_over(tmp_path):
+    """With a resume checkpoint after every chunk: a kill anywhere leaves nothing loadable, and the next
+    preparation resumes (from the tokenizer alone, or from tokens already written) or starts over, says
+    which in one line, and gives the whole corpus's tokens."""
+    ops = record(kill_corpus(tmp_path / "corpus"), tmp_path / "dry", "checkpoints")
+    assert sum(op.startswith("replace .tmp-") and "resume.json" in op for op in ops) >= 4, ops
+    said: list[str] = []
+    problems = kill_everywhere(tmp_path, "checkpoints", said)
+    assert not any(problems.values()), {i: p for i, p in problems.items() if p}
+    resumed = [int(re.search(r"\(([\d,]+) tokens written", line)[1].replace(",", ""))
+               for line in said if "resuming" in line]
+    assert len(resumed) >= 10 and max(resumed) > len(KILL_JOINED) // 2, said
+    assert any("starting over" in line for line in said), said  # killed before the first checkpoint
+
+
+def test_an_interrupted_preparation_resumes_and_encodes_only_the_rest(tmp_path, monkeypatch):
+    from test_fault_injection import Injector
+
+    data = kill_corpus(tmp_path / "corpus")
+    want = CharTokenizer.train(KILL_JOINED).encode(KILL_JOINED)
+    monkeypatch.setattr(T, "CHECKPOINT_CHARS", 200)
+    cache = tmp_path / "cache"
+    ops = record(data, tmp_path / "dry", "checkpoints")
+    writes = [i for i, op in enumerate(ops) if op.startswith("write .tmp-") and ".bin-" in op]
+    assert len(writes) >= 4, ops
+    old, atomic.fs = atomic.fs, Injector(cache, at=writes[2], error=KeyboardInterrupt())  # Ctrl-C, 3rd chunk
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            T.prepare_tokens(data, "char", cache_dir=cache, chunk_bytes=256)
+    finally:
+        atomic.fs = old
+    assert list(cache.glob(".tmp-*.resume.json")) and not list(cache.glob("*.bin"))  # kept to resume from
+    encoded: list[int] = []
+    plain = CharTokenizer.encode
+    monkeypatch.setattr(CharTokenizer, "encode", lambda self, t: encoded.append(len(t)) or plain(self, t))
+    lines: list[str] = []
+    ds = prepare(data, "char", cache_dir=cache, log=lines.append)
+    assert np.array_equal(all_tokens(ds), want) and not ds.from_cache
+    assert any("resuming an interrupted preparation" in line for line in lines), lines
+    assert 0 < sum(encoded) <= len(KILL_JOINED) - 2 * 256, encoded  # 2 checkpointed chunks not encoded again
+    assert not list(cache.glob(".tmp-*"))
+    # control: a checkpoint whose tokens do not match its temp file is not resumed from
+    cache2 = tmp_path / "cache2"
+    old, atomic.fs = atomic.fs, Injector(cache2, at=writes[2], error=KeyboardInterrupt())
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            T.prepare_tokens(data, "char", cache_dir=cache2, chunk_bytes=256)
+    finally:
+        atomic.fs = old
+    tmp = next(p for p in cache2.glob(".tmp-*.bin-*"))
+    tmp.write_bytes(b"\xff\xff" + tmp.read_bytes()[2:])  # one token changed
+    lines = []
+    ds = prepare(data, "char", cache_dir=cache2, log=lines.append)
+    assert np.array_equal(all_tokens(ds), want)
+    assert any("no checkpoint that matches them; starting over" in line for line in lines), lines
+
+
+def test_the_corpus_is_not_read_again_while_its_files_are_unchanged(tmp_path, monkeypatch):
+    """The content hash is remembered beside the files' stat; a file edited to the same size with its mtime
+    put back is still noticed (its ctime moved), and hashed again."""
+    import time
+
+    monkeypatch.setattr(T, "STAT_MARGIN_NS", 0)
+    write_corpus(tmp_path / "c")
+    time.sleep(0.05)  # the files' ctime is older than the hashing (no clock tick hides an edit)
+    first = prepare(tmp_path / "c", "char", cache_dir=tmp_path / "cache")
+    hashed: list[int] = []
+    content_hash = C.content_hash
+    monkeypatch.setattr(C, "content_hash", lambda fs, *a: hashed.append(len(fs)) or content_hash(fs, *a))
+    again = prepare(tmp_path / "c", "char", cache_dir=tmp_path / "cache")
+    assert again.from_cache and hashed == []  # not read at all
+    path = tmp_path / "c" / "a.txt"
+    st = path.stat()
+    time.sleep(0.05)
+    data = bytearray(path.read_bytes())
+    data[10:13] = b"XYZ"
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, same mtime: only the ctime tells
+    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+    changed = prepare(tmp_path / "c", "char", cache_dir=tmp_path / "cache")
+    assert hashed == [4] and not changed.from_cache and changed.cache_file != first.cache_file
+    assert "XYZ" in changed.tokenizer.decode(all_tokens(changed))
+    # control: files too fresh to trust are hashed again on every run
+    monkeypatch.setattr(T, "STAT_MARGIN_NS", 10**18)
+    (tmp_path / "c" / "c.txt").write_text("new", encoding="utf-8")
+    prepare(tmp_path / "c", "char", cache_dir=tmp_path / "cache")
+    prepare(tmp_path / "c", "char", cache_dir=tmp_path / "cache")
+    assert hashed == [4, 4, 4]
 
 
 def test_a_naive_in_place_writer_is_caught(tmp_path):

@@ -72,8 +72,9 @@ def test_bpe_chunked_encoding_equals_whole_text_encoding(bpe):
 
 # Every kind of whitespace either regex may count (tab, CR, NBSP, U+2028, ideographic space, U+0085, the
 # information separators Python calls whitespace), letters, digits, punctuation, contractions, emoji.
-NASTY = [" ", " ", " ", "  ", "\n", "\n\n", "\t", "\r\n", "\u00a0", "\u2028", "\u3000", "\x85", "\x1c", "\x0b",
-         "a", "the", "The", "naïve", "日本", "42", "7", "'s", "'t", "'ll", "!", ".", ",", "--", "🙂", "é", "x"]
+NASTY = [" ", " ", " ", "  ", "\n", "\n\n", "\t", "\r\n", "\u00a0", "\u2028", "\u3000", "\x85", "\x1c",
+         "\x0b", "a", "the", "The", "naïve", "日本", "42", "7", "'s", "'t", "'ll", "!", ".", ",", "--", "🙂",
+         "é", "x"]
 
 
 def nasty_texts(n: int, seed: int = 0) -> list[str]:
