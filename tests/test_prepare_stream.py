@@ -246,12 +246,35 @@ def naive_prepare(data: Path, cache_dir: Path) -> None:
             atomic.fs.write(f, tokens[i:i + 64].tobytes())
 
 
+def interrupt(data: Path, cache_dir: Path, at_chunk: int = 3) -> None:
+    """A preparation with a checkpoint after every chunk, stopped by Ctrl-C as it encodes chunk `at_chunk`
+    (with the real file operations, whatever `atomic.fs` is)."""
+    calls, plain = [], CharTokenizer.encode
+
+    def encode(self: CharTokenizer, text: str) -> np.ndarray:
+        calls.append(len(text))
+        if len(calls) == at_chunk:
+            raise KeyboardInterrupt
+        return plain(self, text)
+
+    old = CharTokenizer.encode, T.CHECKPOINT_CHARS, atomic.fs
+    CharTokenizer.encode, T.CHECKPOINT_CHARS, atomic.fs = encode, 200, atomic.FileOps()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            T.prepare_tokens(data, "char", cache_dir=cache_dir, chunk_bytes=256)
+    finally:
+        CharTokenizer.encode, T.CHECKPOINT_CHARS, atomic.fs = old
+    assert list(cache_dir.glob(".tmp-*.resume.json")) and not list(cache_dir.glob("*.bin"))  # kept
+
+
 def run_prepare(data: Path, cache_dir: Path, saver: str) -> None:
     if saver == "naive":
         naive_prepare(data, cache_dir)
         return
     old = T.CHECKPOINT_CHARS
-    if saver == "checkpoints":  # a resume checkpoint after about every chunk
+    if saver == "resumed":  # the preparation that goes on from an interrupted one
+        interrupt(data, cache_dir)
+    if saver in ("checkpoints", "resumed"):  # a resume checkpoint after about every chunk
         T.CHECKPOINT_CHARS = 200
     try:
         T.prepare_tokens(data, "char", cache_dir=cache_dir, chunk_bytes=256)
@@ -353,23 +376,20 @@ def test_a_kill_at_every_write_with_checkpoints_resumes_or_starts_over(tmp_path)
     assert any("starting over" in line for line in said), said  # killed before the first checkpoint
 
 
-def test_an_interrupted_preparation_resumes_and_encodes_only_the_rest(tmp_path, monkeypatch):
-    from test_fault_injection import Injector
+def test_a_kill_at_every_write_of_a_resumed_preparation(tmp_path):
+    ops = record(kill_corpus(tmp_path / "corpus"), tmp_path / "dry", "resumed")
+    assert ops[0].startswith("reopen .tmp-") and any("resume.json" in op for op in ops[1:]), ops
+    said: list[str] = []
+    problems = kill_everywhere(tmp_path, "resumed", said)
+    assert not any(problems.values()), {i: p for i, p in problems.items() if p}
+    assert sum("resuming" in line for line in said) >= len(ops) - 8, said  # all but the last steps resume
 
+
+def test_an_interrupted_preparation_resumes_and_encodes_only_the_rest(tmp_path, monkeypatch):
     data = kill_corpus(tmp_path / "corpus")
     want = CharTokenizer.train(KILL_JOINED).encode(KILL_JOINED)
-    monkeypatch.setattr(T, "CHECKPOINT_CHARS", 200)
     cache = tmp_path / "cache"
-    ops = record(data, tmp_path / "dry", "checkpoints")
-    writes = [i for i, op in enumerate(ops) if op.startswith("write .tmp-") and ".bin-" in op]
-    assert len(writes) >= 4, ops
-    old, atomic.fs = atomic.fs, Injector(cache, at=writes[2], error=KeyboardInterrupt())  # Ctrl-C, 3rd chunk
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            T.prepare_tokens(data, "char", cache_dir=cache, chunk_bytes=256)
-    finally:
-        atomic.fs = old
-    assert list(cache.glob(".tmp-*.resume.json")) and not list(cache.glob("*.bin"))  # kept to resume from
+    interrupt(data, cache)  # Ctrl-C as the 3rd chunk encodes: 2 chunks checkpointed
     encoded: list[int] = []
     plain = CharTokenizer.encode
     monkeypatch.setattr(CharTokenizer, "encode", lambda self, t: encoded.append(len(t)) or plain(self, t))
@@ -380,13 +400,9 @@ def test_an_interrupted_preparation_resumes_and_encodes_only_the_rest(tmp_path, 
     assert 0 < sum(encoded) <= len(KILL_JOINED) - 2 * 256, encoded  # 2 checkpointed chunks not encoded again
     assert not list(cache.glob(".tmp-*"))
     # control: a checkpoint whose tokens do not match its temp file is not resumed from
+    monkeypatch.undo()
     cache2 = tmp_path / "cache2"
-    old, atomic.fs = atomic.fs, Injector(cache2, at=writes[2], error=KeyboardInterrupt())
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            T.prepare_tokens(data, "char", cache_dir=cache2, chunk_bytes=256)
-    finally:
-        atomic.fs = old
+    interrupt(data, cache2)
     tmp = next(p for p in cache2.glob(".tmp-*.bin-*"))
     tmp.write_bytes(b"\xff\xff" + tmp.read_bytes()[2:])  # one token changed
     lines = []

@@ -35,6 +35,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -268,10 +269,25 @@ def corpus_hash(files: list[C.CorpusFile], cache_dir: Path, phases: _Phases | No
     sha = C.content_hash(files, phases.start("hash") if phases else None, chunk_bytes)
     if record is not None and _stat_rows(files) == rows \
             and all(max(r[5], r[6]) < began - STAT_MARGIN_NS for r in rows):
-        with contextlib.suppress(OSError):  # only a shortcut: without it the next run hashes again
-            record.parent.mkdir(parents=True, exist_ok=True)
-            atomic.atomic_write_json(record, {"stat": rows, "corpus_sha256": sha})
+        _write_shortcut(record, {"stat": rows, "corpus_sha256": sha})
     return sha
+
+
+def _write_shortcut(path: Path, obj: Any) -> None:
+    """Write a record that only saves work (a lost or unreadable one means hashing again): temp file and
+    rename, so no reader sees half of it, but no fsync, and outside the `atomic.fs` seam, so the fault-
+    injection tests see the same writes whether or not the corpus's files are old enough to be remembered."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(atomic.json_bytes(obj))
+        os.replace(tmp, path)
+    except OSError:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 @dataclass
