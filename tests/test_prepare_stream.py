@@ -570,6 +570,33 @@ def test_train_on_a_folder_and_on_a_jsonl_corpus(tmp_path):
     assert r.returncode == 0 and "token cache: " in r.stdout, r.stdout
 
 
+def test_eval_data_streams_through_the_token_cache(tmp_path):
+    """`twinlm eval --data` encodes the file into the token cache (a folder works too), not in memory;
+    the scores equal the whole text's; a file the model's tokenizer does not cover is one error line."""
+    from test_cli_train import TINY, twinlm
+
+    write_corpus(tmp_path / "notes")
+    r = twinlm(tmp_path, "train", "--data", "notes", *TINY, "--max-iters", "2", "--eval-every", "2")
+    assert r.returncode == 0, r.stderr
+    whole = read_corpus(tmp_path / "notes")[0]
+    (tmp_path / "one.txt").write_text(whole, encoding="utf-8")
+    scores = []
+    for target in ("one.txt", "notes", "one.txt"):
+        before = set((tmp_path / "cache").glob("*.bin"))
+        r = twinlm(tmp_path, "eval", "runs/notes", "--data", target)
+        assert r.returncode == 0, r.stderr
+        scores.append(re.search(r"([\d,]+) tokens scored.*\nloss (\S+)", r.stdout).groups())
+        made = set((tmp_path / "cache").glob("*.bin")) - before
+        assert len(made) == (1 if target == "one.txt" and len(scores) == 1 else 0), (target, made)
+    # the joined text; the folder (whose tokens training's entry already holds); the first file again
+    assert scores[0] == scores[1] == scores[2]
+    (tmp_path / "greek.txt").write_text("αβγδ" * 100, encoding="utf-8")
+    r = twinlm(tmp_path, "eval", "runs/notes", "--data", "greek.txt")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(lines) == 1, r.stderr
+    assert "does not fit this model's tokenizer" in lines[0], r.stderr
+
+
 @pytest.mark.parametrize("files, args, message", [
     ({"empty/": None}, [], "/empty has no .txt, .md or .jsonl files"),
     ({"r.jsonl": '{"text": "ok"}\n{"txt": "typo"}\n'}, [], "r.jsonl, line 2 has no 'text' string"),

@@ -100,6 +100,18 @@ def prepare(path: Corpus, tokenizer: str = "char", vocab_size: int | None = None
                    cache_file=p.bin_path, from_cache=p.from_cache)
 
 
+def encode_whole(path: Corpus, tok: Tokenizer, cache_dir: Path | None = None, errors: str = "strict",
+                 log: Callable[[str], None] | None = None, progress: PhaseProgress | None = None,
+                 chunk_bytes: int = C.CHUNK_BYTES) -> Dataset:
+    """A corpus encoded with `tok` through the token cache, streamed like `prepare`'s, all of it as both
+    `train` and `val` (one memory map, never a copy): the text `twinlm eval --data` scores."""
+    p = prepare_tokens(path, cache_dir=cache_dir, errors=errors, tok=tok, chunk_bytes=chunk_bytes, log=log,
+                       progress=progress)
+    tokens = np.memmap(p.bin_path, dtype=np.dtype(p.meta["dtype"]), mode="r", shape=(p.meta["n_tokens"],))
+    return Dataset(train=tokens, val=tokens, tokenizer=p.tokenizer, source=p.source, cache_file=p.bin_path,
+                   from_cache=p.from_cache)
+
+
 def check_fits(ds: Dataset, block_size: int, batch_size: int) -> None:
     """Refuse a corpus too short for one (block_size + 1)-token window per split, or for a whole batch."""
     for name, value in (("block_size", block_size), ("batch_size", batch_size)):
