@@ -106,6 +106,19 @@ def test_bpe_word_cache_encodes_as_the_library_on_the_whole_text():
         tokenizers._BPE_CACHE_WORDS = old
 
 
+def test_bpe_last_cut_is_the_last_match_of_the_cut_rule():
+    """The rfind scan finds the cut the regex rule's last match gives, on every prefix of nasty texts."""
+    def by_regex(text: str) -> int:
+        return max((m.start() for m in tokenizers._BPE_CHUNK_CUT.finditer(text, 1)), default=0)
+
+    checked = 0
+    for text in nasty_texts(300, seed=1):
+        for k in range(len(text) + 1):
+            assert tokenizers.bpe_last_cut(text[:k]) == by_regex(text[:k]), repr(text[:k])
+            checked += by_regex(text[:k]) > 0
+    assert checked > 1000
+
+
 def test_cutting_at_every_space_would_change_bpe_ids():
     """Negative control of the comparison above: cutting before a space that follows whitespace (str.split
     without the check) changes ids on these texts."""

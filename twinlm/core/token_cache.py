@@ -365,6 +365,8 @@ def _build(files: list[C.CorpusFile], source: str, key: str, corpus_sha: str, bi
     empty = C.empty_error(files, source)
     if resume is not None:
         tok = resume.tokenizer
+    elif tok is None and kind == "byte":
+        tok = ByteTokenizer()  # nothing to learn: no pass before encoding (which checks the text as well)
     elif tok is None:
         seen = C.Stats()
         try:

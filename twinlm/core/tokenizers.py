@@ -307,16 +307,18 @@ def bpe_chunks(text: str, size: int = _BPE_CHUNK_CHARS) -> list[str]:
     return chunks
 
 
-def bpe_last_cut(text: str, window: int = 1 << 16) -> int:
-    """Index of the last safe BPE chunk boundary in `text` (see _BPE_CHUNK_CUT), 0 if there is none."""
-    start = max(1, len(text) - window)
-    while True:
-        last = 0
-        for m in _BPE_CHUNK_CUT.finditer(text, start):
-            last = m.start()
-        if last or start <= 1:
-            return last
-        start = max(1, start - 8 * window)  # a long stretch without spaces: look further back
+def bpe_last_cut(text: str) -> int:
+    """Index of the last safe BPE chunk boundary in `text` (see _BPE_CHUNK_CUT), 0 if there is none: the
+    last space or newline after a non-space (str.isspace is the regex's \\s), found by rfind from the end."""
+    end = len(text)
+    while end > 1:
+        at = max(text.rfind(" ", 1, end), text.rfind("\n", 1, end))
+        if at <= 0:
+            return 0
+        if not text[at - 1].isspace():
+            return at
+        end = at
+    return 0
 
 
 class SpecialTokens(Tokenizer):
