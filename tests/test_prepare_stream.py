@@ -743,3 +743,15 @@ def test_special_tokens_and_imported_tokenizers_encode_as_the_whole_text(tmp_pat
     assert np.concatenate([imported.encode(p) for p in pieces]).tolist() != imported.encode(whole).tolist()
     pieces = list(C.text_chunks(iter(whole), 3))
     assert np.concatenate([special.encode(p) for p in pieces]).tolist() != special.encode(whole).tolist()
+
+
+def test_cache_clear_knows_the_resume_and_stat_files():
+    from twinlm.cli.cache import _TOKEN_FILE
+
+    key = "0123456789abcdef" * 2
+    ours = [f"{key}.bin", f"{key}.json", f".tmp-{key}.bin-ab_12xyz", f".tmp-{key}.resume.json",
+            f".tmp-.tmp-{key}.resume.json-ab_12xyz", f"{key}.stat.json", f".tmp-{key}.stat.json-ab_12xyz",
+            f".{key}.lock"]
+    assert all(_TOKEN_FILE.match(name) for name in ours)
+    others = ("notes.txt", f"{key}.txt", "stat.json", f"{key[:-1]}.bin")
+    assert not any(_TOKEN_FILE.match(name) for name in others)

@@ -48,7 +48,7 @@ Corpus = str | Path | Sequence[str | Path] | None
 
 def read_corpus(path: Corpus, errors: str = "strict") -> tuple[str, str]:
     """(whole text, source name) of a corpus, or of the built-in corpus (None): the text `prepare`
-    streams, joined in memory (for scoring a file with `twinlm eval --data`, not for training corpora).
+    streams, joined in memory (for small texts and tests; training and `eval --data` stream instead).
 
     errors="replace" turns invalid UTF-8 into U+FFFD, "skip" drops it, instead of refusing the file.
     """

@@ -3,7 +3,7 @@
 Passes over the corpus, each `corpus.CHUNK_BYTES` at a time (memory does not grow with the corpus):
 1. hash: SHA-256 of the files as stored -> the cache key (with the tokenizer request and errors mode). A
    complete entry under that key is used as it is: nothing is decoded. The hash is remembered beside the
-   files' (path, device, inode, size, mtime, ctime) in `corpus-stat/`; while every one of those is the
+   files' (path, device, inode, size, mtime, ctime) in `<sig>.stat.json`; while every one of those is the
    same, the files are not read again. Any change (an edit sets ctime, even when mtime is put back) misses
    and hashes; files changed less than STAT_MARGIN_NS before hashing began are not remembered (a clock
    tick could hide a later edit).
@@ -252,13 +252,13 @@ def _stat_rows(files: list[C.CorpusFile]) -> list[list[Any]] | None:
 
 def corpus_hash(files: list[C.CorpusFile], cache_dir: Path, phases: _Phases | None = None,
                 chunk_bytes: int = C.CHUNK_BYTES) -> str:
-    """The corpus's content hash (`corpus.content_hash`), read from `cache_dir/corpus-stat/` when the files'
-    stat rows are the ones it was computed with, else computed (and remembered unless the files are fresh)."""
+    """The corpus's content hash (`corpus.content_hash`), read from `cache_dir/<sig>.stat.json` when the
+    files' stat rows are the ones it was computed with, else computed (and remembered unless fresh)."""
     rows = _stat_rows(files)
     record = None
     if rows is not None:
         sig = hashlib.sha256(json.dumps(rows).encode("utf-8", "surrogateescape")).hexdigest()[:32]
-        record = cache_dir / "corpus-stat" / f"{sig}.json"
+        record = cache_dir / f"{sig}.stat.json"
         try:
             saved = json.loads(record.read_text(encoding="utf-8"))
             if saved.get("stat") == rows and isinstance(saved.get("corpus_sha256"), str):
