@@ -51,13 +51,14 @@ CHILD_TWINLM = textwrap.dedent("""
     import json, resource, sys, time
     from twinlm.core import data
     corpus, cache, kind, mode = sys.argv[1:5]
-    phases, at = {}, [None, 0.0]
+    phases, cpu, at = {}, {}, [None, 0.0, 0.0]
     def progress(phase, done, total):
-        now = time.perf_counter()
+        now, now_cpu = time.perf_counter(), time.process_time()  # CPU: all threads of the process
         if phase != at[0]:
             if at[0] is not None:
                 phases[at[0]] = phases.get(at[0], 0.0) + now - at[1]
-            at[:] = [phase, now]
+                cpu[at[0]] = cpu.get(at[0], 0.0) + now_cpu - at[2]
+            at[:] = [phase, now, now_cpu]
     t = time.perf_counter()
     kw = {"vocab_size": 512} if kind == "bpe" else {}
     ds = data.prepare(corpus, kind, cache_dir=cache, progress=progress, **kw)
@@ -67,7 +68,7 @@ CHILD_TWINLM = textwrap.dedent("""
             b.next()
     wall = time.perf_counter() - t
     print(json.dumps({"wall_s": wall, "tokens": int(len(ds.train) + len(ds.val)), "from_cache": ds.from_cache,
-                      "code": data.__file__, "phases_s": phases,
+                      "code": data.__file__, "phases_s": phases, "phases_cpu_s": cpu,
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """)
 
@@ -112,7 +113,7 @@ CHILD_NANOGPT = textwrap.dedent("""
             stoi = {c: i for i, c in enumerate(sorted(set(text)))}
         if kind == "bpe":
             tok = bpe_tokenizer([text])
-        t_enc = time.perf_counter()
+        t_enc, c_enc = time.perf_counter(), time.process_time()
         ids = encode(text, stoi, tok)
         arr = np.memmap(out, dtype=np.uint16, mode="w+", shape=(len(ids),))  # nanoGPT's uint16 memmap
         arr[:] = ids
@@ -126,7 +127,7 @@ CHILD_NANOGPT = textwrap.dedent("""
             stoi = {c: i for i, c in enumerate(sorted(chars))}
         if kind == "bpe":
             tok = bpe_tokenizer(read(p) for p in paths)
-        t_enc = time.perf_counter()
+        t_enc, c_enc = time.perf_counter(), time.process_time()
         n = 0
         with open(out, "wb") as f:
             for p in paths:
@@ -136,6 +137,7 @@ CHILD_NANOGPT = textwrap.dedent("""
         arr = np.memmap(out, dtype=np.uint16, mode="r", shape=(n,))
     now = time.perf_counter()
     print(json.dumps({"wall_s": now - t, "tokens": int(n), "phases_s": {"encode": now - t_enc},
+                      "phases_cpu_s": {"encode": time.process_time() - c_enc},
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """)
 
@@ -249,16 +251,19 @@ def main(argv: list[str] | None = None) -> None:
                     print(rows[-1], flush=True)
                     os.unlink(out)
         print(f"\ncorpus {size / 1e6:.1f} MB ({'1 file' if args.file else f'{args.files} files'}); "
-              "peak RSS = the child's ru_maxrss; encode MB/s = corpus MB / the encode pass's seconds")
+              "peak RSS = the child's ru_maxrss; encode MB/s = corpus MB / the encode pass's wall seconds; "
+              "per CPU-s: / its CPU seconds (all threads), what a core of its own would give")
         print("| tokenizer | how                          | tokens        | wall s | MB/s  | encode MB/s | "
-              "peak RSS MB |")
+              "encode MB per CPU-s | peak RSS MB |")
         print("|-----------|------------------------------|--------------:|-------:|------:|------------:|"
-              "------------:|")
+              "--------------------:|------------:|")
         for r in rows:
-            enc = r.get("phases_s", {}).get("encode")
+            enc, enc_cpu = r.get("phases_s", {}).get("encode"), r.get("phases_cpu_s", {}).get("encode")
             enc_rate = f"{size / 1e6 / enc:>11.1f}" if enc else f"{'-':>11}"
+            cpu_rate = f"{size / 1e6 / enc_cpu:>19.1f}" if enc_cpu else f"{'-':>19}"
             print(f"| {r['tokenizer']:<9} | {r['how']:<28} | {r['tokens']:>13,} | {r['wall_s']:>6.1f} | "
-                  f"{size / 1e6 / r['wall_s']:>5.1f} | {enc_rate} | {r['peak_rss_mb']:>11,.0f} |")
+                  f"{size / 1e6 / r['wall_s']:>5.1f} | {enc_rate} | {cpu_rate} | "
+                  f"{r['peak_rss_mb']:>11,.0f} |")
         if args.json:
             Path(args.json).write_text(json.dumps({"size_bytes": size, "files": args.files, "rows": rows,
                                                    "cpu": _cpu()}, indent=2) + "\n")
