@@ -319,7 +319,7 @@ def _read_resume(cache_dir: Path, key: str, tok: Tokenizer | None) -> _Resume | 
         start = C.Stats(**rec["start"])
         nbytes = n_tokens * token_dtype(learned.vocab_size).itemsize
         tmp = cache_dir / name
-        if tmp.stat().st_size < nbytes or not 0 <= start.chars <= chars:
+        if n_tokens < 0 or tmp.stat().st_size < nbytes or not 0 <= start.chars <= chars:
             return None
         digest = hashlib.sha256()
         with open(tmp, "rb") as f:
