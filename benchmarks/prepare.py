@@ -11,8 +11,9 @@ random case, punctuation, numbers, some non-ASCII, paragraphs; seeded, so the sa
 it once per tokenizer, each in a fresh child process whose peak RSS (ru_maxrss) is reported:
 
 - `twinlm`: `twinlm.core.data.prepare` into an empty token cache (hash, vocabulary, encode passes, each timed:
-  the MB/s columns are of the corpus's bytes over the whole preparation and over the encode pass), then a
-  second child that loads the cached entry and draws 200 batches (training from the cache).
+  the MB/s columns are of the corpus's bytes over the whole preparation and over the encode pass; BPE on a
+  corpus of 64 MB or more encodes in worker processes, whose peak RSS is reported beside the main one's), then
+  a second child that loads the cached entry and draws 200 batches (training from the cache).
 - `nanoGPT`: nanoGPT's way for the same tokenizer, `tokenizers` for BPE (tiktoken's GPT-2 vocabulary would
   need a download), into a uint16 memmap. `whole` is shakespeare_char/prepare.py's shape: read all the
   text, build the vocabulary (char), train BPE on the first `--bpe-sample-mb` MB, encode it whole (BPE with
@@ -69,7 +70,10 @@ CHILD_TWINLM = textwrap.dedent("""
     wall = time.perf_counter() - t
     print(json.dumps({"wall_s": wall, "tokens": int(len(ds.train) + len(ds.val)), "from_cache": ds.from_cache,
                       "code": data.__file__, "phases_s": phases, "phases_cpu_s": cpu,
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      # BPE on a big corpus encodes in worker processes: the largest one's peak, and their CPU
+                      "workers_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+                      "workers_cpu_s": sum(resource.getrusage(resource.RUSAGE_CHILDREN)[:2])}))
 """)
 
 CHILD_NANOGPT = textwrap.dedent("""
@@ -254,19 +258,26 @@ def main(argv: list[str] | None = None) -> None:
               "peak RSS = the child's ru_maxrss; encode MB/s = corpus MB / the encode pass's wall seconds; "
               "per CPU-s: / its CPU seconds (all threads), what a core of its own would give")
         print("| tokenizer | how                          | tokens        | wall s | MB/s  | encode MB/s | "
-              "encode MB per CPU-s | peak RSS MB |")
+              "encode MB per CPU-s | peak RSS MB | workers' peak RSS MB |")
         print("|-----------|------------------------------|--------------:|-------:|------:|------------:|"
-              "--------------------:|------------:|")
+              "--------------------:|------------:|---------------------:|")
         for r in rows:
             enc, enc_cpu = r.get("phases_s", {}).get("encode"), r.get("phases_cpu_s", {}).get("encode")
+            if enc_cpu and r.get("workers_cpu_s"):  # the workers' CPU is all encoding
+                enc_cpu += r["workers_cpu_s"]
             enc_rate = f"{size / 1e6 / enc:>11.1f}" if enc else f"{'-':>11}"
             cpu_rate = f"{size / 1e6 / enc_cpu:>19.1f}" if enc_cpu else f"{'-':>19}"
             print(f"| {r['tokenizer']:<9} | {r['how']:<28} | {r['tokens']:>13,} | {r['wall_s']:>6.1f} | "
                   f"{size / 1e6 / r['wall_s']:>5.1f} | {enc_rate} | {cpu_rate} | "
-                  f"{r['peak_rss_mb']:>11,.0f} |")
+                  f"{r['peak_rss_mb']:>11,.0f} | {_workers(r):>20} |")
         if args.json:
             Path(args.json).write_text(json.dumps({"size_bytes": size, "files": args.files, "rows": rows,
                                                    "cpu": _cpu()}, indent=2) + "\n")
+
+
+def _workers(r: dict) -> str:
+    peak = r.get("workers_peak_rss_mb") or 0
+    return f"{peak:,.0f} each" if peak > 0 else "-"
 
 
 def _cpu() -> str:

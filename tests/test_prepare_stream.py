@@ -104,6 +104,29 @@ def test_streamed_bpe_equals_the_library_on_the_whole_text(tmp_path, chunk):
     assert np.array_equal(all_tokens(ds), ref.encode(whole).ids)
 
 
+def test_bpe_encoded_by_worker_processes_equals_the_library_on_the_whole_text(tmp_path, monkeypatch):
+    """A big corpus's BPE chunks go to spawned worker processes (forced here on a small one): same ids, in
+    order, as the library on the whole text, and the chunks really went to the pool."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    monkeypatch.setattr(T, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(T, "ENCODE_WORKERS", 2)
+    whole = write_corpus(tmp_path / "c") * 3
+    for i in range(3):
+        (tmp_path / "c" / f"copy{i}.txt").write_text(whole, encoding="utf-8")
+    whole = read_corpus(tmp_path / "c")[0]
+    ref = raw_bpe(whole, 400)
+    sent: list[str] = []
+    submit = ProcessPoolExecutor.submit
+    monkeypatch.setattr(ProcessPoolExecutor, "submit", lambda self, fn, chunk: sent.append(chunk)
+                        or submit(self, fn, chunk))
+    ds = prepare(tmp_path / "c", "bpe", vocab_size=400, bpe_sample_mb=0, cache_dir=tmp_path / "cache",
+                 chunk_bytes=64)
+    assert np.array_equal(all_tokens(ds), ref.encode(whole).ids)
+    assert len(sent) > 10 and "".join(sent) == whole
+    assert T._workers(ds.tokenizer, 1) == 2 and T._workers(CharTokenizer("ab"), 1) == 0
+
+
 def test_a_cut_after_a_newline_would_change_bpe_ids():
     """Negative control of the cut rule: the old one (after a newline before a non-space) splits a run of
     newlines that the library splits (and "\n\n" is a learned merge: it is one piece before a space)."""
