@@ -40,8 +40,8 @@ from twinlm.core.token_cache import (
 )
 from twinlm.core.tokenizers import Tokenizer
 
-__all__ = ["CACHE_ENV", "Batcher", "Dataset", "check_fits", "default_cache_dir", "prepare", "read_corpus",
-           "token_dtype"]
+__all__ = ["CACHE_ENV", "Batcher", "Dataset", "check_fits", "default_cache_dir", "encode_whole", "prepare",
+           "read_corpus", "token_dtype"]
 ENCODING_ERRORS = C.ENCODING_ERRORS
 Corpus = str | Path | Sequence[str | Path] | None
 
