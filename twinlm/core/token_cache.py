@@ -197,11 +197,12 @@ def _prepare(files: list[C.CorpusFile], source: str, phases: _Phases, tokenizer:
                 meta = _build(files, source, key, corpus_sha, bin_path, meta_path, tokenizer, vocab_size, tok,
                               errors, bpe_sample_mb, chunk_bytes, phases, resume)
                 wall = time.perf_counter() - t0
-                mb = phases.total / 1e6
+                rate = (f"{phases.total / 1e6 / max(wall, 1e-9):.1f} MB/s" if resume is None
+                        else "the rest after its checkpoint")
                 say(f"prepared {source}: {meta['n_tokens']:,} tokens from {meta['files']:,} files "
                     f"({human_bytes(phases.total)}, {meta['documents']:,} documents) in {wall:.1f} s "
-                    f"({mb / max(wall, 1e-9):.1f} MB/s); token file {human_bytes(bin_path.stat().st_size)} "
-                    f"({meta['dtype']}) at {bin_path}")
+                    f"({rate}); token file {human_bytes(bin_path.stat().st_size)} ({meta['dtype']}) at "
+                    f"{bin_path}")
                 return Prepared(bin_path, meta, tok or tokenizer_from_dict(meta["tokenizer"]), source, False)
     say(f"token cache: {meta['n_tokens']:,} tokens of {source} from {bin_path}")
     return Prepared(bin_path, meta, tok or tokenizer_from_dict(meta["tokenizer"]), source, True)
