@@ -420,6 +420,7 @@ def test_an_interrupted_preparation_resumes_and_encodes_only_the_rest(tmp_path, 
     ds = prepare(data, "char", cache_dir=cache, log=lines.append)
     assert np.array_equal(all_tokens(ds), want) and not ds.from_cache
     assert any("resuming an interrupted preparation" in line for line in lines), lines
+    assert any("(the rest after its checkpoint)" in line for line in lines), lines
     assert 0 < sum(encoded) <= len(KILL_JOINED) - 2 * 256, encoded  # 2 checkpointed chunks not encoded again
     assert not list(cache.glob(".tmp-*"))
     # control: a checkpoint whose tokens do not match its temp file is not resumed from
