@@ -93,6 +93,7 @@ def _wrap(op: str) -> Callable[..., Any]:
 
 for _op in OPS:
     setattr(Injector, _op, _wrap(_op))
+Injector.reopen = _wrap("reopen")  # only the token cache's resume uses it (tests/test_prepare_stream.py)
 
 
 # ---- a toy training run whose state is a pure function of (version, step) -----------------------------

@@ -104,6 +104,29 @@ def test_streamed_bpe_equals_the_library_on_the_whole_text(tmp_path, chunk):
     assert np.array_equal(all_tokens(ds), ref.encode(whole).ids)
 
 
+def test_bpe_encoded_by_worker_processes_equals_the_library_on_the_whole_text(tmp_path, monkeypatch):
+    """A big corpus's BPE chunks go to spawned worker processes (forced here on a small one): same ids, in
+    order, as the library on the whole text, and the chunks really went to the pool."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    monkeypatch.setattr(T, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(T, "ENCODE_WORKERS", 2)
+    whole = write_corpus(tmp_path / "c") * 3
+    for i in range(3):
+        (tmp_path / "c" / f"copy{i}.txt").write_text(whole, encoding="utf-8")
+    whole = read_corpus(tmp_path / "c")[0]
+    ref = raw_bpe(whole, 400)
+    sent: list[str] = []
+    submit = ProcessPoolExecutor.submit
+    monkeypatch.setattr(ProcessPoolExecutor, "submit", lambda self, fn, chunk: sent.append(chunk)
+                        or submit(self, fn, chunk))
+    ds = prepare(tmp_path / "c", "bpe", vocab_size=400, bpe_sample_mb=0, cache_dir=tmp_path / "cache",
+                 chunk_bytes=64)
+    assert np.array_equal(all_tokens(ds), ref.encode(whole).ids)
+    assert len(sent) > 10 and "".join(sent) == whole
+    assert T._workers(ds.tokenizer, 1) == 2 and T._workers(CharTokenizer("ab"), 1) == 0
+
+
 def test_a_cut_after_a_newline_would_change_bpe_ids():
     """Negative control of the cut rule: the old one (after a newline before a non-space) splits a run of
     newlines that the library splits (and "\n\n" is a learned merge: it is one piece before a space)."""
@@ -246,11 +269,40 @@ def naive_prepare(data: Path, cache_dir: Path) -> None:
             atomic.fs.write(f, tokens[i:i + 64].tobytes())
 
 
+def interrupt(data: Path, cache_dir: Path, at_chunk: int = 3) -> None:
+    """A preparation with a checkpoint after every chunk, stopped by Ctrl-C as it encodes chunk `at_chunk`
+    (with the real file operations, whatever `atomic.fs` is)."""
+    calls, plain = [], CharTokenizer.encode
+
+    def encode(self: CharTokenizer, text: str) -> np.ndarray:
+        calls.append(len(text))
+        if len(calls) == at_chunk:
+            raise KeyboardInterrupt
+        return plain(self, text)
+
+    old = CharTokenizer.encode, T.CHECKPOINT_CHARS, atomic.fs
+    CharTokenizer.encode, T.CHECKPOINT_CHARS, atomic.fs = encode, 200, atomic.FileOps()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            T.prepare_tokens(data, "char", cache_dir=cache_dir, chunk_bytes=256)
+    finally:
+        CharTokenizer.encode, T.CHECKPOINT_CHARS, atomic.fs = old
+    assert list(cache_dir.glob(".tmp-*.resume.json")) and not list(cache_dir.glob("*.bin"))  # kept
+
+
 def run_prepare(data: Path, cache_dir: Path, saver: str) -> None:
     if saver == "naive":
         naive_prepare(data, cache_dir)
-    else:
+        return
+    old = T.CHECKPOINT_CHARS
+    if saver == "resumed":  # the preparation that goes on from an interrupted one
+        interrupt(data, cache_dir)
+    if saver in ("checkpoints", "resumed"):  # a resume checkpoint after about every chunk
+        T.CHECKPOINT_CHARS = 200
+    try:
         T.prepare_tokens(data, "char", cache_dir=cache_dir, chunk_bytes=256)
+    finally:
+        T.CHECKPOINT_CHARS = old
 
 
 def serve(jobs: list[dict]) -> None:
@@ -281,8 +333,9 @@ def record(data: Path, cache: Path, saver: str) -> list[str]:
     return spy.ops
 
 
-def check_point(data: Path, cache: Path, want: np.ndarray) -> list[str]:
-    """What is wrong with the cache a killed preparation left (empty: nothing)."""
+def check_point(data: Path, cache: Path, want: np.ndarray, said: list[str] | None = None) -> list[str]:
+    """What is wrong with the cache a killed preparation left (empty: nothing); `said` gets the next
+    preparation's line about it ("" when it said none)."""
     problems = []
     for meta_path in cache.glob("*.json"):
         key = meta_path.stem
@@ -296,14 +349,17 @@ def check_point(data: Path, cache: Path, want: np.ndarray) -> list[str]:
     ds = prepare(data, "char", cache_dir=cache, log=lines.append)
     if not np.array_equal(all_tokens(ds), want):
         problems.append("the next preparation gives other tokens")
-    if leftovers and not any("starting over" in ln for ln in lines):
-        problems.append(f"the next preparation did not say it starts over ({leftovers})")
+    which = [ln for ln in lines if "starting over" in ln or "resuming an interrupted" in ln]
+    if leftovers and len(which) != 1:
+        problems.append(f"the next preparation did not say in one line whether it resumes ({leftovers})")
+    if said is not None:
+        said.append(which[0] if which else "")
     if list(cache.glob(".tmp-*")):
         problems.append("the next preparation left temp files")
     return problems
 
 
-def kill_everywhere(tmp_path: Path, saver: str) -> dict[int, list[str]]:
+def kill_everywhere(tmp_path: Path, saver: str, said: list[str] | None = None) -> dict[int, list[str]]:
     data = kill_corpus(tmp_path / "corpus")
     want = CharTokenizer.train(KILL_JOINED).encode(KILL_JOINED)
     ops = record(data, tmp_path / f"dry-{saver}", saver)
@@ -316,7 +372,7 @@ def kill_everywhere(tmp_path: Path, saver: str) -> dict[int, list[str]]:
     assert proc.returncode == 0, proc.stderr
     results = [json.loads(line) for line in proc.stdout.splitlines()]
     assert len(results) == len(jobs) and all(r["killed"] for r in results), "some fault never fired"
-    return {i: check_point(data, tmp_path / f"kill-{i}", want) for i in range(len(ops))}
+    return {i: check_point(data, tmp_path / f"kill-{i}", want, said) for i in range(len(ops))}
 
 
 def test_a_kill_at_every_write_never_leaves_a_loadable_partial_entry(tmp_path):
@@ -326,6 +382,90 @@ def test_a_kill_at_every_write_never_leaves_a_loadable_partial_entry(tmp_path):
     assert sum(op.startswith("write") for op in ops) >= 4  # several chunks: kills between appends
     problems = kill_everywhere(tmp_path, "streamed")
     assert not any(problems.values()), {i: p for i, p in problems.items() if p}
+
+
+def test_a_kill_at_every_write_with_checkpoints_resumes_or_starts_over(tmp_path):
+    """With a resume checkpoint after every chunk: a kill anywhere leaves nothing loadable, and the next
+    preparation resumes (from the tokenizer alone, or from tokens already written) or starts over, says
+    which in one line, and gives the whole corpus's tokens."""
+    ops = record(kill_corpus(tmp_path / "corpus"), tmp_path / "dry", "checkpoints")
+    assert sum(op.startswith("replace .tmp-") and "resume.json" in op for op in ops) >= 4, ops
+    said: list[str] = []
+    problems = kill_everywhere(tmp_path, "checkpoints", said)
+    assert not any(problems.values()), {i: p for i, p in problems.items() if p}
+    resumed = [int(re.search(r"\(([\d,]+) tokens written", line)[1].replace(",", ""))
+               for line in said if "resuming" in line]
+    assert len(resumed) >= 10 and max(resumed) > len(KILL_JOINED) // 2, said
+    assert any("starting over" in line for line in said), said  # killed before the first checkpoint
+
+
+def test_a_kill_at_every_write_of_a_resumed_preparation(tmp_path):
+    ops = record(kill_corpus(tmp_path / "corpus"), tmp_path / "dry", "resumed")
+    assert ops[0].startswith("reopen .tmp-") and any("resume.json" in op for op in ops[1:]), ops
+    said: list[str] = []
+    problems = kill_everywhere(tmp_path, "resumed", said)
+    assert not any(problems.values()), {i: p for i, p in problems.items() if p}
+    assert sum("resuming" in line for line in said) >= len(ops) - 8, said  # all but the last steps resume
+
+
+def test_an_interrupted_preparation_resumes_and_encodes_only_the_rest(tmp_path, monkeypatch):
+    data = kill_corpus(tmp_path / "corpus")
+    want = CharTokenizer.train(KILL_JOINED).encode(KILL_JOINED)
+    cache = tmp_path / "cache"
+    interrupt(data, cache)  # Ctrl-C as the 3rd chunk encodes: 2 chunks checkpointed
+    encoded: list[int] = []
+    plain = CharTokenizer.encode
+    monkeypatch.setattr(CharTokenizer, "encode", lambda self, t: encoded.append(len(t)) or plain(self, t))
+    lines: list[str] = []
+    ds = prepare(data, "char", cache_dir=cache, log=lines.append)
+    assert np.array_equal(all_tokens(ds), want) and not ds.from_cache
+    assert any("resuming an interrupted preparation" in line for line in lines), lines
+    assert any("(the rest after its checkpoint)" in line for line in lines), lines
+    assert 0 < sum(encoded) <= len(KILL_JOINED) - 2 * 256, encoded  # 2 checkpointed chunks not encoded again
+    assert not list(cache.glob(".tmp-*"))
+    # control: a checkpoint whose tokens do not match its temp file is not resumed from
+    monkeypatch.undo()
+    cache2 = tmp_path / "cache2"
+    interrupt(data, cache2)
+    tmp = next(p for p in cache2.glob(".tmp-*.bin-*"))
+    tmp.write_bytes(b"\xff\xff" + tmp.read_bytes()[2:])  # one token changed
+    lines = []
+    ds = prepare(data, "char", cache_dir=cache2, log=lines.append)
+    assert np.array_equal(all_tokens(ds), want)
+    assert any("no checkpoint that matches them; starting over" in line for line in lines), lines
+
+
+def test_the_corpus_is_not_read_again_while_its_files_are_unchanged(tmp_path, monkeypatch):
+    """The content hash is remembered beside the files' stat; a file edited to the same size with its mtime
+    put back is still noticed (its ctime moved), and hashed again."""
+    import time
+
+    monkeypatch.setattr(T, "STAT_MARGIN_NS", 0)
+    write_corpus(tmp_path / "c")
+    time.sleep(0.05)  # the files' ctime is older than the hashing (no clock tick hides an edit)
+    first = prepare(tmp_path / "c", "char", cache_dir=tmp_path / "cache")
+    hashed: list[int] = []
+    content_hash = C.content_hash
+    monkeypatch.setattr(C, "content_hash", lambda fs, *a: hashed.append(len(fs)) or content_hash(fs, *a))
+    again = prepare(tmp_path / "c", "char", cache_dir=tmp_path / "cache")
+    assert again.from_cache and hashed == []  # not read at all
+    path = tmp_path / "c" / "a.txt"
+    st = path.stat()
+    time.sleep(0.05)
+    data = bytearray(path.read_bytes())
+    data[10:13] = b"XYZ"
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, same mtime: only the ctime tells
+    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+    changed = prepare(tmp_path / "c", "char", cache_dir=tmp_path / "cache")
+    assert hashed == [4] and not changed.from_cache and changed.cache_file != first.cache_file
+    assert "XYZ" in changed.tokenizer.decode(all_tokens(changed))
+    # control: files too fresh to trust are hashed again on every run
+    monkeypatch.setattr(T, "STAT_MARGIN_NS", 10**18)
+    (tmp_path / "c" / "c.txt").write_text("new", encoding="utf-8")
+    prepare(tmp_path / "c", "char", cache_dir=tmp_path / "cache")
+    prepare(tmp_path / "c", "char", cache_dir=tmp_path / "cache")
+    assert hashed == [4, 4, 4]
 
 
 def test_a_naive_in_place_writer_is_caught(tmp_path):
@@ -452,6 +592,33 @@ def test_train_on_a_folder_and_on_a_jsonl_corpus(tmp_path):
     r = twinlm(tmp_path, "train", "--data", "rows.jsonl.gz", "--tokenizer", "bpe", "--vocab-size", "300",
                *TINY, "--max-iters", "2", "--eval-every", "2", "--out", "runs/rows2")
     assert r.returncode == 0 and "token cache: " in r.stdout, r.stdout
+
+
+def test_eval_data_streams_through_the_token_cache(tmp_path):
+    """`twinlm eval --data` encodes the file into the token cache (a folder works too), not in memory;
+    the scores equal the whole text's; a file the model's tokenizer does not cover is one error line."""
+    from test_cli_train import TINY, twinlm
+
+    write_corpus(tmp_path / "notes")
+    r = twinlm(tmp_path, "train", "--data", "notes", *TINY, "--max-iters", "2", "--eval-every", "2")
+    assert r.returncode == 0, r.stderr
+    whole = read_corpus(tmp_path / "notes")[0]
+    (tmp_path / "one.txt").write_text(whole, encoding="utf-8")
+    scores = []
+    for target in ("one.txt", "notes", "one.txt"):
+        before = set((tmp_path / "cache").glob("*.bin"))
+        r = twinlm(tmp_path, "eval", "runs/notes", "--data", target)
+        assert r.returncode == 0, r.stderr
+        scores.append(re.search(r"([\d,]+) tokens scored.*\nloss (\S+)", r.stdout).groups())
+        made = set((tmp_path / "cache").glob("*.bin")) - before
+        assert len(made) == (1 if target == "one.txt" and len(scores) == 1 else 0), (target, made)
+    # the joined text; the folder (whose tokens training's entry already holds); the first file again
+    assert scores[0] == scores[1] == scores[2]
+    (tmp_path / "greek.txt").write_text("αβγδ" * 100, encoding="utf-8")
+    r = twinlm(tmp_path, "eval", "runs/notes", "--data", "greek.txt")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(lines) == 1, r.stderr
+    assert "does not fit this model's tokenizer" in lines[0], r.stderr
 
 
 @pytest.mark.parametrize("files, args, message", [
@@ -600,3 +767,15 @@ def test_special_tokens_and_imported_tokenizers_encode_as_the_whole_text(tmp_pat
     assert np.concatenate([imported.encode(p) for p in pieces]).tolist() != imported.encode(whole).tolist()
     pieces = list(C.text_chunks(iter(whole), 3))
     assert np.concatenate([special.encode(p) for p in pieces]).tolist() != special.encode(whole).tolist()
+
+
+def test_cache_clear_knows_the_resume_and_stat_files():
+    from twinlm.cli.cache import _TOKEN_FILE
+
+    key = "0123456789abcdef" * 2
+    ours = [f"{key}.bin", f"{key}.json", f".tmp-{key}.bin-ab_12xyz", f".tmp-{key}.resume.json",
+            f".tmp-.tmp-{key}.resume.json-ab_12xyz", f"{key}.stat.json", f".tmp-{key}.stat.json-ab_12xyz",
+            f".{key}.lock"]
+    assert all(_TOKEN_FILE.match(name) for name in ours)
+    others = ("notes.txt", f"{key}.txt", "stat.json", f"{key[:-1]}.bin")
+    assert not any(_TOKEN_FILE.match(name) for name in others)

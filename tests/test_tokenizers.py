@@ -70,6 +70,69 @@ def test_bpe_chunked_encoding_equals_whole_text_encoding(bpe):
     assert bpe.encode(text).tolist() == whole
 
 
+# Every kind of whitespace either regex may count (tab, CR, NBSP, U+2028, ideographic space, U+0085, the
+# information separators Python calls whitespace), letters, digits, punctuation, contractions, emoji.
+NASTY = [" ", " ", " ", "  ", "\n", "\n\n", "\t", "\r\n", "\u00a0", "\u2028", "\u3000", "\x85", "\x1c",
+         "\x0b", "a", "the", "The", "naïve", "日本", "42", "7", "'s", "'t", "'ll", "!", ".", ",", "--", "🙂",
+         "é", "x"]
+
+
+def nasty_texts(n: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return ["".join(rng.choice(NASTY, int(rng.integers(1, 60)))) for _ in range(n)]
+
+
+def test_bpe_word_cache_encodes_as_the_library_on_the_whole_text():
+    """BPETokenizer.encode cuts the text at spaces and remembers words: on random texts of every kind of
+    whitespace (both its str.split and its regex path), cold and warm, it gives the library's own ids."""
+    texts = nasty_texts(400)
+    tok = train_tokenizer("bpe", "".join(texts) * 3, vocab_size=320)
+    assert len(tok._tok.get_vocab()) == 320  # merges learned, across whitespace too
+    paths = {tokenizers._SPACE_AFTER_SPACE.search(t) is None for t in texts}
+    assert paths == {True, False}
+    for warm in (False, True):
+        for text in texts:
+            assert tok.encode(text).tolist() == tok._tok.encode(text).ids, (warm, text)
+    joined = "".join(texts)
+    assert tok.encode(joined).tolist() == tok._tok.encode(joined).ids
+    # the cache forgets when it is full and still encodes exactly
+    old = tokenizers._BPE_CACHE_WORDS
+    tokenizers._BPE_CACHE_WORDS = 3
+    try:
+        for text in texts[:50]:
+            assert tok.encode(text).tolist() == tok._tok.encode(text).ids
+        assert len(tok._rows) <= 3 + max(len(t.split(" ")) for t in texts[:50])
+    finally:
+        tokenizers._BPE_CACHE_WORDS = old
+
+
+def test_bpe_last_cut_is_the_last_match_of_the_cut_rule():
+    """The rfind scan finds the cut the regex rule's last match gives, on every prefix of nasty texts."""
+    def by_regex(text: str) -> int:
+        return max((m.start() for m in tokenizers._BPE_CHUNK_CUT.finditer(text, 1)), default=0)
+
+    checked = 0
+    for text in nasty_texts(300, seed=1):
+        for k in range(len(text) + 1):
+            assert tokenizers.bpe_last_cut(text[:k]) == by_regex(text[:k]), repr(text[:k])
+            checked += by_regex(text[:k]) > 0
+    assert checked > 1000
+
+
+def test_cutting_at_every_space_would_change_bpe_ids():
+    """Negative control of the comparison above: cutting before a space that follows whitespace (str.split
+    without the check) changes ids on these texts."""
+    texts = nasty_texts(400)
+    tok = train_tokenizer("bpe", "".join(texts) * 3, vocab_size=320)
+    differ = 0
+    for text in texts:
+        head, *words = text.split(" ")
+        pieces = ([head] if head else []) + [" " + w for w in words]
+        ids = [i for p in pieces for i in tok._tok.encode(p).ids]
+        differ += ids != tok._tok.encode(text).ids
+    assert differ > 10
+
+
 def test_bpe_vocab_size_must_cover_the_bytes():
     with pytest.raises(TwinlmError, match="vocab_size must be an integer in \\[256"):
         train_tokenizer("bpe", "abc", vocab_size=100)

@@ -19,8 +19,10 @@ from twinlm.backends import JIT_CACHE_ENV, jit_cache_dir
 from twinlm.core.data import CACHE_ENV, default_cache_dir
 from twinlm.core.errors import TwinlmError
 
-# core.token_cache's entries (named by a key), their write temps and their lock files
-_TOKEN_FILE = re.compile(r"^((\.tmp-)?[0-9a-f]{32}\.(bin|json)(-.+)?|\.[0-9a-f]{32}\.lock)$")
+# core.token_cache's entries (named by a key), resume checkpoints, remembered corpus hashes (named by the
+# files' stat), their write temps and their lock files
+_TOKEN_FILE = re.compile(r"^((\.tmp-)*[0-9a-f]{32}\.(bin|json|resume\.json|stat\.json)(-.+)?"
+                         r"|\.[0-9a-f]{32}\.lock)$")
 _JIT_FILE = re.compile(r"^.+\.jit(.+\.tmp)?$")
 _RUN_MARKERS = ("latest.json", "metrics.jsonl")
 DEFAULT_RUNS = Path("runs")

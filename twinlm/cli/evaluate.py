@@ -11,7 +11,7 @@ from twinlm.cli.common import backend, backend_option
 from twinlm.core import task as sort_task
 from twinlm.core.backend import Array, Backend
 from twinlm.core.config import ModelConfig
-from twinlm.core.data import Dataset, prepare, read_corpus
+from twinlm.core.data import Dataset, encode_whole, prepare
 from twinlm.core.errors import TwinlmError
 from twinlm.core.tokenizers import Tokenizer
 from twinlm.run_meta import RunMeta
@@ -85,9 +85,11 @@ def _scored_text(data: str | None, tok: Tokenizer, train_data: str | None) -> Da
         ds = prepare(train_data, tok=tok)
         ds.source = f"{ds.source} (validation split)"
         return ds
-    text, source = read_corpus(data)
-    try:
-        tokens = tok.encode(text)
+    from twinlm.prepare_progress import prepare_display
+
+    try:  # streamed into the token cache, like a training corpus: memory does not grow with the file
+        return encode_whole(data, tok, progress=prepare_display())
     except TwinlmError as e:
-        raise TwinlmError(f"{source} does not fit this model's tokenizer: {e}") from None
-    return Dataset(train=tokens, val=tokens, tokenizer=tok, source=source)
+        if "does not fit the given tokenizer" not in str(e):
+            raise
+        raise TwinlmError(str(e).replace("the given tokenizer", "this model's tokenizer")) from None

@@ -32,6 +32,18 @@ class FileOps:
         fd, name = tempfile.mkstemp(dir=folder, prefix=prefix)
         return os.fdopen(fd, "wb"), name
 
+    def reopen(self, path: Path | str, size: int) -> BinaryIO:
+        """Open an existing file to append after its first `size` bytes, cutting off what is beyond them
+        (a resumed preparation goes on from its last durable checkpoint)."""
+        f = open(path, "r+b")  # noqa: SIM115 (the caller closes it)
+        try:
+            f.truncate(size)
+            f.seek(size)
+        except BaseException:
+            f.close()
+            raise
+        return f
+
     def write(self, f: BinaryIO, data: bytes) -> None:
         f.write(data)
         f.flush()

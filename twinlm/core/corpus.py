@@ -17,6 +17,7 @@ directly is read as plain text unless it ends in `.jsonl` (`.gz` is decompressed
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import glob
 import gzip
 import hashlib
@@ -255,25 +256,30 @@ def _jsonl_pieces(cf: CorpusFile, errors: str, progress: Progress | None) -> Ite
 
 @dataclass
 class Stats:
-    """What a pass over the corpus saw."""
+    """What a pass over the corpus saw; at a file's start, all the joiner needs to go on from there."""
 
     files: int = 0
     documents: int = 0
     chars: int = 0
+    need_newline: bool = False  # the text so far does not end in a newline: the next document needs one
 
 
 def stream_text(files: list[CorpusFile], errors: str = "strict", chunk_bytes: int = CHUNK_BYTES,
-                progress: Progress | None = None, stats: Stats | None = None) -> Iterator[str]:
+                progress: Progress | None = None, stats: Stats | None = None,
+                file_starts: list[Stats] | None = None) -> Iterator[str]:
     """The corpus text as pieces (each at most about `chunk_bytes` characters; jsonl rows may be smaller).
 
     Pieces end anywhere (not at a character a tokenizer could split differently: `text_chunks` handles
-    that); their concatenation is exactly the joined corpus.
+    that); their concatenation is exactly the joined corpus. `file_starts` gets a copy of `stats` as each
+    file starts: streaming `files[s.files:]` from such a copy `s` gives the joined text from `s.chars` on
+    (how an interrupted preparation resumes).
     """
     if errors not in ENCODING_ERRORS:
         raise TwinlmError(f"encoding errors mode must be one of {', '.join(ENCODING_ERRORS)}, got {errors!r}")
     stats = stats if stats is not None else Stats()
-    need_newline = False
     for cf in files:
+        if file_starts is not None:
+            file_starts.append(dataclasses.replace(stats))
         stats.files += 1
         docs = (_jsonl_pieces(cf, errors, progress) if cf.jsonl
                 else _one_document(_text_pieces(cf, errors, chunk_bytes, progress)))
@@ -285,12 +291,22 @@ def stream_text(files: list[CorpusFile], errors: str = "strict", chunk_bytes: in
                 if not started:
                     started = True
                     stats.documents += 1
-                    if need_newline:
+                    if stats.need_newline:
                         stats.chars += 1
                         yield "\n"
                 stats.chars += len(piece)
+                stats.need_newline = not piece.endswith("\n")
                 yield piece
-                need_newline = not piece.endswith("\n")
+
+
+def skip_chars(pieces: Iterator[str], n: int) -> Iterator[str]:
+    """`pieces` without their first `n` characters."""
+    for piece in pieces:
+        if n >= len(piece):
+            n -= len(piece)
+            continue
+        yield piece[n:] if n else piece
+        n = 0
 
 
 def _one_document(pieces: Iterator[str]) -> Iterator[Iterator[str]]:

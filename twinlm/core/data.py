@@ -40,15 +40,15 @@ from twinlm.core.token_cache import (
 )
 from twinlm.core.tokenizers import Tokenizer
 
-__all__ = ["CACHE_ENV", "Batcher", "Dataset", "check_fits", "default_cache_dir", "prepare", "read_corpus",
-           "token_dtype"]
+__all__ = ["CACHE_ENV", "Batcher", "Dataset", "check_fits", "default_cache_dir", "encode_whole", "prepare",
+           "read_corpus", "token_dtype"]
 ENCODING_ERRORS = C.ENCODING_ERRORS
 Corpus = str | Path | Sequence[str | Path] | None
 
 
 def read_corpus(path: Corpus, errors: str = "strict") -> tuple[str, str]:
     """(whole text, source name) of a corpus, or of the built-in corpus (None): the text `prepare`
-    streams, joined in memory (for scoring a file with `twinlm eval --data`, not for training corpora).
+    streams, joined in memory (for small texts and tests; training and `eval --data` stream instead).
 
     errors="replace" turns invalid UTF-8 into U+FFFD, "skip" drops it, instead of refusing the file.
     """
@@ -98,6 +98,18 @@ def prepare(path: Corpus, tokenizer: str = "char", vocab_size: int | None = None
     n_train = int(n_tokens * (1.0 - val_fraction))
     return Dataset(train=tokens[:n_train], val=tokens[n_train:], tokenizer=p.tokenizer, source=p.source,
                    cache_file=p.bin_path, from_cache=p.from_cache)
+
+
+def encode_whole(path: Corpus, tok: Tokenizer, cache_dir: Path | None = None, errors: str = "strict",
+                 log: Callable[[str], None] | None = None, progress: PhaseProgress | None = None,
+                 chunk_bytes: int = C.CHUNK_BYTES) -> Dataset:
+    """A corpus encoded with `tok` through the token cache, streamed like `prepare`'s, all of it as both
+    `train` and `val` (one memory map, never a copy): the text `twinlm eval --data` scores."""
+    p = prepare_tokens(path, cache_dir=cache_dir, errors=errors, tok=tok, chunk_bytes=chunk_bytes, log=log,
+                       progress=progress)
+    tokens = np.memmap(p.bin_path, dtype=np.dtype(p.meta["dtype"]), mode="r", shape=(p.meta["n_tokens"],))
+    return Dataset(train=tokens, val=tokens, tokenizer=p.tokenizer, source=p.source, cache_file=p.bin_path,
+                   from_cache=p.from_cache)
 
 
 def check_fits(ds: Dataset, block_size: int, batch_size: int) -> None:

@@ -2,7 +2,11 @@
 
 Passes over the corpus, each `corpus.CHUNK_BYTES` at a time (memory does not grow with the corpus):
 1. hash: SHA-256 of the files as stored -> the cache key (with the tokenizer request and errors mode). A
-   complete entry under that key is used as it is: nothing is decoded.
+   complete entry under that key is used as it is: nothing is decoded. The hash is remembered beside the
+   files' (path, device, inode, size, mtime, ctime) in `<sig>.stat.json`; while every one of those is the
+   same, the files are not read again. Any change (an edit sets ctime, even when mtime is put back) misses
+   and hashes; files changed less than STAT_MARGIN_NS before hashing began are not remembered (a clock
+   tick could hide a later edit).
 2. vocabulary (char: the set of code points, kept as a 0x110000-entry table; bpe: `train_from_iterator` over
    the first `bpe_sample_mb` MB of text, all of it with 0; byte and a given tokenizer: skipped).
 3. encode: chunk by chunk (BPE chunks end at boundaries where its pre-tokenizer always splits, so the ids
@@ -13,15 +17,26 @@ Kill-safety, as checkpoints (core.atomic, whose `fs` seam the fault-injection te
 of the token bytes, the tokenizer) is written the same way. The meta is the manifest: an entry without a
 consistent one is never loaded, it is rebuilt. One preparation per key at a time (an flock on
 `.<key>.lock`; MLX ranks wait for rank 0's and then read it); temp files found under the lock belong to a
-killed preparation, and the new one says that it starts over.
+killed (or interrupted) preparation.
+
+Resuming: as encoding starts and then every CHECKPOINT_CHARS characters, the temp token file is fsynced and
+`.tmp-<key>.resume.json` records (atomically) the learned tokenizer, the tokens written so far with their
+SHA-256, and where in the corpus they end (the joiner's state at the start of that file). The next
+preparation of the same key checks the record against the temp file (the prefix's SHA-256) and goes on from
+there, cutting off what came after the checkpoint, or, when anything does not match, starts over; it says
+which in one line. An error (a bad byte, a full disk) removes the temp files; an interrupt (Ctrl-C) keeps
+them to resume from.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -48,6 +63,11 @@ from twinlm.core.tokenizers import (
 CACHE_ENV = "TWINLM_CACHE_DIR"
 CACHE_FORMAT = 2
 DEFAULT_BPE_SAMPLE_MB = 64
+RESUME_FORMAT = 1
+CHECKPOINT_CHARS = 1 << 26  # text encoded between two resume checkpoints (read at call time: tests lower it)
+STAT_MARGIN_NS = 2_000_000_000  # files changed this shortly before hashing are hashed again next time
+PARALLEL_MIN_BYTES = 64_000_000  # BPE encodes in worker processes from this corpus size on
+ENCODE_WORKERS: int | None = None  # None: one per CPU this process may use (at most 8)
 
 # phase ("hash", "vocab", "encode"), bytes done, bytes total: a progress display's view. Bytes are those of
 # the files on disk (compressed for .gz). A last call with phase "done" ends it, also after an error.
@@ -156,9 +176,9 @@ def _prepare(files: list[C.CorpusFile], source: str, phases: _Phases, tokenizer:
     request = tok.to_dict() if tok is not None else tokenizer_spec(tokenizer, vocab_size)
     if tok is None and request["kind"] == "bpe":
         request = {**request, "bpe_sample_mb": bpe_sample_mb}
-    corpus_sha = C.content_hash(files, phases.start("hash"), chunk_bytes)
-    key = _key(corpus_sha, request, errors)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    corpus_sha = corpus_hash(files, cache_dir, phases, chunk_bytes)
+    key = _key(corpus_sha, request, errors)
     bin_path, meta_path = cache_dir / f"{key}.bin", cache_dir / f"{key}.json"
     meta = read_meta(meta_path, bin_path, key)
     if meta is None and tok is not None:  # a resumed run: the entry its first run built, if it is there
@@ -173,15 +193,16 @@ def _prepare(files: list[C.CorpusFile], source: str, phases: _Phases, tokenizer:
         with _locked(cache_dir / f".{key}.lock"):
             meta = read_meta(meta_path, bin_path, key)  # another process may have built it meanwhile
             if meta is None:
-                _start_over(cache_dir, key, bin_path, say)
+                resume = _resume_or_start_over(cache_dir, key, bin_path, tok, len(files), say)
                 meta = _build(files, source, key, corpus_sha, bin_path, meta_path, tokenizer, vocab_size, tok,
-                              errors, bpe_sample_mb, chunk_bytes, phases)
+                              errors, bpe_sample_mb, chunk_bytes, phases, resume)
                 wall = time.perf_counter() - t0
-                mb = phases.total / 1e6
+                rate = (f"{phases.total / 1e6 / max(wall, 1e-9):.1f} MB/s" if resume is None
+                        else "the rest after its checkpoint")
                 say(f"prepared {source}: {meta['n_tokens']:,} tokens from {meta['files']:,} files "
                     f"({human_bytes(phases.total)}, {meta['documents']:,} documents) in {wall:.1f} s "
-                    f"({mb / max(wall, 1e-9):.1f} MB/s); token file {human_bytes(bin_path.stat().st_size)} "
-                    f"({meta['dtype']}) at {bin_path}")
+                    f"({rate}); token file {human_bytes(bin_path.stat().st_size)} ({meta['dtype']}) at "
+                    f"{bin_path}")
                 return Prepared(bin_path, meta, tok or tokenizer_from_dict(meta["tokenizer"]), source, False)
     say(f"token cache: {meta['n_tokens']:,} tokens of {source} from {bin_path}")
     return Prepared(bin_path, meta, tok or tokenizer_from_dict(meta["tokenizer"]), source, True)
@@ -219,76 +240,278 @@ def default_cache_dir() -> Path:
     return base / "twinlm" / "tokens"
 
 
-def _start_over(cache_dir: Path, key: str, bin_path: Path, say: Callable[[str], None]) -> None:
-    """Remove what a killed preparation of this key left (we hold the lock, so nobody is writing it)."""
-    leftovers = sorted(cache_dir.glob(f".tmp-{key}.*"))
+def _stat_rows(files: list[C.CorpusFile]) -> list[list[Any]] | None:
+    rows = []
+    for cf in files:
+        if cf.content is not None:
+            return None
+        try:
+            st = os.stat(cf.path)
+        except OSError:
+            return None
+        rows.append([str(Path(cf.path).resolve()), cf.name, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
+                     st.st_ctime_ns])
+    return rows
+
+
+def corpus_hash(files: list[C.CorpusFile], cache_dir: Path, phases: _Phases | None = None,
+                chunk_bytes: int = C.CHUNK_BYTES) -> str:
+    """The corpus's content hash (`corpus.content_hash`), read from `cache_dir/<sig>.stat.json` when the
+    files' stat rows are the ones it was computed with, else computed (and remembered unless fresh)."""
+    rows = _stat_rows(files)
+    record = None
+    if rows is not None:
+        sig = hashlib.sha256(json.dumps(rows).encode("utf-8", "surrogateescape")).hexdigest()[:32]
+        record = cache_dir / f"{sig}.stat.json"
+        try:
+            saved = json.loads(record.read_text(encoding="utf-8"))
+            if saved.get("stat") == rows and isinstance(saved.get("corpus_sha256"), str):
+                return saved["corpus_sha256"]
+        except (OSError, ValueError, AttributeError):
+            pass
+    began = time.time_ns()
+    sha = C.content_hash(files, phases.start("hash") if phases else None, chunk_bytes)
+    if record is not None and _stat_rows(files) == rows \
+            and all(max(r[5], r[6]) < began - STAT_MARGIN_NS for r in rows):
+        _write_shortcut(record, {"stat": rows, "corpus_sha256": sha})
+    return sha
+
+
+def _write_shortcut(path: Path, obj: Any) -> None:
+    """Write a record that only saves work (a lost or unreadable one means hashing again): temp file and
+    rename, so no reader sees half of it, but no fsync, and outside the `atomic.fs` seam, so the fault-
+    injection tests see the same writes whether or not the corpus's files are old enough to be remembered."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(atomic.json_bytes(obj))
+        os.replace(tmp, path)
+    except OSError:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+@dataclass
+class _Resume:
+    tmp: Path
+    n_tokens: int
+    chars: int  # of the joined text, encoded into the n_tokens
+    start: C.Stats  # the stream's state at the start of the file the checkpoint falls in
+    tokenizer: Tokenizer
+    digest: Any  # SHA-256 of the n_tokens' bytes, to go on updating
+
+
+def _resume_path(cache_dir: Path, key: str) -> Path:
+    return cache_dir / f".tmp-{key}.resume.json"
+
+
+def _read_resume(cache_dir: Path, key: str, tok: Tokenizer | None) -> _Resume | None:
+    """The checkpoint an interrupted preparation of `key` left, if it matches its temp file, else None."""
+    try:
+        rec = json.loads(_resume_path(cache_dir, key).read_text(encoding="utf-8"))
+        name = rec["tmp"]
+        if rec["format"] != RESUME_FORMAT or rec["key"] != key or not isinstance(name, str) \
+                or Path(name).name != name or not name.startswith(f".tmp-{key}.bin-"):
+            return None
+        if tok is not None and rec["tokenizer"] != tok.to_dict():
+            return None
+        learned = tok if tok is not None else tokenizer_from_dict(rec["tokenizer"])
+        n_tokens, chars = int(rec["n_tokens"]), int(rec["chars"])
+        start = C.Stats(**rec["start"])
+        nbytes = n_tokens * token_dtype(learned.vocab_size).itemsize
+        tmp = cache_dir / name
+        if n_tokens < 0 or tmp.stat().st_size < nbytes or not 0 <= start.chars <= chars:
+            return None
+        digest = hashlib.sha256()
+        with open(tmp, "rb") as f:
+            left = nbytes
+            while left and (block := f.read(min(left, 1 << 22))):
+                digest.update(block)
+                left -= len(block)
+        if left or digest.hexdigest() != rec["tokens_sha256"]:
+            return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, TwinlmError):
+        return None
+    return _Resume(tmp, n_tokens, chars, start, learned, digest)
+
+
+def _resume_or_start_over(cache_dir: Path, key: str, bin_path: Path, tok: Tokenizer | None, n_files: int,
+                          say: Callable[[str], None]) -> _Resume | None:
+    """What a killed or interrupted preparation of this key left (we hold the lock, so nobody is writing
+    it): a checkpoint to go on from, said so; else its files are removed, and the start over said so."""
+    leftovers = sorted(cache_dir.glob(f".tmp-*{key}*"))
     partial = bin_path.exists()  # a token file renamed into place whose meta was never written
-    if not leftovers and not partial:
-        return
-    if leftovers:
+    resume = _read_resume(cache_dir, key, tok) if leftovers and not partial else None
+    keep = {resume.tmp, _resume_path(cache_dir, key)} if resume else set()
+    if resume is not None:
+        say(f"token cache: resuming an interrupted preparation of this corpus from its checkpoint "
+            f"({resume.n_tokens:,} tokens written, at file {resume.start.files + 1:,} of {n_files:,})")
+    elif leftovers:
         say(f"token cache: an interrupted preparation of this corpus left {len(leftovers)} temp "
-            f"file{'s' * (len(leftovers) != 1)}; starting over")
-    else:
+            f"file{'s' * (len(leftovers) != 1)} and no checkpoint that matches them; starting over")
+    elif partial:
         say("token cache: this corpus's entry is incomplete or damaged (its token file does not match a "
             "complete meta); starting over")
     for p in leftovers:
-        with contextlib.suppress(FileNotFoundError):
-            atomic.fs.unlink(p)
+        if p not in keep:
+            with contextlib.suppress(FileNotFoundError):
+                atomic.fs.unlink(p)
+    return resume
 
 
 def _build(files: list[C.CorpusFile], source: str, key: str, corpus_sha: str, bin_path: Path, meta_path: Path,
            kind: str, vocab_size: int | None, tok: Tokenizer | None, errors: str, bpe_sample_mb: int,
-           chunk_bytes: int, phases: _Phases) -> dict[str, Any]:
-    def text(phase: str, stats: C.Stats | None = None) -> Iterator[str]:
-        return C.stream_text(files, errors, chunk_bytes, phases.start(phase), stats)
-
+           chunk_bytes: int, phases: _Phases, resume: _Resume | None = None) -> dict[str, Any]:
     given = tok is not None
     empty = C.empty_error(files, source)
-    if tok is None:
+    if resume is not None:
+        tok = resume.tokenizer
+    elif tok is None and kind == "byte":
+        tok = ByteTokenizer()  # nothing to learn: no pass before encoding (which checks the text as well)
+    elif tok is None:
         seen = C.Stats()
         try:
-            tok = learn_tokenizer(kind, vocab_size, text("vocab", seen), bpe_sample_mb, chunk_bytes)
+            pieces = C.stream_text(files, errors, chunk_bytes, phases.start("vocab"), seen)
+            tok = learn_tokenizer(kind, vocab_size, pieces, bpe_sample_mb, chunk_bytes)
         except EmptyText:
             raise empty from None
         if seen.chars == 0:
             raise empty
     dtype = token_dtype(tok.vocab_size)
-    stats = C.Stats()
     cut, size = _chunking(tok, chunk_bytes)
-    digest, n_tokens = hashlib.sha256(), 0
+    record = _resume_path(bin_path.parent, key)
+    tmp: str | Path | None = None
     try:
-        f, tmp = atomic.fs.mkstemp(bin_path.parent, prefix=f".tmp-{bin_path.name}-")
-    except OSError as e:
-        raise TwinlmError(f"cannot write the token cache in {bin_path.parent}: {e.strerror or e}") from None
-    try:
+        if resume is not None:
+            tmp, n_tokens, chars, digest = resume.tmp, resume.n_tokens, resume.chars, resume.digest
+            f = atomic.fs.reopen(tmp, n_tokens * dtype.itemsize)
+            stats = dataclasses.replace(resume.start)
+        else:
+            f, tmp = atomic.fs.mkstemp(bin_path.parent, prefix=f".tmp-{bin_path.name}-")
+            n_tokens, chars, digest, stats = 0, 0, hashlib.sha256(), C.Stats()
+
+        def checkpoint(start: C.Stats) -> None:
+            atomic.fs.fsync(f)
+            atomic.atomic_write_json(record, {
+                "format": RESUME_FORMAT, "key": key, "tmp": Path(tmp).name, "n_tokens": n_tokens,
+                "chars": chars, "tokens_sha256": digest.copy().hexdigest(),
+                "start": dataclasses.asdict(start), "tokenizer": tok.to_dict()})
+
         with f:
-            for chunk in C.text_chunks(text("encode", stats), size, cut):
-                try:
-                    ids = tok.encode(chunk)
-                except TwinlmError as e:
+            if resume is None:
+                checkpoint(C.Stats())  # the learned tokenizer is kept even if no chunk is
+            progress = phases.start("encode")
+            if progress is not None:
+                progress(sum(cf.size for cf in files[:stats.files]))
+            starts: list[C.Stats] = []
+            pieces = C.stream_text(files[stats.files:], errors, chunk_bytes, progress, stats, starts)
+            if resume is not None:
+                pieces = C.skip_chars(pieces, chars - resume.start.chars)
+            saved = chars
+            total = sum(cf.size for cf in files)
+            for chunk, ids in _encoded(tok, C.text_chunks(pieces, size, cut), _workers(tok, total)):
+                if isinstance(ids, TwinlmError):
                     if not given:
-                        raise
-                    raise TwinlmError(f"corpus {source} does not fit the given tokenizer: {e}") from None
+                        raise ids
+                    raise TwinlmError(f"corpus {source} does not fit the given tokenizer: {ids}") from None
                 data = ids.astype(dtype).tobytes()
                 atomic.fs.write(f, data)
                 digest.update(data)
                 n_tokens += ids.size
+                chars += len(chunk)
+                if chars - saved >= CHECKPOINT_CHARS:
+                    while len(starts) > 1 and starts[1].chars <= chars:
+                        starts.pop(0)  # the last file start at or before `chars` stays first
+                    checkpoint(starts[0])
+                    saved = chars
             atomic.fs.fsync(f)
         if stats.chars == 0:
             raise empty
         atomic.fs.replace(tmp, bin_path)
+        tmp = None
         atomic.fs.fsync_dir(bin_path.parent)
+        atomic.fs.unlink(record)  # before the meta: a kill in between leaves a token file, rebuilt
         meta = {"format": CACHE_FORMAT, "key": key, "corpus_sha256": corpus_sha, "source": source,
                 "files": stats.files, "documents": stats.documents, "chars": stats.chars,
                 "n_tokens": n_tokens, "dtype": dtype.name, "tokens_sha256": digest.hexdigest(),
                 "tokenizer": tok.to_dict()}
         atomic.atomic_write_json(meta_path, meta)  # written last: the manifest of a complete entry
     except OSError as e:
+        _remove(tmp, record)
         raise TwinlmError(f"cannot write the token cache in {bin_path.parent}: {e.strerror or e}") from None
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)  # gone after the rename; after a failure nothing half-written stays
+    except Exception:
+        _remove(tmp, record)  # a bad byte, an empty corpus: nothing to resume (the corpus must change)
+        raise
     return meta
+
+
+def _workers(tok: Tokenizer, corpus_bytes: int) -> int:
+    """Processes that encode BPE chunks side by side (0: this one alone). Its Python part (splitting, the
+    word cache) holds the GIL, so threads would not help; worth their start-up (~0.5 s) on a big corpus."""
+    if type(tok) is not BPETokenizer or corpus_bytes < PARALLEL_MIN_BYTES:
+        return 0
+    n = ENCODE_WORKERS if ENCODE_WORKERS is not None else min(len(os.sched_getaffinity(0))
+                                                               if hasattr(os, "sched_getaffinity")
+                                                               else (os.cpu_count() or 1), 8)
+    return n if n > 1 else 0
+
+
+_worker_tok: Tokenizer | None = None
+
+
+def _worker_init(spec: dict[str, Any]) -> None:
+    global _worker_tok
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: the workers are the parallelism
+    _worker_tok = tokenizer_from_dict(spec)
+
+
+def _worker_encode(chunk: str) -> np.ndarray | TwinlmError:
+    assert _worker_tok is not None
+    try:
+        return _worker_tok.encode(chunk)
+    except TwinlmError as e:
+        return TwinlmError(str(e))
+
+
+def _encoded(tok: Tokenizer, chunks: Iterator[str],
+             workers: int = 0) -> Iterator[tuple[str, np.ndarray | TwinlmError]]:
+    """(chunk, its ids or the error encoding it raised), in order: here, or by `workers` spawned processes
+    with a few chunks in flight each (memory stays bounded; the ids are the same, chunk by chunk)."""
+    if workers <= 0:
+        for chunk in chunks:
+            try:
+                yield chunk, tok.encode(chunk)
+            except TwinlmError as e:
+                yield chunk, e
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn, not fork: the tokenizers library's threads do not survive a fork
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_worker_init, initargs=(tok.to_dict(),))
+    try:
+        pending: collections.deque[tuple[str, Any]] = collections.deque()
+        for chunk in chunks:
+            pending.append((chunk, pool.submit(_worker_encode, chunk)))
+            if len(pending) >= 2 * workers:
+                done, future = pending.popleft()
+                yield done, future.result()
+        while pending:
+            done, future = pending.popleft()
+            yield done, future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _remove(*paths: str | Path | None) -> None:
+    for p in paths:
+        if p is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(p)
 
 
 def _chunking(tok: Tokenizer, chunk_bytes: int) -> tuple[Callable[[str], int] | None, int]:

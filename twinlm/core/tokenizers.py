@@ -15,6 +15,7 @@ below it are ordinary text tokens a masked-LM may draw at random).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 from collections.abc import Iterable, Iterator
@@ -36,6 +37,13 @@ MAX_BPE_VOCAB = 1 << 20
 # Python's \S excludes every character the library's regex counts as whitespace, so the cut is safe there.
 _BPE_CHUNK_CUT = re.compile(r"(?<=\S)(?=[ \n])")
 _BPE_CHUNK_CHARS = 1 << 14  # small enough to spread a streamed chunk over the library's threads
+# The cuts BPETokenizer.encode makes: the spaces among _BPE_CHUNK_CUT's cuts (a space after a non-space).
+_BPE_SPACE_CUT = re.compile(r"(?<=\S) ")
+_SPACE_AFTER_SPACE = re.compile(r"\s ")
+# Distinct words BPETokenizer.encode remembers (about 100 bytes each with their ids), and their characters,
+# before it starts over.
+_BPE_CACHE_WORDS = 1 << 18
+_BPE_CACHE_CHARS = 1 << 23
 
 
 class Tokenizer:
@@ -144,6 +152,15 @@ class BPETokenizer(Tokenizer):
     def __init__(self, hf_tokenizer: Any) -> None:
         self._tok = hf_tokenizer
         self.vocab_size = int(hf_tokenizer.get_vocab_size())
+        self._forget()
+
+    def _forget(self) -> None:
+        """Empty the word cache: word -> row; the ids of " " + word are _flat[_starts[row]:][:_lens[row]]."""
+        self._rows: dict[str, int] = {}
+        self._chars = 0
+        self._flat = np.zeros(0, np.int32)
+        self._starts = np.zeros(0, np.int64)
+        self._lens = np.zeros(0, np.int64)
 
     @classmethod
     def train(cls, text: str, vocab_size: int) -> BPETokenizer:
@@ -174,9 +191,49 @@ class BPETokenizer(Tokenizer):
             raise TwinlmError(f"cannot rebuild the bpe tokenizer from its saved JSON: {e}") from None
 
     def encode(self, text: str) -> np.ndarray:
-        encodings = self._tok.encode_batch_fast(bpe_chunks(text))
-        parts = [np.asarray(e.ids, dtype=np.int32) for e in encodings]
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+        """The whole text's ids, word by word. The text is cut before every space that follows a
+        non-space (safe cuts, see _BPE_CHUNK_CUT), each distinct word (with the space before it) is encoded
+        once by the library's batch encoder (multithreaded) and remembered, and the ids are gathered with
+        numpy. Profiled on 10 MB of generated text: the library's encoder alone runs ~3.5 MB/s per thread;
+        str.split, a dict lookup per word and numpy's gather run ~20 MB/s (natural text repeats its words)."""
+        if not text:
+            return np.zeros(0, dtype=np.int32)
+        # str.split(" ") is ~2x faster than the regex and gives the same pieces when no space follows a
+        # whitespace character (every space is then a safe cut)
+        cut = text.split(" ") if _SPACE_AFTER_SPACE.search(text) is None else _BPE_SPACE_CUT.split(text)
+        head, words = cut[0], cut[1:]  # each word stands for " " + word
+        parts = []
+        if head:
+            encodings = self._tok.encode_batch_fast(bpe_chunks(head))
+            parts += [np.asarray(e.ids, dtype=np.int32) for e in encodings]
+        if words:
+            parts.append(self._encode_words(words))
+        ids = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        if len(self._rows) > _BPE_CACHE_WORDS or self._chars > _BPE_CACHE_CHARS:  # bounded memory
+            self._forget()
+        return ids
+
+    def _encode_words(self, words: list[str]) -> np.ndarray:
+        rows, get = self._rows, self._rows.get
+        idx = np.array([get(w, -1) for w in words], dtype=np.int64)
+        missing = np.flatnonzero(idx < 0)
+        if missing.size:
+            new = list(dict.fromkeys(words[i] for i in missing.tolist()))
+            encodings = self._tok.encode_batch_fast([" " + w for w in new])
+            lens = np.fromiter((len(e.ids) for e in encodings), np.int64, len(new))
+            flat = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), np.int32,
+                               int(lens.sum()))
+            rows.update(zip(new, range(len(rows), len(rows) + len(new)), strict=True))
+            self._chars += sum(map(len, new))
+            self._starts = np.concatenate([self._starts, self._flat.size + np.cumsum(lens) - lens])
+            self._lens = np.concatenate([self._lens, lens])
+            self._flat = np.concatenate([self._flat, flat])
+            idx[missing] = [rows[words[i]] for i in missing.tolist()]
+        lens = self._lens[idx]
+        ends = np.cumsum(lens)
+        # output position p, inside word k, takes _flat[_starts[k] + p - (ends[k] - lens[k])]
+        gather = np.repeat(self._starts[idx] - (ends - lens), lens) + np.arange(int(ends[-1]))
+        return self._flat[gather]
 
     def decode(self, ids: Iterable[int] | np.ndarray) -> str:
         return self._tok.decode(self._check_ids(ids).tolist(), skip_special_tokens=False)
@@ -250,16 +307,18 @@ def bpe_chunks(text: str, size: int = _BPE_CHUNK_CHARS) -> list[str]:
     return chunks
 
 
-def bpe_last_cut(text: str, window: int = 1 << 16) -> int:
-    """Index of the last safe BPE chunk boundary in `text` (see _BPE_CHUNK_CUT), 0 if there is none."""
-    start = max(1, len(text) - window)
-    while True:
-        last = 0
-        for m in _BPE_CHUNK_CUT.finditer(text, start):
-            last = m.start()
-        if last or start <= 1:
-            return last
-        start = max(1, start - 8 * window)  # a long stretch without spaces: look further back
+def bpe_last_cut(text: str) -> int:
+    """Index of the last safe BPE chunk boundary in `text` (see _BPE_CHUNK_CUT), 0 if there is none: the
+    last space or newline after a non-space (str.isspace is the regex's \\s), found by rfind from the end."""
+    end = len(text)
+    while end > 1:
+        at = max(text.rfind(" ", 1, end), text.rfind("\n", 1, end))
+        if at <= 0:
+            return 0
+        if not text[at - 1].isspace():
+            return at
+        end = at
+    return 0
 
 
 class SpecialTokens(Tokenizer):

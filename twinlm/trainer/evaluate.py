@@ -40,9 +40,6 @@ def evaluate_loss(B: Backend, cfg: ModelConfig, params: dict[str, Array], tokens
         raise TwinlmError(f"{len(tokens)} tokens are fewer than block_size + 1 = {T + 1}; nothing to score")
     if max_windows is not None:
         n_win = min(n_win, max_windows)
-    tokens = np.asarray(tokens[:n_win * T + 1], dtype=np.int32)
-    model.check_token_ids(tokens, cfg.vocab_size)
-    x_all, y_all = tokens[:-1].reshape(n_win, T), tokens[1:].reshape(n_win, T)
     b = min(batch_size, n_win)
 
     def fn(state: dict, p: dict[str, Array], x: Array, y: Array, w: Array) -> tuple[tuple[Array], dict]:
@@ -53,7 +50,10 @@ def evaluate_loss(B: Backend, cfg: ModelConfig, params: dict[str, Array], tokens
         x, y = np.zeros((b, T), np.int32), np.zeros((b, T), np.int32)
         w = np.zeros((b, T), np.float32)
         rows = min(b, n_win - i)
-        x[:rows], y[:rows], w[:rows] = x_all[i:i + rows], y_all[i:i + rows], 1.0
+        # one batch of windows at a time: a memory-mapped token file is never copied whole
+        part = np.asarray(tokens[i * T:(i + rows) * T + 1], dtype=np.int32)
+        model.check_token_ids(part, cfg.vocab_size)
+        x[:rows], y[:rows], w[:rows] = part[:-1].reshape(rows, T), part[1:].reshape(rows, T), 1.0
         (s,) = step(params, B.from_numpy(x), B.from_numpy(y), B.from_numpy(w))
         total += float(B.to_numpy(s))
     return total / (n_win * T), n_win * T
