@@ -63,6 +63,8 @@ def build(shape: str, folder: Path, dtype: str, positions: int) -> Path:
     model = getattr(tf, architecture)(cfg).to(getattr(torch, dtype)).eval()
     model.save_pretrained(folder)
     lib = byte_bpe()
+    # every id the model can sample must decode: fill the vocabulary with plain added tokens
+    lib.add_tokens([f"<x{i}>" for i in range(cfg.vocab_size - lib.get_vocab_size())])
     fast = tf.PreTrainedTokenizerFast(tokenizer_object=lib, bos_token="<s>", eos_token="</s>")
     fast.save_pretrained(folder)
     return folder

@@ -39,6 +39,7 @@ from twinlm.generate import (
     grow_cache,
     sample_next,
 )
+from twinlm.run_dir import to_backend
 
 
 @dataclass
@@ -127,7 +128,7 @@ class Engine:
             th._db_connection = sqlite3.connect(th.CACHEDB, timeout=60, isolation_level="IMMEDIATE",
                                                 check_same_thread=False)
         params = self._numpy_params
-        self._params = {k: self.B.from_numpy(params[k]) for k in sorted(params)}  # TinyJit binds by order
+        self._params = to_backend(self.B, params)  # sorted: TinyJit binds by order
         self._steps: dict[int, Any] = {}
         self._length = 0
         self._grow(1)

@@ -272,7 +272,7 @@ def _verified_files(ckpt: Path) -> dict[str, Any]:
         if len(data) != want.get("bytes"):
             raise CheckpointError(f"checkpoint {ckpt} is damaged: {fname} has {len(data)} bytes, "
                                   f"expected {want.get('bytes')} (truncated?)")
-        if hashlib.sha256(data).hexdigest() != want.get("sha256"):
+        if tensorfile.sha256_hex(data) != want.get("sha256"):
             raise CheckpointError(f"checkpoint {ckpt} is damaged: {fname} does not match its SHA-256")
         out[fname] = data
     return out

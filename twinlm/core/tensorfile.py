@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import struct
 from typing import Any
 
@@ -27,12 +28,65 @@ class TensorFileError(TwinlmError):
 
 
 def content_digest(arrays: dict[str, np.ndarray]) -> str:
+    """SHA-256 of every array's name, dtype, shape and bytes (arrays read from a memory map are `release`d
+    once hashed, so hashing a file's tensors never holds the whole file in memory)."""
     h = hashlib.sha256()
     for name in sorted(arrays):
         a = arrays[name]
         h.update(json.dumps([name, a.dtype.str, list(a.shape)]).encode() + b"\0")
         h.update(np.ascontiguousarray(a).reshape(-1).view(np.uint8) if a.size else b"")
+        release(a)
     return h.hexdigest()
+
+
+def sha256_hex(data: bytes | bytearray | memoryview | mmap.mmap) -> str:
+    """SHA-256 of `data`; a memory map is read in chunks, each released once hashed (see `release`)."""
+    if not isinstance(data, mmap.mmap):
+        return hashlib.sha256(data).hexdigest()
+    h, chunk = hashlib.sha256(), 16 * 2**20
+    with memoryview(data) as view:  # slices of a memoryview are views, slices of a mmap are copies
+        for at in range(0, len(data), chunk):
+            h.update(view[at:at + chunk])
+            _dontneed(data, at, min(chunk, len(data) - at))
+    return h.hexdigest()
+
+
+def release(a: np.ndarray) -> None:
+    """Let the kernel drop the pages behind `a` from this process's memory when `a` is a view of a
+    read-only file mapping (they are read again from the file, usually from the page cache, if touched);
+    any other array is left alone. A mapped file's pages count in the resident set once read, so without
+    this, a model loaded through a memory map and copied to a backend sits in memory twice."""
+    mm = _read_only_map(a)
+    if mm is None or a.nbytes == 0:
+        return
+    start = a.__array_interface__["data"][0] - np.frombuffer(mm, np.uint8).__array_interface__["data"][0]
+    if 0 <= start and start + a.nbytes <= len(mm):
+        _dontneed(mm, start, a.nbytes)
+
+
+def _read_only_map(a: object) -> mmap.mmap | None:
+    """The read-only mmap.mmap under `a` (through numpy bases and memoryviews), or None."""
+    for _ in range(16):
+        if isinstance(a, mmap.mmap):
+            with memoryview(a) as view:
+                return a if view.readonly else None  # a writable map's pages may hold unsaved data
+        if isinstance(a, memoryview):
+            a = a.obj
+        elif isinstance(a, np.ndarray):
+            a = a.base
+        else:
+            return None
+    return None
+
+
+def _dontneed(mm: mmap.mmap, start: int, length: int) -> None:
+    if not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return  # (not on this platform: the pages stay until the map is closed)
+    with memoryview(mm) as view:
+        if not view.readonly:
+            return
+    lo = start - start % mmap.PAGESIZE
+    mm.madvise(mmap.MADV_DONTNEED, lo, start + length - lo)
 
 
 # numpy dtype <-> safetensors dtype name (the ones twinlm writes or could meet in its own files).
@@ -67,6 +121,7 @@ def dumps(arrays: dict[str, np.ndarray]) -> bytearray:
     for k in sorted(ready):
         n = ready[k].nbytes
         view[at:at + n] = ready[k].reshape(-1).view(np.uint8)
+        release(ready[k])  # a tensor still mapped from its source file (an import): copied, so let it go
         at += n
     return out
 
