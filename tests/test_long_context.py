@@ -49,16 +49,17 @@ def test_a_32k_context_samples_its_first_token_fast_and_small(tmp_path: Path) ->
     from tests import hf_models
 
     folder = hf_models.build_modern("Llama-3.2-1B", tmp_path / "hf", max_position_embeddings=32768)
-    run = tmp_path / "run"
-    _, _, out = twinlm_peak("import-hf", str(folder), "--out", str(run))
-    assert "block 32768" in out
+    from twinlm.hf import import_hf
+
+    run, (summary, *_) = import_hf(folder, tmp_path / "run")
+    assert "block 32768" in summary
     for backend in ("mlx", "tinygrad"):
         try:
             get_backend(backend)
         except BackendUnavailable:
             continue
-        wall, peak_mb, text = twinlm_peak("sample", str(run), "-n", "4", "--prompt", "the cat", "--temperature",
-                                          "0", "--backend", backend)
+        wall, peak_mb, text = twinlm_peak("sample", str(run), "-n", "4", "--prompt", "the cat",
+                                          "--temperature", "0", "--backend", backend)
         print(f"{backend}: sample -n 4 at 32768 positions: {wall:.1f} s, peak RSS {peak_mb:.0f} MB")
         assert text.startswith("the cat")
         assert wall < 90, (backend, wall)

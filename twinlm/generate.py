@@ -109,13 +109,12 @@ def grow_cache(B: Backend, old: Array, shape: tuple[int, ...]) -> Array:
     if tuple(old.shape) == tuple(shape):
         return old
     pad = [(0, n - o) for o, n in zip(old.shape, shape, strict=True)]
-    axes = [i for i, (_, extra) in enumerate(pad) if extra]
-    if len(axes) != 1 or any(extra < 0 for _, extra in pad):
+    if sum(extra > 0 for _, extra in pad) != 1 or any(extra < 0 for _, extra in pad):
         raise ValueError(f"cannot grow a cache of shape {tuple(old.shape)} into {shape}")
-    (axis,) = axes
-    zeros = B.from_numpy(np.zeros(tuple(pad[axis][1] if i == axis else n for i, n in enumerate(shape)),
-                                  np.float32))
-    return B.concat([old, zeros], axis=axis)
+    # Through the host, not B.concat: a compiled step (TinyJit) records the layout of its state inputs, and
+    # a concatenation can come out as a permuted view of its buffer, which a graph captured on fresh zeros
+    # (or loaded from the JIT cache) refuses. Growing is rare (each doubling), so the copy costs little.
+    return B.from_numpy(np.pad(B.to_numpy(old), pad))
 
 
 class _FixedShapeSteps:
