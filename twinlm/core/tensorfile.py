@@ -64,6 +64,11 @@ def release(a: np.ndarray) -> None:
         _dontneed(mm, start, a.nbytes)
 
 
+def is_mapped(a: np.ndarray) -> bool:
+    """Whether `a` is a view of a read-only file mapping (what `release` acts on)."""
+    return _read_only_map(a) is not None
+
+
 def _read_only_map(a: object) -> mmap.mmap | None:
     """The read-only mmap.mmap under `a` (through numpy bases and memoryviews), or None."""
     for _ in range(16):
