@@ -214,7 +214,7 @@ class MLXBackend(Backend):
         mx.eval(*xs)
 
 
-_CHUNK_BYTES = 64 * 2**20
+_CHUNK_BYTES = 16 * 2**20
 
 
 def _from_mapped(a: np.ndarray) -> Array:
@@ -228,6 +228,7 @@ def _from_mapped(a: np.ndarray) -> Array:
         out[i:i + rows] = mx.array(a[i:i + rows], dtype=_DTYPES[a.dtype])
         mx.eval(out)
         tensorfile.release(a[i:i + rows])
+    mx.clear_cache()  # the chunks' buffers, kept by MLX for reuse: give them back
     return out
 
 

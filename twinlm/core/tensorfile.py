@@ -101,9 +101,14 @@ _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.in
 _NAMES = {np.dtype(t): name for name, t in _DTYPES.items()}
 
 
-def dumps(arrays: dict[str, np.ndarray]) -> bytearray:
+def dumps(arrays: dict[str, np.ndarray], consume: bool = False) -> bytearray | np.ndarray:
     """safetensors bytes of `arrays` (little-endian, C order) with their content digest in the metadata,
-    built in one buffer: the weights are copied once, never through per-tensor intermediates."""
+    built in one buffer: the weights are copied once, never through per-tensor intermediates.
+
+    With `consume`, each array is removed from `arrays` once copied and the buffer is a numpy uint8 array
+    whose pages (calloc'd) become resident only as they are filled: where `arrays` holds the only
+    references (an import), the arrays are freed as the buffer grows and the whole never sits in memory
+    twice."""
     ready: dict[str, np.ndarray] = {}
     for k, v in arrays.items():
         # np.asarray, not np.ascontiguousarray: the latter turns 0-d arrays into shape (1,)
@@ -111,6 +116,7 @@ def dumps(arrays: dict[str, np.ndarray]) -> bytearray:
         ready[k] = a.astype(a.dtype.newbyteorder("<"), copy=False)
         if not isinstance(k, str) or not k or a.dtype.newbyteorder("=") not in _NAMES:
             raise TensorFileError(f"cannot serialise array {k!r} of dtype {a.dtype}")
+    v = a = None  # (no reference left behind to the last array: `consume` frees each one as it is copied)
     header: dict[str, Any] = {"__metadata__": {DIGEST_KEY: content_digest(ready)}}
     offset = 0
     for k in sorted(ready):
@@ -120,13 +126,16 @@ def dumps(arrays: dict[str, np.ndarray]) -> bytearray:
         offset += a.nbytes
     head = json.dumps(header, separators=(",", ":")).encode("utf-8")
     head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned, as the library writes it
-    out = bytearray(8 + len(head) + offset)
-    out[:8], out[8:8 + len(head)] = struct.pack("<Q", len(head)), head
+    size = 8 + len(head) + offset
+    out = np.zeros(size, np.uint8) if consume else bytearray(size)
     at, view = 8 + len(head), np.frombuffer(out, dtype=np.uint8)
+    view[:at] = np.frombuffer(struct.pack("<Q", len(head)) + head, np.uint8)
     for k in sorted(ready):
         n = ready[k].nbytes
         view[at:at + n] = ready[k].reshape(-1).view(np.uint8)
         release(ready[k])  # a tensor still mapped from its source file (an import): copied, so let it go
+        if consume:
+            del ready[k], arrays[k]
         at += n
     return out
 

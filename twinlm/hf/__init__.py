@@ -246,7 +246,7 @@ def import_hf(src: str | Path, out: str | Path, seed: int = 0) -> tuple[Path, li
     )
     arrays = {f"param.{k}": v for k, v in params.items()}
     del params
-    save_checkpoint(out, arrays, meta.to_dict(), step=0, keep=None)
+    save_checkpoint(out, arrays, meta.to_dict(), step=0, keep=None, consume=True)  # each freed once written
     summary = (
         f"{record['architecture']} as --arch {cfg.arch}: {cfg.n_layer} layers, d_model {cfg.d_model}, "
         f"{cfg.n_head} heads ({cfg.n_kv_head} kv), block {cfg.block_size}, "
