@@ -64,6 +64,28 @@ def release(a: np.ndarray) -> None:
         _dontneed(mm, start, a.nbytes)
 
 
+def _trim_heap() -> None:
+    """Give the heap's free pages back to the system (glibc's malloc_trim): a freed array from the heap
+    (glibc serves allocations below its mmap threshold, or all of them once MLX has set malloc up, from
+    the heap) otherwise stays in the resident set, and freeing arrays as they are copied would not lower
+    the peak. A no-op where glibc is not the allocator."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC = libc if hasattr(libc, "malloc_trim") else False
+        except OSError:
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC: Any = None
+
+
 def is_mapped(a: np.ndarray) -> bool:
     """Whether `a` is a view of a read-only file mapping (what `release` acts on)."""
     return _read_only_map(a) is not None
@@ -136,6 +158,8 @@ def dumps(arrays: dict[str, np.ndarray], consume: bool = False) -> bytearray | n
         release(ready[k])  # a tensor still mapped from its source file (an import): copied, so let it go
         if consume:
             del ready[k], arrays[k]
+            if n >= 2**20:
+                _trim_heap()
         at += n
     return out
 

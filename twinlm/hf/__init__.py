@@ -202,7 +202,8 @@ def read_hf(
                 "for; twinlm refuses rather than drop it"
             )
     fresh = [k for k in spec if k not in params]
-    params.update({k: v for k, v in S.init_params(spec, seed).items() if k in fresh})
+    if fresh:  # (drawn in the spec's order, so the values stay seed-exact: a whole model's worth, briefly)
+        params.update({k: v for k, v in S.init_params(spec, seed).items() if k in fresh})
     tok, tok_cfg = _tokenizer(src, cfg.vocab_size)
     record = {
         "architecture": hf_arch,
