@@ -39,6 +39,13 @@ SHAPES: dict[str, tuple[str, dict]] = {
         hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
         num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048, rms_norm_eps=1e-05,
         rope_theta=100000.0, tie_word_embeddings=True)),
+    # 4.9 GB in float32: issue #21's shape (not run on the shared 2-core machine)
+    "llama3.2-1b": ("LlamaForCausalLM", dict(
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=64, vocab_size=128256, max_position_embeddings=131072,
+        rms_norm_eps=1e-05, rope_theta=500000.0, tie_word_embeddings=True,
+        rope_scaling=dict(factor=32.0, high_freq_factor=4.0, low_freq_factor=1.0,
+                          original_max_position_embeddings=8192, rope_type="llama3"))),
     "qwen2.5-0.5b": ("Qwen2ForCausalLM", dict(
         hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
         num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rms_norm_eps=1e-06,
