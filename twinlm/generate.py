@@ -10,11 +10,14 @@ moves a token boundary by ~1e-6 and changes the draw only with that probability.
 How the next-token logits are computed (a "decoder"), per backend:
 - "kv": a KV cache that grows by one token per step (`core.model.forward(..., cache=...)`): the prompt
   once, then one token per step. Used on eager backends (MLX, numpy), where a new shape costs nothing.
-- "fixed": a KV cache of fixed shape (batch, H, block_size, hs) per layer (`core.model.decode_step`):
-  the new token's k/v go into its slot by a mask and attention masks the slots after it, so one compiled
-  graph (`B.compile_step`, the cache as its state) serves every position; the prompt is fed through it
-  token by token. Used on tinygrad, where every new shape is a new graph (a growing cache measured
-  3-30 s per token there). The graphs are cached per (backend, config, batch) across calls.
+- "fixed": a KV cache of fixed shape (batch, Hkv, length, hs) per layer (`core.model.decode_step`):
+  the new token's k/v go into its slot by a mask and attention masks the slots after it (both masks
+  computed inside the graph from the position), so one compiled graph (`B.compile_step`, the cache as its
+  state) serves every position; the prompt is fed through it token by token. Used on tinygrad, where every
+  new shape is a new graph (a growing cache measured 3-30 s per token there). `length` follows the tokens,
+  not the model's context: the power of two (at least MIN_CACHE) that holds prompt + new tokens, doubled
+  (contents copied) if a history outgrows it (`cache_length`). The graphs are cached per (backend, config,
+  batch, length) across calls.
 - "full": no cache, the whole (cropped) context every step; the reference the others are tested against.
 
 Context longer than `block_size`: every decoder looks only at the last `block_size` tokens. The window
