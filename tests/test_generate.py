@@ -126,6 +126,25 @@ def test_fixed_kv_decoders_share_the_compiled_step_safely(params) -> None:
     np.testing.assert_array_equal(got_b, want_b[0])
 
 
+@pytest.mark.parametrize("name", ["mlx", "numpy", "tinygrad"])
+def test_in_graph_masks_equal_decode_inputs(name: str) -> None:
+    """decode_masks (computed from the position on the backend) equals decode_inputs (built on the host), with
+    and without a sliding window, and per row (the engine's (N, 1) positions)."""
+    B = backend_or_skip(name)
+    for pos in (0, 3, 7):
+        for window in (0, 3):
+            _, write, attn = model.decode_inputs(pos, 8, window)
+            got = model.decode_masks(B, B.from_numpy(np.array([pos], np.int32)), 8, window)
+            np.testing.assert_array_equal(B.to_numpy(got[0]), write)
+            np.testing.assert_array_equal(B.to_numpy(got[1]), attn)
+    rows = np.array([[0], [5], [2]], np.int32)
+    write, attn = (B.to_numpy(t) for t in model.decode_masks(B, B.from_numpy(rows), 8))
+    assert write.shape == (3, 1, 8, 1) and attn.shape == (3, 8)
+    for r, (pos,) in enumerate(rows):
+        np.testing.assert_array_equal(write[r:r + 1], model.decode_inputs(int(pos), 8)[1])
+        np.testing.assert_array_equal(attn[r:r + 1], model.decode_inputs(int(pos), 8)[2])
+
+
 def test_cache_length() -> None:
     assert [cache_length(n, 4096) for n in (1, 64, 65, 200, 4096, 5000)] == [64, 64, 128, 256, 4096, 4096]
     assert cache_length(10, 8) == 8  # never past the block size
