@@ -122,3 +122,39 @@ def test_per_layer_rope_and_a_window_as_long_as_the_context() -> None:
     bp = {k: B.from_numpy(v) for k, v in params.items()}
     for r, tokens in zip(reqs, got, strict=True):
         assert tokens == [int(c[0]) for c in generate(B, cfg, bp, np.array([r.prompt]), 8, temperature=0.0)]
+
+
+@pytest.mark.parametrize("backend", ["mlx", "tinygrad"])
+def test_the_cache_grows_with_the_longest_history(backend: str, monkeypatch) -> None:
+    """The KV cache starts at 8 slots and doubles to the context (16) when a history outgrows it, the slots
+    already decoded copied over: greedy tokens equal `generate`'s alone (on MLX: its growing KV cache, no
+    fixed shapes). Negative control: a longer cache that starts empty (the copy skipped) changes them."""
+    from twinlm import generate as gen
+
+    monkeypatch.setattr(gen, "MIN_CACHE", 8)
+    B = backend_or_skip(backend)
+    cfg = preset("tiny", vocab_size=50, block_size=16).replace(**FAMILIES["llama"])
+    rng = np.random.default_rng(2)  # weights large enough that greedy decoding does not repeat one token
+    params = {k: rng.normal(0.0, 0.3, v.shape).astype(np.float32) if v.ndim == 2 else v
+              for k, v in init_params(cfg, 1).items()}
+    mx = backend_or_skip("mlx")
+    bp = {k: mx.from_numpy(v) for k, v in params.items()}
+    prompts = [[1, 2, 3], [5, 6, 7, 8, 9, 10]]
+    want = [[int(c[0]) for c in generate(mx, cfg, bp, np.array([p]), 8, temperature=0.0)] for p in prompts]
+
+    def run() -> tuple[list[list[int]], int]:
+        engine = Engine(B, cfg, params, slots=2)
+        try:
+            assert engine._length == 8
+            reqs = [_submitted(engine, Request(p, 8, temperature=0.0)) for p in prompts]
+            return [drain(r)[0] for r in reqs], engine._length
+        finally:
+            engine.close()
+
+    assert all(len(set(w)) > 2 for w in want), want  # (or the check below could not fail)
+    got, length = run()
+    assert got == want and length == 16
+    if backend == "mlx":
+        monkeypatch.setattr("twinlm.engine.grow_cache",
+                            lambda B, old, shape: B.from_numpy(np.zeros(shape, np.float32)))
+        assert run()[0] != want

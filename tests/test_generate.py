@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 from conftest import backend_or_skip
 
+from twinlm import generate as gen
 from twinlm.core import model
 from twinlm.core.config import preset
 from twinlm.core.errors import TwinlmError
 from twinlm.core.params import init_params
-from twinlm.generate import generate, make_decoder, sample_next
+from twinlm.generate import cache_length, generate, make_decoder, sample_next
 
 ATOL = RTOL = 1e-4
 CFG = preset("tiny", vocab_size=32, block_size=8)
@@ -115,14 +116,84 @@ def test_fixed_kv_decoders_share_the_compiled_step_safely(params) -> None:
     want_b = np.stack(list(generate(B, CFG, p, b, 7, temperature=0.0, use_cache=False)), axis=1)
     assert not np.array_equal(want_a, want_b)
     dec_a, dec_b = make_decoder(B, CFG, p, 1, "fixed"), make_decoder(B, CFG, p, 1, "fixed")
-    assert dec_a.steps is dec_b.steps
     got_a, got_b = [], []
     for _ in range(7):
         for dec, hist, got in ((dec_a, a, got_a), (dec_b, b, got_b)):
             got.append(int(dec.next_logits(np.concatenate([hist, [got]], axis=1).astype(np.int32)
                                            if got else hist).argmax()))
+    assert dec_a.steps is not None and dec_a.steps is dec_b.steps
     np.testing.assert_array_equal(got_a, want_a[0])
     np.testing.assert_array_equal(got_b, want_b[0])
+
+
+@pytest.mark.parametrize("name", ["mlx", "numpy", "tinygrad"])
+def test_in_graph_masks_equal_decode_inputs(name: str) -> None:
+    """decode_masks (computed from the position on the backend) equals decode_inputs (built on the host), with
+    and without a sliding window, and per row (the engine's (N, 1) positions)."""
+    B = backend_or_skip(name)
+    for pos in (0, 3, 7):
+        for window in (0, 3):
+            _, write, attn = model.decode_inputs(pos, 8, window)
+            got = model.decode_masks(B, B.from_numpy(np.array([pos], np.int32)), 8, window)
+            np.testing.assert_array_equal(B.to_numpy(got[0]), write)
+            np.testing.assert_array_equal(B.to_numpy(got[1]), attn)
+    rows = np.array([[0], [5], [2]], np.int32)
+    write, attn = (B.to_numpy(t) for t in model.decode_masks(B, B.from_numpy(rows), 8))
+    assert write.shape == (3, 1, 8, 1) and attn.shape == (3, 8)
+    for r, (pos,) in enumerate(rows):
+        np.testing.assert_array_equal(write[r:r + 1], model.decode_inputs(int(pos), 8)[1])
+        np.testing.assert_array_equal(attn[r:r + 1], model.decode_inputs(int(pos), 8)[2])
+
+
+def test_cache_length() -> None:
+    assert [cache_length(n, 4096) for n in (1, 64, 65, 200, 4096, 5000)] == [64, 64, 128, 256, 4096, 4096]
+    assert cache_length(10, 8) == 8  # never past the block size
+
+
+@pytest.mark.parametrize("name", ["mlx", "numpy", "tinygrad"])
+def test_fixed_kv_cache_grows_and_keeps_the_past(name: str, params, monkeypatch) -> None:
+    """With caches of 4 slots at first, one prompt token and 9 greedy steps go through caches of 4 and 8
+    slots (the cached keys copied into the longer one), then past block_size through the window graph, and
+    give the uncached reference's tokens. Negative control: a longer cache that starts empty instead (the
+    copy skipped) changes the logits. (Batch 2, as the test below: tinygrad reuses the 8-slot graph.)"""
+    monkeypatch.setattr(gen, "MIN_CACHE", 4)
+    monkeypatch.setattr(gen, "_fixed_shape_steps", {})
+    B = backend_or_skip(name)
+    p = {k: B.from_numpy(v) for k, v in params.items()}
+    ref = backend_or_skip("numpy")
+    x = prompt(2, 1)
+    ref_tokens, ref_logits = greedy_run(ref, {k: ref.from_numpy(v) for k, v in params.items()}, "full", x, 9)
+    dec = make_decoder(B, CFG, p, 2, "fixed")
+    tokens, lengths = x, []
+    for i in range(9):
+        lg = dec.next_logits(tokens)
+        np.testing.assert_allclose(lg, ref_logits[i], atol=ATOL, rtol=RTOL, err_msg=f"step {i}")
+        lengths.append(dec.steps.length)
+        tokens = np.concatenate([tokens, lg.argmax(-1).astype(np.int32)[:, None]], axis=1)
+    np.testing.assert_array_equal(tokens[:, 1:], ref_tokens)
+    assert lengths == [4, 4, 4, 4, 8, 8, 8, 8, 8]  # (the 9th history, 9 > block_size, is the window graph's)
+    if name != "mlx":
+        return
+    monkeypatch.setattr(gen, "_fixed_shape_steps", {})
+    monkeypatch.setattr(gen, "grow_cache", lambda B, old, shape: B.from_numpy(np.zeros(shape, np.float32)))
+    dec = make_decoder(B, CFG, p, 2, "fixed")
+    lg = [dec.next_logits(tokens[:, :t]) for t in range(1, 6)]
+    np.testing.assert_allclose(lg[3], ref_logits[3], atol=ATOL, rtol=RTOL)  # still in the first cache
+    assert np.abs(lg[4] - ref_logits[4]).max() > 1e-2
+
+
+def test_generate_sizes_the_cache_to_prompt_and_new_tokens(params, monkeypatch) -> None:
+    """generate() tells the fixed-shape decoder how long the history will get: one cache of that length."""
+    monkeypatch.setattr(gen, "MIN_CACHE", 2)
+    monkeypatch.setattr(gen, "_fixed_shape_steps", {})
+    monkeypatch.setattr(gen, "default_strategy", lambda B, use_cache=True: "fixed")
+    B = backend_or_skip("mlx")
+    p = {k: B.from_numpy(v) for k, v in params.items()}
+    list(generate(B, CFG, p, prompt(1, 2), 3, temperature=0.0))  # 5 positions: a cache of 8
+    assert [key[-1] for key in gen._fixed_shape_steps] == [8]
+    monkeypatch.setattr(gen, "_fixed_shape_steps", {})
+    list(generate(B, CFG, p, prompt(1, 1), 1, temperature=0.0))  # 2 positions
+    assert [key[-1] for key in gen._fixed_shape_steps] == [2]
 
 
 def test_tinygrad_fixed_kv_equals_uncached_and_samples_like_mlx(params) -> None:

@@ -35,11 +35,12 @@ class Model:
         stop: frozenset[int] | None = None,
     ) -> None:
         from twinlm.generate import stop_ids
+        from twinlm.run_dir import to_backend
 
         self.config, self.tokenizer, self.backend, self.path = config, tokenizer, backend, path
         self.labels = labels or []
         self.stop = stop_ids(tokenizer) if stop is None else stop  # ids that end `generate`
-        self.params = {k: backend.from_numpy(v) for k, v in params.items()}
+        self.params = to_backend(backend, params)
 
     def __repr__(self) -> str:
         c = self.config

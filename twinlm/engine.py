@@ -1,7 +1,10 @@
 """Continuous batching for `twinlm serve` and `twinlm chat`: one thread owns the backend and decodes every
 active request together, one token each per step.
 
-    slots (S rows) x a fixed-shape KV cache (S, Hkv, context, hs) per layer    (decoder.decode_step)
+    slots (S rows) x a fixed-shape KV cache (S, Hkv, length, hs) per layer    (decoder.decode_step)
+
+The cache's length starts short and doubles (up to the context) when the longest history outgrows it
+(`generate.cache_length`), so memory follows the tokens in flight, not the model's context.
 
 Each step feeds every busy slot one token at that slot's own position (a prompt token while it
 prefills, then the token it sampled last) through one compiled graph of fixed shape; free slots ride
@@ -28,7 +31,15 @@ from twinlm.core import model
 from twinlm.core.backend import Array, Backend
 from twinlm.core.config import ModelConfig
 from twinlm.core.errors import TwinlmError
-from twinlm.generate import _FIXED_SHAPE_BACKENDS, check_generates, check_sampling, sample_next
+from twinlm.generate import (
+    _FIXED_SHAPE_BACKENDS,
+    cache_length,
+    check_generates,
+    check_sampling,
+    grow_cache,
+    sample_next,
+)
+from twinlm.run_dir import to_backend
 
 
 @dataclass
@@ -117,41 +128,63 @@ class Engine:
             th._db_connection = sqlite3.connect(th.CACHEDB, timeout=60, isolation_level="IMMEDIATE",
                                                 check_same_thread=False)
         params = self._numpy_params
-        self._params = {k: self.B.from_numpy(params[k]) for k in sorted(params)}  # TinyJit binds by order
-        if self.bucketed:
-            self._step = self._compile_bucketed()
-        else:
-            self._step = self._compile()
+        self._params = to_backend(self.B, params)  # sorted: TinyJit binds by order
+        self._steps: dict[int, Any] = {}
+        self._length = 0
+        self._grow(1)
 
     # ---- the graph ---------------------------------------------------------------------------
-    def _compile(self) -> Any:
-        B, cfg = self.B, self._cfg
-        shapes = model.decode_cache_shapes(cfg, self.n_slots)
-        state = {f"{kv}.{i}": B.from_numpy(np.zeros(shape, np.float32))
-                 for i, pair in enumerate(shapes) for kv, shape in zip("kv", pair, strict=True)}
-        n_layer = len(shapes)
+    def _grow(self, n: int) -> None:
+        """Make the cache hold positions < n: its length is `generate.cache_length` of the longest history
+        (it starts short and doubles, so memory follows the tokens, not the context), the cached slots
+        copied into the longer one. One compiled step per length."""
+        length = cache_length(n, self.context)
+        if length <= self._length:
+            return
+        B, cfg = self.B, self._cfg.replace(block_size=length)
+        shapes = [s for pair in model.decode_cache_shapes(cfg, self.n_slots) for s in pair]
+        if self.bucketed:
+            if self._length == 0:
+                self._cache = [B.from_numpy(np.zeros(s, np.float32)) for s in shapes]
+            else:
+                self._cache = [grow_cache(B, c, s) for c, s in zip(self._cache, shapes, strict=True)]
+            B.sync(*self._cache)
+            self._steps[length] = self._compile_bucketed(cfg, len(shapes) // 2)
+        else:
+            old = self._steps.get(self._length)
+            step = self._compile(cfg, shapes)
+            if old is not None:
+                step.state = {k: grow_cache(B, old.state[k], s)
+                              for k, s in zip(step.state, shapes, strict=True)}
+                B.sync(*step.state.values())
+            self._steps = {length: step}  # the shorter cache's memory goes back
+        self._length = length
 
-        def step(state: dict, p: dict[str, Array], idx: Array, pos_ids: Array, write_mask: Array,
-                 attn_mask: Array) -> tuple[tuple[Array], dict]:
+    def _compile(self, cfg: ModelConfig, shapes: list[tuple[int, ...]]) -> Any:
+        B, window = self.B, cfg.sliding_window
+        names = [f"{kv}.{i}" for i in range(len(shapes) // 2) for kv in "kv"]
+        state = {k: B.from_numpy(np.zeros(s, np.float32)) for k, s in zip(names, shapes, strict=True)}
+        n_layer = len(shapes) // 2
+
+        def step(state: dict, p: dict[str, Array], idx: Array, pos_ids: Array) -> tuple[tuple[Array], dict]:
             cache = [(state[f"k.{i}"], state[f"v.{i}"]) for i in range(n_layer)]
-            lg, cache = model.decode_step(B, cfg, p, idx, pos_ids, write_mask, attn_mask, cache)
+            write, attn = model.decode_masks(B, pos_ids, cfg.block_size, window)
+            lg, cache = model.decode_step(B, cfg, p, idx, pos_ids, write, attn, cache)
             new = {f"{kv}.{i}": t for i, pair in enumerate(cache) for kv, t in zip("kv", pair, strict=True)}
             return (lg,), new
 
         return B.compile_step(step, state)
 
-    def _compile_bucketed(self) -> Any:
+    def _compile_bucketed(self, cfg: ModelConfig, n_layer: int) -> Any:
         """Eager backends (MLX): the cache rides as inputs and outputs, so one step may run on only the
         first b rows (b a power of two covering the busy slots): a lone request costs one row, not S."""
-        B, cfg = self.B, self._cfg
-        shapes = model.decode_cache_shapes(cfg, self.n_slots)
-        self._cache = [B.from_numpy(np.zeros(shape, np.float32)) for pair in shapes for shape in pair]
-        n_layer = len(shapes)
+        B, window = self.B, cfg.sliding_window
 
-        def step(state: dict, p: dict[str, Array], idx: Array, pos_ids: Array, write_mask: Array,
-                 attn_mask: Array, *flat: Array) -> tuple[tuple[Array, ...], dict]:
+        def step(state: dict, p: dict[str, Array], idx: Array, pos_ids: Array,
+                 *flat: Array) -> tuple[tuple[Array, ...], dict]:
             cache = [(flat[2 * i], flat[2 * i + 1]) for i in range(n_layer)]
-            lg, cache = model.decode_step(B, cfg, p, idx, pos_ids, write_mask, attn_mask, cache)
+            write, attn = model.decode_masks(B, pos_ids, cfg.block_size, window)
+            lg, cache = model.decode_step(B, cfg, p, idx, pos_ids, write, attn, cache)
             return (lg, *(t for pair in cache for t in pair)), state
 
         return B.compile_step(step, {})
@@ -164,21 +197,17 @@ class Engine:
         top = max(i for i, s in enumerate(self._slots) if s is not None) + 1
         return min(self.n_slots, 1 << (top - 1).bit_length())
 
-    def _inputs(self, tokens: np.ndarray, pos: np.ndarray) -> list[Array]:
-        slots, rows = np.arange(self.context), len(tokens)
-        return [self.B.from_numpy(a) for a in (
-            tokens.reshape(-1, 1).astype(np.int32), pos.reshape(-1, 1).astype(np.int32),
-            (slots[None, :] == pos[:, None]).reshape(rows, 1, self.context, 1),
-            slots[None, :] <= pos[:, None])]
-
     def _run_step(self, tokens: np.ndarray, pos: np.ndarray) -> np.ndarray:
         """Next-token logits (rows, V) of the first `rows` slots."""
-        if not self.bucketed:
-            (lg,) = self._step(self._params, *self._inputs(tokens, pos))
-            return self.B.to_numpy(lg)[:, 0, :]
         B, rows = self.B, len(tokens)
+        self._grow(int(pos.max()) + 1)
+        step = self._steps[self._length]
+        inputs = [B.from_numpy(a.reshape(-1, 1).astype(np.int32)) for a in (tokens, pos)]
+        if not self.bucketed:
+            (lg,) = step(self._params, *inputs)
+            return B.to_numpy(lg)[:, 0, :]
         flat = [c if rows == self.n_slots else c[:rows] for c in self._cache]
-        lg, *new = self._step(self._params, *self._inputs(tokens, pos), *flat)
+        lg, *new = step(self._params, *inputs, *flat)
         if rows < self.n_slots:
             new = [B.concat([t, c[rows:]], axis=0) for t, c in zip(new, self._cache, strict=True)]
         B.sync(*new)  # keep the lazy graph from growing step after step

@@ -10,11 +10,14 @@ moves a token boundary by ~1e-6 and changes the draw only with that probability.
 How the next-token logits are computed (a "decoder"), per backend:
 - "kv": a KV cache that grows by one token per step (`core.model.forward(..., cache=...)`): the prompt
   once, then one token per step. Used on eager backends (MLX, numpy), where a new shape costs nothing.
-- "fixed": a KV cache of fixed shape (batch, H, block_size, hs) per layer (`core.model.decode_step`):
-  the new token's k/v go into its slot by a mask and attention masks the slots after it, so one compiled
-  graph (`B.compile_step`, the cache as its state) serves every position; the prompt is fed through it
-  token by token. Used on tinygrad, where every new shape is a new graph (a growing cache measured
-  3-30 s per token there). The graphs are cached per (backend, config, batch) across calls.
+- "fixed": a KV cache of fixed shape (batch, Hkv, length, hs) per layer (`core.model.decode_step`):
+  the new token's k/v go into its slot by a mask and attention masks the slots after it (both masks
+  computed inside the graph from the position), so one compiled graph (`B.compile_step`, the cache as its
+  state) serves every position; the prompt is fed through it token by token. Used on tinygrad, where every
+  new shape is a new graph (a growing cache measured 3-30 s per token there). `length` follows the tokens,
+  not the model's context: the power of two (at least MIN_CACHE) that holds prompt + new tokens, doubled
+  (contents copied) if a history outgrows it (`cache_length`). The graphs are cached per (backend, config,
+  batch, length) across calls.
 - "full": no cache, the whole (cropped) context every step; the reference the others are tested against.
 
 Context longer than `block_size`: every decoder looks only at the last `block_size` tokens. The window
@@ -31,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from twinlm.core import model
-from twinlm.core.backend import Array, Backend
+from twinlm.core.backend import Array, Backend, Step
 from twinlm.core.config import ModelConfig
 from twinlm.core.errors import TwinlmError
 from twinlm.core.tokenizers import Tokenizer
@@ -39,8 +42,12 @@ from twinlm.core.tokenizers import Tokenizer
 STRATEGIES = ("kv", "fixed", "full")
 # Backends that compile a new graph for every new shape: a growing KV cache would recompile each token.
 _FIXED_SHAPE_BACKENDS = ("tinygrad",)
-# Compiled fixed-shape steps, reused across generate() calls (params are inputs, not baked in).
-_fixed_shape_steps: dict[tuple[int, ModelConfig, int], _FixedShapeSteps] = {}
+# The shortest fixed-shape KV cache (slots); longer ones double from it (`cache_length`).
+MIN_CACHE = 64
+# Compiled fixed-shape steps, reused across generate() calls (params are inputs, not baked in), per
+# (backend, config, batch, cache length); and the shifted-window graphs, per (backend, config, batch).
+_fixed_shape_steps: dict[tuple[int, ModelConfig, int, int], _FixedShapeSteps] = {}
+_window_steps: dict[tuple[int, ModelConfig, int], Step] = {}
 
 
 def default_strategy(B: Backend, use_cache: bool = True) -> str:
@@ -91,79 +98,130 @@ class KVDecoder(Decoder):
         return row
 
 
+def cache_length(n: int, limit: int) -> int:
+    """The length of a fixed-shape KV cache that holds `n` positions: the power of two >= n, at least
+    `MIN_CACHE`, at most `limit` (the block size). One compiled graph per length, so a cache that must grow
+    doubles: a generation of any length compiles O(log) graphs, and memory follows the tokens, not the
+    model's context."""
+    return min(limit, max(MIN_CACHE, 1 << max(n - 1, 0).bit_length()))
+
+
+def grow_cache(B: Backend, old: Array, shape: tuple[int, ...]) -> Array:
+    """`old` copied into zeros of `shape`, which is at least as large on every axis (a KV cache of more
+    slots: the old slots keep their place; a recurrent state is the same shape and is copied as it is)."""
+    if tuple(old.shape) == tuple(shape):
+        return old
+    pad = [(0, n - o) for o, n in zip(old.shape, shape, strict=True)]
+    if sum(extra > 0 for _, extra in pad) != 1 or any(extra < 0 for _, extra in pad):
+        raise ValueError(f"cannot grow a cache of shape {tuple(old.shape)} into {shape}")
+    # Through the host, not B.concat: a compiled step (TinyJit) records the layout of its state inputs, and
+    # a concatenation can come out as a permuted view of its buffer, which a graph captured on fresh zeros
+    # (or loaded from the JIT cache) refuses. Growing is rare (each doubling), so the copy costs little.
+    return B.from_numpy(np.pad(B.to_numpy(old), pad))
+
+
 class _FixedShapeSteps:
-    """The compiled graphs of one (backend, config, batch), shared by decoders (params are inputs):
-    - `kv_step`: one token through a KV cache of fixed shape (batch, H, block_size, hs) per layer, kept
-      as the step's state; `owner` marks the decoder whose history the cache holds.
-    - `window_step` (built on first use): the last block_size tokens without a cache, for a shifted window.
-    """
+    """The compiled one-token graph of one (backend, config, batch, cache length), shared by decoders
+    (params are inputs): `kv_step` feeds one token through a KV cache of fixed shape (batch, Hkv, length,
+    hs) per layer, kept as the step's state, with the write and attention masks computed inside the graph
+    from the position (`decoder.decode_masks`), so a step's inputs are just the token and its position.
+    `owner` marks the decoder whose history the cache holds."""
 
-    def __init__(self, B: Backend, cfg: ModelConfig, batch: int) -> None:
-        self.B, self.cfg = B, cfg
-        shapes = model.decode_cache_shapes(cfg, batch)  # the family's: a KV cache, or a recurrent state
+    def __init__(self, B: Backend, cfg: ModelConfig, batch: int, length: int) -> None:
+        self.B, self.length = B, length
+        # positions < length only: the position tables and cache shapes of a model this long
+        self.cfg = cfg_len = cfg.replace(block_size=length)
+        self.shapes = model.decode_cache_shapes(cfg_len, batch)  # the family's: a KV cache, or a state
         state = {f"{kv}.{i}": B.from_numpy(np.zeros(shape, dtype=np.float32))
-                 for i, pair in enumerate(shapes) for kv, shape in zip("kv", pair, strict=True)}
+                 for i, pair in enumerate(self.shapes) for kv, shape in zip("kv", pair, strict=True)}
 
-        def kv_step(state: dict, p: dict[str, Array], idx: Array, pos_ids: Array, write_mask: Array,
-                    attn_mask: Array) -> tuple[tuple[Array], dict]:
-            cache = [(state[f"k.{i}"], state[f"v.{i}"]) for i in range(cfg.n_layer)]
-            lg, cache = model.decode_step(B, cfg, p, idx, pos_ids, write_mask, attn_mask, cache)
+        def kv_step(state: dict, p: dict[str, Array], idx: Array,
+                    pos_ids: Array) -> tuple[tuple[Array], dict]:
+            cache = [(state[f"k.{i}"], state[f"v.{i}"]) for i in range(len(self.shapes))]
+            write, attn = model.decode_masks(B, pos_ids, length, cfg.sliding_window)
+            lg, cache = model.decode_step(B, cfg_len, p, idx, pos_ids, write, attn, cache)
             new = {f"{kv}.{i}": t for i, pair in enumerate(cache) for kv, t in zip("kv", pair, strict=True)}
             return (lg,), new
 
         self.kv_step = B.compile_step(kv_step, state)
-        self.pos_inputs = [tuple(B.from_numpy(a) for a in model.decode_inputs(pos, cfg.block_size,
-                                                                               cfg.sliding_window))
-                           for pos in range(cfg.block_size)]
         self.owner: object = None
-        self._window_step: Any = None
 
-    @property
-    def window_step(self) -> Any:
-        if self._window_step is None:
-            def window_step(state: dict, p: dict[str, Array], idx: Array) -> tuple[tuple[Array], dict]:
-                return (model.logits(self.B, self.cfg, p, idx)[:, -1:, :],), state
-            self._window_step = self.B.compile_step(window_step, {})
-        return self._window_step
+    def take_cache_from(self, other: _FixedShapeSteps) -> None:
+        """Continue the history held in `other`'s (shorter) cache: copy it into this one's first slots."""
+        state = self.kv_step.state
+        for i, pair in enumerate(self.shapes):
+            for kv, shape in zip("kv", pair, strict=True):
+                state[f"{kv}.{i}"] = grow_cache(self.B, other.kv_step.state[f"{kv}.{i}"], shape)
+        self.B.sync(*state.values())
+        self.owner = other.owner
+
+
+def _window_step(B: Backend, cfg: ModelConfig, batch: int) -> Step:
+    """The last block_size tokens without a cache, for a window that shifts every step (built once)."""
+    key = (id(B), cfg, batch)
+    if key not in _window_steps:
+        def window_step(state: dict, p: dict[str, Array], idx: Array) -> tuple[tuple[Array], dict]:
+            return (model.logits(B, cfg, p, idx)[:, -1:, :],), state
+        _window_steps[key] = B.compile_step(window_step, {})
+    return _window_steps[key]
+
+
+def _steps(B: Backend, cfg: ModelConfig, batch: int, length: int) -> _FixedShapeSteps:
+    """The compiled steps for a cache of at least `length` slots: the shortest one already built, if any
+    (its graph is compiled and its cache already allocated), else a new one of exactly `length`."""
+    built = [n for (b, c, m, n) in _fixed_shape_steps if (b, c, m) == (id(B), cfg, batch) and n >= length]
+    n = min(built, default=length)
+    if (id(B), cfg, batch, n) not in _fixed_shape_steps:
+        _fixed_shape_steps[(id(B), cfg, batch, n)] = _FixedShapeSteps(B, cfg, batch, n)
+    return _fixed_shape_steps[(id(B), cfg, batch, n)]
 
 
 class FixedKVDecoder(Decoder):
     """One compiled graph per token with a fixed-shape KV cache: the prompt goes in token by token
-    (prefill), then the newest token each step. Once the history passes block_size the window shifts
-    every step and no cached key stays valid, so the window is recomputed by one fixed-shape graph."""
+    (prefill), then the newest token each step. The cache holds `cache_length` of the expected history
+    (`max_len`: prompt + new tokens, when the caller knows it) and doubles when the history outgrows it,
+    its contents copied over. Once the history passes block_size the window shifts every step and no
+    cached key stays valid, so the window is recomputed by one fixed-shape graph."""
 
-    def __init__(self, B: Backend, cfg: ModelConfig, params: dict[str, Array], batch: int) -> None:
+    def __init__(self, B: Backend, cfg: ModelConfig, params: dict[str, Array], batch: int,
+                 max_len: int = 0) -> None:
         # A compiled graph (TinyJit) binds dict inputs by position: fix the order so names bind right.
         super().__init__(B, cfg, {k: params[k] for k in sorted(params)})
-        key = (id(B), cfg, batch)
-        if key not in _fixed_shape_steps:
-            _fixed_shape_steps[key] = _FixedShapeSteps(B, cfg, batch)
-        self.steps = _fixed_shape_steps[key]
+        self.batch, self.max_len = batch, max_len
+        self.steps: _FixedShapeSteps | None = None
         self.n_cached = 0
-        self.token = object()  # marks the shared cache as ours, without keeping this decoder alive
+        self.token = object()  # marks a shared cache as ours, without keeping this decoder alive
 
     def next_logits(self, tokens: np.ndarray) -> np.ndarray:
         t, T = tokens.shape[1], self.cfg.block_size
-        extends = self.steps.owner is self.token and t == self.n_cached + 1
+        extends = self.steps is not None and self.steps.owner is self.token and t == self.n_cached + 1
         self.n_cached = t
         if t > T:
-            (out,) = self.steps.window_step(self.params, self.B.from_numpy(tokens[:, -T:]))
+            window = _window_step(self.B, self.cfg, self.batch)
+            (out,) = window(self.params, self.B.from_numpy(tokens[:, -T:]))
             return self.B.to_numpy(out)[:, 0, :]
+        if self.steps is None or t > self.steps.length:
+            bigger = _steps(self.B, self.cfg, self.batch, cache_length(max(t, min(self.max_len, T)), T))
+            if extends and self.steps is not None:
+                bigger.take_cache_from(self.steps)
+            self.steps = bigger
+            extends = extends and bigger.owner is self.token
         # Prefill from slot 0 unless the cache holds all but the newest token (it does not on the first
         # call, or after another decoder used the shared cache).
         self.steps.owner = self.token
         for pos in range(t - 1 if extends else 0, t):
             (out,) = self.steps.kv_step(self.params, self.B.from_numpy(tokens[:, pos:pos + 1]),
-                                        *self.steps.pos_inputs[pos])
+                                        self.B.from_numpy(np.array([pos], np.int32)))
         return self.B.to_numpy(out)[:, 0, :]
 
 
 def make_decoder(B: Backend, cfg: ModelConfig, params: dict[str, Array], batch: int,
-                 strategy: str) -> Decoder:
+                 strategy: str, max_len: int = 0) -> Decoder:
+    """A decoder of `strategy`; `max_len` (prompt + new tokens, 0: unknown) sizes a fixed-shape cache."""
     if strategy == "kv":
         return KVDecoder(B, cfg, params)
     if strategy == "fixed":
-        return FixedKVDecoder(B, cfg, params, batch)
+        return FixedKVDecoder(B, cfg, params, batch, max_len)
     if strategy == "full":
         return FullDecoder(B, cfg, params)
     raise TwinlmError(f"unknown decoding strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
@@ -240,7 +298,8 @@ def generate(B: Backend, cfg: ModelConfig, params: dict[str, Array], prompt: np.
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise TwinlmError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
     check_sampling(temperature, top_k, top_p)
-    decoder = make_decoder(B, cfg, params, prompt.shape[0], default_strategy(B, use_cache))
+    decoder = make_decoder(B, cfg, params, prompt.shape[0], default_strategy(B, use_cache),
+                           max_len=prompt.shape[1] + max_new_tokens)
     return _stream(decoder, prompt.astype(np.int32), max_new_tokens, np.random.default_rng(seed),
                    dict(temperature=temperature, top_k=top_k, top_p=top_p),
                    np.array(sorted(set(stop)), np.int64))

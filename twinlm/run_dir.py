@@ -10,11 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
+from twinlm.core.backend import Array, Backend
 from twinlm.core.checkpoint import load_checkpoint
 from twinlm.core.config import ModelConfig
 from twinlm.core.errors import TwinlmError
 from twinlm.core.params import check_params
-from twinlm.core.tensorfile import content_digest
+from twinlm.core.tensorfile import content_digest, release
 from twinlm.core.tokenizers import Tokenizer, tokenizer_from_dict
 from twinlm.run_meta import RunMeta
 
@@ -55,3 +56,15 @@ def load_base(base: dict, path: str | Path) -> dict[str, np.ndarray]:
         raise TwinlmError(f"the base run {run} has changed since {path} was trained from it (its weights' "
                           "SHA-256 differs); refusing to mix the adapters with other weights")
     return params
+
+
+def to_backend(B: Backend, params: dict[str, np.ndarray]) -> dict[str, Array]:
+    """`params` as backend arrays, in sorted order (a compiled graph binds dict inputs by position). A
+    checkpoint's arrays are views of its memory-mapped file: each one's pages are released as soon as it is
+    copied, so a loaded model sits in memory once (the backend's copy), not twice."""
+    out = {}
+    for k in sorted(params):
+        out[k] = B.from_numpy(params[k])
+        B.sync(out[k])  # the copy is made now, not when the lazy graph first runs (tinygrad realizes already)
+        release(params[k])
+    return out

@@ -51,7 +51,10 @@ class TinygradBackend(Backend):
 
     def from_numpy(self, a: np.ndarray) -> Array:
         a = np.ascontiguousarray(a)
-        t = Tensor(a, dtype=_DTYPES[a.dtype], device=None if self.devices else self.device)
+        _DTYPES[a.dtype]  # (a KeyError for a dtype twinlm does not use)
+        # No dtype argument: tinygrad takes numpy's own (the same one), and given one it first makes a
+        # numpy copy (`astype`), a third copy of the largest tensor while a model loads.
+        t = Tensor(a, device=None if self.devices else self.device)
         return (t.shard(self.devices) if self.devices else t).realize()  # replicated on every device
 
     def from_numpy_rows(self, a: np.ndarray, axis: int = 0) -> Array:

@@ -28,7 +28,7 @@ from twinlm.trainer import TrainConfig, classify_examples, eval_step, evaluate_l
 def command(run_dir: str, backend_name: str | None, data: str | None, batch_size: int,
             max_windows: int | None) -> None:
     """Loss and perplexity of the model in RUN_DIR; on the built-in task, also its exact-match accuracy."""
-    from twinlm.run_dir import load_model
+    from twinlm.run_dir import load_model, to_backend
 
     if batch_size <= 0:
         raise TwinlmError(f"batch-size must be a positive integer, got {batch_size}")
@@ -36,7 +36,7 @@ def command(run_dir: str, backend_name: str | None, data: str | None, batch_size
         raise TwinlmError(f"run directory not found: {run_dir}")
     cfg, np_params, tok, meta = load_model(run_dir)
     B = backend(backend_name)
-    params = {k: B.from_numpy(v) for k, v in np_params.items()}
+    params = to_backend(B, np_params)
     if cfg.n_classes or cfg.kind == "encoder":
         _evaluate_task(B, cfg, params, tok, meta, data, batch_size, max_windows)
         return

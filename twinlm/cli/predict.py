@@ -26,11 +26,11 @@ def command(run_dir: str, texts: tuple[str, ...], backend_name: str | None, max_
     """For each TEXT: a classifier's label and probabilities; a masked LM's fill-in of every [MASK]
     (e.g. "1234>12[MASK]34"); a decoder's greedy continuation."""
     from twinlm.generate import generate
-    from twinlm.run_dir import load_model
+    from twinlm.run_dir import load_model, to_backend
 
     cfg, np_params, tok, meta = load_model(run_dir)
     B = backend(backend_name)
-    params = {k: B.from_numpy(v) for k, v in np_params.items()}
+    params = to_backend(B, np_params)
     if cfg.n_classes:
         _classify(B, cfg, params, tok, meta.labels, texts)
     elif cfg.kind == "encoder":

@@ -11,7 +11,7 @@ from twinlm.cli.common import backend, backend_option, sampling_options
 from twinlm.core.errors import TwinlmError
 from twinlm.core.tokenizers import Tokenizer
 from twinlm.generate import check_generates, generate, stop_ids
-from twinlm.run_dir import load_model
+from twinlm.run_dir import load_model, to_backend
 
 REPLACEMENT = "\ufffd"  # what decoding makes of an incomplete UTF-8 sequence
 
@@ -66,7 +66,7 @@ def command(run_dir: str, prompt: str | None, max_new_tokens: int, temperature: 
     if ids.size == 0:
         raise TwinlmError("the prompt is empty; give some text with --prompt")
     B = backend(backend_name)
-    params = {k: B.from_numpy(v) for k, v in params_np.items()}
+    params = to_backend(B, params_np)  # each tensor's mapped pages let go once copied
     click.echo(f"[{run_dir}: step {meta.iter}, {tok.kind} tokenizer, "
                f"backend {B.name}]", err=True)
     stop = stop_ids(tok, meta.hf)

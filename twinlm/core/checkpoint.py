@@ -61,8 +61,11 @@ def checkpoint_name(step: int) -> str:
 
 
 def save_checkpoint(run_dir: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any], *, step: int,
-                    keep: int | None = 3, best: bool = False) -> Path:
+                    keep: int | None = 3, best: bool = False, consume: bool = False) -> Path:
     """Write checkpoint `step` atomically, point latest.json (and best.json if `best`) at it, prune.
+
+    `consume` empties `arrays` as they are serialised (`tensorfile.dumps`), so a caller that holds no other
+    reference to them (import-hf) never holds the weights twice.
 
     Keeps the `keep` highest-step checkpoints (None: all) plus the best one. Saving a step that already
     exists replaces that checkpoint whole; if it was the best and this save is not, best.json is removed.
@@ -72,7 +75,7 @@ def save_checkpoint(run_dir: Path, arrays: dict[str, np.ndarray], meta: dict[str
         raise CheckpointError(f"checkpoint step must be a non-negative integer, got {step!r}")
     if keep is not None and (not isinstance(keep, int) or keep < 1):
         raise CheckpointError(f"keep must be a positive integer or None, got {keep!r}")
-    state_bytes = _safetensors_bytes(arrays)
+    state_bytes = _safetensors_bytes(arrays, consume)
     try:
         meta_bytes = json_bytes(meta)
     except (TypeError, ValueError) as e:
@@ -125,9 +128,9 @@ def _write(run_dir: Path, step: int, state_bytes: bytes, meta_bytes: bytes, keep
     return final
 
 
-def _safetensors_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+def _safetensors_bytes(arrays: dict[str, np.ndarray], consume: bool = False) -> Any:
     try:
-        return tensorfile.dumps(arrays)
+        return tensorfile.dumps(arrays, consume)
     except tensorfile.TensorFileError as e:
         raise CheckpointError(f"cannot serialise checkpoint arrays: {e}") from None
 
@@ -272,7 +275,7 @@ def _verified_files(ckpt: Path) -> dict[str, Any]:
         if len(data) != want.get("bytes"):
             raise CheckpointError(f"checkpoint {ckpt} is damaged: {fname} has {len(data)} bytes, "
                                   f"expected {want.get('bytes')} (truncated?)")
-        if hashlib.sha256(data).hexdigest() != want.get("sha256"):
+        if tensorfile.sha256_hex(data) != want.get("sha256"):
             raise CheckpointError(f"checkpoint {ckpt} is damaged: {fname} does not match its SHA-256")
         out[fname] = data
     return out

@@ -16,7 +16,7 @@ from twinlm.core.backend import Array, Backend
 from twinlm.core.config import ModelConfig
 from twinlm.core.layers import causal_mask, padding_mask, sinusoidal_table  # noqa: F401  (re-exported)
 from twinlm.core.models import family
-from twinlm.core.models.decoder import KVCache, decode_inputs  # noqa: F401  (re-exported)
+from twinlm.core.models.decoder import KVCache, decode_inputs, decode_masks  # noqa: F401  (re-exported)
 from twinlm.core.spec import Spec, frozen_except
 
 

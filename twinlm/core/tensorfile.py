@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import struct
 from typing import Any
 
@@ -27,12 +28,92 @@ class TensorFileError(TwinlmError):
 
 
 def content_digest(arrays: dict[str, np.ndarray]) -> str:
+    """SHA-256 of every array's name, dtype, shape and bytes (arrays read from a memory map are `release`d
+    once hashed, so hashing a file's tensors never holds the whole file in memory)."""
     h = hashlib.sha256()
     for name in sorted(arrays):
         a = arrays[name]
         h.update(json.dumps([name, a.dtype.str, list(a.shape)]).encode() + b"\0")
         h.update(np.ascontiguousarray(a).reshape(-1).view(np.uint8) if a.size else b"")
+        release(a)
     return h.hexdigest()
+
+
+def sha256_hex(data: bytes | bytearray | memoryview | mmap.mmap) -> str:
+    """SHA-256 of `data`; a memory map is read in chunks, each released once hashed (see `release`)."""
+    if not isinstance(data, mmap.mmap):
+        return hashlib.sha256(data).hexdigest()
+    h, chunk = hashlib.sha256(), 16 * 2**20
+    with memoryview(data) as view:  # slices of a memoryview are views, slices of a mmap are copies
+        for at in range(0, len(data), chunk):
+            h.update(view[at:at + chunk])
+            _dontneed(data, at, min(chunk, len(data) - at))
+    return h.hexdigest()
+
+
+def release(a: np.ndarray) -> None:
+    """Let the kernel drop the pages behind `a` from this process's memory when `a` is a view of a
+    read-only file mapping (they are read again from the file, usually from the page cache, if touched);
+    any other array is left alone. A mapped file's pages count in the resident set once read, so without
+    this, a model loaded through a memory map and copied to a backend sits in memory twice."""
+    mm = _read_only_map(a)
+    if mm is None or a.nbytes == 0:
+        return
+    start = a.__array_interface__["data"][0] - np.frombuffer(mm, np.uint8).__array_interface__["data"][0]
+    if 0 <= start and start + a.nbytes <= len(mm):
+        _dontneed(mm, start, a.nbytes)
+
+
+def _trim_heap() -> None:
+    """Give the heap's free pages back to the system (glibc's malloc_trim): a freed array from the heap
+    (glibc serves allocations below its mmap threshold, or all of them once MLX has set malloc up, from
+    the heap) otherwise stays in the resident set, and freeing arrays as they are copied would not lower
+    the peak. A no-op where glibc is not the allocator."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC = libc if hasattr(libc, "malloc_trim") else False
+        except OSError:
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC: Any = None
+
+
+def is_mapped(a: np.ndarray) -> bool:
+    """Whether `a` is a view of a read-only file mapping (what `release` acts on)."""
+    return _read_only_map(a) is not None
+
+
+def _read_only_map(a: object) -> mmap.mmap | None:
+    """The read-only mmap.mmap under `a` (through numpy bases and memoryviews), or None."""
+    for _ in range(16):
+        if isinstance(a, mmap.mmap):
+            with memoryview(a) as view:
+                return a if view.readonly else None  # a writable map's pages may hold unsaved data
+        if isinstance(a, memoryview):
+            a = a.obj
+        elif isinstance(a, np.ndarray):
+            a = a.base
+        else:
+            return None
+    return None
+
+
+def _dontneed(mm: mmap.mmap, start: int, length: int) -> None:
+    if not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return  # (not on this platform: the pages stay until the map is closed)
+    with memoryview(mm) as view:
+        if not view.readonly:
+            return
+    lo = start - start % mmap.PAGESIZE
+    mm.madvise(mmap.MADV_DONTNEED, lo, start + length - lo)
 
 
 # numpy dtype <-> safetensors dtype name (the ones twinlm writes or could meet in its own files).
@@ -42,9 +123,14 @@ _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.in
 _NAMES = {np.dtype(t): name for name, t in _DTYPES.items()}
 
 
-def dumps(arrays: dict[str, np.ndarray]) -> bytearray:
+def dumps(arrays: dict[str, np.ndarray], consume: bool = False) -> bytearray | np.ndarray:
     """safetensors bytes of `arrays` (little-endian, C order) with their content digest in the metadata,
-    built in one buffer: the weights are copied once, never through per-tensor intermediates."""
+    built in one buffer: the weights are copied once, never through per-tensor intermediates.
+
+    With `consume`, each array is removed from `arrays` once copied and the buffer is a numpy uint8 array
+    whose pages (calloc'd) become resident only as they are filled: where `arrays` holds the only
+    references (an import), the arrays are freed as the buffer grows and the whole never sits in memory
+    twice."""
     ready: dict[str, np.ndarray] = {}
     for k, v in arrays.items():
         # np.asarray, not np.ascontiguousarray: the latter turns 0-d arrays into shape (1,)
@@ -52,6 +138,7 @@ def dumps(arrays: dict[str, np.ndarray]) -> bytearray:
         ready[k] = a.astype(a.dtype.newbyteorder("<"), copy=False)
         if not isinstance(k, str) or not k or a.dtype.newbyteorder("=") not in _NAMES:
             raise TensorFileError(f"cannot serialise array {k!r} of dtype {a.dtype}")
+    v = a = None  # (no reference left behind to the last array: `consume` frees each one as it is copied)
     header: dict[str, Any] = {"__metadata__": {DIGEST_KEY: content_digest(ready)}}
     offset = 0
     for k in sorted(ready):
@@ -61,12 +148,18 @@ def dumps(arrays: dict[str, np.ndarray]) -> bytearray:
         offset += a.nbytes
     head = json.dumps(header, separators=(",", ":")).encode("utf-8")
     head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned, as the library writes it
-    out = bytearray(8 + len(head) + offset)
-    out[:8], out[8:8 + len(head)] = struct.pack("<Q", len(head)), head
+    size = 8 + len(head) + offset
+    out = np.zeros(size, np.uint8) if consume else bytearray(size)
     at, view = 8 + len(head), np.frombuffer(out, dtype=np.uint8)
+    view[:at] = np.frombuffer(struct.pack("<Q", len(head)) + head, np.uint8)
     for k in sorted(ready):
         n = ready[k].nbytes
         view[at:at + n] = ready[k].reshape(-1).view(np.uint8)
+        release(ready[k])  # a tensor still mapped from its source file (an import): copied, so let it go
+        if consume:
+            del ready[k], arrays[k]
+            if n >= 2**20:
+                _trim_heap()
         at += n
     return out
 

@@ -3,8 +3,10 @@
 A folder is what `save_pretrained` writes: config.json, model.safetensors (or shards with
 model.safetensors.index.json), tokenizer.json (+ tokenizer_config.json, generation_config.json).
 Nothing is downloaded, and pickled weights (pytorch_model.bin, *.pt) are refused, never unpickled.
-Weights are read through a read-only memory map, so importing holds the mapped file plus the float32
-parameters being built. Architectures and their mappings: `twinlm.hf.archs`.
+Weights are read through a read-only memory map and converted tensor by tensor (bf16/f16 to float32,
+(out, in) to (in, out)), each tensor's mapped pages released once it is copied (`tensorfile.release`), so
+importing holds the float32 parameters and the checkpoint being written, not the mapped file as well.
+Architectures and their mappings: `twinlm.hf.archs`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from twinlm.core.checkpoint import save_checkpoint
 from twinlm.core.config import ModelConfig
 from twinlm.core.errors import ConfigError
 from twinlm.core.lora import merged
+from twinlm.core.tensorfile import release
 from twinlm.core.tokenizers import BPETokenizer, HFTokenizer, Tokenizer
 from twinlm.hf.archs import ARCHS, HFError, Link, export_arch
 from twinlm.run_meta import RunMeta
@@ -126,7 +129,11 @@ def _assemble(link: Link, tensors: dict[str, np.ndarray], want: tuple[int, ...])
             raise HFError(f"{name} has shape {tuple(tensors[name].shape)}; config.json implies {expect}")
         a = _float32(tensors[name])
         parts.append(a.T if link.transpose else a)
-    return np.ascontiguousarray(parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1))
+    out = np.ascontiguousarray(parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1))
+    if not np.may_share_memory(out, tensors[link.hf[0]]):  # a copy: the mapped pages are no longer needed
+        for name in link.hf:
+            release(tensors[name])
+    return out
 
 
 def _tokenizer(src: Path, vocab_size: int) -> tuple[HFTokenizer, dict[str, Any]]:
@@ -187,6 +194,7 @@ def read_hf(
     for name in sorted(set(tensors) - used):
         tied_copy = name == "lm_head.weight" and cfg.tie_embeddings
         if tied_copy and np.array_equal(_float32(tensors[name]), params["wte.weight"]):
+            release(tensors[name])
             continue
         if not name.endswith(arch.ignored):
             raise HFError(
@@ -194,7 +202,8 @@ def read_hf(
                 "for; twinlm refuses rather than drop it"
             )
     fresh = [k for k in spec if k not in params]
-    params.update({k: v for k, v in S.init_params(spec, seed).items() if k in fresh})
+    if fresh:  # (drawn in the spec's order, so the values stay seed-exact: a whole model's worth, briefly)
+        params.update({k: v for k, v in S.init_params(spec, seed).items() if k in fresh})
     tok, tok_cfg = _tokenizer(src, cfg.vocab_size)
     record = {
         "architecture": hf_arch,
@@ -238,7 +247,7 @@ def import_hf(src: str | Path, out: str | Path, seed: int = 0) -> tuple[Path, li
     )
     arrays = {f"param.{k}": v for k, v in params.items()}
     del params
-    save_checkpoint(out, arrays, meta.to_dict(), step=0, keep=None)
+    save_checkpoint(out, arrays, meta.to_dict(), step=0, keep=None, consume=True)  # each freed once written
     summary = (
         f"{record['architecture']} as --arch {cfg.arch}: {cfg.n_layer} layers, d_model {cfg.d_model}, "
         f"{cfg.n_head} heads ({cfg.n_kv_head} kv), block {cfg.block_size}, "

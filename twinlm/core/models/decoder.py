@@ -80,20 +80,23 @@ def _positions(B: Backend, cfg: ModelConfig, p: L.Params, rows: Any,
     """(rows added to the embeddings, per layer rope (cos, sin) or None) at positions `rows`: a slice, or
     (with `take`) a device array of position ids gathered inside the graph. Sliding-window layers rotate
     by their own unscaled base where the config has `rope_local_theta` (Gemma 3)."""
-    def pick(table: Array) -> Array:
-        return B.take(table, rows) if take else table[rows]
+    def pick(table: np.ndarray) -> Array:
+        # A slice is cut on the host: only its rows go to the device, not the table of every position
+        # (131,072 rows on a Llama 3.2), which would make each generated token cost the whole context.
+        return B.take(B.from_numpy(table), rows) if take else B.from_numpy(table[rows])
 
     if cfg.pos_encoding == "learned":
-        return pick(p["wpe.weight"]), [None] * cfg.n_layer
+        wpe = p["wpe.weight"]
+        return (B.take(wpe, rows) if take else wpe[rows]), [None] * cfg.n_layer
     if cfg.pos_encoding == "sinusoidal":
-        return pick(B.from_numpy(L.sinusoidal_table(cfg.block_size, cfg.d_model))), [None] * cfg.n_layer
+        return pick(L.sinusoidal_table(cfg.block_size, cfg.d_model)), [None] * cfg.n_layer
     if cfg.pos_encoding == "rope":
         cos, sin = L.rope_tables(cfg.block_size, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        rope = (pick(B.from_numpy(cos)), pick(B.from_numpy(sin)))
+        rope = (pick(cos), pick(sin))
         local = rope
         if cfg.rope_local_theta:
             cos, sin = L.rope_tables(cfg.block_size, cfg.head_dim, cfg.rope_local_theta)
-            local = (pick(B.from_numpy(cos)), pick(B.from_numpy(sin)))
+            local = (pick(cos), pick(sin))
         return None, [local if cfg.sliding(i) else rope for i in range(cfg.n_layer)]
     return None, [None] * cfg.n_layer
 
@@ -156,6 +159,20 @@ def decode_inputs(pos: int, block_size: int, window: int = 0) -> tuple[np.ndarra
     if window:
         attn = np.concatenate([attn, attn & (pos - slots < window)[None, :]])
     return np.array([pos], dtype=np.int32), (slots == pos).reshape(1, 1, block_size, 1), attn
+
+
+def decode_masks(B: Backend, pos_ids: Array, length: int, window: int = 0) -> tuple[Array, Array]:
+    """`decode_inputs`' two masks computed inside the graph from the position ids, for a cache of `length`
+    slots, so that a compiled decode step takes only the token and its position as inputs. `pos_ids` (1,)
+    gives write_mask (1, 1, length, 1) and attn_mask (1, length) (with a `window`, (2, length) as in
+    `decode_inputs`); one position per row (N, 1) gives (N, 1, length, 1) and (N, length)."""
+    slots = B.reshape(B.from_numpy(np.arange(length, dtype=np.int32)), (1, length))
+    pos = pos_ids if len(pos_ids.shape) == 2 else B.reshape(pos_ids, (1, 1))
+    attn = slots <= pos
+    write = B.reshape(slots == pos, (pos.shape[0], 1, length, 1))
+    if window and len(pos_ids.shape) == 1:
+        attn = B.concat([attn, attn & (pos - slots < window)], axis=0)
+    return write, attn
 
 
 def decode_cache_shapes(cfg: ModelConfig, batch: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
