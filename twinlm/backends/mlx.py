@@ -1,6 +1,6 @@
 """MLX adapter. The process-wide set-up MLX needs before it is imported (the system OpenBLAS, malloc
-settings) is `twinlm.backends.mlx_native`'s. On the CPU it serves GELU, GELU-tanh, SwiGLU, RoPE,
-LayerNorm, RMSNorm, attention's softmax and cross-entropy with twinlm's compiled kernels
+settings) is `twinlm.backends.mlx_native`'s. On the CPU it serves the linear layer, GELU, GELU-tanh,
+SwiGLU, RoPE, LayerNorm, RMSNorm, attention's softmax and cross-entropy with twinlm's compiled kernels
 (`twinlm.backends.kernels`) when they are built; TWINLM_KERNELS=0 turns them off."""
 
 from __future__ import annotations
@@ -138,6 +138,15 @@ class MLXBackend(Backend):
         if K is None or gate.shape != up.shape:
             return super().swiglu(gate, up)
         return K.swiglu(gate, up)
+
+    def linear(self, x: Array, weight: Array, bias: Array | None) -> Array:
+        # One BLAS sgemm onto the bias (beta = 1) and its VJP in one primitive; MLX's own matmul passes
+        # beta = 0 (BLAS zeroes C first) and adds the bias, and reduces its gradient, as separate ops.
+        K = self._kernel(x, weight, *([] if bias is None else [bias]))
+        if (K is None or x.ndim < 1 or weight.ndim != 2 or x.shape[-1] != weight.shape[0]
+                or (bias is not None and bias.shape != (weight.shape[1],))):
+            return super().linear(x, weight, bias)
+        return K.linear(x, weight, bias)
 
     def rope(self, x: Array, cos: Array, sin: Array) -> Array:
         K = self._kernel(x, cos, sin)
