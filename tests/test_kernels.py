@@ -490,3 +490,49 @@ def test_linear_empty_and_in_compile() -> None:
         assert float(got[0]) == pytest.approx(float(eager[0]), rel=1e-6)
         for g, e in zip(got[1], eager[1], strict=True):
             np.testing.assert_allclose(np.array(g), np.array(e), atol=1e-5)
+
+
+# ---- the embedding: row gather, scatter-add backward split over columns ------------------------------------
+
+def np_take_grads(table, ids, seed=1):
+    y = table.astype(np.float64)[ids]
+    g = rand(*y.shape, seed=seed).astype(np.float64)
+    d = np.zeros(table.shape)
+    np.add.at(d, ids, g)  # repeated ids add up
+    return [y, d]
+
+
+@needs_kernels
+@pytest.mark.parametrize("vocab,width,ids_shape", [(7, 5, (2, 4)), (65, 128, (12, 64)), (300, 129, (9,))])
+def test_embedding(vocab, width, ids_shape) -> None:
+    """Repeated and negative ids; (65, 128, (12, 64)) is baby's, its backward split over threads."""
+    table = rand(vocab, width)
+    ids = np.random.default_rng(2).integers(-vocab, vocab, ids_shape).astype(np.int32)
+    got = value_and_grads(lambda t, i: B.take(t, i), table, ids)
+    assert_close(got, np_take_grads(table, ids), atol=1e-5)
+    assert_close(got, value_and_grads(lambda t, i: REF.take(t, i), table, ids), atol=1e-5)  # mx.take
+
+
+@needs_kernels
+def test_embedding_is_the_same_for_every_thread_count_and_catches_a_lost_repeat() -> None:
+    table, ids = rand(65, 128), np.random.default_rng(3).integers(0, 65, (12, 64)).astype(np.int32)
+    before = K.threads()
+    try:
+        runs = []
+        for n in (1, 2, 3):
+            K.set_threads(n)
+            runs.append(value_and_grads(lambda t, i: B.take(t, i), table, ids))
+    finally:
+        K.set_threads(before)
+    for other in runs[1:]:  # each column's sum runs over the ids in order, whoever runs it
+        np.testing.assert_array_equal(other[1], runs[0][1])
+    # Negative control: a backward that assigns instead of adding is caught by the same comparison.
+    wrong = value_and_grads(lambda t, i: K._embedding_faulty(t, i, 1), table, ids)
+    with pytest.raises(AssertionError):
+        assert_close(wrong, np_take_grads(table, ids), atol=1e-5)
+
+
+@needs_kernels
+def test_embedding_out_of_range_ids_give_nan_not_zeros() -> None:
+    got = np.array(K.embedding(mx.array(rand(4, 3)), mx.array(np.array([4, -5, 1], np.int32))))
+    assert np.isnan(got[:2]).all() and np.isfinite(got[2]).all()

@@ -1,7 +1,7 @@
 """MLX adapter. The process-wide set-up MLX needs before it is imported (the system OpenBLAS, malloc
-settings) is `twinlm.backends.mlx_native`'s. On the CPU it serves the linear layer, GELU, GELU-tanh,
-SwiGLU, RoPE, LayerNorm, RMSNorm, attention's softmax and cross-entropy with twinlm's compiled kernels
-(`twinlm.backends.kernels`) when they are built; TWINLM_KERNELS=0 turns them off."""
+settings) is `twinlm.backends.mlx_native`'s. On the CPU it serves the linear layer, the embedding, GELU,
+GELU-tanh, SwiGLU, RoPE, LayerNorm, RMSNorm, attention's softmax and cross-entropy with twinlm's compiled
+kernels (`twinlm.backends.kernels`) when they are built; TWINLM_KERNELS=0 turns them off."""
 
 from __future__ import annotations
 
@@ -110,6 +110,10 @@ class MLXBackend(Backend):
         return mx.where(cond, a, b)
 
     def take(self, table: Array, ids: Array) -> Array:
+        # Rows of a (V, C) table: the embedding kernel (its backward a scatter-add split over columns).
+        K = self._kernel(table)
+        if K is not None and table.ndim == 2 and mx.issubdtype(ids.dtype, mx.integer):
+            return K.embedding(table, ids)
         return mx.take(table, ids, axis=0)
 
     def take_along_axis(self, x: Array, idx: Array, axis: int) -> Array:

@@ -50,6 +50,12 @@ NB_MODULE(_twinlm_kernels, m) {
         "x @ weight + bias as one sgemm onto the bias (beta = 1), with its VJP");
   m.def("_linear_faulty", &twinlm::linear, "x"_a, "weight"_a, "bias"_a.none(), "fault"_a, nb::kw_only(),
         "stream"_a = nb::none(), "tests only: a deliberately wrong linear (1: beta = 0, 2: no bias gradient)");
+  m.def("embedding", [](const mx::array& t, const mx::array& ids, mx::StreamOrDevice s) {
+          return twinlm::embedding(t, ids, 0, s);
+        }, "table"_a, "ids"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "table rows at ids (mx.take on axis 0), its VJP a scatter-add split over columns");
+  m.def("_embedding_faulty", &twinlm::embedding, "table"_a, "ids"_a, "fault"_a, nb::kw_only(),
+        "stream"_a = nb::none(), "tests only: a deliberately wrong embedding (1: the backward assigns)");
   m.def("cross_entropy_rows", &twinlm::cross_entropy_rows, "logits"_a, "targets"_a, nb::kw_only(),
         "stream"_a = nb::none());
 }

@@ -4,6 +4,7 @@
 #include <climits>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <stdexcept>
 #include <vector>
 
@@ -536,6 +537,89 @@ void LinearGrad::eval_cpu(const std::vector<mx::array>& in, std::vector<mx::arra
 bool LinearGrad::is_equivalent(const mx::Primitive& other) const {
   auto& o = static_cast<const LinearGrad&>(other);
   return dx_ == o.dx_ && dw_ == o.dw_ && db_ == o.db_ && fault_ == o.fault_;
+}
+
+// ---- embedding: row gather, and its scatter-add split over columns ------------------------------------------
+mx::array embedding(const mx::array& table, const mx::array& ids, int fault, mx::StreamOrDevice s) {
+  auto stream = cpu_stream(s);
+  if (table.ndim() != 2 || !mx::issubdtype(ids.dtype(), mx::integer)) {
+    throw std::invalid_argument("embedding: table (V, C) and integer ids");
+  }
+  auto i32 = mx::contiguous(mx::astype(ids, mx::int32, stream), false, stream);
+  auto shape = ids.shape();
+  shape.push_back(table.shape(1));
+  return mx::array(shape, mx::float32, std::make_shared<Embedding>(stream, fault),
+                   {prepared(table, stream, "embedding"), i32});
+}
+
+namespace {
+// The row of id (negative: from the end, as mx.take), or -1 when out of range.
+inline int64_t row_of(int32_t id, int64_t V) {
+  int64_t r = id < 0 ? id + V : id;
+  return r >= 0 && r < V ? r : -1;
+}
+}  // namespace
+
+void Embedding::eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) {
+  allocate(out[0]);
+  size_t V = in[0].shape(0), C = in[0].shape(1), N = in[1].size();
+  launch(stream(), [t = in[0].data<float>(), ids = in[1].data<int32_t>(), y = out[0].data<float>(), V, C, N] {
+    parallel_rows(N, C, [&](int, size_t r0, size_t r1) {
+      for (size_t i = r0; i < r1; i++) {
+        int64_t r = row_of(ids[i], (int64_t)V);
+        if (r >= 0) std::memcpy(y + i * C, t + r * C, C * sizeof(float));
+        else std::fill(y + i * C, y + (i + 1) * C, std::numeric_limits<float>::quiet_NaN());
+      }
+    });
+  });
+}
+
+std::vector<mx::array> Embedding::vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cot,
+                                      const std::vector<int>& argnums, const std::vector<mx::array>&) {
+  std::vector<mx::array> result;
+  for (int a : argnums) {
+    if (a == 0) {
+      auto g = prepared(cot[0], stream(), "embedding vjp");
+      result.push_back(mx::array(primals[0].shape(), mx::float32, std::make_shared<EmbeddingGrad>(stream(), fault_),
+                                 {primals[1], g}));
+    } else {
+      result.push_back(mx::zeros_like(primals[a], stream()));
+    }
+  }
+  return result;
+}
+
+bool Embedding::is_equivalent(const mx::Primitive& other) const {
+  return fault_ == static_cast<const Embedding&>(other).fault_;
+}
+
+// Each pool chunk owns a block of columns and adds every id's gradient row into it, ids in order: no two
+// threads write one float, and the sums are the sequential ones whatever the thread count.
+void EmbeddingGrad::eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) {
+  allocate(out[0]);
+  size_t V = out[0].shape(0), C = out[0].shape(1), N = in[0].size();
+  launch(stream(), [ids = in[0].data<int32_t>(), g = in[1].data<float>(), dt = out[0].data<float>(), V, C, N,
+                    fault = fault_] {
+    std::memset(dt, 0, V * C * sizeof(float));
+    parallel_rows(C, N, [&](int, size_t c0, size_t c1) {
+      for (size_t i = 0; i < N; i++) {
+        int64_t r = row_of(ids[i], (int64_t)V);
+        if (r < 0) continue;
+        float* d = dt + r * C;
+        const float* gi = g + i * C;
+        if (fault == 1) {
+          for (size_t j = c0; j < c1; j++) d[j] = gi[j];
+        } else {
+#pragma omp simd
+          for (size_t j = c0; j < c1; j++) d[j] += gi[j];
+        }
+      }
+    });
+  });
+}
+
+bool EmbeddingGrad::is_equivalent(const mx::Primitive& other) const {
+  return fault_ == static_cast<const EmbeddingGrad&>(other).fault_;
 }
 
 }  // namespace twinlm

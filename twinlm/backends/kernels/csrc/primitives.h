@@ -24,6 +24,9 @@ mx::array rope(const mx::array& x, const mx::array& cos, const mx::array& sin, m
 // only (1: beta = 0, which drops the bias; 2: the bias gradient left at zero); 0 everywhere else.
 mx::array linear(const mx::array& x, const mx::array& w, const std::optional<mx::array>& b, int fault = 0,
                  mx::StreamOrDevice s = {});
+// table (V, C) rows at ids (any shape, integer; negative ids count from the end, as mx.take): (..., C).
+// Out-of-range ids give NaN rows. `fault` (tests only): 1 = the backward assigns instead of adding.
+mx::array embedding(const mx::array& table, const mx::array& ids, int fault = 0, mx::StreamOrDevice s = {});
 
 // A primitive with a CPU implementation only; the GPU path says so (Python never sends it there).
 class CpuPrimitive : public mx::Primitive {
@@ -203,6 +206,30 @@ class LinearGrad : public CpuPrimitive {  // x, w, g -> the wanted ones of dx = 
 
  private:
   bool dx_, dw_, db_;
+  int fault_;
+};
+
+class Embedding : public CpuPrimitive {  // table (V, C), ids int32 -> rows (..., C)
+ public:
+  Embedding(mx::Stream s, int fault) : CpuPrimitive(s), fault_(fault) {}
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override;
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override;
+  const char* name() const override { return "TwinlmEmbedding"; }
+  bool is_equivalent(const mx::Primitive& other) const override;
+
+ private:
+  int fault_;
+};
+
+class EmbeddingGrad : public CpuPrimitive {  // ids, g (..., C) -> dtable (V, C): the scatter-add
+ public:
+  EmbeddingGrad(mx::Stream s, int fault) : CpuPrimitive(s), fault_(fault) {}
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override;
+  const char* name() const override { return "TwinlmEmbeddingGrad"; }
+  bool is_equivalent(const mx::Primitive& other) const override;
+
+ private:
   int fault_;
 };
 
