@@ -45,7 +45,17 @@ def cases(preset: str):
     gate, up = arr(b * t, 4 * c, scale=2.0), arr(b * t, 4 * c)
     cos, sin = (mx.array(a.astype(np.float32)) for a in rope_tables(t, c // h, 10000.0))
     targets = mx.array(rng.integers(0, v, b * t).astype(np.int32))
+    x_in, x_fc = arr(b, t, c), arr(b, t, 4 * c)
+    wte, ids = arr(v, c), mx.array(rng.integers(0, v, (b, t)).astype(np.int32))
+    w_qkv, w_fc, w_proj = arr(c, 3 * c, scale=0.02), arr(c, 4 * c, scale=0.02), arr(4 * c, c, scale=0.02)
+    b_qkv, b_fc, b_proj = arr(3 * c), arr(4 * c), arr(c)
     return [
+        # The linear layers of a block (elements: of the output): one sgemm onto the bias against
+        # MLX's matmul (beta = 0), bias add and bias-gradient reduction.
+        ("linear qkv", b * t * 3 * c, lambda B: B.linear, (x_in, w_qkv, b_qkv)),
+        ("linear fc", b * t * 4 * c, lambda B: B.linear, (x_in, w_fc, b_fc)),
+        ("linear proj", b * t * c, lambda B: B.linear, (x_fc, w_proj, b_proj)),
+        ("embedding", b * t * c, lambda B: lambda tab: B.take(tab, ids), (wte,)),  # mx.take vs the kernel
         ("gelu", x_mlp.size, lambda B: B.gelu, (x_mlp,)),
         ("gelu_tanh", x_mlp.size, lambda B: B.gelu_tanh, (x_mlp,)),
         ("swiglu", gate.size, lambda B: B.swiglu, (gate, up)),

@@ -267,7 +267,7 @@ def test_kernels_inside_mx_compile() -> None:
 # ---- registration, negative controls, fallbacks ----------------------------------------------------------
 
 def test_kernels_are_registered_as_overrides() -> None:
-    kernels_for = {"gelu", "gelu_tanh", "swiglu", "rope", "layer_norm", "rms_norm", "attention",
+    kernels_for = {"linear", "gelu", "gelu_tanh", "swiglu", "rope", "layer_norm", "rms_norm", "attention",
                    "cross_entropy"}
     assert kernels_for <= set(parity.overridden_composites(B))
 
@@ -276,7 +276,8 @@ def test_kernels_are_registered_as_overrides() -> None:
 def test_override_checks_pass() -> None:
     checks = parity.override_checks(B)
     assert {"gelu grad x0", "gelu_tanh grad x0", "rms_norm grad x1", "cross_entropy weighted forward",
-            "attention padding grad x0", "swiglu grad x1", "rope grad x0"} <= {c.name for c in checks}
+            "attention padding grad x0", "swiglu grad x1", "rope grad x0", "linear grad x2",
+            "linear no bias grad x1"} <= {c.name for c in checks}
     assert all(c.ok for c in checks), [c.label for c in checks if not c.ok]
 
 
@@ -305,6 +306,10 @@ class _Wrong:
     def swiglu(self, gate, up):
         return K.swiglu(up, gate) if self.which == "swiglu swapped" else K.swiglu(gate, up)
 
+    def linear(self, x, w, b):
+        fault = {"linear beta 0": 1, "linear no db": 2}.get(self.which, 0)  # C++ faults, see primitives.h
+        return K._linear_faulty(x, w, b, fault) if fault else K.linear(x, w, b)
+
     def cross_entropy_rows(self, logits, targets):
         if self.which == "ce gradient":  # right value, doubled gradient
             nll = K.cross_entropy_rows(logits, targets)
@@ -316,7 +321,8 @@ class _Wrong:
 @pytest.mark.parametrize("which,case", [
     ("gelu value", "gelu forward"), ("layer_norm eps", "layer_norm forward"),
     ("mask dropped", "attention causal forward"), ("ce gradient", "cross_entropy grad x0"),
-    ("rope sign", "rope forward"), ("swiglu swapped", "swiglu forward")])
+    ("rope sign", "rope forward"), ("swiglu swapped", "swiglu forward"),
+    ("linear beta 0", "linear forward"), ("linear no db", "linear grad x2")])
 def test_a_wrong_kernel_is_caught_by_the_override_checks(which, case) -> None:
     broken = MLXBackend()
     broken.kernels = _Wrong(which)
@@ -409,3 +415,124 @@ def test_rope_of_transposed_heads() -> None:
     x = mx.transpose(mx.array(rand(2, 7, 3, 8)), (0, 2, 1, 3))  # (B, H, T, hs) view, as in attention
     cos, sin = (mx.array(a.astype(np.float32)) for a in rope_tables(7, 8, 10000.0))
     np.testing.assert_allclose(np.array(B.rope(x, cos, sin)), np.array(BODY.rope(x, cos, sin)), atol=1e-6)
+
+
+# ---- the linear layer: one sgemm onto the bias, its VJP as two sgemm and a column sum ------------------
+
+def np_linear_grads(x, w, b, seed=1):
+    """x @ w + b and the gradients of sum(y * g) for value_and_grads' g, in float64."""
+    x64, w64 = x.astype(np.float64), w.astype(np.float64)
+    y = x64 @ w64 + (0.0 if b is None else b.astype(np.float64))
+    g = rand(*y.shape, seed=seed).astype(np.float64)
+    g2, x2 = g.reshape(-1, w.shape[1]), x64.reshape(-1, w.shape[0])
+    out = [y, (g @ w64.T).reshape(x.shape), x2.T @ g2]
+    return out if b is None else out + [g2.sum(axis=0)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("x_shape,n_out", [((5,), 3), ((3, 5), 7), ((2, 67, 131), 33), ((600, 129), 65)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear(x_shape, n_out, bias) -> None:
+    """Batch dims, odd sizes, a 1-D x; the last shape splits the bias gradient over threads."""
+    x, w = rand(*x_shape), rand(x_shape[-1], n_out, seed=3)
+    args = (x, w) + ((rand(n_out, seed=4),) if bias else ())
+    got = value_and_grads(lambda *a: B.linear(a[0], a[1], a[2] if bias else None), *args)
+    assert_close(got, np_linear_grads(x, w, args[2] if bias else None), atol=2e-4, rtol=1e-5)
+    want = value_and_grads(lambda *a: BODY.linear(a[0], a[1], a[2] if bias else None), *args)
+    assert_close(got, want, atol=2e-4, rtol=1e-5)  # MLX's own matmul, add and sum
+
+
+@needs_kernels
+def test_linear_runs_the_kernel() -> None:
+    """The adapter routes a float32 linear layer to the primitive (a wrong one is seen), others not."""
+    x, w, b = (mx.array(a) for a in (rand(4, 6), rand(6, 3), rand(3)))
+    broken = MLXBackend()
+    broken.kernels = _Wrong("linear beta 0")
+    np.testing.assert_allclose(np.array(broken.linear(x, w, b)), np.array(x @ w), atol=1e-6)  # bias dropped
+    off = MLXBackend(kernels=False)
+    np.testing.assert_allclose(np.array(off.linear(x, w, b)), np.array(x @ w + b), atol=1e-6)
+    x16 = x.astype(mx.float16)  # not float32: the reference body, bit for bit
+    np.testing.assert_array_equal(np.array(broken.linear(x16, w.astype(mx.float16), b.astype(mx.float16))),
+                                  np.array(BODY.linear(x16, w.astype(mx.float16), b.astype(mx.float16))))
+
+
+@needs_kernels
+def test_linear_strided_and_broadcast_inputs() -> None:
+    """Views that are not row-contiguous (transposed x and weight, a broadcast bias) are copied first."""
+    x, w, b = rand(9, 13), rand(7, 9, seed=3), rand(1, seed=4)
+    xt, wt = mx.transpose(mx.array(x)), mx.transpose(mx.array(w))  # (13, 9) and (9, 7) views
+    bb = mx.broadcast_to(mx.array(b), (7,))
+    got = value_and_grads(lambda x, w, b: B.linear(x, w, b), np.array(xt), np.array(wt), np.array(bb))
+    np.testing.assert_allclose(np.array(B.linear(xt, wt, bb)), x.T @ w.T + b, atol=1e-5)
+    assert_close(got, np_linear_grads(x.T.copy(), w.T.copy(), np.broadcast_to(b, (7,))), atol=1e-4)
+    # Through the transposes: d sum(x^T w^T) / dx[i, j] = sum_k w[k, i], / dw[k, i] = sum_j x[i, j].
+    dx, dw = mx.grad(lambda x, w: mx.sum(B.linear(mx.transpose(x), mx.transpose(w), None)), argnums=(0, 1))(
+        mx.array(x), mx.array(w))
+    np.testing.assert_allclose(np.array(dx), np.broadcast_to(w.sum(0)[:, None], (9, 13)), atol=1e-4)
+    np.testing.assert_allclose(np.array(dw), np.broadcast_to(x.sum(1)[None, :], (7, 9)), atol=1e-4)
+
+
+@needs_kernels
+def test_linear_empty_and_in_compile() -> None:
+    y = B.linear(mx.zeros((0, 4)), mx.array(rand(4, 3)), mx.array(rand(3)))
+    assert y.shape == (0, 3)
+    b = rand(3)
+    np.testing.assert_array_equal(np.array(B.linear(mx.zeros((2, 0)), mx.zeros((0, 3)), mx.array(b))),
+                                  np.broadcast_to(b, (2, 3)))
+    np.testing.assert_array_equal(np.array(B.linear(mx.zeros((2, 0)), mx.zeros((0, 3)), None)),
+                                  np.zeros((2, 3)))
+    x, w, bb = (mx.array(a) for a in (rand(5, 8), rand(8, 4), rand(4)))
+    loss = lambda x, w, b: mx.sum(B.linear(B.gelu(x), w, b) ** 2)  # noqa: E731
+    eager = mx.value_and_grad(loss, argnums=(0, 1, 2))(x, w, bb)
+    compiled = mx.compile(mx.value_and_grad(loss, argnums=(0, 1, 2)))
+    for _ in range(2):
+        got = compiled(x, w, bb)
+        assert float(got[0]) == pytest.approx(float(eager[0]), rel=1e-6)
+        for g, e in zip(got[1], eager[1], strict=True):
+            np.testing.assert_allclose(np.array(g), np.array(e), atol=1e-5)
+
+
+# ---- the embedding: row gather, scatter-add backward split over columns ------------------------------------
+
+def np_take_grads(table, ids, seed=1):
+    y = table.astype(np.float64)[ids]
+    g = rand(*y.shape, seed=seed).astype(np.float64)
+    d = np.zeros(table.shape)
+    np.add.at(d, ids, g)  # repeated ids add up
+    return [y, d]
+
+
+@needs_kernels
+@pytest.mark.parametrize("vocab,width,ids_shape", [(7, 5, (2, 4)), (65, 128, (12, 64)), (300, 129, (9,))])
+def test_embedding(vocab, width, ids_shape) -> None:
+    """Repeated and negative ids; (65, 128, (12, 64)) is baby's, its backward split over threads."""
+    table = rand(vocab, width)
+    ids = np.random.default_rng(2).integers(-vocab, vocab, ids_shape).astype(np.int32)
+    got = value_and_grads(lambda t, i: B.take(t, i), table, ids)
+    assert_close(got, np_take_grads(table, ids), atol=1e-5)
+    assert_close(got, value_and_grads(lambda t, i: REF.take(t, i), table, ids), atol=1e-5)  # mx.take
+
+
+@needs_kernels
+def test_embedding_is_the_same_for_every_thread_count_and_catches_a_lost_repeat() -> None:
+    table, ids = rand(65, 128), np.random.default_rng(3).integers(0, 65, (12, 64)).astype(np.int32)
+    before = K.threads()
+    try:
+        runs = []
+        for n in (1, 2, 3):
+            K.set_threads(n)
+            runs.append(value_and_grads(lambda t, i: B.take(t, i), table, ids))
+    finally:
+        K.set_threads(before)
+    for other in runs[1:]:  # each column's sum runs over the ids in order, whoever runs it
+        np.testing.assert_array_equal(other[1], runs[0][1])
+    # Negative control: a backward that assigns instead of adding is caught by the same comparison.
+    wrong = value_and_grads(lambda t, i: K._embedding_faulty(t, i, 1), table, ids)
+    with pytest.raises(AssertionError):
+        assert_close(wrong, np_take_grads(table, ids), atol=1e-5)
+
+
+@needs_kernels
+def test_embedding_out_of_range_ids_give_nan_not_zeros() -> None:
+    got = np.array(K.embedding(mx.array(rand(4, 3)), mx.array(np.array([4, -5, 1], np.int32))))
+    assert np.isnan(got[:2]).all() and np.isfinite(got[2]).all()

@@ -1,7 +1,7 @@
 """MLX adapter. The process-wide set-up MLX needs before it is imported (the system OpenBLAS, malloc
-settings) is `twinlm.backends.mlx_native`'s. On the CPU it serves GELU, GELU-tanh, SwiGLU, RoPE,
-LayerNorm, RMSNorm, attention's softmax and cross-entropy with twinlm's compiled kernels
-(`twinlm.backends.kernels`) when they are built; TWINLM_KERNELS=0 turns them off."""
+settings) is `twinlm.backends.mlx_native`'s. On the CPU it serves the linear layer, the embedding, GELU,
+GELU-tanh, SwiGLU, RoPE, LayerNorm, RMSNorm, attention's softmax and cross-entropy with twinlm's compiled
+kernels (`twinlm.backends.kernels`) when they are built; TWINLM_KERNELS=0 turns them off."""
 
 from __future__ import annotations
 
@@ -113,6 +113,10 @@ class MLXBackend(Backend):
         return mx.where(cond, a, b)
 
     def take(self, table: Array, ids: Array) -> Array:
+        # Rows of a (V, C) table: the embedding kernel (its backward a scatter-add split over columns).
+        K = self._kernel(table)
+        if K is not None and table.ndim == 2 and mx.issubdtype(ids.dtype, mx.integer):
+            return K.embedding(table, ids)
         return mx.take(table, ids, axis=0)
 
     def take_along_axis(self, x: Array, idx: Array, axis: int) -> Array:
@@ -141,6 +145,15 @@ class MLXBackend(Backend):
         if K is None or gate.shape != up.shape:
             return super().swiglu(gate, up)
         return K.swiglu(gate, up)
+
+    def linear(self, x: Array, weight: Array, bias: Array | None) -> Array:
+        # One BLAS sgemm onto the bias (beta = 1) and its VJP in one primitive; MLX's own matmul passes
+        # beta = 0 (BLAS zeroes C first) and adds the bias, and reduces its gradient, as separate ops.
+        K = self._kernel(x, weight, *([] if bias is None else [bias]))
+        if (K is None or x.ndim < 1 or weight.ndim != 2 or x.shape[-1] != weight.shape[0]
+                or (bias is not None and bias.shape != (weight.shape[1],))):
+            return super().linear(x, weight, bias)
+        return K.linear(x, weight, bias)
 
     def rope(self, x: Array, cos: Array, sin: Array) -> Array:
         K = self._kernel(x, cos, sin)

@@ -193,6 +193,11 @@ class Backend:
     def silu(self, x: Array) -> Array:
         return x / (1.0 + self.exp(-x))
 
+    def linear(self, x: Array, weight: Array, bias: Array | None) -> Array:
+        """A linear layer's x @ weight (+ bias): x (..., n_in), weight (n_in, n_out), bias (n_out,)."""
+        y = x @ weight
+        return y if bias is None else y + bias
+
     def lora(self, x: Array, a: Array, b: Array, scale: float) -> Array:
         """A low-rank adapter's output (x @ a) @ b * scale: x (..., n_in), a (n_in, r), b (r, n_out)."""
         return ((x @ a) @ b) * scale

@@ -162,9 +162,7 @@ def classifier_spec(cfg: ModelConfig) -> S.Spec:
 def linear(B: Backend, cfg: ModelConfig, p: Params, name: str, x: Array,
            drop: dict[str, Array] | None = None) -> Array:
     """x @ W + b, plus the LoRA adapter's (dropout(x) @ a) @ b * alpha / r where the layer has one."""
-    y = x @ p[f"{name}.weight"]
-    b = p.get(f"{name}.bias")
-    y = y if b is None else y + b
+    y = B.linear(x, p[f"{name}.weight"], p.get(f"{name}.bias"))
     if f"{name}.lora_a" in p:
         x_in = residual_dropout(x, drop or {}, f"{name}.lora")
         y = y + B.lora(x_in, p[f"{name}.lora_a"], p[f"{name}.lora_b"], cfg.lora_scale)

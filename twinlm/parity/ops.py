@@ -15,8 +15,9 @@ from twinlm.core import layers, model
 from twinlm.core.backend import RMS_NORM_EPS, Array, Backend
 from twinlm.parity.checks import FORWARD_TOL, GRAD_TOL, Check, Tolerance, compare
 
-COMPOSITES = ("erf", "custom_grad", "gelu", "gelu_tanh", "sigmoid", "silu", "swiglu", "lora", "rope",
-              "repeat_kv", "softmax", "log_softmax", "layer_norm", "rms_norm", "attention", "cross_entropy")
+COMPOSITES = ("erf", "custom_grad", "gelu", "gelu_tanh", "sigmoid", "silu", "swiglu", "linear", "lora",
+              "rope", "repeat_kv", "softmax", "log_softmax", "layer_norm", "rms_norm", "attention",
+              "cross_entropy")
 
 
 @dataclass(frozen=True)
@@ -187,6 +188,11 @@ def op_cases(seed: int = 0) -> list[OpCase]:
                composite="cross_entropy"),
         OpCase("cross_entropy weighted", lambda B, x, t, w: B.cross_entropy(x, t, w), _np_cross_entropy,
                (logits, targets, weights), composite="cross_entropy"),
+        # Last, so the cases above keep their draws from rng.
+        OpCase("linear", lambda B, x, w, b: B.linear(x, w, b), lambda x, w, b: x @ w + b,
+               (normal(2, 3, 4), normal(4, 5), normal(5)), (0, 1, 2), composite="linear"),
+        OpCase("linear no bias", lambda B, x, w: B.linear(x, w, None), np.matmul,
+               (normal(3, 4), normal(4, 5)), (0, 1), composite="linear"),
     ]
 
 

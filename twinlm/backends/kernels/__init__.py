@@ -1,6 +1,7 @@
-"""twinlm's CPU kernels for MLX: the core's composites (GELU, GELU-tanh, SwiGLU, RoPE, LayerNorm,
-RMSNorm, the masked softmax of attention, cross-entropy) as MLX primitives with their own vectorised,
-multi-threaded CPU implementation and VJP, in a C++ extension built against the installed mlx wheel
+"""twinlm's CPU kernels for MLX: the core's composites (the linear layer as one BLAS sgemm onto the bias,
+the embedding gather and its scatter-add, GELU, GELU-tanh, SwiGLU, RoPE, LayerNorm, RMSNorm, the masked
+softmax of attention, cross-entropy) as MLX primitives with their own vectorised, multi-threaded CPU
+implementation and VJP, in a C++ extension built against the installed mlx wheel
 (`csrc/`, CMake).
 
 Built once per machine by `python -m twinlm.backends.kernels.build` (`make setup` runs it); nothing is
@@ -25,8 +26,8 @@ ENV_VAR = "TWINLM_KERNELS"
 MODULE = "_twinlm_kernels"
 HERE = Path(__file__).resolve().parent
 # The composites each kernel serves (what `doctor` lists as active).
-KERNELS = ("gelu", "gelu_tanh", "swiglu", "rope", "layer_norm", "rms_norm", "attention (masked softmax)",
-           "cross_entropy")
+KERNELS = ("linear (sgemm onto the bias)", "embedding (gather, scatter-add)", "gelu", "gelu_tanh", "swiglu",
+           "rope", "layer_norm", "rms_norm", "attention (masked softmax)", "cross_entropy")
 BUILD_HINT = "build them with: python -m twinlm.backends.kernels.build (make setup runs it)"
 
 

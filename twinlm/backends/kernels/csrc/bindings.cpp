@@ -10,6 +10,7 @@
 
 namespace nb = nanobind;
 using namespace nb::literals;
+namespace mx = mlx::core;
 
 static std::string simd_level() {
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__linux__) && !defined(TWINLM_NO_CLONES)
@@ -43,6 +44,18 @@ NB_MODULE(_twinlm_kernels, m) {
         "stream"_a = nb::none());
   m.def("swiglu", &twinlm::swiglu, "gate"_a, "up"_a, nb::kw_only(), "stream"_a = nb::none());
   m.def("rope", &twinlm::rope, "x"_a, "cos"_a, "sin"_a, nb::kw_only(), "stream"_a = nb::none());
+  m.def("linear", [](const mx::array& x, const mx::array& w, const std::optional<mx::array>& b,
+                     mx::StreamOrDevice s) { return twinlm::linear(x, w, b, 0, s); },
+        "x"_a, "weight"_a, "bias"_a.none(), nb::kw_only(), "stream"_a = nb::none(),
+        "x @ weight + bias as one sgemm onto the bias (beta = 1), with its VJP");
+  m.def("_linear_faulty", &twinlm::linear, "x"_a, "weight"_a, "bias"_a.none(), "fault"_a, nb::kw_only(),
+        "stream"_a = nb::none(), "tests only: a deliberately wrong linear (1: beta = 0, 2: no bias gradient)");
+  m.def("embedding", [](const mx::array& t, const mx::array& ids, mx::StreamOrDevice s) {
+          return twinlm::embedding(t, ids, 0, s);
+        }, "table"_a, "ids"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "table rows at ids (mx.take on axis 0), its VJP a scatter-add split over columns");
+  m.def("_embedding_faulty", &twinlm::embedding, "table"_a, "ids"_a, "fault"_a, nb::kw_only(),
+        "stream"_a = nb::none(), "tests only: a deliberately wrong embedding (1: the backward assigns)");
   m.def("cross_entropy_rows", &twinlm::cross_entropy_rows, "logits"_a, "targets"_a, nb::kw_only(),
         "stream"_a = nb::none());
 }

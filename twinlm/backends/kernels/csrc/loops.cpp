@@ -270,4 +270,19 @@ TWL_SIMD void rope_rows(const float* x, const float* cs, const float* sn, float*
   }
 }
 
+// ---- linear layer: the bias as BLAS's C (beta = 1), and the bias gradient ----------------------------------
+// Each row of y gets a copy of b; sgemm then adds x @ W onto it.
+void fill_rows(const float* b, float* y, size_t N, size_t r0, size_t r1) {
+  for (size_t r = r0; r < r1; r++) std::memcpy(y + r * N, b, N * sizeof(float));
+}
+
+// acc[j] += sum over rows [r0, r1) of g[r, j] (acc starts at zero; rows in order).
+TWL_SIMD void col_sum(const float* g, float* acc, size_t N, size_t r0, size_t r1) {
+  for (size_t r = r0; r < r1; r++) {
+    const float* gr = g + r * N;
+#pragma omp simd
+    for (size_t j = 0; j < N; j++) acc[j] += gr[j];
+  }
+}
+
 }  // namespace twinlm

@@ -30,4 +30,8 @@ void swiglu_bwd(const float* g, const float* u, const float* dy, float* dg, floa
 void rope_rows(const float* x, const float* cs, const float* sn, float* y, size_t T, size_t half, float sign,
                size_t r0, size_t r1);
 
+// The linear layer's row loops (the products themselves are BLAS calls).
+void fill_rows(const float* b, float* y, size_t N, size_t r0, size_t r1);
+void col_sum(const float* g, float* acc, size_t N, size_t r0, size_t r1);
+
 }  // namespace twinlm

@@ -1,5 +1,10 @@
 #include "primitives.h"
 
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+#include <cstring>
+#include <limits>
 #include <stdexcept>
 #include <vector>
 
@@ -7,6 +12,13 @@
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "pool.h"
+
+// CBLAS's sgemm, left undefined here and bound when the module loads, exactly as libmlx binds its own:
+// to the system OpenBLAS that twinlm.backends.mlx_native loads with RTLD_GLOBAL (the global scope is
+// searched first), else to the reference BLAS the mlx wheel ships (libmlx's dependency, so in this
+// module's own scope). No link-time BLAS and no dlsym: the products run in the BLAS MLX runs.
+extern "C" void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha, const float* a,
+                            int lda, const float* b, int ldb, float beta, float* c, int ldc);
 
 namespace twinlm {
 
@@ -413,6 +425,201 @@ std::vector<mx::array> Rope::vjp(const std::vector<mx::array>& primals, const st
 
 bool Rope::is_equivalent(const mx::Primitive& other) const {
   return inverse_ == static_cast<const Rope&>(other).inverse_;
+}
+
+// ---- linear layer ------------------------------------------------------------------------------------------
+namespace {
+constexpr int ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112;  // CBLAS's enum values
+
+// C (m, n) = op(A) op(B) + beta C, row-major, contiguous operands.
+void sgemm(bool ta, bool tb, size_t m, size_t n, size_t k, const float* a, const float* b, float beta, float* c) {
+  cblas_sgemm(ROW_MAJOR, ta ? TRANS : NO_TRANS, tb ? TRANS : NO_TRANS, (int)m, (int)n, (int)k, 1.0f, a,
+              (int)(ta ? m : k), b, (int)(tb ? k : n), beta, c, (int)n);
+}
+}  // namespace
+
+mx::array linear(const mx::array& x, const mx::array& w, const std::optional<mx::array>& b, int fault,
+                 mx::StreamOrDevice s) {
+  auto stream = cpu_stream(s);
+  if (x.ndim() < 1 || w.ndim() != 2 || x.shape(-1) != w.shape(0) ||
+      (b && (b->ndim() != 1 || b->shape(0) != w.shape(1)))) {
+    throw std::invalid_argument("linear: x (..., K), weight (K, N) and bias (N,)");
+  }
+  // BLAS takes int sizes (LP64 OpenBLAS).
+  if (x.size() >= (size_t)INT32_MAX || w.size() >= (size_t)INT32_MAX) {
+    throw std::invalid_argument("linear: too large for 32-bit BLAS sizes");
+  }
+  std::vector<mx::array> inputs = {prepared(x, stream, "linear"), prepared(w, stream, "linear")};
+  if (b) inputs.push_back(prepared(*b, stream, "linear"));
+  auto shape = x.shape();
+  shape.back() = w.shape(1);
+  return mx::array(shape, mx::float32, std::make_shared<Linear>(stream, b.has_value(), fault), inputs);
+}
+
+void Linear::eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) {
+  allocate(out[0]);
+  size_t K = in[1].shape(0), N = in[1].shape(1);
+  size_t M = K ? in[0].size() / K : out[0].size() / std::max<size_t>(N, 1);
+  launch(stream(), [x = in[0].data<float>(), w = in[1].data<float>(), b = bias_ ? in[2].data<float>() : nullptr,
+                    y = out[0].data<float>(), M, K, N, fault = fault_] {
+    if (M == 0 || N == 0) return;
+    if (b) parallel_rows(M, N, [&](int, size_t r0, size_t r1) { fill_rows(b, y, N, r0, r1); });
+    if (K == 0) {  // an empty sum: the bias, or zeros
+      if (!b) std::memset(y, 0, M * N * sizeof(float));
+      return;
+    }
+    // beta = 1: accumulate onto the bias already in y (no zeroing pass, no separate add).
+    sgemm(false, false, M, N, K, x, w, b && fault != 1 ? 1.0f : 0.0f, y);
+  });
+}
+
+std::vector<mx::array> Linear::vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cot,
+                                   const std::vector<int>& argnums, const std::vector<mx::array>&) {
+  const auto& x = primals[0];
+  const auto& w = primals[1];
+  auto g = prepared(cot[0], stream(), "linear vjp");
+  bool want[3] = {false, false, false};
+  for (int a : argnums) want[a] = true;
+  std::vector<mx::Shape> shapes;
+  for (int i = 0; i < 3; i++) {
+    if (want[i]) shapes.push_back(primals[i].shape());
+  }
+  auto grads = mx::array::make_arrays(shapes, std::vector<mx::Dtype>(shapes.size(), mx::float32),
+                                      std::make_shared<LinearGrad>(stream(), want[0], want[1], want[2], fault_),
+                                      {x, w, g});
+  std::vector<mx::array> result;
+  for (int a : argnums) {
+    int slot = 0;
+    for (int i = 0; i < a; i++) slot += want[i];
+    result.push_back(grads[slot]);
+  }
+  return result;
+}
+
+bool Linear::is_equivalent(const mx::Primitive& other) const {
+  auto& o = static_cast<const Linear&>(other);
+  return bias_ == o.bias_ && fault_ == o.fault_;
+}
+
+// dx = g w^T and dw = x^T g as sgemm (beta = 0); db as partial column sums per chunk of rows, added in
+// chunk order (the same result for the same thread count), like the norms' weight gradients.
+void LinearGrad::eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) {
+  for (auto& o : out) allocate(o);
+  size_t K = in[1].shape(0), N = in[1].shape(1), M = N ? in[2].size() / N : 0;
+  int slot = 0;
+  float* dx = dx_ ? out[slot++].data<float>() : nullptr;
+  float* dw = dw_ ? out[slot++].data<float>() : nullptr;
+  float* db = db_ ? out[slot++].data<float>() : nullptr;
+  launch(stream(), [x = in[0].data<float>(), w = in[1].data<float>(), g = in[2].data<float>(), dx, dw, db, M, K,
+                    N, fault = fault_] {
+    bool empty = M == 0 || N == 0 || K == 0;
+    if (dx && !empty) sgemm(false, true, M, K, N, g, w, 0.0f, dx);
+    else if (dx) std::memset(dx, 0, M * K * sizeof(float));
+    if (dw && !empty) sgemm(true, false, K, N, M, x, g, 0.0f, dw);
+    else if (dw) std::memset(dw, 0, K * N * sizeof(float));
+    if (db) {
+      std::memset(db, 0, N * sizeof(float));
+      if (M == 0 || N == 0 || fault == 2) return;
+      int chunks = row_chunks(M, N);
+      if (chunks <= 1) {
+        col_sum(g, db, N, 0, M);
+        return;
+      }
+      std::vector<float> part(N * chunks, 0.0f);
+      parallel_rows(M, N, [&](int c, size_t r0, size_t r1) { col_sum(g, &part[N * c], N, r0, r1); });
+      for (int c = 0; c < chunks; c++) {
+        for (size_t j = 0; j < N; j++) db[j] += part[N * c + j];
+      }
+    }
+  });
+}
+
+bool LinearGrad::is_equivalent(const mx::Primitive& other) const {
+  auto& o = static_cast<const LinearGrad&>(other);
+  return dx_ == o.dx_ && dw_ == o.dw_ && db_ == o.db_ && fault_ == o.fault_;
+}
+
+// ---- embedding: row gather, and its scatter-add split over columns ------------------------------------------
+mx::array embedding(const mx::array& table, const mx::array& ids, int fault, mx::StreamOrDevice s) {
+  auto stream = cpu_stream(s);
+  if (table.ndim() != 2 || !mx::issubdtype(ids.dtype(), mx::integer)) {
+    throw std::invalid_argument("embedding: table (V, C) and integer ids");
+  }
+  auto i32 = mx::contiguous(mx::astype(ids, mx::int32, stream), false, stream);
+  auto shape = ids.shape();
+  shape.push_back(table.shape(1));
+  return mx::array(shape, mx::float32, std::make_shared<Embedding>(stream, fault),
+                   {prepared(table, stream, "embedding"), i32});
+}
+
+namespace {
+// The row of id (negative: from the end, as mx.take), or -1 when out of range.
+inline int64_t row_of(int32_t id, int64_t V) {
+  int64_t r = id < 0 ? id + V : id;
+  return r >= 0 && r < V ? r : -1;
+}
+}  // namespace
+
+void Embedding::eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) {
+  allocate(out[0]);
+  size_t V = in[0].shape(0), C = in[0].shape(1), N = in[1].size();
+  launch(stream(), [t = in[0].data<float>(), ids = in[1].data<int32_t>(), y = out[0].data<float>(), V, C, N] {
+    parallel_rows(N, C, [&](int, size_t r0, size_t r1) {
+      for (size_t i = r0; i < r1; i++) {
+        int64_t r = row_of(ids[i], (int64_t)V);
+        if (r >= 0) std::memcpy(y + i * C, t + r * C, C * sizeof(float));
+        else std::fill(y + i * C, y + (i + 1) * C, std::numeric_limits<float>::quiet_NaN());
+      }
+    });
+  });
+}
+
+std::vector<mx::array> Embedding::vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cot,
+                                      const std::vector<int>& argnums, const std::vector<mx::array>&) {
+  std::vector<mx::array> result;
+  for (int a : argnums) {
+    if (a == 0) {
+      auto g = prepared(cot[0], stream(), "embedding vjp");
+      result.push_back(mx::array(primals[0].shape(), mx::float32, std::make_shared<EmbeddingGrad>(stream(), fault_),
+                                 {primals[1], g}));
+    } else {
+      result.push_back(mx::zeros_like(primals[a], stream()));
+    }
+  }
+  return result;
+}
+
+bool Embedding::is_equivalent(const mx::Primitive& other) const {
+  return fault_ == static_cast<const Embedding&>(other).fault_;
+}
+
+// Each pool chunk owns a block of columns and adds every id's gradient row into it, ids in order: no two
+// threads write one float, and the sums are the sequential ones whatever the thread count.
+void EmbeddingGrad::eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) {
+  allocate(out[0]);
+  size_t V = out[0].shape(0), C = out[0].shape(1), N = in[0].size();
+  launch(stream(), [ids = in[0].data<int32_t>(), g = in[1].data<float>(), dt = out[0].data<float>(), V, C, N,
+                    fault = fault_] {
+    std::memset(dt, 0, V * C * sizeof(float));
+    parallel_rows(C, N, [&](int, size_t c0, size_t c1) {
+      for (size_t i = 0; i < N; i++) {
+        int64_t r = row_of(ids[i], (int64_t)V);
+        if (r < 0) continue;
+        float* d = dt + r * C;
+        const float* gi = g + i * C;
+        if (fault == 1) {
+          for (size_t j = c0; j < c1; j++) d[j] = gi[j];
+        } else {
+#pragma omp simd
+          for (size_t j = c0; j < c1; j++) d[j] += gi[j];
+        }
+      }
+    });
+  });
+}
+
+bool EmbeddingGrad::is_equivalent(const mx::Primitive& other) const {
+  return fault_ == static_cast<const EmbeddingGrad&>(other).fault_;
 }
 
 }  // namespace twinlm

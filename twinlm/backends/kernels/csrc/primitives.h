@@ -20,6 +20,13 @@ mx::array masked_softmax(const mx::array& scores, const std::optional<mx::array>
 mx::array cross_entropy_rows(const mx::array& logits, const mx::array& targets, mx::StreamOrDevice s = {});
 mx::array swiglu(const mx::array& gate, const mx::array& up, mx::StreamOrDevice s = {});
 mx::array rope(const mx::array& x, const mx::array& cos, const mx::array& sin, mx::StreamOrDevice s = {});
+// x (..., K) @ w (K, N) [+ b (N,)]: one sgemm onto the bias. `fault` is for the tests' negative controls
+// only (1: beta = 0, which drops the bias; 2: the bias gradient left at zero); 0 everywhere else.
+mx::array linear(const mx::array& x, const mx::array& w, const std::optional<mx::array>& b, int fault = 0,
+                 mx::StreamOrDevice s = {});
+// table (V, C) rows at ids (any shape, integer; negative ids count from the end, as mx.take): (..., C).
+// Out-of-range ids give NaN rows. `fault` (tests only): 1 = the backward assigns instead of adding.
+mx::array embedding(const mx::array& table, const mx::array& ids, int fault = 0, mx::StreamOrDevice s = {});
 
 // A primitive with a CPU implementation only; the GPU path says so (Python never sends it there).
 class CpuPrimitive : public mx::Primitive {
@@ -173,6 +180,57 @@ class Rope : public CpuPrimitive {  // x (..., T, hs), cos, sin (T, hs/2) -> rot
 
  private:
   bool inverse_;
+};
+
+class Linear : public CpuPrimitive {  // x (M, K) viewed, w (K, N)[, b (N,)] -> x @ w + b, shape (..., N)
+ public:
+  Linear(mx::Stream s, bool has_bias, int fault) : CpuPrimitive(s), bias_(has_bias), fault_(fault) {}
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override;
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override;
+  const char* name() const override { return "TwinlmLinear"; }
+  bool is_equivalent(const mx::Primitive& other) const override;
+
+ private:
+  bool bias_;
+  int fault_;
+};
+
+class LinearGrad : public CpuPrimitive {  // x, w, g -> the wanted ones of dx = g w^T, dw = x^T g, db = sum g
+ public:
+  LinearGrad(mx::Stream s, bool dx, bool dw, bool db, int fault)
+      : CpuPrimitive(s), dx_(dx), dw_(dw), db_(db), fault_(fault) {}
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override;
+  const char* name() const override { return "TwinlmLinearGrad"; }
+  bool is_equivalent(const mx::Primitive& other) const override;
+
+ private:
+  bool dx_, dw_, db_;
+  int fault_;
+};
+
+class Embedding : public CpuPrimitive {  // table (V, C), ids int32 -> rows (..., C)
+ public:
+  Embedding(mx::Stream s, int fault) : CpuPrimitive(s), fault_(fault) {}
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override;
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override;
+  const char* name() const override { return "TwinlmEmbedding"; }
+  bool is_equivalent(const mx::Primitive& other) const override;
+
+ private:
+  int fault_;
+};
+
+class EmbeddingGrad : public CpuPrimitive {  // ids, g (..., C) -> dtable (V, C): the scatter-add
+ public:
+  EmbeddingGrad(mx::Stream s, int fault) : CpuPrimitive(s), fault_(fault) {}
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override;
+  const char* name() const override { return "TwinlmEmbeddingGrad"; }
+  bool is_equivalent(const mx::Primitive& other) const override;
+
+ private:
+  int fault_;
 };
 
 }  // namespace twinlm
