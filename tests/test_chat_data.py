@@ -280,3 +280,13 @@ def test_imported_model_finetunes_with_its_own_template(tmp_path: Path, where: s
     assert cm.template.render([{"role": "user", "content": "hi"}], add_generation_prompt=True) == \
         "<s>user: hi</s><s>assistant: "
     assert tok.id_of("eos") in cm.stop_ids and not cm.template.is_default
+    # export-hf hands the template on where it came from; transformers renders it the same
+    from transformers import AutoTokenizer
+
+    from twinlm.hf import export_hf
+
+    out, _ = export_hf(tmp_path / "run", tmp_path / "export")
+    assert (out / "chat_template.jinja").exists() == (where == "jinja_file")
+    ref = AutoTokenizer.from_pretrained(out)
+    assert ref.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                   add_generation_prompt=True) == "<s>user: hi</s><s>assistant: "

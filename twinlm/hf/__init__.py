@@ -323,6 +323,8 @@ def export_hf(run: str | Path, out: str | Path) -> tuple[Path, list[str]]:
     )
     if record.get("generation_config"):
         files["generation_config.json"] = record["generation_config"]
+    if record.get("chat_template") and "tokenizer.json" in files:  # it came as chat_template.jinja
+        files["chat_template.jinja"] = record["chat_template"]
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise HFError(f"{out} exists and is not empty; choose a new folder")
