@@ -12,7 +12,7 @@ TWINLM_MLX ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda12 || ec
 MLX_WHEELS := mlx-cpu mlx-cuda-12 mlx-cuda-13
 MLX_WHEEL := $(if $(filter cuda12,$(TWINLM_MLX)),mlx-cuda-12,$(if $(filter cuda13,$(TWINLM_MLX)),mlx-cuda-13,mlx-cpu))
 
-.PHONY: setup demo test test-no-kernels test-all test-cl devcheck-dry lint bench kernels clean mlx-build
+.PHONY: setup demo test test-no-kernels test-all test-cl test-cl-train devcheck-dry lint bench kernels clean mlx-build
 
 $(STAMP): pyproject.toml
 	@case "$(TWINLM_MLX)" in cpu|cuda12|cuda13) ;; \
@@ -63,14 +63,18 @@ test-all: $(HF_STAMP) $(KSTAMP)
 	$(BIN)/python -m pytest -n 2 -q -m "slow or not slow"
 
 # tinygrad's OpenCL device through pocl, on this CPU (CI): installs pocl when missing, then runs the tinygrad
-# primitive and parity tests with DEV=CL (the float64 phases where the device reports cl_khr_fp64) and a
-# short train with --device CL. The rest of the suite pins DEV=CPU (tests/conftest.py).
+# primitive and parity tests with DEV=CL (the float64 phases where the device reports cl_khr_fp64).
+# The rest of the suite pins DEV=CPU (tests/conftest.py).
 test-cl: $(STAMP)
 	@bash scripts/system-deps.sh --opencl
-	@# Not the AdamW-step and leakage tests: pocl compiles each new training graph for minutes (the train below
-	@# covers a training step on CL).
+	@# Not the AdamW-step and leakage tests: pocl compiles each new training graph for minutes (make
+	@# test-cl-train covers a training step on CL).
 	DEV=CL $(BIN)/python -m pytest -p no:xdist -q tests/test_primitives.py tests/test_parity.py tests/test_device.py \
 	  -k "(tinygrad and not adamw and not leakage) or device"
+
+# A short `twinlm train --device CL` (not in CI: ~3 minutes, nearly all of it pocl compiling the graphs).
+test-cl-train: $(STAMP)
+	@bash scripts/system-deps.sh --opencl
 	cd $$(mktemp -d) && seq 1 2000 | sed 's/$$/ the quick brown fox/' > text.txt && \
 	  $(CURDIR)/$(BIN)/twinlm train --backend tinygrad --device CL --data text.txt --preset tiny \
 	  --block-size 16 --batch-size 4 --max-iters 3 --eval-iters 1 --eval-every 100 --out cl-run | tee train.log && \
