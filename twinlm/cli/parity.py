@@ -79,7 +79,7 @@ def _self_test(console: Console, suites: list[parity.Suite]) -> bool:
         first = report.first_failure
         all_caught &= first is not None
         injected = next(B.name for B in suite.backends if B.supports_grad)
-        table.add_row(parity.suite_name(suite.cfg), f"{control.name}: {control.description}", injected,
+        table.add_row(suite.name, f"{control.name}: {control.description}", injected,
                       f"{len(report.failures)}/{len(report.checks)}",
                       first.label if first else "-", f"{first.margin:.3g}" if first else "-",
                       "[green]caught[/]" if first else "[bold red]MISSED[/]")
@@ -93,7 +93,8 @@ def _self_test(console: Console, suites: list[parity.Suite]) -> bool:
                    f"Default: {ALL_BACKENDS}, or the chosen backend (--backend, ${ENV_VAR}) against numpy.")
 @backend_option
 @click.option("--arch", type=click.Choice([*parity.ARCHS, "all"]), default="all", show_default=True,
-              help="Model family to compare.")
+              help="Model family or variant to compare; all: every one but "
+                   f"{', '.join(a for a in parity.ARCHS if a not in parity.DEFAULT_ARCHS)} (by name only).")
 @click.option("--config", "config_name", type=click.Choice(list(PRESETS)), default=None,
               help="Model preset (core.config.PRESETS). Default: small (tiny with --quick).")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
@@ -128,7 +129,7 @@ def command(ctx: click.Context, backends: str | None, arch: str, config_name: st
     # MLX_ENABLE_TF32=1 given by the user is kept (to see TF32's margin) and said below.
     os.environ.setdefault(TF32_ENV, "0")
     chosen = [get_backend(n) for n in names]  # BackendUnavailable says what to install
-    archs = parity.ARCHS if arch == "all" else (arch,)
+    archs = parity.DEFAULT_ARCHS if arch == "all" else (arch,)
     cfg = preset(config_name, vocab_size=65)
     console = Console(highlight=False)
     if not console.is_terminal:
@@ -148,8 +149,8 @@ def command(ctx: click.Context, backends: str | None, arch: str, config_name: st
     report, suites = parity.Report(), []
     with console.status("parity", spinner="dots") as status:
         for i, name in enumerate(archs):
-            suite = parity.Suite(chosen, parity.arch_config(name, config_name), steps=steps, seed=seed,
-                                 dropout=dropout, progress=progress(status, ""))
+            suite = parity.Suite.of(chosen, name, config_name, steps=steps, seed=seed, dropout=dropout,
+                                    progress=progress(status, ""))
             # The primitives and fused kernels do not depend on the family: check them once.
             phases = [p for p in parity.PHASES if i == 0 or p not in ("primitives", "fused")]
             part = suite.run(phases=phases)
