@@ -144,3 +144,4 @@ def test_modern_variant_float64_model_has_the_pieces() -> None:
     suite = _suite("modern")
     assert isinstance(suite.fd_cfg, ModelConfig) and suite.fd_cfg.qk_norm and suite.fd_cfg.sliding_window
     assert suite.masked and suite.name == "modern"
+    assert suite.dropout == 0.0 and _suite("llama").dropout > 0  # one training graph: tinygrad's costliest

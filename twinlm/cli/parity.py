@@ -104,7 +104,8 @@ def _self_test(console: Console, suites: list[parity.Suite]) -> bool:
                    "backend that would train (chosen or default) against numpy.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for weights, batches and masks.")
 @click.option("--dropout", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.1, show_default=True,
-              help="Dropout of the second training run (the first always runs without dropout).")
+              help="Dropout of the second training run (the first always runs without dropout; the modern "
+                   "variant runs only the first).")
 @click.option("--self-test", is_flag=True,
               help="Inject each negative control on one side in turn; fail if any goes undetected.")
 @click.option("-v", "--verbose", is_flag=True, help="One row per tensor instead of per comparison.")
