@@ -2,9 +2,10 @@
 
 Training costs 3x the forward matmul FLOPs (forward, plus two matmuls per weight in backward):
 6 * N_matmul per token (4 for a frozen weight: its input gradient, but no weight gradient), plus
-attention 12 * n_layer * d_model * T (q k^T and att v, forward and backward, counted over the full
-T x T square as PaLM's appendix does). Elementwise work, norms and the embedding gather are not counted:
-MFU measures useful matmul work against the GEMM peak.
+attention 12 * n_layer * (n_head * head_dim) * T (q k^T and att v, forward and backward, counted over the
+full T x T square as PaLM's appendix does), T the positions a step trains on: the training window, which a
+fine-tune may set shorter than the model's context. Elementwise work, norms and the embedding gather are
+not counted: MFU measures useful matmul work against the GEMM peak.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ def matmul_params(cfg: ModelConfig, trainable: bool | None = None) -> int:
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> int:
-    """Forward + backward FLOPs per token at sequence length `seq_len` (default block_size)."""
+    """Forward + backward FLOPs per token at sequence length `seq_len` (the training window; default
+    block_size). The attention width is n_head * head_dim (not d_model where head_dim is explicit)."""
     t = cfg.block_size if seq_len is None else seq_len
-    return 6 * matmul_params(cfg, True) + 4 * matmul_params(cfg, False) + 12 * cfg.n_layer * cfg.d_model * t
+    width = cfg.n_head * cfg.head_dim
+    return 6 * matmul_params(cfg, True) + 4 * matmul_params(cfg, False) + 12 * cfg.n_layer * width * t
 
 
 def mfu(flops_per_token: float, tokens_per_s: float, peak_flops: float) -> float:

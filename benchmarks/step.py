@@ -51,21 +51,27 @@ ENV_KEYS = ("BEAM", "DEV", "NUM_CPU_THREADS", "JIT", "CACHEDB", "OMP_", "OPENBLA
 
 
 def bench_one(backend: str, preset: str, batch: int, iters: int, warmup_iters: int, max_seconds: float,
-              seed: int = 0, lora_rank: int = 0, ranks: int = 1, beam: int = 0) -> dict[str, Any]:
-    """Warm up (compile), then time `iters` steps (fewer if `max_seconds` runs out, at least 3)."""
+              seed: int = 0, lora_rank: int = 0, ranks: int = 1, beam: int = 0,
+              window: int = 0) -> dict[str, Any]:
+    """Warm up (compile), then time `iters` steps (fewer if `max_seconds` runs out, at least 3) on windows
+    of `window` positions (0: the model's block size), as `twinlm train --block-size` fine-tunes a
+    long-context model: tokens/s and FLOPs count those positions, not the model's context."""
     import numpy as np
 
     from benchmarks.runner import make_trainer
     from twinlm.core.optim import AdamWConfig
 
     cfg = bench_config(preset, lora_rank)
+    window = window or cfg.block_size
+    if not 1 < window <= cfg.block_size:
+        raise TwinlmError(f"--window {window}: the model reads 2 to {cfg.block_size} tokens")
     opt = AdamWConfig()
     if beam and backend == "tinygrad":  # the search happens during warm-up, reported there
         from twinlm.backends import tinygrad_beam
 
         tinygrad_beam.enable(beam)
     rng = np.random.default_rng(seed)
-    batches = [rng.integers(0, cfg.vocab_size, (2, batch, cfg.block_size)).astype(np.int32) for _ in range(4)]
+    batches = [rng.integers(0, cfg.vocab_size, (2, batch, window)).astype(np.int32) for _ in range(4)]
 
     t0 = time.perf_counter()
     # MLX ranks are processes (this is one of them); tinygrad's are devices of this process.
@@ -87,14 +93,15 @@ def bench_one(backend: str, preset: str, batch: int, iters: int, warmup_iters: i
         if len(times) >= 3 and time.perf_counter() - t_start > max_seconds:
             break
     ms = report.summarize(times)
-    tokens = batch * cfg.block_size
+    tokens = batch * window
     return {
         "backend": backend, "preset": preset + (f"+lora{lora_rank}" if lora_rank else ""),
-        "config": cfg.to_dict(), "batch": batch, "ranks": ranks, "beam": beam if backend == "tinygrad" else 0,
+        "config": cfg.to_dict(), "batch": batch, "window": window, "ranks": ranks,
+        "beam": beam if backend == "tinygrad" else 0,
         "tokens_per_iter": tokens, "setup_s": setup_s, "warmup_s": sum(warm), "warmup_iters_s": warm,
         "ms_per_iter": ms, "cpu_ms_per_iter": report.summarize(cpu),
         "tokens_per_s": tokens / (ms["median"] / 1e3),
-        "flops_per_token": flops.train_flops_per_token(cfg),
+        "flops_per_token": flops.train_flops_per_token(cfg, window),
         "peak_rss_mb": report.peak_rss_mb(),
         "loss_first": losses[0], "loss_last": losses[-1], "backend_info": trainer.info,
         **device_measurements(trainer),
@@ -173,7 +180,8 @@ def thread_env(threads: int | None) -> dict[str, str]:
 
 def run(backends: list[str], preset: str, batch: int | None, iters: int, warmup_iters: int,
         max_seconds: float, threads: int | None = None, log=print,
-        lora_rank: int = 0, ranks: tuple[int, ...] = (1,), beam: int = 0) -> list[dict[str, Any]]:
+        lora_rank: int = 0, ranks: tuple[int, ...] = (1,), beam: int = 0,
+        window: int = 0) -> list[dict[str, Any]]:
     """Each backend in a child process, then one GEMM peak measured in the same run for all of them."""
     bench_config(preset, lora_rank)  # an unknown preset fails here, with the list of known ones
     batch = batch or BATCH.get(preset, 12)
@@ -185,8 +193,8 @@ def run(backends: list[str], preset: str, batch: int | None, iters: int, warmup_
             args = ["--child", tmp.name, "--backend", name, "--preset", preset, "--batch", str(batch),
                     "--iters", str(iters), "--warmup-iters", str(warmup_iters),
                     "--max-seconds", str(max_seconds), "--lora-rank", str(lora_rank), "--ranks", str(n),
-                    "--beam", str(beam)]
-            log(f"[{label}] {preset} batch {batch} ...")
+                    "--beam", str(beam), "--window", str(window)]
+            log(f"[{label}] {preset} batch {batch}" + (f" x window {window}" if window else "") + " ...")
             if name in ("mlx", "mlx-ops") and n > 1:
                 code, err = _launch_ranks(n, args, env), ""
             else:
@@ -244,6 +252,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--beam", type=int, default=0,
                     help="tinygrad: BEAM search width, time-bounded per kernel (twinlm train --beam); its "
                          "cost shows in warm-up; run twice to see the cached warm-up")
+    ap.add_argument("--window", type=int, default=0,
+                    help="positions per example (default: the model's block size): a fine-tune's training "
+                         "window, shorter than the context; tokens/s and MFU count these positions")
     ap.add_argument("--out", default=None, help="write the records to this JSON file")
     ap.add_argument("--compare", nargs="+", default=None, metavar="JSON",
                     help="print a table of saved records")
@@ -256,7 +267,8 @@ def main(argv: list[str] | None = None) -> None:
     ranks = tuple(int(n) for n in args.ranks.split(","))
     if args.child:
         record = bench_one(args.backend, args.preset, args.batch, args.iters, args.warmup_iters,
-                           args.max_seconds, lora_rank=args.lora_rank, ranks=ranks[0], beam=args.beam)
+                           args.max_seconds, lora_rank=args.lora_rank, ranks=ranks[0], beam=args.beam,
+                           window=args.window)
         if os.environ.get("MLX_RANK", "0") == "0":  # rank 0 alone reports
             report.save(record, args.child)
         return
@@ -266,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"unknown backend(s) {unknown}; choose from {', '.join(BACKENDS + EXTRA_BACKENDS)} or all")
     records = run(backends, args.preset, args.batch, args.iters, args.warmup_iters, args.max_seconds,
                   args.threads, log=lambda m: print(m, file=sys.stderr, flush=True),
-                  lora_rank=args.lora_rank, ranks=ranks, beam=args.beam)
+                  lora_rank=args.lora_rank, ranks=ranks, beam=args.beam, window=args.window)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         report.save(records, args.out)  # type: ignore[arg-type]

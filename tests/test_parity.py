@@ -192,8 +192,10 @@ CAUGHT_BY = {
                              "llama model (unit-scale weights) mlx+gqa-tiled vs numpy"),
     ("bert", "tanh-gelu"): ("bert model (unit-scale weights) mlx+tanh-gelu vs numpy",),
     ("bert", "no-bias-correction"): ("bert train dropout 0 mlx+no-bias-correction vs mlx",),
+    # (with the training comparison's AdamW eps above float noise, graph.TRAIN_EPS, its 1e-12 vs 1e-5
+    # no longer flips the sign of near-zero updates at dropout 0: the model phase catches it against numpy)
     ("bert", "layer-norm-eps"): ("bert model (init weights) mlx+layer-norm-eps vs mlx",
-                                 "bert train dropout 0 mlx+layer-norm-eps vs mlx"),
+                                 "bert model (init weights) mlx+layer-norm-eps vs numpy"),
     ("bert", "padding-ignored"): ("ops mlx+padding-ignored vs numpy float64",
                                   "bert model (init weights) mlx+padding-ignored vs numpy",
                                   "bert padding mlx+padding-ignored"),
@@ -233,8 +235,9 @@ FAST = ["--backends", "mlx,numpy", "--config", "tiny", "--steps", "3"]
 def test_cli_parity_passes() -> None:
     result = CliRunner().invoke(command, FAST)
     assert result.exit_code == 0, result.output
-    for arch in parity.ARCHS:
+    for arch in parity.DEFAULT_ARCHS:
         assert f"{arch} model (init weights) mlx vs numpy" in result.output
+    assert "gemma3 model" not in result.output  # by --arch only
     assert "padding mlx" in result.output and "causal mlx" in result.output
     assert "worst margin:" in result.output and "checks pass" in result.output
 

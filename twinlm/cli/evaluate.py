@@ -15,6 +15,7 @@ from twinlm.core.data import Dataset, encode_whole, prepare
 from twinlm.core.errors import TwinlmError
 from twinlm.core.tokenizers import Tokenizer
 from twinlm.run_meta import RunMeta
+from twinlm.tasks import run_window
 from twinlm.tasks.lm import ACCURACY_EXAMPLES, sort_accuracy
 from twinlm.trainer import TrainConfig, classify_examples, eval_step, evaluate_loss, evaluate_task
 
@@ -24,25 +25,36 @@ from twinlm.trainer import TrainConfig, classify_examples, eval_step, evaluate_l
 @backend_option
 @click.option("--data", default=None, help="Text file to score (default: the run's validation split).")
 @click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--max-windows", type=int, default=None, help="Score at most this many block-size windows.")
+@click.option("--max-windows", type=int, default=None, help="Score at most this many windows.")
+@click.option("--block-size", "window", type=int, default=None,
+              help="Window in tokens (default: the run's training window; for an imported model its context "
+                   "up to 2048; never more than the text holds).")
 def command(run_dir: str, backend_name: str | None, data: str | None, batch_size: int,
-            max_windows: int | None) -> None:
+            max_windows: int | None, window: int | None) -> None:
     """Loss and perplexity of the model in RUN_DIR; on the built-in task, also its exact-match accuracy."""
     from twinlm.run_dir import load_model, to_backend
 
     if batch_size <= 0:
         raise TwinlmError(f"batch-size must be a positive integer, got {batch_size}")
+    if window is not None and window < 2:
+        raise TwinlmError(f"--block-size must be at least 2, got {window}")
     if not Path(run_dir).exists():
         raise TwinlmError(f"run directory not found: {run_dir}")
     cfg, np_params, tok, meta = load_model(run_dir)
     B = backend(backend_name)
     params = to_backend(B, np_params)
+    if window is not None and window > cfg.block_size:
+        raise TwinlmError(f"--block-size {window}: this model reads at most {cfg.block_size} tokens")
+    window = window or run_window(cfg, meta.train)
     if cfg.n_classes or cfg.kind == "encoder":
-        _evaluate_task(B, cfg, params, tok, meta, data, batch_size, max_windows)
+        _evaluate_task(B, cfg, params, tok, meta, data, batch_size, max_windows, window)
         return
     ds = _scored_text(data, tok, meta.train.get("data"))
-    loss, n = evaluate_loss(B, cfg, params, ds.val, batch_size, max_windows)
-    click.echo(f"{ds.source}: {n:,} tokens scored on {B.name}")
+    # A text shorter than the window is scored as one window of all of it (a long-context model on a
+    # short validation split), not refused.
+    window = max(1, min(window, len(ds.val) - 1))
+    loss, n = evaluate_loss(B, cfg, params, ds.val, batch_size, max_windows, window)
+    click.echo(f"{ds.source}: {n:,} tokens scored in windows of {window} on {B.name}")
     click.echo(f"loss {loss:.4f}  perplexity {math.exp(min(loss, 700.0)):.3f}")
     if meta.task == sort_task.NAME and data is None:
         acc, shown = sort_accuracy(B, cfg, params, tok, ACCURACY_EXAMPLES, samples=5)
@@ -52,7 +64,7 @@ def command(run_dir: str, backend_name: str | None, data: str | None, batch_size
 
 
 def _evaluate_task(B: Backend, cfg: ModelConfig, params: dict[str, Array], tok: Tokenizer, meta: RunMeta,
-                   data: str | None, batch_size: int, max_windows: int | None) -> None:
+                   data: str | None, batch_size: int, max_windows: int | None, window: int) -> None:
     """Classifiers: accuracy and the confusion matrix; masked LMs: masked-token accuracy."""
     from twinlm.cli.train import confusion_table
     from twinlm.tasks.classify import Classify, read_examples
@@ -63,12 +75,12 @@ def _evaluate_task(B: Backend, cfg: ModelConfig, params: dict[str, Array], tok: 
     if cfg.n_classes:
         examples = read_examples(data) if data is not None else classify_examples(saved)[1]
         source = data or f"{saved.data or 'the built-in task'} (validation split)"
-        task = Classify([], examples, meta.labels, tok, cfg, batch_size, saved.seed)
+        task = Classify([], examples, meta.labels, tok, cfg, batch_size, saved.seed, window)
     else:
         ds = _scored_text(data, tok, saved.data)
         source = ds.source
         n_batches = max(1, -(-max_windows // batch_size)) if max_windows else saved.eval_iters
-        task = MaskedLM(ds, batch_size, cfg.block_size, saved.seed, n_batches)
+        task = MaskedLM(ds, batch_size, window, saved.seed, n_batches)
     metrics = evaluate_task(B, cfg, task, params, eval_step(B, cfg, task))
     click.echo(f"{source}: evaluated on {B.name}")
     click.echo(f"loss {metrics['val_loss']:.4f}")

@@ -79,7 +79,7 @@ def _self_test(console: Console, suites: list[parity.Suite]) -> bool:
         first = report.first_failure
         all_caught &= first is not None
         injected = next(B.name for B in suite.backends if B.supports_grad)
-        table.add_row(parity.suite_name(suite.cfg), f"{control.name}: {control.description}", injected,
+        table.add_row(suite.name, f"{control.name}: {control.description}", injected,
                       f"{len(report.failures)}/{len(report.checks)}",
                       first.label if first else "-", f"{first.margin:.3g}" if first else "-",
                       "[green]caught[/]" if first else "[bold red]MISSED[/]")
@@ -93,7 +93,8 @@ def _self_test(console: Console, suites: list[parity.Suite]) -> bool:
                    f"Default: {ALL_BACKENDS}, or the chosen backend (--backend, ${ENV_VAR}) against numpy.")
 @backend_option
 @click.option("--arch", type=click.Choice([*parity.ARCHS, "all"]), default="all", show_default=True,
-              help="Model family to compare.")
+              help="Model family or variant to compare; all: every one but "
+                   f"{', '.join(a for a in parity.ARCHS if a not in parity.DEFAULT_ARCHS)} (by name only).")
 @click.option("--config", "config_name", type=click.Choice(list(PRESETS)), default=None,
               help="Model preset (core.config.PRESETS). Default: small (tiny with --quick).")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
@@ -103,7 +104,8 @@ def _self_test(console: Console, suites: list[parity.Suite]) -> bool:
                    "backend that would train (chosen or default) against numpy.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for weights, batches and masks.")
 @click.option("--dropout", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.1, show_default=True,
-              help="Dropout of the second training run (the first always runs without dropout).")
+              help="Dropout of the second training run (the first always runs without dropout; the modern "
+                   "variant runs only the first).")
 @click.option("--self-test", is_flag=True,
               help="Inject each negative control on one side in turn; fail if any goes undetected.")
 @click.option("-v", "--verbose", is_flag=True, help="One row per tensor instead of per comparison.")
@@ -128,7 +130,7 @@ def command(ctx: click.Context, backends: str | None, arch: str, config_name: st
     # MLX_ENABLE_TF32=1 given by the user is kept (to see TF32's margin) and said below.
     os.environ.setdefault(TF32_ENV, "0")
     chosen = [get_backend(n) for n in names]  # BackendUnavailable says what to install
-    archs = parity.ARCHS if arch == "all" else (arch,)
+    archs = parity.DEFAULT_ARCHS if arch == "all" else (arch,)
     cfg = preset(config_name, vocab_size=65)
     console = Console(highlight=False)
     if not console.is_terminal:
@@ -148,8 +150,8 @@ def command(ctx: click.Context, backends: str | None, arch: str, config_name: st
     report, suites = parity.Report(), []
     with console.status("parity", spinner="dots") as status:
         for i, name in enumerate(archs):
-            suite = parity.Suite(chosen, parity.arch_config(name, config_name), steps=steps, seed=seed,
-                                 dropout=dropout, progress=progress(status, ""))
+            suite = parity.Suite.of(chosen, name, config_name, steps=steps, seed=seed, dropout=dropout,
+                                    progress=progress(status, ""))
             # The primitives and fused kernels do not depend on the family: check them once.
             phases = [p for p in parity.PHASES if i == 0 or p not in ("primitives", "fused")]
             part = suite.run(phases=phases)

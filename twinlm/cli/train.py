@@ -169,12 +169,15 @@ def run(tc: TrainConfig, backend_name: str | None, resume: str | None, devices: 
         f"tokenizer {trainer.tokenizer.kind} "
         f"({cfg.vocab_size} ids)")
     trained = f" ({n_train:,} trained)" if n_train != n_params else ""
+    window = trainer.task.window  # what each example feeds the model: tokens/s count these positions
+    block = f"block {cfg.block_size}" if window == cfg.block_size else \
+        f"window {window} (context {cfg.block_size})"
     if attends(cfg):
         shape = (f"{cfg.n_head} heads{f' ({cfg.n_kv_head} kv)' if cfg.n_kv_head != cfg.n_head else ''}, "
-                 f"d_model {cfg.d_model}, block {cfg.block_size}, {cfg.norm}, {cfg.activation}, "
+                 f"d_model {cfg.d_model}, {block}, {cfg.norm}, {cfg.activation}, "
                  f"{cfg.pos_encoding} positions")
     else:  # a recurrence: no heads, feed-forward or positions
-        shape = f"hidden size {cfg.d_model}, block {cfg.block_size} (unrolled), {cfg.norm}"
+        shape = f"hidden size {cfg.d_model}, {block} (unrolled), {cfg.norm}"
     out(f"model {cfg.arch}: {cfg.n_layer} layers, {shape}: "
         f"{n_params:,} parameters{trained}  |  task {trainer.task.name}  |  batch {tc.batch_size} x "
         f"{tc.grad_accum}  |  run dir {trainer.out}")

@@ -1,6 +1,13 @@
-"""Negative controls: one known bug each, injected on one side only (a backend mixin, a mask or an optimizer
-setting); the suite must then fail. Controls for a family's own pieces are declared in its module
-(`ABLATIONS` in core/models/)."""
+"""Negative controls: one known bug each, injected on one side only (a backend mixin, a mask, an optimizer
+setting, a change to the core graph's maths or to the batch); the suite must then fail. Controls for a
+family's own pieces are declared in its module (`ABLATIONS` in core/models/).
+
+The layer-library pieces of the 2024-25 families (core/layers.py, the decoder stack) are computed in the
+core, once for every backend, so a bug in one of them is a wrong constant or a skipped step of the core
+graph: their controls (`model_change`) recompute one side with that change, parameters unchanged. Where the
+piece is a backend composite (soft-capped attention, the tanh GELU of GeGLU) the control is a backend mixin,
+the bug a fused kernel would have. Either way the suite must then fail: proof that its model and batches
+make the piece matter above the tolerances."""
 
 from __future__ import annotations
 
@@ -82,6 +89,39 @@ class UnscaledLora:
         return super().lora(x, a, b, 1.0)  # type: ignore[misc]
 
 
+class SoftcapDropped:
+    """Attention without its logit soft-cap (what a fused kernel with no soft-cap input computes)."""
+
+    def attention(self: Any, q: Array, k: Array, v: Array, mask: Array | None,
+                  dropout: Array | None = None, softcap: float = 0.0) -> Array:
+        return super().attention(q, k, v, mask, dropout)  # type: ignore[misc]
+
+
+class ErfGeluTanh:
+    """GeGLU's gate through the exact erf GELU instead of the tanh approximation it is pinned to."""
+
+    def gelu_tanh(self: Any, x: Array) -> Array:
+        return self.gelu(x)
+
+
+def _unmasked(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Chat data with its loss mask dropped: every target counts, the prompt's and the padding's too."""
+    return {**batch, "w": np.ones_like(batch["w"])}
+
+
+def _mask_shifted(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The loss mask one position late: each turn's first assistant target is dropped, and the token after
+    the turn (the next prompt's first, or padding) is learned."""
+    w = np.zeros_like(batch["w"])
+    w[:, 1:] = batch["w"][:, :-1]
+    return {**batch, "w": w}
+
+
+def _sliding(c: ModelConfig) -> bool:
+    """Whether some layer attends through a window shorter than the suite's sequences."""
+    return any(c.sliding(i) for i in range(c.n_layer)) and c.sliding_window < c.block_size
+
+
 def shifted_causal_mask(t_q: int, t_k: int) -> np.ndarray:
     """The causal mask shifted by one: each query also sees the next token (a leak)."""
     return np.arange(t_k)[None, :] <= np.arange(t_q)[:, None] + (t_k - t_q) + 1
@@ -98,6 +138,14 @@ class Control:
     mask_fn: Callable[[int, int], np.ndarray] = model.causal_mask
     bias_correction: bool = True
     applies: Callable[[ModelConfig], bool] = lambda cfg: True
+    model_change: Callable[[ModelConfig], dict[str, Any]] | None = None  # config changes, one side only
+    skip_params: str | None = None  # weights named *<this> left out of one side's graph (a skipped add)
+    batch_change: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None  # on masked batches
+
+    @property
+    def backend_free(self) -> bool:
+        """No mixin: the primitives and fused kernels of the injected side are the clean side's."""
+        return self.mixin is None
 
 
 CONTROLS = (
@@ -119,6 +167,46 @@ CONTROLS = (
             applies=lambda c: c.kind == "encoder"),
     Control("lora-unscaled", "LoRA adapters without their alpha / rank scale", mixin=UnscaledLora,
             applies=lambda c: c.lora_rank > 0 and c.lora_scale != 1.0),
+    # The 2024-25 families' pieces (core/layers.py and the decoder stack; see the module docstring).
+    Control("rope-scaling-skipped", "RoPE frequencies left unscaled (rope_type default)",
+            model_change=lambda c: dict(rope_type="default"), applies=lambda c: c.rope_type != "default"),
+    Control("llama3-original-context", "llama3 RoPE wavelengths measured against twice the original context",
+            model_change=lambda c: dict(rope_original_positions=2 * c.rope_original_positions),
+            applies=lambda c: c.rope_type == "llama3"),
+    Control("local-rope-base", "sliding-window layers rotated by the global RoPE base and scaling",
+            model_change=lambda c: dict(rope_local_theta=0.0), applies=lambda c: c.rope_local_theta > 0),
+    Control("qkv-bias-dropped", "q/k/v biases not added", skip_params=".attn.qkv.bias",
+            applies=lambda c: c.qkv_bias and not c.bias),
+    Control("head-size-scale", "attention scores scaled by (d_model / n_head)^-1/2, not by the head size "
+            "or query_pre_attn_scalar", model_change=lambda c: dict(query_scale=float(c.d_model // c.n_head)),
+            applies=lambda c: (c.query_scale or c.head_dim) != c.d_model // c.n_head),
+    Control("qk-norm-skipped", "no per-head RMSNorm of q and k", model_change=lambda c: dict(qk_norm=False),
+            applies=lambda c: c.qk_norm),
+    Control("window-off-by-one", "sliding window one key wider",
+            model_change=lambda c: dict(sliding_window=c.sliding_window + 1), applies=_sliding),
+    Control("window-every-layer", "the per-layer pattern ignored: every layer slides",
+            model_change=lambda c: dict(layer_types=()),
+            applies=lambda c: _sliding(c) and "full_attention" in c.layer_types),
+    Control("attn-softcap-dropped", "attention logits not soft-capped", mixin=SoftcapDropped,
+            applies=lambda c: c.attn_softcap > 0),
+    Control("final-softcap-dropped", "final logits not soft-capped",
+            model_change=lambda c: dict(final_softcap=0.0), applies=lambda c: c.final_softcap > 0),
+    Control("query-scale-ignored", "query_pre_attn_scalar ignored: scores scaled by the head size",
+            model_change=lambda c: dict(query_scale=0.0),
+            applies=lambda c: c.query_scale > 0 and c.query_scale != c.head_dim),
+    Control("norm-offset-dropped", "RMSNorm gain w instead of Gemma's 1 + w",
+            model_change=lambda c: dict(norm_offset=False), applies=lambda c: c.norm_offset),
+    Control("embed-scale-skipped", "embeddings not scaled by sqrt(d_model)",
+            model_change=lambda c: dict(embed_scale=False), applies=lambda c: c.embed_scale),
+    Control("post-norms-skipped", "no norm after attention and after the MLP",
+            model_change=lambda c: dict(post_norms=False), applies=lambda c: c.post_norms),
+    Control("geglu-erf", "GeGLU's gate through the erf GELU, not the tanh form", mixin=ErfGeluTanh,
+            applies=lambda c: c.activation in ("gelu_tanh", "geglu_tanh")),
+    # Chat data (tasks/chat.py): the suite's masked batches (`parity_batch(masked=True)`).
+    Control("loss-mask-ignored", "chat loss over every target, the prompt's and the padding's too",
+            batch_change=_unmasked, applies=lambda c: c.kind == "decoder"),
+    Control("loss-mask-shifted", "chat loss mask one position late", batch_change=_mask_shifted,
+            applies=lambda c: c.kind == "decoder"),
     # The families' own (core/models/*: ABLATIONS).
     *(Control(name, what, mixin=mixin, applies=lambda c, a=arch: c.arch == a)
       for arch in FAMILIES for name, what, mixin in getattr(family(arch), "ABLATIONS", {}).get(arch, ())),

@@ -1,12 +1,15 @@
 """The whole graph across backends: logits, loss and every gradient (`model_run`), causality and padding
 invariance (`leakage_checks`), N AdamW steps exactly as the trainer runs them (`train_run`), and float64
 finite differences of the core graph (`fd_gradient_checks`). A `Side` is one participant: a backend plus
-the (possibly injected) settings."""
+the (possibly injected) settings: a mask, the optimizer's bias correction, a change to the model's maths
+(`model_change`: a wrong constant or a skipped step of the core graph) or to the batch (`batch_change`:
+e.g. the loss mask of chat data dropped)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -19,6 +22,8 @@ from twinlm.parity.checks import Check, compare
 from twinlm.parity.controls import Control
 from twinlm.parity.ops import with_mixin
 
+Batch = dict[str, np.ndarray]
+
 
 @dataclass(frozen=True)
 class Side:
@@ -28,6 +33,11 @@ class Side:
     backend: Backend
     mask_fn: Callable[[int, int], np.ndarray] = model.causal_mask
     bias_correction: bool = True
+    # Config changes this side computes with (its parameters stay the suite's: a skipped piece's weights
+    # get zero gradients), and a change to every batch it sees; both None when clean.
+    model_change: Callable[[ModelConfig], dict[str, Any]] | None = None
+    skip_params: str | None = None  # weights whose names end so are left out of this side's graph
+    batch_change: Callable[[Batch], Batch] | None = None
 
     @classmethod
     def clean(cls, B: Backend) -> Side:
@@ -36,7 +46,15 @@ class Side:
     @classmethod
     def injected(cls, B: Backend, control: Control) -> Side:
         backend = with_mixin(B, control.mixin, control.name.title().replace("-", "")) if control.mixin else B
-        return cls(f"{B.name}+{control.name}", backend, control.mask_fn, control.bias_correction)
+        return cls(f"{B.name}+{control.name}", backend, control.mask_fn, control.bias_correction,
+                   control.model_change, control.skip_params, control.batch_change)
+
+    def config(self, cfg: ModelConfig) -> ModelConfig:
+        """The model this side computes: the suite's, or the control's change of it."""
+        return cfg.replace(**self.model_change(cfg)) if self.model_change else cfg
+
+    def batch(self, batch: Batch) -> Batch:
+        return self.batch_change(batch) if self.batch_change else batch
 
 
 def suite_name(cfg: ModelConfig) -> str:
@@ -45,14 +63,16 @@ def suite_name(cfg: ModelConfig) -> str:
 
 # ---- whole model --------------------------------------------------------------------------------
 
-Batch = dict[str, np.ndarray]
 
-
-def parity_batch(cfg: ModelConfig, rng: np.random.Generator, batch: int, t: int) -> Batch:
+def parity_batch(cfg: ModelConfig, rng: np.random.Generator, batch: int, t: int,
+                 masked: bool = False) -> Batch:
     """Random tokens: {"x", "y"} next tokens for a decoder; for an encoder, targets at ~30% of the
-    real positions ("w") and rows of different lengths with the rest padding ("mask")."""
+    real positions ("w") and rows of different lengths with the rest padding ("mask"). `masked`: chat data
+    as `tasks.chat` batches it (`chat_batch`), loss weights "w" on the assistant's tokens only."""
     seq = rng.integers(0, cfg.vocab_size, (batch, t + 1)).astype(np.int32)
     out = {"x": seq[:, :-1], "y": seq[:, 1:]}
+    if masked and cfg.kind == "decoder":
+        return chat_batch(out, rng)
     if cfg.kind == "encoder":
         lengths = rng.integers(max(1, t // 2), t + 1, batch)
         lengths[0] = t
@@ -61,6 +81,23 @@ def parity_batch(cfg: ModelConfig, rng: np.random.Generator, batch: int, t: int)
         w[:, 0] = True
         out |= {"w": w.astype(np.float32), "mask": layers.padding_mask(lengths, t)}
     return out
+
+
+def chat_batch(batch: Batch, rng: np.random.Generator) -> Batch:
+    """`batch` shaped like `tasks.chat.encode_rows`' rows: one conversation per row, user and assistant
+    turns in turn, then zero padding to the window (rows but the first end early); "w" is 1 on the
+    targets of the assistant's turns only, 0 on the prompt's and the padding's (`--mask-prompt`'s loss)."""
+    x, y = batch["x"].copy(), batch["y"].copy()
+    n, t = x.shape
+    w = np.zeros((n, t), np.float32)
+    if t < 4:
+        raise ValueError(f"a chat-style batch needs at least 4 positions, got {t}")
+    for i in range(n):
+        end = t if i == 0 or t < 8 else int(rng.integers(t // 2, t))
+        cuts = np.sort(rng.choice(np.arange(1, end), size=3, replace=False))  # user | asst | user | asst
+        w[i, cuts[0]:cuts[1]] = w[i, cuts[2]:end] = 1.0
+        x[i, end:], y[i, end:] = 0, 0
+    return {"x": x, "y": y, "w": w}
 
 
 def _on(B: Backend, batch: Batch) -> dict[str, Array]:
@@ -77,6 +114,9 @@ def compiled(B: Backend, fn: Callable[..., tuple[Array, ...]]) -> Callable[..., 
 def side_logits(side: Side, cfg: ModelConfig, p: dict[str, Array], batch: dict[str, Array],
                 drop: dict[str, Array] | None = None) -> Array:
     """LM logits the way training computes them: causal (with the side's mask) or over padding."""
+    cfg = side.config(cfg)
+    if side.skip_params:  # (layers add a bias wherever the parameter exists)
+        p = {k: v for k, v in p.items() if not k.endswith(side.skip_params)}
     if cfg.kind == "decoder":
         return model.logits(side.backend, cfg, p, batch["x"], dropout=drop, mask_fn=side.mask_fn)
     return model.logits(side.backend, cfg, p, batch["x"], dropout=drop, mask=batch["mask"])
@@ -116,7 +156,8 @@ def model_run(side: Side, cfg: ModelConfig, params: dict[str, np.ndarray], batch
         loss, grads = B.value_and_grad(loss_fn)(t, b)
         return (captured[-1], loss, *(grads[k] for k in t))
 
-    logits, loss, *grads = (B.to_numpy(o) for o in compiled(B, run)(trainable, frozen, _on(B, batch)))
+    outputs = compiled(B, run)(trainable, frozen, _on(B, side.batch(batch)))
+    logits, loss, *grads = (B.to_numpy(o) for o in outputs)
     return ModelRun(logits, loss, dict(zip(trainable, grads, strict=True)) if B.supports_grad else None)
 
 
@@ -138,7 +179,7 @@ def compare_model(group: str, got: ModelRun, want: ModelRun) -> list[Check]:
 
 
 def leakage_checks(side: Side, cfg: ModelConfig, params: dict[str, np.ndarray], batch: Batch,
-                   seed: int = 0) -> list[Check]:
+                   seed: int = 0, name: str | None = None) -> list[Check]:
     """Decoders: changing tokens after position t must leave logits at positions <= t exactly unchanged.
     Encoders: changing padded tokens must leave the logits of every real position exactly unchanged."""
     B = side.backend
@@ -151,12 +192,13 @@ def leakage_checks(side: Side, cfg: ModelConfig, params: dict[str, np.ndarray], 
     x = batch["x"]
     base = logits_of(x)
     rng = np.random.default_rng(seed)
+    name = name or suite_name(cfg)
     checks = []
     if cfg.kind == "encoder":
         real = batch["mask"][:, 0, 0, :]
         changed = np.where(real, x, (x + rng.integers(1, cfg.vocab_size, x.shape)) % cfg.vocab_size)
         got = logits_of(changed.astype(np.int32))
-        return [compare(f"{suite_name(cfg)} padding {side.label}",
+        return [compare(f"{name} padding {side.label}",
                         "logits of real positions with padded tokens "
                         "changed", got[real], base[real], tol.LEAK_TOL)]
     t_len = x.shape[1]
@@ -164,7 +206,7 @@ def leakage_checks(side: Side, cfg: ModelConfig, params: dict[str, np.ndarray], 
         changed = x.copy()
         shift = rng.integers(1, cfg.vocab_size, x[:, t + 1:].shape)  # every later token really changes
         changed[:, t + 1:] = (x[:, t + 1:] + shift) % cfg.vocab_size
-        checks.append(compare(f"{suite_name(cfg)} causal {side.label}",
+        checks.append(compare(f"{name} causal {side.label}",
                               f"logits[:, :{t + 1}] with tokens {t + 1}.. changed",
                               logits_of(changed)[:, :t + 1], base[:, :t + 1], tol.LEAK_TOL))
     return checks
@@ -178,14 +220,23 @@ class TrainRun:
     params: dict[str, np.ndarray]
 
 
+# AdamW's eps in the training comparison: above the float32 noise of a gradient element (backends differ by
+# up to ~1e-6 where contributions cancel), so an element whose first gradient is ~0 (a cancellation, or an
+# embedding row first seen mid-run) moves by lr * g / eps on both sides rather than by +-lr with the sign of
+# its rounding noise: with the default 1e-8 such an element alone, one in ~1e5, made two correct backends
+# differ by 2 lr. Real gradients (1e-3 and up) are still normalised as in training.
+TRAIN_EPS = 1e-5
+
+
 def train_opt(steps: int) -> optim.AdamWConfig:
     """Warm up in 2 steps and decay over the run, so every step moves the weights visibly."""
-    return optim.AdamWConfig(lr=1e-3, min_lr=1e-4, warmup=2, max_iters=max(steps, 3))
+    return optim.AdamWConfig(lr=1e-3, min_lr=1e-4, warmup=2, max_iters=max(steps, 3), eps=TRAIN_EPS)
 
 
-def train_batches(cfg: ModelConfig, batch: int, t: int, steps: int, seed: int) -> list[Batch]:
+def train_batches(cfg: ModelConfig, batch: int, t: int, steps: int, seed: int,
+                  masked: bool = False) -> list[Batch]:
     rng = np.random.default_rng([seed, 1])
-    return [parity_batch(cfg, rng, batch, t) for _ in range(steps)]
+    return [parity_batch(cfg, rng, batch, t, masked) for _ in range(steps)]
 
 
 def train_run(side: Side, cfg: ModelConfig, params: dict[str, np.ndarray], batches: Sequence[Batch],
@@ -197,8 +248,8 @@ def train_run(side: Side, cfg: ModelConfig, params: dict[str, np.ndarray], batch
     state = {k: B.from_numpy(v) for k, v in step.init_state(params, spec).items()}
     loss_fn = lambda p, b, drop: side_loss(side, cfg, p, b, drop)  # noqa: E731
     train_step = B.compile_step(step.make_train_step(B, spec, opt, loss_fn), state)
-    losses = [step.drive(B, train_step, cfg, opt, batch, it, seed, bias_correction=side.bias_correction)[0]
-              for it, batch in enumerate(batches)]
+    losses = [step.drive(B, train_step, cfg, opt, side.batch(batch), it, seed,
+                         bias_correction=side.bias_correction)[0] for it, batch in enumerate(batches)]
     return TrainRun(np.array(losses, dtype=np.float32),
                     {k: B.to_numpy(v) for k, v in step.params_of(train_step.state).items()})
 
@@ -216,7 +267,7 @@ def compare_train(group: str, got: TrainRun, want: TrainRun) -> list[Check]:
 # ---- float64 finite differences of the core graph -----------------------------------------------
 
 def fd_gradient_checks(B: Backend, cfg: ModelConfig, params: dict[str, np.ndarray], batch: Batch,
-                       seed: int = 0) -> list[Check]:
+                       seed: int = 0, name: str | None = None) -> list[Check]:
     """In float64: for each trainable parameter tensor, the directional derivative g . d along a random
     unit direction d in that tensor against (L(p + h d) - L(p - h d)) / 2h; and the loss against the
     float64 numpy reference backend."""
@@ -238,7 +289,7 @@ def fd_gradient_checks(B: Backend, cfg: ModelConfig, params: dict[str, np.ndarra
     frozen = {k: B.from_numpy(v) for k, v in p64.items() if not spec[k].trainable}
     loss, *grad_list = compiled(B, value_and_grad)(trainable, frozen, arrays)
     grads = dict(zip(trainable, grad_list, strict=True))
-    group = f"{suite_name(cfg)} {B.name} float64 finite differences"
+    group = f"{name or suite_name(cfg)} {B.name} float64 finite differences"
     ref = NumpyBackend()
     ref_loss = side_loss(Side.clean(ref), cfg, p64, _on(ref, batch))
     checks = [compare(group, "loss vs numpy float64", B.to_numpy(loss), ref_loss, tol.FLOAT64_LOSS_TOL)]

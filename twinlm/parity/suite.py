@@ -4,13 +4,14 @@ controls re-run only the injected side; the suite's model of each family."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from twinlm.core.backend import Backend
 from twinlm.core.config import ModelConfig, preset
-from twinlm.core.models import FAMILIES, family
+from twinlm.core.models import FAMILIES, family, llama
 from twinlm.core.params import init_params
 from twinlm.parity import graph
 from twinlm.parity.checks import Report
@@ -19,20 +20,38 @@ from twinlm.parity.graph import Side, suite_name
 from twinlm.parity.ops import override_checks, primitive_checks
 
 PHASES = ("primitives", "fused", "model", "causal", "train", "float64")
-# Variants the suite checks beside the families: (family, config changes).
-VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "lora": ("gpt", dict(lora_rank=4, lora_alpha=8.0, lora_dropout=0.1)),  # GPT + rank-4 adapters everywhere
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A model the suite checks beside the families: a family's parity model with config changes (a dict,
+    or a function of that model's config, declared in the family's module)."""
+
+    family: str
+    changes: dict[str, Any] | Callable[[ModelConfig], dict[str, Any]]
+    masked: bool = False  # trained and compared on chat-style batches: loss on the assistant's tokens only
+    default: bool = True  # in `twinlm parity`'s default run; else only by name (--arch), for CI's time
+    dropout: bool = True  # also trained with dropout (a second training graph: tinygrad's costliest phase)
+
+
+VARIANTS: dict[str, Variant] = {
+    "lora": Variant("gpt", dict(lora_rank=4, lora_alpha=8.0, lora_dropout=0.1)),  # rank-4 adapters everywhere
+    # every 2024-25 piece, on chat batches; dropout's sites are the families' (checked there), not new here
+    "modern": Variant("llama", llama.modern_parity, masked=True, dropout=False),
+    "gemma3": Variant("llama", llama.gemma3_parity, default=False),  # + linear RoPE scaling
 }
 ARCHS = (*FAMILIES, *VARIANTS)
+DEFAULT_ARCHS = tuple(a for a in ARCHS if a not in VARIANTS or VARIANTS[a].default)  # `--arch all`
 
 
 def arch_config(arch: str, preset_name: str = "small", vocab_size: int = 65) -> ModelConfig:
     """The parity suite's model of each family: the preset with the family's `parity_overrides` (so every
     option's code path runs), or a variant of a family ("lora": GPT with rank-4 adapters, scale 2, dropout
-    0.1 on their input, on the frozen weights)."""
+    0.1 on their input, on the frozen weights; "modern" and "gemma3": see core/models/llama.py)."""
     if arch in VARIANTS:
-        base, changes = VARIANTS[arch]
-        return arch_config(base, preset_name, vocab_size).replace(**changes)
+        v = VARIANTS[arch]
+        cfg = arch_config(v.family, preset_name, vocab_size)
+        return cfg.replace(**(v.changes(cfg) if callable(v.changes) else v.changes))
     cfg = preset(preset_name, vocab_size=vocab_size, arch=arch)
     overrides = getattr(family(arch), "parity_overrides", None)
     return cfg.replace(**overrides(cfg)) if overrides else cfg
@@ -44,24 +63,38 @@ class Suite:
 
     def __init__(self, backends: Sequence[Backend], cfg: ModelConfig, *, steps: int = 10, seed: int = 0,
                  dropout: float = 0.1, batch: int = 4, fd_cfg: ModelConfig | None = None,
-                 progress: Callable[[str], None] | None = None) -> None:
+                 progress: Callable[[str], None] | None = None, name: str | None = None,
+                 masked: bool = False) -> None:
         # Sides with autograd first, so the float64 numpy reference is always the `want` side.
         self.backends = sorted(backends, key=lambda B: not B.supports_grad)
         self.cfg, self.steps, self.seed, self.dropout, self.batch = cfg, steps, seed, dropout, batch
+        self.name, self.masked = name or suite_name(cfg), masked
         self.fd_cfg = fd_cfg or arch_config("lora" if cfg.lora_rank else cfg.arch, "tiny", cfg.vocab_size)
         self.progress = progress or (lambda msg: None)
         self.params = init_params(cfg, seed)
-        self.data = graph.parity_batch(cfg, np.random.default_rng([seed, 0]), batch, cfg.block_size)
+        self.data = graph.parity_batch(cfg, np.random.default_rng([seed, 0]), batch, cfg.block_size, masked)
         self._cache: dict[tuple[str, str], Any] = {}
 
+    @classmethod
+    def of(cls, backends: Sequence[Backend], arch: str, preset_name: str = "small", vocab_size: int = 65,
+           **kwargs: Any) -> Suite:
+        """The suite of a family or variant by name (`ARCHS`): its model at the preset, its float64 model at
+        tiny, its batches (chat-style for a masked variant)."""
+        variant = VARIANTS.get(arch)
+        if variant is not None and not variant.dropout:
+            kwargs["dropout"] = 0.0
+        return cls(backends, arch_config(arch, preset_name, vocab_size),
+                   fd_cfg=arch_config(arch, "tiny", vocab_size), name=arch,
+                   masked=variant is not None and variant.masked, **kwargs)
+
     def controls(self) -> list[Control]:
-        """The negative controls that touch a piece of this suite's model."""
-        return [c for c in CONTROLS if c.applies(self.cfg)]
+        """The negative controls that touch a piece of this suite's model (and batches)."""
+        return [c for c in CONTROLS if c.applies(self.cfg) and (c.batch_change is None or self.masked)]
 
     def _cached(self, side: Side, what: str, compute: Callable[[], Any]) -> Any:
         key = (side.label, what)
         if key not in self._cache:
-            self.progress(f"{suite_name(self.cfg)} {what}: {side.label}")
+            self.progress(f"{self.name} {what}: {side.label}")
             self._cache[key] = compute()
         return self._cache[key]
 
@@ -82,6 +115,8 @@ class Suite:
             injected = Side.injected(target, control)
             sides, pairs = [injected], [(injected, other) for other in clean]
         for phase in phases:
+            if control is not None and control.backend_free and phase in ("primitives", "fused"):
+                continue  # the injected side's ops are the clean side's: nothing there can differ
             getattr(self, f"_phase_{phase}")(sides, pairs, control, report)
         return report
 
@@ -102,13 +137,13 @@ class Suite:
             for a, b in pairs:
                 runs = [self._cached(s, f"model ({weights} weights)", lambda s=s, p=params: graph.model_run(
                     s, self.cfg, p, self.data)) for s in (a, b)]
-                group = f"{suite_name(self.cfg)} model ({weights} weights) {a.label} vs {b.label}"
+                group = f"{self.name} model ({weights} weights) {a.label} vs {b.label}"
                 report.extend(graph.compare_model(group, *runs))
 
     def _phase_causal(self, sides: list[Side], pairs: list, control: Control | None, report: Report) -> None:
         for side in sides:
             report.extend(self._cached(side, "causal", lambda s=side: graph.leakage_checks(
-                s, self.cfg, self.params, self.data, self.seed)))
+                s, self.cfg, self.params, self.data, self.seed, self.name)))
 
     def _phase_train(self, sides: list[Side], pairs: list, control: Control | None, report: Report) -> None:
         opt = graph.train_opt(self.steps)
@@ -117,12 +152,12 @@ class Suite:
             report.notes.append("train: skipped (needs two backends with autograd)")
         for p in self._train_configs():
             cfg = self.cfg.replace(dropout=p)
-            batches = graph.train_batches(cfg, self.batch, cfg.block_size, self.steps, self.seed)
+            batches = graph.train_batches(cfg, self.batch, cfg.block_size, self.steps, self.seed, self.masked)
             for a, b in trainable:
                 runs = [self._cached(s, f"train dropout {p:g}", lambda s=s, c=cfg, data=batches:
                                      graph.train_run(s, c, self.params, data, opt, self.seed))
                         for s in (a, b)]
-                group = f"{suite_name(self.cfg)} train dropout {p:g} {a.label} vs {b.label}"
+                group = f"{self.name} train dropout {p:g} {a.label} vs {b.label}"
                 report.extend(graph.compare_train(group, *runs))
 
     def _phase_float64(self, sides: list[Side], pairs: list, control: Control | None, report: Report) -> None:
@@ -137,7 +172,7 @@ class Suite:
                                     f"{s.backend.device_info()['device']} has no float64)")
         params = init_params(self.fd_cfg, self.seed)
         batch = graph.parity_batch(self.fd_cfg, np.random.default_rng([self.seed, 2]), 2,
-                             min(8, self.fd_cfg.block_size))
+                                   min(8, self.fd_cfg.block_size), self.masked)
         for side in capable:
             report.extend(self._cached(side, "float64 finite differences", lambda s=side: (
-                graph.fd_gradient_checks(s.backend, self.fd_cfg, params, batch, self.seed))))
+                graph.fd_gradient_checks(s.backend, self.fd_cfg, params, batch, self.seed, self.name))))

@@ -18,14 +18,31 @@ from twinlm.core.errors import TwinlmError
 
 Batch = dict[str, np.ndarray]
 
+# The window a pretrained model trains and is evaluated on unless --block-size says otherwise: its context,
+# at most this (mlx-lm's default max_seq_length). Imported models declare contexts of 32K-131K positions,
+# which no laptop trains on and which a short validation split cannot even fill.
+DEFAULT_WINDOW = 2048
+
 
 def training_window(block_size: int, asked: int | None, from_base: bool) -> int:
-    """The window a run trains on: the model's block size, or for a run from a base a shorter --block-size."""
-    if not from_base or asked is None:
+    """The window (positions per example) a run trains on: a fresh model's block size; for a run from a
+    base, --block-size (2 to the base's block size), else the base's context up to DEFAULT_WINDOW. The one
+    notion of the window: batches, evaluation, token counts, throughput and FLOPs all use it."""
+    if not from_base:
         return block_size
+    if asked is None:
+        return min(block_size, DEFAULT_WINDOW)
     if not 1 < asked <= block_size:
         raise TwinlmError(f"--block-size {asked}: the base model reads 2 to {block_size} tokens")
     return asked
+
+
+def run_window(cfg: ModelConfig, train: dict[str, Any]) -> int:
+    """The window of a saved run (its `RunMeta.train` settings): what it trained on, or for a model that
+    never trained as it is (imported, or merged from adapters: no settings) its context up to
+    DEFAULT_WINDOW."""
+    from_base = not train or train.get("base") is not None
+    return training_window(cfg.block_size, train.get("block_size") if train else None, from_base)
 
 
 class Task:
@@ -33,6 +50,7 @@ class Task:
 
     name: str = "task"
     metric: str | None = None  # the headline metric `summarize` reports besides val_loss, if any
+    window: int = 0  # positions per example: every batch's "x" is (batch_size, window)
 
     def next_batch(self, it: int) -> Batch:
         """The training batch of iteration `it`, arrays with leading dim batch_size."""

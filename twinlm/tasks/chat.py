@@ -54,7 +54,7 @@ class ChatLM(ExampleTask):
 
     def __init__(self, train: list[dict[str, Any]], val: list[dict[str, Any]], template: chat.ChatTemplate,
                  tok: Tokenizer, window: int, batch_size: int, seed: int, mask_prompt: bool) -> None:
-        self.seed, self.b = seed, batch_size
+        self.seed, self.b, self.window = seed, batch_size, window
         self.train = encode_rows(train, template, tok, window, mask_prompt)
         if not self.train["w"].any():
             raise TwinlmError("no example has a token to learn within the window (--block-size too short, "

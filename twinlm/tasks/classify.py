@@ -3,7 +3,7 @@
 Data: a CSV file with `text` and `label` columns, a JSONL file of {"text": ..., "label": ...} objects,
 or the built-in task (below). Texts are encoded with the base run's tokenizer; an encoder reads
 [CLS] + text and pools position 0, a decoder reads the text and pools its last token. Rows are padded
-to block_size ([PAD], masked out of an encoder's attention; a decoder's causal mask already keeps
+to the training window ([PAD], masked out of an encoder's attention; a decoder's causal mask already keeps
 padding after the pooled token out of it).
 
 The built-in task speaks the language of the built-in sort corpus: "51940>01459" is labelled "yes"
@@ -114,10 +114,10 @@ def check_labels(examples: list[Example], labels: list[str]) -> None:
                           f"{', '.join(labels)})")
 
 
-def encode_examples(texts: list[str], tok: Tokenizer, cfg: ModelConfig) -> Batch:
+def encode_examples(texts: list[str], tok: Tokenizer, cfg: ModelConfig, window: int | None = None) -> Batch:
     """{"x": (n, T) ids, "pool": (n, T) one-hot of the pooled position, "mask": (n, 1, 1, T) for an
-    encoder}. Texts longer than the window are cut at its end."""
-    T, encoder = cfg.block_size, cfg.kind == "encoder"
+    encoder}, T the window (default the block size). Texts longer than the window are cut at its end."""
+    T, encoder = window or cfg.block_size, cfg.kind == "encoder"
     x = np.zeros((len(texts), T), np.int32)
     pool = np.zeros((len(texts), T), np.float32)
     lengths = np.zeros(len(texts), np.int64)
@@ -151,9 +151,10 @@ class Classify(ExampleTask):
     ORDER_SALT = 6
 
     def __init__(self, train: list[Example], val: list[Example], labels: list[str], tok: Tokenizer,
-                 cfg: ModelConfig, batch_size: int, seed: int) -> None:
+                 cfg: ModelConfig, batch_size: int, seed: int, window: int | None = None) -> None:
         check_labels(val, labels)
         self.labels, self.tok, self.cfg, self.seed, self.b = labels, tok, cfg, seed, batch_size
+        self.window = window or cfg.block_size
         self.train = self._encode(train)
         self._val = [self._encode(val[i:i + batch_size], pad_to=batch_size)
                      for i in range(0, len(val), batch_size)]
@@ -161,7 +162,7 @@ class Classify(ExampleTask):
     def _encode(self, examples: list[Example], pad_to: int = 0) -> Batch:
         """Encoded examples; with pad_to, padded with weight-0 copies of the first row to that many."""
         texts, labs = [t for t, _ in examples], [self.labels.index(lab) for _, lab in examples]
-        batch = encode_examples(texts, self.tok, self.cfg)
+        batch = encode_examples(texts, self.tok, self.cfg, self.window)
         batch["y"], batch["w"] = np.array(labs, np.int32), np.ones(len(texts), np.float32)
         extra = max(0, pad_to - len(texts))
         if extra:

@@ -20,10 +20,10 @@ from twinlm.tasks import Batch, Task
 class CausalLM(Task):
     name = "lm"
 
-    def __init__(self, ds: Dataset, batch_size: int, block_size: int, seed: int, eval_iters: int) -> None:
-        self.ds = ds
-        self.batcher = Batcher(ds.train, batch_size, block_size, seed)
-        val = Batcher(ds.val, batch_size, block_size, seed + 1)
+    def __init__(self, ds: Dataset, batch_size: int, window: int, seed: int, eval_iters: int) -> None:
+        self.ds, self.window = ds, window
+        self.batcher = Batcher(ds.train, batch_size, window, seed)
+        val = Batcher(ds.val, batch_size, window, seed + 1)
         self._val = [self._batch(*val.next()) for _ in range(eval_iters)]
 
     @staticmethod

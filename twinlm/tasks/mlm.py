@@ -59,13 +59,13 @@ class MaskedLM(Task):
     name = "mlm"
     metric = "masked_accuracy"
 
-    def __init__(self, ds: Dataset, batch_size: int, block_size: int, seed: int, eval_iters: int) -> None:
+    def __init__(self, ds: Dataset, batch_size: int, window: int, seed: int, eval_iters: int) -> None:
         if not {"[MASK]", "[CLS]"} <= set(ds.tokenizer.specials):
             raise TwinlmError("masked-LM training needs a tokenizer with [MASK] and [CLS] (an encoder run's)")
-        self.tok, self.seed = ds.tokenizer, seed
-        # Windows of block_size - 1 corpus tokens after [CLS].
-        self.batcher = Batcher(ds.train, batch_size, block_size - 1, seed)
-        val = Batcher(ds.val, batch_size, block_size - 1, seed + 1)
+        self.tok, self.seed, self.window = ds.tokenizer, seed, window
+        # Windows of window - 1 corpus tokens after [CLS].
+        self.batcher = Batcher(ds.train, batch_size, window - 1, seed)
+        val = Batcher(ds.val, batch_size, window - 1, seed + 1)
         rng = np.random.default_rng([seed, _SALT, 1])
         self._val = [mask_tokens(self._with_cls(val.next()[0]), self.tok, rng) for _ in range(eval_iters)]
 

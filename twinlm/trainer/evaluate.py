@@ -31,13 +31,17 @@ def evaluate_task(B: Backend, cfg: ModelConfig, task: Task, params: dict[str, Ar
 
 
 def evaluate_loss(B: Backend, cfg: ModelConfig, params: dict[str, Array], tokens: np.ndarray,
-                  batch_size: int = 32, max_windows: int | None = None) -> tuple[float, int]:
-    """(mean next-token loss, tokens scored) over consecutive non-overlapping block_size windows of
-    `tokens`, with one compiled graph of fixed shape (the last batch is padded with zero-weight rows)."""
-    T = cfg.block_size
+                  batch_size: int = 32, max_windows: int | None = None,
+                  window: int | None = None) -> tuple[float, int]:
+    """(mean next-token loss, tokens scored) over consecutive non-overlapping windows of `window` positions
+    (default block_size; see `tasks.run_window`) of `tokens`, with one compiled graph of fixed shape (the
+    last batch is padded with zero-weight rows)."""
+    T = window or cfg.block_size
+    if not 0 < T <= cfg.block_size:
+        raise TwinlmError(f"a window of {T} tokens: this model reads 1 to {cfg.block_size}")
     n_win = (len(tokens) - 1) // T
     if n_win < 1:
-        raise TwinlmError(f"{len(tokens)} tokens are fewer than block_size + 1 = {T + 1}; nothing to score")
+        raise TwinlmError(f"{len(tokens)} tokens are fewer than the window + 1 = {T + 1}; nothing to score")
     if max_windows is not None:
         n_win = min(n_win, max_windows)
     b = min(batch_size, n_win)

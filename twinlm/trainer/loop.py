@@ -1,6 +1,8 @@
 """The training loop: data, a compiled step, evaluation, checkpoints, resume, metrics and Ctrl-C.
 
-One iteration = one optimizer update over `batch_size * grad_accum` windows. Gradient accumulation
+One iteration = one optimizer update over `batch_size * grad_accum` windows of `task.window` positions
+(the run's training window, which a fine-tune may set shorter than the model's context): the token counts
+and tokens/s it reports are of those positions, the ones the step really processes. Gradient accumulation
 happens inside the compiled step: the batch arrives as (grad_accum, batch_size, T) and the loss is
 the mean of the micro-batch losses, whose gradient is exactly the mean of the micro-batch gradients
 (what nanoGPT's accumulation loop computes). The update itself stays `core.step.make_train_step`'s,
@@ -157,6 +159,8 @@ class Trainer:
             self.task.set_state(meta.task_state)  # type: ignore[arg-type]
         self._eval_step: Any = None
         self.last_metrics: dict[str, Any] = {}
+        # Positions one iteration processes (padding included): the training window, not the model's context.
+        self.tokens_per_iter = self.tc.batch_size * self.grad_accum * self.task.window
 
     def _step_fn(self) -> S.StepFn:
         loss_fn = task_loss(self.B, self.cfg, self.task, self.grad_accum)
@@ -172,6 +176,7 @@ class Trainer:
         parts = [self.task.next_batch(it * A + a) for a in range(A)]
         batch = {k: np.stack([p[k] for p in parts]) if A > 1 else parts[0][k] for k in parts[0]}
         model.check_token_ids(batch["x"], self.cfg.vocab_size)
+        assert batch["x"].size == self.tokens_per_iter, "the reported token counts would be wrong"
         return batch
 
     def train_step(self, stop: bool = False) -> tuple[float, float]:
@@ -234,7 +239,7 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         metrics = open(self.out / "metrics.jsonl" if self.main else os.devnull, "a", encoding="utf-8")  # noqa: SIM115
         interrupts = _Interrupts(self.log)
-        tokens_per_iter = tc.batch_size * tc.grad_accum * self.cfg.block_size
+        tokens_per_iter = self.tokens_per_iter
         compile_s, steady_s, steady_iters = 0.0, 0.0, 0
         loss = val = acc = None
         bad_run = 0

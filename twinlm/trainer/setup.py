@@ -23,7 +23,7 @@ from twinlm.core.tensorfile import content_digest
 from twinlm.core.tokenizers import Tokenizer, tokenizer_from_dict
 from twinlm.run_dir import load_model, load_run
 from twinlm.run_meta import RunMeta
-from twinlm.tasks import Task, training_window
+from twinlm.tasks import Task, run_window, training_window
 from twinlm.tasks import chat as chat_task
 from twinlm.tasks import classify as C
 from twinlm.tasks.lm import CausalLM, SortTask
@@ -151,7 +151,8 @@ def build_task(tc: TrainConfig, cfg: ModelConfig | None, tok: Tokenizer | None, 
     if tc.task == "classify":
         assert cfg is not None and tok is not None
         train, val = classify_examples(tc)
-        return cfg, C.Classify(train, val, labels, tok, cfg, tc.batch_size, tc.seed), None
+        window = training_window(cfg.block_size, tc.block_size, tc.base is not None)
+        return cfg, C.Classify(train, val, labels, tok, cfg, tc.batch_size, tc.seed, window), None
     # Chat data: a .jsonl (or a folder's train.jsonl) whose rows have `messages` or `prompt`/`completion`
     # trains the chat task (with the base's chat template, from hf_record); any other --data is a corpus.
     if tc.task in ("auto", "lm") and chat_data.sniff(tc.data):
@@ -183,6 +184,8 @@ def merge_resumed(tc: TrainConfig, meta: RunMeta) -> TrainConfig:
         raise TwinlmError(f"checkpoint meta is missing training state ({missing[0]}); cannot resume it")
     saved = meta.train
     model_dict = meta.model.to_dict()
+    if saved.get("base") is not None:  # a run from a base: its --block-size is its window, which it keeps
+        model_dict["block_size"] = run_window(meta.model, saved)
     for name in MODEL_FIELDS:
         given = getattr(tc, name)
         if given is not None and given != model_dict[name]:

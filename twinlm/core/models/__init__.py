@@ -17,7 +17,10 @@
     ABLATIONS     optional, {arch: ((name, description, backend mixin), ...)}: negative controls for the
                   family's own pieces, which the parity suite must catch
 
-and a line in FAMILIES below.
+and a line in FAMILIES below. A variant the parity suite checks beside the families (a family's model with
+more options on, e.g. llama's `modern_parity`) is a function of the family's parity config in its module
+plus a line in `twinlm.parity.suite.VARIANTS`; the layer-library pieces' controls live in
+`twinlm.parity.controls`.
 
 In graph code `B` is always the backend; shapes are written with N (batch), T (positions), C (width),
 H / Hkv (query / key-value heads), hs (head size) and V (vocabulary).
