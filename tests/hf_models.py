@@ -154,6 +154,13 @@ MODERN: dict[str, tuple[str, dict]] = {
         attention_bias=False, attention_dropout=0.0, embd_pdrop=0.0, hidden_act="silu", num_key_value_heads=4,
         original_max_position_embeddings=64, pad_token_id=1, resid_pdrop=0.0, rms_norm_eps=1e-05,
         rope_scaling=None, rope_theta=10000.0, sliding_window=7, tie_word_embeddings=False)),
+    # Phi-4-mini: Phi3ForCausalLM rotating 3/4 of each head (partial_rotary_factor 0.75: 12 of 16 here);
+    # its longrope scaling, which twinlm refuses by name, is left out (the default RoPE, as Phi-3-mini-4k).
+    "Phi-4-mini": ("Phi3ForCausalLM", dict(
+        attention_bias=False, attention_dropout=0.0, embd_pdrop=0.0, hidden_act="silu", num_key_value_heads=2,
+        original_max_position_embeddings=64, pad_token_id=1, partial_rotary_factor=0.75, resid_pdrop=0.0,
+        rms_norm_eps=1e-05, rope_scaling=None, rope_theta=10000.0, sliding_window=None,
+        tie_word_embeddings=True)),
     # Gemma-3-270M: head_dim 256 over 4 heads and 1 kv head, query_pre_attn_scalar 256, 5 sliding-window
     # layers (window 512, RoPE base 1e4) to 1 global (1e6); here one of each and a window of 8.
     "Gemma-3-270M": ("Gemma3ForCausalLM", dict(

@@ -137,6 +137,8 @@ def test_rope_inv_freq_matches_transformers():
         ("Mistral-7B-v0.1", dict(sliding_window=9)),  # the window off by one
         ("Mistral-7B-v0.1", dict(sliding_window=0)),  # no window
         ("Phi-3-mini-4k", dict(sliding_window=6)),  # Phi-3's window off by one
+        ("Phi-4-mini", dict(rope_dim=0)),  # the whole head rotated, not its first 3/4
+        ("Phi-4-mini", dict(rope_dim=8)),  # too few dimensions rotated
         ("Gemma-3-270M", dict(norm_offset=False)),  # RMSNorm x * w instead of Gemma's x * (1 + w)
         ("Gemma-3-270M", dict(embed_scale=False)),  # embeddings not scaled by sqrt(d_model)
         ("Gemma-3-270M", dict(post_norms=False)),  # the post-attention and post-MLP norms skipped

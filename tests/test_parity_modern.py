@@ -21,6 +21,7 @@ PIECES = {
     "RoPE scaling, any (llama3 here)": ("modern", "rope-scaling-skipped"),
     "RoPE scaling, linear": ("gemma3", "rope-scaling-skipped"),
     "RoPE base per layer": ("modern", "local-rope-base"),
+    "partial rotary": ("modern", "partial-rotary-whole-head"),
     "q/k/v bias": ("modern", "qkv-bias-dropped"),
     "explicit head size": ("modern", "head-size-scale"),
     "per-head q/k RMSNorm": ("modern", "qk-norm-skipped"),
@@ -47,6 +48,7 @@ def _suite(arch: str, **kw) -> parity.Suite:
 def test_the_modern_variant_turns_every_piece_on(preset: str) -> None:
     c = parity.arch_config("modern", preset)
     assert c.arch == "llama" and c.head_dim != c.d_model // c.n_head and 1 < c.n_kv_head < c.n_head
+    assert 0 < c.rope_dim < c.head_dim
     assert c.qkv_bias and c.qk_norm and c.rope_type == "llama3" and c.rope_local_theta > 0
     assert {c.sliding(i) for i in range(c.n_layer)} == {True, False} and c.sliding_window < 8
     assert c.attn_softcap and c.final_softcap and c.query_scale not in (0, c.head_dim)

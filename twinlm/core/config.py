@@ -49,6 +49,9 @@ class ModelConfig:
     rope_high_freq_factor: float = 4.0  # llama3 only
     rope_original_positions: int = 0  # llama3 only: the pre-training context the wavelengths are measured by
     head_size: int = 0  # 0: d_model / n_head; else an explicit head size (Qwen3, Gemma)
+    # > 0: RoPE rotates only each head's first rope_dim dimensions and the rest pass through unrotated
+    # (partial_rotary_factor = rope_dim / head size, e.g. Phi-4-mini's 0.75); 0: the whole head
+    rope_dim: int = 0
     qkv_bias: bool = False  # biases on q, k and v only (Qwen2), whatever `bias` says
     qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (Qwen3)
     sliding_window: int = 0  # > 0: a query sees only itself and the sliding_window - 1 keys before it ...
@@ -106,6 +109,12 @@ class ModelConfig:
         if self.pos_encoding == "rope" and self.head_dim % 2:
             raise ConfigError(f"rotary positions need an even head size, got {self.head_dim} "
                               f"(d_model {self.d_model} / n_head {self.n_head})")
+        rd = self.rope_dim
+        if not isinstance(rd, int) or isinstance(rd, bool) or rd < 0:
+            raise ConfigError(f"rope_dim must be a non-negative integer (0: the whole head), got {rd!r}")
+        if rd and (self.pos_encoding != "rope" or rd % 2 or rd > self.head_dim):
+            raise ConfigError(f"rope_dim {rd} needs rotary positions and an even size up to the head size "
+                              f"({self.head_dim})")
         if not (isinstance(self.norm_eps, (int, float)) and 0 < self.norm_eps < 1):
             raise ConfigError(f"norm_eps must be in (0, 1), got {self.norm_eps!r}")
         if not self.rope_theta > 0:
@@ -197,6 +206,11 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.head_size or self.d_model // self.n_head
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many of each head's dimensions RoPE rotates (the first ones)."""
+        return self.rope_dim or self.head_dim
 
     @property
     def kind(self) -> str:

@@ -196,6 +196,15 @@ def mlp(B: Backend, cfg: ModelConfig, p: Params, name: str, x: Array,
     return linear(B, cfg, p, f"{name}.proj", h, drop)
 
 
+def rotate(B: Backend, x: Array, rope: tuple[Array, Array]) -> Array:
+    """RoPE on the first 2 * cos.shape[-1] dimensions of each head of x (..., T, hs); the rest pass
+    through (partial rotary: `ModelConfig.rope_dim`)."""
+    r = 2 * rope[0].shape[-1]
+    if r == x.shape[-1]:
+        return B.rope(x, *rope)
+    return B.concat([B.rope(x[..., :r], *rope), x[..., r:]], axis=-1)
+
+
 def self_attention(B: Backend, cfg: ModelConfig, p: Params, name: str, layer: int, x: Array,
                    attend: Attend, rope: tuple[Array, Array] | None,
                    drop: dict[str, Array] | None = None) -> Array:
@@ -215,7 +224,7 @@ def self_attention(B: Backend, cfg: ModelConfig, p: Params, name: str, layer: in
         q = rms_norm(B, cfg, p[f"{name}.q_norm.weight"], q)
         k = rms_norm(B, cfg, p[f"{name}.k_norm.weight"], k)
     if rope is not None:
-        q, k = B.rope(q, *rope), B.rope(k, *rope)
+        q, k = rotate(B, q, rope), rotate(B, k, rope)
     if cfg.query_scale:  # attention divides by sqrt(hs); the model wants sqrt(query_scale)
         q = q * float(np.sqrt(hs / cfg.query_scale))
     y = attend(layer, q, k, v)  # (N, H, T, hs)

@@ -175,6 +175,8 @@ CONTROLS = (
             applies=lambda c: c.rope_type == "llama3"),
     Control("local-rope-base", "sliding-window layers rotated by the global RoPE base and scaling",
             model_change=lambda c: dict(rope_local_theta=0.0), applies=lambda c: c.rope_local_theta > 0),
+    Control("partial-rotary-whole-head", "RoPE over the whole head, not just its first rope_dim dimensions",
+            model_change=lambda c: dict(rope_dim=0), applies=lambda c: 0 < c.rope_dim < c.head_dim),
     Control("qkv-bias-dropped", "q/k/v biases not added", skip_params=".attn.qkv.bias",
             applies=lambda c: c.qkv_bias and not c.bias),
     Control("head-size-scale", "attention scores scaled by (d_model / n_head)^-1/2, not by the head size "

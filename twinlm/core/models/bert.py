@@ -70,7 +70,7 @@ def hidden(B: Backend, cfg: ModelConfig, p: L.Params, idx: Array, *, dropout: di
     x = L.residual_dropout(L.norm(B, cfg, p, "emb_ln", x), drop, "emb")
     rope = None
     if cfg.pos_encoding == "rope":
-        tables = L.rope_tables(t, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        tables = L.rope_tables(t, cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling)
         rope = tuple(B.from_numpy(a) for a in tables)
     attend, _ = L.attend_all(B, cfg, mask, drop)
     for i in range(cfg.n_layer):

@@ -91,11 +91,11 @@ def _positions(B: Backend, cfg: ModelConfig, p: L.Params, rows: Any,
     if cfg.pos_encoding == "sinusoidal":
         return pick(L.sinusoidal_table(cfg.block_size, cfg.d_model)), [None] * cfg.n_layer
     if cfg.pos_encoding == "rope":
-        cos, sin = L.rope_tables(cfg.block_size, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        cos, sin = L.rope_tables(cfg.block_size, cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling)
         rope = (pick(cos), pick(sin))
         local = rope
         if cfg.rope_local_theta:
-            cos, sin = L.rope_tables(cfg.block_size, cfg.head_dim, cfg.rope_local_theta)
+            cos, sin = L.rope_tables(cfg.block_size, cfg.rotary_dim, cfg.rope_local_theta)
             local = (pick(cos), pick(sin))
         return None, [local if cfg.sliding(i) else rope for i in range(cfg.n_layer)]
     return None, [None] * cfg.n_layer

@@ -35,10 +35,11 @@ def modern_parity(cfg: ModelConfig) -> dict[str, Any]:
     trains it on chat-style batches, loss only on the assistant's tokens (`--mask-prompt`)."""
     return dict(
         head_size=24,  # Qwen3, Gemma: not d_model / n_head (16 at the small preset, 8 at tiny)
+        rope_dim=16,  # Phi-4-mini's partial rotary: 16 of the 24 dimensions rotated, 8 passed through
         qkv_bias=True,  # Qwen2
         qk_norm=True,  # Qwen3, Gemma 3: per-head RMSNorm of q and k before the rotation
-        # Llama 3.1's scaling: with head size 24 and 32 original positions, frequencies are kept, ramped
-        # and divided by the factor (wavelengths 6.3, 13.5 and 29, then 63 and up)
+        # Llama 3.1's scaling: with 16 rotated dimensions and 32 original positions, frequencies are kept,
+        # ramped and divided by the factor (wavelengths 6.3, then 20, then 63 and up)
         rope_type="llama3", rope_factor=4.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
         rope_original_positions=32,
         sliding_window=5, layer_types=_alternating(cfg.n_layer),  # shorter than the float64 phase's 8 tokens

@@ -89,9 +89,9 @@ def export_arch(cfg: ModelConfig, imported_as: str | None) -> str:
             f"Hugging Face {cfg.arch.upper()} has a GELU feed-forward; this run's is {cfg.activation}"
         )
     if cfg.arch != "llama" and (cfg.qkv_bias or cfg.qk_norm or cfg.head_size or cfg.rope_type != "default"
-                                or cfg.sliding_window):
+                                or cfg.sliding_window or cfg.rope_dim):
         raise HFError(f"Hugging Face has no {cfg.arch} with q/k/v-only biases, q/k norms, an explicit head "
-                      "size, RoPE scaling or a sliding window")
+                      "size, RoPE scaling, partial rotary or a sliding window")
     if cfg.arch == "gpt":
         if (
             cfg.pos_encoding != "learned"
@@ -106,6 +106,10 @@ def export_arch(cfg: ModelConfig, imported_as: str | None) -> str:
         return "GPT2LMHeadModel"
     gemma = (cfg.norm_offset, cfg.embed_scale, cfg.post_norms, cfg.query_scale, cfg.final_softcap,
              cfg.rope_local_theta, cfg.attn_softcap, cfg.activation == "geglu_tanh")
+    others = any(gemma) or cfg.qkv_bias or cfg.qk_norm or cfg.layer_types
+    if cfg.arch == "llama" and cfg.rope_dim and others:
+        raise HFError("this run rotates part of each head: twinlm exports that only as Phi3ForCausalLM, "
+                      "which has no q/k/v biases, q/k norms, per-layer types or Gemma pieces")
     if cfg.arch == "llama" and any(gemma):
         if not (cfg.norm_offset and cfg.embed_scale and cfg.post_norms and cfg.activation == "geglu_tanh"
                 and not cfg.qkv_bias and (cfg.qk_norm or not cfg.rope_local_theta)):
@@ -128,7 +132,8 @@ def export_arch(cfg: ModelConfig, imported_as: str | None) -> str:
         if cfg.sliding_window and (cfg.qkv_bias or cfg.qk_norm or cfg.layer_types):
             raise HFError("this run has a sliding window with q/k/v biases, q/k norms or per-layer types: "
                           "twinlm exports a sliding window only as MistralForCausalLM (every layer)")
-        if imported_as == "Phi3ForCausalLM" and not (cfg.qkv_bias or cfg.qk_norm or cfg.layer_types):
+        phi3_fits = not (cfg.qkv_bias or cfg.qk_norm or cfg.layer_types)
+        if (imported_as == "Phi3ForCausalLM" or cfg.rope_dim) and phi3_fits:
             return "Phi3ForCausalLM"
         if cfg.sliding_window or imported_as == "MistralForCausalLM":
             return "MistralForCausalLM"

@@ -13,9 +13,10 @@ ROPE_KEYS = {"factor": "rope_factor", "low_freq_factor": "rope_low_freq_factor",
              "original_max_position_embeddings": "rope_original_positions"}
 
 
-def _rope(hf: dict[str, Any]) -> dict[str, Any]:
+def _rope(hf: dict[str, Any], head_dim: int = 0, partial: bool = False) -> dict[str, Any]:
     """rope_theta and the RoPE scaling fields, from `rope_parameters` (transformers >= 5) or the older
-    `rope_theta` + `rope_scaling`; scalings twinlm does not compute are refused by name."""
+    `rope_theta` + `rope_scaling`; scalings twinlm does not compute are refused by name. `partial`: the class
+    rotates the first partial_rotary_factor of each head (Phi-3's attention; Llama's would fail on it)."""
     scaling, params = dict(_get(hf, "rope_scaling", {})), dict(_get(hf, "rope_parameters", {}))
     kinds = {d.get("rope_type") or d.get("type") or "default" for d in (scaling, params)} - {"default"}
     if len(kinds) > 1:
@@ -33,9 +34,15 @@ def _rope(hf: dict[str, Any]) -> dict[str, Any]:
             "and 'llama3'"
         )
     prf = rope.get("partial_rotary_factor", _get(hf, "partial_rotary_factor", 1.0))
-    if prf != 1.0:
-        raise HFError(f"config.json has partial_rotary_factor = {prf!r}; twinlm rotates whole heads (1.0)")
     out: dict[str, Any] = dict(rope_theta=float(rope.get("rope_theta") or _get(hf, "rope_theta", 10000.0)))
+    if prf != 1.0:
+        rope_dim = int(head_dim * prf)  # transformers' own rounding
+        if not partial:
+            raise HFError(f"config.json has partial_rotary_factor = {prf!r}; this class rotates whole heads")
+        if not 0 < rope_dim <= head_dim or rope_dim % 2:
+            raise HFError(f"config.json's partial_rotary_factor {prf!r} gives {rope_dim} of {head_dim} "
+                          "dimensions to rotate; twinlm rotates an even number of them")
+        out["rope_dim"] = 0 if rope_dim == head_dim else rope_dim
     if kind == "default":
         return out
     needed = ("factor",) if kind == "linear" else tuple(ROPE_KEYS)
@@ -48,6 +55,8 @@ def _rope(hf: dict[str, Any]) -> dict[str, Any]:
 
 def _hf_rope(cfg: ModelConfig) -> dict[str, Any]:
     rope: dict[str, Any] = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta}
+    if cfg.rope_dim:
+        rope["partial_rotary_factor"] = cfg.rope_dim / cfg.head_dim
     if cfg.rope_type != "default":
         rope["factor"] = cfg.rope_factor
     if cfg.rope_type == "llama3":
@@ -57,7 +66,7 @@ def _hf_rope(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def llama_config(hf: dict[str, Any], qkv_bias: bool = False, qk_norm: bool = False,
-                 sliding: bool = False) -> dict[str, Any]:
+                 sliding: bool = False, partial_rotary: bool = False) -> dict[str, Any]:
     """A Llama-style decoder; Qwen2 adds q/k/v biases, Qwen3 per-head q/k norms and an explicit head_dim,
     Mistral (`sliding`) a sliding window on every layer where config.json sets one."""
     _refuse_unless(hf, "hidden_act", ("silu",), "silu")
@@ -85,13 +94,13 @@ def llama_config(hf: dict[str, Any], qkv_bias: bool = False, qk_norm: bool = Fal
         qkv_bias=qkv_bias,
         qk_norm=qk_norm,
         sliding_window=window,
-        **_rope(hf),
+        **_rope(hf, head_dim, partial_rotary),
     )
 
 
 def phi3_config(hf: dict[str, Any]) -> dict[str, Any]:
     """Phi-3: a Llama with fused qkv_proj and gate_up_proj (twinlm's own layout) and Mistral's window."""
-    out = mistral_config(hf)
+    out = mistral_config(hf, partial_rotary=True)  # Phi-4-mini: partial_rotary_factor 0.75
     return dict(out, dropout=float(_get(hf, "resid_pdrop", 0.0)))
 
 
@@ -107,11 +116,11 @@ def phi3_links(cfg: ModelConfig, hf_arch: str) -> list[Link]:
     return out
 
 
-def mistral_config(hf: dict[str, Any]) -> dict[str, Any]:
+def mistral_config(hf: dict[str, Any], partial_rotary: bool = False) -> dict[str, Any]:
     if hf.get("layer_types"):
         raise HFError("config.json has layer_types; twinlm's Mistral slides its window on every layer "
                       "(MistralForCausalLM ignores layer_types too)")
-    return llama_config(hf, sliding=True)
+    return llama_config(hf, sliding=True, partial_rotary=partial_rotary)
 
 
 def qwen2_config(hf: dict[str, Any]) -> dict[str, Any]:
