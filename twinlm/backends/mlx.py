@@ -31,6 +31,7 @@ class MLXBackend(Backend):
     # MLX accepts float64 on the CPU but evaluates exp and friends in float32 precision
     # (measured: exp(1) = 2.71828175), so float64 gradient checks would be meaningless.
     supports_float64 = False
+    can_remat = True  # mx.checkpoint
 
     def __init__(self, fused: bool = True, kernels: bool = True) -> None:
         self.fused = fused
@@ -145,6 +146,9 @@ class MLXBackend(Backend):
         if K is None or gate.shape != up.shape:
             return super().swiglu(gate, up)
         return K.swiglu(gate, up)
+
+    def checkpoint(self, fn: Callable, params: dict[str, Array], x: Array) -> Array:
+        return mx.checkpoint(fn)(params, x) if self.remat else fn(params, x)
 
     def linear(self, x: Array, weight: Array, bias: Array | None) -> Array:
         # One BLAS sgemm onto the bias (beta = 1) and its VJP in one primitive; MLX's own matmul passes

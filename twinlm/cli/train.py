@@ -59,6 +59,7 @@ lora_options = field_options(TrainConfig, only=LORA_FIELDS)
 @click.option("--activation", type=click.Choice(ACTIVATIONS), default=None, help=_help("activation"))
 @click.option("--tie-embeddings/--untie-embeddings", default=None, help=_help("tie_embeddings"))
 @click.option("--mask-prompt/--no-mask-prompt", default=None, help=_help("mask_prompt"))
+@click.option("--grad-checkpoint/--no-grad-checkpoint", default=None, help=_help("grad_checkpoint"))
 @field_options(TrainConfig, skip=("base", *CHOICES))
 @click.option("--ranks", type=int, default=None,
               help="Data-parallel ranks: MLX starts N local processes (mx.distributed ring), tinygrad uses N "

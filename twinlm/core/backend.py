@@ -57,6 +57,10 @@ class Backend:
     # False: every composite runs its reference body here, never an adapter's fused kernel (the parity
     # suite's negative controls switch it off, so the pieces they replace are the ones that run).
     fused: bool = True
+    # Gradient checkpointing: `can_remat` says the framework can recompute a function's activations in the
+    # backward pass (`checkpoint`); the trainer turns `remat` on for `train --grad-checkpoint`.
+    can_remat: bool = False
+    remat: bool = False
 
     def device_info(self) -> dict[str, Any]:
         """Where this backend computes: {"device", "name", "memory_bytes", "float64", "tf32"} (None where
@@ -197,6 +201,12 @@ class Backend:
         """A linear layer's x @ weight (+ bias): x (..., n_in), weight (n_in, n_out), bias (n_out,)."""
         y = x @ weight
         return y if bias is None else y + bias
+
+    def checkpoint(self, fn: Callable[[dict[str, Array], Array], Array], params: dict[str, Array],
+                   x: Array) -> Array:
+        """fn(params, x), a model block; with `remat` on, an adapter keeps only its inputs for the backward
+        pass and recomputes the rest there (memory for compute). The value is the same either way."""
+        return fn(params, x)
 
     def lora(self, x: Array, a: Array, b: Array, scale: float) -> Array:
         """A low-rank adapter's output (x @ a) @ b * scale: x (..., n_in), a (n_in, r), b (r, n_out)."""

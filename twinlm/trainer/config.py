@@ -88,6 +88,9 @@ class TrainConfig:
     log_every: int = _f(10, "Iterations between metrics lines (default 10).")
     seed: int = _f(1337, "Seed of weights, batches and dropout (default 1337).")
     keep: int = _f(3, "Checkpoints to keep (plus the best).")
+    grad_checkpoint: bool = _f(False, "Recompute each block's activations in the backward pass instead of "
+                                      "keeping them: less memory for about a third more compute (MLX; "
+                                      "decoders).")
     mask_prompt: bool | None = _f(None, "Chat data: learn only the assistant's tokens (default: on for "
                                         "messages and prompt/completion rows).")
 

@@ -21,6 +21,7 @@ holds no rank count, so a run saved with N ranks resumes with any number.
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.metadata
 import json
 import math
@@ -41,6 +42,7 @@ from twinlm.core.backend import Array, Backend
 from twinlm.core.checkpoint import save_checkpoint
 from twinlm.core.config import ModelConfig
 from twinlm.core.errors import TwinlmError
+from twinlm.core.models import FAMILIES, family
 from twinlm.prepare_progress import prepare_display
 from twinlm.run_meta import RunMeta
 from twinlm.tasks import Task
@@ -137,6 +139,9 @@ class Trainer:
         self.data_lines: list[str] = []  # what preparing the corpus said (the CLI prints it on stdout)
         if not B.supports_grad:
             raise TwinlmError(f"backend {B.name!r} cannot train (no autograd); use mlx or tinygrad")
+        if tc.grad_checkpoint and not B.can_remat:
+            raise TwinlmError(f"--grad-checkpoint: backend {B.name} cannot recompute activations in the "
+                              "backward pass (tinygrad offers no checkpoint primitive); use --backend mlx")
         self.rank, self.ranks = B.world()
         self.main = self.rank == 0  # rank 0 alone evaluates and writes checkpoints, metrics and progress
         self.heartbeat = D.Heartbeat(self.rank)
@@ -148,6 +153,13 @@ class Trainer:
         self.tc, self.out, self.cfg, self.task, self.ds = run.tc, run.out, run.cfg, run.task, run.ds
         self.tokenizer, self.labels, self.spec = run.tokenizer, run.labels, run.spec
         self.hf_record, self.base_record = run.hf_record, run.base_record
+        if tc.grad_checkpoint:
+            if not getattr(family(self.cfg.arch), "BLOCK_CHECKPOINTS", False):
+                can = ", ".join(a for a in FAMILIES if getattr(family(a), "BLOCK_CHECKPOINTS", False))
+                raise TwinlmError(f"--grad-checkpoint: --arch {self.cfg.arch} does not checkpoint its blocks "
+                                  f"(the decoders {can} do)")
+            self.B = B = copy.copy(B)  # this trainer's steps recompute; the shared backend stays as it was
+            B.remat = True
         self.grad_accum = self.tc.grad_accum
         self.opt = optimizer_config(self.tc)
         self.step = B.compile_step(self._step_fn(), {k: B.from_numpy(v) for k, v in run.state.items()})

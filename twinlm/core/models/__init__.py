@@ -12,6 +12,8 @@
     decode_step(...)                               decoders only: one token through a fixed-shape cache
     decode_cache_shapes(cfg, batch)                decoders only: per layer, the shapes of that cache
     RECURRENT     optional, True for a family without attention (attention-only checks do not apply)
+    BLOCK_CHECKPOINTS  optional, True when `hidden` runs each block through `B.checkpoint` (so `train
+                  --grad-checkpoint` can recompute it in the backward pass)
     parity_overrides(cfg) -> dict                  optional: the parity suite's model of the family (config
                                                    changes to the preset `cfg`, so every code path runs)
     ABLATIONS     optional, {arch: ((name, description, backend mixin), ...)}: negative controls for the

@@ -22,10 +22,11 @@ from twinlm.core import spec as S
 from twinlm.core.backend import Array, Backend
 from twinlm.core.config import ModelConfig
 
-__all__ = ["KIND", "decode_cache_shapes", "decode_step", "dropout_sites", "hidden", "lm_logits", "param_spec",
-           "pooled"]
+__all__ = ["BLOCK_CHECKPOINTS", "KIND", "decode_cache_shapes", "decode_step", "dropout_sites", "hidden",
+           "lm_logits", "param_spec", "pooled"]
 
 KIND = "decoder"
+BLOCK_CHECKPOINTS = True
 # Per-layer (k, v) of shape (N, Hkv, T_past, hs), for incremental generation.
 KVCache = list[tuple[Array, Array]]
 
@@ -133,7 +134,10 @@ def hidden(B: Backend, cfg: ModelConfig, p: L.Params, idx: Array, *, dropout: di
         mask = B.from_numpy(mask_fn(t_new, t_total))
     attend, new_cache = L.attend_all(B, cfg, mask, drop, cache, window)
     for i in range(cfg.n_layer):
-        x = _block(B, cfg, p, i, x, attend, drop, rope[i])
+        def block(bp: L.Params, x: Array, i: int = i) -> Array:
+            return _block(B, cfg, bp, i, x, attend, drop, rope[i])
+        pre = f"blocks.{i}."  # the block's own weights, explicit inputs so a checkpoint differentiates them
+        x = B.checkpoint(block, {k: v for k, v in p.items() if k.startswith(pre)}, x)
     return L.norm(B, cfg, p, "ln_f", x), new_cache
 
 
