@@ -40,15 +40,18 @@ SMALL = dict(SMOL, hidden_size=64, intermediate_size=128, num_hidden_layers=2, n
 PROMPT = "t1 t2 t3 t4 t5 t6 t7 t8"
 
 
-def build_folder(out: Path, shape: dict[str, Any]) -> Path:
-    """A random Llama of `shape` saved by transformers, with a word-level tokenizer ("t0".."t{V-1}")."""
+def build_folder(out: Path, shape: dict[str, Any], arch: str = "llama") -> Path:
+    """A random model of `shape` saved by transformers, with a word-level tokenizer ("t0".."t{V-1}");
+    arch "llama" (LlamaForCausalLM) or "qwen2" (Qwen2ForCausalLM: q/k/v biases)."""
     import torch
     import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
+    config_cls, model_cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                             "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[arch]
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(**shape, bos_token_id=0, eos_token_id=1)
-    model = transformers.LlamaForCausalLM(cfg)
+    cfg = config_cls(**shape, bos_token_id=0, eos_token_id=1)
+    model = model_cls(cfg)
     model.save_pretrained(out, safe_serialization=True)
     vocab = {f"t{i}": i for i in range(shape["vocab_size"])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="t2"))
