@@ -122,19 +122,23 @@ def test_attention_refuses_a_recurrent_model(tmp_path, capsys, monkeypatch) -> N
     assert code == 2 and err == "error: an --arch rnn model has no attention to show\n"
 
 
-def test_parallelism_quick_transformer_outpaces_lstm(tmp_path, capsys, monkeypatch) -> None:
+def test_parallelism_quick_verdict_follows_its_ratio(tmp_path, capsys, monkeypatch) -> None:
     r = quick("parallelism", tmp_path, capsys, monkeypatch)
     rows = r["numbers"]["rows"]
     assert {(row["arch"], row["block"]) for row in rows} == {(a, t) for a in ("gpt", "lstm")
                                                              for t in (16, 64)}
     assert all(row["tokens_per_s"] > 0 and row["compile_s"] > 0 for row in rows)
     assert abs(rows[0]["params"] - rows[1]["params"]) / rows[0]["params"] < 0.1  # equal size, as claimed
-    # The tokens/s ratio at block 64 has a wide margin (4.7-5.3x at load ~4 here, 2.9x at load 5-12), so its
-    # direction is asserted; the step-time growth from 16 to 64 is not (it swung 2x-19x under load).
-    assert r["numbers"]["tokens_per_s_ratio_at_top"] > 1.0 and r["reproduced"] is True
+    # Mechanics, not timing (no timed tests): the verdict follows from the measured ratio. The ratio itself
+    # was 4.7-5.3x at load ~4 and 2.9x at load 5-12, but 0.55x once in CI beside other jobs on 2 cores.
+    ratio = r["numbers"]["tokens_per_s_ratio_at_top"]
+    by = {(row["arch"], row["block"]): row for row in rows}
+    assert ratio == pytest.approx(by[("gpt", 64)]["tokens_per_s"] / by[("lstm", 64)]["tokens_per_s"])
+    assert r["reproduced"] is (ratio > 1.0)
     assert "loaded CPU" in r["note"]
 
 
+@pytest.mark.slow  # 60-110 s each under CI's load: `make test-all` runs it
 def test_heads_quick_is_inconclusive(tmp_path, capsys, monkeypatch) -> None:
     r = quick("heads", tmp_path, capsys, monkeypatch)
     n = r["numbers"]
@@ -146,6 +150,7 @@ def test_heads_quick_is_inconclusive(tmp_path, capsys, monkeypatch) -> None:
     assert r["verdict"].startswith("inconclusive at this size") and "heads_maps.png" in r["figures"]
 
 
+@pytest.mark.slow  # 60-110 s each under CI's load: `make test-all` runs it
 def test_positional_quick_order_needs_positions(tmp_path, capsys, monkeypatch) -> None:
     r = quick("positional", tmp_path, capsys, monkeypatch)
     digit = r["numbers"]["per_digit"]
@@ -170,6 +175,7 @@ def test_scaling_quick(tmp_path, capsys, monkeypatch) -> None:
     assert r["reproduced"] is True
 
 
+@pytest.mark.slow  # 60-110 s each under CI's load: `make test-all` runs it
 def test_pretrain_finetune_quick_is_inconclusive(tmp_path, capsys, monkeypatch) -> None:
     r = quick("pretrain-finetune", tmp_path, capsys, monkeypatch)
     n = r["numbers"]
