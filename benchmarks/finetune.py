@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.serve import SMALL as SMALL_LLAMA
-from benchmarks.serve import SMOL, build_folder
+from benchmarks.serve import SMOL, build_folder, openblas
 
 QWEN05 = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
               num_key_value_heads=2, vocab_size=151936, rope_theta=1000000.0, rms_norm_eps=1e-6,
@@ -66,18 +66,6 @@ CASES: dict[str, tuple[str, dict[str, Any], dict[str, Any], int | None]] = {
     "smol-full": ("llama", SMOL, SMALL_LLAMA, None),
 }
 ROOT = Path(__file__).resolve().parent.parent
-OPENBLAS_GLOBS = ("/usr/lib/*-linux-gnu/openblas-pthread/libblas.so.3", "/usr/lib64/libopenblas*.so*",
-                  "/usr/lib/*-linux-gnu/libopenblas.so.0")
-
-
-def openblas() -> str | None:
-    """The system OpenBLAS twinlm's MLX backend loads (the same search), for mlx-lm's LD_PRELOAD."""
-    import glob
-
-    for pattern in OPENBLAS_GLOBS:
-        for path in sorted(glob.glob(pattern)):
-            return path
-    return None
 
 
 def write_data(out: Path, vocab: int, seq: int, rows: int, seed: int = 0) -> Path:

@@ -7,7 +7,8 @@
 The model is a Llama with SmolLM2-135M's shape (30 layers, 576 wide, 9 heads / 3 kv heads, vocab 49,152,
 tied embeddings) and random weights, saved by transformers itself with a word-level tokenizer that has a
 token for every id (random weights draw any id; every server must be able to decode it). Each server runs
-in its own process on 127.0.0.1, one after the other, and is measured with greedy requests over HTTP:
+in its own process on 127.0.0.1, one after the other (mlx_lm.server with the system OpenBLAS preloaded, its
+best case on Linux, as MLX in twinlm loads it), and is measured with greedy requests over HTTP:
 
 - single stream: one streamed completion of --tokens tokens; decode tokens/s = (tokens - 1) / (time of the
   last token - time of the first), so prefill and the first token are left out;
@@ -64,6 +65,20 @@ def build_folder(out: Path, shape: dict[str, Any], arch: str = "llama") -> Path:
     return out
 
 
+OPENBLAS_GLOBS = ("/usr/lib/*-linux-gnu/openblas-pthread/libblas.so.3", "/usr/lib64/libopenblas*.so*",
+                  "/usr/lib/*-linux-gnu/libopenblas.so.0")
+
+
+def openblas() -> str | None:
+    """The system OpenBLAS twinlm's MLX backend loads (the same search), for mlx-lm's LD_PRELOAD."""
+    import glob
+
+    for pattern in OPENBLAS_GLOBS:
+        for path in sorted(glob.glob(pattern)):
+            return path
+    return None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -72,6 +87,8 @@ def free_port() -> int:
 
 def start(kind: str, folder: Path, port: int, context: int, slots: int) -> subprocess.Popen:
     env = {**os.environ, "DEV": os.environ.get("DEV", "CPU")}
+    if kind == "mlx_lm" and openblas():  # mlx-lm's best case on Linux: the OpenBLAS twinlm's MLX loads
+        env["LD_PRELOAD"] = openblas()
     if kind == "mlx_lm":
         cmd = [sys.executable, "-m", "mlx_lm", "server", "--model", str(folder), "--port", str(port),
                "--log-level", "WARNING", "--decode-concurrency", str(slots)]
