@@ -53,7 +53,11 @@ class TinygradBackend(Backend):
         a = np.ascontiguousarray(a)
         _DTYPES[a.dtype]  # (a KeyError for a dtype twinlm does not use)
         # No dtype argument: tinygrad takes numpy's own (the same one), and given one it first makes a
-        # numpy copy (`astype`), a third copy of the largest tensor while a model loads.
+        # numpy copy (`astype`), a third copy of the largest tensor while a model loads. Off the CPU a
+        # read-only array (a memory-mapped weight, a cached table) is copied first: OpenCL's copy into the
+        # device takes the address of a writable buffer (tinygrad's ops_cl._copyin).
+        if not a.flags.writeable and self.device.split(":")[0] != "CPU":
+            a = a.copy()
         t = Tensor(a, device=None if self.devices else self.device)
         return (t.shard(self.devices) if self.devices else t).realize()  # replicated on every device
 
