@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import sys
-
 import click
 
-from twinlm.cli.common import backend, backend_option, sampling_options
+from twinlm.cli.common import backend, backend_option, leave_after_engine, sampling_options
 from twinlm.core.chat import Message
 from twinlm.core.errors import TwinlmError
 
@@ -94,13 +91,7 @@ def command(run_dir: str, system: str | None, max_new_tokens: int, temperature: 
             history.append({"role": "assistant", "content": "".join(answer)})
     finally:
         engine.close()
-    if sys.stdin.isatty():
-        # After MLX has evaluated on the engine's thread, the interpreter's teardown sometimes aborts in
-        # native code ("terminate called without an active exception", exit -6; seen under a terminal,
-        # root cause not found yet). The session is over and its output written: leave without teardown.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    leave_after_engine()
 
 
 def fit(cm: object, history: list[Message], context: int) -> list[int] | None:

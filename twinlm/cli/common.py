@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import typing
 from collections.abc import Callable, Collection
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -102,3 +103,13 @@ def field_options(cls: type, *, only: Collection[str] | None = None,
                              help=fld.metadata.get("help") or None)(f)
         return f
     return decorate
+
+
+def leave_after_engine() -> NoReturn:
+    """Exit 0 without the interpreter's teardown, once an engine (chat, serve) has closed and the output is
+    written. MLX evaluated on the engine's thread, and MLX used from a thread other than the main one can
+    abort in native code at interpreter exit ("terminate called without an active exception", exit 134;
+    seen here now and then, under a terminal and with piped input alike; ml-explore/mlx#3126)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from twinlm.cli.common import backend, backend_option
+from twinlm.cli.common import backend, backend_option, leave_after_engine
 from twinlm.core.errors import TwinlmError
 
 
@@ -44,3 +44,4 @@ def command(run_dir: str, host: str, port: int, slots: int, context: int | None,
 
     serve(cm, engine, host, port, model_id=name, on_ready=ready)
     click.echo("server stopped", err=True)
+    leave_after_engine()
