@@ -136,8 +136,10 @@ def hidden(B: Backend, cfg: ModelConfig, p: L.Params, idx: Array, *, dropout: di
     for i in range(cfg.n_layer):
         def block(bp: L.Params, x: Array, i: int = i) -> Array:
             return _block(B, cfg, bp, i, x, attend, drop, rope[i])
-        pre = f"blocks.{i}."  # the block's own weights, explicit inputs so a checkpoint differentiates them
-        x = B.checkpoint(block, {k: v for k, v in p.items() if k.startswith(pre)}, x)
+        # A recomputing checkpoint takes the block's own weights as explicit inputs (so it differentiates
+        # them); otherwise the whole dict serves, without a scan of every name per layer on each forward.
+        bp = {k: v for k, v in p.items() if k.startswith(f"blocks.{i}.")} if B.remat else p
+        x = B.checkpoint(block, bp, x)
     return L.norm(B, cfg, p, "ln_f", x), new_cache
 
 
