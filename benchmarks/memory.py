@@ -35,6 +35,10 @@ SHAPES: dict[str, tuple[str, dict]] = {
         tie_word_embeddings=True,
         rope_scaling=dict(factor=32.0, high_freq_factor=4.0, low_freq_factor=1.0,
                           original_max_position_embeddings=8192, rope_type="llama3"))),
+    "tiny": ("LlamaForCausalLM", dict(  # seconds: proves a benchmark runs
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=512, max_position_embeddings=512, rms_norm_eps=1e-05,
+        rope_theta=10000.0, tie_word_embeddings=True)),
     "smollm2-135m": ("LlamaForCausalLM", dict(
         hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
         num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048, rms_norm_eps=1e-05,
