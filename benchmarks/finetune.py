@@ -5,11 +5,16 @@
     python -m benchmarks.finetune --out benchmarks/results/finetune.json             # a quiet machine
     python -m benchmarks.finetune --tinygrad --out benchmarks/results/finetune.json  # + tinygrad (slow)
 
-Two cases (--cases picks):
+Cases (--cases picks; the default is the first two):
 - `qwen-lora`: LoRA rank 8 (alpha 16, scale 2, no dropout) on every linear layer of every block
   (q/k/v/o, gate/up/down) of a Qwen2.5-0.5B-shaped Qwen2ForCausalLM (24 layers, 896 wide, 14 heads / 2 kv
   heads, 4,864 MLP, vocab 151,936, tied embeddings, q/k/v biases);
-- `smol-full`: full fine-tuning (every weight, embeddings included) of a SmolLM2-135M-shaped Llama.
+- `smol-full`: full fine-tuning (every weight, embeddings included) of a SmolLM2-135M-shaped Llama;
+- issue #21's rows, `{smol,qwen,llama1b}-{lora32,lora-bf16,qlora,qlora-gc}`: LoRA rank 8 on every linear
+  layer of a SmolLM2-135M, Qwen2.5-0.5B or Llama-3.2-1B shape, in float32; in bfloat16 (a bfloat16 folder,
+  twinlm `--dtype bfloat16`, mlx-lm trains in the checkpoint's dtype); over a 4-bit group-64 base (twinlm
+  `quantize --bits 4 --group-size 64`, mlx-lm `convert -q --q-bits 4 --q-group-size 64`: QLoRA); and QLoRA
+  with gradient checkpointing (twinlm `--grad-checkpoint`, mlx-lm's `grad_checkpoint`).
 
 Both are random weights saved by transformers with a word-level tokenizer (benchmarks.serve.build_folder),
 one folder per case shared by every tool. The training data is one generated folder with train.jsonl and
@@ -49,6 +54,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,11 +66,43 @@ QWEN05 = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num
               tie_word_embeddings=True, max_position_embeddings=32768)
 SMALL_QWEN = dict(QWEN05, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=512, max_position_embeddings=256)
-# case -> (arch, real shape, small shape, LoRA rank or None for full fine-tuning)
-CASES: dict[str, tuple[str, dict[str, Any], dict[str, Any], int | None]] = {
-    "qwen-lora": ("qwen2", QWEN05, SMALL_QWEN, 8),
-    "smol-full": ("llama", SMOL, SMALL_LLAMA, None),
+LLAMA1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, head_dim=64, vocab_size=128256, rope_theta=500000.0, rms_norm_eps=1e-5,
+               tie_word_embeddings=True, max_position_embeddings=131072,
+               rope_scaling=dict(factor=32.0, high_freq_factor=4.0, low_freq_factor=1.0,
+                                 original_max_position_embeddings=8192, rope_type="llama3"))
+
+
+@dataclass(frozen=True)
+class Case:
+    """arch, real shape, small shape; LoRA rank (None: full fine-tuning); the weights' precision (float32,
+    bfloat16: the folder's dtype, trained in it; q4: 4-bit group-64 base, QLoRA); gradient checkpointing."""
+    arch: str
+    real: dict[str, Any]
+    small: dict[str, Any]
+    lora: int | None
+    precision: str = "float32"
+    grad_checkpoint: bool = False
+
+    def key(self, small: bool) -> str:
+        """The name of the folder this case shares with the other cases of its shape and dtype."""
+        shape = self.small if small else self.real
+        dtype = "bfloat16" if self.precision == "bfloat16" else "float32"
+        return f"{'small' if small else 'real'}-{self.arch}-{shape['hidden_size']}-{dtype}"
+
+
+CASES: dict[str, Case] = {
+    "qwen-lora": Case("qwen2", QWEN05, SMALL_QWEN, 8),
+    "smol-full": Case("llama", SMOL, SMALL_LLAMA, None),
+    # issue #21's rows: LoRA in float32 and bfloat16, QLoRA 4-bit without and with gradient checkpointing
+    **{f"{name}-{kind}": Case(arch, real, small, 8, precision, gc)
+       for name, arch, real, small in (("smol", "llama", SMOL, SMALL_LLAMA),
+                                       ("qwen", "qwen2", QWEN05, SMALL_QWEN),
+                                       ("llama1b", "llama", LLAMA1B, SMALL_LLAMA))
+       for kind, precision, gc in (("lora32", "float32", False), ("lora-bf16", "bfloat16", False),
+                                   ("qlora", "q4", False), ("qlora-gc", "q4", True))},
 }
+GROUP = 64  # quantization group size, both tools
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -123,7 +161,7 @@ def steady(times: dict[int, float], warmup: int, steps: int, tokens_per_step: in
             "warmup_s": round(a, 2)}
 
 
-def measure_twinlm(backend: str, run: Path, data: Path, lora: int | None, args: argparse.Namespace,
+def measure_twinlm(backend: str, run: Path, data: Path, case: Case, args: argparse.Namespace,
                    work: Path) -> dict[str, Any]:
     out = work / f"{args.case}-twinlm-{backend}"
     shutil.rmtree(out, ignore_errors=True)  # a fresh run, never a resumed one
@@ -133,8 +171,12 @@ def measure_twinlm(backend: str, run: Path, data: Path, lora: int | None, args: 
            "--batch-size", str(args.batch),
            "--max-iters", str(total), "--log-every", "1", "--eval-every", str(total), "--eval-iters", "1",
            "--lr", "1e-4", "--warmup", "0", "--out", str(out)]
-    if lora:
-        cmd += ["--lora-rank", str(lora), "--lora-targets", "all"]
+    if case.lora:
+        cmd += ["--lora-rank", str(case.lora), "--lora-targets", "all"]
+    if case.precision == "bfloat16":
+        cmd += ["--dtype", "bfloat16"]
+    if case.grad_checkpoint:
+        cmd += ["--grad-checkpoint"]
     rc, wall, rss = run_child(cmd, child_env(), out.with_suffix(".log"), args.timeout)
     if rc != 0:
         raise RuntimeError(f"exit {rc}: {out.with_suffix('.log').read_text()[-1500:]}")
@@ -150,12 +192,14 @@ def measure_twinlm(backend: str, run: Path, data: Path, lora: int | None, args: 
             "wall_s": round(wall, 1), "trainable_params": trainable}
 
 
-def measure_mlx_lm(folder: Path, data: Path, lora: int | None, args: argparse.Namespace, work: Path,
+def measure_mlx_lm(folder: Path, data: Path, case: Case, args: argparse.Namespace, work: Path,
                    preload: str | None, name: str) -> dict[str, Any]:
     times_file = work / f"{name}.times.json"
     cmd = [sys.executable, "-m", "benchmarks.finetune", "--child-mlx-lm", str(folder), "--data", str(data),
            "--batch", str(args.batch), "--seq", str(args.seq), "--warmup", str(args.warmup),
-           "--steps", str(args.steps), "--lora-rank", str(lora or 0), "--times-out", str(times_file)]
+           "--steps", str(args.steps), "--lora-rank", str(case.lora or 0), "--times-out", str(times_file)]
+    if case.grad_checkpoint:
+        cmd += ["--grad-checkpoint"]
     rc, wall, rss = run_child(cmd, child_env(preload), work / f"{name}.log", args.timeout)
     if rc != 0:
         raise RuntimeError(f"exit {rc}: {(work / f'{name}.log').read_text()[-1500:]}")
@@ -188,7 +232,7 @@ def child_mlx_lm(args: argparse.Namespace) -> None:
     from mlx_lm.tuner.utils import linear_to_lora_layers
     from mlx_lm.utils import load
 
-    model, _ = load(args.child_mlx_lm)
+    model, _ = load(args.child_mlx_lm)  # a quantized folder (mlx_lm convert -q) loads quantized: QLoRA
     tokenizer = folder_tokenizer(Path(args.child_mlx_lm))
     mx.random.seed(0)
     model.freeze()
@@ -210,10 +254,50 @@ def child_mlx_lm(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         targs = TrainingArgs(batch_size=args.batch, iters=total, steps_per_report=1, steps_per_eval=10**9,
                              steps_per_save=10**9, max_seq_length=args.seq + 1,
-                             adapter_file=str(Path(tmp) / "adapters.safetensors"))
+                             adapter_file=str(Path(tmp) / "adapters.safetensors"),
+                             grad_checkpoint=args.grad_checkpoint)
         train(model, optim.AdamW(learning_rate=1e-4, weight_decay=0.1), train_set, None, targs,
               training_callback=Clock())
     Path(args.times_out).write_text(json.dumps({"times": times, "trainable": trainable}))
+
+
+def prepare_twinlm(folder: Path, run: Path, case: Case, args: argparse.Namespace, work: Path) -> Any:
+    """A callable giving twinlm's run of `folder` for `case` (imported, and quantized for q4), made once on
+    first use: a failure belongs to the tool's row."""
+    def make() -> Path:
+        steps = [(run, ["import-hf", str(folder), "--out", str(run)])]
+        if case.precision == "q4":
+            q4 = run.with_name(run.name + "-q4")
+            steps.append((q4, ["quantize", str(run), "--bits", "4", "--group-size", str(GROUP),
+                               "--out", str(q4)]))
+        for out, cmd in steps:
+            if not out.exists():
+                log = work / f"{out.name}.log"
+                rc, _, _ = run_child([sys.executable, "-m", "twinlm.cli.main", *cmd], child_env(), log,
+                                     args.timeout)
+                if rc != 0:
+                    raise RuntimeError(log.read_text()[-1500:])
+        return steps[-1][0]
+    return make
+
+
+def prepare_mlx_lm(folder: Path, case: Case, args: argparse.Namespace, work: Path) -> Any:
+    """A callable giving mlx-lm's model folder for `case`: the folder itself, or for q4 its `mlx_lm convert
+    -q` (4 bits, group 64), made once on first use."""
+    def make() -> Path:
+        if case.precision != "q4":
+            return folder
+        out = folder.with_name(folder.name + "-mlx-q4")
+        if not out.exists():
+            log = work / f"{out.name}.log"
+            rc, _, _ = run_child([sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(folder),
+                                  "--mlx-path", str(out), "-q", "--q-bits", "4",
+                                  "--q-group-size", str(GROUP)],
+                                 child_env(openblas()), log, args.timeout)
+            if rc != 0:
+                raise RuntimeError(log.read_text()[-1500:])
+        return out
+    return make
 
 
 def lscpu_model() -> str:
@@ -245,6 +329,7 @@ def main() -> None:
     p.add_argument("--child-mlx-lm", default=None, help=argparse.SUPPRESS)
     p.add_argument("--data", default=None, help=argparse.SUPPRESS)
     p.add_argument("--lora-rank", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--grad-checkpoint", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--times-out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     args.batch = args.batch or (2 if args.small else 4)
@@ -262,30 +347,26 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         rows = []
         for case in args.cases.split(","):
-            arch, real, small, lora = CASES[case]
+            c = CASES[case]
             args.case = case
-            shape = small if args.small else real
-            folder = work / f"{case}-hf"
+            shape = c.small if args.small else c.real
+            key = c.key(args.small)
+            folder = work / f"{key}-hf"  # shared by the cases of one shape and dtype
             if not (folder / "config.json").exists():
-                build_folder(folder, shape, arch)
+                build_folder(folder, shape, c.arch, "bfloat16" if c.precision == "bfloat16" else "float32")
             data = write_data(work / f"{case}-data", shape["vocab_size"], args.seq,
                               rows=max(64, args.batch * (args.warmup + args.steps)))
-            run = work / f"{case}-run"
+            run = prepare_twinlm(folder, work / f"{key}-run", c, args, work)
+            peer = prepare_mlx_lm(folder, c, args, work)
             for tool in tools:
                 row: dict[str, Any] = {"case": case, "tool": tool}
                 try:
                     if tool.startswith("twinlm-"):
-                        if not run.exists():
-                            rc, _, _ = run_child([sys.executable, "-m", "twinlm.cli.main", "import-hf",
-                                                  str(folder), "--out", str(run)], child_env(),
-                                                 work / f"{case}-import.log", args.timeout)
-                            if rc != 0:
-                                raise RuntimeError((work / f"{case}-import.log").read_text()[-1500:])
-                        row.update(measure_twinlm(tool.split("-", 1)[1], run, data, lora, args, work))
+                        row.update(measure_twinlm(tool.split("-", 1)[1], run(), data, c, args, work))
                     elif tool in ("mlx-lm", "mlx-lm-installed"):
                         preload = openblas() if tool == "mlx-lm" else None
                         row["ld_preload"] = preload
-                        row.update(measure_mlx_lm(folder, data, lora, args, work, preload, f"{case}-{tool}"))
+                        row.update(measure_mlx_lm(peer(), data, c, args, work, preload, f"{case}-{tool}"))
                     else:
                         raise ValueError(f"unknown tool {tool!r}")
                 except Exception as e:  # one tool failing must not hide the others' numbers

@@ -41,9 +41,9 @@ SMALL = dict(SMOL, hidden_size=64, intermediate_size=128, num_hidden_layers=2, n
 PROMPT = "t1 t2 t3 t4 t5 t6 t7 t8"
 
 
-def build_folder(out: Path, shape: dict[str, Any], arch: str = "llama") -> Path:
-    """A random model of `shape` saved by transformers, with a word-level tokenizer ("t0".."t{V-1}");
-    arch "llama" (LlamaForCausalLM) or "qwen2" (Qwen2ForCausalLM: q/k/v biases)."""
+def build_folder(out: Path, shape: dict[str, Any], arch: str = "llama", dtype: str = "float32") -> Path:
+    """A random model of `shape` saved by transformers in `dtype`, with a word-level tokenizer
+    ("t0".."t{V-1}"); arch "llama" (LlamaForCausalLM) or "qwen2" (Qwen2ForCausalLM: q/k/v biases)."""
     import torch
     import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -52,7 +52,7 @@ def build_folder(out: Path, shape: dict[str, Any], arch: str = "llama") -> Path:
                              "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[arch]
     torch.manual_seed(0)
     cfg = config_cls(**shape, bos_token_id=0, eos_token_id=1)
-    model = model_cls(cfg)
+    model = model_cls(cfg).to(getattr(torch, dtype))
     model.save_pretrained(out, safe_serialization=True)
     vocab = {f"t{i}": i for i in range(shape["vocab_size"])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="t2"))

@@ -37,8 +37,8 @@ def test_small_run_end_to_end(tmp_path: Path) -> None:
     subprocess.run([sys.executable, "-m", "benchmarks.finetune", "--small", "--tools", "twinlm-mlx,mlx-lm",
                     "--work", str(tmp_path / "w"), "--out", str(out)], check=True, cwd=finetune.ROOT)
     rows = json.loads(out.read_text())["results"]
-    assert {(r["case"], r["tool"]) for r in rows} == {(c, t) for c in finetune.CASES
-                                                      for t in ("twinlm-mlx", "mlx-lm")}
+    cases = ("qwen-lora", "smol-full")  # the default --cases
+    assert {(r["case"], r["tool"]) for r in rows} == {(c, t) for c in cases for t in ("twinlm-mlx", "mlx-lm")}
     assert all("error" not in r and r["tok_s"] > 0 and r["peak_rss_mb"] > 0 for r in rows), rows
     # The fairness claim: mlx-lm's batches of these rows are exactly batch x seq positions (+1 for targets).
     from types import SimpleNamespace
@@ -46,8 +46,8 @@ def test_small_run_end_to_end(tmp_path: Path) -> None:
     from mlx_lm.tuner.datasets import CacheDataset, load_local_dataset
     from mlx_lm.tuner.trainer import iterate_batches
 
-    for case in finetune.CASES:  # every row is 31 words + EOS: no word split in two, none encoded as nothing
-        tok = finetune.folder_tokenizer(tmp_path / "w" / f"{case}-hf")
+    for case in cases:  # every row is 31 words + EOS: no word split in two, none encoded as nothing
+        tok = finetune.folder_tokenizer(tmp_path / "w" / f"{finetune.CASES[case].key(True)}-hf")
         ds = CacheDataset(load_local_dataset(tmp_path / "w" / f"{case}-data", tok, SimpleNamespace())[0])
         assert all(len(ds[i][0]) == 32 for i in range(len(ds))), case
         batch, _ = next(iterate_batches(ds, 2, 33))
