@@ -50,7 +50,7 @@ ATOL = 1e-4  # float32 sums of 70 products of magnitude ~1: a wrong decoding is 
 
 @needs_lowp
 @pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("m", [1, 3, 8, 9, 64])  # 1-8: the GEMV rows; 9, 64: widened blocks and sgemm
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 64])  # 1-8: one GEMV pass; 9: two; 64: widened blocks, sgemm
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("level", ISAS)
 def test_forward_against_float64_and_mlx(dtype, m, bias, level, isa) -> None:

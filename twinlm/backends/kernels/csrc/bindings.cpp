@@ -72,4 +72,5 @@ NB_MODULE(_twinlm_kernels, m) {
   m.def("_lowp_isa", &twinlm::lowp_isa, "level"_a = -1,
         "linear_lowp's vector code (0 portable, 1 AVX2+FMA+F16C, 2 AVX-512F); level >= 0 caps it (tests)");
   m.attr("LOWP_GEMV_ROWS") = twinlm::LOWP_GEMV_ROWS;
+  m.attr("LOWP_GEMV_MAX_ROWS") = twinlm::LOWP_GEMV_MAX_ROWS;
 }

@@ -13,6 +13,7 @@
 #include <climits>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -345,21 +346,28 @@ void LinearLowp::eval_cpu(const std::vector<mx::array>& in, std::vector<mx::arra
     if (b) parallel_rows(M, N, [&](int, size_t r0, size_t r1) { fill_rows(b, y, N, r0, r1); });
     else std::memset(y, 0, M * N * sizeof(float));
     if (K == 0) return;
-    if (M <= (size_t)LOWP_GEMV_ROWS) {
-      // Whole tiles over the pool; the last partial tile (N % 32 columns) by the portable body.
+    if (M <= (size_t)LOWP_GEMV_MAX_ROWS) {
+      // Passes of up to 8 rows, each reading the 2-byte weight once: fewer bytes than widening it to a
+      // float32 tile (2 read + 4 written + 4 read per element) while there are few passes. Whole tiles
+      // over the pool; the last partial tile (N % 32 columns) by the portable body.
       size_t tiles = N / TILE;
-      parallel_rows(tiles, K * TILE * M, [&](int, size_t t0, size_t t1) {
-        gemv_tiles(isa, x, M, K, w, N, f16, fault, y, t0, t1);
-      });
-      if (N % TILE) gemv_portable(x, M, K, w, N, f16, fault, y, tiles * TILE, N);
+      for (size_t r0 = 0; r0 < M; r0 += LOWP_GEMV_ROWS) {
+        size_t mr = std::min<size_t>(LOWP_GEMV_ROWS, M - r0);
+        const float* xr = x + r0 * K;
+        float* yr = y + r0 * N;
+        parallel_rows(tiles, K * TILE * mr, [&](int, size_t t0, size_t t1) {
+          gemv_tiles(isa, xr, mr, K, w, N, f16, fault, yr, t0, t1);
+        });
+        if (N % TILE) gemv_portable(xr, mr, K, w, N, f16, fault, yr, tiles * TILE, N);
+      }
       return;
     }
     size_t kb = block_rows(K, N);
-    std::vector<float> tile(kb * N);
+    std::unique_ptr<float[]> tile(new float[kb * N]);  // uninitialised: every element is written first
     for (size_t k0 = 0; k0 < K; k0 += kb) {
       size_t k1 = std::min(K, k0 + kb);
-      widen_rows(isa, w, N, k0, k1, f16, fault, tile.data());
-      sgemm(false, false, M, N, k1 - k0, x + k0, K, tile.data(), N, 1.0f, y, N);  // onto the bias
+      widen_rows(isa, w, N, k0, k1, f16, fault, tile.get());
+      sgemm(false, false, M, N, k1 - k0, x + k0, K, tile.get(), N, 1.0f, y, N);  // onto the bias
     }
   });
 }
@@ -408,11 +416,11 @@ void LinearLowpGrad::eval_cpu(const std::vector<mx::array>& in, std::vector<mx::
     bool empty = M == 0 || N == 0 || K == 0;
     if (dx && !empty) {
       size_t kb = block_rows(K, N);
-      std::vector<float> tile(kb * N);
+      std::unique_ptr<float[]> tile(new float[kb * N]);
       for (size_t k0 = 0; k0 < K; k0 += kb) {
         size_t k1 = std::min(K, k0 + kb);
-        widen_rows(isa, w, N, k0, k1, f16, fault, tile.data());
-        sgemm(false, true, M, k1 - k0, N, g, N, tile.data(), N, 0.0f, dx + k0, K);
+        widen_rows(isa, w, N, k0, k1, f16, fault, tile.get());
+        sgemm(false, true, M, k1 - k0, N, g, N, tile.get(), N, 0.0f, dx + k0, K);
       }
     } else if (dx) {
       std::memset(dx, 0, M * K * sizeof(float));

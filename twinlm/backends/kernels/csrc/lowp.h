@@ -11,7 +11,8 @@
 namespace twinlm {
 
 // x (..., K) float32 | bfloat16 | float16, w (K, N) bfloat16 | float16, b None or (N,) in x's or w's dtype:
-// (..., N) in x's dtype. Rows M <= LOWP_GEMV_ROWS stream the weight once (GEMV, split over column tiles);
+// (..., N) in x's dtype. Rows M <= LOWP_GEMV_MAX_ROWS stream the weight once per 8 rows (GEMV, split over
+// column tiles);
 // more rows convert blocks of the weight to a float32 tile and sgemm them. The VJP gives dx (x's dtype),
 // dw (w's dtype, float32-accumulated) and db (b's dtype). `fault` is for the tests' negative controls only
 // (1: a bf16 weight widened from the low half of the float32; 2: an f16 weight decoded as bf16; 3: the bias
@@ -19,7 +20,8 @@ namespace twinlm {
 mx::array linear_lowp(const mx::array& x, const mx::array& w, const std::optional<mx::array>& b, int fault = 0,
                       mx::StreamOrDevice s = {});
 
-constexpr int LOWP_GEMV_ROWS = 8;
+constexpr int LOWP_GEMV_ROWS = 8;       // rows of x per pass over the weight (sums held in registers)
+constexpr int LOWP_GEMV_MAX_ROWS = 16;  // more rows: widened blocks of the weight and sgemm
 
 // The vector code linear_lowp runs: 0 portable C++, 1 AVX2+FMA+F16C, 2 AVX-512F. `lowp_isa(level)` with
 // level >= 0 caps it (tests: run every path this CPU has); the cap never exceeds what the CPU supports.
