@@ -24,7 +24,9 @@
 #include "mlx/backend/cpu/encoder.h"
 #include "pool.h"
 
-#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+// TWINLM_NO_CLONES (a baseline-only build) leaves the portable body alone, as in the other kernels.
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__)) && \
+    !defined(TWINLM_NO_CLONES)
 #define TWL_LOWP_X86 1
 #include <immintrin.h>
 #define TWL_AVX2 __attribute__((target("avx2,fma,f16c")))
