@@ -64,6 +64,32 @@ def test_forward_against_float64_and_mlx(dtype, m, bias, level, isa) -> None:
 
 
 @needs_lowp
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("m", [1, 64])
+@pytest.mark.parametrize("level", ISAS)
+def test_special_weight_values(dtype, m, level, isa) -> None:
+    """Subnormal weights (the portable f16 decoding's own branch), inf, -inf and NaN decode as MLX's astype
+    does and propagate to their columns only."""
+    K._lowp_isa(level)
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((40, 70)).astype(np.float32)
+    w[:, 8] *= 3e-7 if dtype == "float16" else 1e-39  # below the dtype's smallest normal
+    w[0, 5], w[1, 6], w[2, 7] = np.inf, -np.inf, np.nan
+    wl = mx.array(w).astype(getattr(mx, dtype))
+    w64 = np.array(wl.astype(mx.float32), dtype=np.float64)
+    assert 0 < np.abs(w64[:, 8]).max() < (6.2e-5 if dtype == "float16" else 1.2e-38)  # subnormal, not zero
+    x = mx.array(rng.standard_normal((m, 40)).astype(np.float32))
+    y = np.array(K.linear_lowp(x, wl, None), dtype=np.float64)
+    want = np.array(x, dtype=np.float64) @ w64
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(want))
+    np.testing.assert_array_equal(np.isinf(y) & (y > 0), np.isinf(want) & (want > 0))
+    finite = np.isfinite(want)
+    scale = np.abs(w64[:, 8]).max() * 40
+    np.testing.assert_allclose(y[:, 8], want[:, 8], atol=1e-3 * scale)
+    np.testing.assert_allclose(y[finite], want[finite], atol=ATOL)
+
+
+@needs_lowp
 @pytest.mark.parametrize("dtype,fault", [("bfloat16", 1), ("float16", 2)])
 @pytest.mark.parametrize("m", [1, 64])
 def test_a_wrong_decoding_is_caught(dtype, fault, m) -> None:
