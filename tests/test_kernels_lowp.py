@@ -218,3 +218,13 @@ def test_compile_and_empty_sizes() -> None:
 def test_bad_input_is_a_clear_error(args, match) -> None:
     with pytest.raises(ValueError, match=match):
         K.linear_lowp(*args())
+
+
+@needs_lowp
+def test_the_benchmark_runs_at_a_tiny_size(capsys) -> None:
+    from benchmarks import lowp_matmul
+
+    lowp_matmul.main(["--rows", "1", "20", "--shapes", "64x96", "--repeats", "1", "--inner", "1"])
+    out = capsys.readouterr().out
+    for name in ("mlx f32", "mlx bf16", "mlx f16", "twinlm bf16", "twinlm f16"):
+        assert out.count(name) == 2, out
