@@ -19,7 +19,7 @@ needs_lowp = pytest.mark.skipif(K is None or not hasattr(K, "linear_lowp"),
                                 reason=f"kernels without linear_lowp: {kernels.status().reason}")
 CPU_ISA = K._lowp_isa() if K is not None and hasattr(K, "_lowp_isa") else 0
 ISAS = list(range(CPU_ISA + 1))  # 0 portable, 1 AVX2+FMA+F16C, 2 AVX-512F: the ones this CPU runs
-DTYPES = {"bfloat16": "bfloat16", "float16": "float16"}
+DTYPES = ("bfloat16", "float16")
 KI, NO = 70, 77  # K not a multiple of 8 or 16; N = 2 whole 32-column tiles + 13 columns
 
 
@@ -49,7 +49,7 @@ ATOL = 1e-4  # float32 sums of 70 products of magnitude ~1: a wrong decoding is 
 
 
 @needs_lowp
-@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", [1, 3, 8, 9, 64])  # 1-8: one GEMV pass; 9: two; 64: widened blocks, sgemm
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("level", ISAS)
@@ -64,7 +64,7 @@ def test_forward_against_float64_and_mlx(dtype, m, bias, level, isa) -> None:
 
 
 @needs_lowp
-@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", [1, 64])
 @pytest.mark.parametrize("level", ISAS)
 def test_special_weight_values(dtype, m, level, isa) -> None:
@@ -100,7 +100,7 @@ def test_a_wrong_decoding_is_caught(dtype, fault, m) -> None:
 
 
 @needs_lowp
-@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", [1, 5, 40])
 def test_leading_axes_and_split_over_threads(dtype, m) -> None:
     """x (2, m, K): rows of both leading axes; N = 300 columns (9 tiles and a tail) over 1-3 threads give
@@ -124,7 +124,7 @@ def test_leading_axes_and_split_over_threads(dtype, m) -> None:
 
 
 @needs_lowp
-@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", [1, 64])
 def test_low_precision_x_and_bias(dtype, m) -> None:
     """x and the bias in the weight's dtype: the result in that dtype, the float32 sum rounded once."""
@@ -151,7 +151,7 @@ def grads(fn, x, w, b, r):
 
 
 @needs_lowp
-@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", [3, 64])
 @pytest.mark.parametrize("level", ISAS)
 def test_vjp_against_mlx_autodiff(dtype, m, level, isa) -> None:
@@ -176,7 +176,7 @@ def test_vjp_against_mlx_autodiff(dtype, m, level, isa) -> None:
 
 
 @needs_lowp
-@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_it_trains_a_frozen_low_precision_base_and_float32_master_weights(dtype) -> None:
     """LoRA over a frozen bf16/f16 base: dx only. Full training: a float32 master weight cast to the low
     dtype for the forward gets a float32 gradient (through astype's VJP), close to float32's own."""
