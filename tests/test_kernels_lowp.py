@@ -177,6 +177,25 @@ def test_vjp_against_mlx_autodiff(dtype, m, level, isa) -> None:
 
 @needs_lowp
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 64])
+def test_vjp_with_everything_in_the_low_dtype(dtype, m) -> None:
+    """x, w and b all bf16 (or f16): each gradient in that dtype, within a few ulps of float32's."""
+    dt = getattr(mx, dtype)
+    x, w, b, _ = data(m, KI, NO, dtype)
+    x, b = x.astype(dt), b.astype(dt)
+    r = mx.array(np.random.default_rng(9).standard_normal((m, NO)).astype(np.float32))
+    # MLX hands a bf16 output's cotangent over in bf16: the float32 reference gets the same rounded one
+    want = grads(lambda x, w, b: x @ w + b, *(a.astype(mx.float32) for a in (x, w, b)),
+                 r.astype(dt).astype(mx.float32))
+    got = grads(K.linear_lowp, x, w, b, r)
+    assert [d for _, d in got] == [dt, dt, dt]
+    ulp = 2.0 ** -7 if dtype == "bfloat16" else 2.0 ** -10
+    for (g, _), (h, _) in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, h, rtol=2 * ulp, atol=1e-3)
+
+
+@needs_lowp
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_it_trains_a_frozen_low_precision_base_and_float32_master_weights(dtype) -> None:
     """LoRA over a frozen bf16/f16 base: dx only. Full training: a float32 master weight cast to the low
     dtype for the forward gets a float32 gradient (through astype's VJP), close to float32's own."""
