@@ -5,6 +5,7 @@
 #include <nanobind/stl/variant.h>
 
 #include "mlx/version.h"
+#include "lowp.h"
 #include "pool.h"
 #include "primitives.h"
 
@@ -58,4 +59,18 @@ NB_MODULE(_twinlm_kernels, m) {
         "stream"_a = nb::none(), "tests only: a deliberately wrong embedding (1: the backward assigns)");
   m.def("cross_entropy_rows", &twinlm::cross_entropy_rows, "logits"_a, "targets"_a, nb::kw_only(),
         "stream"_a = nb::none());
+
+  // ---- lowp: the linear layer over bfloat16 / float16 weights (issue #21) ----
+  m.def("linear_lowp", [](const mx::array& x, const mx::array& w, const std::optional<mx::array>& b,
+                          mx::StreamOrDevice s) { return twinlm::linear_lowp(x, w, b, 0, s); },
+        "x"_a, "weight"_a, "bias"_a.none(), nb::kw_only(), "stream"_a = nb::none(),
+        "x @ weight + bias for a bfloat16/float16 weight (x float32 or the weight's dtype, bias in either), "
+        "accumulated in float32, the result in x's dtype, with its VJP");
+  m.def("_linear_lowp_faulty", &twinlm::linear_lowp, "x"_a, "weight"_a, "bias"_a.none(), "fault"_a, nb::kw_only(),
+        "stream"_a = nb::none(),
+        "tests only: a deliberately wrong linear_lowp (1: bf16 from the low half, 2: f16 read as bf16, 3: no db)");
+  m.def("_lowp_isa", &twinlm::lowp_isa, "level"_a = -1,
+        "linear_lowp's vector code (0 portable, 1 AVX2+FMA+F16C, 2 AVX-512F); level >= 0 caps it (tests)");
+  m.attr("LOWP_GEMV_ROWS") = twinlm::LOWP_GEMV_ROWS;
+  m.attr("LOWP_GEMV_MAX_ROWS") = twinlm::LOWP_GEMV_MAX_ROWS;
 }

@@ -1,0 +1,454 @@
+// linear_lowp: x @ w + b over a bfloat16 / float16 weight, float32 accumulation (see lowp.h).
+//
+// Few rows (decoding): each pool chunk owns a range of 32-column tiles (64 bytes of weight per row, one
+// cache line) and walks K in blocks, keeping the tile's MR x 32 sums in registers; the weight is read once,
+// widened in registers (bf16: the 16 bits shifted into the top half of a float32; f16: F16C's vcvtph2ps)
+// and FMA'd. Explicit AVX2+FMA+F16C and AVX-512F versions are chosen at load time (the other kernels'
+// target_clones cannot express intrinsics), with a portable C++ body that the compiler vectorises.
+// More rows (prefill, training) and the gradients: blocks of the weight widened to a float32 tile and
+// multiplied by the BLAS MLX uses, onto the bias (beta = 1), like `linear`.
+#include "lowp.h"
+
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "loops.h"
+#include "mlx/allocator.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "pool.h"
+
+// TWINLM_NO_CLONES (a baseline-only build) leaves the portable body alone, as in the other kernels.
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__)) && \
+    !defined(TWINLM_NO_CLONES)
+#define TWL_LOWP_X86 1
+#include <immintrin.h>
+#define TWL_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define TWL_AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
+#endif
+
+extern "C" void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha, const float* a,
+                            int lda, const float* b, int ldb, float beta, float* c, int ldc);
+
+namespace twinlm {
+
+namespace {
+
+constexpr size_t TILE = 32;  // columns per tile: 64 bytes of a 2-byte weight row
+constexpr size_t KB = 256;   // GEMV rows of K per pass over a tile (sums stored to y in between)
+
+// ---- scalar conversions (the portable body, the column tail, and the faults) ----------------------------
+inline float bits_f32(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline float bf16_f32(uint16_t h) { return bits_f32((uint32_t)h << 16); }
+
+// IEEE half -> float, exact (subnormals, inf, NaN included).
+inline float f16_f32(uint16_t h) {
+  uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff;
+  if (e == 0x1f) return bits_f32(sign | 0x7f800000u | (m << 13));
+  if (e == 0) {
+    float v = (float)m * 5.9604644775390625e-8f;  // m * 2^-24, exact
+    return sign ? -v : v;
+  }
+  return bits_f32(sign | ((e + 112) << 23) | (m << 13));
+}
+
+// The weight element as float32; the faults are the tests' wrong decodings.
+inline float widen(uint16_t h, bool f16, int fault) {
+  if (fault == 1 && !f16) return bits_f32((uint32_t)h);  // low half: a tiny subnormal, not the value
+  if (fault == 2 && f16) return bf16_f32(h);
+  return f16 ? f16_f32(h) : bf16_f32(h);
+}
+
+// ---- portable bodies ----------------------------------------------------------------------------------------
+// y[m, c0:c1] += sum_k x[m, k] w[k, c0:c1], for all M rows: the weight row is read once per k.
+void gemv_portable(const float* x, size_t M, size_t K, const uint16_t* w, size_t N, bool f16, int fault,
+                   float* y, size_t c0, size_t c1) {
+  float row[TILE * 8];
+  for (size_t j0 = c0; j0 < c1; j0 += TILE * 8) {
+    size_t j1 = std::min(c1, j0 + TILE * 8), n = j1 - j0;
+    for (size_t k = 0; k < K; k++) {
+      const uint16_t* wr = w + k * N + j0;
+      if (f16 || fault) {
+        for (size_t j = 0; j < n; j++) row[j] = widen(wr[j], f16, fault);
+      } else {
+#pragma omp simd
+        for (size_t j = 0; j < n; j++) row[j] = bf16_f32(wr[j]);
+      }
+      for (size_t m = 0; m < M; m++) {
+        const float xv = x[m * K + k];
+        float* yr = y + m * N + j0;
+#pragma omp simd
+        for (size_t j = 0; j < n; j++) yr[j] += xv * row[j];
+      }
+    }
+  }
+}
+
+void widen_portable(const uint16_t* w, float* out, size_t n, bool f16, int fault) {
+  if (f16 || fault) {
+    for (size_t i = 0; i < n; i++) out[i] = widen(w[i], f16, fault);
+    return;
+  }
+#pragma omp simd
+  for (size_t i = 0; i < n; i++) out[i] = bf16_f32(w[i]);
+}
+
+#ifdef TWL_LOWP_X86
+// ---- AVX2 + FMA + F16C --------------------------------------------------------------------------------------
+template <bool F16>
+TWL_AVX2 inline __m256 load8(const uint16_t* p) {
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  if constexpr (F16) return _mm256_cvtph_ps(h);
+  else return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+// One sub-tile of NV x 8 columns at j, rows [k0, k1), MR rows of x: MR * NV sums in registers.
+template <bool F16, int MR, int NV>
+TWL_AVX2 void tile_avx2(const float* x, size_t K, const uint16_t* w, size_t N, float* y, size_t j, size_t k0,
+                        size_t k1) {
+  __m256 acc[MR][NV];
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; m++) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; v++) acc[m][v] = _mm256_loadu_ps(y + m * N + j + 8 * v);
+  }
+  const uint16_t* wr = w + k0 * N + j;
+  for (size_t k = k0; k < k1; k++, wr += N) {
+    __m256 wv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; v++) wv[v] = load8<F16>(wr + 8 * v);
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; m++) {
+      __m256 xb = _mm256_broadcast_ss(x + m * K + k);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; v++) acc[m][v] = _mm256_fmadd_ps(xb, wv[v], acc[m][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; m++) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; v++) _mm256_storeu_ps(y + m * N + j + 8 * v, acc[m][v]);
+  }
+}
+
+// 16 ymm registers: MR * NV sums + NV weights + 1 broadcast.
+template <bool F16, int MR>
+TWL_AVX2 void tiles_avx2(const float* x, size_t K, const uint16_t* w, size_t N, float* y, size_t t0, size_t t1) {
+  constexpr int NV = MR <= 2 ? 4 : MR <= 4 ? 2 : 1;
+  for (size_t k0 = 0; k0 < K; k0 += KB) {
+    size_t k1 = std::min(K, k0 + KB);
+    for (size_t t = t0; t < t1; t++) {
+      for (size_t s = 0; s < TILE; s += 8 * NV) tile_avx2<F16, MR, NV>(x, K, w, N, y, t * TILE + s, k0, k1);
+    }
+  }
+}
+
+template <bool F16>
+TWL_AVX2 void widen_avx2(const uint16_t* w, float* out, size_t n) {
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, load8<F16>(w + i));
+  for (; i < n; i++) out[i] = F16 ? f16_f32(w[i]) : bf16_f32(w[i]);
+}
+
+// ---- AVX-512F -----------------------------------------------------------------------------------------------
+template <bool F16>
+TWL_AVX512 inline __m512 load16(const uint16_t* p) {
+  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  if constexpr (F16) return _mm512_cvtph_ps(h);
+  else return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// A whole 32-column tile is 2 zmm; 32 registers hold MR <= 8 rows of sums.
+template <bool F16, int MR>
+TWL_AVX512 void tile_avx512(const float* x, size_t K, const uint16_t* w, size_t N, float* y, size_t j, size_t k0,
+                            size_t k1) {
+  __m512 acc[MR][2];
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; m++) {
+    acc[m][0] = _mm512_loadu_ps(y + m * N + j);
+    acc[m][1] = _mm512_loadu_ps(y + m * N + j + 16);
+  }
+  const uint16_t* wr = w + k0 * N + j;
+  for (size_t k = k0; k < k1; k++, wr += N) {
+    __m512 w0 = load16<F16>(wr), w1 = load16<F16>(wr + 16);
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; m++) {
+      __m512 xb = _mm512_set1_ps(x[m * K + k]);
+      acc[m][0] = _mm512_fmadd_ps(xb, w0, acc[m][0]);
+      acc[m][1] = _mm512_fmadd_ps(xb, w1, acc[m][1]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; m++) {
+    _mm512_storeu_ps(y + m * N + j, acc[m][0]);
+    _mm512_storeu_ps(y + m * N + j + 16, acc[m][1]);
+  }
+}
+
+template <bool F16, int MR>
+TWL_AVX512 void tiles_avx512(const float* x, size_t K, const uint16_t* w, size_t N, float* y, size_t t0,
+                             size_t t1) {
+  for (size_t k0 = 0; k0 < K; k0 += KB) {
+    size_t k1 = std::min(K, k0 + KB);
+    for (size_t t = t0; t < t1; t++) tile_avx512<F16, MR>(x, K, w, N, y, t * TILE, k0, k1);
+  }
+}
+
+template <bool F16>
+TWL_AVX512 void widen_avx512(const uint16_t* w, float* out, size_t n) {
+  size_t i = 0;
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(out + i, load16<F16>(w + i));
+  for (; i < n; i++) out[i] = F16 ? f16_f32(w[i]) : bf16_f32(w[i]);
+}
+
+using TilesFn = void (*)(const float*, size_t, const uint16_t*, size_t, float*, size_t, size_t);
+
+template <bool F16, int... MR>
+TilesFn pick_tiles(int isa, int m, std::integer_sequence<int, MR...>) {
+  TilesFn fn = nullptr;
+  ((m == MR + 1 ? (fn = isa == 2 ? &tiles_avx512<F16, MR + 1> : &tiles_avx2<F16, MR + 1>) : fn), ...);
+  return fn;
+}
+#endif  // TWL_LOWP_X86
+
+int detect_isa() {
+#ifdef TWL_LOWP_X86
+  __builtin_cpu_init();
+  bool v3 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  if (v3 && __builtin_cpu_supports("avx512f")) return 2;
+  if (v3) return 1;
+#endif
+  return 0;
+}
+
+const int CPU_ISA = detect_isa();
+int g_isa = CPU_ISA;
+
+// y[m, t0*TILE : t1*TILE] += x w over those column tiles (all rows M <= LOWP_GEMV_ROWS).
+void gemv_tiles(int isa, const float* x, size_t M, size_t K, const uint16_t* w, size_t N, bool f16, int fault,
+                float* y, size_t t0, size_t t1) {
+#ifdef TWL_LOWP_X86
+  if (isa > 0 && fault == 0) {
+    auto fn = f16 ? pick_tiles<true>(isa, (int)M, std::make_integer_sequence<int, LOWP_GEMV_ROWS>{})
+                  : pick_tiles<false>(isa, (int)M, std::make_integer_sequence<int, LOWP_GEMV_ROWS>{});
+    fn(x, K, w, N, y, t0, t1);
+    return;
+  }
+#endif
+  gemv_portable(x, M, K, w, N, f16, fault, y, t0 * TILE, t1 * TILE);
+}
+
+void widen(int isa, const uint16_t* w, float* out, size_t n, bool f16, int fault) {
+#ifdef TWL_LOWP_X86
+  if (isa == 2 && fault == 0) return f16 ? widen_avx512<true>(w, out, n) : widen_avx512<false>(w, out, n);
+  if (isa == 1 && fault == 0) return f16 ? widen_avx2<true>(w, out, n) : widen_avx2<false>(w, out, n);
+#endif
+  widen_portable(w, out, n, f16, fault);
+}
+
+// Rows [k0, k1) of w as float32 into out (k1 - k0, N), split over the pool.
+void widen_rows(int isa, const uint16_t* w, size_t N, size_t k0, size_t k1, bool f16, int fault, float* out) {
+  parallel_rows(k1 - k0, N, [&](int, size_t r0, size_t r1) {
+    widen(isa, w + (k0 + r0) * N, out + r0 * N, (r1 - r0) * N, f16, fault);
+  });
+}
+
+// Rows of K per widened block: about 8 MB of float32, whole rows, at least 64.
+size_t block_rows(size_t K, size_t N) { return std::min(K, std::max<size_t>(64, (2u << 20) / std::max<size_t>(N, 1))); }
+
+constexpr int ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112;  // CBLAS's enum values
+
+// C (m, n) = op(A) op(B) + beta C, row-major with explicit leading dimensions.
+void sgemm(bool ta, bool tb, size_t m, size_t n, size_t k, const float* a, size_t lda, const float* b, size_t ldb,
+           float beta, float* c, size_t ldc) {
+  cblas_sgemm(ROW_MAJOR, ta ? TRANS : NO_TRANS, tb ? TRANS : NO_TRANS, (int)m, (int)n, (int)k, 1.0f, a, (int)lda,
+              b, (int)ldb, beta, c, (int)ldc);
+}
+
+mx::Stream cpu_stream(mx::StreamOrDevice s) {
+  mx::Stream stream = mx::to_stream(s);
+  if (stream.device != mx::Device::cpu) throw std::invalid_argument("twinlm kernels run on the CPU only");
+  return stream;
+}
+
+void allocate(mx::array& a) { a.set_data(mx::allocator::malloc(a.nbytes())); }
+
+template <class F>
+void launch(const mx::Stream& s, F&& f) {
+  mx::cpu::get_command_encoder(s).dispatch(std::forward<F>(f));
+}
+
+bool lowp_dtype(mx::Dtype d) { return d == mx::bfloat16 || d == mx::float16; }
+
+std::string dtype_name(mx::Dtype d) {
+  if (d == mx::float32) return "float32";
+  if (d == mx::bfloat16) return "bfloat16";
+  if (d == mx::float16) return "float16";
+  return "another dtype";
+}
+
+}  // namespace
+
+int lowp_isa(int level) {
+  if (level >= 0) g_isa = std::min(level, CPU_ISA);
+  return g_isa;
+}
+
+mx::array linear_lowp(const mx::array& x, const mx::array& w, const std::optional<mx::array>& b, int fault,
+                      mx::StreamOrDevice s) {
+  auto stream = cpu_stream(s);
+  if (x.ndim() < 1 || w.ndim() != 2 || x.shape(-1) != w.shape(0) ||
+      (b && (b->ndim() != 1 || b->shape(0) != w.shape(1)))) {
+    throw std::invalid_argument("linear_lowp: x (..., K), weight (K, N) and bias (N,)");
+  }
+  if (!lowp_dtype(w.dtype())) {
+    throw std::invalid_argument("linear_lowp: the weight must be bfloat16 or float16, not " + dtype_name(w.dtype()));
+  }
+  if (x.dtype() != mx::float32 && x.dtype() != w.dtype()) {
+    throw std::invalid_argument("linear_lowp: x must be float32 or the weight's dtype (" + dtype_name(w.dtype()) +
+                                "), not " + dtype_name(x.dtype()));
+  }
+  if (b && b->dtype() != x.dtype() && b->dtype() != w.dtype()) {
+    throw std::invalid_argument("linear_lowp: the bias must be in x's or the weight's dtype, not " +
+                                dtype_name(b->dtype()));
+  }
+  if (x.size() >= (size_t)INT32_MAX || w.size() >= (size_t)INT32_MAX) {
+    throw std::invalid_argument("linear_lowp: too large for 32-bit BLAS sizes");
+  }
+  // The kernel takes float32 activations; a low-precision x (M x K, small beside the weight) and bias are
+  // widened by MLX's astype, whose VJP casts their gradients back, and the result is rounded to x's dtype.
+  std::vector<mx::array> inputs = {mx::contiguous(mx::astype(x, mx::float32, stream), false, stream),
+                                   mx::contiguous(w, false, stream)};
+  if (b) inputs.push_back(mx::contiguous(mx::astype(*b, mx::float32, stream), false, stream));
+  auto shape = x.shape();
+  shape.back() = w.shape(1);
+  auto y = mx::array(shape, mx::float32, std::make_shared<LinearLowp>(stream, b.has_value(), fault), inputs);
+  return x.dtype() == mx::float32 ? y : mx::astype(y, x.dtype(), stream);
+}
+
+void LinearLowp::eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) {
+  allocate(out[0]);
+  size_t K = in[1].shape(0), N = in[1].shape(1);
+  size_t M = K ? in[0].size() / K : out[0].size() / std::max<size_t>(N, 1);
+  launch(stream(), [x = in[0].data<float>(), w = reinterpret_cast<const uint16_t*>(in[1].data<uint16_t>()),
+                    b = bias_ ? in[2].data<float>() : nullptr, y = out[0].data<float>(), M, K, N,
+                    f16 = in[1].dtype() == mx::float16, fault = fault_, isa = g_isa] {
+    if (M == 0 || N == 0) return;
+    if (b) parallel_rows(M, N, [&](int, size_t r0, size_t r1) { fill_rows(b, y, N, r0, r1); });
+    else std::memset(y, 0, M * N * sizeof(float));
+    if (K == 0) return;
+    if (M <= (size_t)LOWP_GEMV_MAX_ROWS) {
+      // Passes of up to 8 rows, each reading the 2-byte weight once: fewer bytes than widening it to a
+      // float32 tile (2 read + 4 written + 4 read per element) while there are few passes. Whole tiles
+      // over the pool; the last partial tile (N % 32 columns) by the portable body.
+      size_t tiles = N / TILE;
+      for (size_t r0 = 0; r0 < M; r0 += LOWP_GEMV_ROWS) {
+        size_t mr = std::min<size_t>(LOWP_GEMV_ROWS, M - r0);
+        const float* xr = x + r0 * K;
+        float* yr = y + r0 * N;
+        parallel_rows(tiles, K * TILE * mr, [&](int, size_t t0, size_t t1) {
+          gemv_tiles(isa, xr, mr, K, w, N, f16, fault, yr, t0, t1);
+        });
+        if (N % TILE) gemv_portable(xr, mr, K, w, N, f16, fault, yr, tiles * TILE, N);
+      }
+      return;
+    }
+    size_t kb = block_rows(K, N);
+    std::unique_ptr<float[]> tile(new float[kb * N]);  // uninitialised: every element is written first
+    for (size_t k0 = 0; k0 < K; k0 += kb) {
+      size_t k1 = std::min(K, k0 + kb);
+      widen_rows(isa, w, N, k0, k1, f16, fault, tile.get());
+      sgemm(false, false, M, N, k1 - k0, x + k0, K, tile.get(), N, 1.0f, y, N);  // onto the bias
+    }
+  });
+}
+
+std::vector<mx::array> LinearLowp::vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cot,
+                                       const std::vector<int>& argnums, const std::vector<mx::array>&) {
+  const auto& x = primals[0];
+  const auto& w = primals[1];
+  auto g = mx::contiguous(mx::astype(cot[0], mx::float32, stream()), false, stream());
+  bool want[3] = {false, false, false};
+  for (int a : argnums) want[a] = true;
+  std::vector<mx::Shape> shapes;
+  for (int i = 0; i < 3; i++) {
+    if (want[i]) shapes.push_back(primals[i].shape());
+  }
+  auto grads = mx::array::make_arrays(shapes, std::vector<mx::Dtype>(shapes.size(), mx::float32),
+                                      std::make_shared<LinearLowpGrad>(stream(), want[0], want[1], want[2], fault_),
+                                      {x, w, g});
+  std::vector<mx::array> result;
+  for (int a : argnums) {
+    int slot = 0;
+    for (int i = 0; i < a; i++) slot += want[i];
+    // dw is summed in float32 and rounded once to the weight's dtype.
+    result.push_back(a == 1 ? mx::astype(grads[slot], w.dtype(), stream()) : grads[slot]);
+  }
+  return result;
+}
+
+bool LinearLowp::is_equivalent(const mx::Primitive& other) const {
+  auto& o = static_cast<const LinearLowp&>(other);
+  return bias_ == o.bias_ && fault_ == o.fault_;
+}
+
+// dx = g w^T over widened blocks of w's rows (each block one column block of dx); dw = x^T g as one sgemm
+// in float32; db as partial column sums per chunk of rows, added in chunk order (as LinearGrad).
+void LinearLowpGrad::eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) {
+  for (auto& o : out) allocate(o);
+  size_t K = in[1].shape(0), N = in[1].shape(1), M = N ? in[2].size() / N : 0;
+  int slot = 0;
+  float* dx = dx_ ? out[slot++].data<float>() : nullptr;
+  float* dw = dw_ ? out[slot++].data<float>() : nullptr;
+  float* db = db_ ? out[slot++].data<float>() : nullptr;
+  launch(stream(), [x = in[0].data<float>(), w = reinterpret_cast<const uint16_t*>(in[1].data<uint16_t>()),
+                    g = in[2].data<float>(), dx, dw, db, M, K, N, f16 = in[1].dtype() == mx::float16,
+                    fault = fault_, isa = g_isa] {
+    bool empty = M == 0 || N == 0 || K == 0;
+    if (dx && !empty) {
+      size_t kb = block_rows(K, N);
+      std::unique_ptr<float[]> tile(new float[kb * N]);
+      for (size_t k0 = 0; k0 < K; k0 += kb) {
+        size_t k1 = std::min(K, k0 + kb);
+        widen_rows(isa, w, N, k0, k1, f16, fault, tile.get());
+        sgemm(false, true, M, k1 - k0, N, g, N, tile.get(), N, 0.0f, dx + k0, K);
+      }
+    } else if (dx) {
+      std::memset(dx, 0, M * K * sizeof(float));
+    }
+    if (dw && !empty) sgemm(true, false, K, N, M, x, K, g, N, 0.0f, dw, N);
+    else if (dw) std::memset(dw, 0, K * N * sizeof(float));
+    if (db) {
+      std::memset(db, 0, N * sizeof(float));
+      if (M == 0 || N == 0 || fault == 3) return;
+      int chunks = row_chunks(M, N);
+      if (chunks <= 1) {
+        col_sum(g, db, N, 0, M);
+        return;
+      }
+      std::vector<float> part(N * chunks, 0.0f);
+      parallel_rows(M, N, [&](int c, size_t r0, size_t r1) { col_sum(g, &part[N * c], N, r0, r1); });
+      for (int c = 0; c < chunks; c++) {
+        for (size_t j = 0; j < N; j++) db[j] += part[N * c + j];
+      }
+    }
+  });
+}
+
+bool LinearLowpGrad::is_equivalent(const mx::Primitive& other) const {
+  auto& o = static_cast<const LinearLowpGrad&>(other);
+  return dx_ == o.dx_ && dw_ == o.dw_ && db_ == o.db_ && fault_ == o.fault_;
+}
+
+}  // namespace twinlm
