@@ -26,8 +26,9 @@ ENV_VAR = "TWINLM_KERNELS"
 MODULE = "_twinlm_kernels"
 HERE = Path(__file__).resolve().parent
 # The composites each kernel serves (what `doctor` lists as active).
-KERNELS = ("linear (sgemm onto the bias)", "embedding (gather, scatter-add)", "gelu", "gelu_tanh", "swiglu",
-           "rope", "layer_norm", "rms_norm", "attention (masked softmax)", "cross_entropy")
+KERNELS = ("linear (sgemm onto the bias)", "linear over bfloat16/float16 weights",
+           "embedding (gather, scatter-add)", "gelu", "gelu_tanh", "swiglu", "rope", "layer_norm", "rms_norm",
+           "attention (masked softmax)", "cross_entropy")
 BUILD_HINT = "build them with: python -m twinlm.backends.kernels.build (make setup runs it)"
 
 
