@@ -451,9 +451,11 @@ def test_linear_runs_the_kernel() -> None:
     np.testing.assert_allclose(np.array(broken.linear(x, w, b)), np.array(x @ w), atol=1e-6)  # bias dropped
     off = MLXBackend(kernels=False)
     np.testing.assert_allclose(np.array(off.linear(x, w, b)), np.array(x @ w + b), atol=1e-6)
-    x16 = x.astype(mx.float16)  # not float32: the reference body, bit for bit
-    np.testing.assert_array_equal(np.array(broken.linear(x16, w.astype(mx.float16), b.astype(mx.float16))),
-                                  np.array(BODY.linear(x16, w.astype(mx.float16), b.astype(mx.float16))))
+    x16, w16, b16 = (a.astype(mx.float16) for a in (x, w, b))  # a float16 weight: linear_lowp, not linear
+    got = np.array(broken.linear(x16, w16, b16))
+    np.testing.assert_array_equal(got, np.array(K.linear_lowp(x16, w16, b16)))
+    x64 = np.array(x16, np.float64) @ np.array(w16, np.float64) + np.array(b16, np.float64)
+    np.testing.assert_allclose(got.astype(np.float64), x64, atol=4e-3)
 
 
 @needs_kernels
