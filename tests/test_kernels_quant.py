@@ -131,6 +131,18 @@ def test_thread_counts_give_the_same_result(m, threads_reset) -> None:
         assert all(np.array_equal(results[0], r) for r in results[1:])
 
 
+def test_several_tiles_forward_transposed_and_gradient() -> None:
+    """n_out 600 x n_in 4096: the sgemm path takes the weight in two tiles of dequantized rows (512 + 88),
+    and the gradient for x adds the second tile's product onto the first's."""
+    q, s, b = quantized(600, 4096, 4, 128)
+    wt = np_dequant(q, s, b, 4, 128)
+    x, cot = xs(9, 4096), xs(9, 600, seed=3)
+    check(K.quantized_matmul(x, q, s, b, 128, 4), np.array(x, np.float64) @ wt.T, 4096)
+    check(K.quantized_matmul(cot, q, s, b, 128, 4, transpose=False), np.array(cot, np.float64) @ wt, 600)
+    check(mx.grad(lambda x: mx.sum(K.quantized_matmul(x, q, s, b, 128, 4) * cot))(x),
+          np.array(cot, np.float64) @ wt, 600)
+
+
 def test_empty_rows_and_compile() -> None:
     q, s, b = quantized(20, 64, 8, 32)
     assert K.quantized_matmul(mx.zeros((0, 64)), q, s, b, 32, 8).shape == (0, 20)
