@@ -117,12 +117,15 @@ def main(argv: list[str] | None = None) -> int:
                 label = f"{NAMES.get((n_in, n_out), '')} {n_in}x{n_out}"
                 once = "*" if "mx.q" in slow else " "
                 tw, mq, f32 = med["twinlm"], med["mx.q"], med["fp32"]
+                # Weight traffic says something only where the weights dominate (a few rows of x).
+                traffic = (f"{gbs['twinlm']:7.1f} {gbs['mx.q']:6.1f} {gbs['fp32']:6.1f}" if m <= 8
+                           else f"{'-':>7} {'-':>6} {'-':>6}")
                 print(f"{label:>24} {bits:>4} {m:>4} | {tw * 1e3:9.3f} {mq * 1e3:8.1f}{once} "
                       f"{f32 * 1e3:9.3f} | {mq / tw:6.2f}x {f32 / tw:6.2f}x"
-                      f" | {gbs['twinlm']:7.1f} {gbs['mx.q']:6.1f} {gbs['fp32']:6.1f} | "
+                      f" | {traffic} | "
                       f"{2 * m * n_in * n_out / med['twinlm'] / 1e9:7.1f}", flush=True)
-    print("* timed by one call (over --slow seconds). GB/s: weight bytes read per second (packed + scales + "
-          "biases, or float32). GFLOP/s: 2 M n_in n_out per second, twinlm.")
+    print("* timed by one call (over --slow seconds). GB/s (M <= 8): weight bytes read per second (packed + "
+          "scales + biases, or float32). GFLOP/s: 2 M n_in n_out per second, twinlm.")
     return 0
 
 
