@@ -114,6 +114,9 @@ def test_leading_shape_and_strided_x() -> None:
     check(K.quantized_matmul(xt, q, s, b, 64, 4), np.array(xt, np.float64) @ wt.T, 128)
     x1 = xs(128)  # a single vector
     check(K.quantized_matmul(x1, q, s, b, 64, 4), np.array(x1, np.float64) @ wt.T, 128)
+    s_cols = mx.array(np.array(s).T.copy()).T  # evaluated, column-major: made row-contiguous first
+    mx.eval(s_cols)
+    check(K.quantized_matmul(x3, q, s_cols, b, 64, 4), np.array(x3, np.float64) @ wt.T, 128)
 
 
 @pytest.mark.parametrize("m", [1, 4, 40])
