@@ -1,7 +1,7 @@
 """twinlm's int8/int4 quantized matmul kernel (`K.quantized_matmul`, twinlm/backends/kernels/csrc/quant.cpp)
 against MLX's `mx.quantized_matmul(..., transpose=True)` and a float64 numpy unpack-dequantize-matmul of the
 shared format (MLX's affine layout, weights made by mx.quantize): both bit widths, all group sizes, the GEMV
-rows (M <= 8) and the tiled sgemm path, every GEMV loop this CPU runs, 1-3 threads; the gradient for x
+rows (M <= 32) and the tiled sgemm path, every GEMV loop this CPU runs, 1-3 threads; the gradient for x
 against MLX's; the frozen weight's gradient and bad input raise; negative controls (a swapped nibble or byte
 order, scales and biases swapped, a wrong gradient) are caught by the same checks."""
 
@@ -76,7 +76,7 @@ def test_the_numpy_reference_is_the_format() -> None:
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("group", [32, 64, 128])
-@pytest.mark.parametrize("m", [1, 3, 64])  # 64: the tiled sgemm path
+@pytest.mark.parametrize("m", [1, 3, 20, 64])  # 20: GEMV passes of 8, 8 and 4 rows; 64: the sgemm tiles
 @pytest.mark.parametrize("n_in, n_out", [(128, 37), (384, 80)])  # n_out not a multiple of any vector width
 def test_forward_against_mlx_and_float64(bits, group, m, n_in, n_out) -> None:
     q, s, b = quantized(n_out, n_in, bits, group)
@@ -119,7 +119,7 @@ def test_leading_shape_and_strided_x() -> None:
     check(K.quantized_matmul(x3, q, s_cols, b, 64, 4), np.array(x3, np.float64) @ wt.T, 128)
 
 
-@pytest.mark.parametrize("m", [1, 4, 40])
+@pytest.mark.parametrize("m", [1, 4, 20, 40])
 def test_thread_counts_give_the_same_result(m, threads_reset) -> None:
     q, s, b = quantized(301, 512, 4, 64)  # enough rows to split over 3 threads
     x = xs(m, 512)
@@ -130,7 +130,7 @@ def test_thread_counts_give_the_same_result(m, threads_reset) -> None:
         y = np.array(K.quantized_matmul(x, q, s, b, 64, 4))
         check(y, want, 512)
         results.append(y)
-    if m <= 8:  # the GEMV rows: each output computed by one thread, in one order
+    if m <= 32:  # the GEMV rows: each output computed by one thread, in one order
         assert all(np.array_equal(results[0], r) for r in results[1:])
 
 

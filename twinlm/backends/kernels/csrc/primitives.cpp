@@ -681,8 +681,9 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& qweight, const m
                     row_contiguous(scales, stream), row_contiguous(biases, stream)});
 }
 
-// Up to QGEMV_MAX_ROWS rows (decoding): the GEMV loops, one pass over the packed weights, split over output
-// rows. More rows (prefill, training): tiles of dequantized weight rows, each one sgemm. The gradient for x
+// Up to QGEMV_MAX_ROWS rows (decoding, short prompts): the GEMV loops, split over output rows, 8 rows of x
+// per pass over a block of weight rows. More rows (prefill, training): tiles of dequantized weight rows,
+// each one sgemm. The gradient for x
 // (transpose = false) always takes the tiles: its rows are the training batch.
 void QuantizedMatmul::eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) {
   allocate(out[0]);
@@ -701,8 +702,15 @@ void QuantizedMatmul::eval_cpu(const std::vector<mx::array>& in, std::vector<mx:
       const QIsa isa = quant_isa();
       std::vector<float> xp(M * K);
       qgemv_prepare_x(isa, x, xp.data(), M, K, bits);
+      // Blocks of output rows whose packed weights stay in L2 (64 KB) while every 8 rows of x pass over them.
+      const size_t ob = std::max<size_t>(1, (size_t(64) << 10) / (K * bits / 8));
       parallel_rows(N, K * M, [&](int, size_t o0, size_t o1) {
-        qgemv_rows(isa, xp.data(), w, sc, bi, y, M, K, N, G, bits, o0, o1);
+        for (size_t b0 = o0; b0 < o1; b0 += ob) {
+          for (size_t m0 = 0; m0 < M; m0 += QGEMV_ROWS) {
+            qgemv_rows(isa, xp.data() + m0 * K, w, sc, bi, y + m0 * N, std::min(QGEMV_ROWS, M - m0), K, N, G, bits,
+                       b0, std::min(o1, b0 + ob));
+          }
+        }
       });
       return;
     }

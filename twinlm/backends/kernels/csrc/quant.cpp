@@ -61,7 +61,7 @@ void rows_portable(const float* x, const uint32_t* w, const float* s, const floa
   float wf[128];
   for (size_t o = o0; o < o1; o++) {
     const uint8_t* wr = reinterpret_cast<const uint8_t*>(w) + o * row_bytes;
-    float acc[QGEMV_MAX_ROWS] = {};
+    float acc[QGEMV_ROWS] = {};
     for (size_t g = 0; g < ng; g++) {
       dequant_group(wr + g * G * bits / 8, s[o * ng + g], b[o * ng + g], wf, G, bits);
       for (size_t m = 0; m < M; m++) {

@@ -15,10 +15,14 @@ void set_quant_isa(QIsa isa);
 QIsa quant_isa();  // the one in use (never Auto)
 std::string quant_isa_name();
 
-// How many rows of x the GEMV path takes at once (above it: dequantized tiles and sgemm).
-constexpr size_t QGEMV_MAX_ROWS = 8;
+// Rows of x one GEMV pass takes (qgemv_rows: M <= QGEMV_ROWS), and the most rows the GEMV path serves
+// (in passes of QGEMV_ROWS over blocks of weight rows); more: dequantized tiles and sgemm. Measured on a
+// 2-core AMD EPYC with AVX-512, shared (benchmarks/qmatmul.py shapes, 2 threads): the passes beat the tiles up to 32 rows at every
+// shape, and lose from 64 at 2048x8192.
+constexpr size_t QGEMV_ROWS = 8;
+constexpr size_t QGEMV_MAX_ROWS = 32;
 
-// x (M, K) row-contiguous; rows [o0, o1) of y (M, N) = x Wt^T. `xp` is scratch for M * K floats (the
+// x (M <= QGEMV_ROWS, K) row-contiguous; rows [o0, o1) of y (M, N) = x Wt^T. `xp` is scratch for M * K floats (the
 // 4-bit loops read x reordered to match the nibbles; prepare it once per call with qgemv_prepare_x).
 // `isa` is quant_isa() read once per call (the two must agree on the order).
 void qgemv_prepare_x(QIsa isa, const float* x, float* xp, size_t M, size_t K, int bits);
