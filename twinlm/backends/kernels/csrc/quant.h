@@ -17,8 +17,8 @@ std::string quant_isa_name();
 
 // Rows of x one GEMV pass takes (qgemv_rows: M <= QGEMV_ROWS), and the most rows the GEMV path serves
 // (in passes of QGEMV_ROWS over blocks of weight rows); more: dequantized tiles and sgemm. Measured on a
-// 2-core AMD EPYC with AVX-512, shared (benchmarks/qmatmul.py shapes, 2 threads): the passes beat the tiles up to 32 rows at every
-// shape, and lose from 64 at 2048x8192.
+// shared 2-core AMD EPYC with AVX-512 (benchmarks/qmatmul.py shapes, 2 threads): the passes beat the tiles
+// up to 32 rows at every shape, and lose from 64 rows at 2048x8192.
 constexpr size_t QGEMV_ROWS = 8;
 constexpr size_t QGEMV_MAX_ROWS = 32;
 
