@@ -12,8 +12,10 @@
 
 #include "vmath.h"
 
+// The same platforms as the clones in vmath.h (x86 Linux with GCC or Clang; the CPU checks by level name
+// need a recent compiler, which macOS x86 builds may lack): elsewhere the portable loop.
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__)) && \
-    !defined(TWINLM_NO_CLONES)
+    defined(__linux__) && !defined(TWINLM_NO_CLONES)
 #define TWQ_X86 1
 #include <immintrin.h>
 #define TWQ_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2")))
