@@ -1,8 +1,8 @@
 """twinlm's CPU kernels for MLX: the core's composites (the linear layer as one BLAS sgemm onto the bias,
 the embedding gather and its scatter-add, GELU, GELU-tanh, SwiGLU, RoPE, LayerNorm, RMSNorm, the masked
-softmax of attention, cross-entropy) as MLX primitives with their own vectorised, multi-threaded CPU
-implementation and VJP, in a C++ extension built against the installed mlx wheel
-(`csrc/`, CMake).
+softmax of attention, cross-entropy, the int8/int4 quantized matmul) as MLX primitives with their own
+vectorised, multi-threaded CPU implementation and VJP, in a C++ extension built against the installed mlx
+wheel (`csrc/`, CMake).
 
 Built once per machine by `python -m twinlm.backends.kernels.build` (`make setup` runs it); nothing is
 built or downloaded at run time. The MLX adapter loads it lazily (`load()`); anything that goes wrong
@@ -27,8 +27,9 @@ MODULE = "_twinlm_kernels"
 HERE = Path(__file__).resolve().parent
 # The composites each kernel serves (what `doctor` lists as active).
 KERNELS = ("linear (sgemm onto the bias)", "linear over bfloat16/float16 weights",
-           "embedding (gather, scatter-add)", "gelu", "gelu_tanh", "swiglu", "rope", "layer_norm", "rms_norm",
-           "attention (masked softmax)", "cross_entropy")
+           "quantized_matmul (int8/int4 GEMV, dequantized tiles + sgemm)", "embedding (gather, scatter-add)",
+           "gelu", "gelu_tanh", "swiglu", "rope", "layer_norm", "rms_norm", "attention (masked softmax)",
+           "cross_entropy")
 BUILD_HINT = "build them with: python -m twinlm.backends.kernels.build (make setup runs it)"
 
 

@@ -8,6 +8,7 @@
 #include "lowp.h"
 #include "pool.h"
 #include "primitives.h"
+#include "quant.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -57,6 +58,18 @@ NB_MODULE(_twinlm_kernels, m) {
         "table rows at ids (mx.take on axis 0), its VJP a scatter-add split over columns");
   m.def("_embedding_faulty", &twinlm::embedding, "table"_a, "ids"_a, "fault"_a, nb::kw_only(),
         "stream"_a = nb::none(), "tests only: a deliberately wrong embedding (1: the backward assigns)");
+  m.def("quantized_matmul", &twinlm::quantized_matmul, "x"_a, "qweight"_a, "scales"_a, "biases"_a, "group_size"_a,
+        "bits"_a, nb::kw_only(), "transpose"_a = true, "stream"_a = nb::none(),
+        "x @ dequantize(qweight, scales, biases).T for int4/int8 weights in MLX's affine layout (the semantics of "
+        "mx.quantized_matmul(..., transpose=True); transpose=False: x @ dequantize(...)), float32 x of any "
+        "leading shape; its VJP gives the gradient for x only (a frozen base)");
+  m.def("quant_isa", &twinlm::quant_isa_name, "the loops the quantized GEMV runs (avx512, avx2 or portable)");
+  m.def("_set_quant_isa", [](const std::string& name) {
+          twinlm::QIsa isa = name == "auto" ? twinlm::QIsa::Auto : name == "avx512" ? twinlm::QIsa::Avx512
+                             : name == "avx2" ? twinlm::QIsa::Avx2 : name == "portable" ? twinlm::QIsa::Scalar
+                             : throw std::invalid_argument("isa: auto, avx512, avx2 or portable");
+          twinlm::set_quant_isa(isa);
+        }, "isa"_a, "tests and benchmarks only: force the quantized GEMV's loops (auto, avx512, avx2, portable)");
   m.def("cross_entropy_rows", &twinlm::cross_entropy_rows, "logits"_a, "targets"_a, nb::kw_only(),
         "stream"_a = nb::none());
 

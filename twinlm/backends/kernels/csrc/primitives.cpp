@@ -12,6 +12,7 @@
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "pool.h"
+#include "quant.h"
 
 // CBLAS's sgemm, left undefined here and bound when the module loads, exactly as libmlx binds its own:
 // to the system OpenBLAS that twinlm.backends.mlx_native loads with RTLD_GLOBAL (the global scope is
@@ -620,6 +621,142 @@ void EmbeddingGrad::eval_cpu(const std::vector<mx::array>& in, std::vector<mx::a
 
 bool EmbeddingGrad::is_equivalent(const mx::Primitive& other) const {
   return fault_ == static_cast<const EmbeddingGrad&>(other).fault_;
+}
+
+// ---- quantized matmul (int8/int4 weights, MLX's affine layout; loops in quant.cpp) --------------------------
+namespace {
+// Floats of dequantized weight rows per sgemm call on the larger-M path: big enough for BLAS to run at
+// speed, small enough that a quantized 128k-row head never needs its float copy.
+constexpr size_t QTILE_FLOATS = size_t(2) << 20;
+
+[[noreturn]] void qmm_error(const std::string& what) { throw std::invalid_argument("quantized_matmul: " + what); }
+
+// The weight, scales and biases are evaluated, row-contiguous arrays on every call of a model: used as they
+// are, they add no Contiguous node (three per layer per decoded token otherwise).
+mx::array row_contiguous(const mx::array& a, const mx::Stream& s) {
+  if (a.is_available() && a.flags().row_contiguous) return a;
+  return mx::contiguous(a, false, s);
+}
+
+std::string shape_str(const mx::array& a) {
+  std::string s = "(";
+  for (int i = 0; i < (int)a.ndim(); i++) s += (i ? ", " : "") + std::to_string(a.shape(i));
+  return s + (a.ndim() == 1 ? ",)" : ")");
+}
+}  // namespace
+
+mx::array quantized_matmul(const mx::array& x, const mx::array& qweight, const mx::array& scales,
+                           const mx::array& biases, int group_size, int bits, bool transpose,
+                           mx::StreamOrDevice s) {
+  auto stream = cpu_stream(s);
+  if (bits != 4 && bits != 8) qmm_error("bits must be 4 or 8, got " + std::to_string(bits));
+  if (group_size != 32 && group_size != 64 && group_size != 128) {
+    qmm_error("group_size must be 32, 64 or 128, got " + std::to_string(group_size));
+  }
+  if (qweight.dtype() != mx::uint32 || qweight.ndim() != 2) {
+    qmm_error("qweight must be a 2-D uint32 array (n_out, n_in * bits / 32), got " + shape_str(qweight));
+  }
+  const int64_t N = qweight.shape(0), K = qweight.shape(1) * 32 / bits;
+  if (K % group_size != 0) qmm_error("n_in = " + std::to_string(K) + " is not a multiple of group_size");
+  for (const auto* a : {&scales, &biases}) {
+    if (a->dtype() != mx::float32 || a->ndim() != 2 || a->shape(0) != N || a->shape(1) != K / group_size) {
+      qmm_error(std::string(a == &scales ? "scales" : "biases") + " must be float32 (" + std::to_string(N) + ", " +
+                std::to_string(K / group_size) + ") for qweight " + shape_str(qweight) + ", bits " +
+                std::to_string(bits) + " and group_size " + std::to_string(group_size) + ", got " + shape_str(*a));
+    }
+  }
+  if (x.dtype() != mx::float32) qmm_error("x must be float32");
+  const int64_t in_dim = transpose ? K : N;
+  if (x.ndim() < 1 || x.shape(-1) != in_dim) {
+    qmm_error("x " + shape_str(x) + " does not end in " + std::to_string(in_dim) + " (qweight " +
+              shape_str(qweight) + ", bits " + std::to_string(bits) + ")");
+  }
+  if (x.size() >= (size_t)INT32_MAX || (size_t)N * (size_t)K >= (size_t)INT32_MAX) {
+    qmm_error("too large for 32-bit BLAS sizes");
+  }
+  auto shape = x.shape();
+  shape.back() = (int)(transpose ? N : K);
+  return mx::array(shape, mx::float32, std::make_shared<QuantizedMatmul>(stream, group_size, bits, transpose),
+                   {mx::contiguous(x, false, stream), row_contiguous(qweight, stream),
+                    row_contiguous(scales, stream), row_contiguous(biases, stream)});
+}
+
+// Up to QGEMV_MAX_ROWS rows (decoding, short prompts): the GEMV loops, split over output rows, 8 rows of x
+// per pass over a block of weight rows. More rows (prefill, training): tiles of dequantized weight rows,
+// each one sgemm. The gradient for x
+// (transpose = false) always takes the tiles: its rows are the training batch.
+void QuantizedMatmul::eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) {
+  allocate(out[0]);
+  const size_t N = in[1].shape(0), K = in[1].shape(1) * 32 / bits_;
+  const size_t M = in[0].size() / std::max<size_t>(transpose_ ? K : N, 1);
+  launch(stream(), [x = in[0].data<float>(), w = in[1].data<uint32_t>(), sc = in[2].data<float>(),
+                    bi = in[3].data<float>(), y = out[0].data<float>(), M, N, K, G = (size_t)group_, bits = bits_,
+                    tr = transpose_] {
+    const size_t out_dim = tr ? N : K;
+    if (M == 0 || out_dim == 0) return;
+    if (K == 0 || N == 0) {  // an empty sum
+      std::memset(y, 0, M * out_dim * sizeof(float));
+      return;
+    }
+    if (tr && M <= QGEMV_MAX_ROWS) {
+      const QIsa isa = quant_isa();
+      std::vector<float> xp(M * K);
+      qgemv_prepare_x(isa, x, xp.data(), M, K, bits);
+      // Blocks of output rows whose packed weights stay in L2 (64 KB) while every 8 rows of x pass over them.
+      const size_t ob = std::max<size_t>(1, (size_t(64) << 10) / (K * bits / 8));
+      parallel_rows(N, K * M, [&](int, size_t o0, size_t o1) {
+        for (size_t b0 = o0; b0 < o1; b0 += ob) {
+          for (size_t m0 = 0; m0 < M; m0 += QGEMV_ROWS) {
+            qgemv_rows(isa, xp.data() + m0 * K, w, sc, bi, y + m0 * N, std::min(QGEMV_ROWS, M - m0), K, N, G, bits,
+                       b0, std::min(o1, b0 + ob));
+          }
+        }
+      });
+      return;
+    }
+    const size_t rows = std::min(N, std::max<size_t>(16, QTILE_FLOATS / K));
+    std::vector<float> tile(rows * K);
+    for (size_t o0 = 0; o0 < N; o0 += rows) {
+      const size_t r = std::min(rows, N - o0);
+      parallel_rows(r, K, [&](int, size_t a, size_t e) {
+        qdequant_rows(w, sc, bi, tile.data() + a * K, K, G, bits, o0 + a, o0 + e);
+      });
+      if (tr) {  // y[:, o0:o0+r] = x (M, K) @ tile (r, K)^T
+        cblas_sgemm(ROW_MAJOR, NO_TRANS, TRANS, (int)M, (int)r, (int)K, 1.0f, x, (int)K, tile.data(), (int)K, 0.0f,
+                    y + o0, (int)N);
+      } else {  // y (M, K) += x[:, o0:o0+r] @ tile (r, K)
+        cblas_sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, (int)M, (int)K, (int)r, 1.0f, x + o0, (int)N, tile.data(),
+                    (int)K, o0 ? 1.0f : 0.0f, y, (int)K);
+      }
+    }
+  });
+}
+
+std::vector<mx::array> QuantizedMatmul::vjp(const std::vector<mx::array>& primals,
+                                            const std::vector<mx::array>& cot, const std::vector<int>& argnums,
+                                            const std::vector<mx::array>&) {
+  for (int a : argnums) {
+    if (a != 0) {
+      qmm_error("no gradient for the quantized weight, its scales or biases: they are a frozen base "
+                "(train float adapters beside them, e.g. LoRA)");
+    }
+  }
+  auto g = prepared(cot[0], stream(), "quantized_matmul vjp");
+  // d/dx (x Wt^T) = g Wt, and d/dx (x Wt) = g Wt^T: the same primitive, the other way round.
+  return {mx::array(primals[0].shape(), mx::float32,
+                    std::make_shared<QuantizedMatmul>(stream(), group_, bits_, !transpose_),
+                    {g, primals[1], primals[2], primals[3]})};
+}
+
+bool QuantizedMatmul::is_equivalent(const mx::Primitive& other) const {
+  auto& o = static_cast<const QuantizedMatmul&>(other);
+  return group_ == o.group_ && bits_ == o.bits_ && transpose_ == o.transpose_;
+}
+
+std::vector<mx::Shape> QuantizedMatmul::output_shapes(const std::vector<mx::array>& in) {
+  auto shape = in[0].shape();
+  shape.back() = transpose_ ? in[1].shape(0) : in[1].shape(1) * 32 / bits_;
+  return {shape};
 }
 
 }  // namespace twinlm

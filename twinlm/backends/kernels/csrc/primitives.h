@@ -28,6 +28,13 @@ mx::array linear(const mx::array& x, const mx::array& w, const std::optional<mx:
 // Out-of-range ids give NaN rows. `fault` (tests only): 1 = the backward assigns instead of adding.
 mx::array embedding(const mx::array& table, const mx::array& ids, int fault = 0, mx::StreamOrDevice s = {});
 
+// x (..., K) @ dequantize(qweight, scales, biases).T -> (..., N), MLX's affine layout (quant.h), the
+// semantics of mx.quantized_matmul(..., transpose=True). transpose = false computes x (..., N) @ Wt -> (..., K)
+// (the gradient for x). Gradients for the weight, scales and biases raise: the base is frozen (QLoRA).
+mx::array quantized_matmul(const mx::array& x, const mx::array& qweight, const mx::array& scales,
+                           const mx::array& biases, int group_size, int bits, bool transpose = true,
+                           mx::StreamOrDevice s = {});
+
 // A primitive with a CPU implementation only; the GPU path says so (Python never sends it there).
 class CpuPrimitive : public mx::Primitive {
  public:
@@ -207,6 +214,22 @@ class LinearGrad : public CpuPrimitive {  // x, w, g -> the wanted ones of dx = 
  private:
   bool dx_, dw_, db_;
   int fault_;
+};
+
+class QuantizedMatmul : public CpuPrimitive {  // x, qweight, scales, biases -> x Wt^T (or x Wt)
+ public:
+  QuantizedMatmul(mx::Stream s, int group_size, int bits, bool transpose)
+      : CpuPrimitive(s), group_(group_size), bits_(bits), transpose_(transpose) {}
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override;
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override;
+  const char* name() const override { return "TwinlmQuantizedMatmul"; }
+  bool is_equivalent(const mx::Primitive& other) const override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& in) override;
+
+ private:
+  int group_, bits_;
+  bool transpose_;
 };
 
 class Embedding : public CpuPrimitive {  // table (V, C), ids int32 -> rows (..., C)
