@@ -212,7 +212,8 @@ def check_state(spec: SP.Spec, arrays: dict[str, np.ndarray]) -> dict[str, np.nd
             raise TwinlmError(f"checkpoint state does not match its model config (at {k})")
         if not np.all(np.isfinite(arrays[k])):
             raise TwinlmError(f"checkpoint state has non-finite values in {k}")
-    return {k: arrays[k].astype(np.float32) for k in expected}
+    # (a quantized layer's packed words keep their integer dtype)
+    return {k: arrays[k] if arrays[k].dtype.kind in "ui" else arrays[k].astype(np.float32) for k in expected}
 
 
 def classify_examples(tc: TrainConfig) -> tuple[list[C.Example], list[C.Example]]:
