@@ -104,12 +104,18 @@ def test_dequantize_and_quantized_linear(name, bits):
     d = B.to_numpy(B.dequantize(*args, bits, 32))
     np.testing.assert_allclose(d, w64, rtol=0, atol=1e-6)
     want = x.astype(np.float64) @ w64.T + bias
-    for fused in (True, False):  # MLX's fused path (its quantized_matmul) and the reference body
+    kernels = getattr(B, "kernels", None)
+    # MLX: twinlm's kernel (where built), mx.quantized_matmul (kernels off), the reference body (fused off)
+    for fused, k in ((True, kernels), (True, None), (False, kernels)):
         B.fused = fused
+        if kernels is not None:
+            B.kernels = k
         try:
             got = B.to_numpy(B.quantized_linear(B.from_numpy(x), *args, B.from_numpy(bias), bits, 32))
         finally:
             B.fused = True
+            if kernels is not None:
+                B.kernels = kernels
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-5)
     # The control: a swapped element order gives a layer the same check refuses.
     wrong = x.astype(np.float64) @ _SwappedNibbles().dequantize(q, s, b, bits, 32).T + bias
@@ -118,9 +124,16 @@ def test_dequantize_and_quantized_linear(name, bits):
         def loss(p):
             y = B.quantized_linear(p["x"], *args, None, bits, 32)
             return B.sum(y * y)
-        _, g = B.value_and_grad(loss)({"x": B.from_numpy(x)})
         want_g = 2 * (x.astype(np.float64) @ w64.T) @ w64
-        np.testing.assert_allclose(B.to_numpy(g["x"]), want_g, rtol=1e-4, atol=1e-4)
+        for k in ([kernels, None] if kernels is not None else [None]):  # (MLX: each VJP, the kernel's too)
+            if kernels is not None:
+                B.kernels = k
+            try:
+                _, g = B.value_and_grad(loss)({"x": B.from_numpy(x)})
+                np.testing.assert_allclose(B.to_numpy(g["x"]), want_g, rtol=1e-4, atol=1e-4)
+            finally:
+                if kernels is not None:
+                    B.kernels = kernels
 
 
 # ---- a quantized model on both backends ---------------------------------------------------------
