@@ -321,6 +321,9 @@ def test_qlora_trains_adapters_over_a_frozen_quantized_base(backend, base_run, t
     b = twinlm.load(merged, backend="mlx").logits("jack and jill")
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)  # the dequantized merge computes the same function
     if backend == "mlx":
+        code, _, err = run_cli(["train", "--init-from", str(q4), "--data", str(corpus), "--out",
+                                str(tmp_path / "full")], capsys, monkeypatch)
+        assert code == 2 and "only through adapters" in err and len(err.splitlines()) == 1, err
         pytest.importorskip("safetensors")
         code, _, err = run_cli(["export-hf", str(merged), "--out", str(hf)], capsys, monkeypatch)
         assert code == 0, err

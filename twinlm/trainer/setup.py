@@ -123,6 +123,10 @@ def from_base(tc: TrainConfig) -> Base:
     base_cfg, params, tok, base_meta = load_model(tc.base)  # type: ignore[arg-type]
     if base_cfg.lora_rank:
         raise TwinlmError(f"{tc.base} is itself a LoRA run: merge it first (twinlm merge-lora)")
+    if base_cfg.quant_bits and not tc.lora_rank and not tc.freeze_base:  # (only its float parts would train)
+        raise TwinlmError(f"{tc.base} is quantized ({base_cfg.quant_bits}-bit): its weights train only "
+                          "through adapters (--lora-rank R: QLoRA), or stay frozen under a task head "
+                          "(finetune --freeze-base)")
     labels: list[str] = []
     if tc.task == "classify":
         train, _ = classify_examples(tc)
