@@ -144,6 +144,9 @@ class MLXBackend(Backend):
         # read the format unchanged and give the gradient with respect to x (a frozen base: QLoRA).
         K = self._kernel(x, scales, biases)
         qmm = getattr(K, "quantized_matmul", None)
+        # Frozen: mx.checkpoint (train --grad-checkpoint) asks every input of the block for its gradient, and
+        # both quantized matmuls refuse the weights'.
+        qweight, scales, biases = (mx.stop_gradient(t) for t in (qweight, scales, biases))
         if qmm is not None:
             y = qmm(x, qweight, scales, biases, group_size, bits)
         else:

@@ -211,6 +211,8 @@ class Backend:
                          bits: int, group_size: int) -> Array:
         """A quantized linear layer (`core.quant`): x (..., n_in) @ dequantize(...).T (+ bias). Its weights
         are frozen: an adapter's fused kernel may give the gradient with respect to x only."""
+        # Gradient-stopped: a recomputing checkpoint (`remat`) would otherwise ask for their gradients too.
+        qweight, scales, biases = (self.stop_gradient(t) for t in (qweight, scales, biases))
         wt = self.dequantize(qweight, scales, biases, bits, group_size)  # (n_out, n_in)
         return self.linear(x, self.transpose(wt, (1, 0)), bias)
 
