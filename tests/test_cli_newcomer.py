@@ -77,7 +77,8 @@ def test_every_command_that_runs_a_model_takes_backend_and_numpy_is_shown(capsys
     for name in sorted(cli.commands):
         code, out, _ = run_cli([name, "--help"], capsys, monkeypatch)
         assert code == 0
-        runs_a_model = name not in ("cache", "import-hf", "export-hf", "merge-lora")  # files in, files out
+        # files in, files out
+        runs_a_model = name not in ("cache", "import-hf", "export-hf", "merge-lora", "quantize")
         assert ("--backend" in out) == runs_a_model, name
         if name in ("sample", "eval"):
             assert "numpy" in out, name

@@ -23,7 +23,7 @@ import mlx.core as mx
 
 _DTYPES = {np.dtype(np.float32): mx.float32, np.dtype(np.float64): mx.float64,
            np.dtype(np.int32): mx.int32, np.dtype(np.int64): mx.int64, np.dtype(np.bool_): mx.bool_,
-           np.dtype(np.float16): mx.float16}
+           np.dtype(np.float16): mx.float16, np.dtype(np.uint32): mx.uint32}
 
 
 class MLXBackend(Backend):
@@ -132,7 +132,28 @@ class MLXBackend(Backend):
     def isfinite(self, x: Array) -> Array:
         return mx.all(mx.isfinite(x))
 
+    def dequantize(self, qweight: Array, scales: Array, biases: Array, bits: int, group_size: int) -> Array:
+        return mx.dequantize(qweight, scales, biases, group_size=group_size, bits=bits)
+
     # ---- fused overrides (checked against the reference bodies by the parity suite) ---------
+    def quantized_linear(self, x: Array, qweight: Array, scales: Array, biases: Array, bias: Array | None,
+                         bits: int, group_size: int) -> Array:
+        if not self.fused:
+            return super().quantized_linear(x, qweight, scales, biases, bias, bits, group_size)
+        # twinlm's CPU kernel where it is built (float32 on the CPU), else MLX's own (scalar on x86); both
+        # read the format unchanged and give the gradient with respect to x (a frozen base: QLoRA).
+        K = self._kernel(x, scales, biases)
+        qmm = getattr(K, "quantized_matmul", None)
+        # Frozen: mx.checkpoint (train --grad-checkpoint) asks every input of the block for its gradient, and
+        # both quantized matmuls refuse the weights'.
+        qweight, scales, biases = (mx.stop_gradient(t) for t in (qweight, scales, biases))
+        if qmm is not None:
+            y = qmm(x, qweight, scales, biases, group_size, bits)
+        else:
+            y = mx.quantized_matmul(x, qweight, scales, biases, transpose=True, group_size=group_size,
+                                    bits=bits)
+        return y if bias is None else y + bias
+
     def gelu(self, x: Array) -> Array:
         K = self._kernel(x)  # the base class's pinned value and derivative, in one kernel
         return super().gelu(x) if K is None else K.gelu(x)

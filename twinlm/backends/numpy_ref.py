@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from twinlm.core import quant
 from twinlm.core.backend import Array, Backend
 
 
@@ -82,6 +83,9 @@ class NumpyBackend(Backend):
 
     def isfinite(self, x: Array) -> Array:
         return np.all(np.isfinite(x))
+
+    def dequantize(self, qweight: Array, scales: Array, biases: Array, bits: int, group_size: int) -> Array:
+        return quant.dequantize(qweight, scales, biases, bits, group_size, self.dtype)
 
 
 def create() -> NumpyBackend:

@@ -25,7 +25,8 @@ from twinlm.core.backend import LAYER_NORM_EPS, RMS_NORM_EPS, Array, Backend, St
 
 _DTYPES = {np.dtype(np.float32): dtypes.float32, np.dtype(np.float64): dtypes.float64,
            np.dtype(np.int32): dtypes.int32, np.dtype(np.int64): dtypes.int64,
-           np.dtype(np.bool_): dtypes.bool, np.dtype(np.float16): dtypes.float16}
+           np.dtype(np.bool_): dtypes.bool, np.dtype(np.float16): dtypes.float16,
+           np.dtype(np.uint32): dtypes.uint32}
 
 
 class TinygradBackend(Backend):
@@ -123,6 +124,17 @@ class TinygradBackend(Backend):
 
     def isfinite(self, x: Array) -> Array:
         return ((x == x) & (x.abs() != float("inf"))).all()
+
+    def dequantize(self, qweight: Array, scales: Array, biases: Array, bits: int, group_size: int) -> Array:
+        # Unpacked inside the graph (shift and mask of the uint32 words, which tinygrad's CPU renderer emits
+        # as plain C integer ops), so the weights stay packed in memory between calls.
+        per = 32 // bits
+        n_out, n_words = qweight.shape
+        shifts = Tensor(np.arange(per, dtype=np.uint32) * bits, device=qweight.device)
+        q = (qweight.reshape(n_out, n_words, 1) >> shifts) & ((1 << bits) - 1)
+        g = q.cast(dtypes.float32).reshape(n_out, -1, group_size)
+        w = g * scales.reshape(*scales.shape, 1) + biases.reshape(*biases.shape, 1)
+        return w.reshape(n_out, n_words * per)
 
     # ---- composites: the core's maths, with materialisation hints for the scheduler ------------
     def softmax(self, x: Array, axis: int = -1) -> Array:

@@ -31,4 +31,6 @@ def command(run_dir: str, out: str) -> None:
         Path(out), {f"param.{k}": v for k, v in weights.items()}, record.to_dict(), step=meta.iter, keep=None
     )
     n = sum(1 for k in params if k.endswith(".lora_a"))
-    click.echo(f"merged {n} adapters (rank {cfg.lora_rank}, scale {cfg.lora_scale:g}) of {run_dir} -> {out}")
+    base = f", onto its {cfg.quant_bits}-bit base dequantized to float32" if cfg.quant_bits else ""
+    click.echo(f"merged {n} adapters (rank {cfg.lora_rank}, scale {cfg.lora_scale:g}{base}) of {run_dir} "
+               f"-> {out}")

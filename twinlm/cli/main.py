@@ -43,13 +43,14 @@ def _register() -> None:
         parity,
         plot,
         predict,
+        quantize,
         sample,
         serve,
         train,
     )
 
     for module in (train, finetune, lora, sample, predict, evaluate, parity, plot, doctor, bench, cache,
-                   experiment, attention, chat, serve):
+                   experiment, attention, chat, serve, quantize):
         cli.add_command(module.command)
     cli.add_command(hf.import_command)
     cli.add_command(hf.export_command)

@@ -130,6 +130,11 @@ class Backend:
     def isfinite(self, x: Array) -> Array:
         raise NotImplementedError
 
+    def dequantize(self, qweight: Array, scales: Array, biases: Array, bits: int, group_size: int) -> Array:
+        """A quantized weight (`core.quant`'s format: uint32 words (n_out, n_in * bits / 32), float32 scales
+        and biases (n_out, n_in / group_size)) as float32 (n_out, n_in): q * scale + bias per group."""
+        raise NotImplementedError
+
     def from_numpy_rows(self, a: np.ndarray, axis: int = 0) -> Array:
         """A batch array whose rows (along `axis`) an adapter with several devices splits across them;
         elsewhere `from_numpy`."""
@@ -201,6 +206,15 @@ class Backend:
         """A linear layer's x @ weight (+ bias): x (..., n_in), weight (n_in, n_out), bias (n_out,)."""
         y = x @ weight
         return y if bias is None else y + bias
+
+    def quantized_linear(self, x: Array, qweight: Array, scales: Array, biases: Array, bias: Array | None,
+                         bits: int, group_size: int) -> Array:
+        """A quantized linear layer (`core.quant`): x (..., n_in) @ dequantize(...).T (+ bias). Its weights
+        are frozen: an adapter's fused kernel may give the gradient with respect to x only."""
+        # Gradient-stopped: a recomputing checkpoint (`remat`) would otherwise ask for their gradients too.
+        qweight, scales, biases = (self.stop_gradient(t) for t in (qweight, scales, biases))
+        wt = self.dequantize(qweight, scales, biases, bits, group_size)  # (n_out, n_in)
+        return self.linear(x, self.transpose(wt, (1, 0)), bias)
 
     def checkpoint(self, fn: Callable[[dict[str, Array], Array], Array], params: dict[str, Array],
                    x: Array) -> Array:

@@ -73,6 +73,10 @@ class ModelConfig:
     lora_targets: tuple[str, ...] = ()  # () : all of LORA_TARGETS
     lora_dropout: float = 0.0  # dropout on each adapter's input
     residual: bool = True  # False: the decoder blocks drop their skip connections (x = f(norm(x)))
+    # > 0: the linear layers' weights are stored quantized (core.quant: bits 4 or 8, per group of
+    # quant_group_size inputs); the embedding, a tied or untied LM head and norms stay float
+    quant_bits: int = 0
+    quant_group_size: int = 0
 
     def __post_init__(self) -> None:
         fam = family(self.arch)  # raises ConfigError for an unknown arch
@@ -133,6 +137,7 @@ class ModelConfig:
             can = [a for a in FAMILIES if False in family(a).CHOICES.get("residual", (True, False))]
             raise ConfigError(f"residual must be true or false, and only {' and '.join(can)} can drop it; "
                               f"got {self.residual!r} for --arch {self.arch}")
+        self._check_quant()
         for name in ("type_vocab_size", "n_classes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -199,6 +204,19 @@ class ModelConfig:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         object.__setattr__(self, "lora_targets", lora_targets(self.lora_targets))
 
+    def _check_quant(self) -> None:
+        from twinlm.core.quant import BITS, GROUP_SIZES
+
+        bits, g = self.quant_bits, self.quant_group_size
+        if not bits and not g:
+            return
+        if bits not in BITS or g not in GROUP_SIZES:
+            raise ConfigError(f"quant_bits must be one of {', '.join(map(str, BITS))} and quant_group_size "
+                              f"one of {', '.join(map(str, GROUP_SIZES))} (both 0: not quantized), got "
+                              f"{bits!r} and {g!r}")
+        if getattr(family(self.arch), "RECURRENT", False):
+            raise ConfigError(f"quantization stores attention and MLP layers; --arch {self.arch} has none")
+
     @property
     def lora_scale(self) -> float:
         return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
@@ -236,6 +254,9 @@ class ModelConfig:
 
     def without_lora(self) -> ModelConfig:
         return replace(self, lora_rank=0, lora_alpha=0.0, lora_targets=(), lora_dropout=0.0)
+
+    def without_quant(self) -> ModelConfig:
+        return replace(self, quant_bits=0, quant_group_size=0)
 
 
 def lora_targets(names: Any) -> tuple[str, ...]:

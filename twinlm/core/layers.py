@@ -18,6 +18,8 @@ import numpy as np
 from twinlm.core import spec as S
 from twinlm.core.backend import Array, Backend
 from twinlm.core.config import ModelConfig
+from twinlm.core.errors import ConfigError
+from twinlm.core.quant import check_format
 
 Params = dict[str, Array]
 # Attends q (N, H, Tq, hs) over the caller's keys: (layer, q, k, v) with k, v (N, Hkv, Tk, hs).
@@ -101,7 +103,10 @@ def linear_spec(cfg: ModelConfig, name: str, n_in: int, n_out: int, std: float =
     """weight (in, out) and bias (where `bias`, default the config's); plus LoRA's a (in, r) ~ N(0, 1/in)
     and b (r, out) = 0 where the config adapts this layer, so an adapted model starts exactly as the
     pretrained one."""
-    out = {f"{name}.weight": S.weight(n_in, n_out, std)}
+    if cfg.quant_bits:
+        out = quant_spec(cfg, name, n_in, n_out)
+    else:
+        out = {f"{name}.weight": S.weight(n_in, n_out, std)}
     if cfg.bias if bias is None else bias:
         out[f"{name}.bias"] = S.bias(n_out)
     if lora_target(cfg, name):
@@ -109,6 +114,20 @@ def linear_spec(cfg: ModelConfig, name: str, n_in: int, n_out: int, std: float =
         out[f"{name}.lora_a"] = S.ParamSpec((n_in, r), "normal", n_in ** -0.5, decay=False, matmul=True)
         out[f"{name}.lora_b"] = S.ParamSpec((r, n_out), "zeros", decay=False, matmul=True)
     return out
+
+
+def quant_spec(cfg: ModelConfig, name: str, n_in: int, n_out: int) -> S.Spec:
+    """A quantized linear layer's weight (`core.quant`'s format), frozen: packed words (n_out, n_in * bits /
+    32) and per-group scales and biases (n_out, n_in / group_size)."""
+    bits, g = cfg.quant_bits, cfg.quant_group_size
+    try:
+        check_format(n_in, bits, g, f"layer {name}")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return {f"{name}.qweight": S.ParamSpec((n_out, n_in * bits // 32), "zeros", decay=False, trainable=False,
+                                           dtype="uint32"),
+            f"{name}.scales": S.ParamSpec((n_out, n_in // g), "ones", decay=False, trainable=False),
+            f"{name}.biases": S.ParamSpec((n_out, n_in // g), "zeros", decay=False, trainable=False)}
 
 
 def lora_target(cfg: ModelConfig, name: str) -> bool:
@@ -162,7 +181,11 @@ def classifier_spec(cfg: ModelConfig) -> S.Spec:
 def linear(B: Backend, cfg: ModelConfig, p: Params, name: str, x: Array,
            drop: dict[str, Array] | None = None) -> Array:
     """x @ W + b, plus the LoRA adapter's (dropout(x) @ a) @ b * alpha / r where the layer has one."""
-    y = B.linear(x, p[f"{name}.weight"], p.get(f"{name}.bias"))
+    if f"{name}.qweight" in p:  # a quantized layer (core.quant)
+        y = B.quantized_linear(x, p[f"{name}.qweight"], p[f"{name}.scales"], p[f"{name}.biases"],
+                               p.get(f"{name}.bias"), cfg.quant_bits, cfg.quant_group_size)
+    else:
+        y = B.linear(x, p[f"{name}.weight"], p.get(f"{name}.bias"))
     if f"{name}.lora_a" in p:
         x_in = residual_dropout(x, drop or {}, f"{name}.lora")
         y = y + B.lora(x_in, p[f"{name}.lora_a"], p[f"{name}.lora_b"], cfg.lora_scale)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from twinlm.core import quant
 from twinlm.core.config import ModelConfig
 
 SUFFIXES = (".lora_a", ".lora_b")
@@ -16,7 +17,12 @@ SUFFIXES = (".lora_a", ".lora_b")
 
 def merged(cfg: ModelConfig, params: dict[str, np.ndarray]) -> tuple[ModelConfig, dict[str, np.ndarray]]:
     """(config without LoRA, params with W + alpha / r * a @ b in place of each adapted W), in float64
-    then rounded once to float32."""
+    then rounded once to float32. A quantized model (QLoRA's base) comes out dequantized, all float32."""
+    if cfg.quant_bits:
+        params = quant.dequantize_params(params, cfg.quant_bits, cfg.quant_group_size)
+        cfg = cfg.without_quant()
+    if not cfg.lora_rank:
+        return cfg, params
     out = {k: v for k, v in params.items() if not k.endswith(SUFFIXES)}
     for name in params:
         if name.endswith(".lora_a"):

@@ -17,6 +17,7 @@ from twinlm.core.config import ModelConfig
 from twinlm.core.layers import causal_mask, padding_mask, sinusoidal_table  # noqa: F401  (re-exported)
 from twinlm.core.models import family
 from twinlm.core.models.decoder import KVCache, decode_inputs, decode_masks  # noqa: F401  (re-exported)
+from twinlm.core.quant import SUFFIXES as QUANTIZED
 from twinlm.core.spec import Spec, frozen_except
 
 
@@ -33,7 +34,8 @@ def new_parameters(pretrained: ModelConfig, spec: Spec) -> list[str]:
     """The names in `spec` that a model of config `pretrained` without a task head does not train:
     adapters, the classification head (and BERT's pooler, untrained without one)."""
     base = family(pretrained.arch).param_spec(pretrained.replace(n_classes=0))
-    return [k for k in spec if k not in base or not base[k].trainable]
+    # A quantized layer's tensors are frozen in the base too, but for good: they never train (QLoRA).
+    return [k for k in spec if k not in base or not base[k].trainable and not k.endswith(QUANTIZED)]
 
 
 def check_token_ids(ids: np.ndarray, vocab_size: int) -> None:

@@ -8,7 +8,7 @@ so both backends start bit-identical.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -23,6 +23,7 @@ class ParamSpec:
     decay: bool = True  # AdamW's decoupled weight decay applies
     trainable: bool = True
     matmul: bool = False  # multiplies activations (counted in FLOPs; N(0, 1/fan_in) at unit scale)
+    dtype: str = "float32"  # numpy dtype name: "uint32" for a quantized layer's packed words (core.quant)
 
     @property
     def fan_in(self) -> int:
@@ -62,7 +63,7 @@ def init_params(spec: Spec, seed: int) -> dict[str, np.ndarray]:
             value = rng.normal(0.0, s.std, size=s.shape)
         else:
             raise ValueError(f"unknown init {s.init!r} for {name}")
-        out[name] = value.astype(np.float32)
+        out[name] = value.astype(s.dtype)
     return out
 
 
@@ -73,6 +74,9 @@ def unit_scale_params(spec: Spec, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng([seed, 3])
     out: dict[str, np.ndarray] = {}
     for name, s in spec.items():
+        if s.dtype == "uint32":  # a quantized layer's packed words: any bits (quantize a float model instead)
+            out[name] = rng.integers(0, 2**32, size=s.shape, dtype=np.uint32)
+            continue
         if s.init == "ones":
             value = 1.0 + 0.1 * rng.standard_normal(s.shape)
         elif s.init == "zeros":
@@ -102,5 +106,4 @@ def count(spec: Spec, trainable_only: bool = False) -> int:
 
 def frozen_except(spec: Spec, trainable: list[str]) -> Spec:
     """The same spec with every parameter but `trainable` frozen (e.g. fine-tuning only a task head)."""
-    return {name: ParamSpec(s.shape, s.init, s.std, s.decay, name in trainable, s.matmul)
-            for name, s in spec.items()}
+    return {name: replace(s, trainable=name in trainable) for name, s in spec.items()}

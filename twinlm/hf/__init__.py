@@ -298,7 +298,7 @@ def export_hf(run: str | Path, out: str | Path) -> tuple[Path, list[str]]:
     from twinlm.run_dir import load_model
 
     cfg, params, tok, meta = load_model(run)
-    if cfg.lora_rank:
+    if cfg.lora_rank or cfg.quant_bits:  # adapters merged, quantized layers written dequantized
         cfg, params = merged(cfg, params)
     record = meta.hf or {}
     hf_arch = export_arch(cfg, record.get("architecture"))

@@ -104,6 +104,17 @@ class ErfGeluTanh:
         return self.gelu(x)
 
 
+class QuantElementsReversed:
+    """A quantized weight unpacked with each word's elements in the other order (high bits first)."""
+
+    def dequantize(self: Any, qweight: Array, scales: Array, biases: Array, bits: int,
+                   group_size: int) -> Array:
+        w = super().dequantize(qweight, scales, biases, bits, group_size)  # type: ignore[misc]
+        per = 32 // bits
+        w3 = self.reshape(w, (w.shape[0], w.shape[1] // per, per))
+        return self.reshape(self.concat([w3[..., j:j + 1] for j in reversed(range(per))], axis=-1), w.shape)
+
+
 def _unmasked(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Chat data with its loss mask dropped: every target counts, the prompt's and the padding's too."""
     return {**batch, "w": np.ones_like(batch["w"])}
@@ -141,6 +152,7 @@ class Control:
     model_change: Callable[[ModelConfig], dict[str, Any]] | None = None  # config changes, one side only
     skip_params: str | None = None  # weights named *<this> left out of one side's graph (a skipped add)
     batch_change: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None  # on masked batches
+    ops_only: bool = False  # the bug is in a piece no model of the suite uses: only the op phases run
 
     @property
     def backend_free(self) -> bool:
@@ -167,6 +179,10 @@ CONTROLS = (
             applies=lambda c: c.kind == "encoder"),
     Control("lora-unscaled", "LoRA adapters without their alpha / rank scale", mixin=UnscaledLora,
             applies=lambda c: c.lora_rank > 0 and c.lora_scale != 1.0),
+    # Quantized weights (core.quant): the suite's models are float, so the op cases of dequantize and
+    # quantized_linear catch it; injected once, into the GPT suite (tests/test_quant.py checks whole models).
+    Control("quant-element-order", "quantized words unpacked high bits first", mixin=QuantElementsReversed,
+            applies=lambda c: c.arch == "gpt" and not c.lora_rank, ops_only=True),
     # The 2024-25 families' pieces (core/layers.py and the decoder stack; see the module docstring).
     Control("rope-scaling-skipped", "RoPE frequencies left unscaled (rope_type default)",
             model_change=lambda c: dict(rope_type="default"), applies=lambda c: c.rope_type != "default"),

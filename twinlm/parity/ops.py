@@ -11,13 +11,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from twinlm.core import layers, model
+from twinlm.core import layers, model, quant
 from twinlm.core.backend import RMS_NORM_EPS, Array, Backend
 from twinlm.parity.checks import FORWARD_TOL, GRAD_TOL, Check, Tolerance, compare
 
 COMPOSITES = ("erf", "custom_grad", "gelu", "gelu_tanh", "sigmoid", "silu", "swiglu", "linear", "lora",
               "rope", "repeat_kv", "softmax", "log_softmax", "layer_norm", "rms_norm", "attention",
-              "cross_entropy")
+              "cross_entropy", "quantized_linear")
 
 
 @dataclass(frozen=True)
@@ -193,7 +193,30 @@ def op_cases(seed: int = 0) -> list[OpCase]:
                (normal(2, 3, 4), normal(4, 5), normal(5)), (0, 1, 2), composite="linear"),
         OpCase("linear no bias", lambda B, x, w: B.linear(x, w, None), np.matmul,
                (normal(3, 4), normal(4, 5)), (0, 1), composite="linear"),
+        *_quant_cases(normal),  # last again: the cases above keep their draws
     ]
+
+
+def _quant_cases(normal: Callable[..., np.ndarray]) -> list[OpCase]:
+    """The dequantize primitive (times x, so it has an input to differentiate) and the quantized linear layer
+    (gradient with respect to x and the bias: its weights are frozen), 8- and 4-bit, group 32 (core.quant)."""
+    out = []
+    for bits in quant.BITS:
+        qsb = quant.quantize(normal(64, 5) / 8.0, bits, 32)
+
+        def deq(q: np.ndarray, s: np.ndarray, b: np.ndarray, bits: int = bits) -> np.ndarray:
+            return quant.dequantize(q, s, b, bits, 32, np.float64)
+
+        out += [
+            OpCase(f"dequantize {bits}-bit",
+                   lambda B, x, q, s, b, bits=bits: x * B.dequantize(q, s, b, bits, 32),
+                   lambda x, q, s, b, deq=deq: x * deq(q, s, b), (normal(5, 64), *qsb)),
+            OpCase(f"quantized_linear {bits}-bit",
+                   lambda B, x, q, s, b, c, bits=bits: B.quantized_linear(x, q, s, b, c, bits, 32),
+                   lambda x, q, s, b, c, deq=deq: x @ deq(q, s, b).T + c, (normal(2, 3, 64), *qsb, normal(5)),
+                   (0, 4), composite="quantized_linear"),
+        ]
+    return out
 
 
 def _grad_weights(case: OpCase) -> np.ndarray:

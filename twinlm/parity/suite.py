@@ -117,6 +117,8 @@ class Suite:
         for phase in phases:
             if control is not None and control.backend_free and phase in ("primitives", "fused"):
                 continue  # the injected side's ops are the clean side's: nothing there can differ
+            if control is not None and control.ops_only and phase not in ("primitives", "fused"):
+                continue  # the suite's models do not use the piece: only the op cases can catch it
             getattr(self, f"_phase_{phase}")(sides, pairs, control, report)
         return report
 

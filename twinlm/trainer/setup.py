@@ -123,6 +123,10 @@ def from_base(tc: TrainConfig) -> Base:
     base_cfg, params, tok, base_meta = load_model(tc.base)  # type: ignore[arg-type]
     if base_cfg.lora_rank:
         raise TwinlmError(f"{tc.base} is itself a LoRA run: merge it first (twinlm merge-lora)")
+    if base_cfg.quant_bits and not tc.lora_rank and not tc.freeze_base:  # (only its float parts would train)
+        raise TwinlmError(f"{tc.base} is quantized ({base_cfg.quant_bits}-bit): its weights train only "
+                          "through adapters (--lora-rank R: QLoRA), or stay frozen under a task head "
+                          "(finetune --freeze-base)")
     labels: list[str] = []
     if tc.task == "classify":
         train, _ = classify_examples(tc)
@@ -212,7 +216,8 @@ def check_state(spec: SP.Spec, arrays: dict[str, np.ndarray]) -> dict[str, np.nd
             raise TwinlmError(f"checkpoint state does not match its model config (at {k})")
         if not np.all(np.isfinite(arrays[k])):
             raise TwinlmError(f"checkpoint state has non-finite values in {k}")
-    return {k: arrays[k].astype(np.float32) for k in expected}
+    # (a quantized layer's packed words keep their integer dtype)
+    return {k: arrays[k] if arrays[k].dtype.kind in "ui" else arrays[k].astype(np.float32) for k in expected}
 
 
 def classify_examples(tc: TrainConfig) -> tuple[list[C.Example], list[C.Example]]:

@@ -11,6 +11,7 @@ graph. Attention sees every real token; padding is masked by the caller's (N, 1,
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from twinlm.core import layers as L
@@ -44,8 +45,8 @@ def param_spec(cfg: ModelConfig) -> S.Spec:
     spec |= L.linear_spec(cfg, "mlm.dense", C, C)
     spec |= L.norm_spec(cfg, "mlm.ln")
     spec["mlm.bias"] = S.bias(cfg.vocab_size)
-    for name, s in L.linear_spec(cfg, "pooler", C, C).items():
-        spec[name] = S.ParamSpec(s.shape, s.init, s.std, s.decay, trainable=cfg.n_classes > 0, matmul=True)
+    for name, s in L.linear_spec(cfg, "pooler", C, C).items():  # (a quantized pooler stays frozen)
+        spec[name] = replace(s, trainable=cfg.n_classes > 0 and s.trainable, matmul=True)
     return spec | L.classifier_spec(cfg)
 
 
