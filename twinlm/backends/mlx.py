@@ -67,7 +67,9 @@ class MLXBackend(Backend):
     def from_numpy(self, a: np.ndarray) -> Array:
         # C order: MLX keeps a numpy view's strides, and a strided weight is copied by every kernel call that
         # reads it (measured: a transposed quantized weight decoded 13x slower)
-        a = np.ascontiguousarray(a)
+        a = np.asarray(a)
+        if not a.flags.c_contiguous:  # (np.ascontiguousarray would also make a 0-d array 1-d)
+            a = np.ascontiguousarray(a)
         if a.nbytes > _CHUNK_BYTES and a.ndim and a.flags.c_contiguous and tensorfile.is_mapped(a):
             return _from_mapped(a)
         # Pass the dtype: MLX would silently turn float64 into float32.
