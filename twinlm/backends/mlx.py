@@ -15,6 +15,7 @@ import numpy as np
 # isort: off
 from twinlm.backends import kernels as _kernels
 from twinlm.backends.mlx_native import BLAS, MALLOC
+from twinlm.core import dtypes as D
 from twinlm.core import tensorfile
 from twinlm.core.backend import Array, Backend, Step
 
@@ -23,7 +24,9 @@ import mlx.core as mx
 
 _DTYPES = {np.dtype(np.float32): mx.float32, np.dtype(np.float64): mx.float64,
            np.dtype(np.int32): mx.int32, np.dtype(np.int64): mx.int64, np.dtype(np.bool_): mx.bool_,
-           np.dtype(np.float16): mx.float16}
+           np.dtype(np.float16): mx.float16, np.dtype(np.uint16): mx.uint16}
+_FLOATS = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+_NAMES = {v: k for k, v in _FLOATS.items()}
 
 
 class MLXBackend(Backend):
@@ -66,13 +69,28 @@ class MLXBackend(Backend):
 
     def from_numpy(self, a: np.ndarray) -> Array:
         a = np.asarray(a)
+        if D.is_bf16(a):  # tagged bfloat16 bits: copied as uint16, then the same buffer read as bfloat16
+            return self.from_numpy(a.view(np.uint16)).view(mx.bfloat16)
         if a.nbytes > _CHUNK_BYTES and a.ndim and a.flags.c_contiguous and tensorfile.is_mapped(a):
             return _from_mapped(a)
         # Pass the dtype: MLX would silently turn float64 into float32.
         return mx.array(a, dtype=_DTYPES[a.dtype])
 
     def to_numpy(self, x: Array) -> np.ndarray:
+        if x.dtype == mx.bfloat16:  # numpy has no bfloat16: its values, exactly, in float32
+            x = x.astype(mx.float32)
         return np.array(x, copy=True)
+
+    def to_host(self, x: Array) -> np.ndarray:
+        if x.dtype == mx.bfloat16:
+            return np.array(x.view(mx.uint16), copy=True).view(D.BF16)
+        return self.to_numpy(x)
+
+    def astype(self, x: Array, dtype: str) -> Array:
+        return x.astype(_FLOATS[dtype])
+
+    def dtype_name(self, x: Array) -> str:
+        return _NAMES.get(x.dtype, "float32")
 
     def exp(self, x: Array) -> Array:
         return mx.exp(x)
