@@ -29,6 +29,12 @@ class NumpyBackend(Backend):
             return D.bf16_to_float32(a).astype(self.dtype)
         return a.astype(self.dtype) if a.dtype.kind == "f" else a.copy()
 
+    def to_host(self, x: Array) -> np.ndarray:
+        return np.asarray(x)
+
+    def dtype_name(self, x: Array) -> str:
+        return "float32"  # (see astype: the reference never computes in a low dtype)
+
     def astype(self, x: Array, dtype: str) -> Array:
         # Emulated: the values rounded to the dtype's grid, held in this backend's own float dtype (float32
         # leaves a float64 reference as it is). dtype_name stays "float32": the reference keeps computing
