@@ -187,3 +187,32 @@ def test_api_load_in_a_dtype(tmp_path) -> None:
     assert a.dtype == np.float32 and 0 < np.abs(a - b).max() < 0.05 * np.abs(b).max()
     with pytest.raises(TwinlmError, match="unknown dtype"):
         twinlm.load(tmp_path, "mlx", dtype="int8")
+
+
+# ---- parity in bfloat16 / float16 ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["gpt", "llama"])
+def test_parity_dtype_phase_and_its_control(arch: str) -> None:
+    """The parity suite's dtype phase passes clean (MLX vs the float64 reference on the same rounded
+    weights, both low dtypes) and fails with softmax, norm statistics and loss kept in the low dtype."""
+    from twinlm import parity
+
+    backends = [backend_or_skip("mlx"), backend_or_skip("numpy")]
+    suite = parity.Suite(backends, parity.arch_config(arch, "tiny", 32), batch=2, dtypes=LOW)
+    clean = suite.run(phases=("dtype",))
+    assert clean.ok and len(clean.checks) == 4, [c.label for c in clean.failures]
+    assert {c.group.split()[1] for c in clean.checks} == {"bfloat16", "float16"}
+    control = parity.control_named("low-precision-stats")
+    assert control in suite.controls()
+    assert control not in parity.Suite(backends, suite.cfg, batch=2).controls()  # no dtype phase, no control
+    caught = suite.run(control, phases=("dtype",))
+    assert not caught.ok and any(c.name == "loss" for c in caught.failures)
+
+
+def test_dtype_tolerances_follow_the_unit_roundoff() -> None:
+    from twinlm.parity import checks
+
+    bf_logits, bf_loss = checks.dtype_tolerances("bfloat16", 10.0, 4.0)
+    fp_logits, fp_loss = checks.dtype_tolerances("float16", 10.0, 4.0)
+    assert bf_logits.atol == 8 * fp_logits.atol == checks.DTYPE_LOGITS_ULPS * 2.0 ** -8 * 10.0
+    assert bf_loss.atol == checks.DTYPE_LOSS_ULPS * 2.0 ** -8 * 4.0

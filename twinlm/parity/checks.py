@@ -119,7 +119,7 @@ class Report:
 # (measured: at most 0.17 of that on gpt/llama/lora; the masked batches of bert and modern average fewer
 # terms, up to 0.6). The negative control (softmax, norm statistics and loss kept in the low dtype) rounds
 # the loss itself, an error of up to u / 2 of it: caught on gpt, llama and lora at 1.6-4.5x the
-# tolerance, not on bert or modern (0.1-1.0x), so the dtype phase runs on DTYPE_ARCHS only.
+# tolerance, not on bert or modern (0.1-1.0x), so the dtype phase runs on gpt and llama (suite.DTYPE_ARCHS).
 DTYPE_LOGITS_ULPS = 8.0
 DTYPE_LOSS_ULPS = 0.125
 
