@@ -98,7 +98,8 @@ def test_composites_keep_float32_statistics(name: str, dtype: str) -> None:
             assert kinds == {**dict.fromkeys(out, dtype), "cross_entropy": "float32"} or not stats_float32
             return {k: B.to_numpy(v).astype(np.float64) for k, v in out.items()}
         finally:
-            B.stats_float32, B.fused = True, fused
+            vars(B).pop("stats_float32", None)
+            B.fused = fused
 
     def err(got: dict[str, np.ndarray], k: str) -> float:
         scale = max(1.0, float(np.abs(ref[k]).max()))
@@ -216,3 +217,82 @@ def test_dtype_tolerances_follow_the_unit_roundoff() -> None:
     fp_logits, fp_loss = checks.dtype_tolerances("float16", 10.0, 4.0)
     assert bf_logits.atol == 8 * fp_logits.atol == checks.DTYPE_LOGITS_ULPS * 2.0 ** -8 * 10.0
     assert bf_loss.atol == checks.DTYPE_LOSS_ULPS * 2.0 ** -8 * 4.0
+
+
+# ---- mixed-precision training ---------------------------------------------------------------------------
+
+TRAIN = dict(preset="tiny", block_size=16, batch_size=4, eval_iters=2, warmup=2, log_every=1, eval_every=100)
+
+
+def _train(B, out, resume=None, **kw):
+    import json
+
+    from twinlm.trainer import TrainConfig, Trainer
+
+    t = Trainer(TrainConfig(out=str(out), **{**TRAIN, **kw}) if resume is None else TrainConfig(**kw), B,
+                resume=resume, log=lambda m: None)
+    t.fit()
+    rows = [json.loads(r) for r in (t.out / "metrics.jsonl").read_text().splitlines() if '"train"' in r]
+    return t, [r["loss"] for r in rows]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", pytest.param("float16", marks=pytest.mark.slow)])
+def test_train_in_a_low_dtype_tracks_float32_and_resumes_exactly(tmp_path, monkeypatch, dtype: str) -> None:
+    """A bf16/fp16 run: float32 master weights and moments, the forward and backward in the dtype; its
+    losses stay close to the float32 run's; the dtype (and float16's loss scale) is in the checkpoint,
+    resume continues bit for bit, and resuming with another --dtype is a one-line error."""
+    from twinlm.core.checkpoint import load_checkpoint
+    from twinlm.core.errors import TwinlmError
+    from twinlm.run_dir import load_model
+
+    monkeypatch.setenv("TWINLM_CACHE_DIR", str(tmp_path / "cache"))
+    B = backend_or_skip("mlx")
+    _, ref = _train(B, tmp_path / "f32", max_iters=12, dropout=0.1)
+    straight, low = _train(B, tmp_path / "low", max_iters=12, dropout=0.1, dtype=dtype)
+    assert len(low) == len(ref) == 12 and low != ref
+    assert max(abs(a - b) for a, b in zip(low, ref, strict=True)) < 0.05 * ref[0]
+    assert low[-1] < low[0] - 0.02  # it learns
+    masters = {B.dtype_name(v) for k, v in straight.step.state.items() if not k.startswith("amp.")}
+    assert masters == {"float32"}
+    assert {B.dtype_name(v) for v in straight.params().values()} == {dtype}
+    arrays, meta = load_checkpoint(tmp_path / "low")
+    assert meta["dtype"] == dtype and ("amp.scale" in arrays) == (dtype == "float16")
+    _, _, _, m = load_model(tmp_path / "low")
+    assert m.dtype == dtype  # sample/eval default to it
+    _, first = _train(B, tmp_path / "half", max_iters=6, dropout=0.1, dtype=dtype, lr_decay_iters=12)
+    _, full = _train(B, tmp_path / "full", max_iters=12, dropout=0.1, dtype=dtype, lr_decay_iters=12)
+    _, resumed = _train(B, None, resume=tmp_path / "half", max_iters=12)  # (its metrics file: all 12)
+    assert resumed[:6] == first and resumed == full  # exact, every step
+    with pytest.raises(TwinlmError, match="keeps its dtype"):
+        _train(B, None, resume=tmp_path / "half", max_iters=14, dtype="float32")
+
+
+def test_float16_loss_scale_overflow_halves_and_skips() -> None:
+    """A loss scale so large that the float16 backward overflows: the step is skipped (state unchanged,
+    non-finite gradient norm) and the scale halves; a finite step counts towards growth."""
+    from twinlm.core import model as M
+    from twinlm.core import optim
+    from twinlm.core import step as S
+    from twinlm.core.spec import init_params as spec_init
+
+    B = backend_or_skip("mlx")
+    cfg = preset("tiny", vocab_size=32, block_size=8)
+
+    spec = M.param_spec(cfg)
+    state = {**S.init_state(spec_init(spec, 0), spec), "amp.scale": np.asarray(2.0 ** 40, np.float32),
+             "amp.good": np.asarray(0.0, np.float32)}
+    opt = optim.AdamWConfig(lr=1e-3)
+    step = B.compile_step(S.make_train_step(B, spec, opt, M.lm_loss_fn(B, cfg), dtype="float16"),
+                          {k: B.from_numpy(v) for k, v in state.items()})
+    x = (np.arange(16).reshape(2, 8) % 32).astype(np.int32)
+    batch = {"x": x, "y": (x + 1) % 32}
+    loss, gnorm = S.drive(B, step, cfg, opt, batch, 0, 0)
+    assert np.isfinite(loss) and not np.isfinite(gnorm)
+    got = {k: B.to_numpy(v) for k, v in step.state.items()}
+    assert got["amp.scale"] == 2.0 ** 39 and got["amp.good"] == 0
+    assert all(np.array_equal(got[k], state[k]) for k in state if not k.startswith("amp."))
+    step.state["amp.scale"] = B.from_numpy(np.asarray(1024.0, np.float32))
+    loss, gnorm = S.drive(B, step, cfg, opt, batch, 1, 0)
+    got = {k: B.to_numpy(v) for k, v in step.state.items()}
+    assert np.isfinite(gnorm) and got["amp.scale"] == 1024.0 and got["amp.good"] == 1
+    assert not np.array_equal(got["param.wte.weight"], state["param.wte.weight"])

@@ -121,7 +121,8 @@ class LowPrecisionStats:
     """softmax, the norm statistics and the loss of a bfloat16/float16 input computed in that dtype instead
     of float32 (the reference bodies, so no fused kernel keeps float32 statistics on its own)."""
 
-    stats_float32 = False
+    def _float32(self: Any, x: Array) -> tuple[Array, str]:
+        return x, self.dtype_name(x)  # no upcast (what `stats_float32 = False` does)
 
     def layer_norm(self: Any, x: Array, weight: Array, bias: Array | None,
                    eps: float = LAYER_NORM_EPS) -> Array:
