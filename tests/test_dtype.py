@@ -103,7 +103,8 @@ def test_composites_keep_float32_statistics(name: str, dtype: str) -> None:
 
     def err(got: dict[str, np.ndarray], k: str) -> float:
         scale = max(1.0, float(np.abs(ref[k]).max()))
-        return float(np.nan_to_num(np.abs(got[k] - ref[k]), nan=np.inf).max()) / scale
+        with np.errstate(invalid="ignore"):  # (inf - inf in the control's overflowed float16)
+            return float(np.nan_to_num(np.abs(got[k] - ref[k]), nan=np.inf).max()) / scale
 
     good = run(True)
     for k in ref:
