@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 
 from twinlm.cli.common import backend_option
-from twinlm.core.dtypes import NAMES
 from twinlm.cli.train import lora_options, run
+from twinlm.core.dtypes import NAMES
 from twinlm.trainer import TrainConfig
 
 
