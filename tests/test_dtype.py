@@ -297,3 +297,32 @@ def test_float16_loss_scale_overflow_halves_and_skips() -> None:
     got = {k: B.to_numpy(v) for k, v in step.state.items()}
     assert np.isfinite(gnorm) and got["amp.scale"] == 1024.0 and got["amp.good"] == 1
     assert not np.array_equal(got["param.wte.weight"], state["param.wte.weight"])
+
+
+@pytest.mark.parametrize("name", ["mlx", pytest.param("tinygrad", marks=pytest.mark.slow)])
+def test_engine_serves_in_bfloat16(name: str) -> None:
+    """chat/serve's engine: weights and KV cache in bf16, the same greedy tokens as `generate` with the same
+    bf16 weights."""
+    from twinlm.engine import Engine, Finish, Request
+    from twinlm.generate import generate
+    from twinlm.run_dir import to_backend
+
+    B = backend_or_skip(name)
+    cfg = preset("tiny", vocab_size=50, block_size=32).replace(arch="llama", pos_encoding="rope",
+                                                               norm="rmsnorm", activation="swiglu")
+    params = init_params(cfg, 0)
+    engine = Engine(B, cfg, params, slots=2, dtype="bfloat16")
+    try:
+        req = Request([1, 2, 3], 6, temperature=0.0)
+        engine.submit(req)
+        tokens = []
+        while not isinstance(item := req.tokens.get(timeout=120), Finish):
+            tokens.append(item)
+        caches = engine._cache if engine.bucketed else list(engine._steps[engine._length].state.values())
+        assert {B.dtype_name(c) for c in caches} == {"bfloat16"}
+        assert {B.dtype_name(v) for v in engine._params.values()} == {"bfloat16"}
+    finally:
+        engine.close()
+    want = [int(c[0]) for c in generate(B, cfg, to_backend(B, params, "bfloat16"), np.array([[1, 2, 3]]), 6,
+                                        temperature=0.0)]
+    assert tokens == want
