@@ -79,7 +79,8 @@ def grad_part(B: Backend, spec: Spec, loss_fn: LossFn,
     def split_loss(trainable: dict[str, Array], frozen: dict[str, Array], batch: dict[str, Array],
                    drop: dict[str, Array], scale: Array | None) -> Array:
         loss = loss_fn(cast({**frozen, **trainable}), batch, cast(drop))
-        return loss if scale is None else loss * scale
+        # (0-d: tinygrad's from_numpy may hand a 0-d state array back as shape (1,))
+        return loss if scale is None else loss * B.reshape(scale, ())
 
     value_and_grad = B.value_and_grad(split_loss)
 
@@ -97,7 +98,7 @@ def unscale(B: Backend, state: dict[str, Array], loss: Array,
     """The loss and gradients of a loss-scaled step divided by the scale (unchanged without one)."""
     if "amp.scale" not in state:
         return loss, grads
-    inv = 1.0 / state["amp.scale"]
+    inv = 1.0 / B.reshape(state["amp.scale"], ())
     return loss * inv, {k: g * inv for k, g in grads.items()}
 
 
