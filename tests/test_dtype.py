@@ -326,3 +326,31 @@ def test_engine_serves_in_bfloat16(name: str) -> None:
     want = [int(c[0]) for c in generate(B, cfg, to_backend(B, params, "bfloat16"), np.array([[1, 2, 3]]), 6,
                                         temperature=0.0)]
     assert tokens == want
+
+
+@pytest.mark.parametrize("name", TRAINABLE)
+def test_float32_tables_do_not_promote_the_model(name: str) -> None:
+    """Sinusoidal positions and a classifier's one-hot pooling are float32 host tables: the model still
+    computes in bf16 (the logits come out bf16) and agrees with the float64 reference on the same weights."""
+    from twinlm.backends.numpy_ref import NumpyBackend
+    from twinlm.core import model
+    from twinlm.core.config import ModelConfig
+    from twinlm.run_dir import to_backend
+
+    B, N = backend_or_skip(name), NumpyBackend()
+    cfg = ModelConfig(arch="gpt", vocab_size=50, block_size=16, n_layer=2, n_head=2, d_model=32,
+                      pos_encoding="sinusoidal", n_classes=3)
+    params = init_params(cfg, 0)
+    ids = np.random.default_rng(0).integers(0, 50, (2, 12)).astype(np.int32)
+    pool = np.zeros((2, 12), np.float32)
+    pool[:, -1] = 1
+    out = {}
+    for X in (B, N):
+        p = to_backend(X, params, "bfloat16")
+        lg = model.logits(X, cfg, p, X.from_numpy(ids))
+        c = model.classify(X, cfg, p, X.from_numpy(ids), X.from_numpy(pool))
+        out[X.name] = (X.dtype_name(lg), X.dtype_name(c), X.to_numpy(lg), X.to_numpy(c))
+    assert out[name][:2] == ("bfloat16", "bfloat16")
+    for i in (2, 3):
+        ref = out["numpy"][i]
+        assert np.abs(out[name][i] - ref).max() <= 8 * D.UNIT_ROUNDOFF["bfloat16"] * np.abs(ref).max()
