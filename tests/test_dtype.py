@@ -354,3 +354,22 @@ def test_float32_tables_do_not_promote_the_model(name: str) -> None:
     for i in (2, 3):
         ref = out["numpy"][i]
         assert np.abs(out[name][i] - ref).max() <= 8 * D.UNIT_ROUNDOFF["bfloat16"] * np.abs(ref).max()
+
+
+def test_lora_keeps_its_frozen_base_in_the_low_dtype(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("TWINLM_CACHE_DIR", str(tmp_path / "cache"))
+    B = backend_or_skip("mlx")
+    text = tmp_path / "notes.txt"
+    text.write_text("the cat sat on the mat. " * 200, encoding="utf-8")
+    _train(B, tmp_path / "base", max_iters=4, data=str(text), tokenizer="byte")
+    from twinlm.trainer import TrainConfig, Trainer
+
+    settings = {k: v for k, v in TRAIN.items() if k != "preset"}  # (a run from a base keeps its model)
+    t = Trainer(TrainConfig(out=str(tmp_path / "lora"), max_iters=4, base=str(tmp_path / "base"), lora_rank=2,
+                            data=str(text), dtype="bfloat16", **settings), B, log=lambda m: None)
+    t.fit()
+    losses = [t.val_loss()]
+    kinds = {k: B.dtype_name(v) for k, v in t.step.state.items() if k.startswith("param.")}
+    frozen = {f"param.{k}" for k, s in t.spec.items() if not s.trainable}
+    assert frozen and {kinds[k] for k in frozen} == {"bfloat16"}
+    assert {kinds[k] for k in kinds if k not in frozen} == {"float32"} and all(np.isfinite(losses))
