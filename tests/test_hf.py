@@ -337,15 +337,31 @@ def test_unexpected_tensor_is_refused(tmp_path, folders):
 
 
 def test_sharded_bf16_weights_import(tmp_path, folders):
-    """Sharded files with an index, in bfloat16, load as the float32 values of those bf16 numbers."""
+    """Sharded files with an index, in bfloat16, load as those bf16 numbers, kept in bf16 (no float32 copy),
+    and the import records the dtype; export-hf writes bfloat16 back, which transformers reads unchanged."""
+    from twinlm.core import dtypes as D
+
     m = tf.LlamaForCausalLM.from_pretrained(folders["LlamaForCausalLM"]).to(torch.bfloat16)
     m.save_pretrained(tmp_path / "bf16", max_shard_size="20KB")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (tmp_path / "bf16" / name).write_bytes((folders["LlamaForCausalLM"] / name).read_bytes())
     assert (tmp_path / "bf16" / "model.safetensors.index.json").exists()
-    cfg, params, *_ = read_hf(tmp_path / "bf16")
+    cfg, params, _, record, _ = read_hf(tmp_path / "bf16")
+    assert record["dtype"] == "bfloat16" and all(D.is_bf16(v) for v in params.values())
     want = m.model.layers[1].mlp.down_proj.weight.detach().float().numpy().T
-    np.testing.assert_array_equal(params["blocks.1.mlp.proj.weight"], want)
+    np.testing.assert_array_equal(D.as_float32(params["blocks.1.mlp.proj.weight"]), want)
+    qkv = D.as_float32(params["blocks.0.attn.qkv.weight"])  # three tensors fused, transposed, as bits
+    q = m.model.layers[0].self_attn.q_proj.weight.detach().float().numpy().T
+    np.testing.assert_array_equal(qkv[:, :q.shape[1]], q)
+    import_hf(tmp_path / "bf16", tmp_path / "run")
+    _, stored, _, meta = load_model(tmp_path / "run")
+    assert meta.dtype == "bfloat16" and all(D.is_bf16(v) for v in stored.values())
+    assert sum(v.nbytes for v in stored.values()) == sum(p.numel() * 2 for p in m.parameters())
+    export_hf(tmp_path / "run", tmp_path / "out")
+    back = tf.LlamaForCausalLM.from_pretrained(tmp_path / "out")
+    assert back.dtype == torch.bfloat16
+    for (name, p), q in zip(m.named_parameters(), back.parameters(), strict=True):
+        assert torch.equal(p, q), name
 
 
 # ---- end to end ----------------------------------------------------------------------------------

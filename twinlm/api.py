@@ -33,20 +33,22 @@ class Model:
         path: Path | None = None,
         labels: list[str] | None = None,
         stop: frozenset[int] | None = None,
+        dtype: str | None = None,
     ) -> None:
-        from twinlm.generate import stop_ids
+        from twinlm.generate import params_dtype, stop_ids
         from twinlm.run_dir import to_backend
 
         self.config, self.tokenizer, self.backend, self.path = config, tokenizer, backend, path
         self.labels = labels or []
         self.stop = stop_ids(tokenizer) if stop is None else stop  # ids that end `generate`
-        self.params = to_backend(backend, params)
+        self.params = to_backend(backend, params, dtype)
+        self.dtype = params_dtype(backend, self.params) if params else "float32"
 
     def __repr__(self) -> str:
         c = self.config
         return (
             f"Model(arch={c.arch!r}, n_layer={c.n_layer}, d_model={c.d_model}, vocab={c.vocab_size}, "
-            f"backend={self.backend.name!r}, path={str(self.path)!r})"
+            f"backend={self.backend.name!r}, dtype={self.dtype!r}, path={str(self.path)!r})"
         )
 
     def _ids(self, x: str | Any) -> np.ndarray:
@@ -102,11 +104,20 @@ class Model:
         return out
 
 
-def load(path: str | Path, backend: str | Backend | None = None) -> Model:
+def load(path: str | Path, backend: str | Backend | None = None, dtype: str | None = None) -> Model:
     """The model in `path`: a run dir (its latest checkpoint), a checkpoint dir, or a Hugging Face model
     folder (config.json + model.safetensors + tokenizer.json, read from disk, never downloaded).
-    `backend`: "mlx", "tinygrad", "numpy", a Backend, or None ($TWINLM_BACKEND, else mlx)."""
+    `backend`: "mlx", "tinygrad", "numpy", a Backend, or None ($TWINLM_BACKEND, else mlx).
+    `dtype`: "float32", "bfloat16" or "float16" for the weights and activations (None: the run's own,
+    a Hugging Face folder's stored dtype)."""
     from twinlm.backends import get_backend
+    from twinlm.core import dtypes
+
+    if dtype is not None:
+        try:
+            dtype = dtypes.check(dtype)
+        except ValueError as e:
+            raise TwinlmError(str(e)) from None
 
     B = backend if isinstance(backend, Backend) else get_backend(backend)
     path = Path(path)
@@ -116,12 +127,12 @@ def load(path: str | Path, backend: str | Backend | None = None) -> Model:
 
         cfg, params, tok, record, _ = read_hf(path)
         labels = labels_of(record["config"], cfg.n_classes) if cfg.n_classes else []
-        return Model(cfg, params, tok, B, path, labels, stop_ids(tok, record))
+        return Model(cfg, params, tok, B, path, labels, stop_ids(tok, record), dtype)
     from twinlm.generate import stop_ids
     from twinlm.run_dir import load_model
 
     cfg, params, tok, meta = load_model(path)
-    return Model(cfg, params, tok, B, path, meta.labels, stop_ids(tok, meta.hf))
+    return Model(cfg, params, tok, B, path, meta.labels, stop_ids(tok, meta.hf), dtype or meta.dtype)
 
 
 def train(

@@ -26,6 +26,7 @@ class ChatModel:
     stop_ids: frozenset[int]
     name: str
     hf: dict[str, Any] | None = None
+    dtype: str | None = None  # a run's recorded dtype; None: the weights' own (a Hugging Face folder's)
 
     def chat_ids(self, messages: list[Message]) -> list[int]:
         """The prompt of the assistant's next turn: the conversation with the generation prompt."""
@@ -58,14 +59,15 @@ def load_chat_model(path: str | Path) -> ChatModel:
 
         cfg, params, tok, record, _ = read_hf(path)
         hf: dict[str, Any] | None = record
+        dtype = None
     else:
         from twinlm.run_dir import load_model
 
         cfg, params, tok, meta = load_model(path)
-        hf = meta.hf
+        hf, dtype = meta.hf, meta.dtype
     if cfg.kind != "decoder":
         raise TwinlmError(f"{path} is an --arch {cfg.arch} model, an encoder: it does not generate text")
-    return ChatModel(cfg, params, tok, run_template(hf), stop_ids_of(tok, hf), path.resolve().name, hf)
+    return ChatModel(cfg, params, tok, run_template(hf), stop_ids_of(tok, hf), path.resolve().name, hf, dtype)
 
 
 @dataclass

@@ -37,7 +37,9 @@ from twinlm.generate import (
     check_generates,
     check_sampling,
     grow_cache,
+    params_dtype,
     sample_next,
+    zeros,
 )
 from twinlm.run_dir import to_backend
 
@@ -83,8 +85,9 @@ class Engine:
     """`submit(request)`; the engine thread decodes all active requests together (module docstring)."""
 
     def __init__(self, B: Backend, cfg: ModelConfig, params: dict[str, np.ndarray], slots: int = 8,
-                 context: int | None = None) -> None:
+                 context: int | None = None, dtype: str | None = None) -> None:
         check_generates(cfg)
+        self.dtype = dtype  # the weights' (and the KV cache's) dtype; None: as stored
         if context is None:  # the model's, or its sliding window where that is shorter
             context = min(cfg.block_size, cfg.sliding_window or cfg.block_size)
         if not 1 < context <= cfg.block_size:
@@ -128,7 +131,8 @@ class Engine:
             th._db_connection = sqlite3.connect(th.CACHEDB, timeout=60, isolation_level="IMMEDIATE",
                                                 check_same_thread=False)
         params = self._numpy_params
-        self._params = to_backend(self.B, params)  # sorted: TinyJit binds by order
+        self._params = to_backend(self.B, params, self.dtype)  # sorted: TinyJit binds by order
+        self._dtype = params_dtype(self.B, self._params)  # the KV cache's too
         self._steps: dict[int, Any] = {}
         self._length = 0
         self._grow(1)
@@ -145,7 +149,7 @@ class Engine:
         shapes = [s for pair in model.decode_cache_shapes(cfg, self.n_slots) for s in pair]
         if self.bucketed:
             if self._length == 0:
-                self._cache = [B.from_numpy(np.zeros(s, np.float32)) for s in shapes]
+                self._cache = [zeros(B, s, self._dtype) for s in shapes]
             else:
                 self._cache = [grow_cache(B, c, s) for c, s in zip(self._cache, shapes, strict=True)]
             B.sync(*self._cache)
@@ -163,7 +167,7 @@ class Engine:
     def _compile(self, cfg: ModelConfig, shapes: list[tuple[int, ...]]) -> Any:
         B, window = self.B, cfg.sliding_window
         names = [f"{kv}.{i}" for i in range(len(shapes) // 2) for kv in "kv"]
-        state = {k: B.from_numpy(np.zeros(s, np.float32)) for k, s in zip(names, shapes, strict=True)}
+        state = {k: zeros(B, s, self._dtype) for k, s in zip(names, shapes, strict=True)}
         n_layer = len(shapes) // 2
 
         def step(state: dict, p: dict[str, Array], idx: Array, pos_ids: Array) -> tuple[tuple[Array], dict]:

@@ -46,7 +46,7 @@ _FIXED_SHAPE_BACKENDS = ("tinygrad",)
 MIN_CACHE = 64
 # Compiled fixed-shape steps, reused across generate() calls (params are inputs, not baked in), per
 # (backend, config, batch, cache length); and the shifted-window graphs, per (backend, config, batch).
-_fixed_shape_steps: dict[tuple[int, ModelConfig, int, int], _FixedShapeSteps] = {}
+_fixed_shape_steps: dict[tuple[int, ModelConfig, str, int, int], _FixedShapeSteps] = {}
 _window_steps: dict[tuple[int, ModelConfig, int], Step] = {}
 
 
@@ -117,7 +117,20 @@ def grow_cache(B: Backend, old: Array, shape: tuple[int, ...]) -> Array:
     # Through the host, not B.concat: a compiled step (TinyJit) records the layout of its state inputs, and
     # a concatenation can come out as a permuted view of its buffer, which a graph captured on fresh zeros
     # (or loaded from the JIT cache) refuses. Growing is rare (each doubling), so the copy costs little.
-    return B.from_numpy(np.pad(B.to_numpy(old), pad))
+    new = B.from_numpy(np.pad(B.to_numpy(old), pad))  # (a bfloat16 cache comes back as float32: recast)
+    dt = B.dtype_name(old)
+    return new if dt == "float32" else B.astype(new, dt)
+
+
+def params_dtype(B: Backend, params: dict[str, Array]) -> str:
+    """The dtype name a model's weights are held in (one for all of them: `run_dir.to_backend`)."""
+    return B.dtype_name(params[min(params)]) if params else "float32"
+
+
+def zeros(B: Backend, shape: tuple[int, ...], dtype: str) -> Array:
+    """A zero-filled cache in `dtype` (a 16-bit one made from float16 zeros: no float32 copy on the way)."""
+    z = B.from_numpy(np.zeros(shape, np.float32 if dtype == "float32" else np.float16))
+    return z if B.dtype_name(z) == dtype else B.astype(z, dtype)
 
 
 class _FixedShapeSteps:
@@ -127,12 +140,12 @@ class _FixedShapeSteps:
     from the position (`decoder.decode_masks`), so a step's inputs are just the token and its position.
     `owner` marks the decoder whose history the cache holds."""
 
-    def __init__(self, B: Backend, cfg: ModelConfig, batch: int, length: int) -> None:
+    def __init__(self, B: Backend, cfg: ModelConfig, batch: int, length: int, dtype: str = "float32") -> None:
         self.B, self.length = B, length
         # positions < length only: the position tables and cache shapes of a model this long
         self.cfg = cfg_len = cfg.replace(block_size=length)
         self.shapes = model.decode_cache_shapes(cfg_len, batch)  # the family's: a KV cache, or a state
-        state = {f"{kv}.{i}": B.from_numpy(np.zeros(shape, dtype=np.float32))
+        state = {f"{kv}.{i}": zeros(B, shape, dtype)  # the weights' dtype
                  for i, pair in enumerate(self.shapes) for kv, shape in zip("kv", pair, strict=True)}
 
         def kv_step(state: dict, p: dict[str, Array], idx: Array,
@@ -166,14 +179,16 @@ def _window_step(B: Backend, cfg: ModelConfig, batch: int) -> Step:
     return _window_steps[key]
 
 
-def _steps(B: Backend, cfg: ModelConfig, batch: int, length: int) -> _FixedShapeSteps:
+def _steps(B: Backend, cfg: ModelConfig, batch: int, length: int, dtype: str = "float32") -> _FixedShapeSteps:
     """The compiled steps for a cache of at least `length` slots: the shortest one already built, if any
     (its graph is compiled and its cache already allocated), else a new one of exactly `length`."""
-    built = [n for (b, c, m, n) in _fixed_shape_steps if (b, c, m) == (id(B), cfg, batch) and n >= length]
+    built = [n for (b, c, d, m, n) in _fixed_shape_steps
+             if (b, c, d, m) == (id(B), cfg, dtype, batch) and n >= length]
     n = min(built, default=length)
-    if (id(B), cfg, batch, n) not in _fixed_shape_steps:
-        _fixed_shape_steps[(id(B), cfg, batch, n)] = _FixedShapeSteps(B, cfg, batch, n)
-    return _fixed_shape_steps[(id(B), cfg, batch, n)]
+    key = (id(B), cfg, dtype, batch, n)
+    if key not in _fixed_shape_steps:
+        _fixed_shape_steps[key] = _FixedShapeSteps(B, cfg, batch, n, dtype)
+    return _fixed_shape_steps[key]
 
 
 class FixedKVDecoder(Decoder):
@@ -201,7 +216,8 @@ class FixedKVDecoder(Decoder):
             (out,) = window(self.params, self.B.from_numpy(tokens[:, -T:]))
             return self.B.to_numpy(out)[:, 0, :]
         if self.steps is None or t > self.steps.length:
-            bigger = _steps(self.B, self.cfg, self.batch, cache_length(max(t, min(self.max_len, T)), T))
+            bigger = _steps(self.B, self.cfg, self.batch, cache_length(max(t, min(self.max_len, T)), T),
+                            params_dtype(self.B, self.params))
             if extends and self.steps is not None:
                 bigger.take_cache_from(self.steps)
             self.steps = bigger

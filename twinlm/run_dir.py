@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from twinlm.core import dtypes as D
 from twinlm.core.backend import Array, Backend
 from twinlm.core.checkpoint import load_checkpoint
 from twinlm.core.config import ModelConfig
@@ -58,13 +59,25 @@ def load_base(base: dict, path: str | Path) -> dict[str, np.ndarray]:
     return params
 
 
-def to_backend(B: Backend, params: dict[str, np.ndarray]) -> dict[str, Array]:
-    """`params` as backend arrays, in sorted order (a compiled graph binds dict inputs by position). A
-    checkpoint's arrays are views of its memory-mapped file: each one's pages are released as soon as it is
-    copied, so a loaded model sits in memory once (the backend's copy), not twice."""
+def to_backend(B: Backend, params: dict[str, np.ndarray], dtype: str | None = None) -> dict[str, Array]:
+    """`params` as backend arrays, in sorted order (a compiled graph binds dict inputs by position), the
+    float ones in `dtype` (None: as stored). A checkpoint's arrays are views of its memory-mapped file: each
+    one's pages are released as soon as it is copied, so a loaded model sits in memory once (the backend's
+    copy), not twice."""
     out = {}
     for k in sorted(params):
-        out[k] = B.from_numpy(params[k])
+        a = params[k]
+        out[k] = B.from_numpy(a)
+        if dtype is not None and D.name_of(a) not in (None, dtype):
+            out[k] = B.astype(out[k], dtype)
         B.sync(out[k])  # the copy is made now, not when the lazy graph first runs (tinygrad realizes already)
-        release(params[k])
+        release(a)
     return out
+
+
+def run_dtype(meta: RunMeta, asked: str | None) -> str:
+    """The dtype a command computes in: `asked` (--dtype), else the one the run was trained or imported in."""
+    try:
+        return D.check(asked) if asked is not None else D.check(meta.dtype)
+    except ValueError as e:
+        raise TwinlmError(str(e)) from None

@@ -31,6 +31,7 @@ class RunMeta:
     metrics: dict[str, Any] | None = None  # the last evaluation's
     hf: dict[str, Any] | None = None  # an imported Hugging Face model's architecture and config files
     base: dict[str, Any] | None = None  # {"run", "sha256"}: the pretrained run this one's frozen weights are
+    dtype: str = "float32"  # what the run computes in (`--dtype`, an imported model's own); resume keeps it
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -56,7 +57,7 @@ class RunMeta:
             "optimizer": (dict,), "skipped": (int,),
             "best_val_loss": (int, float, type(None)), "data_source": (str, type(None)),
             "metrics": (dict, type(None)), "hf": (dict, type(None)),
-            "base": (dict, type(None))}
+            "base": (dict, type(None)), "dtype": (str,)}
         values: dict[str, Any] = {}
         for name, types in kinds.items():
             if name not in d or (d[name] is None and name in ("labels", "train", "versions", "optimizer")):
@@ -66,6 +67,8 @@ class RunMeta:
             values[name] = d[name]
         if "tokenizer" not in values:
             raise TwinlmError(f"{where} has no tokenizer in its meta")
+        if values.get("dtype", "float32") not in ("float32", "bfloat16", "float16"):
+            raise TwinlmError(f"{where}'s meta has an unknown dtype {values['dtype']!r}")
         if not all(isinstance(lab, str) for lab in values.get("labels", [])):
             raise TwinlmError(f"{where}'s meta has labels that are not strings")
         return cls(model=model, **values)

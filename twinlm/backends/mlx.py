@@ -15,6 +15,7 @@ import numpy as np
 # isort: off
 from twinlm.backends import kernels as _kernels
 from twinlm.backends.mlx_native import BLAS, MALLOC
+from twinlm.core import dtypes as D
 from twinlm.core import tensorfile
 from twinlm.core.backend import Array, Backend, Step
 
@@ -23,7 +24,9 @@ import mlx.core as mx
 
 _DTYPES = {np.dtype(np.float32): mx.float32, np.dtype(np.float64): mx.float64,
            np.dtype(np.int32): mx.int32, np.dtype(np.int64): mx.int64, np.dtype(np.bool_): mx.bool_,
-           np.dtype(np.float16): mx.float16, np.dtype(np.uint32): mx.uint32}
+           np.dtype(np.float16): mx.float16, np.dtype(np.uint32): mx.uint32, np.dtype(np.uint16): mx.uint16}
+_FLOATS = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+_NAMES = {v: k for k, v in _FLOATS.items()}
 
 
 class MLXBackend(Backend):
@@ -68,6 +71,8 @@ class MLXBackend(Backend):
         # C order: MLX keeps a numpy view's strides, and a strided weight is copied by every kernel call that
         # reads it (measured: a transposed quantized weight decoded 13x slower)
         a = np.asarray(a)
+        if D.is_bf16(a):  # tagged bfloat16 bits: copied as uint16, then the same buffer read as bfloat16
+            return self.from_numpy(a.view(np.uint16)).view(mx.bfloat16)
         if not a.flags.c_contiguous:  # (np.ascontiguousarray would also make a 0-d array 1-d)
             a = np.ascontiguousarray(a)
         if a.nbytes > _CHUNK_BYTES and a.ndim and a.flags.c_contiguous and tensorfile.is_mapped(a):
@@ -76,7 +81,20 @@ class MLXBackend(Backend):
         return mx.array(a, dtype=_DTYPES[a.dtype])
 
     def to_numpy(self, x: Array) -> np.ndarray:
+        if x.dtype == mx.bfloat16:  # numpy has no bfloat16: its values, exactly, in float32
+            x = x.astype(mx.float32)
         return np.array(x, copy=True)
+
+    def to_host(self, x: Array) -> np.ndarray:
+        if x.dtype == mx.bfloat16:
+            return np.array(x.view(mx.uint16), copy=True).view(D.BF16)
+        return self.to_numpy(x)
+
+    def astype(self, x: Array, dtype: str) -> Array:
+        return x.astype(_FLOATS[dtype])
+
+    def dtype_name(self, x: Array) -> str:
+        return _NAMES.get(x.dtype, "float32")
 
     def exp(self, x: Array) -> Array:
         return mx.exp(x)
@@ -146,6 +164,9 @@ class MLXBackend(Backend):
             return super().quantized_linear(x, qweight, scales, biases, bias, bits, group_size)
         # twinlm's CPU kernel where it is built (float32 on the CPU), else MLX's own (scalar on x86); both
         # read the format unchanged and give the gradient with respect to x (a frozen base: QLoRA).
+        if x.dtype != mx.float32:  # a bfloat16/float16 model: the float32 kernel, the result in x's dtype
+            y = self.quantized_linear(x.astype(mx.float32), qweight, scales, biases, None, bits, group_size)
+            return y.astype(x.dtype) if bias is None else (y + bias).astype(x.dtype)
         K = self._kernel(x, scales, biases)
         qmm = getattr(K, "quantized_matmul", None)
         # Frozen: mx.checkpoint (train --grad-checkpoint) asks every input of the block for its gradient, and

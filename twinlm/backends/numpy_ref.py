@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from twinlm.core import dtypes as D
 from twinlm.core import quant
 from twinlm.core.backend import Array, Backend
 
@@ -25,7 +26,21 @@ class NumpyBackend(Backend):
 
     def from_numpy(self, a: np.ndarray) -> np.ndarray:
         a = np.asarray(a)
+        if D.is_bf16(a):
+            return D.bf16_to_float32(a).astype(self.dtype)
         return a.astype(self.dtype) if a.dtype.kind == "f" else a.copy()
+
+    def to_host(self, x: Array) -> np.ndarray:
+        return np.asarray(x)
+
+    def dtype_name(self, x: Array) -> str:
+        return "float32"  # (see astype: the reference never computes in a low dtype)
+
+    def astype(self, x: Array, dtype: str) -> Array:
+        # Emulated: the values rounded to the dtype's grid, held in this backend's own float dtype (float32
+        # leaves a float64 reference as it is). dtype_name stays "float32": the reference keeps computing
+        # at its own precision after the cast.
+        return D.round_to(np.asarray(x), dtype).astype(self.dtype)
 
     def to_numpy(self, x: Array) -> np.ndarray:
         return np.asarray(x)

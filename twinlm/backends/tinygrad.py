@@ -21,12 +21,19 @@ import numpy as np
 from tinygrad import Device, Tensor, TinyJit, dtypes
 
 from twinlm.backends import tinygrad_jitcache as jitcache
+from twinlm.core import dtypes as D
 from twinlm.core.backend import LAYER_NORM_EPS, RMS_NORM_EPS, Array, Backend, Step
 
 _DTYPES = {np.dtype(np.float32): dtypes.float32, np.dtype(np.float64): dtypes.float64,
            np.dtype(np.int32): dtypes.int32, np.dtype(np.int64): dtypes.int64,
            np.dtype(np.bool_): dtypes.bool, np.dtype(np.float16): dtypes.float16,
-           np.dtype(np.uint32): dtypes.uint32}
+           np.dtype(np.uint16): dtypes.uint16, np.dtype(np.uint32): dtypes.uint32}
+# tinygrad's CPU (clang) device runs half natively. Its C renderer writes bfloat16 as clang's `__bf16`, which
+# clang before 17 refuses on x86 ("__bf16 is not supported on this target", Debian's clang 14 here) in any
+# kernel that stores one; so on the CPU twinlm has tinygrad emulate it (EMULATED_DTYPES: computed in float32,
+# stored as 16 bits), which runs on any clang. Measured here: forward, gradients and casts all run.
+_FLOATS = {"float32": dtypes.float32, "bfloat16": dtypes.bfloat16, "float16": dtypes.float16}
+_NAMES = {v: k for k, v in _FLOATS.items()}
 
 
 class TinygradBackend(Backend):
@@ -50,7 +57,19 @@ class TinygradBackend(Backend):
 
         return device.describe(self.name, self.device)
 
+    def _bf16(self) -> None:
+        """Before the first bfloat16 kernel: on the CPU, tinygrad emulates bfloat16 (see _FLOATS)."""
+        if self.device.split(":")[0] == "CPU":
+            from tinygrad.helpers import EMULATED_DTYPES
+
+            names = [n for n in EMULATED_DTYPES.value.split(",") if n]
+            if "bfloat16" not in names:
+                EMULATED_DTYPES.value = ",".join([*names, "bfloat16"])
+
     def from_numpy(self, a: np.ndarray) -> Array:
+        if D.is_bf16(a):  # tagged bfloat16 bits: copied as uint16, then the same buffer read as bfloat16
+            self._bf16()
+            return self.from_numpy(a.view(np.uint16)).bitcast(dtypes.bfloat16).realize()
         a = np.ascontiguousarray(a)
         _DTYPES[a.dtype]  # (a KeyError for a dtype twinlm does not use)
         # No dtype argument: tinygrad takes numpy's own (the same one), and given one it first makes a
@@ -69,7 +88,22 @@ class TinygradBackend(Backend):
         return Tensor(a, dtype=_DTYPES[a.dtype]).shard(self.devices, axis=axis).realize()
 
     def to_numpy(self, x: Array) -> np.ndarray:
+        if x.dtype == dtypes.bfloat16:  # numpy has no bfloat16: its values, exactly, in float32
+            x = x.cast(dtypes.float32)
         return x.numpy().copy()
+
+    def to_host(self, x: Array) -> np.ndarray:
+        if x.dtype == dtypes.bfloat16:
+            return x.bitcast(dtypes.uint16).numpy().copy().view(D.BF16)
+        return self.to_numpy(x)
+
+    def astype(self, x: Array, dtype: str) -> Array:
+        if dtype == "bfloat16":
+            self._bf16()
+        return x.cast(_FLOATS[dtype])
+
+    def dtype_name(self, x: Array) -> str:
+        return _NAMES.get(x.dtype, "float32")
 
     def exp(self, x: Array) -> Array:
         return x.exp()

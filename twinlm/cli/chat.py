@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from twinlm.cli.common import backend, backend_option, leave_after_engine, sampling_options
+from twinlm.cli.common import backend, backend_option, dtype_option, leave_after_engine, sampling_options
 from twinlm.core.chat import Message
 from twinlm.core.errors import TwinlmError
 
@@ -21,15 +21,16 @@ HELP = "/reset forgets the conversation, /exit (or Ctrl-D) leaves; Ctrl-C stops 
 @click.option("--seed", default=0, show_default=True, type=int,
               help="Sampling seed of the first answer (each answer after it uses the next).")
 @backend_option
+@dtype_option
 def command(run_dir: str, system: str | None, max_new_tokens: int, temperature: float, top_k: int | None,
-            top_p: float | None, seed: int, backend_name: str | None) -> None:
+            top_p: float | None, seed: int, backend_name: str | None, dtype: str | None) -> None:
     """Chat with RUN_DIR (a run, or a Hugging Face folder) using its chat template."""
     from twinlm.chat_model import TextStream, load_chat_model
     from twinlm.engine import Engine, Finish, Request
 
     cm = load_chat_model(run_dir)
     B = backend(backend_name)
-    engine = Engine(B, cm.cfg, cm.params, slots=1)
+    engine = Engine(B, cm.cfg, cm.params, slots=1, dtype=dtype or cm.dtype)
     start: list[Message] = [{"role": "system", "content": system}] if system else []
     history = list(start)
     click.echo(f"[{run_dir}: backend {B.name}, context {engine.context} tokens; {HELP}]", err=True)

@@ -66,6 +66,17 @@ def backend(name: str | None) -> Backend:
     return get_backend(resolve_backend_name(name))
 
 
+DTYPE_HELP = ("Weights and activations in this dtype (softmax, norm statistics and the loss stay float32); "
+              "default: the run's own (float32 unless trained or imported in another).")
+
+
+def dtype_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """`--dtype float32|bfloat16|float16` on a command that runs a model (`core.dtypes`)."""
+    from twinlm.core.dtypes import NAMES
+
+    return click.option("--dtype", "dtype", default=None, type=click.Choice(NAMES), help=DTYPE_HELP)(f)
+
+
 def sampling_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """--temperature, --top-k and --top-p, shared by every command that samples (sample, chat)."""
     for option in reversed([

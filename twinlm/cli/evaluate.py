@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from twinlm.cli.common import backend, backend_option
+from twinlm.cli.common import backend, backend_option, dtype_option
 from twinlm.core import task as sort_task
 from twinlm.core.backend import Array, Backend
 from twinlm.core.config import ModelConfig
@@ -23,16 +23,17 @@ from twinlm.trainer import TrainConfig, classify_examples, eval_step, evaluate_l
 @click.command("eval")
 @click.argument("run_dir", type=click.Path())
 @backend_option
+@dtype_option
 @click.option("--data", default=None, help="Text file to score (default: the run's validation split).")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--max-windows", type=int, default=None, help="Score at most this many windows.")
 @click.option("--block-size", "window", type=int, default=None,
               help="Window in tokens (default: the run's training window; for an imported model its context "
                    "up to 2048; never more than the text holds).")
-def command(run_dir: str, backend_name: str | None, data: str | None, batch_size: int,
+def command(run_dir: str, backend_name: str | None, dtype: str | None, data: str | None, batch_size: int,
             max_windows: int | None, window: int | None) -> None:
     """Loss and perplexity of the model in RUN_DIR; on the built-in task, also its exact-match accuracy."""
-    from twinlm.run_dir import load_model, to_backend
+    from twinlm.run_dir import load_model, run_dtype, to_backend
 
     if batch_size <= 0:
         raise TwinlmError(f"batch-size must be a positive integer, got {batch_size}")
@@ -42,7 +43,7 @@ def command(run_dir: str, backend_name: str | None, data: str | None, batch_size
         raise TwinlmError(f"run directory not found: {run_dir}")
     cfg, np_params, tok, meta = load_model(run_dir)
     B = backend(backend_name)
-    params = to_backend(B, np_params)
+    params = to_backend(B, np_params, run_dtype(meta, dtype))
     if window is not None and window > cfg.block_size:
         raise TwinlmError(f"--block-size {window}: this model reads at most {cfg.block_size} tokens")
     window = window or run_window(cfg, meta.train)

@@ -6,6 +6,7 @@ import click
 
 from twinlm.cli.common import backend_option
 from twinlm.cli.train import lora_options, run
+from twinlm.core.dtypes import NAMES
 from twinlm.trainer import TrainConfig
 
 
@@ -27,6 +28,8 @@ from twinlm.trainer import TrainConfig
 @click.option("--dropout", type=float, default=None, help="Default: the base run's.")
 @click.option("--eval-every", type=int, default=100, show_default=True)
 @click.option("--seed", type=int, default=1337, show_default=True)
+@click.option("--dtype", type=click.Choice(NAMES), default=None,
+              help="The forward and backward in this dtype over float32 master weights (default float32).")
 def command(base_run: str, backend_name: str | None, **flags: object) -> None:
     """Fine-tune the model in BASE_RUN with a classification head (on [CLS] for BERT, the last token
     for decoders). Continue an interrupted fine-tune with `twinlm train --resume DIR`."""

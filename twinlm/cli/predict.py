@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 import numpy as np
 
-from twinlm.cli.common import backend, backend_option
+from twinlm.cli.common import backend, backend_option, dtype_option
 from twinlm.core import model
 from twinlm.core.backend import Array, Backend
 from twinlm.core.config import ModelConfig
@@ -17,20 +17,21 @@ from twinlm.core.tokenizers import Tokenizer
 @click.argument("run_dir", type=click.Path())
 @click.argument("texts", nargs=-1, required=True)
 @backend_option
+@dtype_option
 @click.option("--max-new-tokens", "-n", type=click.IntRange(min=1), default=40, show_default=True,
               help="Decoders: how many tokens to continue each text with (greedy).")
 @click.option("--top", type=click.IntRange(min=1), default=3, show_default=True,
               help="Masked LMs: candidates shown per [MASK].")
-def command(run_dir: str, texts: tuple[str, ...], backend_name: str | None, max_new_tokens: int,
-            top: int) -> None:
+def command(run_dir: str, texts: tuple[str, ...], backend_name: str | None, dtype: str | None,
+            max_new_tokens: int, top: int) -> None:
     """For each TEXT: a classifier's label and probabilities; a masked LM's fill-in of every [MASK]
     (e.g. "1234>12[MASK]34"); a decoder's greedy continuation."""
     from twinlm.generate import generate
-    from twinlm.run_dir import load_model, to_backend
+    from twinlm.run_dir import load_model, run_dtype, to_backend
 
     cfg, np_params, tok, meta = load_model(run_dir)
     B = backend(backend_name)
-    params = to_backend(B, np_params)
+    params = to_backend(B, np_params, run_dtype(meta, dtype))
     if cfg.n_classes:
         _classify(B, cfg, params, tok, meta.labels, texts)
     elif cfg.kind == "encoder":

@@ -7,11 +7,11 @@ from collections.abc import Iterable, Iterator
 import click
 import numpy as np
 
-from twinlm.cli.common import backend, backend_option, sampling_options
+from twinlm.cli.common import backend, backend_option, dtype_option, sampling_options
 from twinlm.core.errors import TwinlmError
 from twinlm.core.tokenizers import Tokenizer
 from twinlm.generate import check_generates, generate, stop_ids
-from twinlm.run_dir import load_model, to_backend
+from twinlm.run_dir import load_model, run_dtype, to_backend
 
 REPLACEMENT = "\ufffd"  # what decoding makes of an incomplete UTF-8 sequence
 
@@ -56,8 +56,9 @@ def default_prompt(tok: Tokenizer) -> str:
 @click.option("--cache/--no-cache", default=True, show_default=True,
               help="Fast decoding; --no-cache recomputes the whole context each token (the reference).")
 @backend_option
+@dtype_option
 def command(run_dir: str, prompt: str | None, max_new_tokens: int, temperature: float, top_k: int | None,
-            top_p: float | None, seed: int, cache: bool, backend_name: str | None) -> None:
+            top_p: float | None, seed: int, cache: bool, backend_name: str | None, dtype: str | None) -> None:
     """Generate text from the latest checkpoint in RUN_DIR, printing tokens as they are produced."""
     cfg, params_np, tok, meta = load_model(run_dir)
     check_generates(cfg)
@@ -66,9 +67,10 @@ def command(run_dir: str, prompt: str | None, max_new_tokens: int, temperature: 
     if ids.size == 0:
         raise TwinlmError("the prompt is empty; give some text with --prompt")
     B = backend(backend_name)
-    params = to_backend(B, params_np)  # each tensor's mapped pages let go once copied
+    dtype = run_dtype(meta, dtype)
+    params = to_backend(B, params_np, dtype)  # each tensor's mapped pages let go once copied
     click.echo(f"[{run_dir}: step {meta.iter}, {tok.kind} tokenizer, "
-               f"backend {B.name}]", err=True)
+               f"backend {B.name}, {dtype}]", err=True)
     stop = stop_ids(tok, meta.hf)
     columns = generate(B, cfg, params, ids[None, :], max_new_tokens, temperature=temperature, top_k=top_k,
                        top_p=top_p, seed=seed, use_cache=cache, stop=stop)

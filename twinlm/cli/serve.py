@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from twinlm.cli.common import backend, backend_option, leave_after_engine
+from twinlm.cli.common import backend, backend_option, dtype_option, leave_after_engine
 from twinlm.core.errors import TwinlmError
 
 
@@ -20,8 +20,9 @@ from twinlm.core.errors import TwinlmError
                    "makes each decoding step cheaper.")
 @click.option("--model-id", default=None, help="The model's name in the API (default: the run dir's name).")
 @backend_option
+@dtype_option
 def command(run_dir: str, host: str, port: int, slots: int, context: int | None, model_id: str | None,
-            backend_name: str | None) -> None:
+            backend_name: str | None, dtype: str | None) -> None:
     """Serve RUN_DIR (a run, or a Hugging Face folder) over an OpenAI-compatible API until Ctrl-C or
     SIGTERM: GET /v1/models, POST /v1/completions and /v1/chat/completions (stream: true as SSE), /health."""
     try:
@@ -35,7 +36,7 @@ def command(run_dir: str, host: str, port: int, slots: int, context: int | None,
 
     cm = load_chat_model(run_dir)
     B = backend(backend_name)
-    engine = Engine(B, cm.cfg, cm.params, slots=slots, context=context)
+    engine = Engine(B, cm.cfg, cm.params, slots=slots, context=context, dtype=dtype or cm.dtype)
     name = model_id or cm.name
 
     def ready() -> None:

@@ -20,6 +20,10 @@ Pinned conventions (the frameworks' native defaults disagree on most of these):
   checkpoints load without permuting q/k (Meta's original checkpoints interleave pairs instead).
 - Attention masks are boolean, True = may attend; masked scores become -inf before softmax.
 - Softmax subtracts the (gradient-stopped) row max for stability.
+- Precision (`--dtype`, `core.dtypes`): in a bfloat16/float16 run the composites compute softmax (and
+  log-softmax), the norms' statistics and normalisation, and the loss in float32, and return the input's
+  dtype (the loss stays float32); RoPE's float32 tables are cast to x's dtype. Everything else (matmuls,
+  activations, residual adds) runs in the input's dtype.
 """
 
 from __future__ import annotations
@@ -61,6 +65,9 @@ class Backend:
     # backward pass (`checkpoint`); the trainer turns `remat` on for `train --grad-checkpoint`.
     can_remat: bool = False
     remat: bool = False
+    # False: the composites keep a low-precision input's softmax, norm statistics and loss in its own dtype
+    # instead of float32 (only the parity suite's negative control turns it off).
+    stats_float32: bool = True
 
     def device_info(self) -> dict[str, Any]:
         """Where this backend computes: {"device", "name", "memory_bytes", "float64", "tf32"} (None where
@@ -134,6 +141,28 @@ class Backend:
         """A quantized weight (`core.quant`'s format: uint32 words (n_out, n_in * bits / 32), float32 scales
         and biases (n_out, n_in / group_size)) as float32 (n_out, n_in): q * scale + bias per group."""
         raise NotImplementedError
+
+    def to_host(self, x: Array) -> np.ndarray:
+        """`x` on the host in its own dtype for storage: float32, float16, or bfloat16 as tagged bits
+        (`core.dtypes.BF16`); `to_numpy` gives a bfloat16 array's values in float32 instead."""
+        return self.to_numpy(x)
+
+    def astype(self, x: Array, dtype: str) -> Array:
+        """`x` (a float array) in dtype `dtype`: "float32", "bfloat16" or "float16" (`core.dtypes`)."""
+        raise NotImplementedError
+
+    def dtype_name(self, x: Array) -> str:
+        """The `core.dtypes` name of float array `x`'s dtype ("float32" for any other float dtype)."""
+        return "float32"
+
+    def _float32(self, x: Array) -> tuple[Array, str]:
+        """(x in float32 where it is in a low dtype and `stats_float32` is on, x's own dtype name)."""
+        dt = self.dtype_name(x)
+        return (self.astype(x, "float32") if dt != "float32" and self.stats_float32 else x), dt
+
+    def _back(self, y: Array, dt: str) -> Array:
+        """A composite's float32 result `y` returned in its input's dtype `dt`."""
+        return y if dt == "float32" or self.dtype_name(y) == dt else self.astype(y, dt)
 
     def from_numpy_rows(self, a: np.ndarray, axis: int = 0) -> Array:
         """A batch array whose rows (along `axis`) an adapter with several devices splits across them;
@@ -213,8 +242,9 @@ class Backend:
         are frozen: an adapter's fused kernel may give the gradient with respect to x only."""
         # Gradient-stopped: a recomputing checkpoint (`remat`) would otherwise ask for their gradients too.
         qweight, scales, biases = (self.stop_gradient(t) for t in (qweight, scales, biases))
-        wt = self.dequantize(qweight, scales, biases, bits, group_size)  # (n_out, n_in)
-        return self.linear(x, self.transpose(wt, (1, 0)), bias)
+        wt = self.dequantize(qweight, scales, biases, bits, group_size)  # (n_out, n_in), float32
+        dt = self.dtype_name(x)  # computed in x's dtype, as a float weight of the model's dtype would be
+        return self.linear(x, self.transpose(wt if dt == "float32" else self.astype(wt, dt), (1, 0)), bias)
 
     def checkpoint(self, fn: Callable[[dict[str, Array], Array], Array], params: dict[str, Array],
                    x: Array) -> Array:
@@ -232,22 +262,28 @@ class Backend:
     def rope(self, x: Array, cos: Array, sin: Array) -> Array:
         """Rotary embedding of x (N, H, T, hs) with cos/sin tables (T, hs/2), half-split layout."""
         half = x.shape[-1] // 2
+        dt = self.dtype_name(x)
+        if dt != "float32":  # the tables are float32: they would promote x
+            cos, sin = self._back(cos, dt), self._back(sin, dt)
         x1, x2 = x[..., :half], x[..., half:]
         return self.concat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
     def softmax(self, x: Array, axis: int = -1) -> Array:
+        x, dt = self._float32(x)
         e = self.exp(x - self.stop_gradient(self.max(x, axis=axis, keepdims=True)))
-        return e / self.sum(e, axis=axis, keepdims=True)
+        return self._back(e / self.sum(e, axis=axis, keepdims=True), dt)
 
     def log_softmax(self, x: Array, axis: int = -1) -> Array:
+        x, dt = self._float32(x)
         shifted = x - self.stop_gradient(self.max(x, axis=axis, keepdims=True))
-        return shifted - self.log(self.sum(self.exp(shifted), axis=axis, keepdims=True))
+        return self._back(shifted - self.log(self.sum(self.exp(shifted), axis=axis, keepdims=True)), dt)
 
     def layer_norm(self, x: Array, weight: Array, bias: Array | None, eps: float = LAYER_NORM_EPS) -> Array:
+        x, dt = self._float32(x)
         mu = self.mean(x, axis=-1, keepdims=True)
         xc = x - mu
         var = self.mean(xc * xc, axis=-1, keepdims=True)
-        y = xc * self.rsqrt(var + eps) * weight
+        y = self._back(xc * self.rsqrt(var + eps), dt) * weight
         return y if bias is None else y + bias
 
     def repeat_kv(self, x: Array, n_rep: int) -> Array:
@@ -260,7 +296,8 @@ class Backend:
         return self.reshape(self.concat([x] * n_rep, axis=2), (b, h * n_rep, t, hs))
 
     def rms_norm(self, x: Array, weight: Array, eps: float = RMS_NORM_EPS) -> Array:
-        return x * self.rsqrt(self.mean(x * x, axis=-1, keepdims=True) + eps) * weight
+        x, dt = self._float32(x)
+        return self._back(x * self.rsqrt(self.mean(x * x, axis=-1, keepdims=True) + eps), dt) * weight
 
     def attention(self, q: Array, k: Array, v: Array, mask: Array | None,
                   dropout: Array | None = None, softcap: float = 0.0) -> Array:
@@ -282,7 +319,9 @@ class Backend:
 
     def cross_entropy(self, logits: Array, targets: Array, weights: Array | None = None) -> Array:
         """Mean negative log-likelihood of integer `targets` under `logits` (..., V); with `weights`
-        (same shape as targets, 0/1) the mean is over positions with weight 1."""
+        (same shape as targets, 0/1) the mean is over positions with weight 1. Computed (and returned)
+        in float32 whatever the logits' dtype."""
+        logits, _ = self._float32(logits)
         logp = self.log_softmax(logits, axis=-1)
         nll = -self.take_along_axis(logp, self.reshape(targets, (*targets.shape, 1)), axis=-1)
         nll = self.reshape(nll, targets.shape)

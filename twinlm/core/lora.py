@@ -11,13 +11,15 @@ import numpy as np
 
 from twinlm.core import quant
 from twinlm.core.config import ModelConfig
+from twinlm.core.dtypes import as_float32
 
 SUFFIXES = (".lora_a", ".lora_b")
 
 
 def merged(cfg: ModelConfig, params: dict[str, np.ndarray]) -> tuple[ModelConfig, dict[str, np.ndarray]]:
     """(config without LoRA, params with W + alpha / r * a @ b in place of each adapted W), in float64
-    then rounded once to float32. A quantized model (QLoRA's base) comes out dequantized, all float32."""
+    then rounded once to float32 (the adapted weights of a bfloat16/float16 base included). A quantized model
+    (QLoRA's base) comes out dequantized, all float32."""
     if cfg.quant_bits:
         params = quant.dequantize_params(params, cfg.quant_bits, cfg.quant_group_size)
         cfg = cfg.without_quant()
@@ -27,6 +29,7 @@ def merged(cfg: ModelConfig, params: dict[str, np.ndarray]) -> tuple[ModelConfig
     for name in params:
         if name.endswith(".lora_a"):
             layer = name[:-len(".lora_a")]
-            delta = params[name].astype(np.float64) @ params[f"{layer}.lora_b"].astype(np.float64)
-            out[f"{layer}.weight"] = (params[f"{layer}.weight"] + cfg.lora_scale * delta).astype(np.float32)
+            a, b = (as_float32(params[k]).astype(np.float64) for k in (name, f"{layer}.lora_b"))
+            w = as_float32(params[f"{layer}.weight"])
+            out[f"{layer}.weight"] = (w + cfg.lora_scale * (a @ b)).astype(np.float32)
     return cfg.without_lora(), out

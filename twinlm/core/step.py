@@ -16,6 +16,14 @@ State is a flat dict: `param.<name>` for every parameter, `m.<name>`, `v.<name>`
 Inputs are the batch (a dict of arrays, the task's), the dropout masks and three host-computed
 scalars (lr, 1 - b1^t, 1 - b2^t), passed as 0-d arrays so a compiled step never retraces. A step
 whose gradients are not finite leaves the state unchanged.
+
+Mixed precision (`dtype` bfloat16 or float16): the state keeps float32 master weights and moments (a
+frozen weight may be stored in the dtype itself); inside the loss every parameter and dropout mask is cast
+to the dtype, so the forward and backward run in it while the gradients arrive in float32 through the cast,
+and the loss is float32 (`Backend.cross_entropy`). float16 adds dynamic loss scaling: the loss is multiplied
+by `amp.scale` (state) before the backward and the gradients divided by it; a step whose gradients overflow
+is the non-finite step that is skipped anyway, and it halves the scale; AMP_GROWTH good steps in a row
+double it. The scale is state, so a checkpoint holds it and a resumed run continues exactly.
 """
 
 from __future__ import annotations
@@ -32,6 +40,8 @@ from twinlm.core.dropout import expand as expand_dropout
 from twinlm.core.spec import Spec
 
 StepFn = Callable[..., tuple[tuple[Array, Array], dict[str, Array]]]
+AMP_INIT_SCALE = 2.0 ** 15  # float16's first loss scale (PyTorch's GradScaler starts at 2^16)
+AMP_GROWTH = 200  # good steps in a row before the scale doubles
 # loss_fn(params, batch, dropout) -> scalar; params holds every parameter, frozen ones included.
 LossFn = Callable[[dict[str, Array], dict[str, Array], dict[str, Array]], Array]
 
@@ -57,21 +67,54 @@ def params_of(state: dict[str, Array]) -> dict[str, Array]:
     return {k[len("param."):]: v for k, v in state.items() if k.startswith("param.")}
 
 
-def grad_part(B: Backend, spec: Spec, loss_fn: LossFn) -> Callable[..., tuple[Array, dict[str, Array]]]:
-    """`(params, batch, dropout) -> (loss, grads)`, grads for the trainable parameters only."""
+def grad_part(B: Backend, spec: Spec, loss_fn: LossFn,
+              dtype: str = "float32") -> Callable[..., tuple[Array, dict[str, Array]]]:
+    """`(params, batch, dropout[, scale]) -> (loss * scale, grads)`, grads for the trainable parameters only,
+    the forward and backward in `dtype` (see the module's docstring)."""
+    def cast(xs: dict[str, Array]) -> dict[str, Array]:
+        if dtype == "float32":
+            return xs
+        return {k: v if B.dtype_name(v) == dtype else B.astype(v, dtype) for k, v in xs.items()}
+
     def split_loss(trainable: dict[str, Array], frozen: dict[str, Array], batch: dict[str, Array],
-                   drop: dict[str, Array]) -> Array:
-        return loss_fn({**frozen, **trainable}, batch, drop)
+                   drop: dict[str, Array], scale: Array | None) -> Array:
+        loss = loss_fn(cast({**frozen, **trainable}), batch, cast(drop))
+        # (0-d: tinygrad's from_numpy may hand a 0-d state array back as shape (1,))
+        return loss if scale is None else loss * B.reshape(scale, ())
 
     value_and_grad = B.value_and_grad(split_loss)
 
-    def grads(params: dict[str, Array], batch: dict[str, Array],
-              drop: dict[str, Array]) -> tuple[Array, dict[str, Array]]:
+    def grads(params: dict[str, Array], batch: dict[str, Array], drop: dict[str, Array],
+              scale: Array | None = None) -> tuple[Array, dict[str, Array]]:
         trainable = {k: v for k, v in params.items() if spec[k].trainable}
         frozen = {k: v for k, v in params.items() if not spec[k].trainable}
-        return value_and_grad(trainable, frozen, batch, drop)
+        return value_and_grad(trainable, frozen, batch, drop, scale)
 
     return grads
+
+
+def unscale(B: Backend, state: dict[str, Array], loss: Array,
+            grads: dict[str, Array]) -> tuple[Array, dict[str, Array]]:
+    """The loss and gradients of a loss-scaled step divided by the scale (unchanged without one)."""
+    if "amp.scale" not in state:
+        return loss, grads
+    inv = 1.0 / B.reshape(state["amp.scale"], ())
+    return loss * inv, {k: g * inv for k, g in grads.items()}
+
+
+def rescale(B: Backend, state: dict[str, Array], gnorm: Array, new: dict[str, Array]) -> dict[str, Array]:
+    """float16's next loss scale: halved after an overflow (a non-finite gradient norm), doubled after
+    AMP_GROWTH finite steps in a row."""
+    if "amp.scale" not in state:
+        return new
+    ok = B.isfinite(gnorm)
+    good = state["amp.good"] + 1.0
+    grow = good >= AMP_GROWTH
+    new = dict(new)
+    new["amp.scale"] = B.where(ok, B.where(grow, state["amp.scale"] * 2.0, state["amp.scale"]),
+                               state["amp.scale"] * 0.5)
+    new["amp.good"] = B.where(ok, B.where(grow, good * 0.0, good), good * 0.0)
+    return new
 
 
 def update_part(B: Backend, spec: Spec,
@@ -100,17 +143,18 @@ def update_part(B: Backend, spec: Spec,
 
 
 def make_train_step(B: Backend, spec: Spec, opt: optim.AdamWConfig, loss_fn: LossFn,
-                    all_sum: Callable[[Array], Array] | None = None) -> StepFn:
+                    all_sum: Callable[[Array], Array] | None = None, dtype: str = "float32") -> StepFn:
     """`step(state, batch, dropout, lr, bc1, bc2) -> ((loss, grad_norm), new_state)`; with `all_sum`
     (a sum over ranks of a flat float32 vector), `step(..., bc2, flag) -> ((loss, grad_norm, flag_sum),
     new_state)`, where `flag` (0-d) is summed with the gradients: how ranks agree to stop together."""
-    grads_of, update = grad_part(B, spec, loss_fn), update_part(B, spec, opt)
+    grads_of, update = grad_part(B, spec, loss_fn, dtype), update_part(B, spec, opt)
 
     def step(state: dict[str, Array], batch: dict[str, Array], dropout: dict[str, Array],
              lr: Array, bc1: Array, bc2: Array) -> tuple[tuple[Array, Array], dict[str, Array]]:
-        loss, grads = grads_of(params_of(state), batch, expand_dropout(B, dropout))
+        loss, grads = grads_of(params_of(state), batch, expand_dropout(B, dropout), state.get("amp.scale"))
+        loss, grads = unscale(B, state, loss, grads)
         gnorm, new = update(state, grads, lr, bc1, bc2)
-        return (loss, gnorm), new
+        return (loss, gnorm), rescale(B, state, gnorm, new)
 
     if all_sum is None:
         return step
@@ -118,10 +162,11 @@ def make_train_step(B: Backend, spec: Spec, opt: optim.AdamWConfig, loss_fn: Los
     def reduced_step(state: dict[str, Array], batch: dict[str, Array], dropout: dict[str, Array],
                      lr: Array, bc1: Array, bc2: Array,
                      flag: Array) -> tuple[tuple[Array, Array, Array], dict[str, Array]]:
-        loss, grads = grads_of(params_of(state), batch, expand_dropout(B, dropout))
+        loss, grads = grads_of(params_of(state), batch, expand_dropout(B, dropout), state.get("amp.scale"))
+        loss, grads = unscale(B, state, loss, grads)
         loss, flag, grads = all_sum_fused(B, all_sum, loss, flag, grads)
         gnorm, new = update(state, grads, lr, bc1, bc2)
-        return (loss, gnorm, flag), new
+        return (loss, gnorm, flag), rescale(B, state, gnorm, new)
 
     return reduced_step
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from twinlm.core import dtypes as D
 from twinlm.core.errors import TwinlmError
 
 DIGEST_KEY = "twinlm.sha256"
@@ -33,7 +34,8 @@ def content_digest(arrays: dict[str, np.ndarray]) -> str:
     h = hashlib.sha256()
     for name in sorted(arrays):
         a = arrays[name]
-        h.update(json.dumps([name, a.dtype.str, list(a.shape)]).encode() + b"\0")
+        kind = "bf16" if D.is_bf16(a) else a.dtype.str  # (bfloat16 bits are uint16 to numpy)
+        h.update(json.dumps([name, kind, list(a.shape)]).encode() + b"\0")
         h.update(np.ascontiguousarray(a).reshape(-1).view(np.uint8) if a.size else b"")
         release(a)
     return h.hexdigest()
@@ -121,29 +123,35 @@ _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.in
            "I16": np.int16, "I8": np.int8, "U64": np.uint64, "U32": np.uint32, "U16": np.uint16,
            "U8": np.uint8, "BOOL": np.bool_}
 _NAMES = {np.dtype(t): name for name, t in _DTYPES.items()}
+# BF16: read as tagged uint16 bits (`core.dtypes.BF16`; numpy has no bfloat16), written from them.
 
 
-def dumps(arrays: dict[str, np.ndarray], consume: bool = False) -> bytearray | np.ndarray:
+def _name(a: np.ndarray) -> str | None:
+    return "BF16" if D.is_bf16(a) else _NAMES.get(a.dtype.newbyteorder("="))
+
+
+def dumps(arrays: dict[str, np.ndarray], consume: bool = False,
+          metadata: dict[str, str] | None = None) -> bytearray | np.ndarray:
     """safetensors bytes of `arrays` (little-endian, C order) with their content digest in the metadata,
     built in one buffer: the weights are copied once, never through per-tensor intermediates.
 
     With `consume`, each array is removed from `arrays` once copied and the buffer is a numpy uint8 array
     whose pages (calloc'd) become resident only as they are filled: where `arrays` holds the only
     references (an import), the arrays are freed as the buffer grows and the whole never sits in memory
-    twice."""
+    twice. `metadata`: more `__metadata__` entries (transformers wants {"format": "pt"})."""
     ready: dict[str, np.ndarray] = {}
     for k, v in arrays.items():
         # np.asarray, not np.ascontiguousarray: the latter turns 0-d arrays into shape (1,)
         a = np.asarray(v, order="C")
-        ready[k] = a.astype(a.dtype.newbyteorder("<"), copy=False)
-        if not isinstance(k, str) or not k or a.dtype.newbyteorder("=") not in _NAMES:
+        if not isinstance(k, str) or not k or _name(a) is None:
             raise TensorFileError(f"cannot serialise array {k!r} of dtype {a.dtype}")
+        ready[k] = a if D.is_bf16(a) else a.astype(a.dtype.newbyteorder("<"), copy=False)
     v = a = None  # (no reference left behind to the last array: `consume` frees each one as it is copied)
-    header: dict[str, Any] = {"__metadata__": {DIGEST_KEY: content_digest(ready)}}
+    header: dict[str, Any] = {"__metadata__": {**(metadata or {}), DIGEST_KEY: content_digest(ready)}}
     offset = 0
     for k in sorted(ready):
         a = ready[k]
-        header[k] = {"dtype": _NAMES[a.dtype.newbyteorder("=")], "shape": list(a.shape),
+        header[k] = {"dtype": _name(a), "shape": list(a.shape),
                      "data_offsets": [offset, offset + a.nbytes]}
         offset += a.nbytes
     head = json.dumps(header, separators=(",", ":")).encode("utf-8")
@@ -193,7 +201,8 @@ def _views(data: Any, source: str) -> dict[str, np.ndarray]:
         if name == "__metadata__":
             continue
         try:
-            dtype, shape, (start, end) = np.dtype(_DTYPES[info["dtype"]]), info["shape"], info["data_offsets"]
+            dtype = D.BF16 if info["dtype"] == "BF16" else np.dtype(_DTYPES[info["dtype"]])
+            shape, (start, end) = info["shape"], info["data_offsets"]
             ok = isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape) \
                 and type(start) is int and type(end) is int and 0 <= start <= end
         except (KeyError, TypeError, ValueError):
@@ -214,6 +223,8 @@ def _views(data: Any, source: str) -> dict[str, np.ndarray]:
         little = dtype.newbyteorder("<")
         a = np.frombuffer(body[start:end], dtype=little) if end > start else np.zeros(0, dtype)
         a = a.reshape(shape)
+        if dtype is D.BF16:
+            a = a.view(D.BF16)
         a.flags.writeable = False
         out[name] = a
     return out

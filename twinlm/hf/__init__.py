@@ -3,9 +3,11 @@
 A folder is what `save_pretrained` writes: config.json, model.safetensors (or shards with
 model.safetensors.index.json), tokenizer.json (+ tokenizer_config.json, generation_config.json).
 Nothing is downloaded, and pickled weights (pytorch_model.bin, *.pt) are refused, never unpickled.
-Weights are read through a read-only memory map and converted tensor by tensor (bf16/f16 to float32,
-(out, in) to (in, out)), each tensor's mapped pages released once it is copied (`tensorfile.release`), so
-importing holds the float32 parameters and the checkpoint being written, not the mapped file as well.
+Weights are read through a read-only memory map and converted tensor by tensor ((out, in) to (in, out)),
+each tensor's mapped pages released once it is copied (`tensorfile.release`), so importing holds the
+parameters and the checkpoint being written, not the mapped file as well. They keep the folder's dtype
+(bfloat16 as tagged bits, `core.dtypes`) where every weight has the same one (else float32), and the run
+records it; `export_hf` writes the run's dtype.
 Architectures and their mappings: `twinlm.hf.archs`.
 """
 
@@ -21,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from twinlm._version import __version__
+from twinlm.core import dtypes as D
 from twinlm.core import model
 from twinlm.core import spec as S
 from twinlm.core.checkpoint import save_checkpoint
@@ -84,14 +87,23 @@ def _mapped_tensors(path: Path) -> dict[str, np.ndarray]:
         except (ValueError, TypeError) as e:
             raise HFError(f"{path}: tensor {name} is damaged ({e})") from None
         if info["dtype"] == "BF16":
-            out[name] = out[name].view(np.uint16)
+            out[name] = out[name].view(D.BF16)
     return out
 
 
 def _float32(a: np.ndarray) -> np.ndarray:
-    if a.dtype == np.uint16:  # bfloat16: the top half of a float32
-        return (a.astype(np.uint32) << 16).view(np.float32)
-    return a.astype(np.float32, copy=False)  # float32 stays a view of the memory map
+    return D.as_float32(a)  # float32 stays a view of the memory map
+
+
+def _stored_dtype(tensors: dict[str, np.ndarray]) -> str:
+    """The dtype the weights keep: the folder's, where every float tensor has the same one, else float32."""
+    kinds = {D.name_of(a) for a in tensors.values() if D.name_of(a) or a.dtype.kind == "f"}
+    return kinds.pop() if len(kinds) == 1 and None not in kinds else "float32"
+
+
+def _as(a: np.ndarray, dtype: str) -> np.ndarray:
+    """`a` in `dtype`, and a view of it (no copy) where it already is."""
+    return a if D.name_of(a) == dtype else D.to_host(a, dtype)
 
 
 def _weight_files(src: Path) -> tuple[list[Path], dict[str, np.ndarray]]:
@@ -117,8 +129,10 @@ def _weight_files(src: Path) -> tuple[list[Path], dict[str, np.ndarray]]:
     return files, tensors
 
 
-def _assemble(link: Link, tensors: dict[str, np.ndarray], want: tuple[int, ...]) -> np.ndarray:
-    """One twinlm parameter from its Hugging Face parts, every shape checked (never a silent reshape)."""
+def _assemble(link: Link, tensors: dict[str, np.ndarray], want: tuple[int, ...],
+              dtype: str = "float32") -> np.ndarray:
+    """One twinlm parameter from its Hugging Face parts in `dtype`, every shape checked (never a silent
+    reshape). bfloat16 is moved as its uint16 bits (numpy's concatenate would drop their tag)."""
     parts = []
     for j, name in enumerate(link.hf):
         if name not in tensors:
@@ -127,9 +141,11 @@ def _assemble(link: Link, tensors: dict[str, np.ndarray], want: tuple[int, ...])
         expect = (size, *want[:-1][::-1]) if link.transpose else (*want[:-1], size)
         if tuple(tensors[name].shape) != expect:
             raise HFError(f"{name} has shape {tuple(tensors[name].shape)}; config.json implies {expect}")
-        a = _float32(tensors[name])
+        a = _as(tensors[name], dtype)
+        a = a.view(np.uint16) if dtype == "bfloat16" else a
         parts.append(a.T if link.transpose else a)
     out = np.ascontiguousarray(parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1))
+    out = out.view(D.BF16) if dtype == "bfloat16" else out
     if not np.may_share_memory(out, tensors[link.hf[0]]):  # a copy: the mapped pages are no longer needed
         for name in link.hf:
             release(tensors[name])
@@ -167,7 +183,8 @@ def _tokenizer(src: Path, vocab_size: int) -> tuple[HFTokenizer, dict[str, Any]]
 def read_hf(
     src: str | Path, seed: int = 0
 ) -> tuple[ModelConfig, dict[str, np.ndarray], HFTokenizer, dict[str, Any], list[str]]:
-    """(config, float32 params, tokenizer, the folder's record, notes) of a Hugging Face model folder.
+    """(config, params, tokenizer, the folder's record, notes) of a Hugging Face model folder; the params
+    in the weights' own dtype (`_stored_dtype`; `record["dtype"]` names it).
 
     Parameters twinlm's model has but this architecture lacks (BERT's pooler under a masked-LM head,
     the masked-LM head of a BertModel) start from twinlm's own init (`seed`) and are named in the notes."""
@@ -189,11 +206,13 @@ def read_hf(
     _, tensors = _weight_files(src)
     spec = model.param_spec(cfg)
     links = arch.links(cfg, hf_arch)
-    params = {link.twin: _assemble(link, tensors, spec[link.twin].shape) for link in links}
+    dtype = _stored_dtype(tensors)
+    params = {link.twin: _assemble(link, tensors, spec[link.twin].shape, dtype) for link in links}
     used = {n for link in links for n in link.hf}
     for name in sorted(set(tensors) - used):
         tied_copy = name == "lm_head.weight" and cfg.tie_embeddings
-        if tied_copy and np.array_equal(_float32(tensors[name]), params["wte.weight"]):
+        if tied_copy and np.array_equal(_as(tensors[name], dtype).view(np.uint8),
+                                        params["wte.weight"].view(np.uint8)):
             release(tensors[name])
             continue
         if not name.endswith(arch.ignored):
@@ -203,13 +222,14 @@ def read_hf(
             )
     fresh = [k for k in spec if k not in params]
     if fresh:  # (drawn in the spec's order, so the values stay seed-exact: a whole model's worth, briefly)
-        params.update({k: v for k, v in S.init_params(spec, seed).items() if k in fresh})
+        params.update({k: D.to_host(v, dtype) for k, v in S.init_params(spec, seed).items() if k in fresh})
     tok, tok_cfg = _tokenizer(src, cfg.vocab_size)
     record = {
         "architecture": hf_arch,
         "config": hf,
         "tokenizer_config": tok_cfg,
         "source": str(src.resolve()),
+        "dtype": dtype,
     }
     if (src / "chat_template.jinja").exists():  # transformers >= 4.47 saves the chat template here
         record["chat_template"] = (src / "chat_template.jinja").read_text(encoding="utf-8")
@@ -244,6 +264,7 @@ def import_hf(src: str | Path, out: str | Path, seed: int = 0) -> tuple[Path, li
         seed=seed,
         data_source=record["source"],
         hf=record,
+        dtype=record["dtype"],
     )
     arrays = {f"param.{k}": v for k, v in params.items()}
     del params
@@ -259,14 +280,17 @@ def import_hf(src: str | Path, out: str | Path, seed: int = 0) -> tuple[Path, li
 # ---- writing -------------------------------------------------------------------------------------
 
 
-def hf_tensors(cfg: ModelConfig, params: dict[str, np.ndarray], hf_arch: str) -> dict[str, np.ndarray]:
-    """The Hugging Face tensors of twinlm parameters: each link split back (and transposed)."""
+def hf_tensors(cfg: ModelConfig, params: dict[str, np.ndarray], hf_arch: str,
+               dtype: str = "float32") -> dict[str, np.ndarray]:
+    """The Hugging Face tensors of twinlm parameters in `dtype`: each link split back (and transposed)."""
     out = {}
     for link in ARCHS[hf_arch].links(cfg, hf_arch):
-        value = np.asarray(params[link.twin], dtype=np.float32)
+        value = _as(params[link.twin], dtype)
+        value = value.view(np.uint16) if dtype == "bfloat16" else value  # (see _assemble)
         cuts = np.cumsum(link.sizes)[:-1] if link.sizes else []
         for name, part in zip(link.hf, np.split(value, cuts, axis=-1), strict=True):
-            out[name] = np.ascontiguousarray(part.T if link.transpose else part)
+            part = np.ascontiguousarray(part.T if link.transpose else part)
+            out[name] = part.view(D.BF16) if dtype == "bfloat16" else part
     return out
 
 
@@ -293,8 +317,7 @@ def _tokenizer_files(tok: Tokenizer, record: dict[str, Any]) -> dict[str, Any]:
 def export_hf(run: str | Path, out: str | Path) -> tuple[Path, list[str]]:
     """Write the run's model (latest checkpoint; LoRA adapters merged) as a Hugging Face folder that
     transformers' `from_pretrained` loads with no missing or unexpected weights."""
-    from safetensors.numpy import save_file
-
+    from twinlm.core.tensorfile import dumps
     from twinlm.run_dir import load_model
 
     cfg, params, tok, meta = load_model(run)
@@ -304,7 +327,8 @@ def export_hf(run: str | Path, out: str | Path) -> tuple[Path, list[str]]:
     hf_arch = export_arch(cfg, record.get("architecture"))
     arch = ARCHS[hf_arch]
     hf_cfg = dict(record.get("config") or {}) if record.get("architecture") == hf_arch else {}
-    hf_cfg.update(arch.hf_config(cfg), architectures=[hf_arch], dtype="float32")
+    hf_cfg.update(arch.hf_config(cfg), architectures=[hf_arch], dtype=meta.dtype)
+    hf_cfg.pop("torch_dtype", None)  # (transformers' older name: one dtype, the one written)
     if cfg.n_classes:
         labels = meta.labels or [f"LABEL_{i}" for i in range(cfg.n_classes)]
         hf_cfg.update(
@@ -331,7 +355,9 @@ def export_hf(run: str | Path, out: str | Path) -> tuple[Path, list[str]]:
     tmp = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
-        save_file(hf_tensors(cfg, params, hf_arch), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        # twinlm's writer: safetensors' numpy one has no bfloat16
+        data = dumps(hf_tensors(cfg, params, hf_arch, meta.dtype), metadata={"format": "pt"})
+        (tmp / "model.safetensors").write_bytes(data)
         for name, content in files.items():
             text = content if isinstance(content, str) else json.dumps(content, indent=2, sort_keys=True)
             (tmp / name).write_text(text, encoding="utf-8")

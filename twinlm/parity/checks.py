@@ -108,3 +108,26 @@ class Report:
         for c in self.checks:
             out.setdefault(c.group, []).append(c)
         return out
+
+
+# Low precision (`--dtype`): tolerances from the dtype's unit roundoff u (bfloat16 2^-8, float16 2^-11,
+# `core.dtypes.UNIT_ROUNDOFF`). Every side holds the same rounded weights; a low-precision side then rounds
+# each matmul output, activation and residual add, and two sides' roundings differ. The logits may differ by
+# DTYPE_LOGITS_ULPS * u * max|logits| (measured on the suite's gpt, llama, bert, lora and modern models, both
+# dtypes, every pair of sides: at most 0.5 of that). The loss is computed in float32 and averages the
+# rounding errors of B * T positions, which cancel: it must agree to DTYPE_LOSS_ULPS * u * max(1, |loss|)
+# (measured: at most 0.17 of that on gpt/llama/lora; the masked batches of bert and modern average fewer
+# terms, up to 0.6). The negative control (softmax, norm statistics and loss kept in the low dtype) rounds
+# the loss itself, an error of up to u / 2 of it: caught on gpt, llama and lora at 1.6-4.5x the
+# tolerance, not on bert or modern (0.1-1.0x), so the dtype phase runs on gpt and llama (suite.DTYPE_ARCHS).
+DTYPE_LOGITS_ULPS = 8.0
+DTYPE_LOSS_ULPS = 0.125
+
+
+def dtype_tolerances(dtype: str, logits_scale: float, loss: float) -> tuple[Tolerance, Tolerance]:
+    """(logits, loss) tolerances of a comparison in `dtype`, scaled by the reference's magnitudes."""
+    from twinlm.core.dtypes import UNIT_ROUNDOFF
+
+    u = UNIT_ROUNDOFF[dtype]
+    return (Tolerance(DTYPE_LOGITS_ULPS * u * max(logits_scale, 1e-3), 0.0),
+            Tolerance(DTYPE_LOSS_ULPS * u * max(1.0, abs(loss)), 0.0))

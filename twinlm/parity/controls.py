@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from twinlm.core import model
-from twinlm.core.backend import LAYER_NORM_EPS, RMS_NORM_EPS, Array
+from twinlm.core.backend import LAYER_NORM_EPS, RMS_NORM_EPS, Array, Backend
 from twinlm.core.config import ModelConfig
 from twinlm.core.models import FAMILIES, attends, family
 
@@ -128,6 +128,28 @@ def _mask_shifted(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {**batch, "w": w}
 
 
+class LowPrecisionStats:
+    """softmax, the norm statistics and the loss of a bfloat16/float16 input computed in that dtype instead
+    of float32 (the reference bodies, so no fused kernel keeps float32 statistics on its own)."""
+
+    def _float32(self: Any, x: Array) -> tuple[Array, str]:
+        return x, self.dtype_name(x)  # no upcast (what `stats_float32 = False` does)
+
+    def layer_norm(self: Any, x: Array, weight: Array, bias: Array | None,
+                   eps: float = LAYER_NORM_EPS) -> Array:
+        return Backend.layer_norm(self, x, weight, bias, eps)
+
+    def rms_norm(self: Any, x: Array, weight: Array, eps: float = RMS_NORM_EPS) -> Array:
+        return Backend.rms_norm(self, x, weight, eps)
+
+    def attention(self: Any, q: Array, k: Array, v: Array, mask: Array | None,
+                  dropout: Array | None = None, softcap: float = 0.0) -> Array:
+        return Backend.attention(self, q, k, v, mask, dropout, softcap)
+
+    def cross_entropy(self: Any, logits: Array, targets: Array, weights: Array | None = None) -> Array:
+        return Backend.cross_entropy(self, logits, targets, weights)
+
+
 def _sliding(c: ModelConfig) -> bool:
     """Whether some layer attends through a window shorter than the suite's sequences."""
     return any(c.sliding(i) for i in range(c.n_layer)) and c.sliding_window < c.block_size
@@ -153,6 +175,7 @@ class Control:
     skip_params: str | None = None  # weights named *<this> left out of one side's graph (a skipped add)
     batch_change: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None  # on masked batches
     ops_only: bool = False  # the bug is in a piece no model of the suite uses: only the op phases run
+    needs_dtypes: bool = False  # caught only by the low-precision phase (a suite that runs it)
 
     @property
     def backend_free(self) -> bool:
@@ -225,6 +248,9 @@ CONTROLS = (
             batch_change=_unmasked, applies=lambda c: c.kind == "decoder"),
     Control("loss-mask-shifted", "chat loss mask one position late", batch_change=_mask_shifted,
             applies=lambda c: c.kind == "decoder"),
+    # Low precision (`--dtype`): the suite's dtype phase.
+    Control("low-precision-stats", "softmax, norm statistics and loss kept in bfloat16/float16, not float32",
+            mixin=LowPrecisionStats, needs_dtypes=True),
     # The families' own (core/models/*: ABLATIONS).
     *(Control(name, what, mixin=mixin, applies=lambda c, a=arch: c.arch == a)
       for arch in FAMILIES for name, what, mixin in getattr(family(arch), "ABLATIONS", {}).get(arch, ())),

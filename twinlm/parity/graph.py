@@ -7,6 +7,7 @@ e.g. the loss mask of chat data dropped)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -304,4 +305,40 @@ def fd_gradient_checks(B: Backend, cfg: ModelConfig, params: dict[str, np.ndarra
         numeric = (loss_at(plus) - loss_at(minus)) / (2 * tol.FD64_STEP)
         checks.append(compare(group, f"grad {name} . d", np.float64(analytic), np.float64(numeric),
                               tol.FD64_TOL))
+    return checks
+
+
+# ---- low precision (`--dtype`) ------------------------------------------------------------------
+
+
+def dtype_run(side: Side, cfg: ModelConfig, params: dict[str, np.ndarray], batch: Batch,
+              dtype: str) -> tuple[ModelRun, str]:
+    """(logits and loss of the model with its weights cast to `dtype`, the logits' dtype name), forward
+    only, in one graph. The numpy reference gets the same rounded weights and computes in float64."""
+    B = side.backend
+    p = {k: B.astype(B.from_numpy(v), dtype) if v.dtype.kind == "f" else B.from_numpy(v)
+         for k, v in params.items()}
+    B.sync(*p.values())  # cast once, stored in the dtype (not folded into the graph's first use)
+
+    def run(p: dict[str, Array], b: dict[str, Array]) -> tuple[Array, ...]:
+        lg = side_logits(side, cfg, p, b)
+        return lg, B.cross_entropy(lg, b["y"], b.get("w"))
+
+    lg, loss = compiled(B, run)(p, _on(B, side.batch(batch)))
+    kind = B.dtype_name(lg)
+    return ModelRun(B.to_numpy(lg).astype(np.float64), B.to_numpy(loss).astype(np.float64), None), kind
+
+
+def compare_dtype(group: str, got: tuple[ModelRun, str], want: tuple[ModelRun, str], dtype: str,
+                  sides: tuple[Backend, Backend]) -> list[Check]:
+    """Logits and loss of two sides in `dtype`, within `tol.dtype_tolerances` of it; a side with autograd
+    must also have computed its logits in that dtype (the reference computes in float64)."""
+    (g, g_kind), (w, w_kind) = got, want
+    logits_tol, loss_tol = tol.dtype_tolerances(dtype, float(np.abs(w.logits).max()), float(np.abs(w.loss)))
+    checks = [compare(group, "logits", g.logits, w.logits, logits_tol),
+              compare(group, "loss", g.loss, w.loss, loss_tol)]
+    for B, kind in zip(sides, (g_kind, w_kind), strict=True):
+        if B.supports_grad and kind != dtype:
+            checks.append(Check(group, f"{B.name} logits dtype", math.inf, math.inf, logits_tol, math.inf,
+                                False, f"computed in {kind}, not {dtype}"))
     return checks

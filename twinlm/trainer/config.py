@@ -91,10 +91,15 @@ class TrainConfig:
     grad_checkpoint: bool = _f(False, "Recompute each block's activations in the backward pass instead of "
                                       "keeping them: less memory for about a third more compute (MLX; "
                                       "decoders).")
+    dtype: str | None = _f(None, "float32 (default), bfloat16 or float16: the forward and backward in "
+                                 "that dtype over float32 master weights and AdamW moments (float16 with "
+                                 "dynamic loss scaling); a resumed run keeps its own.")
     mask_prompt: bool | None = _f(None, "Chat data: learn only the assistant's tokens (default: on for "
                                         "messages and prompt/completion rows).")
 
     def check(self) -> None:
+        if self.dtype is not None and self.dtype not in ("float32", "bfloat16", "float16"):
+            raise TwinlmError(f"unknown dtype {self.dtype!r}: choose float32, bfloat16 or float16")
         positive = ("batch_size", "grad_accum", "max_iters", "eval_every", "eval_iters", "log_every", "keep")
         for name in positive:
             value = getattr(self, name)

@@ -161,6 +161,7 @@ class Trainer:
             self.B = B = copy.copy(B)  # this trainer's steps recompute; the shared backend stays as it was
             B.remat = True
         self.grad_accum = self.tc.grad_accum
+        self.dtype = self.tc.dtype or "float32"
         self.opt = optimizer_config(self.tc)
         self.step = B.compile_step(self._step_fn(), {k: B.from_numpy(v) for k, v in run.state.items()})
         meta = run.meta
@@ -177,9 +178,9 @@ class Trainer:
     def _step_fn(self) -> S.StepFn:
         loss_fn = task_loss(self.B, self.cfg, self.task, self.grad_accum)
         if self.ranks == 1:
-            return S.make_train_step(self.B, self.spec, self.opt, loss_fn)
+            return S.make_train_step(self.B, self.spec, self.opt, loss_fn, dtype=self.dtype)
         all_sum = (lambda x: x) if D.skip_all_reduce() else self.B.all_sum
-        return S.make_train_step(self.B, self.spec, self.opt, loss_fn, all_sum=all_sum)
+        return S.make_train_step(self.B, self.spec, self.opt, loss_fn, all_sum=all_sum, dtype=self.dtype)
 
     # ---- one step ----------------------------------------------------------------------------
     def _batch(self, it: int) -> dict[str, np.ndarray]:
@@ -210,7 +211,12 @@ class Trainer:
 
     # ---- evaluation --------------------------------------------------------------------------
     def params(self) -> dict[str, Array]:
-        return S.params_of(self.step.state)
+        """The weights as the forward sees them: the master weights cast to the run's dtype."""
+        p = S.params_of(self.step.state)
+        if self.dtype == "float32":
+            return p
+        B, dt = self.B, self.dtype
+        return {k: v if B.dtype_name(v) == dt else B.astype(v, dt) for k, v in p.items()}
 
     def evaluate(self) -> dict[str, Any]:
         """The task's metrics over the fixed validation batches, with one compiled forward graph."""
@@ -231,7 +237,8 @@ class Trainer:
                        versions=versions(self.B), seed=self.tc.seed,
                        optimizer=self.opt.to_dict(), skipped=self.skipped, best_val_loss=self.best_val,
                        data_source=self.ds.source if self.ds is not None else (self.tc.data or C.BUILTIN),
-                       metrics=self.last_metrics or None, hf=self.hf_record, base=self.base_record)
+                       metrics=self.last_metrics or None, hf=self.hf_record, base=self.base_record,
+                       dtype=self.dtype)
 
     def save(self, best: bool = False) -> Path:
         """A checkpoint of the whole state; a run with a base leaves out the weights it keeps frozen
@@ -240,7 +247,7 @@ class Trainer:
         if not self.main:
             return self.out / f"ckpt-{self.iter:08d}"
         frozen = {f"param.{k}" for k, s in self.spec.items() if not s.trainable and self.base_record}
-        arrays = {k: self.B.to_numpy(v) for k, v in self.step.state.items() if k not in frozen}
+        arrays = {k: self.B.to_host(v) for k, v in self.step.state.items() if k not in frozen}
         return save_checkpoint(self.out, arrays, self.meta().to_dict(), step=self.iter, keep=self.tc.keep,
                                best=best)
 

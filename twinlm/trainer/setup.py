@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 
 from twinlm.core import chat as chat_data
-from twinlm.core import model
+from twinlm.core import dtypes as DT
+from twinlm.core import model, quant
 from twinlm.core import spec as SP
 from twinlm.core import step as S
 from twinlm.core.config import ModelConfig, lora_targets
@@ -75,7 +76,11 @@ def assemble(tc: TrainConfig, *, resume: str | Path | None = None, split: int = 
             run_dir = run_dir.parent
         # Where the run lives now (it may have been moved), unless --out sends it elsewhere.
         out = Path(tc.out) if tc.out else run_dir
+        if tc.dtype is not None and tc.dtype != meta.dtype:
+            raise TwinlmError(f"--dtype {tc.dtype}: {resume} was trained in {meta.dtype}; a resumed run "
+                              "keeps its dtype")
         tc = merge_resumed(tc, meta)
+        tc = replace(tc, dtype=meta.dtype)
     tc.check()
     if tc.batch_size % split:
         raise TwinlmError(f"batch size {tc.batch_size} does not split evenly over {split} ranks/devices; "
@@ -107,8 +112,9 @@ def assemble(tc: TrainConfig, *, resume: str | Path | None = None, split: int = 
     else:
         params = SP.init_params(spec, tc.seed)
         if base is not None and not tc.from_scratch:  # the base's weights; the head stays fresh
-            params.update({k: v for k, v in base.params.items() if k in params})
+            params.update({k: DT.as_float32(v) for k, v in base.params.items() if k in params})
         state = S.init_state(params, spec)
+    state = in_dtype(state, spec, tc.dtype or "float32")
     return RunSetup(tc=tc, out=out, cfg=cfg, task=task, ds=ds, tokenizer=tokenizer, labels=labels, spec=spec,
                     state=state, meta=meta, hf_record=hf_record, base_record=base_record)
 
@@ -214,10 +220,35 @@ def check_state(spec: SP.Spec, arrays: dict[str, np.ndarray]) -> dict[str, np.nd
     for k, shape in expected.items():
         if k not in arrays or arrays[k].shape != shape:
             raise TwinlmError(f"checkpoint state does not match its model config (at {k})")
-        if not np.all(np.isfinite(arrays[k])):
+    out = {}
+    for k in expected:
+        a = _float32(arrays[k])  # (a bfloat16 base's frozen weights are bits to numpy)
+        if not np.all(np.isfinite(a)):
             raise TwinlmError(f"checkpoint state has non-finite values in {k}")
-    # (a quantized layer's packed words keep their integer dtype)
-    return {k: arrays[k] if arrays[k].dtype.kind in "ui" else arrays[k].astype(np.float32) for k in expected}
+        out[k] = a
+    for k in ("amp.scale", "amp.good"):  # float16's loss scale (core.step), where the run has one
+        if k in arrays:
+            out[k] = np.asarray(arrays[k], dtype=np.float32)
+    return out
+
+
+def in_dtype(state: dict[str, np.ndarray], spec: SP.Spec, dtype: str) -> dict[str, np.ndarray]:
+    """The state of a run computing in `dtype`: float32 master weights and moments for what it trains, the
+    frozen weights (a LoRA base) stored in `dtype` itself, but a quantized base as its format has it (words,
+    float32 scales and biases); float16 adds its loss scale (`core.step`)."""
+    out = {k: _float32(v) for k, v in state.items()}
+    for k, s in spec.items():
+        if not s.trainable and not k.endswith(quant.SUFFIXES):
+            out[f"param.{k}"] = DT.to_host(out[f"param.{k}"], dtype)
+    if dtype == "float16":
+        out["amp.scale"] = np.asarray(state.get("amp.scale", S.AMP_INIT_SCALE), np.float32)
+        out["amp.good"] = np.asarray(state.get("amp.good", 0.0), np.float32)
+    return out
+
+
+def _float32(a: np.ndarray) -> np.ndarray:
+    """A state array in float32, but a quantized layer's packed words keep their integer dtype."""
+    return a if a.dtype.kind in "ui" and not DT.is_bf16(a) else DT.as_float32(a)
 
 
 def classify_examples(tc: TrainConfig) -> tuple[list[C.Example], list[C.Example]]:
