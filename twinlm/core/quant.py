@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from twinlm.core import dtypes
+
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
 SUFFIXES = (".qweight", ".scales", ".biases")
@@ -56,7 +58,7 @@ def quantize(w: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarray, np.
     computed in float64 and stored as float32 (a constant group gets q = 0, scale 1)."""
     n_in, n_out = w.shape
     check_format(n_in, bits, group_size)
-    wt = np.asarray(w, np.float64).T.reshape(n_out, n_in // group_size, group_size)
+    wt = np.asarray(dtypes.as_float32(w), np.float64).T.reshape(n_out, n_in // group_size, group_size)
     lo, hi = wt.min(axis=-1), wt.max(axis=-1)
     scales = ((hi - lo) / ((1 << bits) - 1)).astype(np.float32)
     scales[scales == 0] = 1.0
