@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from twinlm.core import dtypes as D
+from twinlm.core import quant
 from twinlm.core.backend import Array, Backend
 from twinlm.core.checkpoint import load_checkpoint
 from twinlm.core.config import ModelConfig
@@ -61,14 +62,14 @@ def load_base(base: dict, path: str | Path) -> dict[str, np.ndarray]:
 
 def to_backend(B: Backend, params: dict[str, np.ndarray], dtype: str | None = None) -> dict[str, Array]:
     """`params` as backend arrays, in sorted order (a compiled graph binds dict inputs by position), the
-    float ones in `dtype` (None: as stored). A checkpoint's arrays are views of its memory-mapped file: each
-    one's pages are released as soon as it is copied, so a loaded model sits in memory once (the backend's
-    copy), not twice."""
+    float ones in `dtype` (None: as stored) but a quantized layer's, which keep their format. A checkpoint's
+    arrays are views of its memory-mapped file: each one's pages are released as soon as it is copied, so a
+    loaded model sits in memory once (the backend's copy), not twice."""
     out = {}
     for k in sorted(params):
         a = params[k]
         out[k] = B.from_numpy(a)
-        if dtype is not None and D.name_of(a) not in (None, dtype):
+        if dtype is not None and D.name_of(a) not in (None, dtype) and not k.endswith(quant.SUFFIXES):
             out[k] = B.astype(out[k], dtype)
         B.sync(out[k])  # the copy is made now, not when the lazy graph first runs (tinygrad realizes already)
         release(a)

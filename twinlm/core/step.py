@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from twinlm.core import dropout, optim
+from twinlm.core import dropout, optim, quant
 from twinlm.core.backend import Array, Backend
 from twinlm.core.config import ModelConfig
 from twinlm.core.dropout import expand as expand_dropout
@@ -67,14 +67,21 @@ def params_of(state: dict[str, Array]) -> dict[str, Array]:
     return {k[len("param."):]: v for k, v in state.items() if k.startswith("param.")}
 
 
+def cast_params(B: Backend, params: dict[str, Array], dtype: str) -> dict[str, Array]:
+    """Float weights (and dropout masks) in compute dtype `dtype`; a quantized layer's words, scales and
+    biases keep their format (`quantized_linear` computes in its input's dtype)."""
+    if dtype == "float32":
+        return params
+    return {k: v if B.dtype_name(v) == dtype or k.endswith(quant.SUFFIXES) else B.astype(v, dtype)
+            for k, v in params.items()}
+
+
 def grad_part(B: Backend, spec: Spec, loss_fn: LossFn,
               dtype: str = "float32") -> Callable[..., tuple[Array, dict[str, Array]]]:
     """`(params, batch, dropout[, scale]) -> (loss * scale, grads)`, grads for the trainable parameters only,
     the forward and backward in `dtype` (see the module's docstring)."""
     def cast(xs: dict[str, Array]) -> dict[str, Array]:
-        if dtype == "float32":
-            return xs
-        return {k: v if B.dtype_name(v) == dtype else B.astype(v, dtype) for k, v in xs.items()}
+        return cast_params(B, xs, dtype)
 
     def split_loss(trainable: dict[str, Array], frozen: dict[str, Array], batch: dict[str, Array],
                    drop: dict[str, Array], scale: Array | None) -> Array:

@@ -212,11 +212,7 @@ class Trainer:
     # ---- evaluation --------------------------------------------------------------------------
     def params(self) -> dict[str, Array]:
         """The weights as the forward sees them: the master weights cast to the run's dtype."""
-        p = S.params_of(self.step.state)
-        if self.dtype == "float32":
-            return p
-        B, dt = self.B, self.dtype
-        return {k: v if B.dtype_name(v) == dt else B.astype(v, dt) for k, v in p.items()}
+        return S.cast_params(self.B, S.params_of(self.step.state), self.dtype)
 
     def evaluate(self) -> dict[str, Any]:
         """The task's metrics over the fixed validation batches, with one compiled forward graph."""

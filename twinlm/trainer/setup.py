@@ -112,7 +112,7 @@ def assemble(tc: TrainConfig, *, resume: str | Path | None = None, split: int = 
     else:
         params = SP.init_params(spec, tc.seed)
         if base is not None and not tc.from_scratch:  # the base's weights; the head stays fresh
-            params.update({k: DT.as_float32(v) for k, v in base.params.items() if k in params})
+            params.update({k: _float32(v) for k, v in base.params.items() if k in params})
         state = S.init_state(params, spec)
     state = in_dtype(state, spec, tc.dtype or "float32")
     return RunSetup(tc=tc, out=out, cfg=cfg, task=task, ds=ds, tokenizer=tokenizer, labels=labels, spec=spec,
