@@ -607,6 +607,11 @@ def test_add_norm_against_numpy(shape, kind) -> None:
     np.testing.assert_allclose(grads[2], wdw, atol=2e-4, rtol=1e-4)
     if bias:
         np.testing.assert_allclose(grads[3], wdb, atol=2e-4, rtol=1e-4)
+    # The norm kernels' own value on the sum, bit for bit (the fused loops keep their expressions).
+    xs, ys, wm = mx.array(x), mx.array(y), mx.array(w)
+    bm = None if b is None else mx.array(b)
+    alone = K.rms_norm(xs + ys, wm, 1e-5) if rms else K.layer_norm(xs + ys, wm, bm, 1e-5)
+    np.testing.assert_array_equal(n, np.array(alone, np.float64))
     # And the kernel really ran: the same through the core's reference body, and a broken kernel differs.
     body = (lambda x, y, w: BODY.add_rms_norm(x, y, w)) if rms else (  # noqa: E731
         lambda x, y, w, *b: BODY.add_layer_norm(x, y, w, b[0] if b else None))

@@ -1,13 +1,14 @@
 #include "fused.h"
 
+#include <cmath>
 #include <cstring>
 #include <stdexcept>
 #include <vector>
 
-#include "loops.h"
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "pool.h"
+#include "vmath.h"
 
 namespace twinlm {
 
@@ -49,6 +50,118 @@ std::pair<mx::array, mx::array> add_norm(const mx::array& x, const mx::array& y,
   return {outs[0], outs[1]};
 }
 
+
+// The row loops. The norm's expressions are loops.cpp's layer_norm / rms_norm ones, in the same order, so n
+// is bit for bit those kernels' value on s (the tests check it). The sum is recomputed from x and y in each
+// pass instead of read back from s: reading a row just stored stalls on store forwarding (perf: the first
+// reduction's loads of s took most of the time, the fused pass ran slower than the add and norm apart).
+// One function per pass, cloned per ISA like loops.cpp. `forget_y` (tests only): the norm of x alone.
+TWL_SIMD void add_layer_norm_rows(const float* x, const float* y, const float* w, const float* b, float* s,
+                                  float* n, float* mean, float* rstd, size_t C, float eps, bool forget_y,
+                                  size_t r0, size_t r1) {
+  const float inv_c = 1.0f / (float)C;
+  const float ky = forget_y ? 0.0f : 1.0f;
+  for (size_t r = r0; r < r1; r++) {
+    const float* xr = x + r * C;
+    const float* yr = y + r * C;
+    float* sr = s + r * C;
+    float* nr = n + r * C;
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (size_t j = 0; j < C; j++) {
+      sr[j] = xr[j] + yr[j];
+      sum += xr[j] + ky * yr[j];
+    }
+    const float mu = sum / (float)C;
+    float v = 0.0f;
+#pragma omp simd reduction(+ : v)
+    for (size_t j = 0; j < C; j++) {
+      float d = (xr[j] + ky * yr[j]) - mu;
+      v += d * d;
+    }
+    const float rs = 1.0f / std::sqrt(v * inv_c + eps);
+    mean[r] = mu;
+    rstd[r] = rs;
+    if (b) {
+#pragma omp simd
+      for (size_t j = 0; j < C; j++) nr[j] = ((xr[j] + ky * yr[j]) - mu) * rs * w[j] + b[j];
+    } else {
+#pragma omp simd
+      for (size_t j = 0; j < C; j++) nr[j] = ((xr[j] + ky * yr[j]) - mu) * rs * w[j];
+    }
+  }
+}
+
+TWL_SIMD void add_rms_norm_rows(const float* x, const float* y, const float* w, float* s, float* n, float* mean,
+                                float* rstd, size_t C, float eps, bool forget_y, size_t r0, size_t r1) {
+  const float inv_c = 1.0f / (float)C;
+  const float ky = forget_y ? 0.0f : 1.0f;
+  for (size_t r = r0; r < r1; r++) {
+    const float* xr = x + r * C;
+    const float* yr = y + r * C;
+    float* sr = s + r * C;
+    float* nr = n + r * C;
+    float sq = 0.0f;
+#pragma omp simd reduction(+ : sq)
+    for (size_t j = 0; j < C; j++) {
+      sr[j] = xr[j] + yr[j];
+      float v = xr[j] + ky * yr[j];
+      sq += v * v;
+    }
+    const float rs = 1.0f / std::sqrt(sq * inv_c + eps);
+    mean[r] = 0.0f;
+    rstd[r] = rs;
+#pragma omp simd
+    for (size_t j = 0; j < C; j++) nr[j] = (xr[j] + ky * yr[j]) * rs * w[j];
+  }
+}
+
+// ds = gs + the norm's input gradient of gn (loops.cpp's layer_norm_bwd / rms_norm_bwd expressions);
+// dw, db += this chunk's part. drop_gs (tests only) leaves the residual's own cotangent out.
+TWL_SIMD void add_norm_bwd_rows(const float* s, const float* w, const float* mean, const float* rstd,
+                                const float* gn, const float* gs, float* ds, float* dw, float* db, size_t C,
+                                bool rms, bool drop_gs, size_t r0, size_t r1) {
+  const float inv_c = 1.0f / (float)C;
+  const float keep = drop_gs ? 0.0f : 1.0f;
+  for (size_t r = r0; r < r1; r++) {
+    const float* sr = s + r * C;
+    const float* gr = gn + r * C;
+    const float* hr = gs + r * C;
+    float* dr = ds + r * C;
+    const float rs = rstd[r];
+    if (rms) {
+      float c = 0.0f;
+#pragma omp simd reduction(+ : c)
+      for (size_t j = 0; j < C; j++) c += gr[j] * w[j] * sr[j];
+      const float k = c * inv_c * rs * rs;
+#pragma omp simd
+      for (size_t j = 0; j < C; j++) {
+        dr[j] = rs * (gr[j] * w[j] - sr[j] * k) + keep * hr[j];
+        dw[j] += gr[j] * sr[j] * rs;
+      }
+    } else {
+      const float mu = mean[r];
+      float a = 0.0f, c = 0.0f;
+#pragma omp simd reduction(+ : a, c)
+      for (size_t j = 0; j < C; j++) {
+        float xh = (sr[j] - mu) * rs;
+        float gw = gr[j] * w[j];
+        a += gw;
+        c += gw * xh;
+      }
+      a *= inv_c;
+      c *= inv_c;
+#pragma omp simd
+      for (size_t j = 0; j < C; j++) {
+        float xh = (sr[j] - mu) * rs;
+        dr[j] = rs * (gr[j] * w[j] - a - xh * c) + keep * hr[j];
+        dw[j] += gr[j] * xh;
+        db[j] += gr[j];
+      }
+    }
+  }
+}
+
 }  // namespace
 
 std::pair<mx::array, mx::array> add_layer_norm(const mx::array& x, const mx::array& y, const mx::array& w,
@@ -72,20 +185,8 @@ void AddNorm::eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>&
                     mean = out[2].data<float>(), rstd = out[3].data<float>(), N, C, eps = eps_, rms = rms_,
                     fault = fault_] {
     parallel_rows(N, 2 * C, [&](int, size_t r0, size_t r1) {
-      for (size_t r = r0; r < r1; r++) {
-        const float* xr = x + r * C;
-        const float* yr = y + r * C;
-        float* sr = s + r * C;
-#pragma omp simd
-        for (size_t j = 0; j < C; j++) sr[j] = xr[j] + yr[j];
-        const float* src = fault == 2 ? x : s;  // fault 2 (tests only): the norm forgets y
-        if (rms) {
-          mean[r] = 0.0f;
-          rms_norm_fwd(src, w, n, rstd, C, eps, r, r + 1);
-        } else {
-          layer_norm_fwd(src, w, b, n, mean, rstd, C, eps, r, r + 1);
-        }
-      }
+      if (rms) add_rms_norm_rows(x, y, w, s, n, mean, rstd, C, eps, fault == 2, r0, r1);
+      else add_layer_norm_rows(x, y, w, b, s, n, mean, rstd, C, eps, fault == 2, r0, r1);
     });
   });
 }
@@ -121,20 +222,8 @@ void AddNormGrad::eval_cpu(const std::vector<mx::array>& in, std::vector<mx::arr
     int chunks = row_chunks(N, 2 * C);
     std::vector<float> part(2 * C * chunks, 0.0f);
     parallel_rows(N, 2 * C, [&](int c, size_t r0, size_t r1) {
-      float* pw = &part[2 * C * c];
-      float* pb = pw + C;
-      for (size_t r = r0; r < r1; r++) {
-        if (rms) {
-          rms_norm_bwd(s, w, rstd, gn, ds, pw, C, r, r + 1);
-        } else {
-          layer_norm_bwd(s, w, mean, rstd, gn, ds, pw, pb, C, r, r + 1);
-        }
-        if (fault == 1) continue;  // tests only: the residual's own cotangent dropped
-        float* dr = ds + r * C;
-        const float* gr = gs + r * C;
-#pragma omp simd
-        for (size_t j = 0; j < C; j++) dr[j] += gr[j];
-      }
+      add_norm_bwd_rows(s, w, mean, rstd, gn, gs, ds, &part[2 * C * c], &part[2 * C * c + C], C, rms, fault == 1,
+                        r0, r1);
     });
     std::memset(dw, 0, C * sizeof(float));
     std::memset(db, 0, C * sizeof(float));
