@@ -83,3 +83,18 @@ def test_device_gemm_peak_and_peak_rss() -> None:
         r = device_gemm_peak(B, n=64, repeats=2)
         assert r["flops"] > 0 and r["n"] == 64 and r["device"] == B.device_info()["device"]
     assert 1 < report.peak_rss_mb() < 1e6  # MB, not KiB or bytes
+
+
+def test_allreduce_benchmark_sums_across_two_ranks() -> None:
+    """`benchmarks.allreduce` starts two ring ranks and checks the sum really crossed them (else an error)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("mlx.core")
+    out = subprocess.run([sys.executable, "-m", "benchmarks.allreduce", "--preset", "tiny", "--iters", "2"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "tiny: 2 ranks" in out.stdout and "ms CPU per call" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.allreduce", "--ranks", "1"], capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "--ranks must be at least 2" in bad.stderr
