@@ -676,3 +676,75 @@ def test_add_norm_falls_back_without_the_kernel() -> None:
     np.testing.assert_array_equal(np.array(s), np.array(x + y[:1]))
     s16, n16 = B.add_rms_norm(x.astype(mx.float16), y.astype(mx.float16), w.astype(mx.float16))
     assert s16.dtype == mx.float16 and n16.dtype == mx.float16
+
+
+# ---- attention's per-head products through strides (issue #23) ------------------------------------------
+
+def _views_of_qkv(n=2, t=7, h=3, hs=5, seed=0):
+    """q, k, v as the attention layer makes them: (N, H, T, hs) views of one (N, T, 3 H hs) projection."""
+    qkv = mx.array(rand(n, t, 3 * h * hs, seed=seed))
+
+    def heads(z):
+        return mx.transpose(mx.reshape(z, (n, t, h, hs)), (0, 2, 1, 3))
+
+    c = h * hs
+    return qkv, (lambda z: (heads(z[..., :c]), heads(z[..., c:2 * c]), heads(z[..., 2 * c:])))
+
+
+@needs_kernels
+@pytest.mark.parametrize("ta,tb", [(False, False), (False, True), (True, False), (True, True)])
+def test_head_matmul_against_numpy(ta, tb) -> None:
+    a, b = rand(2, 3, 4, 6, seed=1), rand(2, 3, 6, 5, seed=2)  # op(a) (.., 4, 6), op(b) (.., 6, 5)
+    a_in = np.ascontiguousarray(np.swapaxes(a, -1, -2)) if ta else a
+    b_in = np.ascontiguousarray(np.swapaxes(b, -1, -2)) if tb else b
+    got = value_and_grads(lambda x, y: K.head_matmul(x, y, ta, tb), a_in, b_in, seed=4)
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    np.testing.assert_allclose(got[0], a64 @ b64, atol=1e-5)
+    w = np.array(mx.array(rand(*got[0].shape, seed=4)), np.float64)  # value_and_grads' weights
+    da, db = w @ np.swapaxes(b64, -1, -2), np.swapaxes(a64, -1, -2) @ w
+    np.testing.assert_allclose(got[1], np.swapaxes(da, -1, -2) if ta else da, atol=1e-5)
+    np.testing.assert_allclose(got[2], np.swapaxes(db, -1, -2) if tb else db, atol=1e-5)
+
+
+@needs_kernels
+def test_head_matmul_reads_views_where_they_lie_and_a_wrong_stride_is_seen() -> None:
+    """q k^T and p v on views of a qkv projection (values and the projection's gradient) equal MLX's own
+    matmuls on the same views; one strided in both dims (copied first) too; ignoring the strides is caught."""
+    qkv, split = _views_of_qkv()
+
+    def attn(z, mm):
+        q, k, v = split(z)
+        s = mm(q, k, False, True) if mm else q @ mx.swapaxes(k, -1, -2)
+        p = mx.softmax(s, axis=-1)
+        return mm(p, v, False, False) if mm else p @ v
+
+    w = mx.array(rand(2, 3, 7, 5, seed=9))
+    ours = mx.value_and_grad(lambda z: mx.sum(attn(z, K.head_matmul) * w))(qkv)
+    theirs = mx.value_and_grad(lambda z: mx.sum(attn(z, None) * w))(qkv)
+    assert float(ours[0]) == pytest.approx(float(theirs[0]), abs=1e-5)
+    np.testing.assert_allclose(np.array(ours[1]), np.array(theirs[1]), atol=1e-5)
+    wrong = mx.value_and_grad(lambda z: mx.sum(attn(z, lambda a, b, ta, tb: K._head_matmul_faulty(
+        a, b, ta, tb, 1)) * w))(qkv)
+    assert abs(float(wrong[0]) - float(theirs[0])) > 1e-3
+    big = mx.array(rand(2, 8, 10, seed=5))
+    a, b = big[:, ::2, ::2], big[:, 1::2, 1::2]  # (2, 4, 5): neither rows nor columns unit-strided
+    want = np.array(a @ mx.swapaxes(b, -1, -2))
+    np.testing.assert_allclose(np.array(K.head_matmul(a, b, False, True)), want, atol=1e-5)
+
+
+@needs_kernels
+def test_attention_reads_heads_through_strides_in_the_model() -> None:
+    """The MLX adapter's attention runs head_matmul (a faulty one changes its result on head views)."""
+    qkv, split = _views_of_qkv()
+    q, k, v = split(qkv)
+    mask = mx.array(np.tril(np.ones((7, 7), dtype=bool)))
+    want = np.array(REF.attention(q, k, v, mask))
+    np.testing.assert_allclose(np.array(B.attention(q, k, v, mask)), want, atol=1e-5)
+
+    class Faulty(_Wrong):
+        def head_matmul(self, a, b, ta=False, tb=False):
+            return K._head_matmul_faulty(a, b, ta, tb, 1)
+
+    broken = MLXBackend()
+    broken.kernels = Faulty("none")
+    assert not np.allclose(np.array(broken.attention(q, k, v, mask)), want, atol=1e-3)
