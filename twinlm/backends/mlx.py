@@ -227,13 +227,10 @@ class MLXBackend(Backend):
         if K is not None and (mask is None or mask.dtype == mx.bool_):
             # BLAS matmuls around one fused masked, scaled softmax (forward and backward kernels; the
             # probabilities are kept once, for the backward). Rows with no key left give zeros.
-            # The products read q, k, v where they lie (views of the qkv projection: no head copies).
-            mm = K.head_matmul if hasattr(K, "head_matmul") and q.ndim == k.ndim == v.ndim else None
-            scores = mm(q, k, False, True) if mm else q @ mx.swapaxes(k, -1, -2)
-            att = K.masked_softmax(scores, mask, scale)  # (N, H, Tq, Tk)
+            att = K.masked_softmax(q @ mx.swapaxes(k, -1, -2), mask, scale)  # (N, H, Tq, Tk)
             if dropout is not None:
                 att = att * dropout
-            return mm(att, v) if mm else att @ v
+            return att @ v
         if not self.fused or dropout is not None:  # the fused kernel has no dropout input
             return super().attention(q, k, v, mask, dropout)
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)

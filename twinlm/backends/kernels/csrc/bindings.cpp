@@ -7,7 +7,6 @@
 
 #include "mlx/version.h"
 #include "fused.h"
-#include "heads.h"
 #include "lowp.h"
 #include "pool.h"
 #include "primitives.h"
@@ -106,13 +105,4 @@ NB_MODULE(_twinlm_kernels, m) {
   m.def("_add_rms_norm_faulty", &twinlm::add_rms_norm, "x"_a, "y"_a, "weight"_a, "eps"_a, "fault"_a,
         nb::kw_only(), "stream"_a = nb::none(),
         "tests only: a deliberately wrong add_rms_norm (1: no residual gradient, 2: the norm forgets y)");
-
-  // ---- attention's per-head products through strides (issue #23) ----
-  m.def("head_matmul", [](const mx::array& a, const mx::array& b, bool ta, bool tb, mx::StreamOrDevice s) {
-          return twinlm::head_matmul(a, b, ta, tb, 0, s);
-        }, "a"_a, "b"_a, "transpose_a"_a = false, "transpose_b"_a = false, nb::kw_only(), "stream"_a = nb::none(),
-        "op(a) @ op(b) per leading (batch) index, each matrix read by BLAS where it lies (views of any strides), "
-        "with its VJP");
-  m.def("_head_matmul_faulty", &twinlm::head_matmul, "a"_a, "b"_a, "transpose_a"_a, "transpose_b"_a, "fault"_a,
-        nb::kw_only(), "stream"_a = nb::none(), "tests only: a deliberately wrong head_matmul (1: strides ignored)");
 }
