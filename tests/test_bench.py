@@ -98,3 +98,24 @@ def test_allreduce_benchmark_sums_across_two_ranks() -> None:
     bad = subprocess.run([sys.executable, "-m", "benchmarks.allreduce", "--ranks", "1"], capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 2 and "--ranks must be at least 2" in bad.stderr
+
+
+@pytest.mark.slow
+def test_benchmark_ranks_skip_the_all_reduce_when_asked(tmp_path) -> None:
+    """TWINLM_SKIP_ALLREDUCE=1 reaches the benchmark's ranks: rank 0 then reports its own share's loss."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("mlx.core")
+    losses = {}
+    for skip in ("0", "1"):
+        out = tmp_path / f"skip{skip}.json"
+        run = subprocess.run([sys.executable, "-m", "benchmarks.step", "--backend", "mlx", "--preset", "tiny",
+                              "--ranks", "2", "--iters", "3", "--warmup-iters", "1", "--out", str(out)],
+                             capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "TWINLM_SKIP_ALLREDUCE": skip})
+        assert run.returncode == 0, run.stderr[-2000:]
+        record = json.loads(out.read_text())
+        losses[skip] = (record[0] if isinstance(record, list) else record)["loss_first"]
+    assert losses["0"] != pytest.approx(losses["1"], rel=1e-3), losses
