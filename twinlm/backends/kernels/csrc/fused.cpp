@@ -36,7 +36,9 @@ std::pair<mx::array, mx::array> add_norm(const mx::array& x, const mx::array& y,
                                          const std::optional<mx::array>& b, float eps, bool rms, int fault,
                                          mx::StreamOrDevice s, const char* what) {
   auto stream = cpu_stream(s);
-  if (x.shape() != y.shape() || x.ndim() < 1) throw std::invalid_argument(std::string(what) + ": x and y must have one shape (..., C)");
+  if (x.shape() != y.shape() || x.ndim() < 1) {
+    throw std::invalid_argument(std::string(what) + ": x and y must have one shape (..., C)");
+  }
   int64_t C = x.shape(-1);
   if (w.ndim() != 1 || w.shape(0) != C || (b && (b->ndim() != 1 || b->shape(0) != C))) {
     throw std::invalid_argument(std::string(what) + ": weight and bias must have shape (C,)");
