@@ -46,7 +46,10 @@ class TwinlmTrainer:
         if self.ranks > 1:
             def shared(p: dict, batch: dict, drop: dict) -> Any:
                 return loss_fn(p, {k: v for k, v in batch.items() if k != "share"}, drop) * batch["share"]
-            step = S.make_train_step(self.B, spec, opt, shared, all_sum=self.B.all_sum)
+            # TWINLM_SKIP_ALLREDUCE=1 (as in the trainer): the ranks skip the collective, which times the
+            # step without it (issue #23's attribution of the two-rank loss; the losses then differ).
+            all_sum = (lambda x: x) if D.skip_all_reduce() else self.B.all_sum
+            step = S.make_train_step(self.B, spec, opt, shared, all_sum=all_sum)
         else:
             step = S.make_train_step(self.B, spec, opt, loss_fn)
         self.compiled = self.B.compile_step(step, state)

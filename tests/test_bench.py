@@ -83,3 +83,39 @@ def test_device_gemm_peak_and_peak_rss() -> None:
         r = device_gemm_peak(B, n=64, repeats=2)
         assert r["flops"] > 0 and r["n"] == 64 and r["device"] == B.device_info()["device"]
     assert 1 < report.peak_rss_mb() < 1e6  # MB, not KiB or bytes
+
+
+def test_allreduce_benchmark_sums_across_two_ranks() -> None:
+    """`benchmarks.allreduce` starts two ring ranks and checks the sum really crossed them (else an error)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("mlx.core")
+    out = subprocess.run([sys.executable, "-m", "benchmarks.allreduce", "--preset", "tiny", "--iters", "2"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "tiny: 2 ranks" in out.stdout and "ms CPU per call" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.allreduce", "--ranks", "1"], capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "--ranks must be at least 2" in bad.stderr
+
+
+@pytest.mark.slow
+def test_benchmark_ranks_skip_the_all_reduce_when_asked(tmp_path) -> None:
+    """TWINLM_SKIP_ALLREDUCE=1 reaches the benchmark's ranks: rank 0 then reports its own share's loss."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("mlx.core")
+    losses = {}
+    for skip in ("0", "1"):
+        out = tmp_path / f"skip{skip}.json"
+        run = subprocess.run([sys.executable, "-m", "benchmarks.step", "--backend", "mlx", "--preset", "tiny",
+                              "--ranks", "2", "--iters", "3", "--warmup-iters", "1", "--out", str(out)],
+                             capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "TWINLM_SKIP_ALLREDUCE": skip})
+        assert run.returncode == 0, run.stderr[-2000:]
+        record = json.loads(out.read_text())
+        losses[skip] = (record[0] if isinstance(record, list) else record)["loss_first"]
+    assert losses["0"] != pytest.approx(losses["1"], rel=1e-3), losses

@@ -268,7 +268,7 @@ def test_kernels_inside_mx_compile() -> None:
 
 def test_kernels_are_registered_as_overrides() -> None:
     kernels_for = {"linear", "gelu", "gelu_tanh", "swiglu", "rope", "layer_norm", "rms_norm", "attention",
-                   "cross_entropy"}
+                   "cross_entropy", "add_layer_norm", "add_rms_norm"}
     assert kernels_for <= set(parity.overridden_composites(B))
 
 
@@ -310,6 +310,14 @@ class _Wrong:
         fault = {"linear beta 0": 1, "linear no db": 2}.get(self.which, 0)  # C++ faults, see primitives.h
         return K._linear_faulty(x, w, b, fault) if fault else K.linear(x, w, b)
 
+    def add_layer_norm(self, x, y, w, b, eps):
+        fault = {"add_norm no residual grad": 1, "add_norm forgets y": 2}.get(self.which, 0)  # see fused.h
+        return K._add_layer_norm_faulty(x, y, w, b, eps, fault)
+
+    def add_rms_norm(self, x, y, w, eps):
+        fault = {"add_rms_norm no residual grad": 1}.get(self.which, 0)
+        return K._add_rms_norm_faulty(x, y, w, eps, fault)
+
     def cross_entropy_rows(self, logits, targets):
         if self.which == "ce gradient":  # right value, doubled gradient
             nll = K.cross_entropy_rows(logits, targets)
@@ -322,7 +330,9 @@ class _Wrong:
     ("gelu value", "gelu forward"), ("layer_norm eps", "layer_norm forward"),
     ("mask dropped", "attention causal forward"), ("ce gradient", "cross_entropy grad x0"),
     ("rope sign", "rope forward"), ("swiglu swapped", "swiglu forward"),
-    ("linear beta 0", "linear forward"), ("linear no db", "linear grad x2")])
+    ("linear beta 0", "linear forward"), ("linear no db", "linear grad x2"),
+    ("add_norm no residual grad", "add_layer_norm grad x0"), ("add_norm forgets y", "add_layer_norm forward"),
+    ("add_rms_norm no residual grad", "add_rms_norm grad x1")])
 def test_a_wrong_kernel_is_caught_by_the_override_checks(which, case) -> None:
     broken = MLXBackend()
     broken.kernels = _Wrong(which)
@@ -538,3 +548,131 @@ def test_embedding_is_the_same_for_every_thread_count_and_catches_a_lost_repeat(
 def test_embedding_out_of_range_ids_give_nan_not_zeros() -> None:
     got = np.array(K.embedding(mx.array(rand(4, 3)), mx.array(np.array([4, -5, 1], np.int32))))
     assert np.isnan(got[:2]).all() and np.isfinite(got[2]).all()
+
+
+# ---- fused residual add + norm (issue #23) -----------------------------------------------------------------
+
+def np_add_norm(x, y, w, b, gs, gn, rms, eps=1e-5):
+    """float64 (s, n) = (x + y, norm(x + y)) and the analytic gradients of sum(s gs + n gn): ds (= dx = dy),
+    dw, db."""
+    s = x.astype(np.float64) + y
+    c = s.shape[-1]
+    if rms:
+        r = 1.0 / np.sqrt((s * s).mean(-1, keepdims=True) + eps)
+        xh = s * r
+    else:
+        r = 1.0 / np.sqrt(s.var(-1, keepdims=True) + eps)
+        xh = (s - s.mean(-1, keepdims=True)) * r
+    n = xh * w + (0.0 if b is None else b)
+    gw = gn * w
+    if rms:
+        dn = r * (gw - xh * (gw * xh).sum(-1, keepdims=True) / c)
+    else:
+        dn = r * (gw - gw.mean(-1, keepdims=True) - xh * (gw * xh).mean(-1, keepdims=True))
+    rows = tuple(range(s.ndim - 1))
+    return s, n, gs + dn, (gn * xh).sum(rows), gn.sum(rows)
+
+
+def add_norm_value_and_grads(fn, x, y, w, b, gs, gn):
+    """fn's (s, n) and the gradients of sum(s gs + n gn) for x, y, w (and b)."""
+    ins = [mx.array(a) for a in (x, y, w) + (() if b is None else (b,))]
+    out = fn(*ins)
+
+    def loss(*a):
+        s, n = fn(*a)
+        return mx.sum(s * mx.array(gs)) + mx.sum(n * mx.array(gn))
+
+    grads = mx.grad(loss, argnums=tuple(range(len(ins))))(*ins)
+    return [np.array(o, np.float64) for o in out], [np.array(g, np.float64) for g in grads]
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(2, 3, 13), (5, 131), (400, 129)])  # odd; the last is split over threads
+@pytest.mark.parametrize("kind", ["layernorm", "layernorm no bias", "rmsnorm"])
+def test_add_norm_against_numpy(shape, kind) -> None:
+    c, rms, bias = shape[-1], kind == "rmsnorm", kind == "layernorm"
+    x, y = rand(*shape, scale=3.0) + 2.0, rand(*shape, seed=5)  # an offset mean, like a residual stream
+    w, b = rand(c, seed=6), (rand(c, seed=7) if bias else None)
+    gs, gn = rand(*shape, seed=8), rand(*shape, seed=9)
+    if rms:
+        fn = lambda x, y, w: B.add_rms_norm(x, y, w)  # noqa: E731
+    else:
+        fn = lambda x, y, w, *b: B.add_layer_norm(x, y, w, b[0] if b else None)  # noqa: E731
+    (s, n), grads = add_norm_value_and_grads(fn, x, y, w, b, gs, gn)
+    ws, wn, wd, wdw, wdb = np_add_norm(x, y, w, b, gs, gn, rms)
+    np.testing.assert_array_equal(s, (x + y).astype(np.float64))  # the float32 sum, exactly
+    np.testing.assert_allclose(n, wn, atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(grads[0], wd, atol=5e-5, rtol=1e-4)  # dx = gs + the norm's input gradient
+    np.testing.assert_allclose(grads[1], wd, atol=5e-5, rtol=1e-4)  # dy, the same
+    np.testing.assert_allclose(grads[2], wdw, atol=2e-4, rtol=1e-4)
+    if bias:
+        np.testing.assert_allclose(grads[3], wdb, atol=2e-4, rtol=1e-4)
+    # The norm kernels' own value on the sum, bit for bit (the fused loops keep their expressions).
+    xs, ys, wm = mx.array(x), mx.array(y), mx.array(w)
+    bm = None if b is None else mx.array(b)
+    alone = K.rms_norm(xs + ys, wm, 1e-5) if rms else K.layer_norm(xs + ys, wm, bm, 1e-5)
+    np.testing.assert_array_equal(n, np.array(alone, np.float64))
+    # And the kernel really ran: the same through the core's reference body, and a broken kernel differs.
+    body = (lambda x, y, w: BODY.add_rms_norm(x, y, w)) if rms else (  # noqa: E731
+        lambda x, y, w, *b: BODY.add_layer_norm(x, y, w, b[0] if b else None))
+    (bs, bn), bgrads = add_norm_value_and_grads(body, x, y, w, b, gs, gn)
+    np.testing.assert_array_equal(s, bs)
+    np.testing.assert_allclose(n, bn, atol=2e-5, rtol=1e-5)
+    for g, bg in zip(grads, bgrads, strict=True):
+        np.testing.assert_allclose(g, bg, atol=2e-4, rtol=1e-4)
+
+
+@needs_kernels
+def test_add_norm_negative_controls_are_seen_directly() -> None:
+    """Each fault changes what the fused path returns (so the tests above could fail)."""
+    x, y, w, b = rand(6, 33, scale=2.0), rand(6, 33, seed=2), rand(33, seed=3), rand(33, seed=4)
+    gs, gn = rand(6, 33, seed=5), rand(6, 33, seed=6)
+    _, _, wd, _, _ = np_add_norm(x, y, w, b, gs, gn, rms=False)
+    for which in ("add_norm no residual grad", "add_norm forgets y"):
+        broken = MLXBackend()
+        broken.kernels = _Wrong(which)
+        (s, n), grads = add_norm_value_and_grads(
+            lambda x, y, w, b, B=broken: B.add_layer_norm(x, y, w, b), x, y, w, b, gs, gn)
+        assert not np.allclose(grads[0], wd, atol=1e-3), which  # forgetting y also changes dx
+
+
+@needs_kernels
+def test_add_norm_thread_count_compile_and_strides() -> None:
+    x, y, w, b = rand(512, 131, scale=2.0), rand(512, 131, seed=2), rand(131, seed=3), rand(131, seed=4)
+    gs, gn = rand(512, 131, seed=5), rand(512, 131, seed=6)
+    fn = lambda x, y, w, b: B.add_layer_norm(x, y, w, b)  # noqa: E731
+    before = K.threads()
+    try:
+        runs = []
+        for t in (1, 2, 3):
+            K.set_threads(t)
+            runs.append(add_norm_value_and_grads(fn, x, y, w, b, gs, gn))
+    finally:
+        K.set_threads(before)
+    for other in runs[1:]:
+        for a, r in zip(other[0], runs[0][0], strict=True):
+            np.testing.assert_array_equal(a, r)  # row-wise: bit for bit
+        for a, r in zip(other[1], runs[0][1], strict=True):
+            np.testing.assert_allclose(a, r, atol=2e-5, rtol=1e-5)  # dw, db: per-chunk partial sums
+    compiled = mx.compile(lambda x, y: B.add_layer_norm(x, y, mx.array(w), mx.array(b)))
+    for _ in range(2):  # trace, then replay
+        got = compiled(mx.array(x), mx.array(y))
+        np.testing.assert_array_equal(np.array(got[1]), runs[0][0][1])
+    xt = mx.transpose(mx.array(np.ascontiguousarray(x[:131, :131].T)))  # a transposed view of x's block
+    s, n = B.add_rms_norm(xt, mx.array(y[:131, :131]), mx.array(w))
+    bs, bn = BODY.add_rms_norm(mx.array(x[:131, :131]), mx.array(y[:131, :131]), mx.array(w))
+    np.testing.assert_array_equal(np.array(s), np.array(bs))
+    np.testing.assert_allclose(np.array(n), np.array(bn), atol=1e-5)
+
+
+def test_add_norm_falls_back_without_the_kernel() -> None:
+    """Kernels off (TWINLM_KERNELS=0's backend), another dtype or mismatched shapes: the reference body."""
+    x, y, w = mx.array(rand(4, 6)), mx.array(rand(4, 6, seed=2)), mx.array(rand(6, seed=3))
+    off = MLXBackend(kernels=False)
+    s, n = off.add_layer_norm(x, y, w, None)
+    np.testing.assert_array_equal(np.array(s), np.array(x + y))
+    np.testing.assert_allclose(np.array(n), np.array(mx.fast.layer_norm(x + y, w, None, 1e-5)), atol=1e-6)
+    s, n = B.add_rms_norm(x, y[:1], w)  # y broadcast over rows: not the kernel's contract
+    np.testing.assert_array_equal(np.array(s), np.array(x + y[:1]))
+    s16, n16 = B.add_rms_norm(x.astype(mx.float16), y.astype(mx.float16), w.astype(mx.float16))
+    assert s16.dtype == mx.float16 and n16.dtype == mx.float16

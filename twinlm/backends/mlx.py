@@ -241,6 +241,29 @@ class MLXBackend(Backend):
             return K.rms_norm(x, weight, eps)
         return mx.fast.rms_norm(x, weight, eps)
 
+    def _add_norm_kernel(self, x: Array, y: Array, weight: Array, bias: Array | None):
+        """The kernels module when add + norm can run fused (same shapes, float32, (C,) gains)."""
+        K = self._kernel(x, y, weight, *([] if bias is None else [bias]))
+        C = x.shape[-1] if x.ndim else -1
+        if (K is None or not hasattr(K, "add_layer_norm") or x.shape != y.shape or weight.shape != (C,)
+                or (bias is not None and bias.shape != (C,))):
+            return None
+        return K
+
+    def add_layer_norm(self, x: Array, y: Array, weight: Array, bias: Array | None,
+                       eps: float = 1e-5) -> tuple[Array, Array]:
+        # One pass writes the sum and its norm; the backward adds the residual's gradient in the same pass.
+        K = self._add_norm_kernel(x, y, weight, bias)
+        if K is None:
+            return super().add_layer_norm(x, y, weight, bias, eps)
+        return K.add_layer_norm(x, y, weight, bias, eps)
+
+    def add_rms_norm(self, x: Array, y: Array, weight: Array, eps: float = 1e-5) -> tuple[Array, Array]:
+        K = self._add_norm_kernel(x, y, weight, None)
+        if K is None:
+            return super().add_rms_norm(x, y, weight, eps)
+        return K.add_rms_norm(x, y, weight, eps)
+
     def attention(self, q: Array, k: Array, v: Array, mask: Array | None,
                   dropout: Array | None = None, softcap: float = 0.0) -> Array:
         if softcap:  # neither fused path soft-caps the scores

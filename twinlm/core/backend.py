@@ -286,6 +286,20 @@ class Backend:
         y = self._back(xc * self.rsqrt(var + eps), dt) * weight
         return y if bias is None else y + bias
 
+    def add_layer_norm(self, x: Array, y: Array, weight: Array, bias: Array | None,
+                       eps: float = LAYER_NORM_EPS) -> tuple[Array, Array]:
+        """A pre-norm block's residual add and the next norm: (s, layer_norm(s)) with s = x + y, x and y
+        of one shape. Both are returned: s carries on as the residual stream, the normed value feeds the
+        next sub-layer (an adapter may fuse the pair into one pass, forward and backward)."""
+        s = x + y
+        return s, self.layer_norm(s, weight, bias, eps)
+
+    def add_rms_norm(self, x: Array, y: Array, weight: Array,
+                     eps: float = RMS_NORM_EPS) -> tuple[Array, Array]:
+        """(s, rms_norm(s)) with s = x + y: `add_layer_norm` for RMSNorm models."""
+        s = x + y
+        return s, self.rms_norm(s, weight, eps)
+
     def repeat_kv(self, x: Array, n_rep: int) -> Array:
         """Grouped-query attention: (N, Hkv, T, hs) -> (N, Hkv * n_rep, T, hs), where query head h
         reads key/value head h // n_rep (Hugging Face's `repeat_kv`)."""

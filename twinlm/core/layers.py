@@ -200,6 +200,18 @@ def norm(B: Backend, cfg: ModelConfig, p: Params, name: str, x: Array) -> Array:
     return B.layer_norm(x, p[f"{name}.weight"], p.get(f"{name}.bias"), cfg.norm_eps)
 
 
+def add_norm(B: Backend, cfg: ModelConfig, p: Params, name: str, x: Array, y: Array) -> tuple[Array, Array]:
+    """The residual add x + y and the norm `name` of the sum, as (sum, normed): one composite, so an
+    adapter can fuse the two passes over the residual stream (and their gradients) into one."""
+    if cfg.norm == "none":
+        s = x + y
+        return s, s
+    if cfg.norm == "rmsnorm":
+        w = p[f"{name}.weight"]
+        return B.add_rms_norm(x, y, w + 1.0 if cfg.norm_offset else w, cfg.norm_eps)
+    return B.add_layer_norm(x, y, p[f"{name}.weight"], p.get(f"{name}.bias"), cfg.norm_eps)
+
+
 def rms_norm(B: Backend, cfg: ModelConfig, w: Array, x: Array) -> Array:
     """RMSNorm over x's last axis with gain w, or 1 + w where the config stores the offset (Gemma)."""
     return B.rms_norm(x, w + 1.0 if cfg.norm_offset else w, cfg.norm_eps)

@@ -17,7 +17,7 @@ from twinlm.parity.checks import FORWARD_TOL, GRAD_TOL, Check, Tolerance, compar
 
 COMPOSITES = ("erf", "custom_grad", "gelu", "gelu_tanh", "sigmoid", "silu", "swiglu", "linear", "lora",
               "rope", "repeat_kv", "softmax", "log_softmax", "layer_norm", "rms_norm", "attention",
-              "cross_entropy", "quantized_linear")
+              "cross_entropy", "add_layer_norm", "add_rms_norm", "quantized_linear")
 
 
 @dataclass(frozen=True)
@@ -193,6 +193,17 @@ def op_cases(seed: int = 0) -> list[OpCase]:
                (normal(2, 3, 4), normal(4, 5), normal(5)), (0, 1, 2), composite="linear"),
         OpCase("linear no bias", lambda B, x, w: B.linear(x, w, None), np.matmul,
                (normal(3, 4), normal(4, 5)), (0, 1), composite="linear"),
+        # The residual add + norm pair (both outputs, side by side, so each one's gradient counts).
+        OpCase("add_layer_norm", lambda B, x, y, w, b: B.concat(list(B.add_layer_norm(x, y, w, b)), axis=-1),
+               lambda x, y, w, b: np.concatenate([x + y, _np_layer_norm(x + y, w, b)], axis=-1),
+               (xn, normal(2, 3, 8), w, bias), (0, 1, 2, 3), composite="add_layer_norm"),
+        OpCase("add_layer_norm no bias",
+               lambda B, x, y, w: B.concat(list(B.add_layer_norm(x, y, w, None)), axis=-1),
+               lambda x, y, w: np.concatenate([x + y, _np_layer_norm(x + y, w, None)], axis=-1),
+               (xn, normal(2, 3, 8), w), (0, 1, 2), composite="add_layer_norm"),
+        OpCase("add_rms_norm", lambda B, x, y, w: B.concat(list(B.add_rms_norm(x, y, w)), axis=-1),
+               lambda x, y, w: np.concatenate([x + y, _np_rms_norm(x + y, w)], axis=-1),
+               (xn, normal(2, 3, 8), w), (0, 1, 2), composite="add_rms_norm"),
         *_quant_cases(normal),  # last again: the cases above keep their draws
     ]
 

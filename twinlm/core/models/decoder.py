@@ -68,8 +68,11 @@ def _block(B: Backend, cfg: ModelConfig, p: L.Params, i: int, x: Array, attend: 
     if cfg.post_norms:
         y = L.norm(B, cfg, p, f"{pre}.ln_post_attn", y)
     y = L.residual_dropout(y, drop, f"{pre}.resid_attn")
-    x = x + y if cfg.residual else y
-    h = L.mlp(B, cfg, p, f"{pre}.mlp", L.norm(B, cfg, p, f"{pre}.ln_2", x), drop)
+    if cfg.residual:  # the add and ln_2 in one composite (one fused pass on MLX's CPU kernels)
+        x, normed = L.add_norm(B, cfg, p, f"{pre}.ln_2", x, y)
+    else:
+        x, normed = y, L.norm(B, cfg, p, f"{pre}.ln_2", y)
+    h = L.mlp(B, cfg, p, f"{pre}.mlp", normed, drop)
     if cfg.post_norms:
         h = L.norm(B, cfg, p, f"{pre}.ln_post_mlp", h)
     h = L.residual_dropout(h, drop, f"{pre}.resid_mlp")

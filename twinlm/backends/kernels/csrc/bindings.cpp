@@ -1,10 +1,12 @@
 // Python bindings (nanobind, in MLX's nanobind domain so mx.array crosses the boundary).
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/variant.h>
 
 #include "mlx/version.h"
+#include "fused.h"
 #include "lowp.h"
 #include "pool.h"
 #include "primitives.h"
@@ -86,4 +88,21 @@ NB_MODULE(_twinlm_kernels, m) {
         "linear_lowp's vector code (0 portable, 1 AVX2+FMA+F16C, 2 AVX-512F); level >= 0 caps it (tests)");
   m.attr("LOWP_GEMV_ROWS") = twinlm::LOWP_GEMV_ROWS;
   m.attr("LOWP_GEMV_MAX_ROWS") = twinlm::LOWP_GEMV_MAX_ROWS;
+
+  // ---- fused residual add + norm (issue #23) ----
+  m.def("add_layer_norm", [](const mx::array& x, const mx::array& y, const mx::array& w,
+                             const std::optional<mx::array>& b, float eps, mx::StreamOrDevice s) {
+          return twinlm::add_layer_norm(x, y, w, b, eps, 0, s);
+        }, "x"_a, "y"_a, "weight"_a, "bias"_a.none(), "eps"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "(x + y, layer_norm(x + y)) in one pass, with its VJP in one primitive");
+  m.def("add_rms_norm", [](const mx::array& x, const mx::array& y, const mx::array& w, float eps,
+                           mx::StreamOrDevice s) { return twinlm::add_rms_norm(x, y, w, eps, 0, s); },
+        "x"_a, "y"_a, "weight"_a, "eps"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "(x + y, rms_norm(x + y)) in one pass, with its VJP in one primitive");
+  m.def("_add_layer_norm_faulty", &twinlm::add_layer_norm, "x"_a, "y"_a, "weight"_a, "bias"_a.none(), "eps"_a,
+        "fault"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "tests only: a deliberately wrong add_layer_norm (1: no residual gradient, 2: the norm forgets y)");
+  m.def("_add_rms_norm_faulty", &twinlm::add_rms_norm, "x"_a, "y"_a, "weight"_a, "eps"_a, "fault"_a,
+        nb::kw_only(), "stream"_a = nb::none(),
+        "tests only: a deliberately wrong add_rms_norm (1: no residual gradient, 2: the norm forgets y)");
 }
