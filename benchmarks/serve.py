@@ -175,12 +175,15 @@ def main() -> None:
     p.add_argument("--context", type=int, default=256, help="twinlm serve --context (prompt + answer).")
     p.add_argument("--start-timeout", type=float, default=600)
     p.add_argument("--model", default=None, help="An existing model folder instead of building one.")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="The built folder's dtype (each server runs a folder in its own dtype).")
     p.add_argument("--out", default=None, help="Write the results as JSON here.")
     args = p.parse_args()
     args.tokens = args.tokens or (16 if args.small else 128)
     with tempfile.TemporaryDirectory() as tmp:
         shape = SMALL if args.small else SMOL
-        folder = Path(args.model) if args.model else build_folder(Path(tmp) / "model", shape)
+        folder = Path(args.model) if args.model else build_folder(Path(tmp) / "model", shape,
+                                                                          dtype=args.dtype)
         rows = []
         for kind in args.servers.split(","):
             try:
@@ -189,6 +192,7 @@ def main() -> None:
                 rows.append({"server": kind, "error": f"{type(e).__name__}: {e}"[:500]})
             print(json.dumps(rows[-1]), flush=True)
     record = {"machine": platform.processor() or platform.machine(), "cpu": _cpu(), "small": args.small,
+              "dtype": args.dtype,
               "tokens": args.tokens, "clients": args.clients, "context": args.context, "results": rows,
               "load_average": os.getloadavg()}
     print(f"\n| server | single-stream decode tok/s | aggregate tok/s ({args.clients} clients) |")
