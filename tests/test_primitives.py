@@ -116,7 +116,8 @@ def test_backend_protocol_is_complete() -> None:
     primitives = [n for n, f in vars(Backend).items() if callable(f) and not n.startswith("_")
                   and n not in parity.COMPOSITES and n not in ("value_and_grad", "compile_step", "sync")
                   and n not in ("from_numpy_rows", "world", "all_sum")  # defaults: one device, one rank
-                  and n != "checkpoint"]  # default: no recomputation (an adapter may offer it: can_remat)
+                  and n != "checkpoint"  # default: no recomputation (an adapter may offer it: can_remat)
+                  and n != "like"]  # built on dtype_name and astype
     for name in ALL_BACKENDS:
         B = backend_or_skip(name)
         missing = [p for p in primitives if getattr(type(B), p) is getattr(Backend, p)]

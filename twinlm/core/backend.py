@@ -160,6 +160,11 @@ class Backend:
         dt = self.dtype_name(x)
         return (self.astype(x, "float32") if dt != "float32" and self.stats_float32 else x), dt
 
+    def like(self, a: Array, x: Array) -> Array:
+        """Float array `a` in `x`'s dtype (a float32 table or mask added to a bfloat16 x would promote it)."""
+        dt = self.dtype_name(x)
+        return a if self.dtype_name(a) == dt else self.astype(a, dt)
+
     def _back(self, y: Array, dt: str) -> Array:
         """A composite's float32 result `y` returned in its input's dtype `dt`."""
         return y if dt == "float32" or self.dtype_name(y) == dt else self.astype(y, dt)
@@ -243,8 +248,8 @@ class Backend:
         # Gradient-stopped: a recomputing checkpoint (`remat`) would otherwise ask for their gradients too.
         qweight, scales, biases = (self.stop_gradient(t) for t in (qweight, scales, biases))
         wt = self.dequantize(qweight, scales, biases, bits, group_size)  # (n_out, n_in), float32
-        dt = self.dtype_name(x)  # computed in x's dtype, as a float weight of the model's dtype would be
-        return self.linear(x, self.transpose(wt if dt == "float32" else self.astype(wt, dt), (1, 0)), bias)
+        # computed in x's dtype, as a float weight of the model's dtype would be
+        return self.linear(x, self.transpose(self.like(wt, x), (1, 0)), bias)
 
     def checkpoint(self, fn: Callable[[dict[str, Array], Array], Array], params: dict[str, Array],
                    x: Array) -> Array:

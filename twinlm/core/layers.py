@@ -308,6 +308,4 @@ def classify(B: Backend, cfg: ModelConfig, p: Params, pooled: Array) -> Array:
 def pool_at(B: Backend, h: Array, pool: Array) -> Array:
     """sum_t h[:, t] * pool[:, t]: the hidden state (N, C) at the position where the one-hot `pool`
     (N, T) is 1 (the last real token of a decoder, [CLS] of an encoder), differentiable on any backend."""
-    pool = B.reshape(pool, (*pool.shape, 1))
-    dt = B.dtype_name(h)  # (a float32 one-hot would promote a bfloat16/float16 h)
-    return B.sum(h * (pool if B.dtype_name(pool) == dt else B.astype(pool, dt)), axis=1)
+    return B.sum(h * B.like(B.reshape(pool, (*pool.shape, 1)), h), axis=1)

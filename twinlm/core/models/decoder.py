@@ -105,12 +105,6 @@ def _positions(B: Backend, cfg: ModelConfig, p: L.Params, rows: Any,
     return None, [None] * cfg.n_layer
 
 
-def _like(B: Backend, a: Array, x: Array) -> Array:
-    """`a` (a float32 position table's rows) in x's dtype: added as it is, it would promote x to float32."""
-    dt = B.dtype_name(x)
-    return a if B.dtype_name(a) == dt else B.astype(a, dt)
-
-
 def _embed(B: Backend, cfg: ModelConfig, p: L.Params, idx: Array) -> Array:
     x = B.take(p["wte.weight"], idx)  # (N, T, C)
     return x * float(np.float32(math.sqrt(cfg.d_model))) if cfg.embed_scale else x  # Gemma: in float32
@@ -132,7 +126,7 @@ def hidden(B: Backend, cfg: ModelConfig, p: L.Params, idx: Array, *, dropout: di
     x = _embed(B, cfg, p, idx)  # (N, T, C)
     added, rope = _positions(B, cfg, p, slice(t_past, t_total), take=False)
     if added is not None:
-        x = x + _like(B, added, x)
+        x = x + B.like(added, x)
     x = L.residual_dropout(x, drop, "emb")
     window = None
     if cfg.sliding_window:
@@ -207,7 +201,7 @@ def decode_step(B: Backend, cfg: ModelConfig, p: L.Params, idx: Array, pos_ids: 
     x = _embed(B, cfg, p, idx)  # (N, 1, C)
     added, rope = _positions(B, cfg, p, pos_ids, take=True)
     if added is not None:
-        x = x + _like(B, added, x)
+        x = x + B.like(added, x)
     per_row = len(pos_ids.shape) == 2  # a position per row (N, 1) (twinlm.engine): attn_mask (N, T) per row
     if per_row:  # (a window shorter than the cache is refused by the engine: one mask row serves all layers)
         attn_mask = B.reshape(attn_mask, (attn_mask.shape[0], 1, 1, attn_mask.shape[-1]))
