@@ -162,3 +162,15 @@ def test_cache_dir_honours_xdg(monkeypatch, tmp_path) -> None:
     assert cache_dir() == tmp_path / "twinlm" / "tinygrad-jit"
     monkeypatch.setenv("TWINLM_JIT_CACHE", "0")
     assert cache_dir() is None
+
+
+def test_key_does_not_change_with_what_the_process_ran() -> None:
+    """A setting the adapter changed lazily (bfloat16 emulation on the CPU, before the first bf16 kernel)
+    gave a float32 step one key after bf16 work and another in a fresh process, which missed the cache."""
+    B = backend_or_skip("tinygrad")
+    from twinlm.backends.tinygrad_jitcache import _environment_key
+
+    before = _environment_key()
+    x = B.astype(B.from_numpy(np.arange(4, dtype=np.float32)), "bfloat16")
+    np.testing.assert_array_equal(B.to_numpy(B.astype(x * 2, "float32")), [0, 2, 4, 6])
+    assert _environment_key() == before

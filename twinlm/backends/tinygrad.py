@@ -44,6 +44,15 @@ class TinygradBackend(Backend):
         self.n_devices = devices
         base = Device.DEFAULT.split(":")[0]
         self.devices = tuple(f"{base}:{i}" for i in range(devices)) if devices > 1 else None
+        if base == "CPU":
+            # Set once here, not before the first bfloat16 kernel: the setting is in the JIT cache's key
+            # (tinygrad_jitcache), so setting it lazily gave one process's float32 step another key than
+            # a fresh process's after any bfloat16 work. It changes only bfloat16 kernels (see _FLOATS).
+            from tinygrad.helpers import EMULATED_DTYPES
+
+            names = [n for n in EMULATED_DTYPES.value.split(",") if n]
+            if "bfloat16" not in names:
+                EMULATED_DTYPES.value = ",".join([*names, "bfloat16"])
 
     @property
     def supports_float64(self) -> bool:  # type: ignore[override]
@@ -57,18 +66,8 @@ class TinygradBackend(Backend):
 
         return device.describe(self.name, self.device)
 
-    def _bf16(self) -> None:
-        """Before the first bfloat16 kernel: on the CPU, tinygrad emulates bfloat16 (see _FLOATS)."""
-        if self.device.split(":")[0] == "CPU":
-            from tinygrad.helpers import EMULATED_DTYPES
-
-            names = [n for n in EMULATED_DTYPES.value.split(",") if n]
-            if "bfloat16" not in names:
-                EMULATED_DTYPES.value = ",".join([*names, "bfloat16"])
-
     def from_numpy(self, a: np.ndarray) -> Array:
         if D.is_bf16(a):  # tagged bfloat16 bits: copied as uint16, then the same buffer read as bfloat16
-            self._bf16()
             return self.from_numpy(a.view(np.uint16)).bitcast(dtypes.bfloat16).realize()
         a = np.ascontiguousarray(a)
         _DTYPES[a.dtype]  # (a KeyError for a dtype twinlm does not use)
@@ -98,8 +97,6 @@ class TinygradBackend(Backend):
         return self.to_numpy(x)
 
     def astype(self, x: Array, dtype: str) -> Array:
-        if dtype == "bfloat16":
-            self._bf16()
         return x.cast(_FLOATS[dtype])
 
     def dtype_name(self, x: Array) -> str:
