@@ -43,6 +43,8 @@ class MLXBackend(Backend):
         self.group = _group()
         # twinlm's CPU kernels (None: not built, failed to load, TWINLM_KERNELS=0, or not asked for).
         self.kernels = _kernels.load() if fused and kernels else None
+        # The all-reduce between ranks: "shm" (same host, shared memory) or "ring"; "" with one process.
+        self._shm_sum, self.all_reduce = _all_reduce(self.group, self.kernels)
         self.device = "gpu" if mx.default_device() == mx.gpu else "cpu"  # set by --device before this
 
     def device_info(self) -> dict:
@@ -64,8 +66,12 @@ class MLXBackend(Backend):
         return (self.group.rank(), self.group.size()) if self.group is not None else (0, 1)
 
     def all_sum(self, x: Array) -> Array:
-        # Inside mx.compile: measured to compile and run as one graph with the collective in it.
-        return mx.distributed.all_sum(x, group=self.group) if self.group is not None else x
+        # Inside mx.compile: measured to compile and run as one graph with the collective in it (both kinds).
+        if self.group is None:
+            return x
+        if self._shm_sum is not None and x.dtype == mx.float32:  # what the step sums; the ring takes the rest
+            return self._shm_sum(x)
+        return mx.distributed.all_sum(x, group=self.group)
 
     def from_numpy(self, a: np.ndarray) -> Array:
         # C order: MLX keeps a numpy view's strides, and a strided weight is copied by every kernel call that
@@ -339,6 +345,37 @@ def _group() -> mx.distributed.Group | None:
     backend = os.environ.get("MLX_DISTRIBUTED_BACKEND", "any")
     group = mx.distributed.init(strict=True, backend=backend)
     return group if group.size() > 1 else None
+
+
+def _all_reduce(group: mx.distributed.Group | None, K) -> tuple[Callable[[Array], Array] | None, str]:
+    """(the shared-memory all-sum or None, "shm" / "ring" / ""). Shared memory when the ranks were started
+    by twinlm's launcher (all on this host: it set $TWINLM_SHM_ID) and the kernels are active, unless
+    $TWINLM_ALLREDUCE says `ring`; `shm` there makes its absence an error (see twinlm.backends.shm)."""
+    from twinlm.backends import shm
+    from twinlm.core.errors import TwinlmError
+
+    if group is None:
+        return None, ""
+    mode = shm.mode()
+    if mode == "ring":
+        return None, "ring"
+    launch_id = os.environ.get(shm.ID_ENV)
+    why = ("the ranks were not started by twinlm's launcher (`twinlm train --ranks N`), so they may be on "
+           "several hosts" if not launch_id else
+           f"twinlm's MLX CPU kernels are not active ({_kernels.status().reason})" if K is None else
+           "the kernels were built without it (Linux only; rebuild: python -m twinlm.backends.kernels.build)"
+           if not hasattr(K, "shm_all_sum") else "")
+    if why:
+        if mode == "shm":
+            raise TwinlmError(f"${shm.MODE_ENV}=shm: {why}; use {shm.MODE_ENV}=ring")
+        return None, "ring"
+    name, rank, size = shm.segment_name(launch_id), group.rank(), group.size()
+    slot, timeout = shm.slot_floats(size), shm.timeout_s()
+    try:  # attach now: a failure is one error line, not a traceback in the first step
+        mx.eval(K.shm_all_sum(mx.zeros((0,), mx.float32), name, rank, size, slot, timeout))
+    except (RuntimeError, ValueError) as e:
+        raise TwinlmError(f"{e}; use {shm.MODE_ENV}=ring") from e
+    return (lambda x: K.shm_all_sum(x, name, rank, size, slot, timeout)), "shm"
 
 
 def create() -> MLXBackend:

@@ -165,7 +165,9 @@ def run(tc: TrainConfig, backend_name: str | None, resume: str | None, devices: 
         data = (f"classify {tc.data or C.BUILTIN}  |  {n_examples:,} train examples, labels "
                 f"{', '.join(trainer.labels)}  |  base {tc.base}{scratch}")
     rank, ranks = B.world()
-    parallel = f"  |  {ranks} ranks" if ranks > 1 else f"  |  {devices} devices" if devices > 1 else ""
+    reduce = f" ({B.all_reduce} all-reduce)" if getattr(B, "all_reduce", "") else ""  # MLX: shm or ring
+    parallel = f"  |  {ranks} ranks{reduce}" if ranks > 1 else f"  |  {devices} devices" if devices > 1 \
+        else ""
     out(f"backend {B.name} on {device_label(B.device_info())}{parallel}  |  {data}  |  "
         f"tokenizer {trainer.tokenizer.kind} "
         f"({cfg.vocab_size} ids)")

@@ -8,10 +8,12 @@ loss and gradient, up to float32 reassociation; not an average of per-rank avera
 step carries the loss, a stop flag and every gradient (`core.step.make_train_step(all_sum=...)`).
 
 MLX runs one process per rank on `mx.distributed` (the ring backend: `MLX_RANK` and `MLX_HOSTFILE`,
-which `mlx.launch` sets too). `launch` starts N local ranks, gives each cores // N BLAS threads, and
-watches them: a rank that exits non-zero or stops reporting progress ends the whole run with one line
-naming it; the others are killed, so a run never hangs on a dead peer. Rank 0 alone writes checkpoints,
-metrics and the progress bar, so the last checkpoint is always one rank 0 completed.
+which `mlx.launch` sets too); ranks started here sum through shared memory instead of the ring's TCP
+loopback (`$TWINLM_SHM_ID`, one per launch; see twinlm.backends.shm). `launch` starts N local ranks,
+gives each cores // N BLAS threads, and watches them: a rank that exits non-zero or stops reporting
+progress ends the whole run with one line naming it; the others are killed, so a run never hangs on a
+dead peer. Rank 0 alone writes checkpoints, metrics and the progress bar, so the last checkpoint is
+always one rank 0 completed.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from twinlm.backends import shm
 from twinlm.core.errors import TwinlmError
 
 RANK_ENV = "TWINLM_RANK"  # set by `launch` in each rank (MLX_RANK is MLX's own)
@@ -138,6 +141,7 @@ def launch(ranks: int, argv: Sequence[str], *, timeout_s: float | None = None,
     rank finishes a step for `timeout_s` seconds. Ranks > 0 print nothing: their stderr is kept, and the
     last `error:` line of a failed one goes into the RankFailed message."""
     timeout_s = timeout_s or float(os.environ.get(TIMEOUT_ENV) or DEFAULT_TIMEOUT_S)
+    launch_id = shm.new_id()  # names this launch's shared-memory all-reduce segment (all ranks are local)
     with tempfile.TemporaryDirectory(prefix="twinlm-ranks-") as tmp:
         hostfile = Path(tmp) / "hosts.json"
         hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(ranks)]))
@@ -148,7 +152,8 @@ def launch(ranks: int, argv: Sequence[str], *, timeout_s: float | None = None,
         logs = [Path(tmp) / f"rank-{r}.err" for r in range(ranks)]
         for r in range(ranks):
             env = {**os.environ, "MLX_RANK": str(r), "MLX_HOSTFILE": str(hostfile), RANK_ENV: str(r),
-                   HEARTBEAT_ENV: str(beats), "OPENBLAS_NUM_THREADS": threads, "OMP_NUM_THREADS": threads}
+                   HEARTBEAT_ENV: str(beats), "OPENBLAS_NUM_THREADS": threads, "OMP_NUM_THREADS": threads,
+                   shm.ID_ENV: launch_id}
             quiet = r > 0  # rank 0 reports; the others would repeat it
             with open(logs[r], "wb") as err:
                 procs.append(subprocess.Popen([sys.executable, "-m", module, *argv], env=env,
@@ -162,6 +167,7 @@ def launch(ranks: int, argv: Sequence[str], *, timeout_s: float | None = None,
         finally:
             signal.signal(signal.SIGINT, previous)
             _kill_all(procs)
+            shm.unlink(launch_id)  # normally gone already (the last rank to attach removes the name)
 
 
 def _watch(procs: list[subprocess.Popen], beats: Path, timeout_s: float, logs: list[Path]) -> int:

@@ -11,6 +11,9 @@
 #include "pool.h"
 #include "primitives.h"
 #include "quant.h"
+#ifdef TWINLM_SHM_ALLREDUCE
+#include "shm_allreduce.h"
+#endif
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -105,4 +108,13 @@ NB_MODULE(_twinlm_kernels, m) {
   m.def("_add_rms_norm_faulty", &twinlm::add_rms_norm, "x"_a, "y"_a, "weight"_a, "eps"_a, "fault"_a,
         nb::kw_only(), "stream"_a = nb::none(),
         "tests only: a deliberately wrong add_rms_norm (1: no residual gradient, 2: the norm forgets y)");
+
+  // ---- same-host shared-memory all-reduce for data-parallel ranks (issue #23; Linux only) ----
+#ifdef TWINLM_SHM_ALLREDUCE
+  m.def("shm_all_sum", &twinlm::shm_all_sum, "x"_a, "name"_a, "rank"_a, "size"_a, "slot_floats"_a, "timeout_s"_a,
+        "fault"_a = 0, nb::kw_only(), "stream"_a = nb::none(),
+        "the sum of float32 x over the ranks attached to shared-memory segment `name`, in rank order (the same "
+        "bits on every rank), waiting on a futex; fault (tests only): 1 = no wait, 2 = reverse rank order");
+  m.def("shm_unlink", &twinlm::shm_unlink_segment, "name"_a, "remove a segment's name; False if already gone");
+#endif
 }
