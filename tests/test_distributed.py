@@ -130,6 +130,15 @@ def test_mlx_two_ranks_equal_one_rank_and_skipping_the_all_reduce_is_caught(corp
     assert "2 ranks" in two.stdout and two.stdout.count("done: iter 10") == 1  # rank 0 alone reports
     dl, dp = _worst(tmp_path / "one", tmp_path / "two")
     assert dl < LOSS_TOL and dp < PARAM_TOL, (dl, dp)
+    # The same-host shared-memory all-reduce (the default for launched ranks when the kernels are built)
+    # and the ring give the same bits: two summands in rank order, as the ring adds them.
+    ring = twinlm(tmp_path, *ARGS, "--backend", "mlx", "--data", str(corpus), "--out", "ring", "--ranks", "2",
+                  TWINLM_ALLREDUCE="ring")
+    assert ring.returncode == 0 and "2 ranks (ring all-reduce)" in ring.stdout, ring.stderr
+    if "2 ranks (shm all-reduce)" in two.stdout:
+        assert _worst(tmp_path / "ring", tmp_path / "two") == (0.0, 0.0)
+    else:  # no kernels here: the ring is the one all-reduce
+        assert "2 ranks (ring all-reduce)" in two.stdout
     # Negative control: ranks that skip the all-reduce each learn from half the batch only.
     skip = twinlm(tmp_path, *ARGS, "--backend", "mlx", "--data", str(corpus), "--out", "skip", "--ranks", "2",
                   **{D.SKIP_ENV: "1"})

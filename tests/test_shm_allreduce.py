@@ -164,3 +164,32 @@ def test_mode_and_timeout_settings(monkeypatch):
     with pytest.raises(TwinlmError, match="seconds > 0"):
         shm.timeout_s()
     assert shm.slot_floats(2) == 1 << 20 and 2 * 64 * shm.slot_floats(64) * 4 <= shm.SEGMENT_BYTES
+
+
+class _Group:  # stands in for an mx.distributed group of 2
+    def rank(self) -> int:
+        return 0
+
+    def size(self) -> int:
+        return 2
+
+
+def test_backend_choice_ring_without_the_launcher_and_shm_forced_is_an_error(monkeypatch):
+    from twinlm.backends.mlx import _all_reduce
+
+    monkeypatch.delenv(shm.ID_ENV, raising=False)
+    monkeypatch.delenv(shm.MODE_ENV, raising=False)
+    assert _all_reduce(None, K) == (None, "")  # one process
+    assert _all_reduce(_Group(), K) == (None, "ring")  # ranks not started by twinlm: maybe on several hosts
+    monkeypatch.setenv(shm.MODE_ENV, "shm")
+    with pytest.raises(TwinlmError, match="not started by twinlm's launcher"):
+        _all_reduce(_Group(), K)
+    monkeypatch.setenv(shm.ID_ENV, "test-choice")
+    with pytest.raises(TwinlmError, match="kernels are not active"):
+        _all_reduce(_Group(), None)
+    monkeypatch.setenv(shm.MODE_ENV, "ring")
+    assert _all_reduce(_Group(), K) == (None, "ring")
+    monkeypatch.setenv(shm.MODE_ENV, "auto")
+    fn, kind = _all_reduce(_Group(), K)  # attaches as rank 0 of 2 (rank 1 never comes: nothing is summed)
+    assert kind == "shm" and callable(fn)
+    shm.unlink("test-choice")
