@@ -86,15 +86,22 @@ def test_device_gemm_peak_and_peak_rss() -> None:
 
 
 def test_allreduce_benchmark_sums_across_two_ranks() -> None:
-    """`benchmarks.allreduce` starts two ring ranks and checks the sum really crossed them (else an error)."""
+    """`benchmarks.allreduce` starts two ranks per all-reduce kind (ring, shm) and checks the sum really
+    crossed them (else an error)."""
     import subprocess
     import sys
 
     pytest.importorskip("mlx.core")
-    out = subprocess.run([sys.executable, "-m", "benchmarks.allreduce", "--preset", "tiny", "--iters", "2"],
-                         capture_output=True, text=True, timeout=120)
+    import twinlm.backends.mlx  # noqa: F401  (the system BLAS before the kernels load)
+    from twinlm.backends import kernels
+
+    K = kernels.load()
+    kinds = ["ring", "shm"] if K is not None and hasattr(K, "shm_all_sum") else ["ring"]
+    out = subprocess.run([sys.executable, "-m", "benchmarks.allreduce", "--preset", "tiny", "--iters", "2",
+                          "--kind", ",".join(kinds)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "tiny: 2 ranks" in out.stdout and "ms CPU per call" in out.stdout
+    for kind in kinds:  # each kind really ran (the line names the all-reduce the backend used)
+        assert f"tiny {kind}: 2 ranks" in out.stdout and "ms CPU per call" in out.stdout, out.stdout
     bad = subprocess.run([sys.executable, "-m", "benchmarks.allreduce", "--ranks", "1"], capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 2 and "--ranks must be at least 2" in bad.stderr

@@ -351,8 +351,7 @@ def _all_reduce(group: mx.distributed.Group | None, K) -> tuple[Callable[[Array]
     """(the shared-memory all-sum or None, "shm" / "ring" / ""). Shared memory when the ranks were started
     by twinlm's launcher (all on this host: it set $TWINLM_SHM_ID) and the kernels are active, unless
     $TWINLM_ALLREDUCE says `ring`; `shm` there makes its absence an error (see twinlm.backends.shm)."""
-    from twinlm.backends import shm
-    from twinlm.core.errors import TwinlmError
+    from twinlm.backends import BackendUnavailable, shm
 
     if group is None:
         return None, ""
@@ -367,14 +366,14 @@ def _all_reduce(group: mx.distributed.Group | None, K) -> tuple[Callable[[Array]
            if not hasattr(K, "shm_all_sum") else "")
     if why:
         if mode == "shm":
-            raise TwinlmError(f"${shm.MODE_ENV}=shm: {why}; use {shm.MODE_ENV}=ring")
+            raise BackendUnavailable(f"${shm.MODE_ENV}=shm: {why}; use {shm.MODE_ENV}=ring")
         return None, "ring"
     name, rank, size = shm.segment_name(launch_id), group.rank(), group.size()
     slot, timeout = shm.slot_floats(size), shm.timeout_s()
     try:  # attach now: a failure is one error line, not a traceback in the first step
         mx.eval(K.shm_all_sum(mx.zeros((0,), mx.float32), name, rank, size, slot, timeout))
     except (RuntimeError, ValueError) as e:
-        raise TwinlmError(f"{e}; use {shm.MODE_ENV}=ring") from e
+        raise BackendUnavailable(f"{e}; use {shm.MODE_ENV}=ring") from e
     return (lambda x: K.shm_all_sum(x, name, rank, size, slot, timeout)), "shm"
 
 

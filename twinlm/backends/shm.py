@@ -15,7 +15,7 @@ import os
 import secrets
 from pathlib import Path
 
-from twinlm.core.errors import TwinlmError
+from twinlm.backends import BackendUnavailable  # a TwinlmError that get_backend passes on as it is
 
 MODE_ENV = "TWINLM_ALLREDUCE"
 ID_ENV = "TWINLM_SHM_ID"  # set by the launcher: one id per launch, so concurrent trainings never share
@@ -34,7 +34,7 @@ SEGMENT_BYTES = 32 << 20
 def mode() -> str:
     value = (os.environ.get(MODE_ENV) or "auto").strip().lower()
     if value not in MODES:
-        raise TwinlmError(f"${MODE_ENV}={value!r}: expected one of {', '.join(MODES)}")
+        raise BackendUnavailable(f"${MODE_ENV}={value!r}: expected one of {', '.join(MODES)}")
     return value
 
 
@@ -57,7 +57,7 @@ def timeout_s() -> float:
     except ValueError:
         value = -1.0
     if not value > 0:
-        raise TwinlmError(f"${TIMEOUT_ENV}={raw!r}: expected seconds > 0")
+        raise BackendUnavailable(f"${TIMEOUT_ENV}={raw!r}: expected seconds > 0")
     return value
 
 
