@@ -206,7 +206,8 @@ namespace {
 std::shared_ptr<ShmGroup> group_for(const std::string& name, int rank, int size, int64_t slot_floats,
                                     double timeout_s) {
   static std::mutex m;
-  static std::map<std::string, std::shared_ptr<ShmGroup>> groups;  // kept for the process's lifetime
+  // Kept for the process's lifetime and never destroyed: at exit MLX's stream thread may still be in a call.
+  static auto& groups = *new std::map<std::string, std::shared_ptr<ShmGroup>>();
   std::lock_guard<std::mutex> lock(m);
   auto it = groups.find(name);
   if (it != groups.end()) {
