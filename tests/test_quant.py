@@ -136,26 +136,71 @@ def test_dequantize_and_quantized_linear(name, bits):
                     B.kernels = kernels
 
 
+@pytest.mark.parametrize("name", ["mlx", "tinygrad", "numpy"])
+@pytest.mark.parametrize("bits", quant.BITS)
+def test_quantized_embedding_lookup_and_tied_head(name, bits):
+    """An embedding E (V, C) quantized as a table: the lookup (`quantized_take`) gives the rows of the
+    dequantized table and the tied head (`quantized_linear` on the same tensors) gives h @ dequantized(E).T,
+    as float64 numpy computes them from the dequantized table."""
+    B = backend_or_skip(name)
+    rng = np.random.default_rng(bits)
+    V, C = 40, 128
+    table = rng.standard_normal((V, C)).astype(np.float32) / np.sqrt(C)
+    qcfg = ModelConfig(vocab_size=V, d_model=C, n_head=2, quant_bits=bits, quant_group_size=32,
+                       quant_embedding=True)
+    spec = {"wte.qweight": model.param_spec(qcfg)["wte.qweight"]}
+    assert spec["wte.qweight"].table and spec["wte.qweight"].shape == (V, C * bits // 32)
+    qp = quant.quantize_params({"wte.weight": table}, spec, bits, 32)
+    q, s, b = qp["wte.qweight"], qp["wte.scales"], qp["wte.biases"]
+    deq = quant.dequantize(q, s, b, bits, 32, np.float64)  # (V, C): the table's rows, not transposed
+    assert np.abs(deq - table).max() <= 0.5 * s.max() + 1e-6
+    np.testing.assert_array_equal(quant.dequantize_params(qp, spec, bits, 32)["wte.weight"],
+                                  quant.dequantize(q, s, b, bits, 32))  # (V, C) as stored, in float32
+    ids = rng.integers(0, V, size=(3, 7)).astype(np.int32)
+    h = rng.standard_normal((3, 7, C)).astype(np.float32)
+    args = [B.from_numpy(a) for a in (q, s, b)]
+    rows = B.to_numpy(B.quantized_take(*args, B.from_numpy(ids), bits, 32))
+    assert rows.shape == (3, 7, C)
+    np.testing.assert_allclose(rows, deq[ids], rtol=0, atol=1e-6)
+    logits = B.to_numpy(B.quantized_linear(B.from_numpy(h), *args, None, bits, 32))
+    want = h.astype(np.float64) @ deq.T
+    np.testing.assert_allclose(logits, want, rtol=1e-5, atol=2e-5)
+    # The controls: a lookup reading the next row's scales and biases, a head using the float table.
+    from twinlm.parity.controls import QuantTakeNextRowScales
+    from twinlm.parity.ops import with_mixin
+
+    W = with_mixin(B, QuantTakeNextRowScales, "NextRow")
+    wrong = W.to_numpy(W.quantized_take(*args, W.from_numpy(ids), bits, 32))
+    assert not np.allclose(wrong, deq[ids], rtol=0, atol=1e-6)
+    assert not np.allclose(h.astype(np.float64) @ table.T, want, rtol=1e-5, atol=2e-5)
+
+
 # ---- a quantized model on both backends ---------------------------------------------------------
 
 QCFG = dict(vocab_size=48, block_size=16, n_layer=2, n_head=2, d_model=64, d_ff=128)
 
 
-def _quantized(arch: str, bits: int) -> tuple[ModelConfig, dict, ModelConfig, dict]:
+def _quantized(arch: str, bits: int, embedding: bool = True) -> tuple[ModelConfig, dict, ModelConfig, dict]:
     cfg = ModelConfig(arch=arch, **QCFG, **({"n_kv_head": 1} if arch == "llama" else {}))
     params = unit_scale_params(model.param_spec(cfg), 0)
-    qcfg = cfg.replace(quant_bits=bits, quant_group_size=32)
+    qcfg = cfg.replace(quant_bits=bits, quant_group_size=32, quant_embedding=embedding)
     return cfg, params, qcfg, quant.quantize_params(params, model.param_spec(qcfg), bits, 32)
 
 
-@pytest.mark.parametrize("arch", ["gpt", "llama"])
-def test_quantized_model_same_logits_on_both_backends(arch):
+# gpt: a tied head (the embedding's table serves both); llama: an untied head, quantized as a linear layer.
+# embedding=False: the embedding and head stay float (--keep-embedding, and runs made before the choice).
+@pytest.mark.parametrize("embedding", [True, pytest.param(False, marks=pytest.mark.slow)])  # (+5 s; the CLI
+@pytest.mark.parametrize("arch", ["gpt", "llama"])  # tests below run float-embedding runs in CI)
+def test_quantized_model_same_logits_on_both_backends(arch, embedding):
     from twinlm.run_dir import to_backend
 
     ids = np.random.default_rng(1).integers(0, 48, size=(2, 12)).astype(np.int32)
     for bits, close in ((8, 0.05), (4, 0.5)):
-        cfg, params, qcfg, qparams = _quantized(arch, bits)
-        assert sum(k.endswith(".qweight") for k in qparams) == 4 * cfg.n_layer
+        cfg, params, qcfg, qparams = _quantized(arch, bits, embedding)
+        heads = (1 if cfg.tie_embeddings else 2) if embedding else 0
+        assert sum(k.endswith(".qweight") for k in qparams) == 4 * cfg.n_layer + heads
+        assert ("wte.weight" in qparams) != embedding
+        assert ("head.weight" in qparams) == (not cfg.tie_embeddings and not embedding)
         out = {}
         for name in ("mlx", "tinygrad", "numpy"):
             B = backend_or_skip(name)
@@ -173,6 +218,18 @@ def test_quantized_model_same_logits_on_both_backends(arch):
         W = Wrong()
         wrong = W.to_numpy(model.logits(W, qcfg, to_backend(W, qparams), W.from_numpy(ids)))
         assert not np.allclose(wrong, ref, rtol=1e-4, atol=1e-4)
+        if embedding:  # the controls of the quantized embedding and head, caught by the same tolerance
+            from twinlm.core.models import family
+            from twinlm.parity.controls import QuantTakeNextRowScales
+            from twinlm.parity.ops import with_mixin
+
+            N = backend_or_skip("numpy")
+            R = with_mixin(N, QuantTakeNextRowScales, "NextRow")  # lookup: the next row's scales
+            wrong = R.to_numpy(model.logits(R, qcfg, to_backend(R, qparams), R.from_numpy(ids)))
+            assert not np.allclose(wrong, ref, rtol=1e-4, atol=1e-4)
+            h, _ = family(arch).hidden(N, qcfg, to_backend(N, qparams), N.from_numpy(ids))
+            head = params["wte.weight"].T if cfg.tie_embeddings else params["head.weight"]
+            assert not np.allclose(h @ head.astype(np.float64), ref, rtol=1e-4, atol=1e-4)  # the float head
         # Close to the float model's logits (unit-scale weights: a hard case for 4 bits).
         N = backend_or_skip("numpy")
         flt = N.to_numpy(model.logits(N, cfg, to_backend(N, params), N.from_numpy(ids)))

@@ -217,7 +217,8 @@ CONTROLS = (
     Control("quant-element-order", "quantized words unpacked high bits first", mixin=QuantElementsReversed,
             applies=lambda c: c.arch == "gpt" and not c.lora_rank, ops_only=True),
     Control("quant-embedding-rows", "quantized embedding rows read with the next row's scales and biases",
-            mixin=QuantTakeNextRowScales, applies=lambda c: c.arch == "gpt" and not c.lora_rank, ops_only=True),
+            mixin=QuantTakeNextRowScales, applies=lambda c: c.arch == "gpt" and not c.lora_rank,
+            ops_only=True),
     # The 2024-25 families' pieces (core/layers.py and the decoder stack; see the module docstring).
     Control("rope-scaling-skipped", "RoPE frequencies left unscaled (rope_type default)",
             model_change=lambda c: dict(rope_type="default"), applies=lambda c: c.rope_type != "default"),

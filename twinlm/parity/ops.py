@@ -233,12 +233,14 @@ def _quant_cases(normal: Callable[..., np.ndarray]) -> list[OpCase]:
     for bits in quant.BITS:
         qsb = quant.quantize(normal(64, 5) / 8.0, bits, 32)
 
-        def rows(ids: np.ndarray, q: np.ndarray, s: np.ndarray, b: np.ndarray, bits: int = bits) -> np.ndarray:
+        def rows(ids: np.ndarray, q: np.ndarray, s: np.ndarray, b: np.ndarray,
+                 bits: int = bits) -> np.ndarray:
             return quant.dequantize(q, s, b, bits, 32, np.float64)[ids]
 
         out.append(OpCase(f"quantized_take {bits}-bit",
                           lambda B, x, i, q, s, b, bits=bits: x * B.quantized_take(q, s, b, i, bits, 32),
-                          lambda x, i, q, s, b, rows=rows: x * rows(i, q, s, b), (normal(2, 3, 64), ids, *qsb),
+                          lambda x, i, q, s, b, rows=rows: x * rows(i, q, s, b),
+                          (normal(2, 3, 64), ids, *qsb),
                           composite="quantized_take"))
     return out
 
