@@ -11,7 +11,7 @@ import pytest
 from conftest import backend_or_skip, run_cli
 
 from twinlm.core import model, quant
-from twinlm.core.checkpoint import latest_checkpoint, load_checkpoint
+from twinlm.core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from twinlm.core.config import ConfigError, ModelConfig
 from twinlm.core.spec import unit_scale_params
 from twinlm.run_dir import load_model
@@ -296,11 +296,13 @@ def test_cli_quantize_runs_everywhere_and_refuses_bad_input(everywhere, base_run
     code, out, err = run_cli(["quantize", str(base_run), "--bits", "4", "--out", str(q4)], capsys,
                              monkeypatch)
     assert code == 0, err
-    assert "quantized 8 linear layers" in out and "4-bit (group 64)" in out
+    assert "quantized 8 linear layers and the embedding (the tied head)" in out and "4-bit (group 64)" in out
     cfg, params, _, meta = load_model(q4)
-    assert (cfg.quant_bits, cfg.quant_group_size) == (4, 64) and meta.task_state is None
+    assert (cfg.quant_bits, cfg.quant_group_size, cfg.quant_embedding) == (4, 64, True)
+    assert meta.task_state is None
     assert params["blocks.0.attn.qkv.qweight"].dtype == np.uint32 and "blocks.0.attn.qkv.weight" not in params
-    assert params["wte.weight"].dtype == np.float32  # the (tied) embedding stays float
+    assert params["wte.qweight"].dtype == np.uint32 and "wte.weight" not in params  # the tied embedding too
+    assert params["wpe.weight"].dtype == np.float32  # (learned positions stay float)
     texts = []
     for name in BACKENDS:
         code, out, err = run_cli(["sample", str(q4), "--backend", name, "--prompt", "jack", "-n", "12",
@@ -318,6 +320,29 @@ def test_cli_quantize_runs_everywhere_and_refuses_bad_input(everywhere, base_run
         np.testing.assert_allclose(lm[b], lm["mlx"], rtol=1e-4, atol=1e-4)
     flt = twinlm.load(base_run, backend="mlx").logits("jack and")
     assert np.abs(lm["mlx"] - flt).max() < 0.1 * np.abs(flt).max()
+    # --keep-embedding: the embedding stays float, as in a run quantized before the choice existed (no
+    # quant_embedding in its record), which loads and runs as before
+    keep, old = tmp_path / "q4-keep", tmp_path / "q4-old"
+    code, out, err = run_cli(["quantize", str(base_run), "--bits", "4", "--keep-embedding", "--out",
+                              str(keep)], capsys, monkeypatch)
+    assert code == 0 and "quantized 8 linear layers of" in out, err
+    arrays, record = load_checkpoint(latest_checkpoint(keep))
+    assert record["model"].pop("quant_embedding") is False
+    save_checkpoint(old, arrays, record, step=record["iter"], keep=None)
+    kept = {}
+    for run in (keep, old):
+        cfg, params, _, _ = load_model(run)
+        assert not cfg.quant_embedding and "wte.qweight" not in params
+        assert params["wte.weight"].dtype == np.float32
+        kept[run] = twinlm.load(run, backend="mlx").logits("jack and")
+        code, out, err = run_cli(["sample", str(run), "--prompt", "jack", "-n", "12", "-t", "0"], capsys,
+                                 monkeypatch)
+        assert code == 0, err
+    np.testing.assert_array_equal(kept[keep], kept[old])
+    assert not np.allclose(kept[keep], lm["mlx"], rtol=1e-4, atol=1e-4)  # the quantized table is not float
+    size = {run: sum(f.stat().st_size for f in latest_checkpoint(run).glob("*.safetensors"))
+            for run in (q4, keep)}
+    assert size[q4] < size[keep], size
     for args, message in [
         (["quantize", str(base_run), "--bits", "4", "--out", str(q4)], "not empty"),
         (["quantize", str(base_run), "--bits", "3", "--out", str(tmp_path / "x")], "'--bits'"),
@@ -370,8 +395,13 @@ def test_qlora_trains_adapters_over_a_frozen_quantized_base(backend, base_run, t
     code, out, err = run_cli(["merge-lora", str(run), "--out", str(merged)], capsys, monkeypatch)
     assert code == 0, err
     mcfg, mparams, _, _ = load_model(merged)
-    assert (mcfg.quant_bits, mcfg.lora_rank) == (0, 0)
+    assert (mcfg.quant_bits, mcfg.lora_rank, mcfg.quant_embedding) == (0, 0, False)
     assert mparams["blocks.0.attn.qkv.weight"].dtype == np.float32
+    # the quantized table comes back as the embedding (V, C), not transposed: the lookup's rows
+    assert "wte.weight" in base_params or mparams["wte.weight"].shape == (cfg.vocab_size, cfg.d_model)
+    if "wte.qweight" in base_params:
+        np.testing.assert_array_equal(mparams["wte.weight"], quant.dequantize(
+            base_params["wte.qweight"], base_params["wte.scales"], base_params["wte.biases"], 4, 32))
     import twinlm
 
     a = twinlm.load(run, backend="mlx").logits("jack and jill")
@@ -386,6 +416,10 @@ def test_qlora_trains_adapters_over_a_frozen_quantized_base(backend, base_run, t
         for k in arrays:
             if k.startswith("param."):
                 np.testing.assert_allclose(remat[k], arrays[k], rtol=1e-5, atol=1e-6, err_msg=k)
+        code, _, err = run_cli(["train", "--init-from", str(q4), "--data", str(corpus), "--lora-rank", "4",
+                                "--max-iters", "2", *SETTINGS, "--dtype", "bfloat16", "--grad-checkpoint",
+                                "--out", str(tmp_path / "bf16")], capsys, monkeypatch)
+        assert code == 0, err  # QLoRA in bfloat16: the quantized embedding's rows come out in bfloat16
         code, _, err = run_cli(["train", "--init-from", str(q4), "--data", str(corpus), "--out",
                                 str(tmp_path / "full")], capsys, monkeypatch)
         assert code == 2 and "only through adapters" in err and len(err.splitlines()) == 1, err
@@ -393,3 +427,61 @@ def test_qlora_trains_adapters_over_a_frozen_quantized_base(backend, base_run, t
         code, _, err = run_cli(["export-hf", str(merged), "--out", str(hf)], capsys, monkeypatch)
         assert code == 0, err
         assert json.loads((hf / "config.json").read_text())["architectures"]
+
+
+@pytest.mark.parametrize("name", ["mlx", "tinygrad"])
+def test_quantized_embedding_rows_come_in_the_models_dtype(name):
+    """In a bfloat16 model the looked-up rows are bfloat16 (the float weights' dtype), though the table's
+    scales stay float32; its logits stay close to float32's."""
+    from twinlm.core import layers as L
+    from twinlm.run_dir import to_backend
+
+    B = backend_or_skip(name)
+    _, _, qcfg, qparams = _quantized("llama", 4)
+    ids = B.from_numpy(np.array([[1, 2, 3]], np.int32))
+    for dtype in ("float32", "bfloat16"):
+        p = to_backend(B, qparams, dtype)
+        assert B.dtype_name(p["wte.scales"]) == "float32" and B.dtype_name(p["ln_f.weight"]) == dtype
+        rows = L.embed(B, qcfg, p, "wte", ids)
+        assert B.dtype_name(rows) == dtype
+        if dtype == "float32":
+            f32 = B.to_numpy(rows)
+    np.testing.assert_allclose(B.to_numpy(rows), f32, rtol=1e-2, atol=1e-2)  # (bfloat16's 8 bits)
+    if name == "mlx":  # (tinygrad compiles a bfloat16 model for ~30 s)
+        f32, bf16 = (B.to_numpy(model.logits(B, qcfg, to_backend(B, qparams, d), ids))
+                     for d in ("float32", "bfloat16"))
+        assert np.abs(bf16 - f32).max() < 0.05 * np.abs(f32).max()
+
+
+def test_cli_quantized_untied_head_round_trip(tmp_path, corpus, capsys, monkeypatch):
+    """A Llama-style run with an untied head: quantize (embedding and head) -> sample -> QLoRA -> merge-lora
+    -> export-hf; the merged model computes what the adapted quantized one does."""
+    import twinlm
+
+    run, q4, qlora, merged = (tmp_path / n for n in ("llama", "q4", "qlora", "merged"))
+    code, _, err = run_cli(["train", "--data", str(corpus), "--arch", "llama", "--preset", "small",
+                            "--untie-embeddings", "--d-ff", "128", "--block-size", "16", "--max-iters", "2",
+                            *SETTINGS, "--out", str(run)], capsys, monkeypatch)
+    assert code == 0, err
+    code, out, err = run_cli(["quantize", str(run), "--bits", "8", "--group-size", "32", "--out", str(q4)],
+                             capsys, monkeypatch)
+    assert code == 0 and "and the embedding and the LM head" in out, err
+    cfg, params, _, _ = load_model(q4)
+    assert not cfg.tie_embeddings and {"wte.qweight", "head.qweight"} <= set(params)
+    assert params["head.qweight"].shape == (cfg.vocab_size, cfg.d_model * 8 // 32)
+    code, _, err = run_cli(["sample", str(q4), "--prompt", "jack", "-n", "8", "-t", "0"], capsys, monkeypatch)
+    assert code == 0, err
+    code, _, err = run_cli(["train", "--init-from", str(q4), "--data", str(corpus), "--lora-rank", "4",
+                            "--max-iters", "2", *SETTINGS, "--out", str(qlora)], capsys, monkeypatch)
+    assert code == 0, err
+    code, _, err = run_cli(["merge-lora", str(qlora), "--out", str(merged)], capsys, monkeypatch)
+    assert code == 0, err
+    mcfg, mparams, _, _ = load_model(merged)
+    assert mparams["head.weight"].shape == (cfg.d_model, cfg.vocab_size)  # (n_in, n_out), a linear weight
+    assert mparams["wte.weight"].shape == (cfg.vocab_size, cfg.d_model)
+    a = twinlm.load(qlora, backend="mlx").logits("jack and")
+    b = twinlm.load(merged, backend="mlx").logits("jack and")
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    pytest.importorskip("safetensors")
+    code, _, err = run_cli(["export-hf", str(merged), "--out", str(tmp_path / "hf")], capsys, monkeypatch)
+    assert code == 0, err
