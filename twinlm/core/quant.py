@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from twinlm.core import dtypes
+from twinlm.core.tensorfile import release
 
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -112,6 +113,7 @@ def quantize_params(params: dict[str, np.ndarray], quant_spec: dict, bits: int,
         w = params[f"{layer}.weight"]
         q, s, b = quantize(w.T if quant_spec[f"{layer}.qweight"].table else w, bits, group_size)
         out |= {f"{layer}.qweight": q, f"{layer}.scales": s, f"{layer}.biases": b}
+        release(w)  # a memory-mapped checkpoint's pages, read once: not resident beside the quantized model
     return out
 
 
