@@ -485,3 +485,25 @@ def test_cli_quantized_untied_head_round_trip(tmp_path, corpus, capsys, monkeypa
     pytest.importorskip("safetensors")
     code, _, err = run_cli(["export-hf", str(merged), "--out", str(tmp_path / "hf")], capsys, monkeypatch)
     assert code == 0, err
+
+
+def test_quantized_bert_embedding_and_mlm_head():
+    """BERT's masked-LM head is the tied embedding too (plus a bias): quantized, MLX gives the float64
+    reference's logits, which are those of the dequantized float model."""
+    from twinlm.run_dir import to_backend
+
+    cfg, params, qcfg, qparams = _quantized("bert", 4)
+    spec = model.param_spec(qcfg)
+    assert spec["wte.qweight"].table and "wte.weight" not in qparams and "tte.weight" in qparams
+    ids = np.random.default_rng(2).integers(0, 48, size=(2, 12)).astype(np.int32)
+    N, M = backend_or_skip("numpy"), backend_or_skip("mlx")
+    ref = N.to_numpy(model.logits(N, qcfg, to_backend(N, qparams), N.from_numpy(ids)))
+    got = M.to_numpy(model.logits(M, qcfg, to_backend(M, qparams), M.from_numpy(ids)))
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+    flt = quant.dequantize_params(qparams, spec, 4, 32)
+    deq = N.to_numpy(model.logits(N, cfg, to_backend(N, flt), N.from_numpy(ids)))
+    np.testing.assert_allclose(deq, ref, rtol=1e-4, atol=1e-4)
+    # the control: the same check refuses a model whose table is another (its values in reverse order)
+    wrong = {**flt, "wte.weight": np.ascontiguousarray(flt["wte.weight"].reshape(-1)[::-1].reshape(48, 64))}
+    bad = N.to_numpy(model.logits(N, cfg, to_backend(N, wrong), N.from_numpy(ids)))
+    assert not np.allclose(bad, ref, rtol=1e-4, atol=1e-4)
