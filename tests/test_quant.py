@@ -60,6 +60,27 @@ def test_format_is_mlx_affine_bit_for_bit(bits, group_size):
     assert not np.array_equal(mine, theirs)
 
 
+def test_quantize_in_blocks_of_rows_and_from_bfloat16(monkeypatch):
+    """`quantize` works through a weight a block of output rows at a time (a 1B embedding's float64
+    temporaries would be 2 GB each): the same words, scales and biases as in one block, from a linear
+    weight (n_in, n_out) or a table's transposed view, and from a bfloat16 model's tagged bits."""
+    from twinlm.core import dtypes
+
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((128, 37)).astype(np.float32)  # (n_in, n_out); 37 rows: a ragged last block
+    table = np.ascontiguousarray(w.T)  # the same weight as an embedding's rows
+    whole = quant.quantize(w, 4, 32)
+    monkeypatch.setattr(quant, "BLOCK_ELEMENTS", 128 * 5)  # blocks of 5 rows
+    for got in (quant.quantize(w, 4, 32), quant.quantize(table.T, 4, 32)):
+        for a, b in zip(got, whole, strict=True):
+            assert a.flags.c_contiguous
+            np.testing.assert_array_equal(a, b)
+    bf16 = dtypes.to_host(w, "bfloat16")
+    for a, b in zip(quant.quantize(bf16, 8, 32), quant.quantize(dtypes.as_float32(bf16), 8, 32), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(quant.quantize(w, 8, 32)[1], quant.quantize(bf16, 8, 32)[1])  # (bf16 values)
+
+
 def test_format_errors_and_config():
     with pytest.raises(ValueError, match="bits"):
         quant.check_format(64, 3, 64)
@@ -68,7 +89,8 @@ def test_format_errors_and_config():
     with pytest.raises(ValueError, match="not a multiple"):
         quant.check_format(96, 4, 64)
     for bad in (dict(quant_bits=4), dict(quant_group_size=64), dict(quant_bits=2, quant_group_size=64),
-                dict(arch="lstm", quant_bits=4, quant_group_size=32)):
+                dict(arch="lstm", quant_bits=4, quant_group_size=32), dict(quant_embedding=True),
+                dict(quant_bits=4, quant_group_size=32, quant_embedding="yes")):
         with pytest.raises(ConfigError):
             ModelConfig(**bad)
     with pytest.raises(ConfigError, match="blocks.0.attn.qkv has 32 inputs"):

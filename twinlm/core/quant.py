@@ -28,6 +28,7 @@ from twinlm.core.tensorfile import release
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
 SUFFIXES = (".qweight", ".scales", ".biases")
+BLOCK_ELEMENTS = 1 << 22  # `quantize` works through a weight in blocks of output rows of ~this many inputs
 
 
 def check_format(n_in: int, bits: int, group_size: int, name: str = "a layer") -> None:
@@ -71,7 +72,7 @@ def quantize(w: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarray, np.
     biases = np.empty((n_out, n_in // group_size), np.float32)
     # Blocks of output rows (each row's groups are independent): the float64 temporaries of a whole
     # 128,256 x 2,048 embedding would be 2 GB each
-    step = max(1, (1 << 22) // n_in)
+    step = max(1, BLOCK_ELEMENTS // n_in)
     for o in range(0, n_out, step):
         qweight[o:o + step], scales[o:o + step], biases[o:o + step] = _quantize_rows(
             w[:, o:o + step], bits, group_size)
