@@ -18,8 +18,9 @@ from twinlm.core.model import param_spec
 
 def matmul_params(cfg: ModelConfig, trainable: bool | None = None) -> int:
     """Weights that take part in a matmul, from the family's spec (only the trainable or frozen ones
-    when `trainable` says which); a tied output head is the embedding."""
-    spec = param_spec(cfg)
+    when `trainable` says which); a tied output head is the embedding. A quantized layer counts as the float
+    weight it stores (its packed words multiply activations just the same)."""
+    spec = param_spec(cfg.without_quant())
     n = sum(math.prod(s.shape) for s in spec.values() if s.matmul and trainable in (None, s.trainable))
     tied = cfg.tie_embeddings and trainable in (None, spec["wte.weight"].trainable)
     return n + (cfg.d_model * cfg.vocab_size if tied else 0)

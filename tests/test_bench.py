@@ -18,6 +18,10 @@ def test_flops_per_token_matches_hand_count_for_baby() -> None:
     assert flops.matmul_params(cfg) == n == 794_752
     assert flops.train_flops_per_token(cfg) == 6 * n + 12 * 4 * 128 * 64
     assert flops.train_flops_per_token(cfg, seq_len=32) == 6 * n + 12 * 4 * 128 * 32
+    # quantized (the embedding and tied head too), the same matmuls: QLoRA's base counts as frozen
+    q = cfg.replace(quant_bits=4, quant_group_size=32, quant_embedding=True)
+    assert flops.matmul_params(q) == n
+    assert flops.matmul_params(q.replace(lora_rank=4), False) == n
 
 
 def test_medium_flops_and_mfu() -> None:

@@ -197,6 +197,7 @@ CAUGHT_BY = {
     ("bert", "layer-norm-eps"): ("bert model (init weights) mlx+layer-norm-eps vs mlx",
                                  "bert model (init weights) mlx+layer-norm-eps vs numpy"),
     ("gpt", "quant-element-order"): ("ops mlx+quant-element-order vs numpy float64",),  # ops only
+    ("gpt", "quant-embedding-rows"): ("ops mlx+quant-embedding-rows vs numpy float64",),  # ops only
     ("bert", "padding-ignored"): ("ops mlx+padding-ignored vs numpy float64",
                                   "bert model (init weights) mlx+padding-ignored vs numpy",
                                   "bert padding mlx+padding-ignored"),

@@ -251,6 +251,17 @@ class Backend:
         # computed in x's dtype, as a float weight of the model's dtype would be
         return self.linear(x, self.transpose(self.like(wt, x), (1, 0)), bias)
 
+    def quantized_take(self, qweight: Array, scales: Array, biases: Array, ids: Array, bits: int,
+                       group_size: int) -> Array:
+        """Rows of a quantized table (`core.quant`: qweight (V, C * bits / 32), scales and biases (V, C /
+        group_size)) at integer `ids` (...,) -> float32 (..., C): each tensor's rows taken, then only those
+        dequantized (a quantized embedding; its table is frozen, so no gradient flows into it)."""
+        shape = tuple(ids.shape)
+        flat = self.reshape(ids, (math.prod(shape),))  # (dequantize reads 2-D words)
+        q, s, b = (self.take(self.stop_gradient(t), flat) for t in (qweight, scales, biases))
+        rows = self.dequantize(q, s, b, bits, group_size)  # (n, C)
+        return self.reshape(rows, (*shape, rows.shape[-1]))
+
     def checkpoint(self, fn: Callable[[dict[str, Array], Array], Array], params: dict[str, Array],
                    x: Array) -> Array:
         """fn(params, x), a model block; with `remat` on, an adapter keeps only its inputs for the backward

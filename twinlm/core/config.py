@@ -74,9 +74,12 @@ class ModelConfig:
     lora_dropout: float = 0.0  # dropout on each adapter's input
     residual: bool = True  # False: the decoder blocks drop their skip connections (x = f(norm(x)))
     # > 0: the linear layers' weights are stored quantized (core.quant: bits 4 or 8, per group of
-    # quant_group_size inputs); the embedding, a tied or untied LM head and norms stay float
+    # quant_group_size inputs); norms, biases and learned position tables stay float
     quant_bits: int = 0
     quant_group_size: int = 0
+    # True: the token embedding (which a tied head shares) and an untied LM head are quantized too; False
+    # (a run quantized before this field existed, or `quantize --keep-embedding`): they stay float
+    quant_embedding: bool = False
 
     def __post_init__(self) -> None:
         fam = family(self.arch)  # raises ConfigError for an unknown arch
@@ -208,7 +211,11 @@ class ModelConfig:
         from twinlm.core.quant import BITS, GROUP_SIZES
 
         bits, g = self.quant_bits, self.quant_group_size
+        if not isinstance(self.quant_embedding, bool):
+            raise ConfigError(f"quant_embedding must be true or false, got {self.quant_embedding!r}")
         if not bits and not g:
+            if self.quant_embedding:
+                raise ConfigError("quant_embedding needs quant_bits and quant_group_size (a quantized model)")
             return
         if bits not in BITS or g not in GROUP_SIZES:
             raise ConfigError(f"quant_bits must be one of {', '.join(map(str, BITS))} and quant_group_size "
@@ -256,7 +263,7 @@ class ModelConfig:
         return replace(self, lora_rank=0, lora_alpha=0.0, lora_targets=(), lora_dropout=0.0)
 
     def without_quant(self) -> ModelConfig:
-        return replace(self, quant_bits=0, quant_group_size=0)
+        return replace(self, quant_bits=0, quant_group_size=0, quant_embedding=False)
 
 
 def lora_targets(names: Any) -> tuple[str, ...]:

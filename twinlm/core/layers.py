@@ -19,6 +19,7 @@ from twinlm.core import spec as S
 from twinlm.core.backend import Array, Backend
 from twinlm.core.config import ModelConfig
 from twinlm.core.errors import ConfigError
+from twinlm.core.quant import SUFFIXES as QUANTIZED
 from twinlm.core.quant import check_format
 
 Params = dict[str, Array]
@@ -116,18 +117,35 @@ def linear_spec(cfg: ModelConfig, name: str, n_in: int, n_out: int, std: float =
     return out
 
 
-def quant_spec(cfg: ModelConfig, name: str, n_in: int, n_out: int) -> S.Spec:
+def quant_spec(cfg: ModelConfig, name: str, n_in: int, n_out: int, table: bool = False) -> S.Spec:
     """A quantized linear layer's weight (`core.quant`'s format), frozen: packed words (n_out, n_in * bits /
-    32) and per-group scales and biases (n_out, n_in / group_size)."""
+    32) and per-group scales and biases (n_out, n_in / group_size). `table`: an embedding table (n_out rows
+    of n_in), whose float form is stored as its rows, not transposed (see `embedding_spec`)."""
     bits, g = cfg.quant_bits, cfg.quant_group_size
     try:
         check_format(n_in, bits, g, f"layer {name}")
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return {f"{name}.qweight": S.ParamSpec((n_out, n_in * bits // 32), "zeros", decay=False, trainable=False,
-                                           dtype="uint32"),
+                                           dtype="uint32", table=table),
             f"{name}.scales": S.ParamSpec((n_out, n_in // g), "ones", decay=False, trainable=False),
             f"{name}.biases": S.ParamSpec((n_out, n_in // g), "zeros", decay=False, trainable=False)}
+
+
+def embedding_spec(cfg: ModelConfig, name: str, n: int, d: int) -> S.Spec:
+    """A token embedding table (n, d); with `quant_embedding`, quantized (`core.quant`) as the transposed
+    weight of a linear layer d -> n, which it is for a tied head (logits = h @ E.T): one table serves the
+    lookup (`embed`) and the head (`quantized_linear`)."""
+    if cfg.quant_embedding:
+        return quant_spec(cfg, name, d, n, table=True)
+    return {f"{name}.weight": S.embedding(n, d)}
+
+
+def head_spec(cfg: ModelConfig, name: str, n_in: int, n_out: int) -> S.Spec:
+    """An untied LM head's weight (n_in, n_out), no bias; quantized with the embedding (`quant_embedding`)."""
+    if cfg.quant_embedding:
+        return quant_spec(cfg, name, n_in, n_out)
+    return {f"{name}.weight": S.weight(n_in, n_out)}
 
 
 def lora_target(cfg: ModelConfig, name: str) -> bool:
@@ -190,6 +208,17 @@ def linear(B: Backend, cfg: ModelConfig, p: Params, name: str, x: Array,
         x_in = residual_dropout(x, drop or {}, f"{name}.lora")
         y = y + B.lora(x_in, p[f"{name}.lora_a"], p[f"{name}.lora_b"], cfg.lora_scale)
     return y
+
+
+def embed(B: Backend, cfg: ModelConfig, p: Params, name: str, idx: Array) -> Array:
+    """Rows of the embedding table `name` at token ids `idx` (...,) -> (..., C); a quantized table's rows
+    dequantized (`Backend.quantized_take`) into the model's dtype (that of its float weights)."""
+    if f"{name}.qweight" not in p:
+        return B.take(p[f"{name}.weight"], idx)
+    rows = B.quantized_take(p[f"{name}.qweight"], p[f"{name}.scales"], p[f"{name}.biases"], idx,
+                            cfg.quant_bits, cfg.quant_group_size)
+    ref = next((v for k, v in p.items() if not k.endswith(QUANTIZED)), None)
+    return rows if ref is None else B.like(rows, ref)  # (a model without float weights: float32)
 
 
 def norm(B: Backend, cfg: ModelConfig, p: Params, name: str, x: Array) -> Array:

@@ -12,6 +12,7 @@ import numpy as np
 from twinlm.core import quant
 from twinlm.core.config import ModelConfig
 from twinlm.core.dtypes import as_float32
+from twinlm.core.models import family
 
 SUFFIXES = (".lora_a", ".lora_b")
 
@@ -21,7 +22,8 @@ def merged(cfg: ModelConfig, params: dict[str, np.ndarray]) -> tuple[ModelConfig
     then rounded once to float32 (the adapted weights of a bfloat16/float16 base included). A quantized model
     (QLoRA's base) comes out dequantized, all float32."""
     if cfg.quant_bits:
-        params = quant.dequantize_params(params, cfg.quant_bits, cfg.quant_group_size)
+        spec = family(cfg.arch).param_spec(cfg)
+        params = quant.dequantize_params(params, spec, cfg.quant_bits, cfg.quant_group_size)
         cfg = cfg.without_quant()
     if not cfg.lora_rank:
         return cfg, params

@@ -9,8 +9,13 @@ transposed weight Wt = W.T (n_out, n_in), grouped along n_in in groups of `group
     name.scales   float32 (n_out, n_in / group_size)
     name.biases   float32 (n_out, n_in / group_size)      Wt[o, i] = q[o, i] * scale + bias (i's group)
 
-The run's config carries `quant_bits` and `quant_group_size` (0: not quantized). The embedding and a tied
-head stay float (the head is the embedding's transpose, which serves both `take` and the logits matmul).
+The run's config carries `quant_bits` and `quant_group_size` (0: not quantized), and `quant_embedding`.
+With it, the token embedding E (V, C) is quantized too, in the same layout: E *is* the transposed weight
+Wt (n_out=V, n_in=C) of a tied head (logits = h @ E.T), so one table serves both the lookup (its rows'
+words, scales and biases taken, then dequantized: `Backend.quantized_take`) and the head
+(`quantized_linear`); its spec marks it `table` (the float form is E itself, not a transposed weight). An
+untied head (C, V) is quantized as a linear weight. Without it (and in runs made before it existed), the
+embedding and the head stay float.
 """
 
 from __future__ import annotations
@@ -18,10 +23,12 @@ from __future__ import annotations
 import numpy as np
 
 from twinlm.core import dtypes
+from twinlm.core.tensorfile import release
 
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
 SUFFIXES = (".qweight", ".scales", ".biases")
+BLOCK_ELEMENTS = 1 << 22  # `quantize` works through a weight in blocks of output rows of ~this many inputs
 
 
 def check_format(n_in: int, bits: int, group_size: int, name: str = "a layer") -> None:
@@ -58,6 +65,22 @@ def quantize(w: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarray, np.
     computed in float64 and stored as float32 (a constant group gets q = 0, scale 1)."""
     n_in, n_out = w.shape
     check_format(n_in, bits, group_size)
+    # C order: a transposed view would reach a backend as a strided array (measured: MLX's kernel then runs
+    # 13x slower at decoding, copying it on every call)
+    qweight = np.empty((n_out, n_in * bits // 32), np.uint32)
+    scales = np.empty((n_out, n_in // group_size), np.float32)
+    biases = np.empty((n_out, n_in // group_size), np.float32)
+    # Blocks of output rows (each row's groups are independent): the float64 temporaries of a whole
+    # 128,256 x 2,048 embedding would be 2 GB each
+    step = max(1, BLOCK_ELEMENTS // n_in)
+    for o in range(0, n_out, step):
+        qweight[o:o + step], scales[o:o + step], biases[o:o + step] = _quantize_rows(
+            w[:, o:o + step], bits, group_size)
+    return qweight, scales, biases
+
+
+def _quantize_rows(w: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    n_in, n_out = w.shape
     wt = np.asarray(dtypes.as_float32(w), np.float64).T.reshape(n_out, n_in // group_size, group_size)
     lo, hi = wt.min(axis=-1), wt.max(axis=-1)
     scales = ((hi - lo) / ((1 << bits) - 1)).astype(np.float32)
@@ -66,9 +89,7 @@ def quantize(w: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarray, np.
     # Rounded against the float32 scale and bias that will be stored, so q is the nearest level of them.
     q = np.rint((wt - biases[..., None].astype(np.float64)) / scales[..., None].astype(np.float64))
     q = np.clip(q, 0, (1 << bits) - 1).astype(np.uint32).reshape(n_out, n_in)
-    # C order: a transposed view would reach a backend as a strided array (measured: MLX's kernel then runs
-    # 13x slower at decoding, copying it on every call)
-    return tuple(np.ascontiguousarray(a) for a in (pack(q, bits), scales, biases))  # type: ignore[return-value]
+    return pack(q, bits), scales, biases
 
 
 def dequantize(qweight: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, group_size: int,
@@ -85,22 +106,27 @@ def dequantize(qweight: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits
 def quantize_params(params: dict[str, np.ndarray], quant_spec: dict, bits: int,
                     group_size: int) -> dict[str, np.ndarray]:
     """A float model's `params` in the layout of `quant_spec` (the quantized config's parameter spec): each
-    `X.weight` whose spec has `X.qweight` becomes X.qweight, X.scales and X.biases; the rest is kept."""
+    `X.weight` whose spec has `X.qweight` becomes X.qweight, X.scales and X.biases; the rest is kept. A
+    `table` (an embedding, stored (n_out, n_in)) is quantized as the rows it stores."""
     layers = [name[:-len(".qweight")] for name in quant_spec if name.endswith(".qweight")]
     out = {k: v for k, v in params.items() if not any(k == f"{layer}.weight" for layer in layers)}
     for layer in layers:
-        q, s, b = quantize(params[f"{layer}.weight"], bits, group_size)
+        w = params[f"{layer}.weight"]
+        q, s, b = quantize(w.T if quant_spec[f"{layer}.qweight"].table else w, bits, group_size)
         out |= {f"{layer}.qweight": q, f"{layer}.scales": s, f"{layer}.biases": b}
+        release(w)  # a memory-mapped checkpoint's pages, read once: not resident beside the quantized model
     return out
 
 
-def dequantize_params(params: dict[str, np.ndarray], bits: int, group_size: int) -> dict[str, np.ndarray]:
-    """The float model of quantized `params`: each X.qweight/scales/biases back to X.weight (n_in, n_out)."""
+def dequantize_params(params: dict[str, np.ndarray], quant_spec: dict, bits: int,
+                      group_size: int) -> dict[str, np.ndarray]:
+    """The float model of quantized `params` (whose parameter spec is `quant_spec`): each X.qweight/scales/
+    biases back to X.weight, (n_in, n_out) for a linear layer, (n_out, n_in) for a `table`."""
     out = {k: v for k, v in params.items() if not k.endswith(SUFFIXES)}
     for name in params:
         if name.endswith(".qweight"):
             layer = name[:-len(".qweight")]
             wt = dequantize(params[name], params[f"{layer}.scales"], params[f"{layer}.biases"], bits,
                             group_size)
-            out[f"{layer}.weight"] = np.ascontiguousarray(wt.T)
+            out[f"{layer}.weight"] = wt if quant_spec[name].table else np.ascontiguousarray(wt.T)
     return out

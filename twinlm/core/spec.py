@@ -24,6 +24,9 @@ class ParamSpec:
     trainable: bool = True
     matmul: bool = False  # multiplies activations (counted in FLOPs; N(0, 1/fan_in) at unit scale)
     dtype: str = "float32"  # numpy dtype name: "uint32" for a quantized layer's packed words (core.quant)
+    # A quantized tensor of a table whose float form is stored (n_out, n_in), rows as quantized (an
+    # embedding), not (n_in, n_out) as a linear layer's weight: core.quant reads it when (de)quantizing
+    table: bool = False
 
     @property
     def fan_in(self) -> int:

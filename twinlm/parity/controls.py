@@ -115,6 +115,16 @@ class QuantElementsReversed:
         return self.reshape(self.concat([w3[..., j:j + 1] for j in reversed(range(per))], axis=-1), w.shape)
 
 
+class QuantTakeNextRowScales:
+    """A quantized embedding's rows dequantized with the next row's scales and biases (a lookup that takes
+    its words and its scales at different ids)."""
+
+    def quantized_take(self: Any, qweight: Array, scales: Array, biases: Array, ids: Array, bits: int,
+                       group_size: int) -> Array:
+        scales, biases = (self.concat([t[1:], t[:1]], axis=0) for t in (scales, biases))
+        return super().quantized_take(qweight, scales, biases, ids, bits, group_size)  # type: ignore[misc]
+
+
 def _unmasked(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Chat data with its loss mask dropped: every target counts, the prompt's and the padding's too."""
     return {**batch, "w": np.ones_like(batch["w"])}
@@ -206,6 +216,9 @@ CONTROLS = (
     # quantized_linear catch it; injected once, into the GPT suite (tests/test_quant.py checks whole models).
     Control("quant-element-order", "quantized words unpacked high bits first", mixin=QuantElementsReversed,
             applies=lambda c: c.arch == "gpt" and not c.lora_rank, ops_only=True),
+    Control("quant-embedding-rows", "quantized embedding rows read with the next row's scales and biases",
+            mixin=QuantTakeNextRowScales, applies=lambda c: c.arch == "gpt" and not c.lora_rank,
+            ops_only=True),
     # The 2024-25 families' pieces (core/layers.py and the decoder stack; see the module docstring).
     Control("rope-scaling-skipped", "RoPE frequencies left unscaled (rope_type default)",
             model_change=lambda c: dict(rope_type="default"), applies=lambda c: c.rope_type != "default"),

@@ -17,7 +17,7 @@ from twinlm.parity.checks import FORWARD_TOL, GRAD_TOL, Check, Tolerance, compar
 
 COMPOSITES = ("erf", "custom_grad", "gelu", "gelu_tanh", "sigmoid", "silu", "swiglu", "linear", "lora",
               "rope", "repeat_kv", "softmax", "log_softmax", "layer_norm", "rms_norm", "attention",
-              "cross_entropy", "add_layer_norm", "add_rms_norm", "quantized_linear")
+              "cross_entropy", "add_layer_norm", "add_rms_norm", "quantized_linear", "quantized_take")
 
 
 @dataclass(frozen=True)
@@ -227,6 +227,21 @@ def _quant_cases(normal: Callable[..., np.ndarray]) -> list[OpCase]:
                    lambda x, q, s, b, c, deq=deq: x @ deq(q, s, b).T + c, (normal(2, 3, 64), *qsb, normal(5)),
                    (0, 4), composite="quantized_linear"),
         ]
+    # A quantized embedding's lookup (a table of 5 rows of 64, 8- and 4-bit): rows at ids (2, 3), every row
+    # read, one twice; times x, so it has an input to differentiate (the table itself is frozen).
+    ids = np.array([[4, 0, 2], [1, 3, 4]], np.int32)
+    for bits in quant.BITS:
+        qsb = quant.quantize(normal(64, 5) / 8.0, bits, 32)
+
+        def rows(ids: np.ndarray, q: np.ndarray, s: np.ndarray, b: np.ndarray,
+                 bits: int = bits) -> np.ndarray:
+            return quant.dequantize(q, s, b, bits, 32, np.float64)[ids]
+
+        out.append(OpCase(f"quantized_take {bits}-bit",
+                          lambda B, x, i, q, s, b, bits=bits: x * B.quantized_take(q, s, b, i, bits, 32),
+                          lambda x, i, q, s, b, rows=rows: x * rows(i, q, s, b),
+                          (normal(2, 3, 64), ids, *qsb),
+                          composite="quantized_take"))
     return out
 
 

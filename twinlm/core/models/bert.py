@@ -30,7 +30,7 @@ def param_spec(cfg: ModelConfig) -> S.Spec:
     """Hugging Face BERT's init: N(0, 0.02) everywhere, zero biases, unit gains. The pooler trains
     only under a classification head (masked-LM pretraining never reads it)."""
     C = cfg.d_model
-    spec: S.Spec = {"wte.weight": S.embedding(cfg.vocab_size, C)}
+    spec: S.Spec = L.embedding_spec(cfg, "wte", cfg.vocab_size, C)
     if cfg.pos_encoding == "learned":
         spec["wpe.weight"] = S.embedding(cfg.block_size, C)
     if cfg.type_vocab_size:
@@ -61,7 +61,7 @@ def hidden(B: Backend, cfg: ModelConfig, p: L.Params, idx: Array, *, dropout: di
     if t > cfg.block_size:
         raise ValueError(f"sequence length {t} exceeds block_size {cfg.block_size}")
     drop = dropout or {}
-    x = B.take(p["wte.weight"], idx)  # (N, T, C)
+    x = L.embed(B, cfg, p, "wte", idx)  # (N, T, C)
     if cfg.pos_encoding == "learned":
         x = x + p["wpe.weight"][:t]
     elif cfg.pos_encoding == "sinusoidal":
@@ -86,6 +86,9 @@ def hidden(B: Backend, cfg: ModelConfig, p: L.Params, idx: Array, *, dropout: di
 def lm_logits(B: Backend, cfg: ModelConfig, p: L.Params, h: Array) -> Array:
     """The masked-LM head; its decoder is the token embedding (tied), plus a per-token bias."""
     h = L.norm(B, cfg, p, "mlm.ln", B.gelu(L.linear(B, cfg, p, "mlm.dense", h)))
+    if "wte.qweight" in p:  # quantized (quant_embedding): the table is the head's transposed weight
+        return B.quantized_linear(h, p["wte.qweight"], p["wte.scales"], p["wte.biases"], p["mlm.bias"],
+                                  cfg.quant_bits, cfg.quant_group_size)
     return h @ B.transpose(p["wte.weight"], (1, 0)) + p["mlm.bias"]
 
 

@@ -34,7 +34,7 @@ KVCache = list[tuple[Array, Array]]
 def param_spec(cfg: ModelConfig) -> S.Spec:
     """GPT-2 names and init: N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layer)."""
     C = cfg.d_model
-    spec: S.Spec = {"wte.weight": S.embedding(cfg.vocab_size, C)}
+    spec: S.Spec = L.embedding_spec(cfg, "wte", cfg.vocab_size, C)
     if cfg.pos_encoding == "learned":
         spec["wpe.weight"] = S.embedding(cfg.block_size, C)
     proj_std = S.INIT_STD / math.sqrt(2 * cfg.n_layer)
@@ -48,7 +48,7 @@ def param_spec(cfg: ModelConfig) -> S.Spec:
             spec |= L.norm_spec(cfg, f"{pre}.ln_post_attn") | L.norm_spec(cfg, f"{pre}.ln_post_mlp")
     spec |= L.norm_spec(cfg, "ln_f")
     if not cfg.tie_embeddings:
-        spec["head.weight"] = S.weight(C, cfg.vocab_size)
+        spec |= L.head_spec(cfg, "head", C, cfg.vocab_size)
     return spec | L.classifier_spec(cfg)
 
 
@@ -106,7 +106,7 @@ def _positions(B: Backend, cfg: ModelConfig, p: L.Params, rows: Any,
 
 
 def _embed(B: Backend, cfg: ModelConfig, p: L.Params, idx: Array) -> Array:
-    x = B.take(p["wte.weight"], idx)  # (N, T, C)
+    x = L.embed(B, cfg, p, "wte", idx)  # (N, T, C)
     return x * float(np.float32(math.sqrt(cfg.d_model))) if cfg.embed_scale else x  # Gemma: in float32
 
 
@@ -147,8 +147,13 @@ def hidden(B: Backend, cfg: ModelConfig, p: L.Params, idx: Array, *, dropout: di
 
 
 def lm_logits(B: Backend, cfg: ModelConfig, p: L.Params, h: Array) -> Array:
-    head = B.transpose(p["wte.weight"], (1, 0)) if cfg.tie_embeddings else p["head.weight"]
-    logits = h @ head
+    name = "wte" if cfg.tie_embeddings else "head"
+    if f"{name}.qweight" in p:  # quantized (quant_embedding): the table is the head's transposed weight
+        logits = B.quantized_linear(h, p[f"{name}.qweight"], p[f"{name}.scales"], p[f"{name}.biases"], None,
+                                    cfg.quant_bits, cfg.quant_group_size)
+    else:
+        head = B.transpose(p["wte.weight"], (1, 0)) if cfg.tie_embeddings else p["head.weight"]
+        logits = h @ head
     if cfg.final_softcap:  # Gemma 2: cap * tanh(logits / cap)
         logits = B.tanh(logits * (1.0 / cfg.final_softcap)) * cfg.final_softcap
     return logits
