@@ -218,6 +218,17 @@ class MLXBackend(Backend):
             return K.linear_lowp(x, weight, bias)
         return super().linear(x, weight, bias)
 
+    def matmul_t(self, x: Array, weight: Array) -> Array:
+        """x @ weight.T: a bfloat16/float16 weight's rows read in place by the kernel, float32 sums (MLX's own
+        CPU matmul in these dtypes is scalar-speed on x86: the tied head was 40% of a bf16 decode token, and
+        18x float32's time at 256 rows); float32 is MLX's BLAS call, which reads the transpose in place."""
+        K = self.kernels if self.fused and mx.default_device() == mx.cpu else None
+        if (K is not None and hasattr(K, "matmul_t_lowp") and weight.dtype in (mx.bfloat16, mx.float16)
+                and x.ndim >= 1 and weight.ndim == 2 and x.shape[-1] == weight.shape[1]
+                and x.dtype in (mx.float32, weight.dtype)):
+            return K.matmul_t_lowp(x, weight)
+        return super().matmul_t(x, weight)
+
     def rope(self, x: Array, cos: Array, sin: Array) -> Array:
         K = self._kernel(x, cos, sin)
         if K is None or cos.ndim != 2 or cos.shape != sin.shape or x.ndim < 2 \

@@ -86,7 +86,7 @@ def hidden(B: Backend, cfg: ModelConfig, p: L.Params, idx: Array, *, dropout: di
 def lm_logits(B: Backend, cfg: ModelConfig, p: L.Params, h: Array) -> Array:
     """The masked-LM head; its decoder is the token embedding (tied), plus a per-token bias."""
     h = L.norm(B, cfg, p, "mlm.ln", B.gelu(L.linear(B, cfg, p, "mlm.dense", h)))
-    return h @ B.transpose(p["wte.weight"], (1, 0)) + p["mlm.bias"]
+    return B.matmul_t(h, p["wte.weight"]) + p["mlm.bias"]
 
 
 def pooled(B: Backend, cfg: ModelConfig, p: L.Params, h: Array, pool: Array) -> Array:

@@ -147,8 +147,8 @@ def hidden(B: Backend, cfg: ModelConfig, p: L.Params, idx: Array, *, dropout: di
 
 
 def lm_logits(B: Backend, cfg: ModelConfig, p: L.Params, h: Array) -> Array:
-    head = B.transpose(p["wte.weight"], (1, 0)) if cfg.tie_embeddings else p["head.weight"]
-    logits = h @ head
+    # B.matmul_t: the tied embedding read in its (V, C) layout; an untied head (C, V) is a linear layer
+    logits = B.matmul_t(h, p["wte.weight"]) if cfg.tie_embeddings else B.linear(h, p["head.weight"], None)
     if cfg.final_softcap:  # Gemma 2: cap * tanh(logits / cap)
         logits = B.tanh(logits * (1.0 / cfg.final_softcap)) * cfg.final_softcap
     return logits
