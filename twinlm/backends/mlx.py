@@ -215,6 +215,11 @@ class MLXBackend(Backend):
         return super().gelu_tanh(x) if K is None else K.gelu(x, True)
 
     @_float32_kernel()
+    def lora(self, x: Array, a: Array, b: Array, scale: float) -> Array:
+        # bf16: (x @ a) @ b by BLAS in float32 (MLX's own bf16 matmul: 2.5x slower per adapter, 7 per block)
+        return super().lora(x, a, b, scale)
+
+    @_float32_kernel()
     def swiglu(self, gate: Array, up: Array) -> Array:
         K = self._kernel(gate, up)
         if K is None or gate.shape != up.shape:
