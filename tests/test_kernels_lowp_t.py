@@ -1,9 +1,9 @@
-"""x @ W.T over a (N, K) bfloat16 / float16 weight (`K.matmul_t_lowp`, the tied head `h @ wte.T`, issue #21):
-the forward against float64 numpy on every vector path this CPU has (portable, AVX2+F16C, AVX-512), through
-the dot-product GEMV (M <= 16: groups of 1-4 rows of x, blocks of 4 rows of W and the odd ones) and the
-widen-and-sgemm rows, odd K (the vector tail); its VJP (dx, dw) against MLX's float32 autodiff; the Backend
-primitive `matmul_t`'s MLX override against its reference body `x @ transpose(w)` (and numpy's); wrong
-decodings and a mixed-up row index caught by the same checks; clear errors for what the kernel does not
+"""x @ W.T over a (N, K) bfloat16 / float16 / float32 weight (`K.matmul_t_lowp`, the tied head `h @ wte.T`,
+issue #21): the forward against float64 numpy on every vector path this CPU has (portable, AVX2+F16C,
+AVX-512), through the dot-product GEMV (M <= 16: groups of 1-4 rows of x, blocks of 4 rows of W and the odd
+ones) and the widen-and-sgemm rows, odd K (the vector tail); its VJP (dx, dw) against MLX's float32 autodiff;
+the Backend primitive `matmul_t`'s MLX override against its reference body `x @ transpose(w)` (and numpy's);
+wrong decodings and a mixed-up row index caught by the same checks; clear errors for what the kernel does not
 serve; TWINLM_KERNELS=0."""
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ needs_t = pytest.mark.skipif(K is None or not hasattr(K, "matmul_t_lowp"),
 CPU_ISA = K._lowp_isa() if K is not None and hasattr(K, "_lowp_isa") else 0
 ISAS = list(range(CPU_ISA + 1))
 DTYPES = ("bfloat16", "float16")
+WDTYPES = (*DTYPES, "float32")  # the kernel's weights (float32: the GEMV at a few rows, one sgemm beyond)
 KI, NO = 70, 77  # K not a multiple of 8 or 16 (the tail); N = 19 blocks of 4 rows + 1
 ATOL = 1e-4  # float32 sums of 70 products of magnitude ~1: a wrong decoding or row is off by ~1 or more
 
@@ -45,7 +46,7 @@ def error(y, x64, w64):
 
 
 @needs_t
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", WDTYPES)
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 16, 17, 40])  # 1-16: the GEMV in groups of rows; 17+: sgemm
 @pytest.mark.parametrize("level", ISAS)
 def test_forward_against_float64(dtype, m, level, isa) -> None:
@@ -56,7 +57,8 @@ def test_forward_against_float64(dtype, m, level, isa) -> None:
     assert error(y, x64, w64) < ATOL
     # negative controls, through the same check: bf16 widened from the low half / f16 read as bf16, and
     # each row of W read at its neighbour's offset (a transposed or shifted index)
-    assert error(K._matmul_t_lowp_faulty(x, w, 1 if dtype == "bfloat16" else 2), x64, w64) > 100 * ATOL
+    if dtype != "float32":
+        assert error(K._matmul_t_lowp_faulty(x, w, 1 if dtype == "bfloat16" else 2), x64, w64) > 100 * ATOL
     assert error(K._matmul_t_lowp_faulty(x, w, 4), x64, w64) > 100 * ATOL
 
 
@@ -91,7 +93,7 @@ def grads(fn, x, w, r):
 
 
 @needs_t
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", WDTYPES)
 @pytest.mark.parametrize("m", [3, 40])
 @pytest.mark.parametrize("level", ISAS)
 def test_vjp_against_mlx_autodiff(dtype, m, level, isa) -> None:
@@ -105,7 +107,7 @@ def test_vjp_against_mlx_autodiff(dtype, m, level, isa) -> None:
     got = grads(K.matmul_t_lowp, x, w, r)
     assert [d for _, d in got] == [mx.float32, dt]
     np.testing.assert_allclose(got[0][0], want[0][0], atol=ATOL, rtol=1e-5)
-    ulp = 2.0 ** -8 if dtype == "bfloat16" else 2.0 ** -11
+    ulp = {"bfloat16": 2.0 ** -8, "float16": 2.0 ** -11, "float32": 1e-5}[dtype]
     np.testing.assert_allclose(got[1][0], want[1][0], atol=ATOL, rtol=ulp)
     # negative control: the mixed-up row index reaches both gradients
     bad = grads(lambda x, w: K._matmul_t_lowp_faulty(x, w, 4), x, w, r)
@@ -128,7 +130,10 @@ def test_compile_and_empty_sizes() -> None:
 
 @needs_t
 @pytest.mark.parametrize("args,match", [
-    (lambda: (mx.zeros((2, 4)), mx.zeros((3, 4))), "bfloat16 or float16, not float32"),
+    (lambda: (mx.zeros((2, 4)), mx.zeros((3, 4), dtype=mx.int32)),
+     "bfloat16, float16 or float32, not another"),
+    (lambda: (mx.zeros((2, 4), dtype=mx.bfloat16), mx.zeros((3, 4))),
+     "x must be float32 or the weight's dtype"),
     (lambda: (mx.zeros((2, 4), dtype=mx.float16), mx.zeros((3, 4), dtype=mx.bfloat16)),
      "x must be float32 or the weight's dtype"),
     (lambda: (mx.zeros((2, 4)), mx.zeros((4, 3), dtype=mx.bfloat16)), r"x \(..., K\) and weight \(N, K\)"),
@@ -173,7 +178,7 @@ def test_matmul_t_override_matches_the_reference_body(dtype, m) -> None:
     assert np.abs(got - ref).max() <= 2 * tol  # both within rounding of the float64 value
     bad = hb @ B.reshape(wb, (72, 203))  # the weight's bytes read as (n_in, n_out): no transposition
     assert np.abs(B.to_numpy(B.astype(bad, "float32")) - ref64).max() > 20 * tol
-    if K is not None and hasattr(K, "matmul_t_lowp"):  # the override runs the kernel for bf16/f16 only
+    if K is not None and hasattr(K, "matmul_t_lowp"):  # the override runs the kernel
         calls: list[str] = []
 
         class Spy:
@@ -183,7 +188,7 @@ def test_matmul_t_override_matches_the_reference_body(dtype, m) -> None:
 
         B.kernels = Spy()
         B.matmul_t(hb, wb)
-        assert calls == ([] if dtype == "float32" else [dtype])
+        assert calls == [dtype]
 
 
 def test_matmul_t_with_the_kernels_off(monkeypatch) -> None:

@@ -252,11 +252,12 @@ class MLXBackend(Backend):
         return super().linear(x, weight, bias)
 
     def matmul_t(self, x: Array, weight: Array) -> Array:
-        """x @ weight.T: a bfloat16/float16 weight's rows read in place by the kernel, float32 sums (MLX's own
-        CPU matmul in these dtypes is scalar-speed on x86: the tied head was 40% of a bf16 decode token, and
-        18x float32's time at 256 rows); float32 is MLX's BLAS call, which reads the transpose in place."""
+        """x @ weight.T: the kernel reads the weight's rows in place with float32 sums. bf16/f16: MLX's own
+        CPU matmul in these dtypes is scalar-speed on x86 (the tied head was 40% of a bf16 decode token, and
+        16x float32's time at 256 rows); float32 at a few rows: MLX's BLAS call read the (V, C) head at a
+        third of the memory's rate (more rows: the same sgemm either way)."""
         K = self.kernels if self.fused and mx.default_device() == mx.cpu else None
-        if (K is not None and hasattr(K, "matmul_t_lowp") and weight.dtype in (mx.bfloat16, mx.float16)
+        if (K is not None and hasattr(K, "matmul_t_lowp") and weight.dtype in (*_LOW, mx.float32)
                 and x.ndim >= 1 and weight.ndim == 2 and x.shape[-1] == weight.shape[1]
                 and x.dtype in (mx.float32, weight.dtype)):
             return K.matmul_t_lowp(x, weight)

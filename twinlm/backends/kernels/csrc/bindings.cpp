@@ -89,7 +89,7 @@ NB_MODULE(_twinlm_kernels, m) {
   m.def("matmul_t_lowp", [](const mx::array& x, const mx::array& w, mx::StreamOrDevice s) {
           return twinlm::matmul_t_lowp(x, w, 0, s);
         }, "x"_a, "weight"_a, nb::kw_only(), "stream"_a = nb::none(),
-        "x @ weight.T for a bfloat16/float16 weight (N, K) (x float32 or the weight's dtype), accumulated in "
+        "x @ weight.T for a bfloat16/float16/float32 weight (N, K) (x float32 or the weight's dtype), summed in "
         "float32, the result in x's dtype, with its VJP (dx and dw)");
   m.def("_matmul_t_lowp_faulty", &twinlm::matmul_t_lowp, "x"_a, "weight"_a, "fault"_a, nb::kw_only(),
         "stream"_a = nb::none(),
