@@ -241,8 +241,26 @@ def test_strided_inputs() -> None:
 
 @needs_kernels
 def test_other_dtypes_take_the_reference_path() -> None:
-    x = mx.array(rand(4, 6)).astype(mx.float16)
+    x = mx.array(rand(4, 6)).astype(mx.float64)
     np.testing.assert_array_equal(np.array(B.gelu(x)), np.array(BODY.gelu(x)))
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+def test_low_precision_inputs_run_the_float32_kernel(dtype) -> None:
+    """bfloat16/float16: widened, the float32 kernel, rounded back once (MLX's own ops in these dtypes are
+    scalar-speed on x86); the result in the input's dtype, within its rounding of the reference body's."""
+    x = mx.array(rand(4, 6)).astype(dtype)
+    got = B.gelu(x)
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(np.array(got.astype(mx.float32)),
+                                  np.array(K.gelu(x.astype(mx.float32)).astype(dtype).astype(mx.float32)))
+    ulp = 2.0 ** -7 if dtype == mx.bfloat16 else 2.0 ** -10
+    np.testing.assert_allclose(np.array(got.astype(mx.float32)), np.array(BODY.gelu(x).astype(mx.float32)),
+                               rtol=2 * ulp, atol=2 * ulp)
+    s, n = B.add_rms_norm(x, x, mx.ones(6, dtype=dtype))  # a pair: both rounded back
+    assert s.dtype == n.dtype == dtype
+    assert B.cross_entropy(x, mx.zeros(4, dtype=mx.int32)).dtype == mx.float32  # the loss stays float32
 
 
 @needs_kernels

@@ -5,6 +5,7 @@ kernels (`twinlm.backends.kernels`) when they are built; TWINLM_KERNELS=0 turns 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -27,6 +28,30 @@ _DTYPES = {np.dtype(np.float32): mx.float32, np.dtype(np.float64): mx.float64,
            np.dtype(np.float16): mx.float16, np.dtype(np.uint32): mx.uint32, np.dtype(np.uint16): mx.uint16}
 _FLOATS = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 _NAMES = {v: k for k, v in _FLOATS.items()}
+
+
+_LOW = (mx.bfloat16, mx.float16)
+
+
+def _float32_kernel(back: bool = True) -> Callable[[Callable], Callable]:
+    """A composite whose kernel serves float32 only, given bfloat16/float16 inputs on the CPU with kernels on:
+    its float inputs widened to float32, the kernel run, the result rounded back to the input's dtype once
+    (`back`; the loss stays float32). MLX's own CPU ops in these dtypes are scalar-speed on x86 (measured at
+    the SmolLM2-135M shape, 256 rows: attention 17x, SwiGLU 56x, RMSNorm 5x float32's time), and the
+    activations are small beside the weights; statistics stay float32, as the reference bodies keep them."""
+    def wrap(method: Callable) -> Callable:
+        @functools.wraps(method)
+        def run(self: MLXBackend, *args: object, **kw: object) -> object:
+            low = next((a.dtype for a in args if isinstance(a, mx.array) and a.dtype in _LOW), None)
+            if low is None or self.kernels is None or not self.fused or mx.default_device() != mx.cpu:
+                return method(self, *args, **kw)
+            wide = [a.astype(mx.float32) if isinstance(a, mx.array) and a.dtype in _LOW else a for a in args]
+            out = method(self, *wide, **kw)
+            if not back:
+                return out
+            return tuple(o.astype(low) for o in out) if isinstance(out, tuple) else out.astype(low)
+        return run
+    return wrap
 
 
 class MLXBackend(Backend):
@@ -185,14 +210,22 @@ class MLXBackend(Backend):
                                     bits=bits)
         return y if bias is None else y + bias
 
+    @_float32_kernel()
     def gelu(self, x: Array) -> Array:
         K = self._kernel(x)  # the base class's pinned value and derivative, in one kernel
         return super().gelu(x) if K is None else K.gelu(x)
 
+    @_float32_kernel()
     def gelu_tanh(self, x: Array) -> Array:
         K = self._kernel(x)
         return super().gelu_tanh(x) if K is None else K.gelu(x, True)
 
+    @_float32_kernel()
+    def lora(self, x: Array, a: Array, b: Array, scale: float) -> Array:
+        # bf16: (x @ a) @ b by BLAS in float32 (MLX's own bf16 matmul: 2.5x slower per adapter, 7 per block)
+        return super().lora(x, a, b, scale)
+
+    @_float32_kernel()
     def swiglu(self, gate: Array, up: Array) -> Array:
         K = self._kernel(gate, up)
         if K is None or gate.shape != up.shape:
@@ -224,6 +257,19 @@ class MLXBackend(Backend):
             return K.linear_lowp(x, weight, bias)
         return super().linear(x, weight, bias)
 
+    def matmul_t(self, x: Array, weight: Array) -> Array:
+        """x @ weight.T: the kernel reads the weight's rows in place with float32 sums. bf16/f16: MLX's own
+        CPU matmul in these dtypes is scalar-speed on x86 (the tied head was 40% of a bf16 decode token, and
+        16x float32's time at 256 rows); float32 at a few rows: MLX's BLAS call read the (V, C) head at a
+        third of the memory's rate (more rows: the same sgemm either way)."""
+        K = self.kernels if self.fused and mx.default_device() == mx.cpu else None
+        if (K is not None and hasattr(K, "matmul_t_lowp") and weight.dtype in (*_LOW, mx.float32)
+                and x.ndim >= 1 and weight.ndim == 2 and x.shape[-1] == weight.shape[1]
+                and x.dtype in (mx.float32, weight.dtype)):
+            return K.matmul_t_lowp(x, weight)
+        return super().matmul_t(x, weight)
+
+    @_float32_kernel()
     def rope(self, x: Array, cos: Array, sin: Array) -> Array:
         K = self._kernel(x, cos, sin)
         if K is None or cos.ndim != 2 or cos.shape != sin.shape or x.ndim < 2 \
@@ -231,6 +277,7 @@ class MLXBackend(Backend):
             return super().rope(x, cos, sin)
         return K.rope(x, cos, sin)
 
+    @_float32_kernel()
     def layer_norm(self, x: Array, weight: Array, bias: Array | None, eps: float = 1e-5) -> Array:
         if not self.fused:
             return super().layer_norm(x, weight, bias, eps)
@@ -239,6 +286,7 @@ class MLXBackend(Backend):
             return K.layer_norm(x, weight, bias, eps)
         return mx.fast.layer_norm(x, weight, bias, eps)
 
+    @_float32_kernel()
     def rms_norm(self, x: Array, weight: Array, eps: float = 1e-5) -> Array:
         if not self.fused:
             return super().rms_norm(x, weight, eps)
@@ -256,6 +304,7 @@ class MLXBackend(Backend):
             return None
         return K
 
+    @_float32_kernel()
     def add_layer_norm(self, x: Array, y: Array, weight: Array, bias: Array | None,
                        eps: float = 1e-5) -> tuple[Array, Array]:
         # One pass writes the sum and its norm; the backward adds the residual's gradient in the same pass.
@@ -264,12 +313,14 @@ class MLXBackend(Backend):
             return super().add_layer_norm(x, y, weight, bias, eps)
         return K.add_layer_norm(x, y, weight, bias, eps)
 
+    @_float32_kernel()
     def add_rms_norm(self, x: Array, y: Array, weight: Array, eps: float = 1e-5) -> tuple[Array, Array]:
         K = self._add_norm_kernel(x, y, weight, None)
         if K is None:
             return super().add_rms_norm(x, y, weight, eps)
         return K.add_rms_norm(x, y, weight, eps)
 
+    @_float32_kernel()
     def attention(self, q: Array, k: Array, v: Array, mask: Array | None,
                   dropout: Array | None = None, softcap: float = 0.0) -> Array:
         if softcap:  # neither fused path soft-caps the scores
@@ -287,6 +338,7 @@ class MLXBackend(Backend):
             return super().attention(q, k, v, mask, dropout)
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 
+    @_float32_kernel(back=False)
     def cross_entropy(self, logits: Array, targets: Array, weights: Array | None = None) -> Array:
         K = self._kernel(logits)
         if K is None:

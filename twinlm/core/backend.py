@@ -241,6 +241,11 @@ class Backend:
         y = x @ weight
         return y if bias is None else y + bias
 
+    def matmul_t(self, x: Array, weight: Array) -> Array:
+        """x @ weight.T for a weight stored (n_out, n_in), as the tied head reads the token embedding
+        (`h @ wte.T`): x (..., n_in) -> (..., n_out). An adapter may read the weight's rows in place."""
+        return x @ self.transpose(weight, (1, 0))
+
     def quantized_linear(self, x: Array, qweight: Array, scales: Array, biases: Array, bias: Array | None,
                          bits: int, group_size: int) -> Array:
         """A quantized linear layer (`core.quant`): x (..., n_in) @ dequantize(...).T (+ bias). Its weights

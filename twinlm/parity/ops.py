@@ -16,8 +16,9 @@ from twinlm.core.backend import RMS_NORM_EPS, Array, Backend
 from twinlm.parity.checks import FORWARD_TOL, GRAD_TOL, Check, Tolerance, compare
 
 COMPOSITES = ("erf", "custom_grad", "gelu", "gelu_tanh", "sigmoid", "silu", "swiglu", "linear", "lora",
-              "rope", "repeat_kv", "softmax", "log_softmax", "layer_norm", "rms_norm", "attention",
-              "cross_entropy", "add_layer_norm", "add_rms_norm", "quantized_linear", "quantized_take")
+              "matmul_t", "rope", "repeat_kv", "softmax", "log_softmax", "layer_norm", "rms_norm",
+              "attention", "cross_entropy", "add_layer_norm", "add_rms_norm", "quantized_linear",
+              "quantized_take")
 
 
 @dataclass(frozen=True)
@@ -205,6 +206,8 @@ def op_cases(seed: int = 0) -> list[OpCase]:
                lambda x, y, w: np.concatenate([x + y, _np_rms_norm(x + y, w)], axis=-1),
                (xn, normal(2, 3, 8), w), (0, 1, 2), composite="add_rms_norm"),
         *_quant_cases(normal),  # last again: the cases above keep their draws
+        OpCase("matmul_t", lambda B, x, w: B.matmul_t(x, w), lambda x, w: x @ w.T,
+               (normal(2, 3, 4), normal(5, 4)), (0, 1), composite="matmul_t"),  # the tied head, (V, C) weight
     ]
 
 

@@ -27,6 +27,7 @@ MODULE = "_twinlm_kernels"
 HERE = Path(__file__).resolve().parent
 # The composites each kernel serves (what `doctor` lists as active).
 KERNELS = ("linear (sgemm onto the bias)", "linear over bfloat16/float16 weights",
+           "matmul_t: x @ W.T over bfloat16/float16 weights (the tied head)",
            "quantized_matmul (int8/int4 GEMV, dequantized tiles + sgemm)", "embedding (gather, scatter-add)",
            "gelu", "gelu_tanh", "swiglu", "rope", "layer_norm", "rms_norm", "attention (masked softmax)",
            "cross_entropy")

@@ -89,7 +89,7 @@ def lm_logits(B: Backend, cfg: ModelConfig, p: L.Params, h: Array) -> Array:
     if "wte.qweight" in p:  # quantized (quant_embedding): the table is the head's transposed weight
         return B.quantized_linear(h, p["wte.qweight"], p["wte.scales"], p["wte.biases"], p["mlm.bias"],
                                   cfg.quant_bits, cfg.quant_group_size)
-    return h @ B.transpose(p["wte.weight"], (1, 0)) + p["mlm.bias"]
+    return B.matmul_t(h, p["wte.weight"]) + p["mlm.bias"]
 
 
 def pooled(B: Backend, cfg: ModelConfig, p: L.Params, h: Array, pool: Array) -> Array:

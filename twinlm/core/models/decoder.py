@@ -147,13 +147,13 @@ def hidden(B: Backend, cfg: ModelConfig, p: L.Params, idx: Array, *, dropout: di
 
 
 def lm_logits(B: Backend, cfg: ModelConfig, p: L.Params, h: Array) -> Array:
-    name = "wte" if cfg.tie_embeddings else "head"
-    if f"{name}.qweight" in p:  # quantized (quant_embedding): the table is the head's transposed weight
-        logits = B.quantized_linear(h, p[f"{name}.qweight"], p[f"{name}.scales"], p[f"{name}.biases"], None,
+    if not cfg.tie_embeddings:  # a linear layer (C, V), quantized or not
+        logits = L.linear(B, cfg, p, "head", h)
+    elif "wte.qweight" in p:  # quantized (quant_embedding): the table is the head's transposed weight
+        logits = B.quantized_linear(h, p["wte.qweight"], p["wte.scales"], p["wte.biases"], None,
                                     cfg.quant_bits, cfg.quant_group_size)
-    else:
-        head = B.transpose(p["wte.weight"], (1, 0)) if cfg.tie_embeddings else p["head.weight"]
-        logits = h @ head
+    else:  # B.matmul_t: the tied embedding read in its (V, C) layout
+        logits = B.matmul_t(h, p["wte.weight"])
     if cfg.final_softcap:  # Gemma 2: cap * tanh(logits / cap)
         logits = B.tanh(logits * (1.0 / cfg.final_softcap)) * cfg.final_softcap
     return logits

@@ -89,6 +89,15 @@ NB_MODULE(_twinlm_kernels, m) {
         "tests only: a deliberately wrong linear_lowp (1: bf16 from the low half, 2: f16 read as bf16, 3: no db)");
   m.def("_lowp_isa", &twinlm::lowp_isa, "level"_a = -1,
         "linear_lowp's vector code (0 portable, 1 AVX2+FMA+F16C, 2 AVX-512F); level >= 0 caps it (tests)");
+  m.def("matmul_t_lowp", [](const mx::array& x, const mx::array& w, mx::StreamOrDevice s) {
+          return twinlm::matmul_t_lowp(x, w, 0, s);
+        }, "x"_a, "weight"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "x @ weight.T for a bfloat16/float16/float32 weight (N, K) (x float32 or the weight's dtype), summed in "
+        "float32, the result in x's dtype, with its VJP (dx and dw)");
+  m.def("_matmul_t_lowp_faulty", &twinlm::matmul_t_lowp, "x"_a, "weight"_a, "fault"_a, nb::kw_only(),
+        "stream"_a = nb::none(),
+        "tests only: a deliberately wrong matmul_t_lowp (1: bf16 from the low half, 2: f16 read as bf16, "
+        "4: each row of the weight read at its neighbour's offset)");
   m.attr("LOWP_GEMV_ROWS") = twinlm::LOWP_GEMV_ROWS;
   m.attr("LOWP_GEMV_MAX_ROWS") = twinlm::LOWP_GEMV_MAX_ROWS;
 

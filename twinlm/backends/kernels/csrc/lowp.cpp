@@ -16,6 +16,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -449,6 +450,331 @@ void LinearLowpGrad::eval_cpu(const std::vector<mx::array>& in, std::vector<mx::
 bool LinearLowpGrad::is_equivalent(const mx::Primitive& other) const {
   auto& o = static_cast<const LinearLowpGrad&>(other);
   return dx_ == o.dx_ && dw_ == o.dw_ && db_ == o.db_ && fault_ == o.fault_;
+}
+
+}  // namespace twinlm
+
+// ---- matmul_t_lowp: x @ w.T over a (N, K) bfloat16 / float16 / float32 weight (see lowp.h) --------------------
+namespace twinlm {
+
+namespace {
+
+constexpr size_t NB_T = 64;  // rows of w per block: 64 x K x 2 bytes (72 KB at K = 576) stays in L2 for every
+                             // group of x's rows
+constexpr int WBF16 = 0, WF16 = 1, WF32 = 2;  // the weight's element type (template argument T)
+
+template <int T>
+using WType = std::conditional_t<T == WF32, float, uint16_t>;
+
+template <int T>
+inline float widen1(WType<T> v) {
+  if constexpr (T == WF32) return v;
+  else if constexpr (T == WF16) return f16_f32(v);
+  else return bf16_f32(v);
+}
+
+// Row n of w as the kernel reads it: fault 4 reads the neighbouring row (a mixed-up index).
+template <class W>
+inline const W* wrow(const W* w, size_t n, size_t K, size_t N, int fault) {
+  return w + (fault == 4 ? (n + 1) % N : n) * K;
+}
+
+// y[m, n] = x[m] . w[n] for m < M, n in [n0, n1): each row of w widened once into `buf`, then M dots.
+template <int T>
+void dots_portable(const float* x, size_t M, size_t K, const void* wv, size_t N, int fault, float* y, size_t n0,
+                   size_t n1, float* buf) {
+  const WType<T>* w = static_cast<const WType<T>*>(wv);
+  for (size_t n = n0; n < n1; n++) {
+    const WType<T>* wr = wrow(w, n, K, N, fault);
+    if constexpr (T == WF32) std::memcpy(buf, wr, K * sizeof(float));
+    else widen_portable(wr, buf, K, T == WF16, fault == 4 ? 0 : fault);
+    for (size_t m = 0; m < M; m++) {
+      const float* xr = x + m * K;
+      float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+      for (size_t k = 0; k < K; k++) s += xr[k] * buf[k];
+      y[m * N + n] = s;
+    }
+  }
+}
+
+#ifdef TWL_LOWP_X86
+TWL_AVX2 inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <int T>
+TWL_AVX2 inline __m256 loadw8(const WType<T>* p) {
+  if constexpr (T == WF32) return _mm256_loadu_ps(p);
+  else return load8<T == WF16>(p);
+}
+
+template <int T>
+TWL_AVX512 inline __m512 loadw16(const WType<T>* p) {
+  if constexpr (T == WF32) return _mm512_loadu_ps(p);
+  else return load16<T == WF16>(p);
+}
+
+// MR rows of x against NR rows of w from n: MR * NR sums of 8 lanes, the K % 8 tail in scalar.
+template <int T, int MR, int NR>
+TWL_AVX2 void dots_avx2(const float* x, size_t K, const void* w, size_t N, float* y, size_t n) {
+  __m256 acc[MR][NR];
+#pragma GCC unroll 4
+  for (int m = 0; m < MR; m++) {
+#pragma GCC unroll 4
+    for (int r = 0; r < NR; r++) acc[m][r] = _mm256_setzero_ps();
+  }
+  const WType<T>* wr = static_cast<const WType<T>*>(w) + n * K;
+  size_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 wv[NR];
+#pragma GCC unroll 4
+    for (int r = 0; r < NR; r++) wv[r] = loadw8<T>(wr + r * K + k);
+#pragma GCC unroll 4
+    for (int m = 0; m < MR; m++) {
+      __m256 xv = _mm256_loadu_ps(x + m * K + k);
+#pragma GCC unroll 4
+      for (int r = 0; r < NR; r++) acc[m][r] = _mm256_fmadd_ps(xv, wv[r], acc[m][r]);
+    }
+  }
+  for (int m = 0; m < MR; m++) {
+    for (int r = 0; r < NR; r++) {
+      float s = hsum8(acc[m][r]);
+      for (size_t t = k; t < K; t++) s += x[m * K + t] * widen1<T>(wr[r * K + t]);
+      y[m * N + n + r] = s;
+    }
+  }
+}
+
+template <int T, int MR, int NR>
+TWL_AVX512 void dots_avx512(const float* x, size_t K, const void* w, size_t N, float* y, size_t n) {
+  __m512 acc[MR][NR];
+#pragma GCC unroll 4
+  for (int m = 0; m < MR; m++) {
+#pragma GCC unroll 4
+    for (int r = 0; r < NR; r++) acc[m][r] = _mm512_setzero_ps();
+  }
+  const WType<T>* wr = static_cast<const WType<T>*>(w) + n * K;
+  size_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m512 wv[NR];
+#pragma GCC unroll 4
+    for (int r = 0; r < NR; r++) wv[r] = loadw16<T>(wr + r * K + k);
+#pragma GCC unroll 4
+    for (int m = 0; m < MR; m++) {
+      __m512 xv = _mm512_loadu_ps(x + m * K + k);
+#pragma GCC unroll 4
+      for (int r = 0; r < NR; r++) acc[m][r] = _mm512_fmadd_ps(xv, wv[r], acc[m][r]);
+    }
+  }
+  for (int m = 0; m < MR; m++) {
+    for (int r = 0; r < NR; r++) {
+      float s = _mm512_reduce_add_ps(acc[m][r]);
+      for (size_t t = k; t < K; t++) s += x[m * K + t] * widen1<T>(wr[r * K + t]);
+      y[m * N + n + r] = s;
+    }
+  }
+}
+
+// Rows [n0, n1) of w against MR rows of x: 4 rows of w at a time, then one at a time.
+template <int T, int MR, bool AVX512>
+void dots_rows_x86(const float* x, size_t K, const void* w, size_t N, float* y, size_t n0, size_t n1) {
+  size_t n = n0;
+  for (; n + 4 <= n1; n += 4) {
+    if constexpr (AVX512) dots_avx512<T, MR, 4>(x, K, w, N, y, n);
+    else dots_avx2<T, MR, 4>(x, K, w, N, y, n);
+  }
+  for (; n < n1; n++) {
+    if constexpr (AVX512) dots_avx512<T, MR, 1>(x, K, w, N, y, n);
+    else dots_avx2<T, MR, 1>(x, K, w, N, y, n);
+  }
+}
+
+using DotsFn = void (*)(const float*, size_t, const void*, size_t, float*, size_t, size_t);
+
+template <int T>
+DotsFn pick_dots(int isa, int mr) {
+  if (isa == 2) {  // 32 zmm: 4 x 4 sums + 4 weights + 1 x
+    switch (mr) {
+      case 1: return &dots_rows_x86<T, 1, true>;
+      case 2: return &dots_rows_x86<T, 2, true>;
+      case 3: return &dots_rows_x86<T, 3, true>;
+      default: return &dots_rows_x86<T, 4, true>;
+    }
+  }
+  return mr == 1 ? &dots_rows_x86<T, 1, false> : &dots_rows_x86<T, 2, false>;  // 16 ymm: 2 x 4 + 4 + 1
+}
+#endif  // TWL_LOWP_X86
+
+// y[:, n0:n1] for all M rows of x: blocks of NB_T rows of w, each read from memory once and by every group of
+// x's rows from cache.
+void dots_rows(int isa, const float* x, size_t M, size_t K, const void* w, size_t N, int T, int fault, float* y,
+               size_t n0, size_t n1) {
+#ifdef TWL_LOWP_X86
+  if (isa > 0 && fault == 0) {
+    size_t mr_max = isa == 2 ? 4 : 2;
+    for (size_t b0 = n0; b0 < n1; b0 += NB_T) {
+      size_t b1 = std::min(n1, b0 + NB_T);
+      for (size_t m0 = 0; m0 < M; m0 += mr_max) {
+        int mr = (int)std::min(mr_max, M - m0);
+        DotsFn fn = T == WF32 ? pick_dots<WF32>(isa, mr) : T == WF16 ? pick_dots<WF16>(isa, mr)
+                                                                     : pick_dots<WBF16>(isa, mr);
+        fn(x + m0 * K, K, w, N, y + m0 * N, b0, b1);
+      }
+    }
+    return;
+  }
+#endif
+  std::unique_ptr<float[]> buf(new float[std::max<size_t>(K, 1)]);
+  if (T == WF32) dots_portable<WF32>(x, M, K, w, N, fault, y, n0, n1, buf.get());
+  else if (T == WF16) dots_portable<WF16>(x, M, K, w, N, fault, y, n0, n1, buf.get());
+  else dots_portable<WBF16>(x, M, K, w, N, fault, y, n0, n1, buf.get());
+}
+
+// Rows [n0, n1) of a bf16/f16 w (N, K) as float32 into out (n1 - n0, K), split over the pool.
+void widen_rows_t(int isa, const uint16_t* w, size_t N, size_t K, size_t n0, size_t n1, bool f16, int fault,
+                  float* out) {
+  if (fault != 4) return widen_rows(isa, w, K, n0, n1, f16, fault, out);
+  for (size_t n = n0; n < n1; n++) widen_portable(wrow(w, n, K, N, fault), out + (n - n0) * K, K, f16, 0);
+}
+
+// A float32 w as the kernel reads it: itself, or (fault 4) a copy with each row its neighbour.
+const float* rows_f32(const float* w, size_t N, size_t K, int fault, std::unique_ptr<float[]>& copy) {
+  if (fault != 4) return w;
+  copy.reset(new float[N * K]);
+  for (size_t n = 0; n < N; n++) std::memcpy(copy.get() + n * K, wrow(w, n, K, N, fault), K * sizeof(float));
+  return copy.get();
+}
+
+int weight_type(mx::Dtype d) { return d == mx::float32 ? WF32 : d == mx::float16 ? WF16 : WBF16; }
+
+}  // namespace
+
+mx::array matmul_t_lowp(const mx::array& x, const mx::array& w, int fault, mx::StreamOrDevice s) {
+  auto stream = cpu_stream(s);
+  if (x.ndim() < 1 || w.ndim() != 2 || x.shape(-1) != w.shape(1)) {
+    throw std::invalid_argument("matmul_t_lowp: x (..., K) and weight (N, K)");
+  }
+  if (!lowp_dtype(w.dtype()) && w.dtype() != mx::float32) {
+    throw std::invalid_argument("matmul_t_lowp: the weight must be bfloat16, float16 or float32, not " +
+                                dtype_name(w.dtype()));
+  }
+  if (x.dtype() != mx::float32 && x.dtype() != w.dtype()) {
+    throw std::invalid_argument("matmul_t_lowp: x must be float32 or the weight's dtype (" + dtype_name(w.dtype()) +
+                                "), not " + dtype_name(x.dtype()));
+  }
+  if (x.size() >= (size_t)INT32_MAX || w.size() >= (size_t)INT32_MAX) {
+    throw std::invalid_argument("matmul_t_lowp: too large for 32-bit BLAS sizes");
+  }
+  // As linear_lowp: float32 activations in (astype's VJP casts their gradient back), the result rounded to x's
+  // dtype once.
+  std::vector<mx::array> inputs = {mx::contiguous(mx::astype(x, mx::float32, stream), false, stream),
+                                   mx::contiguous(w, false, stream)};
+  auto shape = x.shape();
+  shape.back() = w.shape(0);
+  auto y = mx::array(shape, mx::float32, std::make_shared<MatmulTLowp>(stream, fault), inputs);
+  return x.dtype() == mx::float32 ? y : mx::astype(y, x.dtype(), stream);
+}
+
+void MatmulTLowp::eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) {
+  allocate(out[0]);
+  size_t N = in[1].shape(0), K = in[1].shape(1);
+  size_t M = K ? in[0].size() / K : out[0].size() / std::max<size_t>(N, 1);
+  const void* w = in[1].data<uint8_t>();
+  launch(stream(), [x = in[0].data<float>(), w, y = out[0].data<float>(), M, K, N, T = weight_type(in[1].dtype()),
+                    fault = fault_, isa = g_isa] {
+    if (M == 0 || N == 0) return;
+    if (K == 0) {
+      std::memset(y, 0, M * N * sizeof(float));
+      return;
+    }
+    if (M <= (size_t)LOWP_GEMV_MAX_ROWS) {  // the weight read once, no float32 copy of it
+      parallel_rows(N, K * M, [&](int, size_t n0, size_t n1) {
+        dots_rows(isa, x, M, K, w, N, T, fault, y, n0, n1);
+      });
+      return;
+    }
+    if (T == WF32) {  // one sgemm, transposed B
+      std::unique_ptr<float[]> copy;
+      const float* w32 = rows_f32(static_cast<const float*>(w), N, K, fault, copy);
+      sgemm(false, true, M, N, K, x, K, w32, K, 0.0f, y, N);
+      return;
+    }
+    const uint16_t* w16 = static_cast<const uint16_t*>(w);
+    size_t nb = block_rows(N, K);
+    std::unique_ptr<float[]> tile(new float[nb * K]);
+    for (size_t n0 = 0; n0 < N; n0 += nb) {
+      size_t n1 = std::min(N, n0 + nb);
+      widen_rows_t(isa, w16, N, K, n0, n1, T == WF16, fault, tile.get());
+      sgemm(false, true, M, n1 - n0, K, x, K, tile.get(), K, 0.0f, y + n0, N);
+    }
+  });
+}
+
+std::vector<mx::array> MatmulTLowp::vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cot,
+                                        const std::vector<int>& argnums, const std::vector<mx::array>&) {
+  const auto& x = primals[0];
+  const auto& w = primals[1];
+  auto g = mx::contiguous(mx::astype(cot[0], mx::float32, stream()), false, stream());
+  bool want[2] = {false, false};
+  for (int a : argnums) want[a] = true;
+  std::vector<mx::Shape> shapes;
+  for (int i = 0; i < 2; i++) {
+    if (want[i]) shapes.push_back(primals[i].shape());
+  }
+  auto grads = mx::array::make_arrays(shapes, std::vector<mx::Dtype>(shapes.size(), mx::float32),
+                                      std::make_shared<MatmulTLowpGrad>(stream(), want[0], want[1], fault_),
+                                      {x, w, g});
+  std::vector<mx::array> result;
+  for (int a : argnums) {
+    int slot = a == 1 && want[0] ? 1 : 0;
+    result.push_back(a == 1 ? mx::astype(grads[slot], w.dtype(), stream()) : grads[slot]);  // dw rounded once
+  }
+  return result;
+}
+
+bool MatmulTLowp::is_equivalent(const mx::Primitive& other) const {
+  return fault_ == static_cast<const MatmulTLowp&>(other).fault_;
+}
+
+// dx = g w over widened blocks of w's rows (a float32 w: one sgemm), accumulated by the sgemm (beta = 1 after the
+// first block); dw = g^T x as one sgemm in float32.
+void MatmulTLowpGrad::eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) {
+  for (auto& o : out) allocate(o);
+  size_t N = in[1].shape(0), K = in[1].shape(1), M = N ? in[2].size() / N : 0;
+  int slot = 0;
+  float* dx = dx_ ? out[slot++].data<float>() : nullptr;
+  float* dw = dw_ ? out[slot++].data<float>() : nullptr;
+  const void* w = in[1].data<uint8_t>();
+  launch(stream(), [x = in[0].data<float>(), w, g = in[2].data<float>(), dx, dw, M, K, N,
+                    T = weight_type(in[1].dtype()), fault = fault_, isa = g_isa] {
+    bool empty = M == 0 || N == 0 || K == 0;
+    if (dx && !empty && T == WF32) {
+      std::unique_ptr<float[]> copy;
+      const float* w32 = rows_f32(static_cast<const float*>(w), N, K, fault, copy);
+      sgemm(false, false, M, K, N, g, N, w32, K, 0.0f, dx, K);
+    } else if (dx && !empty) {
+      size_t nb = block_rows(N, K);
+      std::unique_ptr<float[]> tile(new float[nb * K]);
+      for (size_t n0 = 0; n0 < N; n0 += nb) {
+        size_t n1 = std::min(N, n0 + nb);
+        widen_rows_t(isa, static_cast<const uint16_t*>(w), N, K, n0, n1, T == WF16, fault, tile.get());
+        sgemm(false, false, M, K, n1 - n0, g + n0, N, tile.get(), K, n0 ? 1.0f : 0.0f, dx, K);
+      }
+    } else if (dx) {
+      std::memset(dx, 0, M * K * sizeof(float));
+    }
+    if (dw && !empty) sgemm(true, false, N, K, M, g, N, x, K, 0.0f, dw, K);
+    else if (dw) std::memset(dw, 0, N * K * sizeof(float));
+  });
+}
+
+bool MatmulTLowpGrad::is_equivalent(const mx::Primitive& other) const {
+  auto& o = static_cast<const MatmulTLowpGrad&>(other);
+  return dx_ == o.dx_ && dw_ == o.dw_ && fault_ == o.fault_;
 }
 
 }  // namespace twinlm

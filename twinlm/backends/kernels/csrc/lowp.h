@@ -54,4 +54,39 @@ class LinearLowpGrad : public CpuPrimitive {  // x, w, g (float32 but w) -> the 
   int fault_;
 };
 
+// x (..., K) float32 | bfloat16 | float16, w (N, K) bfloat16 | float16 | float32 row-major: x @ w.T, (..., N)
+// in x's dtype (the tied head `h @ wte.T`: each output is the dot of a row of x with a contiguous row of w).
+// Rows M <= LOWP_GEMV_MAX_ROWS: dot products over blocks of w's rows, up to 4 rows of w and 4 (AVX2: 2) rows of
+// x at a time, the block re-read from cache by each group of x's rows (MLX's float32 BLAS call at one row reads
+// the (V, C) head at a third of the memory's rate); more rows: blocks of a bf16/f16 w widened to a float32 tile
+// and one sgemm (transposed B) per block, a float32 w one sgemm. The VJP gives dx (x's dtype) and dw (w's dtype,
+// float32-accumulated: full fine-tuning trains a tied embedding). `fault`: tests' negative controls only (1 and 2
+// as linear_lowp; 4: each row of w read at a neighbour's offset, a transposition-like mix-up).
+mx::array matmul_t_lowp(const mx::array& x, const mx::array& w, int fault = 0, mx::StreamOrDevice s = {});
+
+class MatmulTLowp : public CpuPrimitive {  // x (M, K) float32, w (N, K) bf16|f16|f32 -> (M, N) float32
+ public:
+  MatmulTLowp(mx::Stream s, int fault) : CpuPrimitive(s), fault_(fault) {}
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override;
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override;
+  const char* name() const override { return "TwinlmMatmulTLowp"; }
+  bool is_equivalent(const mx::Primitive& other) const override;
+
+ private:
+  int fault_;
+};
+
+class MatmulTLowpGrad : public CpuPrimitive {  // x, w, g (float32 but w) -> the wanted ones of dx, dw (float32)
+ public:
+  MatmulTLowpGrad(mx::Stream s, bool dx, bool dw, int fault) : CpuPrimitive(s), dx_(dx), dw_(dw), fault_(fault) {}
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override;
+  const char* name() const override { return "TwinlmMatmulTLowpGrad"; }
+  bool is_equivalent(const mx::Primitive& other) const override;
+
+ private:
+  bool dx_, dw_;
+  int fault_;
+};
+
 }  // namespace twinlm
