@@ -37,10 +37,10 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 CASES = {"qwen-lora": ("Qwen2ForCausalLM", "qwen2", 8), "smol-full": ("LlamaForCausalLM", "llama", None)}
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_ANSI = re.compile(r"\x1b\[(K|.*?m)")  # (tinygrad's ansistrip)
 # "*** CPU     12 r_4_32_...  arg  3 mem   0.10 GB tm    123.45us/    1.23ms (   12 GFLOPS    3|4      GB/s)"
 _KERNEL = re.compile(r"^\*\*\* \S+\s+\d+ (?P<name>.+?)\s+arg\s+\d+ mem\s+[\d.]+ GB "
-                     r"tm\s+(?P<tm>[\d.]+)(?P<unit>us|ms|s)/"
+                     r"tm\s+(?P<tm>[\d.]+)(?P<unit>us|ms|s)\s*/"
                      r".*?\(\s*(?P<gflops>[\d.]+) GFLOPS\s+(?P<gbs>[\d.]+)\|")
 
 
@@ -193,6 +193,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--small", action="store_true", help="tiny shapes, batch 2 x 32 (seconds)")
     ap.add_argument("--parts", default="step,kernels,gemm")
     ap.add_argument("--gemm-repeats", type=int, default=2)
+    ap.add_argument("--step-backends", default="mlx,tinygrad",
+                    help="backends timed without DEBUG (the kernels part also times tinygrad's step)")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds per child process")
     ap.add_argument("--out", help="write the JSON record here")
     ap.add_argument("--child-step", help=argparse.SUPPRESS)
     ap.add_argument("--child-profile", action="store_true", help=argparse.SUPPRESS)
@@ -220,17 +223,22 @@ def main(argv: list[str] | None = None) -> None:
           f"batch {args.batch} x {args.seq}; load average {rec['load_start']:.1f}")
     if "step" in parts:
         rec["step"] = {}
-        for backend in ("mlx", "tinygrad"):
-            out = child(["--child-step", backend, *common])
+        for backend in args.step_backends.split(","):
+            out = child(["--child-step", backend, *common], timeout=args.timeout)
             r = json.loads(out.split("@@json ", 1)[1].splitlines()[0])
             timed = r["times"][args.warmup:]
             rec["step"][backend] = {"first_s": round(r["times"][0], 2), "s_per_step": round(min(timed), 3)}
             print(f"step {backend:>8}: first (compile) {r['times'][0]:.1f} s, then {min(timed):.3f} s/step "
                   f"(best of {len(timed)})")
     if "kernels" in parts:
-        out = child(["--child-step", "tinygrad", "--child-profile", *common], {"DEBUG": "2"})
+        out = child(["--child-step", "tinygrad", "--child-profile", *common], {"DEBUG": "2"}, args.timeout)
+        if args.out:  # the raw DEBUG=2 lines, for any other grouping
+            Path(args.out).with_suffix(".debug.txt").write_text(out)
         rec["kernels"] = k = kernel_classes(out)
-        print(f"tinygrad kernels of one step (DEBUG=2): {k['total_s']:.2f} s")
+        times = json.loads(out.split("@@json ", 1)[1].splitlines()[0])["times"]
+        k["first_s"], k["profiled_step_s"] = round(times[0], 2), round(times[-1], 2)
+        print(f"tinygrad, one step under DEBUG=2 (after {args.warmup} warm-up, the first {times[0]:.1f} s): "
+              f"{times[-1]:.2f} s wall, {k['total_s']:.2f} s in kernels")
         for kind, c in sorted(k["classes"].items(), key=lambda kv: -kv[1]["seconds"]):
             print(f"  {kind:<12} {c['kernels']:>5} kernels {c['seconds']:>8.3f} s {100 * c['share']:>5.1f}% "
                   f"{c['gflops']:>7.1f} GFLOP/s")
@@ -238,7 +246,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"    {t['seconds']:>8.4f} s {t['kind']:<11} {t['gflops']:>6.0f} GFLOP/s {t['name']}")
     if "gemm" in parts:
         shapes = gemm_shapes(cfg, args.batch * args.seq)
-        out = child(["--child-gemm", json.dumps(shapes), "--gemm-repeats", str(args.gemm_repeats), *common])
+        out = child(["--child-gemm", json.dumps(shapes), "--gemm-repeats", str(args.gemm_repeats), *common],
+                    timeout=args.timeout)
         rows = [json.loads(line[7:]) for line in out.splitlines() if line.startswith("@@gemm ")]
         rec["gemm"] = rows
         print(f"{'GEMM (M x K x N)':<34} {'per step':>8} {'tinygrad':>9} {'MLX':>9} {'numpy':>9}  GFLOP/s")
