@@ -36,11 +36,11 @@ def growth(out):
     import_hf(folder, out)
     return status('VmHWM') - base
 
-tensorfile._COPY_CHUNK = 2**20
+tensorfile.COPY_CHUNK = 2**20
 folder, work = Path(sys.argv[1]), Path(sys.argv[2])
 import_hf(folder, work / 'warm')
 stream = growth(work / 'stream')
-tensorfile._copy_releasing = whole
+tensorfile.copy_releasing = whole
 print(json.dumps({'stream': stream, 'whole': growth(work / 'whole')}))
 """
 

@@ -162,7 +162,7 @@ def dumps(arrays: dict[str, np.ndarray], consume: bool = False,
     view[:at] = np.frombuffer(struct.pack("<Q", len(head)) + head, np.uint8)
     for k in sorted(ready):
         n = ready[k].nbytes
-        _copy_releasing(view[at:at + n], ready[k].reshape(-1).view(np.uint8))
+        copy_releasing(view[at:at + n], ready[k].reshape(-1).view(np.uint8))
         if consume:
             del ready[k], arrays[k]
             if n >= 2**20:
@@ -171,10 +171,10 @@ def dumps(arrays: dict[str, np.ndarray], consume: bool = False,
     return out
 
 
-_COPY_CHUNK = 64 * 2**20
+COPY_CHUNK = 64 * 2**20
 
 
-def _copy_releasing(dst: np.ndarray, src: np.ndarray) -> None:
+def copy_releasing(dst: np.ndarray, src: np.ndarray) -> None:
     """dst[:] = src (flat uint8), where `src` is a view of a read-only file mapping (an import's
     untransposed tensors: a 1B model's 1 GB embedding) in chunks, each chunk's mapped pages released once
     copied: copied whole, the source's pages and the growing buffer would both be resident, and the peak of
@@ -182,8 +182,8 @@ def _copy_releasing(dst: np.ndarray, src: np.ndarray) -> None:
     if not is_mapped(src):
         dst[:] = src
         return
-    for lo in range(0, src.size, _COPY_CHUNK):
-        part = src[lo:lo + _COPY_CHUNK]
+    for lo in range(0, src.size, COPY_CHUNK):
+        part = src[lo:lo + COPY_CHUNK]
         dst[lo:lo + part.size] = part
         release(part)
 
