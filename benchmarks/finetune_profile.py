@@ -58,7 +58,7 @@ def model_config(case: str, layers: int, small: bool) -> Any:
     return cfg.replace(lora_rank=lora) if lora else cfg
 
 
-def gemm_shapes(cfg: Any, tokens: int) -> list[dict[str, Any]]:
+def gemm_shapes(cfg: Any, tokens: int, only: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """(M, K, N) of each GEMM one training step runs per layer and once for the head: forward X @ W,
     backward dY @ W^T, and X^T @ dY where the weight itself trains (full fine-tuning, not LoRA)."""
     hs = cfg.head_size or cfg.d_model // cfg.n_head
@@ -68,6 +68,8 @@ def gemm_shapes(cfg: Any, tokens: int) -> list[dict[str, Any]]:
                ("head", cfg.d_model, cfg.vocab_size)]
     out = []
     for name, k, n in linears:
+        if only and name not in only:
+            continue
         per = 1 if name == "head" else cfg.n_layer
         out.append({"gemm": f"{name} fwd", "m": tokens, "k": k, "n": n, "count": per})
         out.append({"gemm": f"{name} dX", "m": tokens, "k": n, "n": k, "count": per})
@@ -193,6 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--small", action="store_true", help="tiny shapes, batch 2 x 32 (seconds)")
     ap.add_argument("--parts", default="step,kernels,gemm")
     ap.add_argument("--gemm-repeats", type=int, default=2)
+    ap.add_argument("--linears", default="", help="GEMMs of these linears only (qkv,o,gate_up,down,head)")
     ap.add_argument("--step-backends", default="mlx,tinygrad",
                     help="backends timed without DEBUG (the kernels part also times tinygrad's step)")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per child process")
@@ -245,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
         for t in k["top"]:
             print(f"    {t['seconds']:>8.4f} s {t['kind']:<11} {t['gflops']:>6.0f} GFLOP/s {t['name']}")
     if "gemm" in parts:
-        shapes = gemm_shapes(cfg, args.batch * args.seq)
+        shapes = gemm_shapes(cfg, args.batch * args.seq, tuple(n for n in args.linears.split(",") if n))
         out = child(["--child-gemm", json.dumps(shapes), "--gemm-repeats", str(args.gemm_repeats), *common],
                     timeout=args.timeout)
         rows = [json.loads(line[7:]) for line in out.splitlines() if line.startswith("@@gemm ")]
