@@ -69,3 +69,23 @@ def test_import_hf_holds_the_weights_about_once(tmp_path: Path) -> None:
     print(f"import-hf peak growth / weight bytes: streamed {stream:.2f}x, whole-tensor copy {whole:.2f}x")
     assert stream < 1.4, stream
     assert whole > 1.6, whole  # the measure can fail
+
+
+def test_to_backend_consume_empties_the_host_dict_and_keeps_the_values() -> None:
+    """`twinlm.load(FOLDER)` converts a folder's transposed host copies with consume=True, so each is freed
+    once on the backend; without it (a caller's own dict) nothing is taken away."""
+    import numpy as np
+
+    from twinlm.backends import get_backend
+    from twinlm.run_dir import to_backend
+
+    B = get_backend("numpy")
+    rng = np.random.default_rng(0)
+    host = {f"w{i}": rng.standard_normal((512, 512), np.float32) for i in range(3)}  # 1 MB each
+    want = {k: v.copy() for k, v in host.items()}
+    kept = to_backend(B, host)
+    assert set(host) == set(want)
+    out = to_backend(B, host, consume=True)
+    assert host == {}
+    for k, v in want.items():
+        assert np.array_equal(B.to_numpy(out[k]), v) and np.array_equal(B.to_numpy(kept[k]), v)
