@@ -11,6 +11,10 @@ peak RSS read from the kernel (`os.wait4`):
   loading, compiling or loading the decode graph, prefill) and its peak RSS / the float32 weights' size.
 `--twinlm DIR` runs another checkout's twinlm (e.g. a worktree of the commit before a change) on the
 same folders. Needs the [hf] extra (transformers, torch) to build the folders. Prints one table.
+
+`--folder DIR` measures an existing folder instead (read only; its imported run is deleted afterwards), e.g.
+a 4.9 GB float32 Llama-3.2-1B-shaped one; `--load` adds `twinlm.load(FOLDER)` and `twinlm.load(RUN)` per
+backend (the Python API: a folder's weights converted in memory, a run's read through its memory map).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -81,13 +86,18 @@ def build(shape: str, folder: Path, dtype: str, positions: int) -> Path:
     return folder
 
 
+_LOAD = "import sys, twinlm; print(twinlm.load(sys.argv[1], backend=sys.argv[2]))"
+
+
 def run(cmd: list[str], twinlm_root: Path) -> tuple[float, int, str]:
-    """(wall seconds, peak RSS bytes, stdout) of one twinlm command in its own process. Linux carries a
-    process's peak RSS across fork and exec, so the parent must stay small (it never imports torch)."""
+    """(wall seconds, peak RSS bytes, stdout) of one twinlm command in its own process (["load", PATH,
+    BACKEND]: `twinlm.load`). Linux carries a process's peak RSS across fork and exec, so the parent must
+    stay small (it never imports torch)."""
     env = {**os.environ, "PYTHONPATH": str(twinlm_root), "DEV": os.environ.get("DEV", "CPU")}
+    argv = ["-c", _LOAD, *cmd[1:]] if cmd[0] == "load" else ["-m", "twinlm.cli.main", *cmd]
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "twinlm.cli.main", *cmd], env=env, cwd=twinlm_root,
+        proc = subprocess.Popen([sys.executable, *argv], env=env, cwd=twinlm_root,
                                 stdout=out, stderr=err)
         _, status, usage = os.wait4(proc.pid, 0)  # reaped here, so its own peak RSS is ours to read
         wall = time.perf_counter() - t0
@@ -109,6 +119,9 @@ def main() -> None:
     ap.add_argument("--twinlm", type=Path, default=ROOT, help="the checkout whose twinlm runs")
     ap.add_argument("--work", type=Path, default=None, help="where the folders go (default: a temp dir)")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    ap.add_argument("--folder", type=Path, default=None,
+                    help="measure this existing folder (read only) instead of building --shape")
+    ap.add_argument("--load", action="store_true", help="also twinlm.load of the folder and of the run")
     ap.add_argument("--build", type=Path, default=None, help=argparse.SUPPRESS)  # the child that builds
     args = ap.parse_args()
     if args.build:
@@ -116,14 +129,14 @@ def main() -> None:
         return
     work = args.work or Path(tempfile.mkdtemp(prefix="twinlm-memory-"))
     rows = []
-    for dtype in args.dtype.split(","):
-        folder = work / f"{args.shape}-{dtype}"
+    for dtype in ["folder"] if args.folder else args.dtype.split(","):
+        folder = args.folder or work / f"{args.shape}-{dtype}"
         if not (folder / "config.json").exists():  # in a child: the parent stays small (see `run`)
             subprocess.run([sys.executable, "-m", "benchmarks.memory", "--shape", args.shape, "--positions",
                             str(args.positions), "--build", str(folder), "--dtype", dtype], check=True,
                            cwd=ROOT)
         file_bytes = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
-        out = work / f"run-{args.shape}-{dtype}-{os.getpid()}"
+        out = work / f"run-{folder.name if args.folder else args.shape}-{dtype}-{os.getpid()}"
         wall, rss, _ = run(["import-hf", str(folder), "--out", str(out)], args.twinlm)
         rows.append(dict(command="import-hf", dtype=dtype, wall_s=wall, peak_rss=rss, ref_bytes=file_bytes))
         state = next(out.glob("ckpt-*/state.safetensors"))
@@ -133,8 +146,15 @@ def main() -> None:
                                args.twinlm)
             rows.append(dict(command=f"sample -n 1 --backend {backend}", dtype=dtype, wall_s=wall,
                              peak_rss=rss, ref_bytes=weights))
-    print(f"shape {args.shape}" + (f", {args.positions} positions" if args.shape == "long" else "")
-          + f", twinlm from {args.twinlm}")
+            for what, path in (("folder", folder), ("run", out)) if args.load else ():
+                wall, rss, _ = run(["load", str(path), backend], args.twinlm)
+                rows.append(dict(command=f"twinlm.load({what}) {backend}", dtype=dtype, wall_s=wall,
+                                 peak_rss=rss, ref_bytes=weights))
+        if args.folder:  # (a real folder's run is as large as its weights)
+            shutil.rmtree(out)
+    what = f"folder {args.folder}" if args.folder else f"shape {args.shape}" + (
+        f", {args.positions} positions" if args.shape == "long" else "")
+    print(f"{what}, twinlm from {args.twinlm}")
     print(f"{'command':32} {'dtype':9} {'wall s':>7} {'peak RSS MB':>12} {'file/weights MB':>16} "
           f"{'ratio':>6}")
     for r in rows:

@@ -87,6 +87,7 @@ def test_a_loaded_checkpoint_sits_in_memory_once(name: str, tmp_path: Path, monk
     B = backend_or_skip(name)
     if name == "mlx":
         monkeypatch.setattr("twinlm.backends.mlx._CHUNK_BYTES", 2**20)
+    monkeypatch.setattr(tensorfile, "COPY_CHUNK", 2**20)  # (tinygrad's chunked copy of a mapped tensor)
 
     rng = np.random.default_rng(0)
     arrays = {f"param.w{i}": rng.standard_normal((1024, 1024), np.float32) for i in range(16)}  # 64 MB

@@ -34,6 +34,7 @@ class Model:
         labels: list[str] | None = None,
         stop: frozenset[int] | None = None,
         dtype: str | None = None,
+        consume: bool = False,
     ) -> None:
         from twinlm.generate import params_dtype, stop_ids
         from twinlm.run_dir import to_backend
@@ -41,7 +42,8 @@ class Model:
         self.config, self.tokenizer, self.backend, self.path = config, tokenizer, backend, path
         self.labels = labels or []
         self.stop = stop_ids(tokenizer) if stop is None else stop  # ids that end `generate`
-        self.params = to_backend(backend, params, dtype)
+        # consume: `params` is emptied as it is copied (load's own dict of a folder's host copies)
+        self.params = to_backend(backend, params, dtype, consume)
         self.dtype = params_dtype(backend, self.params) if params else "float32"
 
     def __repr__(self) -> str:
@@ -127,7 +129,7 @@ def load(path: str | Path, backend: str | Backend | None = None, dtype: str | No
 
         cfg, params, tok, record, _ = read_hf(path)
         labels = labels_of(record["config"], cfg.n_classes) if cfg.n_classes else []
-        return Model(cfg, params, tok, B, path, labels, stop_ids(tok, record), dtype)
+        return Model(cfg, params, tok, B, path, labels, stop_ids(tok, record), dtype, consume=True)
     from twinlm.generate import stop_ids
     from twinlm.run_dir import load_model
 

@@ -17,7 +17,7 @@ from twinlm.core.checkpoint import load_checkpoint
 from twinlm.core.config import ModelConfig
 from twinlm.core.errors import TwinlmError
 from twinlm.core.params import check_params
-from twinlm.core.tensorfile import content_digest, release
+from twinlm.core.tensorfile import content_digest, release, trim_heap
 from twinlm.core.tokenizers import Tokenizer, tokenizer_from_dict
 from twinlm.run_meta import RunMeta
 
@@ -60,19 +60,25 @@ def load_base(base: dict, path: str | Path) -> dict[str, np.ndarray]:
     return params
 
 
-def to_backend(B: Backend, params: dict[str, np.ndarray], dtype: str | None = None) -> dict[str, Array]:
+def to_backend(B: Backend, params: dict[str, np.ndarray], dtype: str | None = None,
+               consume: bool = False) -> dict[str, Array]:
     """`params` as backend arrays, in sorted order (a compiled graph binds dict inputs by position), the
     float ones in `dtype` (None: as stored) but a quantized layer's, which keep their format. A checkpoint's
     arrays are views of its memory-mapped file: each one's pages are released as soon as it is copied, so a
-    loaded model sits in memory once (the backend's copy), not twice."""
+    loaded model sits in memory once (the backend's copy), not twice. With `consume`, each array is also
+    removed from `params` once copied: a Hugging Face folder's transposed weights are host copies, and
+    freeing each as it goes keeps them from sitting beside the whole backend copy."""
     out = {}
     for k in sorted(params):
-        a = params[k]
+        a = params.pop(k) if consume else params[k]
         out[k] = B.from_numpy(a)
         if dtype is not None and D.name_of(a) not in (None, dtype) and not k.endswith(quant.SUFFIXES):
             out[k] = B.astype(out[k], dtype)
         B.sync(out[k])  # the copy is made now, not when the lazy graph first runs (tinygrad realizes already)
         release(a)
+        if consume and a.nbytes >= 2**20:
+            del a
+            trim_heap()  # (a freed heap array otherwise stays resident: see trim_heap)
     return out
 
 

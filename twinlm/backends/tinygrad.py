@@ -22,6 +22,7 @@ from tinygrad import Device, Tensor, TinyJit, dtypes
 
 from twinlm.backends import tinygrad_jitcache as jitcache
 from twinlm.core import dtypes as D
+from twinlm.core import tensorfile
 from twinlm.core.backend import LAYER_NORM_EPS, RMS_NORM_EPS, Array, Backend, Step
 
 _DTYPES = {np.dtype(np.float32): dtypes.float32, np.dtype(np.float64): dtypes.float64,
@@ -77,6 +78,9 @@ class TinygradBackend(Backend):
         # device takes the address of a writable buffer (tinygrad's ops_cl._copyin).
         if not a.flags.writeable and self.device.split(":")[0] != "CPU":
             a = a.copy()
+        if (not self.devices and self.device.split(":")[0] == "CPU" and a.ndim
+                and a.nbytes > tensorfile.COPY_CHUNK and tensorfile.is_mapped(a)):
+            return _from_mapped(a, self.device)
         t = Tensor(a, device=None if self.devices else self.device)
         return (t.shard(self.devices) if self.devices else t).realize()  # replicated on every device
 
@@ -264,6 +268,19 @@ class _JitStep(Step):
             self._save_to = None
         # TinyJit reuses its output buffers: copy out before the next call overwrites them.
         return tuple(o.clone().realize() for o in outputs)
+
+
+def _from_mapped(a: np.ndarray, device: str) -> Tensor:
+    """A large array read from a memory-mapped file (a checkpoint's tensor), written into one CPU buffer in
+    chunks, each chunk's mapped pages released once copied (`tensorfile.copy_releasing`). Whole, the mapped
+    pages of the tensor being copied sat beside its copy: loading a Llama-3.2-1B run peaked 1 GB (its
+    embedding) above the weights. The buffer is the CPU device's own memory, written through its zero-copy
+    view before any kernel reads it."""
+    t = Tensor.empty(*a.shape, dtype=_DTYPES[a.dtype], device=device)
+    buf = t.uop.buffer.ensure_allocated()
+    dst = np.frombuffer(buf.as_memoryview(force_zero_copy=True), np.uint8)
+    tensorfile.copy_releasing(dst, a.reshape(-1).view(np.uint8))
+    return t
 
 
 def _tensors(inputs: Sequence[object]) -> list[Tensor]:

@@ -66,7 +66,7 @@ def release(a: np.ndarray) -> None:
         _dontneed(mm, start, a.nbytes)
 
 
-def _trim_heap() -> None:
+def trim_heap() -> None:
     """Give the heap's free pages back to the system (glibc's malloc_trim): a freed array from the heap
     (glibc serves allocations below its mmap threshold, or all of them once MLX has set malloc up, from
     the heap) otherwise stays in the resident set, and freeing arrays as they are copied would not lower
@@ -162,14 +162,30 @@ def dumps(arrays: dict[str, np.ndarray], consume: bool = False,
     view[:at] = np.frombuffer(struct.pack("<Q", len(head)) + head, np.uint8)
     for k in sorted(ready):
         n = ready[k].nbytes
-        view[at:at + n] = ready[k].reshape(-1).view(np.uint8)
-        release(ready[k])  # a tensor still mapped from its source file (an import): copied, so let it go
+        copy_releasing(view[at:at + n], ready[k].reshape(-1).view(np.uint8))
         if consume:
             del ready[k], arrays[k]
             if n >= 2**20:
-                _trim_heap()
+                trim_heap()
         at += n
     return out
+
+
+COPY_CHUNK = 64 * 2**20
+
+
+def copy_releasing(dst: np.ndarray, src: np.ndarray) -> None:
+    """dst[:] = src (flat uint8), where `src` is a view of a read-only file mapping (an import's
+    untransposed tensors: a 1B model's 1 GB embedding) in chunks, each chunk's mapped pages released once
+    copied: copied whole, the source's pages and the growing buffer would both be resident, and the peak of
+    writing a checkpoint would be the file plus its largest mapped tensor."""
+    if not is_mapped(src):
+        dst[:] = src
+        return
+    for lo in range(0, src.size, COPY_CHUNK):
+        part = src[lo:lo + COPY_CHUNK]
+        dst[lo:lo + part.size] = part
+        release(part)
 
 
 def loads(data: bytes | bytearray | memoryview | Any, source: str = "safetensors data",
