@@ -114,6 +114,17 @@ def test_composites_keep_float32_statistics(name: str, dtype: str) -> None:
 
 
 @pytest.mark.parametrize("name", TRAINABLE)
+def test_take_from_a_large_bf16_table(name: str) -> None:
+    """A Qwen-sized vocabulary: tinygrad's emulated-bfloat16 gather of 65,536+ rows failed to compile."""
+    B = backend_or_skip(name)
+    table = np.random.default_rng(0).standard_normal((65536, 8)).astype(np.float32)
+    rows = B.take(B.from_numpy(D.to_host(table, "bfloat16")), B.from_numpy(np.array([[3, 65535]], np.int32)))
+    assert B.dtype_name(rows) == "bfloat16"
+    want = D.round_to(table[[3, 65535]], "bfloat16")[None]
+    np.testing.assert_array_equal(B.to_numpy(B.astype(rows, "float32")), want)
+
+
+@pytest.mark.parametrize("name", TRAINABLE)
 def test_fused_norms_in_bf16(name: str) -> None:
     """The adapters' own norms (MLX's mx.fast, tinygrad's realised ones) agree with the reference body."""
     B = backend_or_skip(name)

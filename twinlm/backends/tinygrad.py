@@ -146,6 +146,11 @@ class TinygradBackend(Backend):
         return cond.where(a, b)
 
     def take(self, table: Array, ids: Array) -> Array:
+        if table.dtype == dtypes.bfloat16 and self.device.split(":")[0] == "CPU":
+            # Emulated bfloat16 (_FLOATS): tinygrad's gather of a table of ~65K rows or more fails to
+            # compile ("UOp verification failed ... Ops.AFTER"; a Qwen2.5 vocabulary of 151,936 in `sample`).
+            # Gathered in float32 (the cast fused into the gather) it compiles, and the gradient still flows.
+            return table.cast(dtypes.float32)[ids].cast(dtypes.bfloat16)
         return table[ids]
 
     def take_along_axis(self, x: Array, idx: Array, axis: int) -> Array:
