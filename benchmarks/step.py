@@ -97,7 +97,7 @@ def bench_one(backend: str, preset: str, batch: int, iters: int, warmup_iters: i
     return {
         "backend": backend, "preset": preset + (f"+lora{lora_rank}" if lora_rank else ""),
         "config": cfg.to_dict(), "batch": batch, "window": window, "ranks": ranks,
-        "all_reduce": getattr(trainer.B, "all_reduce", "") or None,  # MLX ranks: "shm" or "ring"
+        "all_reduce": getattr(getattr(trainer, "B", None), "all_reduce", "") or None,  # MLX ranks: shm, ring
         "beam": beam if backend == "tinygrad" else 0,
         "tokens_per_iter": tokens, "setup_s": setup_s, "warmup_s": sum(warm), "warmup_iters_s": warm,
         "ms_per_iter": ms, "cpu_ms_per_iter": report.summarize(cpu),

@@ -130,3 +130,20 @@ def test_benchmark_ranks_skip_the_all_reduce_when_asked(tmp_path) -> None:
         record = json.loads(out.read_text())
         losses[skip] = (record[0] if isinstance(record, list) else record)["loss_first"]
     assert losses["0"] != pytest.approx(losses["1"], rel=1e-3), losses
+
+
+def test_benchmark_step_runs_the_torch_reference(tmp_path) -> None:
+    """The PyTorch eager row every `vs torch` ratio divides by (it once failed on an MLX-only field)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("torch")
+    out = tmp_path / "torch.json"
+    run = subprocess.run([sys.executable, "-m", "benchmarks.step", "--backend", "torch", "--preset", "tiny",
+                          "--iters", "3", "--warmup-iters", "1", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "failed" not in run.stdout + run.stderr, run.stderr[-2000:]
+    record = json.loads(out.read_text())
+    record = record[0] if isinstance(record, list) else record
+    assert record["backend"] == "torch" and record["all_reduce"] is None
+    assert record["ms_per_iter"]["median"] > 0
