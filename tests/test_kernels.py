@@ -328,6 +328,10 @@ class _Wrong:
         fault = {"linear beta 0": 1, "linear no db": 2}.get(self.which, 0)  # C++ faults, see primitives.h
         return K._linear_faulty(x, w, b, fault) if fault else K.linear(x, w, b)
 
+    def linear_lowp(self, x, w, b):  # (MLX's float32 layers at <= 16 rows)
+        fault = {"gemv no db": 3}.get(self.which, 0)  # see lowp.h
+        return K._linear_lowp_faulty(x, w, b, fault) if fault else K.linear_lowp(x, w, b)
+
     def add_layer_norm(self, x, y, w, b, eps):
         fault = {"add_norm no residual grad": 1, "add_norm forgets y": 2}.get(self.which, 0)  # see fused.h
         return K._add_layer_norm_faulty(x, y, w, b, eps, fault)
@@ -349,6 +353,7 @@ class _Wrong:
     ("mask dropped", "attention causal forward"), ("ce gradient", "cross_entropy grad x0"),
     ("rope sign", "rope forward"), ("swiglu swapped", "swiglu forward"),
     ("linear beta 0", "linear forward"), ("linear no db", "linear grad x2"),
+    ("gemv no db", "linear few rows grad x2"),
     ("add_norm no residual grad", "add_layer_norm grad x0"), ("add_norm forgets y", "add_layer_norm forward"),
     ("add_rms_norm no residual grad", "add_rms_norm grad x1")])
 def test_a_wrong_kernel_is_caught_by_the_override_checks(which, case) -> None:
@@ -472,8 +477,9 @@ def test_linear(x_shape, n_out, bias) -> None:
 
 @needs_kernels
 def test_linear_runs_the_kernel() -> None:
-    """The adapter routes a float32 linear layer to the primitive (a wrong one is seen), others not."""
-    x, w, b = (mx.array(a) for a in (rand(4, 6), rand(6, 3), rand(3)))
+    """The adapter routes a float32 linear layer of more than 16 rows to the primitive (a wrong one is seen),
+    others not (fewer rows: linear_lowp's GEMV, tests/test_kernels_lowp.py)."""
+    x, w, b = (mx.array(a) for a in (rand(20, 6), rand(6, 3), rand(3)))
     broken = MLXBackend()
     broken.kernels = _Wrong("linear beta 0")
     np.testing.assert_allclose(np.array(broken.linear(x, w, b)), np.array(x @ w), atol=1e-6)  # bias dropped

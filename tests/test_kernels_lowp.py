@@ -1,4 +1,5 @@
-"""The MLX CPU kernels' linear layer over bfloat16 / float16 weights (`K.linear_lowp`, issue #21): the
+"""The MLX CPU kernels' linear layer over bfloat16 / float16 weights, and float32 ones at a few rows
+(`K.linear_lowp`, issue #21; MLXBackend.linear's GEMV for decoding): the
 forward against float64 numpy and MLX's own float32 matmul on the same rounded values, on every vector path
 this CPU has (portable, AVX2+F16C, AVX-512), through the GEMV rows (M <= 8) and the widen-and-sgemm rows,
 odd widths (a partial 32-column tile), 1-3 threads; the VJP against MLX's autodiff of x @ W + b in float32;
@@ -49,7 +50,7 @@ ATOL = 1e-4  # float32 sums of 70 products of magnitude ~1: a wrong decoding is 
 
 
 @needs_lowp
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", [*DTYPES, "float32"])  # float32: MLXBackend.linear's GEMV at few rows
 @pytest.mark.parametrize("m", [1, 3, 8, 9, 64])  # 1-8: one GEMV pass; 9: two; 64: widened blocks, sgemm
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("level", ISAS)
@@ -151,7 +152,7 @@ def grads(fn, x, w, b, r):
 
 
 @needs_lowp
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", [*DTYPES, "float32"])
 @pytest.mark.parametrize("m", [3, 64])
 @pytest.mark.parametrize("level", ISAS)
 def test_vjp_against_mlx_autodiff(dtype, m, level, isa) -> None:
@@ -165,12 +166,14 @@ def test_vjp_against_mlx_autodiff(dtype, m, level, isa) -> None:
     assert [d for _, d in got] == [mx.float32, dt, mx.float32]
     np.testing.assert_allclose(got[0][0], want[0][0], atol=ATOL, rtol=1e-5)  # dx
     # dw is summed in float32 and rounded once to the weight's dtype: within half an ulp of it
-    ulp = 2.0 ** -8 if dtype == "bfloat16" else 2.0 ** -11
+    ulp = {"bfloat16": 2.0 ** -8, "float16": 2.0 ** -11, "float32": 1e-5}[dtype]
     np.testing.assert_allclose(got[1][0], want[1][0], atol=ATOL, rtol=ulp)
     np.testing.assert_allclose(got[2][0], want[2][0], atol=ATOL, rtol=1e-5)  # db
-    # negative controls: a wrong decoding in dx, no bias gradient
-    bad = grads(lambda x, w, b: K._linear_lowp_faulty(x, w, b, 1 if dtype == "bfloat16" else 2), x, w, b, r)
-    assert np.abs(bad[0][0] - want[0][0]).max() > 100 * ATOL
+    # negative controls: a wrong decoding in dx (a float32 weight has none), no bias gradient
+    if dtype != "float32":
+        fault = 1 if dtype == "bfloat16" else 2
+        bad = grads(lambda x, w, b: K._linear_lowp_faulty(x, w, b, fault), x, w, b, r)
+        assert np.abs(bad[0][0] - want[0][0]).max() > 100 * ATOL
     bad = grads(lambda x, w, b: K._linear_lowp_faulty(x, w, b, 3), x, w, b, r)
     assert np.abs(bad[2][0] - want[2][0]).max() > 100 * ATOL
 
@@ -224,7 +227,7 @@ def test_compile_and_empty_sizes() -> None:
 
 @needs_lowp
 @pytest.mark.parametrize("args,match", [
-    (lambda: (mx.zeros((2, 4)), mx.zeros((4, 3)), None), "bfloat16 or float16, not float32"),
+    (lambda: (mx.zeros((2, 4)), mx.zeros((4, 3), dtype=mx.int32), None), "float32, not another dtype"),
     (lambda: (mx.zeros((2, 4), dtype=mx.float16), mx.zeros((4, 3), dtype=mx.bfloat16), None),
      "x must be float32 or the weight's dtype"),
     (lambda: (mx.zeros((2, 4), dtype=mx.int32), mx.zeros((4, 3), dtype=mx.bfloat16), None),
@@ -247,3 +250,23 @@ def test_the_benchmark_runs_at_a_tiny_size(capsys) -> None:
     out = capsys.readouterr().out
     for name in ("mlx f32", "mlx bf16", "mlx f16", "twinlm bf16", "twinlm f16"):
         assert out.count(name) == 2, out
+
+
+@needs_lowp
+@pytest.mark.parametrize("rows", [1, 8, 16, 17, 64])
+def test_mlx_linear_takes_the_gemv_for_a_few_float32_rows(rows, monkeypatch) -> None:
+    """MLXBackend.linear: up to LOWP_GEMV_MAX_ROWS rows of a float32 layer go to linear_lowp's GEMV (BLAS's
+    sgemv read the weight at a third of the memory's rate), more to the BLAS kernel; both equal float64."""
+    from twinlm.backends.mlx import MLXBackend
+
+    B = MLXBackend()
+    if B.kernels is None:
+        pytest.skip("kernels not active")
+    calls: list[str] = []
+    for name in ("linear", "linear_lowp"):
+        real = getattr(B.kernels, name)
+        monkeypatch.setattr(B.kernels, name, lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
+    x, w, b, (x64, w64, b64) = data(rows, KI, NO, "float32")
+    y = B.linear(x.reshape(1, rows, KI), w, b)
+    assert calls == ["linear_lowp" if rows <= K.LOWP_GEMV_MAX_ROWS else "linear"]
+    assert forward_error(y.reshape(rows, NO), x64, w64, b64) < ATOL

@@ -190,10 +190,13 @@ def op_cases(seed: int = 0) -> list[OpCase]:
         OpCase("cross_entropy weighted", lambda B, x, t, w: B.cross_entropy(x, t, w), _np_cross_entropy,
                (logits, targets, weights), composite="cross_entropy"),
         # Last, so the cases above keep their draws from rng.
+        # 24 rows: MLX's BLAS kernel; at most 16 (decoding), MLX's float32 GEMV (linear_lowp): both paths.
         OpCase("linear", lambda B, x, w, b: B.linear(x, w, b), lambda x, w, b: x @ w + b,
-               (normal(2, 3, 4), normal(4, 5), normal(5)), (0, 1, 2), composite="linear"),
+               (normal(4, 6, 4), normal(4, 5), normal(5)), (0, 1, 2), composite="linear"),
         OpCase("linear no bias", lambda B, x, w: B.linear(x, w, None), np.matmul,
                (normal(3, 4), normal(4, 5)), (0, 1), composite="linear"),
+        OpCase("linear few rows", lambda B, x, w, b: B.linear(x, w, b), lambda x, w, b: x @ w + b,
+               (normal(2, 3, 4), normal(4, 5), normal(5)), (0, 1, 2), composite="linear"),
         # The residual add + norm pair (both outputs, side by side, so each one's gradient counts).
         OpCase("add_layer_norm", lambda B, x, y, w, b: B.concat(list(B.add_layer_norm(x, y, w, b)), axis=-1),
                lambda x, y, w, b: np.concatenate([x + y, _np_layer_norm(x + y, w, b)], axis=-1),

@@ -1,4 +1,5 @@
-// linear_lowp: x @ w + b over a bfloat16 / float16 weight, float32 accumulation (see lowp.h).
+// linear_lowp: x @ w + b over a bfloat16 / float16 (or, for its GEMV, float32) weight, float32 accumulation
+// (see lowp.h).
 //
 // Few rows (decoding): each pool chunk owns a range of 32-column tiles (64 bytes of weight per row, one
 // cache line) and walks K in blocks, keeping the tile's MR x 32 sums in registers; the weight is read once,
@@ -43,6 +44,10 @@ namespace {
 
 constexpr size_t TILE = 32;  // columns per tile: 64 bytes of a 2-byte weight row
 constexpr size_t KB = 256;   // GEMV rows of K per pass over a tile (sums stored to y in between)
+constexpr int WBF16 = 0, WF16 = 1, WF32 = 2;  // the weight's element type (template argument T)
+
+template <int T>
+using WType = std::conditional_t<T == WF32, float, uint16_t>;
 
 // ---- scalar conversions (the portable body, the column tail, and the faults) ----------------------------
 inline float bits_f32(uint32_t u) {
@@ -73,14 +78,17 @@ inline float widen(uint16_t h, bool f16, int fault) {
 
 // ---- portable bodies ----------------------------------------------------------------------------------------
 // y[m, c0:c1] += sum_k x[m, k] w[k, c0:c1], for all M rows: the weight row is read once per k.
-void gemv_portable(const float* x, size_t M, size_t K, const uint16_t* w, size_t N, bool f16, int fault,
-                   float* y, size_t c0, size_t c1) {
+void gemv_portable(const float* x, size_t M, size_t K, const void* wv, size_t N, int T, int fault, float* y,
+                   size_t c0, size_t c1) {
   float row[TILE * 8];
+  const bool f16 = T == WF16;
   for (size_t j0 = c0; j0 < c1; j0 += TILE * 8) {
     size_t j1 = std::min(c1, j0 + TILE * 8), n = j1 - j0;
     for (size_t k = 0; k < K; k++) {
-      const uint16_t* wr = w + k * N + j0;
-      if (f16 || fault) {
+      const uint16_t* wr = static_cast<const uint16_t*>(wv) + k * N + j0;
+      if (T == WF32) {
+        std::memcpy(row, static_cast<const float*>(wv) + k * N + j0, n * sizeof(float));
+      } else if (f16 || fault) {
         for (size_t j = 0; j < n; j++) row[j] = widen(wr[j], f16, fault);
       } else {
 #pragma omp simd
@@ -114,9 +122,15 @@ TWL_AVX2 inline __m256 load8(const uint16_t* p) {
   else return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
+template <int T>
+TWL_AVX2 inline __m256 loadw8(const WType<T>* p) {
+  if constexpr (T == WF32) return _mm256_loadu_ps(p);
+  else return load8<T == WF16>(p);
+}
+
 // One sub-tile of NV x 8 columns at j, rows [k0, k1), MR rows of x: MR * NV sums in registers.
-template <bool F16, int MR, int NV>
-TWL_AVX2 void tile_avx2(const float* x, size_t K, const uint16_t* w, size_t N, float* y, size_t j, size_t k0,
+template <int T, int MR, int NV>
+TWL_AVX2 void tile_avx2(const float* x, size_t K, const WType<T>* w, size_t N, float* y, size_t j, size_t k0,
                         size_t k1) {
   __m256 acc[MR][NV];
 #pragma GCC unroll 8
@@ -124,11 +138,11 @@ TWL_AVX2 void tile_avx2(const float* x, size_t K, const uint16_t* w, size_t N, f
 #pragma GCC unroll 4
     for (int v = 0; v < NV; v++) acc[m][v] = _mm256_loadu_ps(y + m * N + j + 8 * v);
   }
-  const uint16_t* wr = w + k0 * N + j;
+  const WType<T>* wr = w + k0 * N + j;
   for (size_t k = k0; k < k1; k++, wr += N) {
     __m256 wv[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; v++) wv[v] = load8<F16>(wr + 8 * v);
+    for (int v = 0; v < NV; v++) wv[v] = loadw8<T>(wr + 8 * v);
 #pragma GCC unroll 8
     for (int m = 0; m < MR; m++) {
       __m256 xb = _mm256_broadcast_ss(x + m * K + k);
@@ -144,13 +158,14 @@ TWL_AVX2 void tile_avx2(const float* x, size_t K, const uint16_t* w, size_t N, f
 }
 
 // 16 ymm registers: MR * NV sums + NV weights + 1 broadcast.
-template <bool F16, int MR>
-TWL_AVX2 void tiles_avx2(const float* x, size_t K, const uint16_t* w, size_t N, float* y, size_t t0, size_t t1) {
+template <int T, int MR>
+TWL_AVX2 void tiles_avx2(const float* x, size_t K, const void* wv, size_t N, float* y, size_t t0, size_t t1) {
   constexpr int NV = MR <= 2 ? 4 : MR <= 4 ? 2 : 1;
+  const WType<T>* w = static_cast<const WType<T>*>(wv);
   for (size_t k0 = 0; k0 < K; k0 += KB) {
     size_t k1 = std::min(K, k0 + KB);
     for (size_t t = t0; t < t1; t++) {
-      for (size_t s = 0; s < TILE; s += 8 * NV) tile_avx2<F16, MR, NV>(x, K, w, N, y, t * TILE + s, k0, k1);
+      for (size_t s = 0; s < TILE; s += 8 * NV) tile_avx2<T, MR, NV>(x, K, w, N, y, t * TILE + s, k0, k1);
     }
   }
 }
@@ -170,9 +185,15 @@ TWL_AVX512 inline __m512 load16(const uint16_t* p) {
   else return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
+template <int T>
+TWL_AVX512 inline __m512 loadw16(const WType<T>* p) {
+  if constexpr (T == WF32) return _mm512_loadu_ps(p);
+  else return load16<T == WF16>(p);
+}
+
 // A whole 32-column tile is 2 zmm; 32 registers hold MR <= 8 rows of sums.
-template <bool F16, int MR>
-TWL_AVX512 void tile_avx512(const float* x, size_t K, const uint16_t* w, size_t N, float* y, size_t j, size_t k0,
+template <int T, int MR>
+TWL_AVX512 void tile_avx512(const float* x, size_t K, const WType<T>* w, size_t N, float* y, size_t j, size_t k0,
                             size_t k1) {
   __m512 acc[MR][2];
 #pragma GCC unroll 8
@@ -180,9 +201,9 @@ TWL_AVX512 void tile_avx512(const float* x, size_t K, const uint16_t* w, size_t 
     acc[m][0] = _mm512_loadu_ps(y + m * N + j);
     acc[m][1] = _mm512_loadu_ps(y + m * N + j + 16);
   }
-  const uint16_t* wr = w + k0 * N + j;
+  const WType<T>* wr = w + k0 * N + j;
   for (size_t k = k0; k < k1; k++, wr += N) {
-    __m512 w0 = load16<F16>(wr), w1 = load16<F16>(wr + 16);
+    __m512 w0 = loadw16<T>(wr), w1 = loadw16<T>(wr + 16);
 #pragma GCC unroll 8
     for (int m = 0; m < MR; m++) {
       __m512 xb = _mm512_set1_ps(x[m * K + k]);
@@ -197,12 +218,13 @@ TWL_AVX512 void tile_avx512(const float* x, size_t K, const uint16_t* w, size_t 
   }
 }
 
-template <bool F16, int MR>
-TWL_AVX512 void tiles_avx512(const float* x, size_t K, const uint16_t* w, size_t N, float* y, size_t t0,
+template <int T, int MR>
+TWL_AVX512 void tiles_avx512(const float* x, size_t K, const void* wv, size_t N, float* y, size_t t0,
                              size_t t1) {
+  const WType<T>* w = static_cast<const WType<T>*>(wv);
   for (size_t k0 = 0; k0 < K; k0 += KB) {
     size_t k1 = std::min(K, k0 + KB);
-    for (size_t t = t0; t < t1; t++) tile_avx512<F16, MR>(x, K, w, N, y, t * TILE, k0, k1);
+    for (size_t t = t0; t < t1; t++) tile_avx512<T, MR>(x, K, w, N, y, t * TILE, k0, k1);
   }
 }
 
@@ -213,12 +235,12 @@ TWL_AVX512 void widen_avx512(const uint16_t* w, float* out, size_t n) {
   for (; i < n; i++) out[i] = F16 ? f16_f32(w[i]) : bf16_f32(w[i]);
 }
 
-using TilesFn = void (*)(const float*, size_t, const uint16_t*, size_t, float*, size_t, size_t);
+using TilesFn = void (*)(const float*, size_t, const void*, size_t, float*, size_t, size_t);
 
-template <bool F16, int... MR>
+template <int T, int... MR>
 TilesFn pick_tiles(int isa, int m, std::integer_sequence<int, MR...>) {
   TilesFn fn = nullptr;
-  ((m == MR + 1 ? (fn = isa == 2 ? &tiles_avx512<F16, MR + 1> : &tiles_avx2<F16, MR + 1>) : fn), ...);
+  ((m == MR + 1 ? (fn = isa == 2 ? &tiles_avx512<T, MR + 1> : &tiles_avx2<T, MR + 1>) : fn), ...);
   return fn;
 }
 #endif  // TWL_LOWP_X86
@@ -237,17 +259,19 @@ const int CPU_ISA = detect_isa();
 int g_isa = CPU_ISA;
 
 // y[m, t0*TILE : t1*TILE] += x w over those column tiles (all rows M <= LOWP_GEMV_ROWS).
-void gemv_tiles(int isa, const float* x, size_t M, size_t K, const uint16_t* w, size_t N, bool f16, int fault,
-                float* y, size_t t0, size_t t1) {
+void gemv_tiles(int isa, const float* x, size_t M, size_t K, const void* w, size_t N, int T, int fault, float* y,
+                size_t t0, size_t t1) {
 #ifdef TWL_LOWP_X86
   if (isa > 0 && fault == 0) {
-    auto fn = f16 ? pick_tiles<true>(isa, (int)M, std::make_integer_sequence<int, LOWP_GEMV_ROWS>{})
-                  : pick_tiles<false>(isa, (int)M, std::make_integer_sequence<int, LOWP_GEMV_ROWS>{});
+    constexpr auto rows = std::make_integer_sequence<int, LOWP_GEMV_ROWS>{};
+    auto fn = T == WF32   ? pick_tiles<WF32>(isa, (int)M, rows)
+              : T == WF16 ? pick_tiles<WF16>(isa, (int)M, rows)
+                          : pick_tiles<WBF16>(isa, (int)M, rows);
     fn(x, K, w, N, y, t0, t1);
     return;
   }
 #endif
-  gemv_portable(x, M, K, w, N, f16, fault, y, t0 * TILE, t1 * TILE);
+  gemv_portable(x, M, K, w, N, T, fault, y, t0 * TILE, t1 * TILE);
 }
 
 void widen(int isa, const uint16_t* w, float* out, size_t n, bool f16, int fault) {
@@ -292,6 +316,8 @@ void launch(const mx::Stream& s, F&& f) {
 
 bool lowp_dtype(mx::Dtype d) { return d == mx::bfloat16 || d == mx::float16; }
 
+int weight_type(mx::Dtype d) { return d == mx::float32 ? WF32 : d == mx::float16 ? WF16 : WBF16; }
+
 std::string dtype_name(mx::Dtype d) {
   if (d == mx::float32) return "float32";
   if (d == mx::bfloat16) return "bfloat16";
@@ -313,8 +339,9 @@ mx::array linear_lowp(const mx::array& x, const mx::array& w, const std::optiona
       (b && (b->ndim() != 1 || b->shape(0) != w.shape(1)))) {
     throw std::invalid_argument("linear_lowp: x (..., K), weight (K, N) and bias (N,)");
   }
-  if (!lowp_dtype(w.dtype())) {
-    throw std::invalid_argument("linear_lowp: the weight must be bfloat16 or float16, not " + dtype_name(w.dtype()));
+  if (!lowp_dtype(w.dtype()) && w.dtype() != mx::float32) {
+    throw std::invalid_argument("linear_lowp: the weight must be bfloat16, float16 or float32, not " +
+                                dtype_name(w.dtype()));
   }
   if (x.dtype() != mx::float32 && x.dtype() != w.dtype()) {
     throw std::invalid_argument("linear_lowp: x must be float32 or the weight's dtype (" + dtype_name(w.dtype()) +
@@ -342,9 +369,9 @@ void LinearLowp::eval_cpu(const std::vector<mx::array>& in, std::vector<mx::arra
   allocate(out[0]);
   size_t K = in[1].shape(0), N = in[1].shape(1);
   size_t M = K ? in[0].size() / K : out[0].size() / std::max<size_t>(N, 1);
-  launch(stream(), [x = in[0].data<float>(), w = reinterpret_cast<const uint16_t*>(in[1].data<uint16_t>()),
-                    b = bias_ ? in[2].data<float>() : nullptr, y = out[0].data<float>(), M, K, N,
-                    f16 = in[1].dtype() == mx::float16, fault = fault_, isa = g_isa] {
+  const void* w = in[1].data<uint8_t>();
+  launch(stream(), [x = in[0].data<float>(), w, b = bias_ ? in[2].data<float>() : nullptr, y = out[0].data<float>(),
+                    M, K, N, T = weight_type(in[1].dtype()), fault = fault_, isa = g_isa] {
     if (M == 0 || N == 0) return;
     if (b) parallel_rows(M, N, [&](int, size_t r0, size_t r1) { fill_rows(b, y, N, r0, r1); });
     else std::memset(y, 0, M * N * sizeof(float));
@@ -359,17 +386,23 @@ void LinearLowp::eval_cpu(const std::vector<mx::array>& in, std::vector<mx::arra
         const float* xr = x + r0 * K;
         float* yr = y + r0 * N;
         parallel_rows(tiles, K * TILE * mr, [&](int, size_t t0, size_t t1) {
-          gemv_tiles(isa, xr, mr, K, w, N, f16, fault, yr, t0, t1);
+          gemv_tiles(isa, xr, mr, K, w, N, T, fault, yr, t0, t1);
         });
-        if (N % TILE) gemv_portable(xr, mr, K, w, N, f16, fault, yr, tiles * TILE, N);
+        if (N % TILE) gemv_portable(xr, mr, K, w, N, T, fault, yr, tiles * TILE, N);
       }
       return;
     }
+    if (T == WF32) {  // one sgemm onto the bias
+      sgemm(false, false, M, N, K, x, K, static_cast<const float*>(w), N, 1.0f, y, N);
+      return;
+    }
+    const bool f16 = T == WF16;
+    const uint16_t* w16 = static_cast<const uint16_t*>(w);
     size_t kb = block_rows(K, N);
     std::unique_ptr<float[]> tile(new float[kb * N]);  // uninitialised: every element is written first
     for (size_t k0 = 0; k0 < K; k0 += kb) {
       size_t k1 = std::min(K, k0 + kb);
-      widen_rows(isa, w, N, k0, k1, f16, fault, tile.get());
+      widen_rows(isa, w16, N, k0, k1, f16, fault, tile.get());
       sgemm(false, false, M, N, k1 - k0, x + k0, K, tile.get(), N, 1.0f, y, N);  // onto the bias
     }
   });
@@ -413,11 +446,15 @@ void LinearLowpGrad::eval_cpu(const std::vector<mx::array>& in, std::vector<mx::
   float* dx = dx_ ? out[slot++].data<float>() : nullptr;
   float* dw = dw_ ? out[slot++].data<float>() : nullptr;
   float* db = db_ ? out[slot++].data<float>() : nullptr;
-  launch(stream(), [x = in[0].data<float>(), w = reinterpret_cast<const uint16_t*>(in[1].data<uint16_t>()),
-                    g = in[2].data<float>(), dx, dw, db, M, K, N, f16 = in[1].dtype() == mx::float16,
-                    fault = fault_, isa = g_isa] {
+  const void* wv = in[1].data<uint8_t>();
+  launch(stream(), [x = in[0].data<float>(), wv, g = in[2].data<float>(), dx, dw, db, M, K, N,
+                    T = weight_type(in[1].dtype()), fault = fault_, isa = g_isa] {
     bool empty = M == 0 || N == 0 || K == 0;
-    if (dx && !empty) {
+    const bool f16 = T == WF16;
+    const uint16_t* w = static_cast<const uint16_t*>(wv);
+    if (dx && !empty && T == WF32) {  // one sgemm
+      sgemm(false, true, M, K, N, g, N, static_cast<const float*>(wv), N, 0.0f, dx, K);
+    } else if (dx && !empty) {
       size_t kb = block_rows(K, N);
       std::unique_ptr<float[]> tile(new float[kb * N]);
       for (size_t k0 = 0; k0 < K; k0 += kb) {
@@ -461,11 +498,6 @@ namespace {
 
 constexpr size_t NB_T = 64;  // rows of w per block: 64 x K x 2 bytes (72 KB at K = 576) stays in L2 for every
                              // group of x's rows
-constexpr int WBF16 = 0, WF16 = 1, WF32 = 2;  // the weight's element type (template argument T)
-
-template <int T>
-using WType = std::conditional_t<T == WF32, float, uint16_t>;
-
 template <int T>
 inline float widen1(WType<T> v) {
   if constexpr (T == WF32) return v;
@@ -504,18 +536,6 @@ TWL_AVX2 inline float hsum8(__m256 v) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
-}
-
-template <int T>
-TWL_AVX2 inline __m256 loadw8(const WType<T>* p) {
-  if constexpr (T == WF32) return _mm256_loadu_ps(p);
-  else return load8<T == WF16>(p);
-}
-
-template <int T>
-TWL_AVX512 inline __m512 loadw16(const WType<T>* p) {
-  if constexpr (T == WF32) return _mm512_loadu_ps(p);
-  else return load16<T == WF16>(p);
 }
 
 // MR rows of x against NR rows of w from n: MR * NR sums of 8 lanes, the K % 8 tail in scalar.
@@ -648,8 +668,6 @@ const float* rows_f32(const float* w, size_t N, size_t K, int fault, std::unique
   for (size_t n = 0; n < N; n++) std::memcpy(copy.get() + n * K, wrow(w, n, K, N, fault), K * sizeof(float));
   return copy.get();
 }
-
-int weight_type(mx::Dtype d) { return d == mx::float32 ? WF32 : d == mx::float16 ? WF16 : WBF16; }
 
 }  // namespace
 
