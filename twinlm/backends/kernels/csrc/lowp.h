@@ -11,14 +11,12 @@
 namespace twinlm {
 
 // x (..., K) float32 | bfloat16 | float16, w (K, N) bfloat16 | float16 | float32, b None or (N,) in x's or w's
-// dtype:
-// (..., N) in x's dtype. Rows M <= LOWP_GEMV_MAX_ROWS stream the weight once per 8 rows (GEMV, split over
-// column tiles);
-// more rows convert blocks of the weight to a float32 tile and sgemm them (a float32 weight: one sgemm; its GEMV
-// reads (K, N) rows at the memory's rate where BLAS's sgemv for x @ w read 8-12 GB/s of ~27 here). The VJP gives dx (x's dtype),
-// dw (w's dtype, float32-accumulated) and db (b's dtype). `fault` is for the tests' negative controls only
-// (1: a bf16 weight widened from the low half of the float32; 2: an f16 weight decoded as bf16; 3: the bias
-// gradient left at zero); 0 everywhere else.
+// dtype: (..., N) in x's dtype. Rows M <= LOWP_GEMV_MAX_ROWS stream the weight once per 8 rows (GEMV, split
+// over column tiles): at a few rows BLAS's sgemv for x @ w read a float32 (K, N) weight at 8-12 GB/s of the
+// ~27 this machine reads. More rows convert blocks of the weight to a float32 tile and sgemm them (a float32
+// weight: one sgemm). The VJP gives dx (x's dtype), dw (w's dtype, float32-accumulated) and db (b's dtype).
+// `fault` is for the tests' negative controls only (1: a bf16 weight widened from the low half of the float32;
+// 2: an f16 weight decoded as bf16; 3: the bias gradient left at zero); 0 everywhere else.
 mx::array linear_lowp(const mx::array& x, const mx::array& w, const std::optional<mx::array>& b, int fault = 0,
                       mx::StreamOrDevice s = {});
 
