@@ -78,6 +78,17 @@ class Terminal:
     def interrupt(self) -> None:
         os.killpg(self.proc.pid, signal.SIGINT)  # what Ctrl-C does to the terminal's foreground group
 
+    def interrupt_until(self, text: str, tries: int, timeout: float) -> None:
+        """Ctrl-C, pressed again (as a person would) until `text` shows up: see the test for why."""
+        for _ in range(tries):
+            self.interrupt()
+            try:
+                self.expect(text, timeout=timeout)
+                return
+            except AssertionError:
+                continue
+        raise AssertionError(f"Ctrl-C never brought {text!r}; got {self.seen[self.pos:][-300:]!r}")
+
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
@@ -100,15 +111,7 @@ def test_chat_session_under_a_terminal(long_run: Path) -> None:
         # Once, on a fresh clone's suite run beside other work on 2 cores, a single Ctrl-C during the answer
         # was never seen (the whole answer streamed; not reproduced alone or under 3 busy loops): press
         # again, as a person would, while the answer still streams.
-        for _ in range(5):
-            t.interrupt()
-            try:
-                t.expect("[stopped]", timeout=6)
-                break
-            except AssertionError:
-                continue
-        else:
-            raise AssertionError(f"Ctrl-C never stopped the answer; got {t.seen[t.pos:][-300:]!r}")
+        t.interrupt_until("[stopped]", tries=5, timeout=6)
         t.expect(">>> ", timeout=30)
         assert t.proc.poll() is None  # the session goes on
         t.send("/reset\n")
@@ -118,15 +121,7 @@ def test_chat_session_under_a_terminal(long_run: Path) -> None:
         # prompt before it waits in select(); a SIGINT landing between the two is handled without waking
         # that select (a race inside CPython, seen once in CI on a loaded machine): press again, as a
         # person would.
-        for _ in range(10):
-            t.interrupt()
-            try:
-                t.expect(">>> ", timeout=3)
-                break
-            except AssertionError:
-                continue
-        else:
-            raise AssertionError(f"no fresh prompt after Ctrl-C; got {t.seen[t.pos:]!r}")
+        t.interrupt_until(">>> ", tries=10, timeout=3)
         assert t.proc.poll() is None
         t.send("/exit\n")
         assert t.wait(30) == 0, t.seen[-300:]
