@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 import tempfile
 
@@ -47,6 +48,17 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     if folder := getattr(config, "_twinlm_jit_cache", None):
         shutil.rmtree(folder, ignore_errors=True)
         del os.environ["TWINLM_JIT_CACHE"]
+
+
+@pytest.fixture(autouse=True)
+def _sigint_restored():
+    """A command run in-process can leave SIGINT changed (an interrupted `train` ignores it on its way out, as
+    the process is about to exit); restored after each test, since an ignored SIGINT is inherited by every
+    child process a later test starts (a `twinlm chat` under a terminal then never saw Ctrl-C)."""
+    before = signal.getsignal(signal.SIGINT)
+    yield
+    if signal.getsignal(signal.SIGINT) is not before:
+        signal.signal(signal.SIGINT, before)
 
 
 def backend_or_skip(name: str) -> Backend:

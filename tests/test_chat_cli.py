@@ -39,8 +39,12 @@ class Terminal:
     def __init__(self, args: list[str]) -> None:
         self.master, slave = pty.openpty()
         env = {**os.environ, "PYTHONPATH": str(ROOT), "DEV": os.environ.get("DEV", "CPU"), "TERM": "dumb"}
+        # SIGINT at its default, as a shell starts a program: an ignored SIGINT is inherited, and Python then
+        # installs no KeyboardInterrupt (a test process whose SIGINT an earlier in-process command left
+        # ignored made every Ctrl-C here vanish; conftest now restores it after each test as well).
         self.proc = subprocess.Popen([sys.executable, "-m", "twinlm.cli.main", *args], stdin=slave,
-                                     stdout=slave, stderr=slave, env=env, start_new_session=True)
+                                     stdout=slave, stderr=slave, env=env, start_new_session=True,
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         os.close(slave)
         self.seen, self.pos = "", 0
 
@@ -79,7 +83,7 @@ class Terminal:
         os.killpg(self.proc.pid, signal.SIGINT)  # what Ctrl-C does to the terminal's foreground group
 
     def interrupt_until(self, text: str, tries: int, timeout: float) -> None:
-        """Ctrl-C, pressed again (as a person would) until `text` shows up: see the test for why."""
+        """Ctrl-C, pressed again (as a person would) until `text` shows up (see the prompt's race below)."""
         for _ in range(tries):
             self.interrupt()
             try:
@@ -108,10 +112,8 @@ def test_chat_session_under_a_terminal(long_run: Path) -> None:
         while len(t.seen) - before < 5 and time.time() < deadline:
             t.read(0.1)
         assert len(t.seen) - before >= 5, "no streamed tokens"
-        # Once, on a fresh clone's suite run beside other work on 2 cores, a single Ctrl-C during the answer
-        # was never seen (the whole answer streamed; not reproduced alone or under 3 busy loops): press
-        # again, as a person would, while the answer still streams.
-        t.interrupt_until("[stopped]", tries=5, timeout=6)
+        t.interrupt()
+        t.expect("[stopped]", timeout=30)
         t.expect(">>> ", timeout=30)
         assert t.proc.poll() is None  # the session goes on
         t.send("/reset\n")
