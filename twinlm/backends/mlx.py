@@ -244,7 +244,7 @@ class MLXBackend(Backend):
         if (K is None or x.ndim < 1 or weight.ndim != 2 or x.shape[-1] != weight.shape[0]
                 or (bias is not None and bias.shape != (weight.shape[1],))):
             return super().linear(x, weight, bias)
-        if x.size <= K.LOWP_GEMV_MAX_ROWS * x.shape[-1] and hasattr(K, "linear_lowp"):
+        if hasattr(K, "linear_lowp") and x.size <= K.LOWP_GEMV_MAX_ROWS * x.shape[-1]:
             # A few rows (decoding): the lowp kernel's GEMV streams the (in, out) weight at the memory's rate;
             # BLAS's sgemv for x @ W read it at 8-12 GB/s where this machine reads ~27 (benchmarks/README.md).
             return K.linear_lowp(x, weight, bias)

@@ -221,6 +221,17 @@ def embed(B: Backend, cfg: ModelConfig, p: Params, name: str, idx: Array) -> Arr
     return rows if ref is None else B.like(rows, ref)  # (a model without float weights: float32)
 
 
+def tied_head(B: Backend, cfg: ModelConfig, p: Params, name: str, h: Array,
+              bias: Array | None = None) -> Array:
+    """h @ E.T (+ bias): the LM head tied to the embedding table `name`, read in its (V, C) layout
+    (`Backend.matmul_t`); a quantized table (`quant_embedding`) is the head's transposed weight as is."""
+    if f"{name}.qweight" in p:
+        q, s, b = (p[f"{name}.{k}"] for k in ("qweight", "scales", "biases"))
+        return B.quantized_linear(h, q, s, b, bias, cfg.quant_bits, cfg.quant_group_size)
+    y = B.matmul_t(h, p[f"{name}.weight"])
+    return y if bias is None else y + bias
+
+
 def norm(B: Backend, cfg: ModelConfig, p: Params, name: str, x: Array) -> Array:
     if cfg.norm == "none":
         return x

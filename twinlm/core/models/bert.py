@@ -86,10 +86,7 @@ def hidden(B: Backend, cfg: ModelConfig, p: L.Params, idx: Array, *, dropout: di
 def lm_logits(B: Backend, cfg: ModelConfig, p: L.Params, h: Array) -> Array:
     """The masked-LM head; its decoder is the token embedding (tied), plus a per-token bias."""
     h = L.norm(B, cfg, p, "mlm.ln", B.gelu(L.linear(B, cfg, p, "mlm.dense", h)))
-    if "wte.qweight" in p:  # quantized (quant_embedding): the table is the head's transposed weight
-        return B.quantized_linear(h, p["wte.qweight"], p["wte.scales"], p["wte.biases"], p["mlm.bias"],
-                                  cfg.quant_bits, cfg.quant_group_size)
-    return B.matmul_t(h, p["wte.weight"]) + p["mlm.bias"]
+    return L.tied_head(B, cfg, p, "wte", h, p["mlm.bias"])
 
 
 def pooled(B: Backend, cfg: ModelConfig, p: L.Params, h: Array, pool: Array) -> Array:

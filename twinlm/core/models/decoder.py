@@ -147,13 +147,8 @@ def hidden(B: Backend, cfg: ModelConfig, p: L.Params, idx: Array, *, dropout: di
 
 
 def lm_logits(B: Backend, cfg: ModelConfig, p: L.Params, h: Array) -> Array:
-    if not cfg.tie_embeddings:  # a linear layer (C, V), quantized or not
-        logits = L.linear(B, cfg, p, "head", h)
-    elif "wte.qweight" in p:  # quantized (quant_embedding): the table is the head's transposed weight
-        logits = B.quantized_linear(h, p["wte.qweight"], p["wte.scales"], p["wte.biases"], None,
-                                    cfg.quant_bits, cfg.quant_group_size)
-    else:  # B.matmul_t: the tied embedding read in its (V, C) layout
-        logits = B.matmul_t(h, p["wte.weight"])
+    # untied: a linear layer (C, V), quantized or not
+    logits = L.tied_head(B, cfg, p, "wte", h) if cfg.tie_embeddings else L.linear(B, cfg, p, "head", h)
     if cfg.final_softcap:  # Gemma 2: cap * tanh(logits / cap)
         logits = B.tanh(logits * (1.0 / cfg.final_softcap)) * cfg.final_softcap
     return logits
