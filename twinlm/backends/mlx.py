@@ -68,6 +68,9 @@ class MLXBackend(Backend):
         self.group = _group()
         # twinlm's CPU kernels (None: not built, failed to load, TWINLM_KERNELS=0, or not asked for).
         self.kernels = _kernels.load() if fused and kernels else None
+        # The fused attention kernel (short key axes); False keeps BLAS products around the masked-softmax
+        # kernel (benchmarks switch it to compare the two in one process).
+        self.attention_kernel = True
         # The all-reduce between ranks: "shm" (same host, shared memory) or "ring"; "" with one process.
         self._shm_sum, self.all_reduce = _all_reduce(self.group, self.kernels)
         self.device = "gpu" if mx.default_device() == mx.gpu else "cpu"  # set by --device before this
@@ -331,6 +334,13 @@ class MLXBackend(Backend):
             return super().attention(q, k, v, mask, dropout, softcap)
         scale = 1.0 / math.sqrt(q.shape[-1])
         K = self._kernel(q, k, v)
+        if (K is not None and self.attention_kernel and dropout is None and hasattr(K, "attention")
+                and (mask is None or mask.dtype == mx.bool_) and q.ndim == 4 and k.shape == v.shape
+                and k.ndim == 4 and q.shape[:2] == k.shape[:2] and q.shape[-1] == k.shape[-1]
+                and 0 < k.shape[2] <= K.ATTENTION_MAX_KEYS):
+            # One primitive per call: each (batch, head)'s scores, softmax and product with v in cache, q, k, v
+            # read where the head split's views put them, the result laid out so that the merge is a view.
+            return K.attention(q, k, v, mask, scale)
         if K is not None and (mask is None or mask.dtype == mx.bool_):
             # BLAS matmuls around one fused masked, scaled softmax (forward and backward kernels; the
             # probabilities are kept once, for the backward). Rows with no key left give zeros.
