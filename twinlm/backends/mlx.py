@@ -338,8 +338,9 @@ class MLXBackend(Backend):
                 and (mask is None or mask.dtype == mx.bool_) and q.ndim == 4 and k.shape == v.shape
                 and k.ndim == 4 and q.shape[:2] == k.shape[:2] and q.shape[-1] == k.shape[-1]
                 and 0 < k.shape[2] <= K.ATTENTION_MAX_KEYS):
-            # One primitive per call: each (batch, head)'s scores, softmax and product with v in cache, q, k, v
-            # read where the head split's views put them, the result laid out so that the merge is a view.
+            # One primitive per call: each (batch, head)'s scores, softmax and product with v in cache;
+            # q, k, v read where the head split's views put them, the result laid out so that the merge
+            # is a view.
             return K.attention(q, k, v, mask, scale)
         if K is not None and (mask is None or mask.dtype == mx.bool_):
             # BLAS matmuls around one fused masked, scaled softmax (forward and backward kernels; the
