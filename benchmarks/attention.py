@@ -63,8 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     cases = {"attention layer": (lambda: mx.compile(mx.value_and_grad(layer)), (qkv,)),
              "model": (lambda: mx.compile(mx.value_and_grad(model_loss)), (params, x, y))}
     print(f"preset {args.preset}: batch {n}, {H} heads of {hs}, block {t}; kernel threads "
-          f"{B.kernels.threads()}; compiled forward + backward, median of {args.rounds} rounds x {args.inner} "
-          "calls\n")
+          f"{B.kernels.threads()}; compiled forward + backward, median of {args.rounds} rounds x "
+          f"{args.inner} calls\n")
     print(f"{'case':18s} {'blas CPU ms':>12s} {'kernel CPU ms':>14s} {'blas wall':>10s} {'kernel wall':>12s} "
           f"{'speed-up (CPU)':>15s}")
     for name, (make, inputs) in cases.items():
