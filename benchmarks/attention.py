@@ -6,9 +6,10 @@ path before it (`blas`: BLAS products around the masked-softmax kernel), interle
 
 Two rows per preset, each compiled forward + backward, median over rounds of the process CPU ms (and wall ms)
 per call: `attention layer` is one layer's head split of a qkv projection, causal attention and the heads'
-merge as `core.layers.self_attention` does it (without its two linear layers); `model` is the whole model's
+merge as `core.layers.self_attention` does it (without its two linear layers; `kernel` includes the head
+split's views and one-pass gradient gather, `split_heads`); `model` is the whole model's
 loss and gradients (`model.lm_loss_fn`), every other kernel on. The two sides run the same graph but for the
-attention composite (`MLXBackend.attention_kernel`).
+attention and head-split composites (`MLXBackend.attention_kernel`).
 """
 
 from __future__ import annotations
@@ -50,9 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     x, y = (mx.array(rng.integers(0, 65, (n, t)).astype(np.int32)) for _ in range(2))
 
     def layer(qkv):
-        def heads(z):
-            return mx.transpose(mx.reshape(z, (n, t, H, hs)), (0, 2, 1, 3))
-        q, k, v = heads(qkv[..., :H * hs]), heads(qkv[..., H * hs:2 * H * hs]), heads(qkv[..., 2 * H * hs:])
+        q, k, v = B.split_heads(qkv, H, H, hs)
         o = layers.attention(B, cfg, q, k, v, mask)
         return mx.sum(mx.reshape(mx.transpose(o, (0, 2, 1, 3)), (n, t, H * hs)) * gy)
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from twinlm.backends import kernels
+from twinlm.core.backend import Backend
 
 mx = pytest.importorskip("mlx.core")
 from twinlm.backends.mlx import MLXBackend  # noqa: E402
@@ -223,3 +224,37 @@ def test_bad_input_is_one_clear_error() -> None:
     with pytest.raises(ValueError, match="more keys"):
         big = mx.zeros((1, 2, K.ATTENTION_MAX_KEYS + 1, 4))
         K.attention(q, big, big, None, 0.5)
+
+
+# ---- the head split --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("heads", [(4, 4, 32), (2, 1, 5), (3, 3, 7)])  # MHA, GQA, odd sizes
+def test_split_heads_views_and_gradient(heads) -> None:
+    H, Hkv, hs = heads
+    n, t = 2, 9
+    qkv = rand(n, t, (H + 2 * Hkv) * hs, seed=10)
+    ws = [rand(n, h, t, hs, seed=11 + i) for i, h in enumerate((H, Hkv, Hkv))]
+
+    def loss(x, split):
+        return sum(mx.sum(a * mx.array(w)) for a, w in zip(split(x), ws, strict=True))
+
+    splits = (lambda x: K.split_heads(x, H, Hkv, hs), lambda x: Backend.split_heads(B, x, H, Hkv, hs))
+    got, want = (mx.value_and_grad(lambda x, f=f: loss(x, f))(mx.array(qkv)) for f in splits)
+    np.testing.assert_array_equal(np.array(got[1]), np.array(want[1]))  # a gather: the same bits
+    a, b = H * hs, (H + Hkv) * hs
+    views = K.split_heads(mx.array(qkv), H, Hkv, hs)
+    for view, part, h in zip(views, (qkv[..., :a], qkv[..., a:b], qkv[..., b:]), (H, Hkv, Hkv), strict=True):
+        np.testing.assert_array_equal(np.array(view), part.reshape(n, t, h, hs).transpose(0, 2, 1, 3))
+    dq = np.concatenate([w.transpose(0, 2, 1, 3).reshape(n, t, -1) for w in ws], axis=-1)
+    np.testing.assert_array_equal(np.array(got[1]), dq)
+    bad = mx.grad(lambda x: loss(x, lambda x: K._split_heads_faulty(x, H, Hkv, hs, 1)))(mx.array(qkv))
+    assert Hkv * hs and not np.array_equal(np.array(bad), dq)  # the negative control: k and v swapped
+
+
+def test_split_heads_of_a_strided_input_and_in_compile() -> None:
+    qkv = mx.swapaxes(mx.array(rand(2, 24, 7, seed=12)), 1, 2)  # (2, 7, 24), not row-contiguous
+    views = mx.compile(lambda x: K.split_heads(x, 2, 2, 4))(qkv)
+    want = np.array(qkv)[..., 8:16].reshape(2, 7, 2, 4).transpose(0, 2, 1, 3)
+    np.testing.assert_array_equal(np.array(views[1]), want)
+    with pytest.raises(ValueError, match="split_heads"):
+        K.split_heads(qkv, 2, 2, 5)

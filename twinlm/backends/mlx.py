@@ -327,6 +327,18 @@ class MLXBackend(Backend):
             return super().add_rms_norm(x, y, weight, eps)
         return K.add_rms_norm(x, y, weight, eps)
 
+    def split_heads(self, qkv: Array, n_head: int, n_kv_head: int,
+                    head_dim: int) -> tuple[Array, Array, Array]:
+        # Views of qkv, and one gather for the gradient: MLX's slices would each add a zero-filled slice
+        # update of qkv's whole size to the backward, and two adds of them (a quarter of an attention layer's
+        # time at the baby shape). Only with the fused attention kernel, which reads such views in place.
+        K = self._kernel(qkv)
+        if (K is None or not self.attention_kernel or not hasattr(K, "split_heads") or qkv.ndim != 3
+                or qkv.shape[-1] != (n_head + 2 * n_kv_head) * head_dim):
+            return super().split_heads(qkv, n_head, n_kv_head, head_dim)
+        q, k, v = K.split_heads(qkv, n_head, n_kv_head, head_dim)
+        return q, k, v
+
     @_float32_kernel()
     def attention(self, q: Array, k: Array, v: Array, mask: Array | None,
                   dropout: Array | None = None, softcap: float = 0.0) -> Array:

@@ -7,6 +7,7 @@
 #include "attention.h"
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
@@ -111,7 +112,7 @@ TWL_INLINE void store(float* dst, const vf* v, size_t w) {
   } else {
     float tmp[16 * NV];
     for (int i = 0; i < NV; i++) *reinterpret_cast<vf_u*>(tmp + 16 * i) = v[i];
-    std::memcpy(dst, tmp, w * sizeof(float));
+    for (size_t t = 0; t < w; t++) dst[t] = tmp[t];
   }
 }
 
@@ -250,8 +251,9 @@ TWL_INLINE void pack_rows(const float* x, int64_t si, int64_t sd, size_t T, size
   for (size_t j = 0; j < T; j++) {
     const float* r = x + (int64_t)j * si;
     float* row = dst + j * ld;
-    if (sd == 1) {
-      std::memcpy(row, r, D * sizeof(float));
+    if (sd == 1) {  // a plain loop: a libc call per row of 32-128 floats costs more than the copy
+#pragma omp simd
+      for (size_t d = 0; d < D; d++) row[d] = r[d];
     } else {
       for (size_t d = 0; d < D; d++) row[d] = r[(int64_t)d * sd];
     }
@@ -259,10 +261,10 @@ TWL_INLINE void pack_rows(const float* x, int64_t si, int64_t sd, size_t T, size
   }
 }
 
-void zero_outside(float* row, size_t n, size_t lo, size_t hi) {
+TWL_INLINE void zero_outside(float* row, size_t n, size_t lo, size_t hi) {
   if (lo >= hi) lo = hi = n;
-  std::memset(row, 0, lo * sizeof(float));
-  if (hi < n) std::memset(row + hi, 0, (n - hi) * sizeof(float));
+  for (size_t j = 0; j < lo; j++) row[j] = 0.0f;
+  for (size_t j = hi; j < n; j++) row[j] = 0.0f;
 }
 
 struct Dims {
@@ -475,6 +477,102 @@ void AttentionGrad::eval_cpu(const std::vector<mx::array>& in, std::vector<mx::a
 bool AttentionGrad::is_equivalent(const mx::Primitive& other) const {
   auto& o = static_cast<const AttentionGrad&>(other);
   return scale_ == o.scale_ && mask_ == o.mask_ && fault_ == o.fault_;
+}
+
+// ---- the head split: views forward, one gather backward ------------------------------------------------
+std::vector<mx::array> split_heads(const mx::array& qkv, int n_head, int n_kv_head, int head_dim, int fault,
+                                   mx::StreamOrDevice s) {
+  auto stream = cpu_stream(s);
+  if (qkv.dtype() != mx::float32) throw std::invalid_argument("split_heads: float32 only");
+  if (qkv.ndim() != 3 || n_head < 1 || n_kv_head < 1 || head_dim < 1 ||
+      qkv.shape(2) != (int64_t)(n_head + 2 * n_kv_head) * head_dim) {
+    throw std::invalid_argument("split_heads: qkv must be (N, T, (n_head + 2 n_kv_head) head_dim)");
+  }
+  int N = qkv.shape(0), T = qkv.shape(1);
+  return mx::array::make_arrays({{N, n_head, T, head_dim}, {N, n_kv_head, T, head_dim}, {N, n_kv_head, T, head_dim}},
+                                {mx::float32, mx::float32, mx::float32},
+                                std::make_shared<SplitHeads>(stream, n_head, n_kv_head, head_dim, fault),
+                                {mx::contiguous(qkv, false, stream)});
+}
+
+void SplitHeads::eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) {
+  const auto& x = in[0];  // row-contiguous (N, T, C)
+  const int64_t T = x.shape(1), C = x.shape(2), D = d_;
+  const int64_t first[3] = {0, (int64_t)h_ * D, (int64_t)(h_ + hkv_) * D};
+  for (int i = 0; i < 3; i++) {
+    auto& o = out[i];
+    const auto& sh = o.shape();
+    mx::Strides st = {T * C, D, C, 1};
+    // The elements the view can reach, from its first: 1 + sum (shape - 1) stride (0 for an empty view).
+    int64_t reach = o.size() ? 1 : 0;
+    for (int d = 0; d < 4 && o.size(); d++) reach += (sh[d] - 1) * st[d];
+    mx::array::Flags f{};
+    f.row_contiguous = o.size() <= 1 || (sh[1] == 1 && sh[2] == 1 && sh[0] == 1);
+    f.contiguous = f.row_contiguous;
+    f.col_contiguous = o.size() <= 1;
+    o.copy_shared_buffer(x, st, f, (size_t)reach, first[i]);
+  }
+}
+
+std::vector<mx::array> SplitHeads::vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cot,
+                                       const std::vector<int>& argnums, const std::vector<mx::array>&) {
+  for (const auto& c : cot) {
+    if (c.dtype() != mx::float32) throw std::invalid_argument("split_heads vjp: float32 only");
+  }
+  std::vector<mx::array> result;
+  for (int a : argnums) {
+    (void)a;
+    result.push_back(mx::array(primals[0].shape(), mx::float32, std::make_shared<MergeHeadsGrad>(stream(), fault_),
+                               {cot[0], cot[1], cot[2]}));
+  }
+  return result;
+}
+
+bool SplitHeads::is_equivalent(const mx::Primitive& other) const {
+  auto& o = static_cast<const SplitHeads&>(other);
+  return h_ == o.h_ && hkv_ == o.hkv_ && d_ == o.d_ && fault_ == o.fault_;
+}
+
+namespace {
+
+// Row (n, t) of the gradient: each head's D values of dq, then dk, then dv, read through their strides.
+TWL_SIMD void gather_heads(const View* g, const size_t* heads, float* out, size_t T, size_t C, size_t D,
+                           size_t r0, size_t r1) {
+  for (size_t r = r0; r < r1; r++) {
+    const size_t n = r / T, t = r % T;
+    float* o = out + r * C;
+    for (int i = 0; i < 3; i++) {
+      const View& v = g[i];
+      for (size_t h = 0; h < heads[i]; h++) {
+        const float* src = v.head(n, h) + (int64_t)t * v.s[2];
+        if (v.s[3] == 1) {
+#pragma omp simd
+          for (size_t d = 0; d < D; d++) o[d] = src[d];
+        } else {
+          for (size_t d = 0; d < D; d++) o[d] = src[(int64_t)d * v.s[3]];
+        }
+        o += D;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void MergeHeadsGrad::eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) {
+  out[0].set_data(mx::allocator::malloc(out[0].nbytes()));
+  const size_t N = in[0].shape(0), T = in[0].shape(2), D = in[0].shape(3);
+  const size_t C = out[0].shape(2);
+  std::array<View, 3> g = {view_of(in[0]), view_of(in[1]), view_of(in[2])};
+  if (fault_ == 1) std::swap(g[1], g[2]);
+  std::array<size_t, 3> heads = {(size_t)in[0].shape(1), (size_t)in[1].shape(1), (size_t)in[2].shape(1)};
+  launch(stream(), [g, heads, o = out[0].data<float>(), N, T, C, D] {
+    parallel_rows(N * T, C, [&](int, size_t r0, size_t r1) { gather_heads(g.data(), heads.data(), o, T, C, D, r0, r1); });
+  });
+}
+
+bool MergeHeadsGrad::is_equivalent(const mx::Primitive& other) const {
+  return fault_ == static_cast<const MergeHeadsGrad&>(other).fault_;
 }
 
 }  // namespace twinlm

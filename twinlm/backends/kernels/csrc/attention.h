@@ -23,6 +23,37 @@ constexpr int ATTENTION_MAX_KEYS = 1024;
 mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, const std::optional<mx::array>& mask,
                     float scale, int fault = 0, mx::StreamOrDevice s = {});
 
+// qkv (N, T, (H + 2 Hkv) D) float32 -> q (N, H, T, D), k, v (N, Hkv, T, D): views of (a row-contiguous copy
+// of) qkv, no data moved; the VJP writes the three cotangents (any strides) into one (N, T, (H + 2 Hkv) D)
+// gradient in one pass. `fault` (tests only): 1 = the VJP swaps the k and v blocks.
+std::vector<mx::array> split_heads(const mx::array& qkv, int n_head, int n_kv_head, int head_dim, int fault = 0,
+                                   mx::StreamOrDevice s = {});
+
+class SplitHeads : public CpuPrimitive {  // qkv -> q, k, v (views)
+ public:
+  SplitHeads(mx::Stream s, int h, int hkv, int d, int fault)
+      : CpuPrimitive(s), h_(h), hkv_(hkv), d_(d), fault_(fault) {}
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override;
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override;
+  const char* name() const override { return "TwinlmSplitHeads"; }
+  bool is_equivalent(const mx::Primitive& other) const override;
+
+ private:
+  int h_, hkv_, d_, fault_;
+};
+
+class MergeHeadsGrad : public CpuPrimitive {  // dq, dk, dv -> dqkv (N, T, (H + 2 Hkv) D)
+ public:
+  MergeHeadsGrad(mx::Stream s, int fault) : CpuPrimitive(s), fault_(fault) {}
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override;
+  const char* name() const override { return "TwinlmMergeHeadsGrad"; }
+  bool is_equivalent(const mx::Primitive& other) const override;
+
+ private:
+  int fault_;
+};
+
 class Attention : public CpuPrimitive {  // q, k, v[, mask] -> o, p (the probabilities, kept for the VJP)
  public:
   Attention(mx::Stream s, float scale, bool has_mask, int fault)

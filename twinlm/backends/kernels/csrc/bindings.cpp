@@ -4,6 +4,7 @@
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/variant.h>
+#include <nanobind/stl/vector.h>
 
 #include "mlx/version.h"
 #include "attention.h"
@@ -132,6 +133,13 @@ NB_MODULE(_twinlm_kernels, m) {
         "tests only: a deliberately wrong attention (1: the forward drops the scale, 2: the backward drops the "
         "softmax's row-sum term)");
   m.attr("ATTENTION_MAX_KEYS") = twinlm::ATTENTION_MAX_KEYS;
+  m.def("split_heads", [](const mx::array& qkv, int n_head, int n_kv_head, int head_dim, mx::StreamOrDevice s) {
+          return twinlm::split_heads(qkv, n_head, n_kv_head, head_dim, 0, s);
+        }, "qkv"_a, "n_head"_a, "n_kv_head"_a, "head_dim"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "(N, T, (H + 2 Hkv) D) -> [q (N, H, T, D), k, v (N, Hkv, T, D)] as views of qkv; the VJP gathers the "
+        "three gradients into one in a single pass");
+  m.def("_split_heads_faulty", &twinlm::split_heads, "qkv"_a, "n_head"_a, "n_kv_head"_a, "head_dim"_a, "fault"_a,
+        nb::kw_only(), "stream"_a = nb::none(), "tests only: a deliberately wrong split_heads (1: k, v swapped)");
 
   // ---- same-host shared-memory all-reduce for data-parallel ranks (issue #23; Linux only) ----
 #ifdef TWINLM_SHM_ALLREDUCE
