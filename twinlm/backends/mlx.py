@@ -1,7 +1,7 @@
 """MLX adapter. The process-wide set-up MLX needs before it is imported (the system OpenBLAS, malloc
 settings) is `twinlm.backends.mlx_native`'s. On the CPU it serves the linear layer, the embedding, GELU,
-GELU-tanh, SwiGLU, RoPE, LayerNorm, RMSNorm, attention's softmax and cross-entropy with twinlm's compiled
-kernels (`twinlm.backends.kernels`) when they are built; TWINLM_KERNELS=0 turns them off."""
+GELU-tanh, SwiGLU, RoPE, LayerNorm, RMSNorm, attention (and its head split) and cross-entropy with twinlm's
+compiled kernels (`twinlm.backends.kernels`) when they are built; TWINLM_KERNELS=0 turns them off."""
 
 from __future__ import annotations
 
