@@ -258,3 +258,15 @@ def test_split_heads_of_a_strided_input_and_in_compile() -> None:
     np.testing.assert_array_equal(np.array(views[1]), want)
     with pytest.raises(ValueError, match="split_heads"):
         K.split_heads(qkv, 2, 2, 5)
+
+
+def test_a_mask_computed_in_the_same_graph() -> None:
+    """The mask's values are read when the kernel's task runs, not when the graph is scheduled (a decoding
+    step computes its mask from the position inside the graph; read early, the spans were garbage)."""
+    q, k, v = rand(2, 2, 1, 16, seed=13), rand(2, 2, 8, 16, seed=14), rand(2, 2, 8, 16, seed=15)
+    step = mx.compile(lambda q, k, v, pos: K.attention(q, k, v, (mx.arange(8) <= pos)[None], 0.25))
+    for pos in range(8):
+        m = (np.arange(8) <= pos)[None]
+        got = np.array(step(mx.array(q), mx.array(k), mx.array(v), mx.array(pos)))
+        want = np_attention_vjp(q, k, v, m, np.zeros_like(q), 0.25)[0]
+        np.testing.assert_allclose(got, want, atol=3e-5, err_msg=f"position {pos}")

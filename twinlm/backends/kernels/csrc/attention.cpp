@@ -345,19 +345,26 @@ struct MaskPlan {
   }
 };
 
-MaskPlan plan_mask(const mx::array* m, const Dims& dm) {
+// Where the mask is (at eval_cpu time: its buffer exists, its contents may not be computed yet).
+MaskPlan locate_mask(const mx::array* m) {
   MaskPlan plan;
-  if (!m) {
-    plan.spans.push_back(spans_of(nullptr, 0, dm.Tq, dm.Tk));
-    return plan;
-  }
+  if (!m) return plan;
   plan.base = reinterpret_cast<const uint8_t*>(m->data<bool>());
   for (int d = 0; d < 4; d++) plan.s[d] = m->strides()[d];
+  return plan;
+}
+
+// The spans, read from the mask's values: inside the dispatched task only, after the tasks that compute
+// the mask have run (reading them in eval_cpu raced with a mask computed in the same graph).
+void plan_spans(MaskPlan& plan, const Dims& dm) {
+  if (!plan.base) {
+    plan.spans.push_back(spans_of(nullptr, 0, dm.Tq, dm.Tk));
+    return;
+  }
   size_t nn = plan.s[0] ? dm.N : 1, nh = plan.s[1] ? dm.H : 1;
   for (size_t n = 0; n < nn; n++) {
     for (size_t h = 0; h < nh; h++) plan.spans.push_back(spans_of(plan.rows(n, h), plan.s[2], dm.Tq, dm.Tk));
   }
-  return plan;
 }
 
 std::vector<float>& scratch_for(size_t floats) {
@@ -404,14 +411,15 @@ void Attention::eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array
   out[1].set_data(mx::allocator::malloc(out[1].nbytes()));
   if (out[1].size() == 0 && out[0].size() == 0) return;
   launch(stream(), [q = view_of(in[0]), k = view_of(in[1]), v = view_of(in[2]),
-                    plan = plan_mask(mask_ ? &in[3] : nullptr, dm), o = out[0].data<float>(),
-                    p = out[1].data<float>(), dm, scale = fault_ == 1 ? 1.0f : scale_] {
+                    plan = locate_mask(mask_ ? &in[3] : nullptr), o = out[0].data<float>(),
+                    p = out[1].data<float>(), dm, scale = fault_ == 1 ? 1.0f : scale_]() mutable {
     if (dm.Tk == 0) {  // no key at all: every row is empty
       std::memset(o, 0, dm.N * dm.H * dm.Tq * dm.D * sizeof(float));
       return;
     }
     const size_t need = dm.D * round_up(dm.Tk, VW) + dm.Tk * round_up(dm.D, VW);
     const int64_t os = merged_row_stride(dm);
+    plan_spans(plan, dm);
     parallel_rows(dm.N * dm.H, dm.Tq * dm.Tk * 4, [&](int, size_t b, size_t e) {
       float* scratch = scratch_for(need).data();
       for (size_t pair = b; pair < e; pair++) {
@@ -449,9 +457,9 @@ void AttentionGrad::eval_cpu(const std::vector<mx::array>& in, std::vector<mx::a
   for (auto& o : out) allocate_merged(o);
   const size_t at = mask_ ? 4 : 3;
   launch(stream(), [q = view_of(in[0]), k = view_of(in[1]), v = view_of(in[2]),
-                    plan = plan_mask(mask_ ? &in[3] : nullptr, dm), p = in[at].data<float>(), g = view_of(in[at + 1]),
+                    plan = locate_mask(mask_ ? &in[3] : nullptr), p = in[at].data<float>(), g = view_of(in[at + 1]),
                     dq = out[0].data<float>(), dk = out[1].data<float>(), dv = out[2].data<float>(), dm,
-                    scale = scale_, no_rowsum = fault_ == 2] {
+                    scale = scale_, no_rowsum = fault_ == 2]() mutable {
     if (dm.Tq == 0 || dm.Tk == 0) {  // no product at all: zero gradients
       std::memset(dq, 0, dm.N * dm.H * dm.Tq * dm.D * sizeof(float));
       std::memset(dk, 0, dm.N * dm.H * dm.Tk * dm.D * sizeof(float));
@@ -461,6 +469,7 @@ void AttentionGrad::eval_cpu(const std::vector<mx::array>& in, std::vector<mx::a
     const size_t Dp = round_up(dm.D, VW);
     const size_t need = dm.D * round_up(dm.Tk, VW) + dm.Tk * Dp + 2 * dm.Tq * Dp + dm.Tq * dm.Tk;
     const int64_t os = merged_row_stride(dm);
+    plan_spans(plan, dm);
     parallel_rows(dm.N * dm.H, dm.Tq * dm.Tk * 8, [&](int, size_t b, size_t e) {
       float* scratch = scratch_for(need).data();
       for (size_t pair = b; pair < e; pair++) {
