@@ -576,7 +576,9 @@ void MergeHeadsGrad::eval_cpu(const std::vector<mx::array>& in, std::vector<mx::
   if (fault_ == 1) std::swap(g[1], g[2]);
   std::array<size_t, 3> heads = {(size_t)in[0].shape(1), (size_t)in[1].shape(1), (size_t)in[2].shape(1)};
   launch(stream(), [g, heads, o = out[0].data<float>(), N, T, C, D] {
-    parallel_rows(N * T, C, [&](int, size_t r0, size_t r1) { gather_heads(g.data(), heads.data(), o, T, C, D, r0, r1); });
+    parallel_rows(N * T, C, [&](int, size_t r0, size_t r1) {
+      gather_heads(g.data(), heads.data(), o, T, C, D, r0, r1);
+    });
   });
 }
 
