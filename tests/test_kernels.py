@@ -318,6 +318,12 @@ class _Wrong:
     def masked_softmax(self, s, mask, scale):
         return K.masked_softmax(s, None if self.which == "mask dropped" else mask, scale)
 
+    def attention(self, q, k, v, mask, scale):  # the fused kernel (short key axes)
+        fault = {"attention scale dropped": 1, "attention no rowsum": 2}.get(self.which, 0)  # see attention.h
+        if fault:
+            return K._attention_faulty(q, k, v, mask, scale, fault)
+        return K.attention(q, k, v, None if self.which == "mask dropped" else mask, scale)
+
     def rope(self, x, cos, sin):
         return K.rope(x, cos, -sin if self.which == "rope sign" else sin)
 
@@ -355,7 +361,9 @@ class _Wrong:
     ("linear beta 0", "linear forward"), ("linear no db", "linear grad x2"),
     ("gemv no db", "linear few rows grad x2"),
     ("add_norm no residual grad", "add_layer_norm grad x0"), ("add_norm forgets y", "add_layer_norm forward"),
-    ("add_rms_norm no residual grad", "add_rms_norm grad x1")])
+    ("add_rms_norm no residual grad", "add_rms_norm grad x1"),
+    ("attention scale dropped", "attention heads split forward"),
+    ("attention no rowsum", "attention causal grad x0")])
 def test_a_wrong_kernel_is_caught_by_the_override_checks(which, case) -> None:
     broken = MLXBackend()
     broken.kernels = _Wrong(which)

@@ -1,7 +1,7 @@
 """MLX adapter. The process-wide set-up MLX needs before it is imported (the system OpenBLAS, malloc
 settings) is `twinlm.backends.mlx_native`'s. On the CPU it serves the linear layer, the embedding, GELU,
-GELU-tanh, SwiGLU, RoPE, LayerNorm, RMSNorm, attention's softmax and cross-entropy with twinlm's compiled
-kernels (`twinlm.backends.kernels`) when they are built; TWINLM_KERNELS=0 turns them off."""
+GELU-tanh, SwiGLU, RoPE, LayerNorm, RMSNorm, attention (and its head split) and cross-entropy with twinlm's
+compiled kernels (`twinlm.backends.kernels`) when they are built; TWINLM_KERNELS=0 turns them off."""
 
 from __future__ import annotations
 
@@ -68,6 +68,9 @@ class MLXBackend(Backend):
         self.group = _group()
         # twinlm's CPU kernels (None: not built, failed to load, TWINLM_KERNELS=0, or not asked for).
         self.kernels = _kernels.load() if fused and kernels else None
+        # The fused attention kernel (short key axes); False keeps BLAS products around the masked-softmax
+        # kernel (benchmarks switch it to compare the two in one process).
+        self.attention_kernel = True
         # The all-reduce between ranks: "shm" (same host, shared memory) or "ring"; "" with one process.
         self._shm_sum, self.all_reduce = _all_reduce(self.group, self.kernels)
         self.device = "gpu" if mx.default_device() == mx.gpu else "cpu"  # set by --device before this
@@ -324,6 +327,18 @@ class MLXBackend(Backend):
             return super().add_rms_norm(x, y, weight, eps)
         return K.add_rms_norm(x, y, weight, eps)
 
+    def split_heads(self, qkv: Array, n_head: int, n_kv_head: int,
+                    head_dim: int) -> tuple[Array, Array, Array]:
+        # Views of qkv, and one gather for the gradient: MLX's slices would each add a zero-filled slice
+        # update of qkv's whole size to the backward, and two adds of them (a quarter of an attention layer's
+        # time at the baby shape). Only with the fused attention kernel, which reads such views in place.
+        K = self._kernel(qkv)
+        if (K is None or not self.attention_kernel or not hasattr(K, "split_heads") or qkv.ndim != 3
+                or qkv.shape[-1] != (n_head + 2 * n_kv_head) * head_dim):
+            return super().split_heads(qkv, n_head, n_kv_head, head_dim)
+        q, k, v = K.split_heads(qkv, n_head, n_kv_head, head_dim)
+        return q, k, v
+
     @_float32_kernel()
     def attention(self, q: Array, k: Array, v: Array, mask: Array | None,
                   dropout: Array | None = None, softcap: float = 0.0) -> Array:
@@ -331,6 +346,14 @@ class MLXBackend(Backend):
             return super().attention(q, k, v, mask, dropout, softcap)
         scale = 1.0 / math.sqrt(q.shape[-1])
         K = self._kernel(q, k, v)
+        if (K is not None and self.attention_kernel and dropout is None and hasattr(K, "attention")
+                and (mask is None or mask.dtype == mx.bool_) and q.ndim == 4 and k.shape == v.shape
+                and k.ndim == 4 and q.shape[:2] == k.shape[:2] and q.shape[-1] == k.shape[-1]
+                and 0 < k.shape[2] <= K.ATTENTION_MAX_KEYS):
+            # One primitive per call: each (batch, head)'s scores, softmax and product with v in cache;
+            # q, k, v read where the head split's views put them, the result laid out so that the merge
+            # is a view.
+            return K.attention(q, k, v, mask, scale)
         if K is not None and (mask is None or mask.dtype == mx.bool_):
             # BLAS matmuls around one fused masked, scaled softmax (forward and backward kernels; the
             # probabilities are kept once, for the backward). Rows with no key left give zeros.

@@ -321,6 +321,19 @@ class Backend:
         s = x + y
         return s, self.rms_norm(s, weight, eps)
 
+    def split_heads(self, qkv: Array, n_head: int, n_kv_head: int,
+                    head_dim: int) -> tuple[Array, Array, Array]:
+        """A fused projection's output (N, T, (H + 2 Hkv) hs) as q (N, H, T, hs) and k, v (N, Hkv, T, hs),
+        each head's hs columns in order (an adapter may return views of qkv and gather the three gradients
+        into one in a single pass, instead of three zero-filled slice updates and their sum)."""
+        n, t, _ = qkv.shape
+        a, b = n_head * head_dim, (n_head + n_kv_head) * head_dim
+
+        def heads(z: Array, h: int) -> Array:
+            return self.transpose(self.reshape(z, (n, t, h, head_dim)), (0, 2, 1, 3))  # (N, h, T, hs)
+
+        return heads(qkv[..., :a], n_head), heads(qkv[..., a:b], n_kv_head), heads(qkv[..., b:], n_kv_head)
+
     def repeat_kv(self, x: Array, n_rep: int) -> Array:
         """Grouped-query attention: (N, Hkv, T, hs) -> (N, Hkv * n_rep, T, hs), where query head h
         reads key/value head h // n_rep (Hugging Face's `repeat_kv`)."""

@@ -288,13 +288,8 @@ def self_attention(B: Backend, cfg: ModelConfig, p: Params, name: str, layer: in
     batch, t, _ = x.shape
     H, Hkv, hs = cfg.n_head, cfg.n_kv_head, cfg.head_dim
 
-    def heads(z: Array, n: int) -> Array:
-        return B.transpose(B.reshape(z, (batch, t, n, hs)), (0, 2, 1, 3))  # (B, n, T, hs)
-
     qkv = linear(B, cfg, p, f"{name}.qkv", x, drop)  # (N, T, (H + 2 Hkv) hs)
-    q = heads(qkv[..., :H * hs], H)
-    k = heads(qkv[..., H * hs:(H + Hkv) * hs], Hkv)
-    v = heads(qkv[..., (H + Hkv) * hs:], Hkv)
+    q, k, v = B.split_heads(qkv, H, Hkv, hs)  # (N, H, T, hs), (N, Hkv, T, hs) x 2
     if cfg.qk_norm:  # each head's q and k normalised over hs, before the rotation (Qwen3)
         q = rms_norm(B, cfg, p[f"{name}.q_norm.weight"], q)
         k = rms_norm(B, cfg, p[f"{name}.k_norm.weight"], k)

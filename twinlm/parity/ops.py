@@ -18,7 +18,7 @@ from twinlm.parity.checks import FORWARD_TOL, GRAD_TOL, Check, Tolerance, compar
 COMPOSITES = ("erf", "custom_grad", "gelu", "gelu_tanh", "sigmoid", "silu", "swiglu", "linear", "lora",
               "matmul_t", "rope", "repeat_kv", "softmax", "log_softmax", "layer_norm", "rms_norm",
               "attention", "cross_entropy", "add_layer_norm", "add_rms_norm", "quantized_linear",
-              "quantized_take")
+              "quantized_take", "split_heads")
 
 
 @dataclass(frozen=True)
@@ -211,7 +211,30 @@ def op_cases(seed: int = 0) -> list[OpCase]:
         *_quant_cases(normal),  # last again: the cases above keep their draws
         OpCase("matmul_t", lambda B, x, w: B.matmul_t(x, w), lambda x, w: x @ w.T,
                (normal(2, 3, 4), normal(5, 4)), (0, 1), composite="matmul_t"),  # the tied head, (V, C) weight
+        # Attention on the head split's strided views of one qkv projection, merged back, as the layers do
+        # it (a fused kernel reads the views in place and lays its result out so that the merge is a view).
+        OpCase("attention heads split", _attention_heads, _np_attention_heads,
+               (normal(2, 5, 18), model.causal_mask(5, 5)), (0,), composite="attention"),
+        # q, k, v of 2, 1, 1 heads of 4 from one (N, T, 16) projection, side by side along the head axis.
+        OpCase("split_heads", lambda B, x: B.concat(list(B.split_heads(x, 2, 1, 4)), axis=1),
+               lambda x: np.transpose(x.reshape(2, 3, 4, 4), (0, 2, 1, 3)), (normal(2, 3, 16),),
+               composite="split_heads"),
     ]
+
+
+def _attention_heads(B: Backend, qkv: Array, mask: Array) -> Array:
+    """Causal attention of (N, T, 3 H hs) qkv split into H = 2 heads (hs = 3), merged back to (N, T, H hs)."""
+    n, t, c = qkv.shape
+    hs = c // 6
+    o = B.attention(*B.split_heads(qkv, 2, 2, hs), mask)
+    return B.reshape(B.transpose(o, (0, 2, 1, 3)), (n, t, 2 * hs))
+
+
+def _np_attention_heads(qkv: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    n, t, c = qkv.shape
+    hs = c // 6
+    q, k, v = (np.transpose(z.reshape(n, t, 2, hs), (0, 2, 1, 3)) for z in np.split(qkv, 3, axis=-1))
+    return np.transpose(_np_attention(q, k, v, mask), (0, 2, 1, 3)).reshape(n, t, 2 * hs)
 
 
 def _quant_cases(normal: Callable[..., np.ndarray]) -> list[OpCase]:

@@ -1,6 +1,7 @@
 """twinlm's CPU kernels for MLX: the core's composites (the linear layer as one BLAS sgemm onto the bias,
-the embedding gather and its scatter-add, GELU, GELU-tanh, SwiGLU, RoPE, LayerNorm, RMSNorm, the masked
-softmax of attention, cross-entropy, the int8/int4 quantized matmul) as MLX primitives with their own
+the embedding gather and its scatter-add, GELU, GELU-tanh, SwiGLU, RoPE, LayerNorm, RMSNorm, attention
+(fused per head at short key axes, else the masked softmax between BLAS products) and the head split,
+cross-entropy, the int8/int4 quantized matmul) as MLX primitives with their own
 vectorised, multi-threaded CPU implementation and VJP, in a C++ extension built against the installed mlx
 wheel (`csrc/`, CMake).
 
@@ -29,8 +30,9 @@ HERE = Path(__file__).resolve().parent
 KERNELS = ("linear (sgemm onto the bias)", "linear over bfloat16/float16 weights",
            "matmul_t: x @ W.T over bfloat16/float16 weights (the tied head)",
            "quantized_matmul (int8/int4 GEMV, dequantized tiles + sgemm)", "embedding (gather, scatter-add)",
-           "gelu", "gelu_tanh", "swiglu", "rope", "layer_norm", "rms_norm", "attention (masked softmax)",
-           "cross_entropy")
+           "gelu", "gelu_tanh", "swiglu", "rope", "layer_norm", "rms_norm",
+           "attention (fused per head up to 1024 keys, else BLAS around a masked softmax)",
+           "split_heads (views of qkv, one-pass gradient gather)", "cross_entropy")
 BUILD_HINT = "build them with: python -m twinlm.backends.kernels.build (make setup runs it)"
 
 

@@ -4,8 +4,10 @@
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/variant.h>
+#include <nanobind/stl/vector.h>
 
 #include "mlx/version.h"
+#include "attention.h"
 #include "fused.h"
 #include "lowp.h"
 #include "pool.h"
@@ -117,6 +119,27 @@ NB_MODULE(_twinlm_kernels, m) {
   m.def("_add_rms_norm_faulty", &twinlm::add_rms_norm, "x"_a, "y"_a, "weight"_a, "eps"_a, "fault"_a,
         nb::kw_only(), "stream"_a = nb::none(),
         "tests only: a deliberately wrong add_rms_norm (1: no residual gradient, 2: the norm forgets y)");
+
+  // ---- fused attention at short sequences (issue #23) ----
+  m.def("attention", [](const mx::array& q, const mx::array& k, const mx::array& v,
+                        const std::optional<mx::array>& mask, float scale, mx::StreamOrDevice s) {
+          return twinlm::attention(q, k, v, mask, scale, 0, s);
+        }, "q"_a, "k"_a, "v"_a, "mask"_a.none(), "scale"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "softmax(scale q k^T, mask) v for float32 (N, H, T, D) q, k, v read through their strides (a boolean "
+        "mask broadcast to (N, H, Tq, Tk); rows with no key give zeros), per head in cache, with its VJP; the "
+        "result (and the gradients) laid out as (N, T, H, D), so the heads' merge is a view");
+  m.def("_attention_faulty", &twinlm::attention, "q"_a, "k"_a, "v"_a, "mask"_a.none(), "scale"_a, "fault"_a,
+        nb::kw_only(), "stream"_a = nb::none(),
+        "tests only: a deliberately wrong attention (1: the forward drops the scale, 2: the backward drops the "
+        "softmax's row-sum term)");
+  m.attr("ATTENTION_MAX_KEYS") = twinlm::ATTENTION_MAX_KEYS;
+  m.def("split_heads", [](const mx::array& qkv, int n_head, int n_kv_head, int head_dim, mx::StreamOrDevice s) {
+          return twinlm::split_heads(qkv, n_head, n_kv_head, head_dim, 0, s);
+        }, "qkv"_a, "n_head"_a, "n_kv_head"_a, "head_dim"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "(N, T, (H + 2 Hkv) D) -> [q (N, H, T, D), k, v (N, Hkv, T, D)] as views of qkv; the VJP gathers the "
+        "three gradients into one in a single pass");
+  m.def("_split_heads_faulty", &twinlm::split_heads, "qkv"_a, "n_head"_a, "n_kv_head"_a, "head_dim"_a, "fault"_a,
+        nb::kw_only(), "stream"_a = nb::none(), "tests only: a deliberately wrong split_heads (1: k, v swapped)");
 
   // ---- same-host shared-memory all-reduce for data-parallel ranks (issue #23; Linux only) ----
 #ifdef TWINLM_SHM_ALLREDUCE

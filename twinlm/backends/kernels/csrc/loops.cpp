@@ -4,6 +4,7 @@
 
 #include <cmath>
 
+#include "softmax_row.h"
 #include "vmath.h"
 
 namespace twinlm {
@@ -145,57 +146,19 @@ TWL_SIMD void rms_norm_bwd(const float* x, const float* w, const float* rstd, co
 }
 
 // ---- masked, scaled softmax (attention probabilities) --------------------------------------------
-// p = softmax(where(mask, s * scale, -inf)) per row of length T; a row with no key left gives zeros.
-// mask_off(r) is the offset of row r's mask (nullptr mask: attend everywhere).
+// p = softmax(where(mask, s * scale, -inf)) per row of length T (softmax_row.h); a row with no key left gives
+// zeros. mask_rows[r] is the offset of row r's mask (nullptr mask: attend everywhere).
 TWL_SIMD void masked_softmax_fwd(const float* s, const uint8_t* mask, const int64_t* mask_rows, float* p,
                                  size_t T, float scale, size_t r0, size_t r1) {
   for (size_t r = r0; r < r1; r++) {
-    const float* sr = s + r * T;
-    float* pr = p + r * T;
-    // Masked, scaled scores into p first (unconditional loads, then a select: this vectorises).
-    if (mask) {
-      const uint8_t* mr = mask + mask_rows[r];
-#pragma omp simd
-      for (size_t j = 0; j < T; j++) {
-        float v = sr[j] * scale;
-        pr[j] = mr[j] ? v : -INFINITY;
-      }
-    } else {
-#pragma omp simd
-      for (size_t j = 0; j < T; j++) pr[j] = sr[j] * scale;
-    }
-    float m = -INFINITY;
-#pragma omp simd reduction(max : m)
-    for (size_t j = 0; j < T; j++) m = pr[j] > m ? pr[j] : m;
-    if (m == -INFINITY) {  // no key left (a padding row): zeros, not NaN
-      for (size_t j = 0; j < T; j++) pr[j] = 0.0f;
-      continue;
-    }
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (size_t j = 0; j < T; j++) {
-      float e = vexp(pr[j] - m);  // exp(-inf) = 0
-      pr[j] = e;
-      sum += e;
-    }
-#pragma omp simd
-    for (size_t j = 0; j < T; j++) pr[j] = pr[j] / sum;
+    masked_softmax_row(s + r * T, mask ? mask + mask_rows[r] : nullptr, p + r * T, T, scale);
   }
 }
 
 // ds = scale * p * (g - sum(g p)) (zero where masked, since p is zero there).
 TWL_SIMD void softmax_bwd(const float* p, const float* g, float* ds, size_t T, float scale, size_t r0,
                           size_t r1) {
-  for (size_t r = r0; r < r1; r++) {
-    const float* pr = p + r * T;
-    const float* gr = g + r * T;
-    float* dr = ds + r * T;
-    float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-    for (size_t j = 0; j < T; j++) dot += gr[j] * pr[j];
-#pragma omp simd
-    for (size_t j = 0; j < T; j++) dr[j] = scale * (pr[j] * (gr[j] - dot));
-  }
+  for (size_t r = r0; r < r1; r++) softmax_bwd_row(p + r * T, g + r * T, ds + r * T, T, scale);
 }
 
 // ---- cross-entropy over rows of logits (N, V) ------------------------------------------------------
