@@ -165,6 +165,7 @@ def main() -> None:
     args = p.parse_args()
     import twinlm
     from twinlm.backends import get_backend
+    from twinlm.cli.common import leave_after_engine
     from twinlm.engine import Engine
 
     B = get_backend(args.backend)
@@ -185,7 +186,8 @@ def main() -> None:
                            "same_tokens": batch["same_tokens"], "load": os.getloadavg()[0]}
     if args.profile and B.name == "mlx":
         rec["profile_ms"] = profile(B, cfg, params, args.rows, args.cache_len, args.repeat)
-    print(json.dumps(rec, indent=1))
+    print(json.dumps(rec, indent=1), flush=True)
+    leave_after_engine()  # MLX used from the engine's thread can abort at interpreter exit (its docstring)
 
 
 if __name__ == "__main__":
