@@ -123,11 +123,14 @@ def profile(B: Any, cfg: Any, params: dict[str, np.ndarray], rows: int, cache_le
     def writes() -> list:
         return [B.where(write, kn, c) for kv in cache for c in kv]
 
+    grouped = hasattr(B, "grouped_attention")  # this tree reads k, v unrepeated (else: repeat_kv, as before)
+
     def attention() -> list:  # decoder.decode_step's attend(), every layer (its cache write included)
         out = []
         for kc, vc in cache:
             k, v = B.where(write, kn, kc), B.where(write, kn, vc)
-            out += [L.attention(B, cfg, q, B.repeat_kv(k, rep), B.repeat_kv(v, rep), m4), k, v]
+            kr, vr = (k, v) if grouped else (B.repeat_kv(k, rep), B.repeat_kv(v, rep))
+            out += [L.attention(B, cfg, q, kr, vr, m4), k, v]
         return out
 
     step = mx.compile(lambda p, idx, pos, *flat: M.decode_step(
@@ -139,9 +142,10 @@ def profile(B: Any, cfg: Any, params: dict[str, np.ndarray], rows: int, cache_le
         "whole step (decoder.decode_step, compiled)": best(lambda: step(p, idx, pos, *flat)),
         "linear layers (4 per block)": best(linears),
         "tied head": best(lambda: L.tied_head(B, cfg, p, "wte", x)),
-        "attention (cache write, repeat_kv, softmax(q k^T) v)": best(attention),
+        "attention (cache write, [repeat_kv,] softmax(q k^T) v)": best(attention),
         "  cache write alone (where, k and v)": best(writes),
-        "  repeat_kv alone (k and v)": best(lambda: [B.repeat_kv(c, rep) for kv in cache for c in kv]),
+        "  repeat_kv alone (k and v; this tree calls it: %s)" % (not grouped):
+            best(lambda: [B.repeat_kv(c, rep) for kv in cache for c in kv]),
         "norms, SwiGLU, RoPE": best(lambda: [
             t for i in range(n) for t in (B.rms_norm(x, p[f"blocks.{i}.ln_1.weight"]),
                                           B.add_rms_norm(x, x, p[f"blocks.{i}.ln_2.weight"])[1],
