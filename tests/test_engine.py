@@ -177,7 +177,7 @@ class _Repeated:
 
 
 # tinygrad's compiles make it ~15 s on a busy 2-core machine: slow (its engine already decodes with folded
-# grouped-query heads in test_batched_requests_equal_generate_alone[tinygrad-llama]: 4 query heads, 1 kv head).
+# grouped-query heads in test_batched_requests_equal_generate_alone[tinygrad-llama]: 4 heads on 1 kv head).
 @pytest.mark.parametrize("backend", ["mlx", pytest.param("tinygrad", marks=pytest.mark.slow)])
 def test_grouped_query_decoding_reads_the_cache_unrepeated(backend: str) -> None:
     # 6 query heads on 2 kv heads: the prompt's causal mask is tiled, the decode steps' per-row masks are
