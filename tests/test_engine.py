@@ -158,3 +158,55 @@ def test_the_cache_grows_with_the_longest_history(backend: str, monkeypatch) -> 
         monkeypatch.setattr("twinlm.engine.grow_cache",
                             lambda B, old, shape: B.from_numpy(np.zeros(shape, np.float32)))
         assert run()[0] != want
+
+
+class _NoRepeat:
+    """A backend whose repeat_kv refuses to run: grouped-query attention must read k and v as they are."""
+
+    def repeat_kv(self, x, n_rep: int):
+        assert n_rep == 1, "k and v repeated per query head"
+        return x
+
+
+class _Repeated:
+    """Grouped-query attention the old way: k and v repeated per query head, then plain attention."""
+
+    def grouped_attention(self, q, k, v, mask, dropout=None, softcap=0.0):
+        n_rep = q.shape[1] // k.shape[1]
+        return self.attention(q, self.repeat_kv(k, n_rep), self.repeat_kv(v, n_rep), mask, dropout, softcap)
+
+
+# tinygrad's compiles make it ~15 s on a busy 2-core machine: slow (its engine already decodes with folded
+# grouped-query heads in test_batched_requests_equal_generate_alone[tinygrad-llama]: 4 heads on 1 kv head).
+@pytest.mark.parametrize("backend", ["mlx", pytest.param("tinygrad", marks=pytest.mark.slow)])
+def test_grouped_query_decoding_reads_the_cache_unrepeated(backend: str) -> None:
+    # 6 query heads on 2 kv heads: the prompt's causal mask is tiled, the decode steps' per-row masks are
+    # not; nothing may call repeat_kv, and the tokens and logits equal those of repeated k and v.
+    from twinlm.core import model
+    from twinlm.parity import with_mixin
+
+    B = backend_or_skip(backend)
+    cfg = preset("tiny", vocab_size=50, block_size=32).replace(**{**FAMILIES["llama"], "n_head": 6,
+                                                                  "n_kv_head": 2, "d_model": 48})
+    params = init_params(cfg, 3)
+    fold = with_mixin(B, _NoRepeat, "NoRepeat", fused=True)
+    rep = with_mixin(B, _Repeated, "Repeated", fused=True)
+    idx = np.array([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]], np.int32)
+    lg = {}
+    for name, b in (("fold", fold), ("repeat", rep)):
+        bp = {k: b.from_numpy(v) for k, v in params.items()}
+        lg[name] = b.to_numpy(model.logits(b, cfg, bp, b.from_numpy(idx)))
+    assert np.abs(lg["fold"] - lg["repeat"]).max() < 1e-5 and np.abs(lg["fold"]).max() > 0.1
+    engine = Engine(fold, cfg, params, slots=2)
+    try:
+        reqs = [Request([1, 2, 3], 6, temperature=0.0), Request([4], 8, temperature=0.0)]
+        for r in reqs:
+            engine.submit(r)
+        got = [drain(r)[0] for r in reqs]
+    finally:
+        engine.close()
+    assert engine.error is None
+    bp = {k: rep.from_numpy(v) for k, v in params.items()}
+    for r, tokens in zip(reqs, got, strict=True):
+        assert tokens == [int(c[0]) for c in generate(rep, cfg, bp, np.array([r.prompt]), r.max_tokens,
+                                                      temperature=0.0)]

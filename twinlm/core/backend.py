@@ -343,6 +343,41 @@ class Backend:
         x = self.reshape(x, (b, h, 1, t, hs))
         return self.reshape(self.concat([x] * n_rep, axis=2), (b, h * n_rep, t, hs))
 
+    def grouped_attention(self, q: Array, k: Array, v: Array, mask: Array | None,
+                          dropout: Array | None = None, softcap: float = 0.0) -> Array:
+        """`attention` with k and v of Hkv heads for q's H = Hkv * n_rep (grouped-query attention; query
+        head h reads kv head h // n_rep, as `repeat_kv` maps them), without repeating k and v: the n_rep
+        query heads of a kv head are folded into its query axis, q (N, H, Tq, hs) -> (N, Hkv, n_rep * Tq,
+        hs) (a reshape: head h = g * n_rep + r goes to group g, row r * Tq + t), the mask tiled to match.
+        The same products and sums as attention over repeated k and v, but a decoding step no longer copies
+        every layer's KV cache n_rep times (benchmarks/README.md, "Serving"). A per-head mask, or a dropout
+        mask of another shape than (N, H, Tq, Tk), takes the repeat_kv path."""
+        n, h, tq, hs = q.shape
+        hkv = k.shape[1]
+        n_rep = h // hkv
+        folded = self._folded_mask(mask, n_rep, tq)
+        if n_rep == 1 or folded is False or (dropout is not None and tuple(dropout.shape[:3]) != (n, h, tq)):
+            k, v = self.repeat_kv(k, n_rep), self.repeat_kv(v, n_rep)
+            return self.attention(q, k, v, mask, dropout, softcap)
+        if dropout is not None:  # (N, H, Tq, Tk) -> (N, Hkv, n_rep * Tq, Tk): the same order as q's rows
+            dropout = self.reshape(dropout, (n, hkv, n_rep * tq, dropout.shape[-1]))
+        y = self.attention(self.reshape(q, (n, hkv, n_rep * tq, hs)), k, v, folded, dropout, softcap)
+        return self.reshape(y, (n, h, tq, v.shape[-1]))
+
+    def _folded_mask(self, mask: Array | None, n_rep: int, tq: int) -> Array | None | bool:
+        """`mask` (broadcastable to (N, H, Tq, Tk)) for the folded query axis of `grouped_attention`: as it is
+        when every query shares one row, else tiled n_rep times along the query axis; False for a per-head
+        mask (no fold)."""
+        if mask is None:
+            return None
+        shape = (1,) * (4 - len(mask.shape)) + tuple(mask.shape)
+        if shape[1] != 1:
+            return False
+        if shape[2] == 1:
+            return mask
+        m = self.reshape(mask, shape)
+        return self.concat([m] * n_rep, axis=2)  # row r * Tq + t reads query t's row
+
     def rms_norm(self, x: Array, weight: Array, eps: float = RMS_NORM_EPS) -> Array:
         x, dt = self._float32(x)
         return self._back(x * self.rsqrt(self.mean(x * x, axis=-1, keepdims=True) + eps), dt) * weight

@@ -306,10 +306,9 @@ def attend_all(B: Backend, cfg: ModelConfig, mask: Array | None, dropout: dict[s
                k_cache: list[tuple[Array, Array]] | None = None,
                window_mask: Array | None = None) -> tuple[Attend, list[tuple[Array, Array]]]:
     """An `Attend` over this call's keys (after the layer's cached ones, if any), recording each
-    layer's (k, v) in the returned list (before heads are repeated for grouped-query attention).
+    layer's (k, v) in the returned list (Hkv heads: grouped-query attention reads them as they are).
     Sliding-window layers (`cfg.sliding`) attend through `window_mask` instead of `mask`."""
     new_cache: list[tuple[Array, Array]] = []
-    rep = cfg.n_head // cfg.n_kv_head
 
     def attend(i: int, q: Array, k: Array, v: Array) -> Array:
         if k_cache:
@@ -318,17 +317,19 @@ def attend_all(B: Backend, cfg: ModelConfig, mask: Array | None, dropout: dict[s
         new_cache.append((k, v))
         m = window_mask if cfg.sliding(i) else mask
         keep = dropout.get(f"blocks.{i}.attn")
-        return attention(B, cfg, q, B.repeat_kv(k, rep), B.repeat_kv(v, rep), m, keep)
+        return attention(B, cfg, q, k, v, m, keep)
 
     return attend, new_cache
 
 
 def attention(B: Backend, cfg: ModelConfig, q: Array, k: Array, v: Array, mask: Array | None,
               dropout: Array | None = None) -> Array:
-    """`B.attention`, with the config's attention-logit soft-cap where it has one (Gemma 2)."""
+    """`B.grouped_attention` of q (N, H, Tq, hs) over k, v (N, Hkv, Tk, hs) as cached (grouped-query
+    attention reads them without repeating them per query head), with the config's attention-logit soft-cap
+    where it has one (Gemma 2)."""
     if cfg.attn_softcap:
-        return B.attention(q, k, v, mask, dropout, softcap=cfg.attn_softcap)
-    return B.attention(q, k, v, mask, dropout)
+        return B.grouped_attention(q, k, v, mask, dropout, softcap=cfg.attn_softcap)
+    return B.grouped_attention(q, k, v, mask, dropout)
 
 
 def residual_dropout(x: Array, drop: dict[str, Array], site: str) -> Array:

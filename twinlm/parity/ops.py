@@ -17,8 +17,8 @@ from twinlm.parity.checks import FORWARD_TOL, GRAD_TOL, Check, Tolerance, compar
 
 COMPOSITES = ("erf", "custom_grad", "gelu", "gelu_tanh", "sigmoid", "silu", "swiglu", "linear", "lora",
               "matmul_t", "rope", "repeat_kv", "softmax", "log_softmax", "layer_norm", "rms_norm",
-              "attention", "cross_entropy", "add_layer_norm", "add_rms_norm", "quantized_linear",
-              "quantized_take", "split_heads")
+              "attention", "grouped_attention", "cross_entropy", "add_layer_norm", "add_rms_norm",
+              "quantized_linear", "quantized_take", "split_heads")
 
 
 @dataclass(frozen=True)
@@ -219,6 +219,41 @@ def op_cases(seed: int = 0) -> list[OpCase]:
         OpCase("split_heads", lambda B, x: B.concat(list(B.split_heads(x, 2, 1, 4)), axis=1),
                lambda x: np.transpose(x.reshape(2, 3, 4, 4), (0, 2, 1, 3)), (normal(2, 3, 16),),
                composite="split_heads"),
+        *_grouped_cases(normal, rng, causal, pad),  # last: the cases above keep their draws
+    ]
+
+
+def _np_grouped(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None,
+                keep: np.ndarray | None = None) -> np.ndarray:
+    n_rep = q.shape[1] // k.shape[1]
+    return _np_attention(q, _np_repeat_kv(k, n_rep), _np_repeat_kv(v, n_rep), mask, keep)
+
+
+def _grouped_cases(normal: Callable[..., np.ndarray], rng: np.random.Generator, causal: np.ndarray,
+                   pad: np.ndarray) -> list[OpCase]:
+    """Grouped-query attention (4 query heads on 2 kv heads): the causal (Tq, Tk) mask (tiled when the
+    query heads are folded), a per-example padding mask, one query over a cache with a row per example
+    (decoding), attention dropout, and a per-head mask (the repeat_kv path)."""
+    q, k, v = normal(2, 4, 4, 3), normal(2, 2, 4, 3), normal(2, 2, 4, 3)
+    keep = ((rng.random((2, 4, 4, 4)) >= 0.25) / 0.75).astype(np.float32)
+    rows = np.array([[True, True, False, False], [True, True, True, False]]).reshape(2, 1, 1, 4)
+    per_head = rng.random((1, 4, 4, 4)) < 0.7
+    per_head[..., 0] = True  # every row keeps a key
+
+    def grouped(B: Backend, q: Array, k: Array, v: Array, m: Array, *d: Array) -> Array:
+        return B.grouped_attention(q, k, v, m, *d)
+
+    return [
+        OpCase("grouped_attention causal", grouped, _np_grouped, (q, k, v, causal), (0, 1, 2),
+               composite="grouped_attention"),
+        OpCase("grouped_attention padding", grouped, _np_grouped, (q, k, v, np.concatenate([pad, pad])),
+               (0, 1, 2), composite="grouped_attention"),
+        OpCase("grouped_attention decoding", grouped, _np_grouped, (q[:, :, :1], k, v, rows), (0, 1, 2),
+               composite="grouped_attention"),
+        OpCase("grouped_attention dropout", grouped, _np_grouped, (q, k, v, causal, keep), (0, 1, 2),
+               composite="grouped_attention"),
+        OpCase("grouped_attention per-head mask", grouped, _np_grouped, (q, k, v, per_head), (0, 1, 2),
+               composite="grouped_attention"),
     ]
 
 

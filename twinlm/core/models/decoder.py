@@ -209,14 +209,13 @@ def decode_step(B: Backend, cfg: ModelConfig, p: L.Params, idx: Array, pos_ids: 
         rope = [None if r is None else tuple(B.reshape(t, (t.shape[0], 1, 1, t.shape[-1])) for t in r)
                 for r in rope]
     new_cache: KVCache = []
-    rep = cfg.n_head // cfg.n_kv_head
 
     def attend(i: int, q: Array, k: Array, v: Array) -> Array:
         k = B.where(write_mask, k, cache[i][0])  # (N, Hkv, 1, hs) broadcast into (N, Hkv, block_size, hs)
         v = B.where(write_mask, v, cache[i][1])
         new_cache.append((k, v))
         m = attn_mask if per_row else attn_mask[1:2] if cfg.sliding(i) else attn_mask[:1]  # see decode_inputs
-        return L.attention(B, cfg, q, B.repeat_kv(k, rep), B.repeat_kv(v, rep), m)
+        return L.attention(B, cfg, q, k, v, m)  # grouped-query: the cache is read as it is, not repeated
 
     for i in range(cfg.n_layer):
         x = _block(B, cfg, p, i, x, attend, {}, rope[i])
