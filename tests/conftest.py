@@ -29,11 +29,10 @@ ALL_BACKENDS = ("mlx", "tinygrad", "numpy")
 
 def pytest_configure(config: pytest.Config) -> None:
     # A private tinygrad JIT cache per test process, so no test depends on what an earlier run left in
-    # ~/.cache (child processes the tests start inherit it). Per xdist worker too: the workers inherited the
-    # controller's folder, and with one folder shared by two workers tracing the same graph at once,
-    # `test_model_parity` failed every time (3 of 3 runs of the same file list; tinygrad's unit-scale
-    # gradients off by 0.06-0.15, its logits exact), and passed with a folder per worker. Not reproduced
-    # by two plain processes sharing a folder, concurrently or one after the other: not root-caused.
+    # ~/.cache (child processes the tests start inherit it). Per xdist worker too, so workers stay
+    # independent. (A shared folder once gave `test_model_parity` wrong tinygrad gradients: a worker loaded
+    # the other's entry, whose buffer slot numbers collided with its own live buffers; fixed in
+    # tinygrad_jitcache's loader, test_tinygrad_jitcache::test_loaded_entry_keeps_its_buffers_apart...)
     if "TWINLM_JIT_CACHE" not in os.environ or os.environ.get("PYTEST_XDIST_WORKER"):
         os.environ["TWINLM_JIT_CACHE"] = config._twinlm_jit_cache = tempfile.mkdtemp(prefix="twinlm-jit-")
 

@@ -4,6 +4,7 @@ and the cache must never use an entry traced for another graph nor crash on a br
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -174,3 +175,51 @@ def test_key_does_not_change_with_what_the_process_ran() -> None:
     x = B.astype(B.from_numpy(np.arange(4, dtype=np.float32)), "bfloat16")
     np.testing.assert_array_equal(B.to_numpy(B.astype(x * 2, "float32")), [0, 2, 4, 6])
     assert _environment_key() == before
+
+
+SLOT_BASE = 10**12  # tinygrad's buffer counter in these runs: above any slot a test process holds
+SLOT_X = np.arange(16, dtype=np.float32) / 8.0
+
+
+def _slot_run(cache: str, start: int, monkeypatch: pytest.MonkeyPatch | None = None
+               ) -> tuple[list[np.ndarray], bool]:
+    """A small graph (same-sized outputs and intermediates) through the JIT cache at `cache`, with
+    tinygrad's per-process buffer-slot counter starting at `start`: processes with different histories
+    hold different slot numbers, and a stored entry must not take over buffers this process owns.
+    Returns the outputs and whether the JIT was loaded from the cache."""
+    from tinygrad.uop.ops import UOp
+
+    if monkeypatch is not None:
+        monkeypatch.setenv("TWINLM_JIT_CACHE", cache)
+        monkeypatch.setattr(UOp, "unique_num", itertools.count(start))
+    else:  # (a process of its own)
+        os.environ["TWINLM_JIT_CACHE"] = cache
+        UOp.unique_num = itertools.count(start)
+    B = backend_or_skip("tinygrad")
+
+    def fn(state: dict, x: object) -> tuple[tuple, dict]:
+        a = B.exp(x * 0.5)
+        return (a, a * 2.0 + x, B.tanh(a) - x * 3.0), state
+
+    step = B.compile_step(fn, {})
+    outs = step(B.from_numpy(SLOT_X))
+    return [B.to_numpy(o) for o in outs], step._jit.fxn is None
+
+
+def test_loaded_entry_keeps_its_buffers_apart_from_this_process(tmp_path, monkeypatch) -> None:
+    """An entry saved by a process whose buffer counter stood elsewhere (here: one behind this one).
+    Before the fix its stored buffers came back as this process's live ones (tinygrad interns a BUFFER
+    UOp by its slot number) and a copied-out output overwrote another (the third output was 7.2 off),
+    as test_model_parity's gradients were with two xdist workers sharing one cache folder."""
+    folder = tmp_path / "cache"
+    code = ("import sys; sys.path.insert(0, 'tests'); import test_tinygrad_jitcache as t; "
+            f"print(t._slot_run({str(folder)!r}, t.SLOT_BASE)[1])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0 and out.stdout.split()[-1] == "False", out.stderr[-2000:]
+    a = np.exp(SLOT_X * 0.5)
+    want = [a, a * 2 + SLOT_X, np.tanh(a) - SLOT_X * 3]
+    outs, loaded = _slot_run(str(folder), SLOT_BASE + 1, monkeypatch)
+    assert loaded
+    for got, w in zip(outs, want, strict=True):
+        np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-5)

@@ -17,6 +17,7 @@ Entries are pickles: like tinygrad's CACHEDB, only point the cache at a director
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
@@ -32,7 +33,7 @@ from tinygrad import Device, Tensor, helpers
 from tinygrad.device import Buffer
 from tinygrad.engine.jit import _TinyJit
 from tinygrad.helpers import ContextVar
-from tinygrad.uop.ops import Ops, UOp, buffers
+from tinygrad.uop.ops import Ops, ParamArg, UOp, buffers
 
 from twinlm.backends import jit_cache_dir
 
@@ -92,11 +93,40 @@ def graph_key(inputs: Sequence[Tensor], results: Sequence[Tensor]) -> str:
     return h.hexdigest()
 
 
+class _JitUnpickler(pickle.Unpickler):
+    """Gives each device buffer of the stored JIT a new slot number of this process.
+
+    tinygrad interns UOps by value, and a BUFFER UOp's value is a per-process counter (its slot) plus its
+    size, dtype and device. Rebuilt with the saving process's slots, a stored buffer could come back as
+    a live BUFFER of this process that happens to hold the same slot (the live UOp is returned and the
+    stored Buffer dropped), or a buffer this process creates later could take a stored one's slot: the
+    JIT then reads or writes a tensor it does not own (seen as wrong gradients when two test workers
+    shared one cache folder). Fresh slots from this process's counter collide with neither."""
+
+    def __init__(self, file: io.BufferedReader) -> None:
+        super().__init__(file)
+        self.slots: dict[int, int] = {}  # stored slot -> this process's
+
+    def _uop(self, op: Ops, *args: Any) -> UOp:
+        # (a device buffer: kernel-local and register BUFFERs have no device and keep their slots)
+        arg = args[2] if len(args) > 2 else None
+        if op is Ops.BUFFER and isinstance(arg, ParamArg) and arg.device is not None:
+            if arg.slot not in self.slots:
+                self.slots[arg.slot] = next(UOp.unique_num)
+            args = (*args[:2], dataclasses.replace(arg, slot=self.slots[arg.slot]), *args[3:])
+        return UOp(op, *args)
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == (UOp.__module__, "UOp"):
+            return self._uop
+        return super().find_class(module, name)
+
+
 def load(path: Path) -> _TinyJit | None:
     """The captured JIT stored at `path`, or None if it is missing or cannot be loaded."""
     try:
         with open(path, "rb") as f:
-            jit = pickle.load(f)
+            jit = _JitUnpickler(f).load()
         if not isinstance(jit, _TinyJit) or jit.captured is None:
             return None
         os.utime(path)  # last use, for pruning
