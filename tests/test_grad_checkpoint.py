@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from conftest import backend_or_skip, run_cli
 
-from twinlm.core import model
+from twinlm.core import model, quant
 from twinlm.core.config import ModelConfig
+from twinlm.core.models import family
 from twinlm.core.params import init_params
 
 CFG = ModelConfig(arch="llama", vocab_size=256, block_size=128, n_layer=6, n_head=4, d_model=128)
@@ -66,6 +67,59 @@ def test_control_a_checkpoint_that_closes_over_the_weights_is_caught() -> None:
     _, bad, _ = _grads(wrong, remat=True)
     worst = max(float(np.abs(bad[k] - grads[k]).max()) for k in grads if k.startswith("blocks."))
     assert worst > 1e-3, worst
+
+
+# QLoRA on a wide block: a 4-bit base (embedding and tied head too), rank-8 adapters on every linear layer
+WIDE = ModelConfig(arch="llama", vocab_size=256, block_size=128, n_layer=1, n_head=4, d_model=512, d_ff=1536,
+                   lora_rank=8, quant_bits=4, quant_group_size=64, quant_embedding=True)
+
+
+def _step_peak(B, budget: int, monkeypatch) -> tuple[float, list[np.ndarray]]:
+    """MLX's peak memory above the step's start (MiB) and the outputs (loss, the adapters' gradients) of one
+    compiled QLoRA step of WIDE under `remat` with a transient budget of `budget` bytes."""
+    import mlx.core as mx
+
+    from twinlm.backends import mlx as mlx_backend
+
+    monkeypatch.setattr(mlx_backend, "REMAT_TRANSIENT_BYTES", budget)
+    B = copy.copy(B)
+    B.remat = True
+    rng = np.random.default_rng(0)
+    x, y = (B.from_numpy(rng.integers(0, 256, (4, 128)).astype(np.int32)) for _ in range(2))
+    floats = init_params(WIDE.without_quant(), 0)
+    p = {k: B.from_numpy(v) for k, v in quant.quantize_params(floats, family("llama").param_spec(WIDE), 4,
+                                                                 64).items()}
+    adapters = sorted(k for k in p if k.endswith((".lora_a", ".lora_b")))
+    vg = B.value_and_grad(lambda a, base, x, y: model.loss(B, WIDE, {**base, **a}, x, y))
+
+    def fn(state, x, y):
+        loss, g = vg({k: state[k] for k in adapters}, {k: v for k, v in state.items() if k not in adapters},
+                     x, y)
+        return (loss, *(g[k] for k in adapters)), state
+
+    step = B.compile_step(fn, p)
+    mx.eval(p)
+    mx.clear_cache()
+    limit = mx.get_memory_limit()
+    mx.reset_peak_memory()
+    start = mx.get_active_memory()
+    out = step(x, y)
+    assert mx.get_memory_limit() == limit  # the process's limit is back after the step
+    return (mx.get_peak_memory() - start) / 2**20, [np.array(o) for o in out]
+
+
+def test_a_recomputing_step_bounds_what_mlx_queues_at_once(monkeypatch) -> None:
+    """Under remat a step's evaluation waits for queued ops once it holds the transient budget, so their
+    outputs are not allocated side by side; the ops and results are the same (QLoRA's loss and adapter
+    gradients bit for bit). The unbounded step is the control: MLX queues ahead and holds more (measured 88-92
+    MiB, bounded 45-48)."""
+    B = backend_or_skip("mlx")
+    free, out = _step_peak(B, 1 << 40, monkeypatch)
+    bounded, out_b = _step_peak(B, 0, monkeypatch)
+    assert bounded < 0.7 * free, (bounded, free)
+    assert len(out) == 1 + 2 * 4 and np.abs(out[-1]).max() > 0  # loss, a and b of 4 layers; b's gradient
+    for a, b in zip(out, out_b, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 TINY = ["--arch", "llama", "--preset", "tiny", "--block-size", "16", "--batch-size", "4", "--max-iters", "4",

@@ -391,14 +391,40 @@ class MLXBackend(Backend):
         return fn(x)
 
     def compile_step(self, fn: Callable, state: dict[str, Array]) -> Step:
-        step = Step(mx.compile(fn), state, self)
-        return step
+        if self.remat:  # train --grad-checkpoint: memory for compute, the evaluation bounded too
+            return _BoundedStep(mx.compile(fn), state, self)
+        return Step(mx.compile(fn), state, self)
 
     def sync(self, *xs: object) -> None:
         mx.eval(*xs)
 
 
 _CHUNK_BYTES = 16 * 2**20
+
+# Transient memory a step under `remat` may hold beyond what is alive when it starts (see _BoundedStep).
+REMAT_TRANSIENT_BYTES = 1 << 30
+
+
+class _BoundedStep(Step):
+    """A step whose evaluation holds at most ~REMAT_TRANSIENT_BYTES beyond the memory alive when it starts
+    (the state, mostly). MLX's CPU evaluation allocates each op's output when it queues the op and frees its
+    inputs when the op has run, and it queues far ahead of the worker: on the Llama-3.2-1B QLoRA step one
+    block's forward alone held 404 MiB at once (its ops' outputs side by side) where 208 MiB suffice, and the
+    step 1,762 MiB above its state where 1,098 MiB suffice (2 layers of that shape, `benchmarks/README.md`).
+    Above MLX's memory limit it waits for queued ops before queuing more; so during the step the limit is
+    the memory alive at its start plus the budget, and the process's limit again after it. Scheduling only:
+    the same ops on the same inputs, bit-identical results. Each op queued while over the limit waits for
+    the ones before it (measured: every op waiting, a budget of 0, made that step 1.4-2x slower on a shared
+    machine); only the stretch around the 1B step's LM head (its logits and their gradient, 2 x 501 MiB) comes
+    near 1 GiB, and that bound held the proxy step at 1,230 MiB above its state, with no measurable extra time
+    (one sample), and the whole 1B step's peak RSS at 2,662 MiB (2,985 unbounded)."""
+
+    def __call__(self, *inputs: Array) -> tuple[Array, ...]:
+        previous = mx.set_memory_limit(mx.get_active_memory() + REMAT_TRANSIENT_BYTES)
+        try:
+            return super().__call__(*inputs)
+        finally:
+            mx.set_memory_limit(previous)
 
 
 def _from_mapped(a: np.ndarray) -> Array:
