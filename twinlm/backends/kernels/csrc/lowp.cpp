@@ -43,7 +43,8 @@ namespace twinlm {
 namespace {
 
 constexpr size_t TILE = 32;  // columns per tile: 64 bytes of a 2-byte weight row
-constexpr size_t KB = 256;   // GEMV rows of K per pass over a tile (sums stored to y in between)
+constexpr size_t KB = 256;
+constexpr size_t PF_ROWS = 8;  // GEMV: weight rows prefetched ahead of the tile's current row   // GEMV rows of K per pass over a tile (sums stored to y in between)
 constexpr int WBF16 = 0, WF16 = 1, WF32 = 2;  // the weight's element type (template argument T)
 
 template <int T>
@@ -203,6 +204,12 @@ TWL_AVX512 void tile_avx512(const float* x, size_t K, const WType<T>* w, size_t 
   }
   const WType<T>* wr = w + k0 * N + j;
   for (size_t k = k0; k < k1; k++, wr += N) {
+    // The tile walks down a column strip (a row stride of N elements): no hardware prefetcher follows that,
+    // so each row's lines were demand misses. Fetch the row PF_ROWS ahead (both lines of a float32 tile).
+    if (k + PF_ROWS < k1) {
+      _mm_prefetch(reinterpret_cast<const char*>(wr + PF_ROWS * N), _MM_HINT_T0);
+      if constexpr (T == WF32) _mm_prefetch(reinterpret_cast<const char*>(wr + PF_ROWS * N + 16), _MM_HINT_T0);
+    }
     __m512 w0 = loadw16<T>(wr), w1 = loadw16<T>(wr + 16);
 #pragma GCC unroll 8
     for (int m = 0; m < MR; m++) {
