@@ -103,6 +103,14 @@ def test_attention_maps_and_cli(tmp_path, capsys, monkeypatch) -> None:
     assert np.all(np.triu(maps[0, 0, 0], k=1) == 0)
     stats = head_stats(maps)
     assert stats["mean_distance"].shape == (cfg.n_layer, cfg.n_head) and np.all(stats["entropy"] >= 0)
+    # Grouped-query heads (4 on 2 kv heads): still a causal map per query head.
+    from twinlm.core.config import ModelConfig
+    from twinlm.core.params import init_params
+
+    gqa = ModelConfig(arch="llama", vocab_size=16, block_size=8, n_layer=1, n_head=4, n_kv_head=2, d_model=32)
+    maps = attention_maps(B, gqa, init_params(gqa, 0), np.arange(6, dtype=np.int32)[None, :])
+    assert maps.shape == (1, 1, 4, 6, 6) and np.all(np.triu(maps[0, 0, 3], k=1) == 0)
+    np.testing.assert_allclose(maps.sum(-1), 1.0, atol=1e-5)
     # One-hot attention on the previous token: distance 1, entropy 0.
     eye = np.eye(8, k=-1)[None, None, None]
     eye[..., 0, 0] = 1.0

@@ -26,9 +26,17 @@ class _RecordingAttention:
 
     maps: list[np.ndarray]
 
+    def grouped_attention(self: Any, q: Array, k: Array, v: Array, mask: Array | None,
+                          dropout: Array | None = None, softcap: float = 0.0) -> Array:
+        # k and v repeated per query head (not its query axis folded), so a map is one query head's
+        n_rep = q.shape[1] // k.shape[1]
+        return self.attention(q, self.repeat_kv(k, n_rep), self.repeat_kv(v, n_rep), mask, dropout, softcap)
+
     def attention(self: Any, q: Array, k: Array, v: Array, mask: Array | None,
-                  dropout: Array | None = None) -> Array:
+                  dropout: Array | None = None, softcap: float = 0.0) -> Array:
         scores = (q @ self.transpose(k, (0, 1, 3, 2))) * (1.0 / math.sqrt(q.shape[-1]))
+        if softcap:  # as Backend.attention: before the mask
+            scores = self.tanh(scores * (1.0 / softcap)) * softcap
         if mask is not None:
             scores = self.where(mask, scores, -math.inf)
         att = self.softmax(scores, axis=-1)
