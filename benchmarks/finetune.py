@@ -244,7 +244,7 @@ def child_mlx_lm(args: argparse.Namespace) -> None:
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     train_set = CacheDataset(load_local_dataset(Path(args.data), tokenizer, SimpleNamespace())[0])
     t0 = time.perf_counter()
-    times: dict[int, float] = {}
+    times: dict[int, float] = {0: 0.0}  # "after step 0" is the start: --warmup 0 times the first step whole
 
     class Clock(TrainingCallback):
         def on_train_loss_report(self, info: dict[str, Any]) -> None:
