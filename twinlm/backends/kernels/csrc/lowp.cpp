@@ -33,6 +33,7 @@
 #include <immintrin.h>
 #define TWL_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define TWL_AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
+#define TWL_INLINE inline __attribute__((always_inline))  // a GEMV tile into its walk: no call per short pass
 #endif
 
 extern "C" void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha, const float* a,
@@ -43,8 +44,14 @@ namespace twinlm {
 namespace {
 
 constexpr size_t TILE = 32;  // columns per tile: 64 bytes of a 2-byte weight row
-constexpr size_t KB = 256;
-constexpr size_t PF_ROWS = 8;  // GEMV: weight rows prefetched ahead of the tile's current row   // GEMV rows of K per pass over a tile (sums stored to y in between)
+// GEMV walk (few rows): rows of K per pass over a tile (its MR x 32 sums in registers, stored to y between
+// passes). Short passes make consecutive tiles read the same KB_GEMV rows side by side, so the weight streams
+// as KB_GEMV contiguous row segments instead of one tile walking down a column strip with a row stride of N
+// elements (a new page every row or two, no stream for the prefetchers): at 8 rows 2.5-3x the weight bytes per
+// second of CPU time of that walk (benchmarks/README.md). 16 rows and 2 tiles of prefetch lead were the best
+// of 4-32 rows and 0-12 tiles at 1, 4 and 8 rows on this machine's AMD EPYC.
+constexpr size_t KB_GEMV = 16;
+constexpr size_t PF_TILES = 2;  // tiles of the walk prefetched ahead (into the next pass at a chunk's end)
 constexpr int WBF16 = 0, WF16 = 1, WF32 = 2;  // the weight's element type (template argument T)
 
 template <int T>
@@ -114,6 +121,19 @@ void widen_portable(const uint16_t* w, float* out, size_t n, bool f16, int fault
   for (size_t i = 0; i < n; i++) out[i] = bf16_f32(w[i]);
 }
 
+
+// The GEMV walk over a chunk's tiles [t0, t1) (tiles_avx2, tiles_avx512): passes of KB_GEMV rows, each over
+// every tile of the chunk in order, summing rows [k0, k1) of the tile onto y (every y element is still
+// y + x[m, 0] w[0, j] + x[m, 1] w[1, j] + ... in k order, one FMA at a time, whatever the chunking: the bits of
+// the walk before it). The tile kernel prefetches, row by row, the same rows of the tile PF_TILES further along
+// the walk (wrapping into the next pass at the chunk's end): walk_ahead is where it starts, null past the end.
+template <class W>
+inline const W* walk_ahead(const W* w, size_t K, size_t N, size_t t0, size_t nt, size_t t, size_t k0, size_t kb,
+                           size_t pf) {
+  size_t ahead = t - t0 + pf, pk = k0 + (ahead / nt) * kb;
+  return pk < K ? w + pk * N + (t0 + ahead % nt) * TILE : nullptr;
+}
+
 #ifdef TWL_LOWP_X86
 // ---- AVX2 + FMA + F16C --------------------------------------------------------------------------------------
 template <bool F16>
@@ -131,8 +151,8 @@ TWL_AVX2 inline __m256 loadw8(const WType<T>* p) {
 
 // One sub-tile of NV x 8 columns at j, rows [k0, k1), MR rows of x: MR * NV sums in registers.
 template <int T, int MR, int NV>
-TWL_AVX2 void tile_avx2(const float* x, size_t K, const WType<T>* w, size_t N, float* y, size_t j, size_t k0,
-                        size_t k1) {
+TWL_AVX2 TWL_INLINE void tile_avx2(const float* x, size_t K, const WType<T>* w, size_t N, float* y, size_t j, size_t k0,
+                        size_t k1, const WType<T>* pf) {
   __m256 acc[MR][NV];
 #pragma GCC unroll 8
   for (int m = 0; m < MR; m++) {
@@ -141,6 +161,10 @@ TWL_AVX2 void tile_avx2(const float* x, size_t K, const WType<T>* w, size_t N, f
   }
   const WType<T>* wr = w + k0 * N + j;
   for (size_t k = k0; k < k1; k++, wr += N) {
+    if (pf) {  // the walk's tile PF_TILES ahead, this row (a float32 tile: two lines)
+      _mm_prefetch(reinterpret_cast<const char*>(pf + (k - k0) * N), _MM_HINT_T0);
+      if constexpr (T == WF32) _mm_prefetch(reinterpret_cast<const char*>(pf + (k - k0) * N + 16), _MM_HINT_T0);
+    }
     __m256 wv[NV];
 #pragma GCC unroll 4
     for (int v = 0; v < NV; v++) wv[v] = loadw8<T>(wr + 8 * v);
@@ -163,10 +187,12 @@ template <int T, int MR>
 TWL_AVX2 void tiles_avx2(const float* x, size_t K, const void* wv, size_t N, float* y, size_t t0, size_t t1) {
   constexpr int NV = MR <= 2 ? 4 : MR <= 4 ? 2 : 1;
   const WType<T>* w = static_cast<const WType<T>*>(wv);
-  for (size_t k0 = 0; k0 < K; k0 += KB) {
-    size_t k1 = std::min(K, k0 + KB);
+  const size_t kb = KB_GEMV, pfd = PF_TILES;
+  for (size_t k0 = 0; k0 < K; k0 += kb) {
+    const size_t k1 = std::min(K, k0 + kb);
     for (size_t t = t0; t < t1; t++) {
-      for (size_t s = 0; s < TILE; s += 8 * NV) tile_avx2<T, MR, NV>(x, K, w, N, y, t * TILE + s, k0, k1);
+      const WType<T>* pf = walk_ahead(w, K, N, t0, t1 - t0, t, k0, kb, pfd);
+      for (size_t s = 0; s < TILE; s += 8 * NV) tile_avx2<T, MR, NV>(x, K, w, N, y, t * TILE + s, k0, k1, s ? nullptr : pf);
     }
   }
 }
@@ -194,8 +220,8 @@ TWL_AVX512 inline __m512 loadw16(const WType<T>* p) {
 
 // A whole 32-column tile is 2 zmm; 32 registers hold MR <= 8 rows of sums.
 template <int T, int MR>
-TWL_AVX512 void tile_avx512(const float* x, size_t K, const WType<T>* w, size_t N, float* y, size_t j, size_t k0,
-                            size_t k1) {
+TWL_AVX512 TWL_INLINE void tile_avx512(const float* x, size_t K, const WType<T>* w, size_t N, float* y, size_t j, size_t k0,
+                            size_t k1, const WType<T>* pf) {
   __m512 acc[MR][2];
 #pragma GCC unroll 8
   for (int m = 0; m < MR; m++) {
@@ -204,11 +230,9 @@ TWL_AVX512 void tile_avx512(const float* x, size_t K, const WType<T>* w, size_t 
   }
   const WType<T>* wr = w + k0 * N + j;
   for (size_t k = k0; k < k1; k++, wr += N) {
-    // The tile walks down a column strip (a row stride of N elements): no hardware prefetcher follows that,
-    // so each row's lines were demand misses. Fetch the row PF_ROWS ahead (both lines of a float32 tile).
-    if (k + PF_ROWS < k1) {
-      _mm_prefetch(reinterpret_cast<const char*>(wr + PF_ROWS * N), _MM_HINT_T0);
-      if constexpr (T == WF32) _mm_prefetch(reinterpret_cast<const char*>(wr + PF_ROWS * N + 16), _MM_HINT_T0);
+    if (pf) {  // the walk's tile PF_TILES ahead, this row (a float32 tile: two lines)
+      _mm_prefetch(reinterpret_cast<const char*>(pf + (k - k0) * N), _MM_HINT_T0);
+      if constexpr (T == WF32) _mm_prefetch(reinterpret_cast<const char*>(pf + (k - k0) * N + 16), _MM_HINT_T0);
     }
     __m512 w0 = loadw16<T>(wr), w1 = loadw16<T>(wr + 16);
 #pragma GCC unroll 8
@@ -229,9 +253,12 @@ template <int T, int MR>
 TWL_AVX512 void tiles_avx512(const float* x, size_t K, const void* wv, size_t N, float* y, size_t t0,
                              size_t t1) {
   const WType<T>* w = static_cast<const WType<T>*>(wv);
-  for (size_t k0 = 0; k0 < K; k0 += KB) {
-    size_t k1 = std::min(K, k0 + KB);
-    for (size_t t = t0; t < t1; t++) tile_avx512<T, MR>(x, K, w, N, y, t * TILE, k0, k1);
+  const size_t kb = KB_GEMV, pfd = PF_TILES;
+  for (size_t k0 = 0; k0 < K; k0 += kb) {
+    const size_t k1 = std::min(K, k0 + kb);
+    for (size_t t = t0; t < t1; t++) {
+      tile_avx512<T, MR>(x, K, w, N, y, t * TILE, k0, k1, walk_ahead(w, K, N, t0, t1 - t0, t, k0, kb, pfd));
+    }
   }
 }
 
