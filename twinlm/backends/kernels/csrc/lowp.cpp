@@ -130,8 +130,12 @@ void widen_portable(const uint16_t* w, float* out, size_t n, bool f16, int fault
 template <class W>
 inline const W* walk_ahead(const W* w, size_t K, size_t N, size_t t0, size_t nt, size_t t, size_t k0, size_t kb,
                            size_t pf) {
-  size_t ahead = t - t0 + pf, pk = k0 + (ahead / nt) * kb;
-  return pk < K ? w + pk * N + (t0 + ahead % nt) * TILE : nullptr;
+  size_t ahead = t - t0 + pf, pk = k0;
+  if (ahead >= nt) {  // into a later pass (no division in the common case: one pass on, pf < nt)
+    if (ahead < 2 * nt) ahead -= nt, pk += kb;
+    else pk += (ahead / nt) * kb, ahead %= nt;
+  }
+  return pk < K ? w + pk * N + (t0 + ahead) * TILE : nullptr;
 }
 
 #ifdef TWL_LOWP_X86
