@@ -151,8 +151,9 @@ def compare(args: argparse.Namespace) -> None:
     for _ in range(args.rounds):
         for tree in args.compare:
             runs[tree].append(run_tree(tree, args))
-    roofs = [r["roof"]["roof_2t_gbs"] for rs in runs.values() for r in rs]
-    print(f"streaming read, 2 threads: {min(roofs):.1f}-{max(roofs):.1f} GB/s over the runs")
+    for n in ("1", "2"):
+        roofs = [r["roof"][f"roof_{n}t_gbs"] for rs in runs.values() for r in rs]
+        print(f"streaming read, {n} thread(s): {min(roofs):.1f}-{max(roofs):.1f} GB/s over the runs")
     names = [(row["shape"], row["dtype"]) for row in runs[args.compare[0]][0]["rows"]]
     head = f"{'weight':<34} {'dtype':<9}" + "".join(f" {os.path.basename(os.path.abspath(t))[:19]:>19}"
                                                     for t in args.compare) + "   first/last time"
