@@ -113,3 +113,12 @@ def test_head_walk_rows_1_to_8_against_float64(dtype, level, isa) -> None:
             assert err(y, short) > 100 * ATOL, (n, k, m)
             if k % 16:
                 assert err(y, x64[:, : k // 16 * 16] @ w64[:, : k // 16 * 16].T) > 100 * ATOL, (n, k, m)
+
+
+@needs
+def test_the_roof_benchmark_runs_at_a_tiny_size(capsys) -> None:
+    from benchmarks import gemv_roof
+
+    gemv_roof.main(["--small"])
+    out = capsys.readouterr().out
+    assert "streaming read" in out and "tiny 64x96" in out and "tiny head 300x64" in out, out
