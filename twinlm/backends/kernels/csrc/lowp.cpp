@@ -1,11 +1,12 @@
 // linear_lowp: x @ w + b over a bfloat16 / float16 (or, for its GEMV, float32) weight, float32 accumulation
 // (see lowp.h).
 //
-// Few rows (decoding): each pool chunk owns a range of 32-column tiles (64 bytes of weight per row, one
-// cache line) and walks K in blocks, keeping the tile's MR x 32 sums in registers; the weight is read once,
-// widened in registers (bf16: the 16 bits shifted into the top half of a float32; f16: F16C's vcvtph2ps)
-// and FMA'd. Explicit AVX2+FMA+F16C and AVX-512F versions are chosen at load time (the other kernels'
-// target_clones cannot express intrinsics), with a portable C++ body that the compiler vectorises.
+// Few rows (decoding): each pool chunk owns a range of 32-column tiles (64 bytes of a 2-byte weight row, one
+// cache line) and walks them in passes of 16 rows of K, tile after tile, keeping a tile's MR x 32 sums in
+// registers during its pass (see "The GEMV walk" below); the weight is read once, widened in registers (bf16:
+// the 16 bits shifted into the top half of a float32; f16: F16C's vcvtph2ps) and FMA'd. Explicit
+// AVX2+FMA+F16C and AVX-512F versions are chosen at load time (the other kernels' target_clones cannot express
+// intrinsics), with a portable C++ body that the compiler vectorises.
 // More rows (prefill, training) and the gradients: blocks of the weight widened to a float32 tile and
 // multiplied by the BLAS MLX uses, onto the bias (beta = 1), like `linear`.
 #include "lowp.h"
@@ -155,8 +156,8 @@ TWL_AVX2 inline __m256 loadw8(const WType<T>* p) {
 
 // One sub-tile of NV x 8 columns at j, rows [k0, k1), MR rows of x: MR * NV sums in registers.
 template <int T, int MR, int NV>
-TWL_AVX2 TWL_INLINE void tile_avx2(const float* x, size_t K, const WType<T>* w, size_t N, float* y, size_t j, size_t k0,
-                        size_t k1, const WType<T>* pf) {
+TWL_AVX2 TWL_INLINE void tile_avx2(const float* x, size_t K, const WType<T>* w, size_t N, float* y, size_t j,
+                                   size_t k0, size_t k1, const WType<T>* pf) {
   __m256 acc[MR][NV];
 #pragma GCC unroll 8
   for (int m = 0; m < MR; m++) {
@@ -196,7 +197,9 @@ TWL_AVX2 void tiles_avx2(const float* x, size_t K, const void* wv, size_t N, flo
     const size_t k1 = std::min(K, k0 + kb);
     for (size_t t = t0; t < t1; t++) {
       const WType<T>* pf = walk_ahead(w, K, N, t0, t1 - t0, t, k0, kb, pfd);
-      for (size_t s = 0; s < TILE; s += 8 * NV) tile_avx2<T, MR, NV>(x, K, w, N, y, t * TILE + s, k0, k1, s ? nullptr : pf);
+      for (size_t s = 0; s < TILE; s += 8 * NV) {
+        tile_avx2<T, MR, NV>(x, K, w, N, y, t * TILE + s, k0, k1, s ? nullptr : pf);
+      }
     }
   }
 }
@@ -224,8 +227,8 @@ TWL_AVX512 inline __m512 loadw16(const WType<T>* p) {
 
 // A whole 32-column tile is 2 zmm; 32 registers hold MR <= 8 rows of sums.
 template <int T, int MR>
-TWL_AVX512 TWL_INLINE void tile_avx512(const float* x, size_t K, const WType<T>* w, size_t N, float* y, size_t j, size_t k0,
-                            size_t k1, const WType<T>* pf) {
+TWL_AVX512 TWL_INLINE void tile_avx512(const float* x, size_t K, const WType<T>* w, size_t N, float* y, size_t j,
+                                       size_t k0, size_t k1, const WType<T>* pf) {
   __m512 acc[MR][2];
 #pragma GCC unroll 8
   for (int m = 0; m < MR; m++) {

@@ -56,9 +56,10 @@ class LinearLowpGrad : public CpuPrimitive {  // x, w, g (float32 but w) -> the 
 
 // x (..., K) float32 | bfloat16 | float16, w (N, K) bfloat16 | float16 | float32 row-major: x @ w.T, (..., N)
 // in x's dtype (the tied head `h @ wte.T`: each output is the dot of a row of x with a contiguous row of w).
-// Rows M <= LOWP_GEMV_MAX_ROWS: dot products over blocks of w's rows, up to 4 rows of w and 4 (AVX2: 2) rows of
-// x at a time, the block re-read from cache by each group of x's rows (MLX's float32 BLAS call at one row reads
-// the (V, C) head at a third of the memory's rate); more rows: blocks of a bf16/f16 w widened to a float32 tile
+// Rows M <= LOWP_GEMV_MAX_ROWS: dot products over blocks of w's rows, each read from memory once per 8 rows of x
+// (AVX-512: groups of 6-8 rows of w against <= 4 rows of x, twice for 5-8 rows, the second pass from L1; AVX2: 4
+// rows of w and 2 of x), the next groups prefetched (MLX's float32 BLAS call at one row reads the (V, C) head at a
+// third of the memory's rate); more rows: blocks of a bf16/f16 w widened to a float32 tile
 // and one sgemm (transposed B) per block, a float32 w one sgemm. The VJP gives dx (x's dtype) and dw (w's dtype,
 // float32-accumulated: full fine-tuning trains a tied embedding). `fault`: tests' negative controls only (1 and 2
 // as linear_lowp; 4: each row of w read at a neighbour's offset, a transposition-like mix-up).
