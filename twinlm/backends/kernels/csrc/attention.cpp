@@ -18,17 +18,12 @@
 #include "mlx/backend/cpu/encoder.h"
 #include "pool.h"
 #include "softmax_row.h"
+#include "stream.h"
 #include "vmath.h"
 
 namespace twinlm {
 
 namespace {
-
-mx::Stream cpu_stream(mx::StreamOrDevice s) {
-  mx::Stream stream = mx::to_stream(s);
-  if (stream.device != mx::Device::cpu) throw std::invalid_argument("twinlm kernels run on the CPU only");
-  return stream;
-}
 
 template <class F>
 void launch(const mx::Stream& s, F&& f) {
