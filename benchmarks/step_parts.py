@@ -6,11 +6,12 @@
 
 Each part is timed as its own compiled function (MLX) or eager code (PyTorch) on the same batch:
 `forward` (the loss), `fwd+bwd` (loss and gradients: `core.step.grad_part`), `update` (global-norm clip +
-AdamW over every parameter: `core.step.update_part`, on fixed gradients), and `step` (the real compiled
-training step, as the trainer and `benchmarks.step` run it). The rounds alternate over every part and
-both libraries, so a load that changes during the run moves all of them alike; each cell is the median
-over rounds of the mean of `--calls` calls (wall ms, and process CPU ms: all threads). `step - fwd+bwd`
-is what the optimizer costs inside the step (the parts overlap nothing: MLX evaluates each call alone).
+AdamW over every parameter: `core.step.update_part`, on fixed gradients, so nothing is updated in place),
+`step` (the real compiled training step, as the trainer and `benchmarks.step` run it), and for MLX `step,
+optimizer on MLX ops`: the same step with AdamW and the global norm on the core's reference bodies instead of
+their kernels (the optimizer kernels' A/B in one process). The rounds alternate over every part and both
+libraries, so a load that changes during the run moves all of them alike; each cell is the median over rounds
+of the mean of `--calls` calls (wall ms, and process CPU ms: all threads).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def mlx_parts(cfg, xs: np.ndarray, ys: np.ndarray, seed: int = 0) -> dict[str, C
     import mlx.core as mx
 
     from benchmarks.runner import make_trainer
+    from twinlm import parity
     from twinlm.core import model
     from twinlm.core import params as P
     from twinlm.core import step as S
@@ -58,12 +60,25 @@ def mlx_parts(cfg, xs: np.ndarray, ys: np.ndarray, seed: int = 0) -> dict[str, C
     update = mx.compile(S.update_part(B, spec, opt))
     lr, bc1, bc2 = (mx.array(v) for v in S.step_scalars(0, opt))
     trainer = make_trainer("mlx", cfg, opt, seed)
+    # The same step with the optimizer on MLX's own ops (the core's reference bodies of `adamw` and
+    # `sum_squares`; every other kernel on): the optimizer kernels' A/B inside one process.
+    Bops = parity.with_mixin(B, _OptimizerOnOps, "OptimizerOnOps", fused=True)
+    ops_state = {k: Bops.from_numpy(v) for k, v in S.init_state(P.init_params(cfg, seed), spec).items()}
+    ops_step = Bops.compile_step(S.make_train_step(Bops, spec, opt, model.lm_loss_fn(Bops, cfg)), ops_state)
+    host = {"x": xs, "y": ys}
     return {
         "forward": lambda: mx.eval(fwd(params)),
         "fwd+bwd": lambda: mx.eval(grads_of(params, batch, {})),
         "update": lambda: mx.eval(update(state, grads, lr, bc1, bc2)),
         "step": lambda: trainer.step(xs, ys, 0),
+        "step, optimizer on MLX ops": lambda: S.drive(Bops, ops_step, cfg, opt, host, 0, seed),
     }
+
+
+class _OptimizerOnOps:
+    from twinlm.core.backend import Backend
+
+    adamw, sum_squares = Backend.adamw, Backend.sum_squares
 
 
 def torch_parts(cfg, xs: np.ndarray, ys: np.ndarray, seed: int = 0) -> dict[str, Callable[[], object]]:
@@ -119,11 +134,11 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"preset {args.preset}, batch {xs.shape[0]} x {cfg.block_size}; median of {args.rounds} rounds x "
           f"{args.calls} calls; load {os.getloadavg()[0]:.1f}")
-    print(f"{'part':10s}" + "".join(f" {lib + ' ms':>10s} {lib + ' CPU':>10s}" for lib in libs))
-    for name in ("forward", "fwd+bwd", "update", "step"):
-        row = f"{name:10s}"
+    print(f"{'part':27s}" + "".join(f" {lib + ' ms':>10s} {lib + ' CPU':>10s}" for lib in libs))
+    for name in ("forward", "fwd+bwd", "update", "step", "step, optimizer on MLX ops"):
+        row = f"{name:27s}"
         for lib in libs:
-            ts = cells[(lib, name)]
+            ts = cells.get((lib, name), [(float("nan"), float("nan"))])
             row += f" {statistics.median(t[0] for t in ts):10.2f} {statistics.median(t[1] for t in ts):10.2f}"
         print(row, flush=True)
 
