@@ -155,3 +155,22 @@ def test_the_compiled_step_with_the_kernels_matches_the_reference_bodies() -> No
     assert max(np.abs(got_state[f"param.{k}"] - v).max() for k, v in init.items()) > 1e-3  # the update ran
     for k, v in want_state.items():
         np.testing.assert_allclose(got_state[k], v, rtol=1e-3, atol=1e-5, err_msg=k)
+
+
+def test_strided_and_broadcast_inputs_are_read_as_their_values() -> None:
+    """No contiguous copy node per input: a transposed or broadcast view is gathered inside the kernel."""
+    rng = np.random.default_rng(3)
+    p, m = (rng.standard_normal((6, 5)).astype(np.float32) for _ in range(2))
+    v = np.abs(rng.standard_normal((6, 5))).astype(np.float32)
+    g_t = rng.standard_normal((5, 6)).astype(np.float32)  # used transposed
+    row = rng.standard_normal((5,)).astype(np.float32)  # broadcast over the rows
+    lists = lambda g: ([mx.array(p)], [g], [mx.array(m)], [mx.array(v)])  # noqa: E731
+    kw = dict(lr=0.01, bc1=0.271, bc2=0.029701, decay=[0.1], **HYPER)
+    views = ((mx.array(g_t).T, g_t.T), (mx.broadcast_to(mx.array(row), (6, 5)), np.tile(row, (6, 1))))
+    for view, value in views:
+        got = [np.array(x[0]) for x in B.adamw(*lists(view), **kw)]
+        want = [np.array(x[0]) for x in BODY.adamw(*lists(mx.array(np.ascontiguousarray(value))), **kw)]
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+        want_sq = np.sum(value.astype(np.float64) ** 2) + np.sum(p.astype(np.float64) ** 2)
+        np.testing.assert_allclose(float(B.sum_squares([view, mx.array(p)])), want_sq, rtol=1e-5)
