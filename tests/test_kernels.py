@@ -346,6 +346,13 @@ class _Wrong:
         fault = {"add_rms_norm no residual grad": 1}.get(self.which, 0)
         return K._add_rms_norm_faulty(x, y, w, eps, fault)
 
+    def adamw(self, *args):  # the last argument is the decay list; see optim.h for the faults
+        fault = {"adamw no bias correction": 1, "adamw no decay": 2}.get(self.which, 0)
+        return K._adamw_faulty(*args, fault) if fault else K.adamw(*args)
+
+    def sum_squares(self, xs):
+        return K._sum_squares_faulty(xs, 1) if self.which == "sum_squares drops one" else K.sum_squares(xs)
+
     def cross_entropy_rows(self, logits, targets):
         if self.which == "ce gradient":  # right value, doubled gradient
             nll = K.cross_entropy_rows(logits, targets)
@@ -363,7 +370,9 @@ class _Wrong:
     ("add_norm no residual grad", "add_layer_norm grad x0"), ("add_norm forgets y", "add_layer_norm forward"),
     ("add_rms_norm no residual grad", "add_rms_norm grad x1"),
     ("attention scale dropped", "attention heads split forward"),
-    ("attention no rowsum", "attention causal grad x0")])
+    ("attention no rowsum", "attention causal grad x0"),
+    ("adamw no bias correction", "adamw forward"), ("adamw no decay", "adamw forward"),
+    ("sum_squares drops one", "sum_squares forward")])
 def test_a_wrong_kernel_is_caught_by_the_override_checks(which, case) -> None:
     broken = MLXBackend()
     broken.kernels = _Wrong(which)

@@ -376,6 +376,34 @@ class MLXBackend(Backend):
             return mx.mean(nll)
         return mx.sum(nll * weights) / mx.maximum(mx.sum(weights), 1.0)
 
+    def sum_squares(self, xs: Sequence[Array]) -> Array:
+        K = self._kernel(*xs)
+        if K is None or not xs:
+            return super().sum_squares(xs)
+        return K.sum_squares(list(xs))
+
+    def adamw(self, params: Sequence[Array], grads: Sequence[Array], m: Sequence[Array],
+              v: Sequence[Array], *, lr: Array | float, bc1: Array | float, bc2: Array | float, beta1: float,
+              beta2: float, eps: float, decay: Sequence[float], scale: Array | None = None,
+              keep: Array | None = None) -> tuple[list[Array], list[Array], list[Array]]:
+        # One primitive over every tensor: MLX's compiled elementwise code for the same update ran ~15 ops
+        # per tensor in scalar code (baby: 7.5 ms CPU of a ~60 ms step; PyTorch's clip + AdamW: 3.4 ms).
+        K = self._kernel(*params, *grads, *m, *v)
+        if K is None or not params:
+            return super().adamw(params, grads, m, v, lr=lr, bc1=bc1, bc2=bc2, beta1=beta1, beta2=beta2,
+                                 eps=eps, decay=decay, scale=scale, keep=keep)
+
+        def f32(x: Array | float | None, default: float) -> Array:
+            x = default if x is None else x
+            return x.astype(mx.float32) if isinstance(x, mx.array) else mx.array(x, dtype=mx.float32)
+
+        keep = mx.array(True) if keep is None else keep.astype(mx.bool_)
+        out = K.adamw(list(params), list(grads), list(m), list(v), f32(lr, 0.0), f32(bc1, 1.0),
+                      f32(bc2, 1.0), f32(scale, 1.0), keep, float(beta1), float(beta2), float(eps),
+                      [float(d) for d in decay])
+        n = len(params)
+        return out[:n], out[n:2 * n], out[2 * n:]
+
     # ---- autograd, compile, sync ------------------------------------------------------------
     def value_and_grad(self, fn: Callable[..., Array]) -> Callable[..., tuple[Array, dict[str, Array]]]:
         return mx.value_and_grad(fn)

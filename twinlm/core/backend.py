@@ -413,6 +413,41 @@ class Backend:
         return self.sum(nll * weights) / self.maximum(self.sum(weights), 1.0)
 
 
+    def sum_squares(self, xs: Sequence[Array]) -> Array:
+        """The sum over tensors `xs` (at least one) of sum(x * x), one sum per tensor, added in list order:
+        the square of the global gradient norm."""
+        total = None
+        for x in xs:
+            s = self.sum(x * x)
+            total = s if total is None else total + s
+        if total is None:
+            raise ValueError("sum_squares needs at least one tensor")
+        return total
+
+    def adamw(self, params: Sequence[Array], grads: Sequence[Array], m: Sequence[Array],
+              v: Sequence[Array], *, lr: Array | float, bc1: Array | float, bc2: Array | float, beta1: float,
+              beta2: float, eps: float, decay: Sequence[float], scale: Array | None = None,
+              keep: Array | None = None) -> tuple[list[Array], list[Array], list[Array]]:
+        """One AdamW update of every tensor (the maths: `core.optim`'s docstring); returns the new (params,
+        m, v) lists. `decay[i]` is tensor i's weight decay (0: none). Each gradient is multiplied by `scale`
+        first where given (the global-norm clip); where `keep` (a 0-d bool) is given and False, every tensor
+        keeps its old p, m and v (a step with non-finite gradients)."""
+        ps, ms, vs = [], [], []
+        for p, g, m0, v0, wd in zip(params, grads, m, v, decay, strict=True):
+            if scale is not None:
+                g = g * scale
+            m1 = beta1 * m0 + (1.0 - beta1) * g
+            v1 = beta2 * v0 + (1.0 - beta2) * (g * g)
+            update = (m1 / bc1) / (self.sqrt(v1 / bc2) + eps)
+            p1 = p * (1.0 - lr * wd) if wd else p
+            p1 = p1 - lr * update
+            if keep is not None:
+                p1, m1, v1 = self.where(keep, p1, p), self.where(keep, m1, m0), self.where(keep, v1, v0)
+            ps.append(p1)
+            ms.append(m1)
+            vs.append(v1)
+        return ps, ms, vs
+
 class Step:
     """An uncompiled stateful step; adapters return a compiled equivalent."""
 

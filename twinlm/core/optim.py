@@ -55,20 +55,14 @@ def bias_corrections(t: int, cfg: AdamWConfig) -> tuple[float, float]:
 
 
 def global_norm(B: Backend, grads: dict[str, Array]) -> Array:
-    total = None
-    for g in grads.values():
-        s = B.sum(g * g)
-        total = s if total is None else total + s
-    return B.sqrt(total)
+    return B.sqrt(B.sum_squares(list(grads.values())))
 
 
 def adamw_update(B: Backend, p: Array, g: Array, m: Array, v: Array, *, lr: Array | float,
                  bc1: Array | float, bc2: Array | float, cfg: AdamWConfig,
                  decay: bool) -> tuple[Array, Array, Array]:
-    """One AdamW update of a single tensor; returns (p, m, v). See the module docstring."""
-    m = cfg.beta1 * m + (1.0 - cfg.beta1) * g
-    v = cfg.beta2 * v + (1.0 - cfg.beta2) * (g * g)
-    update = (m / bc1) / (B.sqrt(v / bc2) + cfg.eps)
-    if decay and cfg.weight_decay:
-        p = p * (1.0 - lr * cfg.weight_decay)
-    return p - lr * update, m, v
+    """One AdamW update of a single tensor; returns (p, m, v). See the module docstring; the expressions are
+    `Backend.adamw`'s (every tensor of a step in one call: `core.step.update_part`)."""
+    ps, ms, vs = B.adamw([p], [g], [m], [v], lr=lr, bc1=bc1, bc2=bc2, beta1=cfg.beta1, beta2=cfg.beta2,
+                         eps=cfg.eps, decay=[cfg.weight_decay if decay else 0.0])
+    return ps[0], ms[0], vs[0]

@@ -132,18 +132,18 @@ def update_part(B: Backend, spec: Spec,
                bc2: Array) -> tuple[Array, dict[str, Array]]:
         gnorm = optim.global_norm(B, grads)
         ok = B.isfinite(gnorm)
-        if opt.grad_clip > 0:
-            scale = B.minimum(opt.grad_clip / (gnorm + 1e-6), 1.0)
-            grads = {k: g * scale for k, g in grads.items()}
+        scale = B.minimum(opt.grad_clip / (gnorm + 1e-6), 1.0) if opt.grad_clip > 0 else None
+        names = list(grads)
+        # Every tensor in one call (one kernel where the adapter has one); never write non-finite values:
+        # a bad step (ok False) keeps the old state.
+        ps, ms, vs = B.adamw([state[f"param.{k}"] for k in names], [grads[k] for k in names],
+                             [state[f"m.{k}"] for k in names], [state[f"v.{k}"] for k in names],
+                             lr=lr, bc1=bc1, bc2=bc2, beta1=opt.beta1, beta2=opt.beta2, eps=opt.eps,
+                             decay=[opt.weight_decay if spec[k].decay else 0.0 for k in names],
+                             scale=scale, keep=ok)
         new = dict(state)
-        for name, g in grads.items():
-            p, m, v = state[f"param.{name}"], state[f"m.{name}"], state[f"v.{name}"]
-            p2, m2, v2 = optim.adamw_update(B, p, g, m, v, lr=lr, bc1=bc1, bc2=bc2, cfg=opt,
-                                            decay=spec[name].decay)
-            # Never write non-finite values: a bad step keeps the old state.
-            new[f"param.{name}"] = B.where(ok, p2, p)
-            new[f"m.{name}"] = B.where(ok, m2, m)
-            new[f"v.{name}"] = B.where(ok, v2, v)
+        for k, p, m, v in zip(names, ps, ms, vs, strict=True):
+            new[f"param.{k}"], new[f"m.{k}"], new[f"v.{k}"] = p, m, v
         return gnorm, new
 
     return update

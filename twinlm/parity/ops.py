@@ -18,7 +18,7 @@ from twinlm.parity.checks import FORWARD_TOL, GRAD_TOL, Check, Tolerance, compar
 COMPOSITES = ("erf", "custom_grad", "gelu", "gelu_tanh", "sigmoid", "silu", "swiglu", "linear", "lora",
               "matmul_t", "rope", "repeat_kv", "softmax", "log_softmax", "layer_norm", "rms_norm",
               "attention", "grouped_attention", "cross_entropy", "add_layer_norm", "add_rms_norm",
-              "quantized_linear", "quantized_take", "split_heads")
+              "quantized_linear", "quantized_take", "split_heads", "adamw", "sum_squares")
 
 
 @dataclass(frozen=True)
@@ -220,6 +220,45 @@ def op_cases(seed: int = 0) -> list[OpCase]:
                lambda x: np.transpose(x.reshape(2, 3, 4, 4), (0, 2, 1, 3)), (normal(2, 3, 16),),
                composite="split_heads"),
         *_grouped_cases(normal, rng, causal, pad),  # last: the cases above keep their draws
+        *_optimizer_cases(normal, positive),  # last again
+    ]
+
+
+# AdamW at step 3 (lr, bias corrections) on a matrix with weight decay and a vector without, the gradients
+# clipped by 0.5 first, as core.step's update runs it (optim.bias_corrections(3) at betas 0.9, 0.99).
+_ADAMW = dict(lr=0.01, bc1=0.271, bc2=0.029701, beta1=0.9, beta2=0.99, eps=1e-8, decay=[0.1, 0.0], scale=0.5)
+
+
+def _adamw(B: Backend, p: Array, g: Array, m: Array, v: Array, p2: Array, g2: Array, m2: Array,
+           v2: Array) -> Array:
+    ps, ms, vs = B.adamw([p, p2], [g, g2], [m, m2], [v, v2], **_ADAMW)
+    return B.concat([B.reshape(x, (-1,)) for x in (*ps, *ms, *vs)], axis=0)
+
+
+def _np_adamw(p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray, p2: np.ndarray, g2: np.ndarray,
+              m2: np.ndarray, v2: np.ndarray) -> np.ndarray:
+    a = _ADAMW
+    ps, ms, vs = [], [], []
+    for x, gx, mx_, vx, wd in ((p, g, m, v, a["decay"][0]), (p2, g2, m2, v2, a["decay"][1])):
+        gx = gx * a["scale"]
+        m1 = a["beta1"] * mx_ + (1 - a["beta1"]) * gx
+        v1 = a["beta2"] * vx + (1 - a["beta2"]) * gx * gx
+        ps.append(x * (1 - a["lr"] * wd) - a["lr"] * (m1 / a["bc1"]) / (np.sqrt(v1 / a["bc2"]) + a["eps"]))
+        ms.append(m1)
+        vs.append(v1)
+    return np.concatenate([x.ravel() for x in (*ps, *ms, *vs)])
+
+
+def _optimizer_cases(normal: Callable[..., np.ndarray], positive: Callable[..., np.ndarray]) -> list[OpCase]:
+    """AdamW over two tensors in one call (no gradient: the step never differentiates it) and the global
+    norm's sum of squares."""
+    tensors = (normal(3, 5), normal(3, 5), 0.1 * normal(3, 5), 0.01 * positive(3, 5),
+               normal(5), normal(5), 0.1 * normal(5), 0.01 * positive(5))
+    return [
+        OpCase("adamw", _adamw, _np_adamw, tensors, (), composite="adamw"),
+        OpCase("sum_squares", lambda B, a, b: B.sum_squares([a, b]),
+               lambda a, b: np.sum(a * a) + np.sum(b * b), (normal(3, 5), normal(7)), (0, 1),
+               composite="sum_squares"),
     ]
 
 
@@ -318,7 +357,7 @@ def _grad_weights(case: OpCase) -> np.ndarray:
 def op_outputs(B: Backend, case: OpCase, w: np.ndarray) -> tuple[np.ndarray, list[np.ndarray] | None]:
     """Forward output and (if B has autograd) d sum(f(x) * w) / dx for each differentiated input."""
     args = [B.from_numpy(a) for a in case.inputs]
-    if not B.supports_grad:
+    if not B.supports_grad or not case.diff:  # (a case with nothing to differentiate: forward only)
         y = case.fn(B, *args)
         return B.to_numpy(y), None
 

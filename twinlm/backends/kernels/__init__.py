@@ -32,7 +32,8 @@ KERNELS = ("linear (sgemm onto the bias)", "linear over bfloat16/float16 weights
            "quantized_matmul (int8/int4 GEMV, dequantized tiles + sgemm)", "embedding (gather, scatter-add)",
            "gelu", "gelu_tanh", "swiglu", "rope", "layer_norm", "rms_norm",
            "attention (fused per head up to 1024 keys, else BLAS around a masked softmax)",
-           "split_heads (views of qkv, one-pass gradient gather)", "cross_entropy")
+           "split_heads (views of qkv, one-pass gradient gather)", "cross_entropy",
+           "adamw (every parameter in one pass)", "sum_squares (the global gradient norm)")
 BUILD_HINT = "build them with: python -m twinlm.backends.kernels.build (make setup runs it)"
 
 

@@ -18,17 +18,12 @@
 #include "mlx/backend/cpu/encoder.h"
 #include "pool.h"
 #include "softmax_row.h"
+#include "stream.h"
 #include "vmath.h"
 
 namespace twinlm {
 
 namespace {
-
-mx::Stream cpu_stream(mx::StreamOrDevice s) {
-  mx::Stream stream = mx::to_stream(s);
-  if (stream.device != mx::Device::cpu) throw std::invalid_argument("twinlm kernels run on the CPU only");
-  return stream;
-}
 
 template <class F>
 void launch(const mx::Stream& s, F&& f) {
@@ -116,27 +111,27 @@ TWL_INLINE void store(float* dst, const vf* v, size_t w) {
   }
 }
 
-// C[r, j0 + t] = sum_d A(r, d) BT[d, j0 + t] for r < R, t < 16 NV, stored where j0 + t < ncols;
-// A(r, d) = A[r ars + d acs]. BT is (D, ldb), zero beyond the real columns.
+// C[r, j0 + t] = sum_{k0 <= k < k1} A(r, k) B[k, j0 + t] for r < R, t < 16 NV, stored for t < w;
+// A(r, k) = A[r ars + k acs], B is (., ldb) and readable for 16 NV columns from j0 (zero-padded). Both
+// products use it: S = q k^T over the whole head dimension, and P v (and the backward's) over a key span.
 template <int R, int NV>
-TWL_INLINE void nt_tile(const float* A, int64_t ars, int64_t acs, const float* BT, size_t ldb, size_t D, float* C,
-                        size_t ldc, size_t j0, size_t ncols) {
+TWL_INLINE void tile(const float* A, int64_t ars, int64_t acs, size_t k0, size_t k1, const float* B, size_t ldb,
+                     size_t j0, float* C, int64_t ldc, size_t w) {
   vf acc[R][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < R; r++) {
     for (int i = 0; i < NV; i++) acc[r][i] = vf{};
   }
-  for (size_t d = 0; d < D; d++) {
-    const float* b = BT + d * ldb + j0;
+  for (size_t k = k0; k < k1; k++) {
+    const float* b = B + k * ldb + j0;
     vf bv[NV];
     for (int i = 0; i < NV; i++) bv[i] = load(b + 16 * i);
 #pragma GCC unroll 8
     for (int r = 0; r < R; r++) {
-      const float a = A[r * ars + (int64_t)d * acs];
+      const float a = A[r * ars + (int64_t)k * acs];
       for (int i = 0; i < NV; i++) acc[r][i] += bv[i] * a;
     }
   }
-  const size_t w = std::min<size_t>(16 * NV, ncols - j0);
 #pragma GCC unroll 8
   for (int r = 0; r < R; r++) store<NV>(C + r * ldc + j0, acc[r], w);
 }
@@ -146,9 +141,9 @@ TWL_INLINE void nt_block(const float* A, int64_t ars, int64_t acs, const float* 
                          size_t ldc, size_t ncols, size_t jl, size_t jh) {
   for (size_t j = jl; j < jh; j += 2 * VW) {
     if (jh - j > VW) {
-      nt_tile<R, 2>(A, ars, acs, BT, ldb, D, C, ldc, j, ncols);
+      tile<R, 2>(A, ars, acs, 0, D, BT, ldb, j, C, (int64_t)ldc, std::min<size_t>(2 * VW, ncols - j));
     } else {
-      nt_tile<R, 1>(A, ars, acs, BT, ldb, D, C, ldc, j, ncols);
+      tile<R, 1>(A, ars, acs, 0, D, BT, ldb, j, C, (int64_t)ldc, std::min<size_t>(VW, ncols - j));
     }
   }
 }
@@ -180,36 +175,12 @@ TWL_INLINE void product_nt(const float* A, int64_t ars, int64_t acs, size_t M, c
   }
 }
 
-// C[r, d0 + t] = sum_{c0 <= c < c1} A(r, c) B[c, d0 + t] for r < R, t < 16 NV, stored for t < w; B is
-// (., ldb).
-template <int R, int NV>
-TWL_INLINE void nn_tile(const float* A, int64_t ars, int64_t acs, size_t c0, size_t c1, const float* B, size_t ldb,
-                        size_t d0, float* C, int64_t ldc, size_t w) {
-  vf acc[R][NV];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; r++) {
-    for (int i = 0; i < NV; i++) acc[r][i] = vf{};
-  }
-  for (size_t c = c0; c < c1; c++) {
-    const float* b = B + c * ldb + d0;
-    vf bv[NV];
-    for (int i = 0; i < NV; i++) bv[i] = load(b + 16 * i);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; r++) {
-      const float a = A[r * ars + (int64_t)c * acs];
-      for (int i = 0; i < NV; i++) acc[r][i] += bv[i] * a;
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; r++) store<NV>(C + r * ldc + d0, acc[r], w);
-}
-
 template <int R>
 TWL_INLINE void nn_block(const float* A, int64_t ars, int64_t acs, size_t c0, size_t c1, const float* B, size_t ldb,
                          size_t D, float* C, int64_t ldc) {
   size_t d = 0;
-  for (; d + VW < D; d += 2 * VW) nn_tile<R, 2>(A, ars, acs, c0, c1, B, ldb, d, C, ldc, std::min(2 * VW, D - d));
-  for (; d < D; d += VW) nn_tile<R, 1>(A, ars, acs, c0, c1, B, ldb, d, C, ldc, std::min(VW, D - d));
+  for (; d + VW < D; d += 2 * VW) tile<R, 2>(A, ars, acs, c0, c1, B, ldb, d, C, ldc, std::min(2 * VW, D - d));
+  for (; d < D; d += VW) tile<R, 1>(A, ars, acs, c0, c1, B, ldb, d, C, ldc, std::min(VW, D - d));
 }
 
 // C (M, D) = A (M, K) B (K, ldb >= round_up(D, VW), zero-padded), row i of A nonzero only on its span

@@ -10,6 +10,7 @@
 #include "attention.h"
 #include "fused.h"
 #include "lowp.h"
+#include "optim.h"
 #include "pool.h"
 #include "primitives.h"
 #include "quant.h"
@@ -140,6 +141,26 @@ NB_MODULE(_twinlm_kernels, m) {
         "three gradients into one in a single pass");
   m.def("_split_heads_faulty", &twinlm::split_heads, "qkv"_a, "n_head"_a, "n_kv_head"_a, "head_dim"_a, "fault"_a,
         nb::kw_only(), "stream"_a = nb::none(), "tests only: a deliberately wrong split_heads (1: k, v swapped)");
+
+  // ---- the optimizer's elementwise work (issue #23) ----
+  m.def("adamw", [](const std::vector<mx::array>& ps, const std::vector<mx::array>& gs,
+                    const std::vector<mx::array>& ms, const std::vector<mx::array>& vs, const mx::array& lr,
+                    const mx::array& bc1, const mx::array& bc2, const mx::array& scale, const mx::array& keep,
+                    double beta1, double beta2, double eps, const std::vector<double>& decay, mx::StreamOrDevice s) {
+          return twinlm::adamw(ps, gs, ms, vs, lr, bc1, bc2, scale, keep, beta1, beta2, eps, decay, 0, s);
+        }, "params"_a, "grads"_a, "m"_a, "v"_a, "lr"_a, "bc1"_a, "bc2"_a, "scale"_a, "keep"_a, "beta1"_a, "beta2"_a,
+        "eps"_a, "decay"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "AdamW (core.optim) over every tensor in one primitive, g multiplied by `scale` first, the old state "
+        "kept where `keep` is False; returns the new params, then the m's, then the v's");
+  m.def("_adamw_faulty", &twinlm::adamw, "params"_a, "grads"_a, "m"_a, "v"_a, "lr"_a, "bc1"_a, "bc2"_a, "scale"_a,
+        "keep"_a, "beta1"_a, "beta2"_a, "eps"_a, "decay"_a, "fault"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "tests only: a deliberately wrong adamw (1: no bias correction, 2: no weight decay)");
+  m.def("sum_squares", [](const std::vector<mx::array>& xs, mx::StreamOrDevice s) {
+          return twinlm::sum_squares(xs, 0, s);
+        }, "xs"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "the sum of every float32 tensor's squared elements (blocks in order, then tensors in order), with its VJP");
+  m.def("_sum_squares_faulty", &twinlm::sum_squares, "xs"_a, "fault"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "tests only: a deliberately wrong sum_squares (1: the last tensor left out)");
 
   // ---- same-host shared-memory all-reduce for data-parallel ranks (issue #23; Linux only) ----
 #ifdef TWINLM_SHM_ALLREDUCE

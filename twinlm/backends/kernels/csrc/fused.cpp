@@ -8,17 +8,12 @@
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "pool.h"
+#include "stream.h"
 #include "vmath.h"
 
 namespace twinlm {
 
 namespace {
-
-mx::Stream cpu_stream(mx::StreamOrDevice s) {
-  mx::Stream stream = mx::to_stream(s);
-  if (stream.device != mx::Device::cpu) throw std::invalid_argument("twinlm kernels run on the CPU only");
-  return stream;
-}
 
 mx::array prepared(const mx::array& x, const mx::Stream& s, const char* what) {
   if (x.dtype() != mx::float32) throw std::invalid_argument(std::string(what) + ": float32 only");

@@ -26,6 +26,7 @@
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "pool.h"
+#include "stream.h"
 
 // TWINLM_NO_CLONES (a baseline-only build) leaves the portable body alone, as in the other kernels.
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__)) && \
@@ -340,12 +341,6 @@ void sgemm(bool ta, bool tb, size_t m, size_t n, size_t k, const float* a, size_
            float beta, float* c, size_t ldc) {
   cblas_sgemm(ROW_MAJOR, ta ? TRANS : NO_TRANS, tb ? TRANS : NO_TRANS, (int)m, (int)n, (int)k, 1.0f, a, (int)lda,
               b, (int)ldb, beta, c, (int)ldc);
-}
-
-mx::Stream cpu_stream(mx::StreamOrDevice s) {
-  mx::Stream stream = mx::to_stream(s);
-  if (stream.device != mx::Device::cpu) throw std::invalid_argument("twinlm kernels run on the CPU only");
-  return stream;
 }
 
 void allocate(mx::array& a) { a.set_data(mx::allocator::malloc(a.nbytes())); }

@@ -13,6 +13,7 @@
 #include "mlx/backend/cpu/encoder.h"
 #include "pool.h"
 #include "quant.h"
+#include "stream.h"
 
 // CBLAS's sgemm, left undefined here and bound when the module loads, exactly as libmlx binds its own:
 // to the system OpenBLAS that twinlm.backends.mlx_native loads with RTLD_GLOBAL (the global scope is
@@ -24,12 +25,6 @@ extern "C" void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, i
 namespace twinlm {
 
 namespace {
-
-mx::Stream cpu_stream(mx::StreamOrDevice s) {
-  mx::Stream stream = mx::to_stream(s);
-  if (stream.device != mx::Device::cpu) throw std::invalid_argument("twinlm kernels run on the CPU only");
-  return stream;
-}
 
 mx::array prepared(const mx::array& x, const mx::Stream& s, const char* what) {
   if (x.dtype() != mx::float32) throw std::invalid_argument(std::string(what) + ": float32 only");
