@@ -165,3 +165,25 @@ def test_to_backend_gives_freed_host_memory_back() -> None:
     assert kept > 48, kept  # control: freed, still resident
     to_backend(B, {"w": np.ones(4, np.float32)})
     assert _anon_mb() - before < 16, _anon_mb() - before
+
+
+def test_a_runs_tokenizer_json_is_held_packed_once() -> None:
+    """A loaded run's record and the tokenizer built from it share one packed (zlib) copy of a pretrained
+    tokenizer's JSON, never the str (2 bytes a character for a byte-level vocabulary: 14 MB at Qwen2.5's
+    size); the record writes back, and export reads back, the exact text."""
+    pytest.importorskip("tokenizers")
+    from hf_models import byte_bpe
+
+    from twinlm.core.tokenizers import tokenizer_from_dict
+    from twinlm.run_meta import RunMeta
+
+    text = byte_bpe(300).to_str()
+    record = {"kind": "hf", "hf_json": text, "roles": {"eos": 1}, "add_bos": False}
+    meta = RunMeta.from_dict({"model": LONG.to_dict(), "tokenizer": record})
+    packed = meta.tokenizer["hf_json"]
+    assert isinstance(packed, bytes) and len(packed) < len(text) / 2
+    tok = tokenizer_from_dict(meta.tokenizer)
+    assert tok._packed is packed  # one copy, shared
+    assert tok.hf_json == text and tok.to_dict()["hf_json"] == text
+    assert meta.to_dict()["tokenizer"] == record  # what a checkpoint written from it stores
+    assert tok.decode(tok.encode("the cat sat")) == "the cat sat"
