@@ -187,3 +187,37 @@ def test_a_runs_tokenizer_json_is_held_packed_once() -> None:
     assert tok.hf_json == text and tok.to_dict()["hf_json"] == text
     assert meta.to_dict()["tokenizer"] == record  # what a checkpoint written from it stores
     assert tok.decode(tok.encode("the cat sat")) == "the cat sat"
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
+def test_many_small_mapped_tensors_leave_no_pages_behind(tmp_path: Path, monkeypatch) -> None:
+    """A page fault maps the pages around it too (fault-around), so copying tensor after tensor out of a
+    mapped checkpoint maps the tail of each one already released; `to_backend` releases each again, and the
+    file's pages do not stay resident beside the copy. Control: without that second release they do."""
+    import twinlm.run_dir as R
+
+    B = backend_or_skip("mlx")
+    rng = np.random.default_rng(0)
+    arrays = {f"param.t{i:04d}": rng.standard_normal(3000, np.float32) for i in range(2048)}  # 24 MB, ~12 KB
+    save_checkpoint(tmp_path, arrays, {"x": 1}, step=0)
+
+    def file_mb_after_copy() -> float:
+        before = _file_mb()
+        loaded, _ = load_checkpoint(tmp_path)  # (hashing it maps and releases every page once)
+        params = to_backend(B, loaded)
+        grew = _file_mb() - before
+        assert all(np.array_equal(B.to_numpy(params[k]), arrays[k]) for k in list(arrays)[::97])
+        return grew
+
+    grew = file_mb_after_copy()
+    monkeypatch.setattr(R, "is_mapped", lambda a: False)
+    grew_without = file_mb_after_copy()
+    assert grew_without > 1, (grew, grew_without)  # control (measured 1.55 MB): neighbours' pages mapped back
+    assert grew < 0.5, grew  # (measured 0.06 MB)
+
+
+def _file_mb() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("RssFile"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no RssFile in /proc/self/status")
