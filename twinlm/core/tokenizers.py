@@ -280,8 +280,9 @@ class HFTokenizer(Tokenizer):
         tokenizer share one copy)."""
         from tokenizers import Tokenizer as Lib
 
-        try:
-            self._tok = Lib.from_str(unpack_json(hf_json))
+        try:  # (packed: built from the UTF-8 bytes, never decoded to a str)
+            self._tok = Lib.from_buffer(zlib.decompress(hf_json)) if isinstance(hf_json, bytes) \
+                else Lib.from_str(hf_json)
         except Exception as e:  # the library raises plain Exception on a malformed file
             raise TwinlmError(f"cannot read the tokenizer.json: {_one_line(e)}") from None
         self._packed = hf_json if isinstance(hf_json, bytes) else pack_json(hf_json)
