@@ -95,6 +95,7 @@ class KVDecoder(Decoder):
             row, cache = self._last_row(tokens[:, -self.cfg.block_size:])
             self.cache = cache if t <= self.cfg.block_size else None  # a shifted window's cache is stale
         self.n_cached = t
+        self.B.drop_cached_buffers()  # the last step's k/v, one token shorter than any later request
         return row
 
 

@@ -9,12 +9,13 @@ from typing import Any
 
 from twinlm.core.config import ModelConfig
 from twinlm.core.errors import ConfigError, TwinlmError
+from twinlm.core.tokenizers import pack_record, unpack_record
 
 
 @dataclass
 class RunMeta:
     model: ModelConfig
-    tokenizer: dict[str, Any]  # `Tokenizer.to_dict()`; `tokenizers.tokenizer_from_dict` rebuilds it
+    tokenizer: dict[str, Any]  # `Tokenizer.to_dict()` ("hf_json" maybe packed): `tokenizer_from_dict`
     iter: int = 0
     train: dict[str, Any] = field(default_factory=dict)  # `TrainConfig.to_dict()`
     task: str | None = None  # "sort" (the built-in task), "lm", "mlm" or "classify"
@@ -36,6 +37,7 @@ class RunMeta:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["model"] = self.model.to_dict()
+        out["tokenizer"] = unpack_record(self.tokenizer)
         return out
 
     @classmethod
@@ -71,4 +73,6 @@ class RunMeta:
             raise TwinlmError(f"{where}'s meta has an unknown dtype {values['dtype']!r}")
         if not all(isinstance(lab, str) for lab in values.get("labels", [])):
             raise TwinlmError(f"{where}'s meta has labels that are not strings")
+        # Its tokenizer.json text (MBs, a pretrained model's) kept packed, shared with its tokenizer
+        values["tokenizer"] = pack_record(values["tokenizer"])
         return cls(model=model, **values)

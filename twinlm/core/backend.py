@@ -203,6 +203,11 @@ class Backend:
     def sync(self, *xs: Any) -> None:
         """Force evaluation of lazy arrays (a no-op for eager backends)."""
 
+    def drop_cached_buffers(self) -> None:
+        """Hand the freed buffers the framework keeps for reuse back to the allocator (a no-op where it keeps
+        none). For loops whose arrays grow by a little every step (a KV cache growing by one token), whose
+        freed buffers no later request fits, so a cache of them only grows."""
+
     # ---- composites (reference bodies) --------------------------------------------------------
     def erf(self, x: Array) -> Array:
         x = self.minimum(self.maximum(x, -ERF_CLAMP), ERF_CLAMP)

@@ -18,6 +18,7 @@ import hashlib
 import itertools
 import json
 import re
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,29 @@ import numpy as np
 
 from twinlm.core.atomic import atomic_write_json
 from twinlm.core.errors import TwinlmError
+
+
+def pack_json(text: str) -> bytes:
+    """A tokenizer.json's text as held in memory by a loaded run (`HFTokenizer`, `RunMeta.tokenizer`):
+    zlib-compressed UTF-8. As a str a byte-level vocabulary's JSON costs 2 bytes a character (its "Ġ"s
+    are outside Latin-1): 14 MB for a Qwen2.5-sized one, beside the weights for the life of the process."""
+    return zlib.compress(text.encode("utf-8"), 1)
+
+
+def unpack_json(spec: str | bytes) -> str:
+    """The text of a tokenizer.json given as text or as `pack_json` bytes."""
+    return zlib.decompress(spec).decode("utf-8") if isinstance(spec, bytes) else spec
+
+
+def pack_record(d: dict[str, Any]) -> dict[str, Any]:
+    """A `Tokenizer.to_dict()` record with its tokenizer.json text (if any) packed (`pack_json`)."""
+    return {**d, "hf_json": pack_json(d["hf_json"])} if isinstance(d.get("hf_json"), str) else d
+
+
+def unpack_record(d: dict[str, Any]) -> dict[str, Any]:
+    """The JSON form of a record `pack_record` made (what a checkpoint's meta.json stores)."""
+    return {**d, "hf_json": unpack_json(d["hf_json"])} if isinstance(d.get("hf_json"), bytes) else d
+
 
 KINDS = ("char", "byte", "bpe")  # what `train --tokenizer` builds; "hf" comes with an imported model
 DEFAULT_BPE_VOCAB = 512
@@ -250,14 +274,18 @@ class HFTokenizer(Tokenizer):
 
     kind = "hf"
 
-    def __init__(self, hf_json: str, roles: dict[str, int] | None = None, add_bos: bool = False) -> None:
+    def __init__(self, hf_json: str | bytes, roles: dict[str, int] | None = None,
+                 add_bos: bool = False) -> None:
+        """`hf_json`: the file's text, or it packed (`pack_json`: kept as given, so a run's record and its
+        tokenizer share one copy)."""
         from tokenizers import Tokenizer as Lib
 
-        try:
-            self._tok = Lib.from_str(hf_json)
+        try:  # (packed: built from the UTF-8 bytes, never decoded to a str)
+            self._tok = Lib.from_buffer(zlib.decompress(hf_json)) if isinstance(hf_json, bytes) \
+                else Lib.from_str(hf_json)
         except Exception as e:  # the library raises plain Exception on a malformed file
             raise TwinlmError(f"cannot read the tokenizer.json: {_one_line(e)}") from None
-        self.hf_json = hf_json
+        self._packed = hf_json if isinstance(hf_json, bytes) else pack_json(hf_json)
         self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
         self.roles = {k: int(v) for k, v in (roles or {}).items()}
         bad = {k: v for k, v in self.roles.items() if not 0 <= v < self.vocab_size}
@@ -265,6 +293,11 @@ class HFTokenizer(Tokenizer):
             raise TwinlmError(f"special tokens outside the tokenizer's vocabulary: {bad}")
         self.specials = tuple(self.roles)
         self.add_bos = bool(add_bos) and "bos" in self.roles
+
+    @property
+    def hf_json(self) -> str:
+        """The tokenizer.json's text as it was given (export-hf writes it back unchanged)."""
+        return unpack_json(self._packed)
 
     def id_of(self, special: str) -> int:
         if special not in self.roles:
@@ -411,15 +444,15 @@ def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
         return ByteTokenizer()
     if kind == "hf":
         roles, spec = d.get("roles", {}), d.get("hf_json")
-        if not isinstance(spec, str) or not isinstance(roles, dict) \
+        if not isinstance(spec, (str, bytes)) or not isinstance(roles, dict) \
                 or not all(isinstance(v, int) and not isinstance(v, bool) for v in roles.values()):
             raise TwinlmError("hf tokenizer description needs an 'hf_json' string and integer 'roles'")
         return HFTokenizer(spec, roles, bool(d.get("add_bos", False)))
     if kind == "bpe":
         spec = d.get("hf_json")
-        if not isinstance(spec, str):
+        if not isinstance(spec, (str, bytes)):
             raise TwinlmError("bpe tokenizer description has no 'hf_json' string")
-        return BPETokenizer.from_json(spec)
+        return BPETokenizer.from_json(unpack_json(spec))
     raise TwinlmError(f"unknown tokenizer kind {kind!r} (known: {', '.join(KINDS)}, hf)")
 
 

@@ -89,17 +89,23 @@ def _positions(B: Backend, cfg: ModelConfig, p: L.Params, rows: Any,
         # (131,072 rows on a Llama 3.2), which would make each generated token cost the whole context.
         return B.take(B.from_numpy(table), rows) if take else B.from_numpy(table[rows])
 
+    # The host tables span the positions in use, not the whole context: a slice's table has the power of two
+    # of rows that holds it (each row is computed alone, so a prefix of a longer table, bit for bit), so that
+    # a short generation from a long-context model (32,768 positions on a Qwen2.5, 131,072 on a Llama 3.2)
+    # does not build, and keep cached, tables of every position (with their float64 temporaries: 25 MB at
+    # the Qwen2.5-0.5B shape, ~100 MB at Llama 3.2's). Device ids (`take`) may point anywhere: all rows.
+    n_pos = cfg.block_size if take else min(cfg.block_size, max(64, 1 << max(rows.stop - 1, 0).bit_length()))
     if cfg.pos_encoding == "learned":
         wpe = p["wpe.weight"]
         return (B.take(wpe, rows) if take else wpe[rows]), [None] * cfg.n_layer
     if cfg.pos_encoding == "sinusoidal":
-        return pick(L.sinusoidal_table(cfg.block_size, cfg.d_model)), [None] * cfg.n_layer
+        return pick(L.sinusoidal_table(n_pos, cfg.d_model)), [None] * cfg.n_layer
     if cfg.pos_encoding == "rope":
-        cos, sin = L.rope_tables(cfg.block_size, cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling)
+        cos, sin = L.rope_tables(n_pos, cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling)
         rope = (pick(cos), pick(sin))
         local = rope
         if cfg.rope_local_theta:
-            cos, sin = L.rope_tables(cfg.block_size, cfg.rotary_dim, cfg.rope_local_theta)
+            cos, sin = L.rope_tables(n_pos, cfg.rotary_dim, cfg.rope_local_theta)
             local = (pick(cos), pick(sin))
         return None, [local if cfg.sliding(i) else rope for i in range(cfg.n_layer)]
     return None, [None] * cfg.n_layer
