@@ -103,21 +103,25 @@ def lm_loss(B: Backend, cfg: ModelConfig, p: dict[str, Array], idx: Array, targe
             weights: Array | None = None, *, dropout: dict[str, Array] | None = None, **kw: Any) -> Array:
     """Mean cross-entropy (`Backend.cross_entropy`) of the LM head's logits for `idx` (N, T) against
     `targets` (N, T); with 0/1 `weights` (N, T) the mean over positions of weight 1. With `B.remat` on, a
-    family that names its head's parameters (HEAD_PARAMS) computes it in chunks of positions (see
-    LOSS_CHUNK_BYTES): (sum over chunks of the chunk's nll sum) / count, equal within float rounding."""
+    family that names its head's parameters (HEAD_PARAMS), with that head frozen, computes it in chunks of
+    positions (see LOSS_CHUNK_BYTES): (sum over chunks of the chunk's nll sum) / count, equal within float
+    rounding."""
     fam = family(cfg.arch)
     h, _ = fam.hidden(B, cfg, p, idx, dropout=dropout, **kw)  # (N, T, C)
     head = getattr(fam, "HEAD_PARAMS", None)
     rows = loss_chunk_rows(cfg.vocab_size)
     n = math.prod(targets.shape)
-    if not (B.remat and head) or n <= rows:
+    # The head's weights are the checkpoints' explicit inputs (the targets and weights, which have no
+    # gradient, are closed over). Only a frozen head is chunked (LoRA, QLoRA): a trainable one would get a
+    # (V, C) weight gradient per chunk, which MLX keeps side by side until summed (measured: the peak grew
+    # with the number of chunks), 1 GB each at the 1B shape.
+    hp = {k: v for k, v in p.items() if head and k.startswith(head)}
+    spec = param_spec(cfg) if B.remat and head and n > rows else {}
+    if not spec or any(spec[k].trainable for k in hp if k in spec):
         return B.cross_entropy(fam.lm_logits(B, cfg, p, h), targets, weights)
     h = B.reshape(h, (n, h.shape[-1]))  # (N*T, C): chunks of positions across the batch's rows
     t = B.reshape(targets, (n,))
     w = None if weights is None else B.reshape(weights, (n,))
-    # The head's own weights are the checkpoint's explicit inputs, so it differentiates them (a tied
-    # embedding that trains); the targets and weights have no gradient and are closed over.
-    hp = {k: v for k, v in p.items() if k.startswith(head)}
     total = None
     for a in range(0, n, rows):
         b = min(a + rows, n)
@@ -128,7 +132,12 @@ def lm_loss(B: Backend, cfg: ModelConfig, p: dict[str, Array], idx: Array, targe
             # the chunk's nll sum: its mean (the one cross-entropy) times the count that mean divided by
             mean = B.cross_entropy(fam.lm_logits(B, cfg, hp, x), t_c, w_c)
             return mean * size if w_c is None else mean * B.maximum(B.sum(w_c), 1.0)
-        part = B.checkpoint(chunk, hp, h[a:b])
+        # Chained: each chunk's input waits for the running total (+ 0 * total, exact for a finite total;
+        # a non-finite one makes the loss non-finite anyway). Without the link MLX schedules every chunk's
+        # recomputation in the backward side by side (measured: 4 chunks of 4 MiB peaked as high as one
+        # unchunked pass); with it the backward runs them one after another, last chunk first.
+        x = h[a:b] if total is None else h[a:b] + 0.0 * total
+        part = B.checkpoint(chunk, hp, x)
         total = part if total is None else total + part
     return total / (n if w is None else B.maximum(B.sum(w), 1.0))
 
