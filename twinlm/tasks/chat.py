@@ -7,8 +7,8 @@ attends across examples. An example longer than the window + 1 is cut at its end
 
     x = ids[:-1], y = ids[1:], w = weight[1:]    (target j is learned when token j+1 is the assistant's)
 
-The loss is the mean cross-entropy over the batch's weighted targets (`Backend.cross_entropy` with
-weights), the same graph on every backend.
+The loss is the mean cross-entropy over the batch's weighted targets (`model.lm_loss` with weights), the
+same graph on every backend.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def encode_rows(rows: list[dict[str, Any]], template: chat.ChatTemplate, tok: To
 def chat_loss(B: Backend, cfg: ModelConfig, p: dict[str, Array], batch: dict[str, Array],
               drop: dict[str, Array] | None = None) -> Array:
     """Mean next-token cross-entropy over the targets whose weight is 1 (the assistant's tokens)."""
-    return B.cross_entropy(model.logits(B, cfg, p, batch["x"], dropout=drop), batch["y"], batch["w"])
+    return model.lm_loss(B, cfg, p, batch["x"], batch["y"], batch["w"], dropout=drop)
 
 
 class ChatLM(ExampleTask):

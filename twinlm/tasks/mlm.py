@@ -82,7 +82,7 @@ class MaskedLM(Task):
 
     def loss(self, B: Backend, cfg: ModelConfig, p: dict[str, Array], batch: dict[str, Array],
              drop: dict[str, Array]) -> Array:
-        return B.cross_entropy(model.logits(B, cfg, p, batch["x"], dropout=drop), batch["y"], batch["w"])
+        return model.lm_loss(B, cfg, p, batch["x"], batch["y"], batch["w"], dropout=drop)
 
     def eval_outputs(self, B: Backend, cfg: ModelConfig, p: dict[str, Array],
                      batch: dict[str, Array]) -> tuple[Array, ...]:

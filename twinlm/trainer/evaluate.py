@@ -47,7 +47,7 @@ def evaluate_loss(B: Backend, cfg: ModelConfig, params: dict[str, Array], tokens
     b = min(batch_size, n_win)
 
     def fn(state: dict, p: dict[str, Array], x: Array, y: Array, w: Array) -> tuple[tuple[Array], dict]:
-        return (B.cross_entropy(model.logits(B, cfg, p, x), y, w) * B.sum(w),), state
+        return (model.lm_loss(B, cfg, p, x, y, w) * B.sum(w),), state
     step = B.compile_step(fn, {})
     total = 0.0
     for i in range(0, n_win, b):

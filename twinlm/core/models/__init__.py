@@ -14,6 +14,8 @@
     RECURRENT     optional, True for a family without attention (attention-only checks do not apply)
     BLOCK_CHECKPOINTS  optional, True when `hidden` runs each block through `B.checkpoint` (so `train
                   --grad-checkpoint` can recompute it in the backward pass)
+    HEAD_PARAMS   optional, the name prefixes of the parameters `lm_logits` reads: with it, under
+                  --grad-checkpoint the LM loss runs the head in checkpointed chunks (`model.lm_loss`)
     parity_overrides(cfg) -> dict                  optional: the parity suite's model of the family (config
                                                    changes to the preset `cfg`, so every code path runs)
     ABLATIONS     optional, {arch: ((name, description, backend mixin), ...)}: negative controls for the

@@ -22,11 +22,12 @@ from twinlm.core import spec as S
 from twinlm.core.backend import Array, Backend
 from twinlm.core.config import ModelConfig
 
-__all__ = ["BLOCK_CHECKPOINTS", "KIND", "decode_cache_shapes", "decode_step", "dropout_sites", "hidden",
-           "lm_logits", "param_spec", "pooled"]
+__all__ = ["BLOCK_CHECKPOINTS", "HEAD_PARAMS", "KIND", "decode_cache_shapes", "decode_step", "dropout_sites",
+           "hidden", "lm_logits", "param_spec", "pooled"]
 
 KIND = "decoder"
 BLOCK_CHECKPOINTS = True
+HEAD_PARAMS = ("wte.", "head.")  # what `lm_logits` reads (the chunked loss passes only these per chunk)
 # Per-layer (k, v) of shape (N, Hkv, T_past, hs), for incremental generation.
 KVCache = list[tuple[Array, Array]]
 
