@@ -117,7 +117,7 @@ def test_backend_protocol_is_complete() -> None:
                   and n not in parity.COMPOSITES and n not in ("value_and_grad", "compile_step", "sync")
                   and n not in ("from_numpy_rows", "world", "all_sum")  # defaults: one device, one rank
                   and n != "checkpoint"  # default: no recomputation (an adapter may offer it: can_remat)
-                  and n != "drop_cached_buffers"  # default: no buffer cache to drop (tinygrad keeps none)
+                  and n != "drop_cached_buffers"  # default: a no-op (an adapter may drop its cache)
                   and n != "like"]  # built on dtype_name and astype
     for name in ALL_BACKENDS:
         B = backend_or_skip(name)
