@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import backend_or_skip
+from twinlm.core.backend import Backend
 from twinlm.core.config import preset
 from twinlm.core.errors import TwinlmError
 from twinlm.core.params import init_params
@@ -171,9 +172,7 @@ class _NoRepeat:
 class _Repeated:
     """Grouped-query attention the old way: k and v repeated per query head, then plain attention."""
 
-    def grouped_attention(self, q, k, v, mask, dropout=None, softcap=0.0):
-        n_rep = q.shape[1] // k.shape[1]
-        return self.attention(q, self.repeat_kv(k, n_rep), self.repeat_kv(v, n_rep), mask, dropout, softcap)
+    grouped_attention = Backend._attention_repeating_kv
 
 
 # tinygrad's compiles make it ~15 s on a busy 2-core machine: slow (its engine already decodes with folded

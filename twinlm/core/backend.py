@@ -362,12 +362,18 @@ class Backend:
         n_rep = h // hkv
         folded = self._folded_mask(mask, n_rep, tq)
         if n_rep == 1 or folded is False or (dropout is not None and tuple(dropout.shape[:3]) != (n, h, tq)):
-            k, v = self.repeat_kv(k, n_rep), self.repeat_kv(v, n_rep)
-            return self.attention(q, k, v, mask, dropout, softcap)
+            return self._attention_repeating_kv(q, k, v, mask, dropout, softcap)
         if dropout is not None:  # (N, H, Tq, Tk) -> (N, Hkv, n_rep * Tq, Tk): the same order as q's rows
             dropout = self.reshape(dropout, (n, hkv, n_rep * tq, dropout.shape[-1]))
         y = self.attention(self.reshape(q, (n, hkv, n_rep * tq, hs)), k, v, folded, dropout, softcap)
         return self.reshape(y, (n, h, tq, v.shape[-1]))
+
+    def _attention_repeating_kv(self, q: Array, k: Array, v: Array, mask: Array | None,
+                                dropout: Array | None = None, softcap: float = 0.0) -> Array:
+        """`grouped_attention` the plain way: k and v repeated per query head (`repeat_kv`), then
+        `attention` (its fallback; a mixin that must see each query head's keys takes it as its own)."""
+        n_rep = q.shape[1] // k.shape[1]
+        return self.attention(q, self.repeat_kv(k, n_rep), self.repeat_kv(v, n_rep), mask, dropout, softcap)
 
     def _folded_mask(self, mask: Array | None, n_rep: int, tq: int) -> Array | None | bool:
         """`mask` (broadcastable to (N, H, Tq, Tk)) for the folded query axis of `grouped_attention`: as it is
@@ -417,7 +423,6 @@ class Backend:
             return self.mean(nll)
         return self.sum(nll * weights) / self.maximum(self.sum(weights), 1.0)
 
-
     def sum_squares(self, xs: Sequence[Array]) -> Array:
         """The sum over tensors `xs` (at least one) of sum(x * x), one sum per tensor, added in list order:
         the square of the global gradient norm."""
@@ -452,6 +457,7 @@ class Backend:
             ms.append(m1)
             vs.append(v1)
         return ps, ms, vs
+
 
 class Step:
     """An uncompiled stateful step; adapters return a compiled equivalent."""

@@ -26,11 +26,8 @@ class _RecordingAttention:
 
     maps: list[np.ndarray]
 
-    def grouped_attention(self: Any, q: Array, k: Array, v: Array, mask: Array | None,
-                          dropout: Array | None = None, softcap: float = 0.0) -> Array:
-        # k and v repeated per query head (not its query axis folded), so a map is one query head's
-        n_rep = q.shape[1] // k.shape[1]
-        return self.attention(q, self.repeat_kv(k, n_rep), self.repeat_kv(v, n_rep), mask, dropout, softcap)
+    # k and v repeated per query head (not its query axis folded), so a map is one query head's
+    grouped_attention = Backend._attention_repeating_kv
 
     def attention(self: Any, q: Array, k: Array, v: Array, mask: Array | None,
                   dropout: Array | None = None, softcap: float = 0.0) -> Array:

@@ -71,10 +71,8 @@ class TiledKV:
     def repeat_kv(self: Any, x: Array, n_rep: int) -> Array:
         return x if n_rep == 1 else self.concat([x] * n_rep, axis=1)
 
-    def grouped_attention(self: Any, q: Array, k: Array, v: Array, mask: Array | None,
-                          dropout: Array | None = None, softcap: float = 0.0) -> Array:
-        n_rep = q.shape[1] // k.shape[1]  # the models read grouped k, v here: the tiled heads, repeated
-        return self.attention(q, self.repeat_kv(k, n_rep), self.repeat_kv(v, n_rep), mask, dropout, softcap)
+    # the models read grouped k, v through grouped_attention: here the tiled heads, repeated
+    grouped_attention = Backend._attention_repeating_kv
 
 
 class IgnorePadding:
