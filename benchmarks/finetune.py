@@ -200,13 +200,35 @@ def measure_mlx_lm(folder: Path, data: Path, case: Case, args: argparse.Namespac
            "--steps", str(args.steps), "--lora-rank", str(case.lora or 0), "--times-out", str(times_file)]
     if case.grad_checkpoint:
         cmd += ["--grad-checkpoint"]
-    rc, wall, rss = run_child(cmd, child_env(preload), work / f"{name}.log", args.timeout)
+    times_file.unlink(missing_ok=True)
+    timeout = args.peer_timeout or args.timeout
+    rc, wall, rss = run_child(cmd, child_env(preload), work / f"{name}.log", timeout)
+    if rc == -9 and wall >= timeout and times_file.exists():
+        return unfinished(json.loads(times_file.read_text()), time.time(), args, rss)
     if rc != 0:
         raise RuntimeError(f"exit {rc}: {(work / f'{name}.log').read_text()[-1500:]}")
     rec = json.loads(times_file.read_text())
     times = {int(k): v for k, v in rec["times"].items()}
     return {**steady(times, args.warmup, args.steps, args.batch * args.seq), "peak_rss_mb": round(rss),
             "wall_s": round(wall, 1), "trainable_params": rec["trainable"]}
+
+
+def unfinished(rec: dict[str, Any], killed_epoch: float, args: argparse.Namespace,
+               rss: float) -> dict[str, Any]:
+    """A peer stopped at --peer-timeout. Past its warm-up: tokens/s over the steps it finished. Else the step
+    it was in had run `open_s` seconds without finishing, so that step ran under tokens_per_step / open_s
+    tokens/s (a bound on one step; the first also holds the peer's compilation of its step, seconds against
+    these steps' minutes). Its peak RSS so far is a floor."""
+    times = {int(k): v for k, v in rec["times"].items()}
+    done = max(times)
+    if done > args.warmup:  # timed steps finished: measured over those, as a finished run
+        timed = done - args.warmup
+        return {**steady(times, args.warmup, timed, args.batch * args.seq), "steps_timed": timed,
+                "peak_rss_mb": round(rss), "trainable_params": rec["trainable"]}
+    open_s = killed_epoch - rec["clock_start_epoch"] - times[done]
+    return {"unfinished_step": done + 1, "open_s": round(open_s, 1),
+            "tok_s_below": round(args.batch * args.seq / open_s, 2), "peak_rss_mb_so_far": round(rss),
+            "trainable_params": rec["trainable"]}
 
 
 def folder_tokenizer(folder: Path) -> Any:
@@ -246,10 +268,18 @@ def child_mlx_lm(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     times: dict[int, float] = {0: 0.0}  # "after step 0" is the start: --warmup 0 times the first step whole
 
+    start_epoch = time.time() - (time.perf_counter() - t0)
+
+    def save() -> None:  # after every step: a run stopped at --peer-timeout still tells how far it got
+        Path(args.times_out).write_text(json.dumps({"times": times, "trainable": trainable,
+                                                    "clock_start_epoch": start_epoch}))
+
     class Clock(TrainingCallback):
         def on_train_loss_report(self, info: dict[str, Any]) -> None:
             times[info["iteration"]] = time.perf_counter() - t0
+            save()
 
+    save()
     total = args.warmup + args.steps
     with tempfile.TemporaryDirectory() as tmp:
         targs = TrainingArgs(batch_size=args.batch, iters=total, steps_per_report=1, steps_per_eval=10**9,
@@ -258,7 +288,7 @@ def child_mlx_lm(args: argparse.Namespace) -> None:
                              grad_checkpoint=args.grad_checkpoint)
         train(model, optim.AdamW(learning_rate=1e-4, weight_decay=0.1), train_set, None, targs,
               training_callback=Clock())
-    Path(args.times_out).write_text(json.dumps({"times": times, "trainable": trainable}))
+    save()
 
 
 def prepare_twinlm(folder: Path, run: Path, case: Case, args: argparse.Namespace, work: Path) -> Any:
@@ -324,6 +354,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=None, help="Untimed steps first (default 3; --small 2).")
     p.add_argument("--steps", type=int, default=None, help="Timed steps (default 10; --small 3).")
     p.add_argument("--timeout", type=float, default=3600, help="Seconds allowed to each subprocess.")
+    p.add_argument("--peer-timeout", type=float, default=None,
+                   help="Seconds allowed to an mlx-lm run (default --timeout); one stopped there reports the "
+                        "bound its unfinished step sets (tok_s_below) and its peak RSS so far.")
     p.add_argument("--work", default=None, help="Keep folders, data and logs here (default: a temp dir).")
     p.add_argument("--out", default=None, help="Write the results as JSON here.")
     p.add_argument("--child-mlx-lm", default=None, help=argparse.SUPPRESS)
@@ -383,10 +416,15 @@ def main() -> None:
     for r in rows:
         ref = next((x.get("tok_s") for x in rows if x["case"] == r["case"] and x["tool"] == "twinlm-mlx"),
                    None)
-        ratio = f"{ref / r['tok_s']:.2f}x" if ref and r.get("tok_s") else "-"
-        speed = r.get("tok_s", str(r.get("error", "-"))[:80])
-        print(f"| {r['case']} | {r['tool']} | {speed} | {r.get('step_ms', '-')} "
-              f"| {r.get('peak_rss_mb', '-')} | {ratio} |")
+        if "tok_s_below" in r:  # stopped at --peer-timeout: bounds, not measurements
+            ratio = f"> {ref / r['tok_s_below']:.2f}x" if ref else "-"
+            speed = f"< {r['tok_s_below']} (step {r['unfinished_step']} unfinished after {r['open_s']} s)"
+            rss = f">= {r['peak_rss_mb_so_far']}"
+        else:
+            ratio = f"{ref / r['tok_s']:.2f}x" if ref and r.get("tok_s") else "-"
+            speed = r.get("tok_s", str(r.get("error", "-"))[:80])
+            rss = r.get("peak_rss_mb", "-")
+        print(f"| {r['case']} | {r['tool']} | {speed} | {r.get('step_ms', '-')} | {rss} | {ratio} |")
     if args.out:
         Path(args.out).write_text(json.dumps(record, indent=2))
 

@@ -21,6 +21,18 @@ def test_steady_differences_two_step_times() -> None:
         finetune.steady(times, warmup=2, steps=3, tokens_per_step=1024)
 
 
+def test_a_peer_stopped_at_its_timeout_reports_the_bound_of_its_open_step() -> None:
+    args = finetune.argparse.Namespace(batch=4, seq=256, warmup=1)
+    rec = {"times": {"0": 0.0, "1": 10.0}, "trainable": 7, "clock_start_epoch": 1000.0}
+    r = finetune.unfinished(rec, killed_epoch=1040.0, args=args, rss=512.4)
+    # step 2 had run 30 s (1040 - 1000 - 10) unfinished: under 1024 / 30 tokens/s
+    assert r == {"unfinished_step": 2, "open_s": 30.0, "tok_s_below": round(1024 / 30, 2),
+                 "peak_rss_mb_so_far": 512, "trainable_params": 7}
+    rec["times"]["2"] = 11.0  # past the warm-up (step 1): the finished timed steps are a measurement
+    r = finetune.unfinished(rec, killed_epoch=1040.0, args=args, rss=512.4)
+    assert r["tok_s"] == pytest.approx(1024.0) and r["steps_timed"] == 1 and r["peak_rss_mb"] == 512
+
+
 def test_rows_are_seq_minus_one_words_clear_of_special_tokens(tmp_path: Path) -> None:
     data = finetune.write_data(tmp_path, vocab=50, seq=32, rows=10)
     rows = [json.loads(line)["text"].split() for line in (data / "train.jsonl").read_text().splitlines()]
