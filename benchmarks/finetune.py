@@ -326,6 +326,10 @@ def prepare_mlx_lm(folder: Path, case: Case, args: argparse.Namespace, work: Pat
                                  child_env(openblas()), log, args.timeout)
             if rc != 0:
                 raise RuntimeError(log.read_text()[-1500:])
+            # convert rewrites the tokenizer through transformers' class for the model type, which turns the
+            # Qwen folders' word-level one into one that encodes these rows as nothing: keep the folder's own
+            for name in ("tokenizer.json", "tokenizer_config.json"):
+                shutil.copyfile(folder / name, out / name)
         return out
     return make
 

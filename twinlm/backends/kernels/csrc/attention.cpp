@@ -472,7 +472,7 @@ std::vector<mx::array> split_heads(const mx::array& qkv, int n_head, int n_kv_he
   return mx::array::make_arrays({{N, n_head, T, head_dim}, {N, n_kv_head, T, head_dim}, {N, n_kv_head, T, head_dim}},
                                 {mx::float32, mx::float32, mx::float32},
                                 std::make_shared<SplitHeads>(stream, n_head, n_kv_head, head_dim, fault),
-                                {mx::contiguous(qkv, false, stream)});
+                                {row_contiguous(qkv, stream)});
 }
 
 void SplitHeads::eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) {

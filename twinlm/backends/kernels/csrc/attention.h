@@ -37,6 +37,7 @@ class SplitHeads : public CpuPrimitive {  // qkv -> q, k, v (views)
   std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
                              const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override;
   const char* name() const override { return "TwinlmSplitHeads"; }
+  bool row_contiguous_outputs() const override { return false; }  // strided views of qkv
   bool is_equivalent(const mx::Primitive& other) const override;
 
  private:

@@ -15,11 +15,6 @@ namespace twinlm {
 
 namespace {
 
-mx::array prepared(const mx::array& x, const mx::Stream& s, const char* what) {
-  if (x.dtype() != mx::float32) throw std::invalid_argument(std::string(what) + ": float32 only");
-  return mx::contiguous(x, false, s);
-}
-
 void allocate(mx::array& a) { a.set_data(mx::allocator::malloc(a.nbytes())); }
 
 template <class F>

@@ -392,9 +392,9 @@ mx::array linear_lowp(const mx::array& x, const mx::array& w, const std::optiona
   }
   // The kernel takes float32 activations; a low-precision x (M x K, small beside the weight) and bias are
   // widened by MLX's astype, whose VJP casts their gradients back, and the result is rounded to x's dtype.
-  std::vector<mx::array> inputs = {mx::contiguous(mx::astype(x, mx::float32, stream), false, stream),
-                                   mx::contiguous(w, false, stream)};
-  if (b) inputs.push_back(mx::contiguous(mx::astype(*b, mx::float32, stream), false, stream));
+  std::vector<mx::array> inputs = {row_contiguous(mx::astype(x, mx::float32, stream), stream),
+                                   row_contiguous(w, stream)};
+  if (b) inputs.push_back(row_contiguous(mx::astype(*b, mx::float32, stream), stream));
   auto shape = x.shape();
   shape.back() = w.shape(1);
   auto y = mx::array(shape, mx::float32, std::make_shared<LinearLowp>(stream, b.has_value(), fault), inputs);
@@ -781,8 +781,8 @@ mx::array matmul_t_lowp(const mx::array& x, const mx::array& w, int fault, mx::S
   }
   // As linear_lowp: float32 activations in (astype's VJP casts their gradient back), the result rounded to x's
   // dtype once.
-  std::vector<mx::array> inputs = {mx::contiguous(mx::astype(x, mx::float32, stream), false, stream),
-                                   mx::contiguous(w, false, stream)};
+  std::vector<mx::array> inputs = {row_contiguous(mx::astype(x, mx::float32, stream), stream),
+                                   row_contiguous(w, stream)};
   auto shape = x.shape();
   shape.back() = w.shape(0);
   auto y = mx::array(shape, mx::float32, std::make_shared<MatmulTLowp>(stream, fault), inputs);

@@ -26,11 +26,6 @@ namespace twinlm {
 
 namespace {
 
-mx::array prepared(const mx::array& x, const mx::Stream& s, const char* what) {
-  if (x.dtype() != mx::float32) throw std::invalid_argument(std::string(what) + ": float32 only");
-  return mx::contiguous(x, false, s);
-}
-
 void allocate(mx::array& a) { a.set_data(mx::allocator::malloc(a.nbytes())); }
 
 template <class F>
@@ -626,13 +621,6 @@ constexpr size_t QTILE_FLOATS = size_t(2) << 20;
 
 [[noreturn]] void qmm_error(const std::string& what) { throw std::invalid_argument("quantized_matmul: " + what); }
 
-// The weight, scales and biases are evaluated, row-contiguous arrays on every call of a model: used as they
-// are, they add no Contiguous node (three per layer per decoded token otherwise).
-mx::array row_contiguous(const mx::array& a, const mx::Stream& s) {
-  if (a.is_available() && a.flags().row_contiguous) return a;
-  return mx::contiguous(a, false, s);
-}
-
 std::string shape_str(const mx::array& a) {
   std::string s = "(";
   for (int i = 0; i < (int)a.ndim(); i++) s += (i ? ", " : "") + std::to_string(a.shape(i));
@@ -672,7 +660,7 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& qweight, const m
   auto shape = x.shape();
   shape.back() = (int)(transpose ? N : K);
   return mx::array(shape, mx::float32, std::make_shared<QuantizedMatmul>(stream, group_size, bits, transpose),
-                   {mx::contiguous(x, false, stream), row_contiguous(qweight, stream),
+                   {row_contiguous(x, stream), row_contiguous(qweight, stream),
                     row_contiguous(scales, stream), row_contiguous(biases, stream)});
 }
 

@@ -2,6 +2,8 @@
 #pragma once
 
 #include <optional>
+#include <stdexcept>
+#include <string>
 
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
@@ -40,7 +42,28 @@ class CpuPrimitive : public mx::Primitive {
  public:
   using mx::Primitive::Primitive;
   void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override;
+  // Every output in row-contiguous buffers of its own (all the kernels here but the head split's views).
+  virtual bool row_contiguous_outputs() const { return true; }
 };
+
+// An input as a kernel reads it, row-contiguous. An evaluated array that already is one (weights, tables,
+// position rows) and the output of a kernel here that writes fresh buffers are used as they are; the rest go
+// through MLX's Contiguous, a graph node even where it copies nothing (a 4-bit SmolLM2-135M token had 940).
+inline mx::array row_contiguous(const mx::array& a, const mx::Stream& s) {
+  if (a.is_available()) {
+    if (a.flags().row_contiguous) return a;
+  } else if (a.has_primitive()) {
+    auto* p = dynamic_cast<const CpuPrimitive*>(&a.primitive());
+    if (p && p->row_contiguous_outputs()) return a;
+  }
+  return mx::contiguous(a, false, s);
+}
+
+// A float32 input of a kernel, row-contiguous; any other dtype is one error line naming the kernel.
+inline mx::array prepared(const mx::array& x, const mx::Stream& s, const char* what) {
+  if (x.dtype() != mx::float32) throw std::invalid_argument(std::string(what) + ": float32 only");
+  return row_contiguous(x, s);
+}
 
 class Gelu : public CpuPrimitive {
  public:
