@@ -54,3 +54,15 @@ def test_the_head_splits_views_are_still_made_contiguous(tmp_path: Path) -> None
     got = nodes(tmp_path, B.rope(q, cos, sin))
     assert got["TwinlmSplitHeads"] == 1 and got["TwinlmRope"] == 1
     assert got["Contiguous"] == 1, got  # q's view; cos and sin are evaluated tables, used as they are
+
+
+def test_attention_outputs_in_the_heads_merged_layout_are_copied_before_a_kernel(tmp_path: Path) -> None:
+    """The fused attention writes o (N, H, T, D) strided in the (N, T, H D) layout: a kernel reading it must
+    get it through a Contiguous, and read the right numbers (read as it is, they come out permuted)."""
+    B = MLXBackend()
+    q, k, v = arr(1, 2, 3, 8), arr(1, 2, 3, 8, seed=1), arr(1, 2, 3, 8, seed=2)
+    o = B.attention(q, k, v, None)
+    y = B.swiglu(o, o)
+    assert nodes(tmp_path, y)["Contiguous"] >= 1
+    o_np = np.array(o)
+    np.testing.assert_allclose(np.array(y), o_np / (1 + np.exp(-o_np)) * o_np, rtol=1e-5, atol=1e-6)

@@ -63,6 +63,7 @@ class Attention : public CpuPrimitive {  // q, k, v[, mask] -> o, p (the probabi
   std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
                              const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override;
   const char* name() const override { return "TwinlmAttention"; }
+  bool row_contiguous_outputs() const override { return false; }  // o in the heads-merged layout
   bool is_equivalent(const mx::Primitive& other) const override;
 
  private:
@@ -77,6 +78,7 @@ class AttentionGrad : public CpuPrimitive {  // q, k, v[, mask], p, do -> dq, dk
       : CpuPrimitive(s), scale_(scale), mask_(has_mask), fault_(fault) {}
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override;
   const char* name() const override { return "TwinlmAttentionGrad"; }
+  bool row_contiguous_outputs() const override { return false; }  // dq, dk, dv heads-merged
   bool is_equivalent(const mx::Primitive& other) const override;
 
  private:

@@ -42,7 +42,9 @@ class CpuPrimitive : public mx::Primitive {
  public:
   using mx::Primitive::Primitive;
   void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override;
-  // Every output in row-contiguous buffers of its own (all the kernels here but the head split's views).
+  // Every output in a row-contiguous buffer of its own, as `allocate` makes them. A kernel that writes another
+  // layout says false (the head split's views; attention's outputs, strided in the heads-merged layout), or a
+  // kernel reading its output directly would read it wrong.
   virtual bool row_contiguous_outputs() const { return true; }
 };
 
